@@ -1,0 +1,126 @@
+"""The ``fedlora`` command: run, eval, export, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = "Overrides are dotted key=value pairs, e.g. federation.rounds=3 adapter.rank=4 strategy.name=fedprox"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' partitioners draw their own bars
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item is a config file unless it looks like key=value."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.config.loader import load_config
+    from fedlora.runner import load_run_config, run_experiment
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path, overrides = _split_config_and_overrides(args.items)
+        if config_path:
+            raise SystemExit("with --resume, the config comes from the run directory; give only overrides")
+        cfg = load_run_config(run_dir, overrides)
+        run_experiment(cfg, run_dir, resume=True, show_progress=not args.no_progress)
+        return 0
+    config_path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(config_path, overrides)
+    run_experiment(cfg, Path(args.output) if args.output else None, show_progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.runner import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), args.overrides, split=args.split)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.runner import export_merged
+
+    run_dir = Path(args.run_dir)
+    print(f"PEFT adapter: {run_dir / 'global'}  (peft.PeftModel.from_pretrained(base_model, that folder))")
+    if args.merged:
+        out = export_merged(run_dir, Path(args.merged))
+        print(f"merged full weights: {out}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from fedlora.models.registry import fetch_builtin
+
+    for name in args.names:
+        print(f"{name}: {fetch_builtin(name, args.cache_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of language models with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment (or resume one)", epilog=EPILOG)
+    run.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]", help="config YAML (default: built-in) and overrides")
+    run.add_argument("--output", help="run directory (default runs/<timestamp>-<name>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a run's global adapter", epilog=EPILOG)
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="change the data/eval config, e.g. data.variant=full")
+    ev.add_argument("--split", choices=["eval", "test"], help="which split of each client (default: the config's eval.split)")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
+    ex.add_argument("run_dir")
+    ex.add_argument("--merged", metavar="OUT", help="write base + adapter merged (merge_and_unload) to OUT")
+    ex.set_defaults(func=cmd_export)
+
+    fe = sub.add_parser("fetch", help="fetch and convert built-in models into the cache")
+    fe.add_argument("names", nargs="+", help="tiny-llama, smollm2-135m-instruct, all-minilm-l6-v2")
+    fe.add_argument("--cache-dir", help="cache folder (default $FEDLORA_CACHE or ~/.cache/fedlora)")
+    fe.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from fedlora.config.loader import ConfigError
+    from fedlora.data.errors import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Local training of one client in one round (first-order: AdamW or SGD, optional FedProx term).
+
+Given the payload from the server (the adapter to start from) the client minimises its task loss over
+``steps`` mini-batches; with ``prox_mu > 0`` it minimises
+
+    L(theta) + mu / 2 * || theta - theta_global ||^2
+
+where theta is the WHOLE trainable adapter flattened into one vector (not a sum of per-tensor norms).
+Everything random in a round (batch order, dropout) derives from one seed per (run seed, round, client),
+so a round replays identically after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.state import AdapterState
+from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
+from fedlora.data.examples import ClientData
+
+
+@dataclass(frozen=True)
+class LocalTrainingSettings:
+    """Resolved local-training settings of one client for one round."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    local_steps: int | None = 10
+    local_epochs: float | None = None
+    batch_size: int = 4
+    grad_clip: float | None = 1.0
+    prox_mu: float = 0.0
+
+
+@dataclass
+class LocalResult:
+    """What local training produced: the new adapter state and its numbers."""
+
+    state: AdapterState
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def round_seed(run_seed: int, server_round: int, client_id: int) -> int:
+    """A 63-bit seed that depends only on (run seed, round, client): sha256 of the three, truncated."""
+    digest = hashlib.sha256(f"{run_seed}/{server_round}/{client_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """mu / 2 * ||theta - theta_global||_2^2 with theta the concatenation of all tensors (one vector)."""
+    diff = torch.cat([(p - a).reshape(-1) for p, a in zip(params, anchor, strict=True)])
+    return 0.5 * mu * diff.pow(2).sum()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTrainingSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: adamw, sgd")
+
+
+def train_locally(
+    adapters: LoraAdapters,
+    encoder: Encoder,
+    client: ClientData,
+    start_state: AdapterState,
+    settings: LocalTrainingSettings,
+    seed: int,
+    pad_token_id: int,
+) -> LocalResult:
+    """Load ``start_state``, run the local steps, return the trained state and the mean training loss."""
+    adapters.load(start_state)
+    model = adapters.model
+    assert model is not None
+    named = adapters.trainable_parameters()
+    params = [p for _, p in named]
+    anchor = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
+    optimizer = make_optimizer(params, settings)
+    encoded = encoder.encode_all(client.train)
+    steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
+    generator = torch.Generator().manual_seed(seed)
+    batches = batches_for_steps(encoded, settings.batch_size, steps, generator)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    tokens = 0
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # dropout masks
+        for batch_items in batches:
+            batch = collate(batch_items, pad_token_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss = model(**batch).loss
+            losses.append(float(loss.detach()))
+            if settings.prox_mu > 0:
+                loss = loss + proximal_term(params, anchor, settings.prox_mu)
+            loss.backward()
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    metrics: dict[str, Any] = {
+        "train_loss": sum(losses) / len(losses),
+        "steps": len(batches),
+        "tokens": tokens,
+        "train_seconds": time.perf_counter() - started,
+    }
+    return LocalResult(state=adapters.state(), num_examples=len(encoded), metrics=metrics)

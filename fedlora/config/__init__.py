@@ -1,0 +1,6 @@
+"""Experiment configuration: schema (pydantic) and loading (YAML + dotted overrides)."""
+
+from fedlora.config.loader import ConfigError, builtin_config_path, dump_config, load_config
+from fedlora.config.schema import ExperimentConfig
+
+__all__ = ["ConfigError", "ExperimentConfig", "builtin_config_path", "dump_config", "load_config"]

@@ -1,0 +1,142 @@
+"""Reading an experiment config: YAML file + dotted ``key=value`` overrides -> validated config.
+
+Errors never reach the user as a pydantic dump: :class:`ConfigError` names the dotted field, the value
+given and what is allowed, and is raised before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from fedlora.config.schema import ExperimentConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message says which field, what was given and what is allowed."""
+
+
+def builtin_config_path(name: str = "default") -> Path:
+    """Path of a config shipped inside the package (``fedlora/config/builtin/<name>.yaml``)."""
+    path = Path(str(resources.files("fedlora.config") / "builtin" / f"{name}.yaml"))
+    if not path.exists():
+        raise ConfigError(f"no built-in config named {name!r}")
+    return path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"adapter.rank=4"`` -> (["adapter", "rank"], 4). The value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted override in the nested dict ``tree`` (in place) and return it."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """Describe what the field at ``loc`` accepts: its Literal choices, or the section's known keys."""
+    current: Any = model
+    for i, part in enumerate(loc):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        fields = current.model_fields
+        if part not in fields:
+            if i == len(loc) - 1:
+                return "known keys: " + ", ".join(sorted(fields))
+            return None
+        current = _unwrap(fields[part].annotation)
+    choices = _literal_choices(current)
+    return "allowed: " + ", ".join(repr(c) for c in choices) if choices else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The BaseModel inside Optional[...] etc., or the annotation itself."""
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _literal_choices(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    choices: list[Any] = []
+    for arg in typing.get_args(annotation) or ():
+        choices += _literal_choices(arg)
+    return choices
+
+
+def format_validation_error(err: ValidationError, tree: dict[str, Any]) -> str:
+    """One line per problem: ``field 'a.b': <problem> (got <value>; allowed: ...)``."""
+    lines = []
+    for problem in err.errors():
+        loc = tuple(problem["loc"])
+        dotted = ".".join(str(p) for p in loc) or "<root>"
+        given = problem.get("input")
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key"
+        detail = f"got {given!r}" if loc and problem["type"] != "model_type" else ""
+        allowed = _allowed(ExperimentConfig, tuple(str(p) for p in loc if not isinstance(p, int)))
+        extra = "; ".join(x for x in (detail, allowed) if x)
+        lines.append(f"config field '{dotted}': {msg}" + (f" ({extra})" if extra else ""))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict, including the strategy name and its options, raising ConfigError."""
+    try:
+        cfg = ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, tree)) from None
+    from fedlora.strategies.registry import validate_strategy_config
+
+    validate_strategy_config(cfg.strategy)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (None = the built-in default), apply dotted overrides, validate."""
+    path = Path(path) if path is not None else builtin_config_path("default")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree)
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the full resolved config (every default filled in) as YAML."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,203 @@
+"""The experiment config: one validated tree of settings, one YAML file per experiment.
+
+Every section forbids unknown keys, so a typo fails before any work with the field's dotted path,
+the value given and what is allowed (see :func:`fedlora.config.loader.format_validation_error`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which base model to load.
+
+    ``name`` is a built-in entry (``tiny-llama``, ``smollm2-135m-instruct``, ``all-minilm-l6-v2``),
+    a local Hugging Face folder with safetensors, or a ``.gguf`` file (converted once into a
+    safetensors cache folder).
+    """
+
+    name: str = "smollm2-135m-instruct"
+    task: Literal["causal-lm", "classification"] = "causal-lm"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_dir: str | None = None
+    # Size of the random model when name == "tiny-llama" (ignored otherwise).
+    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_num_layers: int = Field(2, ge=1)
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they are shaped into prompts and targets."""
+
+    source: Literal["reasoning-gym", "natural-instructions", "json", "bbc-news"] = "reasoning-gym"
+    path: str | None = None  # json: a .json/.jsonl file; natural-instructions: file or folder
+    # reasoning-gym: one client per task (natural partition) unless partition.method says otherwise.
+    tasks: list[str] = Field(default_factory=lambda: ["basic_arithmetic", "chain_sum", "gcd", "lcm"])
+    examples_per_task: int = Field(64, ge=1)
+    # natural-instructions: which file and how many of its clients (first N in file order; None = all).
+    variant: Literal["mini", "full"] = "mini"
+    max_clients: int | None = Field(None, ge=1)
+    # json: field names of the instruction/input/output form, and the category used for natural splits.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    category_field: str | None = "category"
+    # Per-client split of pooled data (json, reasoning-gym, bbc-news); natural-instructions ships its own.
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_examples_per_client: int | None = Field(None, ge=1)
+    max_eval_examples_per_client: int | None = Field(None, ge=1)
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    train_on_inputs: bool = False
+    max_seq_len: int = Field(256, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.eval_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"eval_fraction + test_fraction must be < 1 (got {self.eval_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class PartitionConfig(Section):
+    """How pooled examples are split into clients.
+
+    ``natural``: one client per category (task) value; ``iid``: uniform random shards;
+    ``dirichlet``: per-client label/category proportions drawn from Dir(alpha) (small alpha = skewed).
+    """
+
+    method: Literal["natural", "iid", "dirichlet"] = "natural"
+    alpha: float = Field(0.5, gt=0.0)
+    by: Literal["category", "label"] = "category"
+    min_partition_size: int = Field(2, ge=0)
+
+
+class FederationConfig(Section):
+    """Who takes part: ``num_clients`` (None = as many as the data yields), sampling per round, rounds."""
+
+    num_clients: int | None = Field(None, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: int = Field(3, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give clients_per_round or fraction, not both")
+        if (
+            self.num_clients is not None
+            and self.clients_per_round is not None
+            and self.clients_per_round > self.num_clients
+        ):
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) is above num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class ClientConfig(Section):
+    """Local training of one client in one round.
+
+    ``optimizer: null`` takes the strategy's own choice (fedit: AdamW, fedavg/fedprox: SGD).
+    Exactly one of ``local_steps`` / ``local_epochs`` decides the length of local training.
+    """
+
+    optimizer: Literal["adamw", "sgd"] | None = None
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    local_steps: int | None = Field(10, ge=1)
+    local_epochs: float | None = Field(None, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    num_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> ClientConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("give exactly one of local_steps and local_epochs (set the other to null)")
+        return self
+
+
+class AdapterConfig(Section):
+    """LoRA: W = W0 + (alpha / r) B A on each target module (PEFT's convention, s = alpha / r)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    init_seed: int = 0
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules must name at least one module")
+        return value
+
+
+class StrategyConfig(Section):
+    """The federated method: ``name`` is a registered strategy; ``options`` are its own settings."""
+
+    name: str = "fedit"
+    options: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+
+
+class EvalConfig(Section):
+    """Held-out evaluation of the global adapter after a round (``every`` rounds and after the last).
+
+    ``max_clients``: evaluate a fixed seeded sample of clients (None = all) so evaluation does not
+    dominate run time; ``metrics`` names registered evaluators (``loss`` now; generation metrics later).
+    """
+
+    every: int = Field(1, ge=1)
+    split: Literal["eval", "test"] = "eval"
+    max_clients: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    metrics: list[str] = Field(default_factory=lambda: ["loss"])
+
+
+class OutputConfig(Section):
+    """Where the run directory goes and how many round checkpoints to keep (the newest ones)."""
+
+    dir: str | None = None
+    root: str = "runs"
+    keep_checkpoints: int = Field(2, ge=1)
+    plot: bool = True
+
+
+class ExperimentConfig(Section):
+    """One experiment: every section above, plus a name and the engine that runs it."""
+
+    name: str = "experiment"
+    engine: Literal["embedded"] = "embedded"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _task_matches_data(self) -> ExperimentConfig:
+        if self.data.source == "bbc-news" and self.model.task != "classification":
+            raise ValueError("data.source 'bbc-news' is a classification set: set model.task to 'classification'")
+        if self.model.task == "classification" and self.data.source != "bbc-news" and self.data.source != "json":
+            raise ValueError(f"model.task 'classification' needs labelled data (bbc-news or json), not {self.data.source!r}")
+        return self

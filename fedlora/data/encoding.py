@@ -1,0 +1,115 @@
+"""Prompt templating and tokenisation.
+
+Causal LM: ``input_ids = prompt_ids + response_ids`` where ``response_ids`` end with EOS; ``labels`` copy
+``input_ids`` with the prompt positions set to -100 (loss on the response tokens only) unless
+``train_on_inputs``. When too long, the prompt is cut from the left first (its end, next to the response,
+is kept), then the response from the right, so that at most ``max_seq_len`` tokens remain and the
+response keeps at least half of them when it is that long.
+
+Classification: the text is tokenised (truncated to ``max_seq_len``) and ``labels`` is the class index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.data.examples import Example
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+def render_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    """The prompt text the model sees before its response (``auto`` = chat template if the tokenizer has one)."""
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template == "chat":
+        content = example.instruction + (f"\n\n{example.input}" if example.input else "")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if template == "alpaca":
+        return ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context" if example.input else "",
+            instruction=example.instruction,
+            input_block=f"### Input:\n{example.input}\n\n" if example.input else "",
+        )
+    raise ValueError(f"unknown template {template!r}; allowed: auto, chat, alpaca")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Turns examples into model inputs for one task."""
+
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    max_seq_len: int
+    template: str = "auto"
+    train_on_inputs: bool = False
+
+    def encode(self, example: Example) -> dict[str, list[int] | int]:
+        if self.task == "classification":
+            ids = self.tokenizer(example.input, truncation=True, max_length=self.max_seq_len)["input_ids"]
+            if example.label is None:
+                raise ValueError("classification example without a label")
+            return {"input_ids": ids, "labels": int(example.label)}
+        prompt = self.tokenizer(render_prompt(example, self.tokenizer, self.template), add_special_tokens=False)
+        response = self.tokenizer(example.output, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        prompt_ids = prompt["input_ids"]
+        budget = self.max_seq_len
+        keep_response = min(len(response), max(budget - len(prompt_ids), budget // 2))
+        response = response[:keep_response]
+        prompt_ids = prompt_ids[max(0, len(prompt_ids) - (budget - len(response))) :]
+        ids = prompt_ids + response
+        labels = list(ids) if self.train_on_inputs else [-100] * len(prompt_ids) + response
+        return {"input_ids": ids, "labels": labels}
+
+    def encode_all(self, examples: list[Example]) -> list[dict[str, Any]]:
+        return [self.encode(e) for e in examples]
+
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and label -100."""
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    seq_labels = isinstance(batch[0]["labels"], list)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long) if seq_labels else torch.zeros(len(batch), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"])
+        attention[row, :n] = 1
+        if seq_labels:
+            labels[row, :n] = torch.tensor(item["labels"])
+        else:
+            labels[row] = item["labels"]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batches_for_steps(
+    encoded: list[dict[str, Any]], batch_size: int, steps: int, generator: torch.Generator
+) -> list[list[dict[str, Any]]]:
+    """``steps`` batches drawn epoch by epoch in a seeded random order (the last one of an epoch may be short)."""
+    batches: list[list[dict[str, Any]]] = []
+    while len(batches) < steps:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            batches.append([encoded[i] for i in order[start : start + batch_size]])
+            if len(batches) == steps:
+                break
+    return batches
+
+
+def steps_for(num_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
+    """Local steps of a round: ``local_steps`` as given, or ceil(epochs * ceil(n / batch))."""
+    if local_steps is not None:
+        return local_steps
+    per_epoch = -(-num_examples // batch_size)
+    return max(1, int(-(-(local_epochs or 1.0) * per_epoch // 1)))

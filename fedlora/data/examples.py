@@ -1,0 +1,53 @@
+"""The data model: an example, one client's splits, and a federation of clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example.
+
+    Instruction data: ``instruction`` (+ optional ``input``) is the prompt, ``output`` the target.
+    Classification: ``input`` is the text, ``label`` the class index; ``output`` is unused.
+    ``category`` is the natural grouping (task, topic) used for per-client splits.
+    """
+
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    category: str | None = None
+    label: int | None = None
+
+
+@dataclass
+class ClientData:
+    """One client's private data, already split into train / eval / test."""
+
+    client_id: int
+    name: str
+    train: list[Example]
+    eval: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "eval", "test"):
+            raise ValueError(f"unknown split {name!r}; allowed: train, eval, test")
+        return getattr(self, name)
+
+
+@dataclass
+class Federation:
+    """All clients of an experiment; ``label_names`` is set for classification data."""
+
+    clients: list[ClientData]
+    description: str
+    label_names: list[str] | None = None
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names else None
+
+    def sizes(self, split: str = "train") -> list[int]:
+        return [len(c.split(split)) for c in self.clients]

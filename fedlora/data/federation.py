@@ -1,0 +1,80 @@
+"""From a config to a :class:`Federation`: read the source, partition, split, cap, drop empty clients."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from fedlora.config.schema import ExperimentConfig
+from fedlora.data.examples import ClientData, Federation
+from fedlora.data.partition import partition_examples, split_client
+from fedlora.data.sources import (
+    bbc_news_examples,
+    find_natural_instructions,
+    labels_in_file,
+    load_instruction_file,
+    load_natural_instructions,
+    reasoning_gym_examples,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_federation(cfg: ExperimentConfig) -> Federation:
+    """Build every client's train/eval/test data as the config says."""
+    data, part, fed = cfg.data, cfg.partition, cfg.federation
+    label_names = None
+    if data.source == "natural-instructions":
+        if part.method != "natural":
+            raise ValueError("natural-instructions is federated by task already: partition.method must be 'natural'")
+        path = find_natural_instructions(data.path, data.variant)
+        limit = fed.num_clients or data.max_clients
+        clients = load_natural_instructions(path, max_clients=limit)
+        description = f"Natural Instructions ({path.name}, {len(clients)} task clients)"
+    else:
+        if data.source == "reasoning-gym":
+            examples = reasoning_gym_examples(data.tasks, data.examples_per_task, data.seed)
+            description = f"reasoning-gym ({len(data.tasks)} tasks x {data.examples_per_task})"
+        elif data.source == "bbc-news":
+            examples, label_names = bbc_news_examples()
+            description = f"BBC News ({len(examples)} articles, {len(label_names)} topics)"
+        else:
+            if not data.path:
+                raise ValueError("data.source 'json' needs data.path")
+            if cfg.model.task == "classification":
+                label_names = labels_in_file(data.path, data.output_field)
+            examples = load_instruction_file(
+                data.path,
+                data.instruction_field,
+                data.input_field,
+                data.output_field,
+                data.category_field,
+                label_names,
+            )
+            description = f"{data.path} ({len(examples)} examples)"
+        shards = partition_examples(
+            examples, part.method, fed.num_clients, data.seed, part.alpha, part.by, part.min_partition_size
+        )
+        clients = [
+            split_client(i, shard[0].category or f"client-{i}" if part.method == "natural" else f"client-{i}",
+                         shard, data.eval_fraction, data.test_fraction, data.seed)
+            for i, shard in enumerate(shards)
+        ]
+        description += f", {part.method} partition"
+    clients = [_cap(c, data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients]
+    kept = [c for c in clients if c.train]
+    if len(kept) < len(clients):
+        log.warning("dropped %d client(s) with no training examples", len(clients) - len(kept))
+    if not kept:
+        raise ValueError("no client has training examples")
+    kept = [replace(c, client_id=i) for i, c in enumerate(kept)]
+    return Federation(kept, description, label_names)
+
+
+def _cap(client: ClientData, max_train: int | None, max_eval: int | None) -> ClientData:
+    return replace(
+        client,
+        train=client.train[:max_train] if max_train else client.train,
+        eval=client.eval[:max_eval] if max_eval else client.eval,
+        test=client.test[:max_eval] if max_eval else client.test,
+    )

@@ -1,0 +1,112 @@
+"""Splitting pooled examples into clients (through flwr-datasets' partitioners) and each client into
+train / eval / test.
+
+- ``iid``: a seeded shuffle, then flwr-datasets' ``IidPartitioner`` (equal contiguous shards);
+- ``dirichlet``: ``DirichletPartitioner`` over the label or category column: client j's share of class c is
+  drawn from Dir(alpha) (alpha -> 0: one class per client; alpha -> inf: IID), at least
+  ``min_partition_size`` examples per client;
+- ``natural``: ``NaturalIdPartitioner``, one client per distinct category (task), in sorted order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+from fedlora.data.examples import ClientData, Example
+
+log = logging.getLogger(__name__)
+disable_progress_bar()
+
+
+def _group_key(example: Example, by: str) -> str:
+    if by == "label":
+        if example.label is None:
+            raise ValueError("partition.by 'label' needs labelled (classification) data; use 'category'")
+        return str(example.label)
+    if example.category is None:
+        raise ValueError("partition.by 'category' needs a category on every example (data.category_field)")
+    return example.category
+
+
+def partition_examples(
+    examples: list[Example],
+    method: str,
+    num_clients: int | None,
+    seed: int,
+    alpha: float = 0.5,
+    by: str = "category",
+    min_partition_size: int = 2,
+) -> list[list[Example]]:
+    """Split ``examples`` into client shards (lists of examples), deterministically for a given seed."""
+    if not examples:
+        raise ValueError("no examples to partition")
+    if method == "natural":
+        keys = [_group_key(e, by) for e in examples]
+        table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
+        partitioner = NaturalIdPartitioner(partition_by="key")
+        partitioner.dataset = table
+        # NaturalIdPartitioner numbers groups by first appearance; order them by key for stable client ids.
+        shards = [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
+        shards.sort(key=lambda shard: shard["key"][0])
+        if num_clients is not None and num_clients != len(shards):
+            if num_clients > len(shards):
+                raise ValueError(
+                    f"federation.num_clients ({num_clients}) is above the number of natural groups ({len(shards)})"
+                )
+            shards = shards[:num_clients]
+        return [[examples[i] for i in shard["idx"]] for shard in shards]
+    if num_clients is None:
+        raise ValueError(f"partition.method {method!r} needs federation.num_clients")
+    if num_clients > len(examples):
+        raise ValueError(f"federation.num_clients ({num_clients}) is above the number of examples ({len(examples)})")
+    if method == "iid":
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        table = Dataset.from_dict({"idx": order})
+        partitioner = IidPartitioner(num_partitions=num_clients)
+    elif method == "dirichlet":
+        keys = [_group_key(e, by) for e in examples]
+        table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="key",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    else:
+        raise ValueError(f"partition.method {method!r}; allowed: natural, iid, dirichlet")
+    partitioner.dataset = table
+    return [[examples[i] for i in partitioner.load_partition(j)["idx"]] for j in range(num_clients)]
+
+
+def split_client(
+    client_id: int, name: str, examples: list[Example], eval_fraction: float, test_fraction: float, seed: int
+) -> ClientData:
+    """Shuffle (seeded by ``seed`` and ``client_id``) and cut into train / eval / test.
+
+    Each of eval and test gets round(fraction * n) examples, at least one when the fraction is positive
+    and the client has three or more examples; train keeps the rest.
+    """
+    order = list(examples)
+    random.Random(f"{seed}/{client_id}").shuffle(order)
+    n = len(order)
+
+    def count(fraction: float) -> int:
+        return 0 if fraction <= 0 else max(1 if n >= 3 else 0, round(fraction * n))
+
+    n_eval, n_test = count(eval_fraction), count(test_fraction)
+    return ClientData(
+        client_id=client_id,
+        name=name,
+        eval=order[:n_eval],
+        test=order[n_eval : n_eval + n_test],
+        train=order[n_eval + n_test :],
+    )

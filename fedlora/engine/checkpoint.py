@@ -1,0 +1,103 @@
+"""Round checkpoints: ``run_dir/checkpoints/round_<N>/`` with the server state (safetensors) and
+``state.json`` (round, SHA-256 of the tensors file). Written into a temporary folder, fsynced, then renamed,
+so a checkpoint folder either is complete or does not exist; a damaged one fails its checksum and the
+previous one is used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+TENSORS = "server_state.safetensors"
+META = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that fails its checksum."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, server_round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write round ``server_round`` atomically and keep only the newest ``keep`` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round_{server_round}"
+    tmp = root / f".round_{server_round}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+    record = {**meta, "round": server_round, "sha256": _sha256(tmp / TENSORS)}
+    (tmp / META).write_text(json.dumps(record, indent=1))
+    for name in (TENSORS, META):
+        _fsync(tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in sorted(list_rounds(root))[:-keep]:
+        shutil.rmtree(root / f"round_{old}", ignore_errors=True)
+    return final
+
+
+def list_rounds(root: Path) -> list[int]:
+    if not root.exists():
+        return []
+    rounds = []
+    for path in root.glob("round_*"):
+        suffix = path.name.removeprefix("round_")
+        if suffix.isdigit() and (path / META).exists():
+            rounds.append(int(suffix))
+    return sorted(rounds)
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    """Read one checkpoint, refusing it if its tensors do not match the recorded checksum."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder}: unreadable {META} ({err})") from None
+    tensors_path = folder / TENSORS
+    if not tensors_path.exists() or _sha256(tensors_path) != meta.get("sha256"):
+        raise CheckpointError(f"{folder}: {TENSORS} is missing or fails its SHA-256 check")
+    return Checkpoint(round=int(meta["round"]), tensors=load_file(str(tensors_path)), meta=meta)
+
+
+def latest_checkpoint(root: Path) -> Checkpoint | None:
+    """The newest checkpoint that passes its checksum (older ones are tried if the newest is damaged)."""
+    for server_round in reversed(list_rounds(root)):
+        try:
+            return load_checkpoint(root / f"round_{server_round}")
+        except CheckpointError as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+    return None

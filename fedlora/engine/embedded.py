@@ -1,0 +1,184 @@
+"""The embedded simulation engine: all clients in this process, one after another, on ONE shared base model.
+
+Each round: sample clients (seeded by run seed and round) -> ``strategy.configure`` -> for each client load
+its payload into the shared model, train locally, read its adapter back -> ``strategy.validate_reply``
+(rejected replies are logged and left out; the round goes on) -> ``strategy.aggregate`` -> evaluate the
+global adapter -> log metrics -> checkpoint. Every payload is counted in bytes as its safetensors
+serialisation, down and up. The engine knows no method by name: only the strategy hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.state import wire_size
+from fedlora.client.trainer import LocalTrainingSettings, round_seed, train_locally
+from fedlora.config.schema import ExperimentConfig
+from fedlora.data.encoding import Encoder
+from fedlora.data.examples import ClientData, Federation
+from fedlora.engine.checkpoint import save_checkpoint
+from fedlora.eval.registry import run_evaluators
+from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
+    """``per_round`` distinct client ids, sorted; depends only on (seed, round)."""
+    rng = random.Random(f"{seed}/sample/{server_round}")
+    return sorted(rng.sample(range(num_clients), per_round))
+
+
+def clients_per_round(cfg: ExperimentConfig, num_clients: int) -> int:
+    fed = cfg.federation
+    if fed.clients_per_round is not None:
+        if fed.clients_per_round > num_clients:
+            raise ValueError(f"federation.clients_per_round ({fed.clients_per_round}) is above the {num_clients} clients the data yields")
+        return fed.clients_per_round
+    if fed.fraction is not None:
+        return max(1, math.ceil(fed.fraction * num_clients))
+    return num_clients
+
+
+def evaluation_clients(cfg: ExperimentConfig, clients: list[ClientData]) -> list[ClientData]:
+    """A fixed seeded sample of ``eval.max_clients`` clients (all if unset) that have the eval split."""
+    having = [c for c in clients if c.split(cfg.eval.split)]
+    if cfg.eval.max_clients is None or cfg.eval.max_clients >= len(having):
+        return having
+    rng = random.Random(f"{cfg.federation.seed}/eval")
+    return sorted(rng.sample(having, cfg.eval.max_clients), key=lambda c: c.client_id)
+
+
+def resolve_settings(cfg: ExperimentConfig, strategy: Strategy, overrides: dict[str, Any]) -> LocalTrainingSettings:
+    """Config's client section + the strategy's default optimizer + the instruction's per-client overrides."""
+    c = cfg.client
+    base = LocalTrainingSettings(
+        optimizer=c.optimizer or strategy.default_optimizer,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
+        momentum=c.momentum,
+        local_steps=c.local_steps,
+        local_epochs=c.local_epochs,
+        batch_size=c.batch_size,
+        grad_clip=c.grad_clip,
+    )
+    known = {f.name for f in fields(LocalTrainingSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"strategy {strategy.name} sent unknown local-training settings {sorted(unknown)}")
+    return LocalTrainingSettings(**{**base.__dict__, **overrides})
+
+
+@dataclass
+class Simulation:
+    """Everything one experiment runs on (built once from the config)."""
+
+    cfg: ExperimentConfig
+    federation: Federation
+    adapters: LoraAdapters
+    encoder: Encoder
+    strategy: Strategy
+
+
+class EmbeddedEngine:
+    """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation` in this process."""
+
+    def __init__(self, sim: Simulation, run_dir: Path) -> None:
+        self.sim = sim
+        self.run_dir = run_dir
+        self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
+        self.eval_clients = evaluation_clients(sim.cfg, sim.federation.clients)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.sim.encoder.tokenizer.pad_token_id
+
+    def run_client(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
+        """One client's local training from its instruction (in process, on the shared model)."""
+        sim = self.sim
+        settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
+        result = train_locally(
+            sim.adapters,
+            sim.encoder,
+            sim.federation.clients[client_id],
+            instruction.payload,
+            settings,
+            round_seed(sim.cfg.federation.seed, server_round, client_id),
+            self.pad_token_id,
+        )
+        return ClientReply(client_id, result.state, result.num_examples, result.metrics)
+
+    def evaluate(self) -> dict[str, float]:
+        sim = self.sim
+        sim.adapters.load(sim.strategy.evaluation_state())
+        assert sim.adapters.model is not None
+        return run_evaluators(sim.cfg.eval.metrics, sim.adapters.model, sim.encoder, self.eval_clients, sim.cfg.eval.split, sim.cfg.eval.batch_size)
+
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        """One full round; returns its metrics record."""
+        sim, cfg = self.sim, self.sim.cfg
+        started = time.perf_counter()
+        torch.set_num_threads(cfg.client.num_threads)
+        sampled = sample_clients(len(sim.federation.clients), self.per_round, cfg.federation.seed, server_round)
+        instructions = sim.strategy.configure(server_round, sampled)
+        replies: list[ClientReply] = []
+        rejected: list[dict[str, Any]] = []
+        per_client: list[dict[str, Any]] = []
+        bytes_down = bytes_up = 0
+        for client_id in sampled:
+            instruction = instructions[client_id]
+            bytes_down += wire_size(instruction.payload)
+            reply = self.run_client(server_round, client_id, instruction)
+            size_up = wire_size(reply.payload)
+            bytes_up += size_up
+            per_client.append({"client": client_id, "num_examples": reply.num_examples, "bytes_up": size_up, **reply.metrics})
+            reason = sim.strategy.validate_reply(instruction, reply)
+            if reason is not None:
+                log.warning("round %d: rejected the reply of client %d: %s", server_round, client_id, reason)
+                rejected.append({"client": client_id, "reason": reason})
+                continue
+            replies.append(reply)
+        if replies:
+            sim.strategy.aggregate(server_round, replies)
+        else:
+            log.warning("round %d: no valid reply; the global adapter is unchanged", server_round)
+        total = sum(r.num_examples for r in replies)
+        train_loss = sum(r.metrics["train_loss"] * r.num_examples for r in replies) / total if total else None
+        record: dict[str, Any] = {
+            "round": server_round,
+            "train_loss": train_loss,
+            "num_clients": len(replies),
+            "num_sampled": len(sampled),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+        }
+        if server_round % cfg.eval.every == 0 or server_round == cfg.federation.rounds:
+            record.update(self.evaluate())
+        record["seconds"] = time.perf_counter() - started
+        record["clients"] = per_client
+        record["rejected"] = rejected
+        return record
+
+    def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
+        """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""
+        cfg = self.sim.cfg
+        for server_round in range(start_round, cfg.federation.rounds + 1):
+            record = self.run_round(server_round)
+            on_round(record)
+            save_checkpoint(
+                self.run_dir / "checkpoints",
+                server_round,
+                self.sim.strategy.server_state(),
+                {"strategy": self.sim.strategy.name},
+                keep=cfg.output.keep_checkpoints,
+            )

@@ -1,0 +1,84 @@
+"""Loading the base model and its tokenizer for either task (causal LM or sequence classification)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedlora.config.schema import ModelConfig
+from fedlora.models.convert import convert_gguf_to_folder
+from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
+from fedlora.models.tiny import build_tiny_llama_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded base model, its tokenizer, and the local folder it came from (the PEFT ``base_model``)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    folder: Path
+    num_labels: int | None = None
+
+
+def resolve_model_folder(cfg: ModelConfig) -> Path:
+    """Turn ``model.name`` into a local Hugging Face folder, fetching or converting it once if needed."""
+    name = cfg.name
+    if name == "tiny-llama":
+        target = cache_root(cfg.cache_dir) / "models" / f"tiny-llama-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}"
+        if not (target / "config.json").exists():
+            build_tiny_llama_folder(target, cfg.tiny_hidden_size, cfg.tiny_num_layers)
+        return target
+    if name in BUILTIN_NAMES:
+        return fetch_builtin(name, cfg.cache_dir)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name: GGUF file not found: {path}")
+        target = cache_root(cfg.cache_dir) / "gguf" / f"{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            log.info("converting %s to safetensors in %s (once)", path, target)
+            convert_gguf_to_folder(path, target)
+        return target
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.name: {path} has no config.json (not a Hugging Face model folder)")
+        return path
+    raise FileNotFoundError(
+        f"model.name: {name!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}), a model folder, nor a .gguf file"
+    )
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int | None = None, head_seed: int = 0) -> ModelBundle:
+    """Load the frozen base model for ``cfg.task``; a new classification head is initialised from ``head_seed``."""
+    folder = resolve_model_folder(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.task == "classification":
+        if not num_labels:
+            raise ValueError("a classification model needs the number of labels from the data")
+        with torch.random.fork_rng():
+            torch.manual_seed(head_seed)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    return ModelBundle(model=model, tokenizer=tokenizer, task=cfg.task, folder=folder, num_labels=num_labels)

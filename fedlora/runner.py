@@ -1,0 +1,161 @@
+"""Wiring: config -> data, model, adapters, strategy -> engine -> run directory.
+
+Run directory layout::
+
+    config.yaml            full resolved config
+    clients.json           every client's name and split sizes
+    metrics.jsonl          one JSON object per round
+    checkpoints/round_N/   server state to resume from (newest few)
+    global/                final global adapter, a standard PEFT adapter folder
+    curves.png             loss per round
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.config.loader import ConfigError, config_from_dict, dump_config, load_config
+from fedlora.config.schema import ExperimentConfig
+from fedlora.data.encoding import Encoder
+from fedlora.data.federation import build_federation
+from fedlora.engine.checkpoint import latest_checkpoint
+from fedlora.engine.embedded import EmbeddedEngine, Simulation, clients_per_round
+from fedlora.models.loading import ModelBundle, load_base_model
+from fedlora.strategies.registry import build_strategy
+from fedlora.tracking.metrics import MetricsLog
+from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
+
+log = logging.getLogger(__name__)
+
+
+def build_simulation(cfg: ExperimentConfig) -> tuple[Simulation, ModelBundle]:
+    """Load data first (cheap, fails fast on bad files), then the model, adapters and strategy."""
+    federation = build_federation(cfg)
+    clients_per_round(cfg, len(federation.clients))  # fails early if the sampling cannot work
+    bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
+    adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
+    strategy = build_strategy(cfg.strategy)
+    strategy.initialize(adapters.initial_state())
+    encoder = Encoder(bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs)
+    return Simulation(cfg, federation, adapters, encoder, strategy), bundle
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output.root) / f"{stamp}-{cfg.name}"
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Run (or resume) an experiment into ``run_dir``; returns the run directory."""
+    if console is None:
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=140)
+    run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    start_round = 1
+    if resume:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is not None:
+            start_round = checkpoint.round + 1
+    elif (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+
+    sim, bundle = build_simulation(cfg)
+    records = metrics.truncate_after(start_round - 1) if resume else []
+    if start_round > 1:
+        assert checkpoint is not None
+        sim.strategy.load_server_state(checkpoint.tensors)
+        console.print(f"resuming {run_dir} after round {checkpoint.round}")
+    (run_dir / "clients.json").write_text(json.dumps(
+        [{"client": c.client_id, "name": c.name, "train": len(c.train), "eval": len(c.eval), "test": len(c.test)} for c in sim.federation.clients], indent=0))
+
+    engine = EmbeddedEngine(sim, run_dir)
+    console.print(
+        f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
+        f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
+        f"model {cfg.model.name}, LoRA r={cfg.adapter.rank} alpha={cfg.adapter.alpha}"
+    )
+    with RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress) as progress:
+        def on_round(record: dict[str, Any]) -> None:
+            metrics.append(record)
+            records.append(record)
+            progress.advance(record)
+
+        engine.run(start_round, on_round)
+    finalize(run_dir, sim, bundle, records, console)
+    return run_dir
+
+
+def finalize(run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console) -> None:
+    """Export the global adapter as a PEFT folder, plot the curves, print the summary."""
+    sim.adapters.export(sim.strategy.evaluation_state(), run_dir / "global", str(bundle.folder.resolve()))
+    if sim.cfg.output.plot:
+        plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
+    console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
+    up = sum(r.get("bytes_up", 0) for r in records)
+    down = sum(r.get("bytes_down", 0) for r in records)
+    console.print(f"total bytes up {up:,}  down {down:,}; run directory: [bold]{run_dir}[/] (global adapter in global/)")
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return load_config(path, overrides)
+
+
+def evaluate_run(run_dir: Path, overrides: list[str] | None = None, split: str | None = None) -> dict[str, float]:
+    """Evaluate ``run_dir/global`` on the run's data config (changed by overrides) and return the metrics."""
+    from fedlora.engine.embedded import evaluation_clients
+    from fedlora.eval.registry import run_evaluators
+
+    cfg = load_run_config(run_dir, overrides)
+    if split is not None:
+        cfg = config_from_dict({**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "split": split}})
+    adapter_file = run_dir / "global" / "adapter_model.safetensors"
+    if not adapter_file.exists():
+        raise ConfigError(f"{run_dir} has no global adapter yet (global/adapter_model.safetensors)")
+    sim, _ = build_simulation(cfg)
+    sim.adapters.load(load_file(str(adapter_file)))
+    assert sim.adapters.model is not None
+    clients = evaluation_clients(cfg, sim.federation.clients)
+    return run_evaluators(cfg.eval.metrics, sim.adapters.model, sim.encoder, clients, cfg.eval.split, cfg.eval.batch_size)
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Load the base model with plain PEFT, merge the global adapter into it, save full weights to ``out``."""
+    from peft import PeftModel
+
+    cfg = load_run_config(run_dir)
+    bundle = load_base_model(cfg.model, num_labels=_num_labels(run_dir / "global"), head_seed=cfg.adapter.init_seed)
+    merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    bundle.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _num_labels(adapter_dir: Path) -> int | None:
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    heads = [v for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight")]
+    return int(heads[0].shape[0]) if heads else None
+
+
+__all__ = ["build_simulation", "evaluate_run", "export_merged", "load_run_config", "run_experiment"]

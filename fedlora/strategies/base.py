@@ -1,0 +1,122 @@
+"""The strategy interface: what a federated method decides, and nothing about how clients are run.
+
+Like Flower's Strategy, a strategy has explicit hooks, called by any engine in this order each round:
+
+1. ``configure(round, client_ids)`` -> one :class:`ClientInstruction` per sampled client (its own payload,
+   e.g. its own rank, and local-training overrides such as the optimizer or the FedProx mu);
+2. ``validate_reply(instruction, reply)`` -> None, or why the reply is rejected (it is left out and logged);
+3. ``aggregate(round, replies)`` -> the new global adapter state.
+
+``server_state()`` / ``load_server_state()`` hold everything the server needs to resume (tensors only;
+safetensors on disk). Engines never know a method by name: they only call these hooks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fedlora.adapters.state import AdapterState, clone_state
+
+
+class StrategyOptions(BaseModel):
+    """Base of each strategy's own options (``strategy.options`` in the config); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ClientInstruction:
+    """What the server sends one client for one round."""
+
+    payload: AdapterState
+    settings: dict[str, Any] = field(default_factory=dict)  # overrides of LocalTrainingSettings fields
+
+
+@dataclass
+class ClientReply:
+    """What one client sends back."""
+
+    client_id: int
+    payload: AdapterState
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
+    """None if ``got`` has exactly the keys and shapes of ``expected`` and only finite values, else why not."""
+    if expected.keys() != got.keys():
+        missing = sorted(expected.keys() - got.keys())[:2]
+        extra = sorted(got.keys() - expected.keys())[:2]
+        return f"tensor names differ (missing {missing}, unexpected {extra})"
+    for key, tensor in got.items():
+        if tensor.shape != expected[key].shape:
+            return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+        if not torch.isfinite(tensor).all():
+            return f"{key}: non-finite values"
+    return None
+
+
+def example_weights(replies: list[ClientReply]) -> list[float]:
+    """p_i = n_i / sum_j n_j over the replies that are aggregated."""
+    total = sum(r.num_examples for r in replies)
+    if total <= 0:
+        raise ValueError("cannot weight replies with no examples")
+    return [r.num_examples / total for r in replies]
+
+
+def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState:
+    """sum_i w_i * state_i, tensor by tensor, accumulated in float64 and cast back to each tensor's dtype."""
+    out: AdapterState = {}
+    for key, first in states[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for state, weight in zip(states, weights, strict=True):
+            acc += weight * state[key].to(torch.float64)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+class Strategy(ABC):
+    """Base class: holds the global adapter state and default hooks; a method overrides what differs."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: the local optimizer this method is defined with, unless the config's client.optimizer says otherwise
+    default_optimizer: ClassVar[str] = "adamw"
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+        self.global_state: AdapterState = {}
+
+    def initialize(self, initial_state: AdapterState) -> None:
+        """Start from the seeded initial adapter (round 1's payload)."""
+        self.global_state = clone_state(initial_state)
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        """Default: every sampled client gets the current global adapter."""
+        return {cid: ClientInstruction(payload=self.global_state) for cid in client_ids}
+
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        """Default: the reply must have the payload's tensor names and shapes, finite values, examples > 0."""
+        if reply.num_examples <= 0:
+            return f"num_examples is {reply.num_examples}"
+        return check_same_layout(instruction.payload, reply.payload)
+
+    @abstractmethod
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        """Turn this round's valid replies into the new global state (and store it)."""
+
+    def evaluation_state(self) -> AdapterState:
+        """The adapter used to evaluate and export the global model."""
+        return self.global_state
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume the server side (default: the global adapter)."""
+        return clone_state(self.global_state)
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.global_state = clone_state(tensors)

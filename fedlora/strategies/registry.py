@@ -1,0 +1,42 @@
+"""Name -> strategy class. Adding a method: one new module and one line here."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from fedlora.config.loader import ConfigError
+from fedlora.config.schema import StrategyConfig
+from fedlora.strategies.base import Strategy
+from fedlora.strategies.fedavg import FedAvg, FedIT, FedProx
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    FedIT.name: FedIT,
+    FedAvg.name: FedAvg,
+    FedProx.name: FedProx,
+}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise ConfigError(f"config field 'strategy.name': unknown strategy {name!r} (allowed: {', '.join(STRATEGIES)})")
+    return STRATEGIES[name]
+
+
+def validate_strategy_config(cfg: StrategyConfig) -> None:
+    """Fail early, naming the field, if the strategy or one of its options is wrong."""
+    cls = strategy_class(cfg.name)
+    try:
+        cls.Options.model_validate(cfg.options)
+    except ValidationError as err:
+        problems = []
+        for problem in err.errors():
+            key = ".".join(str(p) for p in problem["loc"])
+            msg = "unknown option" if problem["type"] == "extra_forbidden" else problem["msg"]
+            known = ", ".join(cls.Options.model_fields) or "none"
+            problems.append(f"config field 'strategy.options.{key}': {msg} (got {problem.get('input')!r}; options of {cfg.name}: {known})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    cls = strategy_class(cfg.name)
+    return cls(cls.Options.model_validate(cfg.options))

@@ -1,0 +1,103 @@
+"""What the user sees: the progress bar over rounds, the end-of-run summary table, and curves.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class RoundProgress:
+    """A rich progress bar over rounds showing the last round's losses."""
+
+    def __init__(self, total: int, done: int = 0, console: Console | None = None, enabled: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("rounds", total=total, completed=done, status="")
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def status(self, text: str) -> None:
+        self.progress.update(self.task, status=text)
+
+    def advance(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, advance=1, status=_short(record))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _short(record: dict[str, Any]) -> str:
+    return f"train {_fmt(record.get('train_loss'))}  eval {_fmt(record.get('eval_loss'))}"
+
+
+def summary_table(records: list[dict[str, Any]], title: str) -> Table:
+    """One row per round: losses, clients (accepted/sampled), bytes up/down, seconds."""
+    table = Table(title=title, title_justify="left")
+    for column in ("round", "train loss", "eval loss", "ppl/acc", "clients", "rejected", "bytes up", "bytes down", "s"):
+        table.add_column(column, justify="right")
+    for r in records:
+        quality = r.get("eval_accuracy", r.get("eval_perplexity"))
+        table.add_row(
+            str(r["round"]),
+            _fmt(r.get("train_loss")),
+            _fmt(r.get("eval_loss")),
+            _fmt(quality, 3),
+            f"{r.get('num_clients', 0)}/{r.get('num_sampled', r.get('num_clients', 0))}",
+            str(len(r.get("rejected", []))),
+            human_bytes(r.get("bytes_up", 0)),
+            human_bytes(r.get("bytes_down", 0)),
+            _fmt(r.get("seconds"), 1),
+        )
+    return table
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Train and held-out loss per round as a PNG (matplotlib, no display needed)."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for key, label in (("train_loss", "train loss (clients' mean)"), ("eval_loss", "held-out loss (global)")):
+        points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
