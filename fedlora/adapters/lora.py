@@ -57,6 +57,7 @@ class LoraAdapters:
                     self.model = get_peft_model(self._base, self.lora_config(rank), adapter_name=name)
                 else:
                     self.model.add_adapter(name, self.lora_config(rank))
+            self.model.eval()  # PEFT returns a model in train mode; training switches it on explicitly
             self._slots[rank] = name
         assert self.model is not None
         self.model.set_adapter(name)

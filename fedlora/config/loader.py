@@ -41,6 +41,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as text; users mean a number
+        try:
+            value = float(value) if any(c.isdigit() for c in value) and value.strip() == value else value
+        except ValueError:
+            pass
     return parts, value
 
 

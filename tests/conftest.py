@@ -1,0 +1,54 @@
+"""Shared fixtures: offline, one thread, a per-session model cache with the tiny random LLaMA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+NI_DIR = REPO.parent / "shared" / "data" / "natural-instructions"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests use their own cache for built tiny models, but reuse the user's fetched real models."""
+    user_cache = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+    cache = tmp_path_factory.mktemp("fedlora-cache")
+    (cache / "models").mkdir()
+    for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
+        if (user_cache / "models" / name / "config.json").exists():
+            (cache / "models" / name).symlink_to(user_cache / "models" / name)
+    os.environ["FEDLORA_CACHE"] = str(cache)
+    return cache
+
+
+def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """Overrides for a fast tiny-llama run on reasoning-gym (4 tasks, 4 clients)."""
+    items = {
+        "model.name": "tiny-llama",
+        "data.source": "reasoning-gym",
+        "data.tasks": "[basic_arithmetic, chain_sum, gcd, lcm]",
+        "data.examples_per_task": 16,
+        "data.max_seq_len": 96,
+        "federation.clients_per_round": 2,
+        "federation.rounds": 2,
+        "client.local_steps": 2,
+        "client.batch_size": 2,
+        "client.lr": 1e-3,
+        "adapter.rank": 4,
+        "output.plot": "false",
+    }
+    items.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in items.items()]

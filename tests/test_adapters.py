@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fedlora.adapters import LoraAdapters, from_bytes, lora_ranks, to_bytes, wire_size
+from fedlora.config.schema import AdapterConfig, ModelConfig
+from fedlora.models import load_base_model
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def test_state_round_trip_and_rank_slots() -> None:
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), "causal-lm")
+    init = adapters.initial_state()
+    assert set(lora_ranks(init).values()) == {4}
+    assert all(torch.count_nonzero(v) == 0 for k, v in init.items() if "lora_B" in k)
+    trained = perturbed(init)
+    adapters.load(trained)
+    assert all(torch.equal(adapters.state()[k], trained[k]) for k in trained)
+    # a second rank lives in its own slot of the same model; the first is untouched
+    other = adapters.initial_state(8)
+    assert set(lora_ranks(other).values()) == {8}
+    assert adapters.load(trained) == 4 and all(torch.equal(adapters.state()[k], trained[k]) for k in trained)
+    assert from_bytes(to_bytes(trained)).keys() == trained.keys()
+    assert wire_size(trained) == len(to_bytes(trained))
+
+
+def test_initial_state_is_seeded() -> None:
+    a = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm").initial_state()
+    b = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm").initial_state()
+    c = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=8), "causal-lm").initial_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_peft_export_loads_with_plain_peft_and_gives_same_logits(tmp_path: Path) -> None:
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, alpha=8), "causal-lm")
+    state = perturbed(adapters.initial_state(), seed=3)
+    adapters.export(state, tmp_path / "global", str(bundle.folder))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        ours = adapters.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(bundle.folder)
+        plain = PeftModel.from_pretrained(base, str(tmp_path / "global")).eval()
+        theirs = plain(input_ids=ids).logits
+        merged = plain.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, merged, rtol=1e-4, atol=1e-4)
+    base_only = AutoModelForCausalLM.from_pretrained(bundle.folder)(input_ids=ids).logits
+    assert not torch.allclose(ours, base_only, atol=1e-4)  # the adapter really changes the output
+
+
+def test_classification_export_includes_head(tmp_path: Path) -> None:
+    bundle = load_base_model(ModelConfig(name="tiny-llama", task="classification"), num_labels=3)
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=2), "classification")
+    state = perturbed(adapters.initial_state(), seed=1)
+    assert any("score" in k for k in state)
+    adapters.export(state, tmp_path / "g", str(bundle.folder))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ours = adapters.model(input_ids=ids).logits
+        base = AutoModelForSequenceClassification.from_pretrained(bundle.folder, num_labels=3)
+        base.config.pad_token_id = 0
+        theirs = PeftModel.from_pretrained(base, str(tmp_path / "g")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import ConfigError, load_config
+from fedlora.config.loader import apply_overrides, config_from_dict, parse_override
+
+
+def test_builtin_default_is_valid() -> None:
+    cfg = load_config()
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.strategy.name == "fedit"
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(None, ["federation.rounds=3", "adapter.rank=4", "adapter.target_modules=[q_proj]", "client.local_steps=null", "client.local_epochs=1.5"])
+    assert cfg.federation.rounds == 3 and cfg.adapter.rank == 4
+    assert cfg.adapter.target_modules == ["q_proj"]
+    assert cfg.client.local_steps is None and cfg.client.local_epochs == 1.5
+    assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
+
+
+def test_unknown_key_names_field_and_known_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["adapter.rnak=4"])
+    text = str(err.value)
+    assert "adapter.rnak" in text and "unknown key" in text and "rank" in text
+
+
+def test_bad_literal_names_value_and_allowed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["client.optimizer=adam"])
+    text = str(err.value)
+    assert "client.optimizer" in text and "'adam'" in text and "'adamw'" in text and "'sgd'" in text
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("client.lr=-0.1", "client.lr"),
+        ("adapter.rank=0", "adapter.rank"),
+        ("federation.rounds=zero", "federation.rounds"),
+        ("data.eval_fraction=0.6", "data"),
+    ],
+)
+def test_impossible_values_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override, "data.test_fraction=0.5"] if field == "data" else [override])
+
+
+def test_clients_per_round_above_num_clients() -> None:
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        load_config(None, ["federation.num_clients=3", "federation.clients_per_round=5"])
+
+
+def test_unknown_strategy_and_option() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.name.*allowed: fedit, fedavg, fedprox"):
+        load_config(None, ["strategy.name=fedsgd"])
+    with pytest.raises(ConfigError, match=r"strategy\.options\.nu.*options of fedprox: mu"):
+        load_config(None, ["strategy.name=fedprox", "strategy.options={nu: 0.1}"])
+    cfg = load_config(None, ["strategy.name=fedprox", "strategy.options={mu: 0.1}"])
+    assert cfg.strategy.options == {"mu": 0.1}
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_into_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_classification_needs_labelled_data() -> None:
+    with pytest.raises(ConfigError, match="model.task"):
+        config_from_dict({"data": {"source": "bbc-news"}})

@@ -1,0 +1,77 @@
+"""The embedded engine: sampling, one shared model, byte accounting, rejected replies, checkpoints."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fedlora.adapters.state import wire_size
+from fedlora.config import load_config
+from fedlora.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from fedlora.engine.embedded import EmbeddedEngine, sample_clients
+from fedlora.runner import build_simulation
+
+
+def test_sampling_is_seeded_per_round() -> None:
+    a = sample_clients(100, 10, seed=1, server_round=3)
+    assert a == sample_clients(100, 10, seed=1, server_round=3) and a == sorted(a) and len(set(a)) == 10
+    assert a != sample_clients(100, 10, seed=1, server_round=4)
+
+
+def test_round_uses_one_shared_model_and_counts_bytes(tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    sim, bundle = build_simulation(cfg)
+    engine = EmbeddedEngine(sim, tmp_path)
+    params_before = {id(p) for p in bundle.model.parameters()}
+    record = engine.run_round(1)
+    assert {id(p) for p in bundle.model.parameters()} == params_before  # no model copy per client
+    assert record["num_clients"] == 2 and record["rejected"] == []
+    per_payload = wire_size(sim.strategy.global_state)
+    assert record["bytes_down"] == 2 * per_payload and record["bytes_up"] == 2 * per_payload
+    assert torch.get_num_threads() == 1
+
+
+def test_corrupted_reply_is_rejected_and_round_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"federation.clients_per_round": 3}))
+    sim, _ = build_simulation(cfg)
+    engine = EmbeddedEngine(sim, tmp_path)
+    sampled = sample_clients(4, 3, cfg.federation.seed, 1)
+    original = engine.run_client
+
+    def corrupt(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        if client_id == sampled[0]:
+            key = next(k for k in reply.payload if "lora_B" in k)
+            reply.payload[key][0, 0] = float("nan")
+        if client_id == sampled[1]:
+            key = next(k for k in reply.payload if "lora_A" in k)
+            reply.payload[key] = torch.zeros(7, reply.payload[key].shape[1])
+        return reply
+
+    monkeypatch.setattr(engine, "run_client", corrupt)
+    record = engine.run_round(1)
+    assert record["num_clients"] == 1 and record["num_sampled"] == 3
+    reasons = {r["client"]: r["reason"] for r in record["rejected"]}
+    assert "non-finite" in reasons[sampled[0]] and "shape" in reasons[sampled[1]]
+    assert all(torch.isfinite(v).all() for v in sim.strategy.global_state.values())
+    assert record["eval_loss"] is not None
+
+
+def test_checkpoints_are_atomic_checked_and_pruned(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for r in (1, 2, 3):
+        save_checkpoint(root, r, {"w": torch.full((2,), float(r))}, {"strategy": "x"}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["round_2", "round_3"]
+    assert latest_checkpoint(root).round == 3
+    # damage the newest: it fails its checksum and the previous one is used
+    data = bytearray((root / "round_3" / "server_state.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (root / "round_3" / "server_state.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(root / "round_3")
+    found = latest_checkpoint(root)
+    assert found.round == 2 and torch.equal(found.tensors["w"], torch.full((2,), 2.0))
+    # a half-written temp folder is never taken for a checkpoint
+    (root / ".round_4.tmp").mkdir()
+    assert latest_checkpoint(root).round == 2
