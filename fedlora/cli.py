@@ -81,11 +81,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of language models with LoRA.")
+    parser = argparse.ArgumentParser(
+        prog="fedlora", description="Federated fine-tuning of language models with LoRA."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an experiment (or resume one)", epilog=EPILOG)
-    run.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]", help="config YAML (default: built-in) and overrides")
+    run.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [key=value ...]",
+        help="config YAML (default: built-in) and overrides",
+    )
     run.add_argument("--output", help="run directory (default runs/<timestamp>-<name>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last complete round")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -93,8 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a run's global adapter", epilog=EPILOG)
     ev.add_argument("run_dir")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="change the data/eval config, e.g. data.variant=full")
-    ev.add_argument("--split", choices=["eval", "test"], help="which split of each client (default: the config's eval.split)")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="change the data/eval config, e.g. data.variant=full",
+    )
+    ev.add_argument(
+        "--split",
+        choices=["eval", "test"],
+        help="which split of each client (default: the config's eval.split)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")

@@ -44,7 +44,9 @@ def build_simulation(cfg: ExperimentConfig) -> tuple[Simulation, ModelBundle]:
     adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
     strategy = build_strategy(cfg.strategy)
     strategy.initialize(adapters.initial_state())
-    encoder = Encoder(bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs)
+    encoder = Encoder(
+        bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
+    )
     return Simulation(cfg, federation, adapters, encoder, strategy), bundle
 
 
@@ -83,8 +85,21 @@ def run_experiment(
         assert checkpoint is not None
         sim.strategy.load_server_state(checkpoint.tensors)
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
-    (run_dir / "clients.json").write_text(json.dumps(
-        [{"client": c.client_id, "name": c.name, "train": len(c.train), "eval": len(c.eval), "test": len(c.test)} for c in sim.federation.clients], indent=0))
+    (run_dir / "clients.json").write_text(
+        json.dumps(
+            [
+                {
+                    "client": c.client_id,
+                    "name": c.name,
+                    "train": len(c.train),
+                    "eval": len(c.eval),
+                    "test": len(c.test),
+                }
+                for c in sim.federation.clients
+            ],
+            indent=0,
+        )
+    )
 
     engine = EmbeddedEngine(sim, run_dir)
     console.print(
@@ -93,6 +108,7 @@ def run_experiment(
         f"model {cfg.model.name}, LoRA r={cfg.adapter.rank} alpha={cfg.adapter.alpha}"
     )
     with RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress) as progress:
+
         def on_round(record: dict[str, Any]) -> None:
             metrics.append(record)
             records.append(record)
@@ -103,7 +119,9 @@ def run_experiment(
     return run_dir
 
 
-def finalize(run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console) -> None:
+def finalize(
+    run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
+) -> None:
     """Export the global adapter as a PEFT folder, plot the curves, print the summary."""
     sim.adapters.export(sim.strategy.evaluation_state(), run_dir / "global", str(bundle.folder.resolve()))
     if sim.cfg.output.plot:
@@ -111,7 +129,9 @@ def finalize(run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
     up = sum(r.get("bytes_up", 0) for r in records)
     down = sum(r.get("bytes_down", 0) for r in records)
-    console.print(f"total bytes up {up:,}  down {down:,}; run directory: [bold]{run_dir}[/] (global adapter in global/)")
+    console.print(
+        f"total bytes up {up:,}  down {down:,}; run directory: [bold]{run_dir}[/] (global adapter in global/)"
+    )
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -121,7 +141,9 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Experi
     return load_config(path, overrides)
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None, split: str | None = None) -> dict[str, float]:
+def evaluate_run(
+    run_dir: Path, overrides: list[str] | None = None, split: str | None = None
+) -> dict[str, float]:
     """Evaluate ``run_dir/global`` on the run's data config (changed by overrides) and return the metrics."""
     from fedlora.engine.embedded import evaluation_clients
     from fedlora.eval.registry import run_evaluators
@@ -136,7 +158,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, split: str |
     sim.adapters.load(load_file(str(adapter_file)))
     assert sim.adapters.model is not None
     clients = evaluation_clients(cfg, sim.federation.clients)
-    return run_evaluators(cfg.eval.metrics, sim.adapters.model, sim.encoder, clients, cfg.eval.split, cfg.eval.batch_size)
+    return run_evaluators(
+        cfg.eval.metrics, sim.adapters.model, sim.encoder, clients, cfg.eval.split, cfg.eval.batch_size
+    )
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:
@@ -144,7 +168,9 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     from peft import PeftModel
 
     cfg = load_run_config(run_dir)
-    bundle = load_base_model(cfg.model, num_labels=_num_labels(run_dir / "global"), head_seed=cfg.adapter.init_seed)
+    bundle = load_base_model(
+        cfg.model, num_labels=_num_labels(run_dir / "global"), head_seed=cfg.adapter.init_seed
+    )
     merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))

@@ -16,7 +16,9 @@ def perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.
 
 def test_state_round_trip_and_rank_slots() -> None:
     bundle = load_base_model(ModelConfig(name="tiny-llama"))
-    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), "causal-lm")
+    adapters = LoraAdapters(
+        bundle.model, AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), "causal-lm"
+    )
     init = adapters.initial_state()
     assert set(lora_ranks(init).values()) == {4}
     assert all(torch.count_nonzero(v) == 0 for k, v in init.items() if "lora_B" in k)
@@ -32,9 +34,15 @@ def test_state_round_trip_and_rank_slots() -> None:
 
 
 def test_initial_state_is_seeded() -> None:
-    a = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm").initial_state()
-    b = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm").initial_state()
-    c = LoraAdapters(load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=8), "causal-lm").initial_state()
+    a = LoraAdapters(
+        load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm"
+    ).initial_state()
+    b = LoraAdapters(
+        load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=7), "causal-lm"
+    ).initial_state()
+    c = LoraAdapters(
+        load_base_model(ModelConfig(name="tiny-llama")).model, AdapterConfig(rank=4, init_seed=8), "causal-lm"
+    ).initial_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 

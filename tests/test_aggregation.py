@@ -26,7 +26,9 @@ def test_fedit_aggregate_matches_dense_weighted_mean() -> None:
         torch.testing.assert_close(out[key].double(), dense, rtol=1e-6, atol=1e-6)
     # FedIT averages the factors separately; its product is NOT the mean of products (the known bias)
     prod_of_means = out["m.lora_B.weight"] @ out["m.lora_A.weight"]
-    mean_of_prods = sum(n / total * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for s, n in zip(states, sizes))
+    mean_of_prods = sum(
+        n / total * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for s, n in zip(states, sizes)
+    )
     assert not torch.allclose(prod_of_means, mean_of_prods, atol=1e-3)
     assert strategy.global_state is out
 

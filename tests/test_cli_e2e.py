@@ -24,11 +24,24 @@ def test_run_writes_complete_run_directory(tmp_path: Path) -> None:
     overrides = tiny_overrides(tmp_path, **{"output.plot": "true", "federation.clients_per_round": 2})
     assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["model"]["name"] == "tiny-llama" and cfg["federation"]["rounds"] == 2 and cfg["client"]["batch_size"] == 2
+    assert (
+        cfg["model"]["name"] == "tiny-llama"
+        and cfg["federation"]["rounds"] == 2
+        and cfg["client"]["batch_size"] == 2
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     for r in records:
-        for key in ("round", "train_loss", "eval_loss", "eval_perplexity", "num_clients", "bytes_up", "bytes_down", "seconds"):
+        for key in (
+            "round",
+            "train_loss",
+            "eval_loss",
+            "eval_perplexity",
+            "num_clients",
+            "bytes_up",
+            "bytes_down",
+            "seconds",
+        ):
             assert r[key] is not None, key
         assert r["num_clients"] == 2 and r["bytes_up"] == sum(c["bytes_up"] for c in r["clients"]) > 0
         assert r["bytes_down"] == r["bytes_up"]  # fedit: same layout both ways
@@ -37,7 +50,9 @@ def test_run_writes_complete_run_directory(tmp_path: Path) -> None:
     assert json.loads((run_dir / "global" / "adapter_config.json").read_text())["r"] == 4
     assert len(json.loads((run_dir / "clients.json").read_text())) == 4
     # the exported adapter is a plain PEFT adapter
-    base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "global" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((run_dir / "global" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     PeftModel.from_pretrained(base, str(run_dir / "global"))
     # refusing to overwrite a run
     assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 2
@@ -45,7 +60,9 @@ def test_run_writes_complete_run_directory(tmp_path: Path) -> None:
 
 def test_training_lowers_held_out_loss(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 4, "client.local_steps": 6, "client.lr": 3e-3, "adapter.rank": 8})
+    overrides = tiny_overrides(
+        tmp_path, **{"federation.rounds": 4, "client.local_steps": 6, "client.lr": 3e-3, "adapter.rank": 8}
+    )
     assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval_loss"] < records[0]["eval_loss"] - 0.1
@@ -54,12 +71,16 @@ def test_training_lowers_held_out_loss(tmp_path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
 def test_other_strategies_run(tmp_path: Path, strategy: str) -> None:
     run_dir = tmp_path / strategy
-    overrides = tiny_overrides(tmp_path, **{"strategy.name": strategy, "federation.rounds": 1, "client.lr": 0.05})
+    overrides = tiny_overrides(
+        tmp_path, **{"strategy.name": strategy, "federation.rounds": 1, "client.lr": 0.05}
+    )
     assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
     assert (run_dir / "global" / "adapter_model.safetensors").exists()
 
 
-def test_resume_gives_same_adapter_as_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_gives_same_adapter_as_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "adapter.dropout": 0.1})
     straight = tmp_path / "straight"
     assert main(["run", *overrides, "--output", str(straight), "--no-progress"]) == 0
@@ -87,7 +108,18 @@ def test_resume_gives_same_adapter_as_uninterrupted_run(tmp_path: Path, monkeypa
 
 def test_eval_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    assert main(["run", *tiny_overrides(tmp_path, **{"federation.rounds": 1}), "--output", str(run_dir), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *tiny_overrides(tmp_path, **{"federation.rounds": 1}),
+                "--output",
+                str(run_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--split", "test"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -98,12 +130,16 @@ def test_eval_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[
     with torch.no_grad():
         full = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
         cfg = json.loads((run_dir / "global" / "adapter_config.json").read_text())
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), str(run_dir / "global"))
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), str(run_dir / "global")
+        )
         torch.testing.assert_close(full, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "model.name=tiny-llama", "client.optimizer=adam", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(["run", "model.name=tiny-llama", "client.optimizer=adam", "--output", str(tmp_path / "x")]) == 2
+    )
     err = capsys.readouterr().err
     assert "client.optimizer" in err and "'adamw'" in err
     assert not (tmp_path / "x").exists()

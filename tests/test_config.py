@@ -13,7 +13,16 @@ def test_builtin_default_is_valid() -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(None, ["federation.rounds=3", "adapter.rank=4", "adapter.target_modules=[q_proj]", "client.local_steps=null", "client.local_epochs=1.5"])
+    cfg = load_config(
+        None,
+        [
+            "federation.rounds=3",
+            "adapter.rank=4",
+            "adapter.target_modules=[q_proj]",
+            "client.local_steps=null",
+            "client.local_epochs=1.5",
+        ],
+    )
     assert cfg.federation.rounds == 3 and cfg.adapter.rank == 4
     assert cfg.adapter.target_modules == ["q_proj"]
     assert cfg.client.local_steps is None and cfg.client.local_epochs == 1.5
@@ -79,3 +88,10 @@ def test_override_into_value_is_refused() -> None:
 def test_classification_needs_labelled_data() -> None:
     with pytest.raises(ConfigError, match="model.task"):
         config_from_dict({"data": {"source": "bbc-news"}})
+
+
+def test_shipped_configs_are_valid() -> None:
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -55,7 +55,9 @@ def test_natural_instructions_mini_reads_clients() -> None:
 def test_natural_instructions_bad_record_names_line(tmp_path: Path) -> None:
     path = tmp_path / "ni.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        f.write(json.dumps({"client_id": 0, "instruction": "i", "train": [{"input": "a", "output": "b"}]}) + "\n")
+        f.write(
+            json.dumps({"client_id": 0, "instruction": "i", "train": [{"input": "a", "output": "b"}]}) + "\n"
+        )
         f.write(json.dumps({"client_id": 1, "train": []}) + "\n")
     with pytest.raises(DataError, match=r"ni\.jsonl\.gz:2"):
         load_natural_instructions(path)
@@ -83,7 +85,9 @@ def test_loss_only_on_response_tokens() -> None:
     n_target = sum(1 for x in item["labels"] if x != -100)
     assert n_target == 2  # "4" + EOS
     assert item["labels"][-2:] == item["input_ids"][-2:] and item["input_ids"][-1] == tok.eos_token_id
-    full = Encoder(tok, "causal-lm", 512, "alpaca", train_on_inputs=True).encode(Example(instruction="Add 2 and 2.", output="4"))
+    full = Encoder(tok, "causal-lm", 512, "alpaca", train_on_inputs=True).encode(
+        Example(instruction="Add 2 and 2.", output="4")
+    )
     assert full["labels"] == full["input_ids"]
 
 
@@ -98,7 +102,9 @@ def test_truncation_keeps_response_and_limit() -> None:
 
 
 def test_collate_pads_with_ignored_labels() -> None:
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -111,4 +117,8 @@ def test_batches_for_steps_cycles_epochs() -> None:
     batches = batches_for_steps(data, 2, 4, torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [2, 2, 1, 2]
     assert sorted(x["i"] for b in batches[:3] for x in b) == [0, 1, 2, 3, 4]
-    assert steps_for(10, 4, None, 1.0) == 3 and steps_for(10, 4, None, 2.0) == 6 and steps_for(10, 4, 7, None) == 7
+    assert (
+        steps_for(10, 4, None, 1.0) == 3
+        and steps_for(10, 4, None, 2.0) == 6
+        and steps_for(10, 4, 7, None) == 7
+    )

@@ -32,7 +32,9 @@ def test_round_uses_one_shared_model_and_counts_bytes(tmp_path: Path) -> None:
     assert torch.get_num_threads() == 1
 
 
-def test_corrupted_reply_is_rejected_and_round_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupted_reply_is_rejected_and_round_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = load_config(None, tiny_overrides(tmp_path, **{"federation.clients_per_round": 3}))
     sim, _ = build_simulation(cfg)
     engine = EmbeddedEngine(sim, tmp_path)

@@ -15,7 +15,9 @@ from fedlora.runner import build_simulation
 def test_local_folder_and_errors(tmp_path: Path) -> None:
     folder = resolve_model_folder(ModelConfig(name="tiny-llama"))
     bundle = load_base_model(ModelConfig(name=str(folder)))
-    assert bundle.model.config.hidden_size == 64 and not any(p.requires_grad for p in bundle.model.parameters())
+    assert bundle.model.config.hidden_size == 64 and not any(
+        p.requires_grad for p in bundle.model.parameters()
+    )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_folder(ModelConfig(name=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
@@ -31,19 +33,29 @@ def test_tiny_llama_is_deterministic() -> None:
 
     again = build_tiny_llama_folder(folder.with_name("again"), 32, 1)
     b = load_base_model(ModelConfig(name=str(again)))
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values())
+    )
 
 
 @pytest.mark.slow
 def test_smollm2_from_gguf_generates() -> None:
     folder = fetch_builtin("smollm2-135m-instruct")
     bundle = load_base_model(ModelConfig(name="smollm2-135m-instruct"))
-    assert folder.exists() and bundle.model.config.hidden_size == 576 and bundle.model.config.num_hidden_layers == 30
+    assert (
+        folder.exists()
+        and bundle.model.config.hidden_size == 576
+        and bundle.model.config.num_hidden_layers == 30
+    )
     tok = bundle.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = tok(prompt, return_tensors="pt")
     out = bundle.model.generate(**ids, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1] :])
 
 
 @pytest.mark.slow
@@ -51,13 +63,30 @@ def test_minilm_classification_learns_bbc_news(tmp_path: Path) -> None:
     """MiniLM + LoRA + head on BBC News: a few federated rounds beat chance clearly."""
     from fedlora.engine.embedded import EmbeddedEngine
 
-    cfg = load_config(None, tiny_overrides(tmp_path, **{
-        "model.name": "all-minilm-l6-v2", "model.task": "classification", "data.source": "bbc-news",
-        "partition.method": "dirichlet", "partition.by": "label", "partition.alpha": 1.0, "federation.num_clients": 4,
-        "federation.clients_per_round": 4, "federation.rounds": 2, "client.local_steps": 12, "client.batch_size": 8,
-        "client.lr": 2e-3, "data.max_seq_len": 96, "adapter.target_modules": "[query, value]", "adapter.rank": 8,
-        "data.max_eval_examples_per_client": 25,
-    }))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            **{
+                "model.name": "all-minilm-l6-v2",
+                "model.task": "classification",
+                "data.source": "bbc-news",
+                "partition.method": "dirichlet",
+                "partition.by": "label",
+                "partition.alpha": 1.0,
+                "federation.num_clients": 4,
+                "federation.clients_per_round": 4,
+                "federation.rounds": 2,
+                "client.local_steps": 12,
+                "client.batch_size": 8,
+                "client.lr": 2e-3,
+                "data.max_seq_len": 96,
+                "adapter.target_modules": "[query, value]",
+                "adapter.rank": 8,
+                "data.max_eval_examples_per_client": 25,
+            },
+        ),
+    )
     sim, _ = build_simulation(cfg)
     engine = EmbeddedEngine(sim, tmp_path)
     before = engine.evaluate()["eval_accuracy"]

@@ -7,7 +7,10 @@ from fedlora.data.partition import partition_examples, split_client
 
 
 def labelled(n: int, classes: int = 5) -> list[Example]:
-    return [Example(input=f"text {i}", output=str(i % classes), category=f"c{i % classes}", label=i % classes) for i in range(n)]
+    return [
+        Example(input=f"text {i}", output=str(i % classes), category=f"c{i % classes}", label=i % classes)
+        for i in range(n)
+    ]
 
 
 def ids(shards: list[list[Example]]) -> list[list[str]]:
@@ -38,7 +41,9 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
     flat = partition_examples(data, "dirichlet", 10, seed=0, alpha=100.0, by="label", min_partition_size=5)
     assert sum(len(s) for s in skewed) == 1000 and sum(len(s) for s in flat) == 1000
     assert _mean_classes_per_client(skewed) < 3.0 < _mean_classes_per_client(flat)
-    assert ids(partition_examples(data, "dirichlet", 10, seed=0, alpha=0.1, by="label", min_partition_size=5)) == ids(skewed)
+    assert ids(
+        partition_examples(data, "dirichlet", 10, seed=0, alpha=0.1, by="label", min_partition_size=5)
+    ) == ids(skewed)
 
 
 def test_natural_gives_one_client_per_category_in_sorted_order() -> None:
@@ -52,7 +57,9 @@ def test_natural_gives_one_client_per_category_in_sorted_order() -> None:
 
 def test_label_partition_needs_labels() -> None:
     with pytest.raises(ValueError, match="labelled"):
-        partition_examples([Example(instruction="a", output="b", category="x")] * 4, "dirichlet", 2, 0, by="label")
+        partition_examples(
+            [Example(instruction="a", output="b", category="x")] * 4, "dirichlet", 2, 0, by="label"
+        )
 
 
 def test_split_client_fractions() -> None:

@@ -62,7 +62,9 @@ class LoraAdapters:
         assert self.model is not None
         self.model.set_adapter(name)
         for param_name, param in self.model.named_parameters():
-            param.requires_grad_(f".{name}." in param_name and ("lora_" in param_name or "modules_to_save" in param_name))
+            param.requires_grad_(
+                f".{name}." in param_name and ("lora_" in param_name or "modules_to_save" in param_name)
+            )
         return name
 
     @property
@@ -96,7 +98,9 @@ class LoraAdapters:
         expected = get_peft_model_state_dict(self.model, adapter_name=name)
         if expected.keys() != state.keys():
             missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
-            raise ValueError(f"adapter state keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+            raise ValueError(
+                f"adapter state keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
         for key, value in state.items():
             if value.shape != expected[key].shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")

@@ -61,11 +61,15 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: fl
     return 0.5 * mu * diff.pow(2).sum()
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTrainingSettings) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: LocalTrainingSettings
+) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: adamw, sgd")
 
 

@@ -6,6 +6,7 @@ given and what is allowed, and is raised before any model or data is touched.
 
 from __future__ import annotations
 
+import contextlib
 import typing
 from importlib import resources
 from pathlib import Path
@@ -42,10 +43,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as text; users mean a number
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c.isdigit() for c in value) and value.strip() == value else value
-        except ValueError:
-            pass
     return parts, value
 
 
@@ -121,9 +120,15 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, tree)) from None
+    from fedlora.eval.registry import EVALUATORS
     from fedlora.strategies.registry import validate_strategy_config
 
     validate_strategy_config(cfg.strategy)
+    unknown = [m for m in cfg.eval.metrics if m not in EVALUATORS]
+    if unknown:
+        raise ConfigError(
+            f"config field 'eval.metrics': unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})"
+        )
     return cfg
 
 

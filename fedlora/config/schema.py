@@ -197,7 +197,15 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _task_matches_data(self) -> ExperimentConfig:
         if self.data.source == "bbc-news" and self.model.task != "classification":
-            raise ValueError("data.source 'bbc-news' is a classification set: set model.task to 'classification'")
-        if self.model.task == "classification" and self.data.source != "bbc-news" and self.data.source != "json":
-            raise ValueError(f"model.task 'classification' needs labelled data (bbc-news or json), not {self.data.source!r}")
+            raise ValueError(
+                "data.source 'bbc-news' is a classification set: set model.task to 'classification'"
+            )
+        if (
+            self.model.task == "classification"
+            and self.data.source != "bbc-news"
+            and self.data.source != "json"
+        ):
+            raise ValueError(
+                f"model.task 'classification' needs labelled data (bbc-news or json), not {self.data.source!r}"
+            )
         return self

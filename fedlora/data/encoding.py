@@ -60,8 +60,12 @@ class Encoder:
             if example.label is None:
                 raise ValueError("classification example without a label")
             return {"input_ids": ids, "labels": int(example.label)}
-        prompt = self.tokenizer(render_prompt(example, self.tokenizer, self.template), add_special_tokens=False)
-        response = self.tokenizer(example.output, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        prompt = self.tokenizer(
+            render_prompt(example, self.tokenizer, self.template), add_special_tokens=False
+        )
+        response = self.tokenizer(example.output, add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.eos_token_id
+        ]
         prompt_ids = prompt["input_ids"]
         budget = self.max_seq_len
         keep_response = min(len(response), max(budget - len(prompt_ids), budget // 2))
@@ -81,7 +85,11 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.T
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     seq_labels = isinstance(batch[0]["labels"], list)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long) if seq_labels else torch.zeros(len(batch), dtype=torch.long)
+    labels = (
+        torch.full((len(batch), width), -100, dtype=torch.long)
+        if seq_labels
+        else torch.zeros(len(batch), dtype=torch.long)
+    )
     for row, item in enumerate(batch):
         n = len(item["input_ids"])
         input_ids[row, :n] = torch.tensor(item["input_ids"])

@@ -26,7 +26,9 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     label_names = None
     if data.source == "natural-instructions":
         if part.method != "natural":
-            raise ValueError("natural-instructions is federated by task already: partition.method must be 'natural'")
+            raise ValueError(
+                "natural-instructions is federated by task already: partition.method must be 'natural'"
+            )
         path = find_natural_instructions(data.path, data.variant)
         limit = fed.num_clients or data.max_clients
         clients = load_natural_instructions(path, max_clients=limit)
@@ -56,12 +58,20 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
             examples, part.method, fed.num_clients, data.seed, part.alpha, part.by, part.min_partition_size
         )
         clients = [
-            split_client(i, shard[0].category or f"client-{i}" if part.method == "natural" else f"client-{i}",
-                         shard, data.eval_fraction, data.test_fraction, data.seed)
+            split_client(
+                i,
+                shard[0].category or f"client-{i}" if part.method == "natural" else f"client-{i}",
+                shard,
+                data.eval_fraction,
+                data.test_fraction,
+                data.seed,
+            )
             for i, shard in enumerate(shards)
         ]
         description += f", {part.method} partition"
-    clients = [_cap(c, data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients]
+    clients = [
+        _cap(c, data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients
+    ]
     kept = [c for c in clients if c.train]
     if len(kept) < len(clients):
         log.warning("dropped %d client(s) with no training examples", len(clients) - len(kept))

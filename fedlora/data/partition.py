@@ -63,7 +63,9 @@ def partition_examples(
     if num_clients is None:
         raise ValueError(f"partition.method {method!r} needs federation.num_clients")
     if num_clients > len(examples):
-        raise ValueError(f"federation.num_clients ({num_clients}) is above the number of examples ({len(examples)})")
+        raise ValueError(
+            f"federation.num_clients ({num_clients}) is above the number of examples ({len(examples)})"
+        )
     if method == "iid":
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)

@@ -41,7 +41,9 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(path, f"malformed JSON ({err.msg} at column {err.colno})", number) from None
+                    raise DataError(
+                        path, f"malformed JSON ({err.msg} at column {err.colno})", number
+                    ) from None
                 if not isinstance(record, dict):
                     raise DataError(path, f"expected a JSON object, got {type(record).__name__}", number)
                 yield number, record
@@ -63,7 +65,9 @@ def _text_field(path: Path, line: int, record: dict[str, Any], key: str, require
     value = record.get(key)
     if value is None:
         if required:
-            raise DataError(path, f"missing field {key!r} (fields present: {', '.join(sorted(record))})", line)
+            raise DataError(
+                path, f"missing field {key!r} (fields present: {', '.join(sorted(record))})", line
+            )
         return ""
     if not isinstance(value, (str, int, float)):
         raise DataError(path, f"field {key!r} must be text, got {type(value).__name__}", line)
@@ -146,7 +150,12 @@ def load_natural_instructions(path: Path, max_clients: int | None = None) -> lis
             category = str(record.get("category", ""))
             splits = {
                 name: [
-                    Example(instruction=instruction, input=str(x["input"]), output=str(x["output"]), category=category)
+                    Example(
+                        instruction=instruction,
+                        input=str(x["input"]),
+                        output=str(x["output"]),
+                        category=category,
+                    )
                     for x in record.get(name, [])
                 ]
                 for name in ("train", "eval", "test")

@@ -50,7 +50,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, server_round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    root: Path, server_round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """Write round ``server_round`` atomically and keep only the newest ``keep`` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round_{server_round}"

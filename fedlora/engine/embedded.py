@@ -43,7 +43,9 @@ def clients_per_round(cfg: ExperimentConfig, num_clients: int) -> int:
     fed = cfg.federation
     if fed.clients_per_round is not None:
         if fed.clients_per_round > num_clients:
-            raise ValueError(f"federation.clients_per_round ({fed.clients_per_round}) is above the {num_clients} clients the data yields")
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) is above the {num_clients} clients the data yields"
+            )
         return fed.clients_per_round
     if fed.fraction is not None:
         return max(1, math.ceil(fed.fraction * num_clients))
@@ -59,7 +61,9 @@ def evaluation_clients(cfg: ExperimentConfig, clients: list[ClientData]) -> list
     return sorted(rng.sample(having, cfg.eval.max_clients), key=lambda c: c.client_id)
 
 
-def resolve_settings(cfg: ExperimentConfig, strategy: Strategy, overrides: dict[str, Any]) -> LocalTrainingSettings:
+def resolve_settings(
+    cfg: ExperimentConfig, strategy: Strategy, overrides: dict[str, Any]
+) -> LocalTrainingSettings:
     """Config's client section + the strategy's default optimizer + the instruction's per-client overrides."""
     c = cfg.client
     base = LocalTrainingSettings(
@@ -122,14 +126,23 @@ class EmbeddedEngine:
         sim = self.sim
         sim.adapters.load(sim.strategy.evaluation_state())
         assert sim.adapters.model is not None
-        return run_evaluators(sim.cfg.eval.metrics, sim.adapters.model, sim.encoder, self.eval_clients, sim.cfg.eval.split, sim.cfg.eval.batch_size)
+        return run_evaluators(
+            sim.cfg.eval.metrics,
+            sim.adapters.model,
+            sim.encoder,
+            self.eval_clients,
+            sim.cfg.eval.split,
+            sim.cfg.eval.batch_size,
+        )
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         """One full round; returns its metrics record."""
         sim, cfg = self.sim, self.sim.cfg
         started = time.perf_counter()
         torch.set_num_threads(cfg.client.num_threads)
-        sampled = sample_clients(len(sim.federation.clients), self.per_round, cfg.federation.seed, server_round)
+        sampled = sample_clients(
+            len(sim.federation.clients), self.per_round, cfg.federation.seed, server_round
+        )
         instructions = sim.strategy.configure(server_round, sampled)
         replies: list[ClientReply] = []
         rejected: list[dict[str, Any]] = []
@@ -141,7 +154,14 @@ class EmbeddedEngine:
             reply = self.run_client(server_round, client_id, instruction)
             size_up = wire_size(reply.payload)
             bytes_up += size_up
-            per_client.append({"client": client_id, "num_examples": reply.num_examples, "bytes_up": size_up, **reply.metrics})
+            per_client.append(
+                {
+                    "client": client_id,
+                    "num_examples": reply.num_examples,
+                    "bytes_up": size_up,
+                    **reply.metrics,
+                }
+            )
             reason = sim.strategy.validate_reply(instruction, reply)
             if reason is not None:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, client_id, reason)

@@ -17,7 +17,9 @@ from fedlora.data.examples import ClientData
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_token_id: int, task: str) -> tuple[list[float], list[bool]]:
+def example_losses(
+    model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_token_id: int, task: str
+) -> tuple[list[float], list[bool]]:
     """Per-example loss (and, for classification, whether the prediction is right)."""
     losses: list[float] = []
     correct: list[bool] = []
@@ -30,13 +32,17 @@ def example_losses(model: torch.nn.Module, encoded: list[dict], batch_size: int,
             correct += (logits.argmax(-1) == labels).tolist()
             continue
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=-100)
+        token_loss = F.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=-100
+        )
         counts = (shift_labels != -100).sum(1).clamp(min=1)
         losses += (token_loss.sum(1) / counts).tolist()
     return losses, correct
 
 
-def evaluate_loss(model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], split: str, batch_size: int) -> dict[str, float]:
+def evaluate_loss(
+    model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], split: str, batch_size: int
+) -> dict[str, float]:
     """``eval_loss`` (+ ``eval_perplexity`` or ``eval_accuracy``), ``eval_examples``, ``eval_clients``."""
     model.eval()
     pad = encoder.tokenizer.pad_token_id

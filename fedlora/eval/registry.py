@@ -17,7 +17,14 @@ Evaluator = Callable[[torch.nn.Module, Encoder, list[ClientData], str, int], dic
 EVALUATORS: dict[str, Evaluator] = {"loss": evaluate_loss}
 
 
-def run_evaluators(names: list[str], model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], split: str, batch_size: int) -> dict[str, float]:
+def run_evaluators(
+    names: list[str],
+    model: torch.nn.Module,
+    encoder: Encoder,
+    clients: list[ClientData],
+    split: str,
+    batch_size: int,
+) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name in names:
         if name not in EVALUATORS:

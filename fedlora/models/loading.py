@@ -38,7 +38,11 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
     """Turn ``model.name`` into a local Hugging Face folder, fetching or converting it once if needed."""
     name = cfg.name
     if name == "tiny-llama":
-        target = cache_root(cfg.cache_dir) / "models" / f"tiny-llama-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}"
+        target = (
+            cache_root(cfg.cache_dir)
+            / "models"
+            / f"tiny-llama-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}"
+        )
         if not (target / "config.json").exists():
             build_tiny_llama_folder(target, cfg.tiny_hidden_size, cfg.tiny_num_layers)
         return target
@@ -55,7 +59,9 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
         return target
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model.name: {path} has no config.json (not a Hugging Face model folder)")
+            raise FileNotFoundError(
+                f"model.name: {path} has no config.json (not a Hugging Face model folder)"
+            )
         return path
     raise FileNotFoundError(
         f"model.name: {name!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}), a model folder, nor a .gguf file"
@@ -74,7 +80,9 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None, head_seed: 
             raise ValueError("a classification model needs the number of labels from the data")
         with torch.random.fork_rng():
             torch.manual_seed(head_seed)
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=num_labels, dtype=dtype
+            )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

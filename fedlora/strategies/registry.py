@@ -18,7 +18,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def strategy_class(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
-        raise ConfigError(f"config field 'strategy.name': unknown strategy {name!r} (allowed: {', '.join(STRATEGIES)})")
+        raise ConfigError(
+            f"config field 'strategy.name': unknown strategy {name!r} (allowed: {', '.join(STRATEGIES)})"
+        )
     return STRATEGIES[name]
 
 
@@ -33,7 +35,9 @@ def validate_strategy_config(cfg: StrategyConfig) -> None:
             key = ".".join(str(p) for p in problem["loc"])
             msg = "unknown option" if problem["type"] == "extra_forbidden" else problem["msg"]
             known = ", ".join(cls.Options.model_fields) or "none"
-            problems.append(f"config field 'strategy.options.{key}': {msg} (got {problem.get('input')!r}; options of {cfg.name}: {known})")
+            problems.append(
+                f"config field 'strategy.options.{key}': {msg} (got {problem.get('input')!r}; options of {cfg.name}: {known})"
+            )
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 
@@ -21,7 +28,9 @@ def human_bytes(n: float) -> str:
 class RoundProgress:
     """A rich progress bar over rounds showing the last round's losses."""
 
-    def __init__(self, total: int, done: int = 0, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, done: int = 0, console: Console | None = None, enabled: bool = True
+    ) -> None:
         self.progress = Progress(
             TextColumn("[bold]rounds"),
             BarColumn(),
@@ -60,7 +69,17 @@ def _short(record: dict[str, Any]) -> str:
 def summary_table(records: list[dict[str, Any]], title: str) -> Table:
     """One row per round: losses, clients (accepted/sampled), bytes up/down, seconds."""
     table = Table(title=title, title_justify="left")
-    for column in ("round", "train loss", "eval loss", "ppl/acc", "clients", "rejected", "bytes up", "bytes down", "s"):
+    for column in (
+        "round",
+        "train loss",
+        "eval loss",
+        "ppl/acc",
+        "clients",
+        "rejected",
+        "bytes up",
+        "bytes down",
+        "s",
+    ):
         table.add_column(column, justify="right")
     for r in records:
         quality = r.get("eval_accuracy", r.get("eval_perplexity"))
