@@ -4,6 +4,7 @@ Run directory layout::
 
     config.yaml            full resolved config
     clients.json           every client's name and split sizes
+    run.json               base model folder, task, label names, fedlora version
     metrics.jsonl          one JSON object per round
     checkpoints/round_N/   server state to resume from (newest few)
     global/                final global adapter, a standard PEFT adapter folder
@@ -21,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fedlora import __version__
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.config.loader import ConfigError, config_from_dict, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
@@ -69,37 +71,18 @@ def run_experiment(
             console = Console(stderr=True, width=140)
     run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    start_round = 1
-    if resume:
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        if checkpoint is not None:
-            start_round = checkpoint.round + 1
-    elif (run_dir / "metrics.jsonl").exists():
+    if not resume and metrics.path.exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    sim, bundle = build_simulation(cfg)  # data and model errors surface before the run directory is made
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-
-    sim, bundle = build_simulation(cfg)
+    start_round = checkpoint.round + 1 if checkpoint else 1
     records = metrics.truncate_after(start_round - 1) if resume else []
-    if start_round > 1:
-        assert checkpoint is not None
+    if checkpoint:
         sim.strategy.load_server_state(checkpoint.tensors)
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
-    (run_dir / "clients.json").write_text(
-        json.dumps(
-            [
-                {
-                    "client": c.client_id,
-                    "name": c.name,
-                    "train": len(c.train),
-                    "eval": len(c.eval),
-                    "test": len(c.test),
-                }
-                for c in sim.federation.clients
-            ],
-            indent=0,
-        )
-    )
+    write_run_info(run_dir, sim, bundle)
 
     engine = EmbeddedEngine(sim, run_dir)
     console.print(
@@ -117,6 +100,23 @@ def run_experiment(
         engine.run(start_round, on_round)
     finalize(run_dir, sim, bundle, records, console)
     return run_dir
+
+
+def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
+    """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs)."""
+    clients = [
+        {"client": c.client_id, "name": c.name, "train": len(c.train), "eval": len(c.eval), "test": len(c.test)}
+        for c in sim.federation.clients
+    ]
+    (run_dir / "clients.json").write_text(json.dumps(clients, indent=0))
+    info = {
+        "fedlora_version": __version__,
+        "base_model": str(bundle.folder.resolve()),
+        "task": bundle.task,
+        "label_names": sim.federation.label_names,
+        "data": sim.federation.description,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
 
 
 def finalize(
@@ -168,20 +168,15 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     from peft import PeftModel
 
     cfg = load_run_config(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
     bundle = load_base_model(
-        cfg.model, num_labels=_num_labels(run_dir / "global"), head_seed=cfg.adapter.init_seed
+        cfg.model, num_labels=len(info["label_names"]) if info["label_names"] else None, head_seed=cfg.adapter.init_seed
     )
     merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     bundle.tokenizer.save_pretrained(str(out))
     return out
-
-
-def _num_labels(adapter_dir: Path) -> int | None:
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    heads = [v for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight")]
-    return int(heads[0].shape[0]) if heads else None
 
 
 __all__ = ["build_simulation", "evaluate_run", "export_merged", "load_run_config", "run_experiment"]

@@ -60,7 +60,7 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         clients = [
             split_client(
                 i,
-                shard[0].category or f"client-{i}" if part.method == "natural" else f"client-{i}",
+                _client_name(i, shard, part.method),
                 shard,
                 data.eval_fraction,
                 data.test_fraction,
@@ -79,6 +79,13 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         raise ValueError("no client has training examples")
     kept = [replace(c, client_id=i) for i, c in enumerate(kept)]
     return Federation(kept, description, label_names)
+
+
+def _client_name(index: int, shard: list, method: str) -> str:
+    """Natural clients are named by their category (task); others by their index."""
+    if method == "natural" and shard[0].category:
+        return shard[0].category
+    return f"client-{index}"
 
 
 def _cap(client: ClientData, max_train: int | None, max_eval: int | None) -> ClientData:
