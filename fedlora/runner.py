@@ -105,7 +105,13 @@ def run_experiment(
 def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
     """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs)."""
     clients = [
-        {"client": c.client_id, "name": c.name, "train": len(c.train), "eval": len(c.eval), "test": len(c.test)}
+        {
+            "client": c.client_id,
+            "name": c.name,
+            "train": len(c.train),
+            "eval": len(c.eval),
+            "test": len(c.test),
+        }
         for c in sim.federation.clients
     ]
     (run_dir / "clients.json").write_text(json.dumps(clients, indent=0))
@@ -170,7 +176,9 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     cfg = load_run_config(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     bundle = load_base_model(
-        cfg.model, num_labels=len(info["label_names"]) if info["label_names"] else None, head_seed=cfg.adapter.init_seed
+        cfg.model,
+        num_labels=len(info["label_names"]) if info["label_names"] else None,
+        head_seed=cfg.adapter.init_seed,
     )
     merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import torch
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
+from fedlora.client.loss import batch_loss
 from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -104,7 +105,7 @@ def train_locally(
         for batch_items in batches:
             batch = collate(batch_items, pad_token_id)
             tokens += int(batch["attention_mask"].sum())
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch, encoder.task)
             losses.append(float(loss.detach()))
             if settings.prox_mu > 0:
                 loss = loss + proximal_term(params, anchor, settings.prox_mu)

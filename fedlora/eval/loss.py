@@ -10,33 +10,26 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from fedlora.client.loss import example_losses
 from fedlora.data.encoding import Encoder, collate
 from fedlora.data.examples import ClientData
 
 
 @torch.no_grad()
-def example_losses(
+def per_example(
     model: torch.nn.Module, encoded: list[dict], batch_size: int, pad_token_id: int, task: str
 ) -> tuple[list[float], list[bool]]:
     """Per-example loss (and, for classification, whether the prediction is right)."""
     losses: list[float] = []
     correct: list[bool] = []
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], pad_token_id)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if task == "classification":
-            losses += F.cross_entropy(logits, labels, reduction="none").tolist()
-            correct += (logits.argmax(-1) == labels).tolist()
-            continue
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        token_loss = F.cross_entropy(
-            shift_logits.transpose(1, 2), shift_labels, reduction="none", ignore_index=-100
+        batch_losses, batch_correct = example_losses(
+            model, collate(encoded[start : start + batch_size], pad_token_id), task
         )
-        counts = (shift_labels != -100).sum(1).clamp(min=1)
-        losses += (token_loss.sum(1) / counts).tolist()
+        losses += batch_losses.tolist()
+        if batch_correct is not None:
+            correct += batch_correct.tolist()
     return losses, correct
 
 
@@ -51,7 +44,7 @@ def evaluate_loss(
         examples = client.split(split)
         if not examples:
             continue
-        losses, correct = example_losses(model, encoder.encode_all(examples), batch_size, pad, encoder.task)
+        losses, correct = per_example(model, encoder.encode_all(examples), batch_size, pad, encoder.task)
         total_loss += sum(losses)
         total_correct += sum(correct)
         total += len(losses)

@@ -1,0 +1,100 @@
+"""Losses for training and evaluation, with the output head applied only where a loss is taken.
+
+Causal LM, response-only loss: with hidden states h (batch x seq x hidden) from the model body and labels y,
+
+    loss = mean over {(b, t) : y[b, t+1] != -100} of CE(head(h[b, t]), y[b, t+1])
+
+which is exactly Hugging Face's shifted causal-LM loss, but the head (hidden x vocab: 21% of SmolLM2's
+forward FLOPs, and its logits are the largest activation) runs only on the target positions instead of all
+of them. A model class whose logits are not plainly ``head(h)`` (logit soft-capping or scaling) would
+differ, so the first batch of each model class is computed both ways; if they disagree, that class uses the
+standard path from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: model class -> whether head-on-targets agrees with the model's own logits (checked once per class)
+_FAST_PATH_AGREES: dict[type, bool] = {}
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``*ForCausalLM`` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _fast_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lm = _causal_lm(model)
+    hidden = lm.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    return F.cross_entropy(logits, targets[mask], reduction="none"), mask.nonzero()[:, 0]
+
+
+def _standard_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="none"), mask.nonzero()[:, 0]
+
+
+@torch.no_grad()
+def _fast_path_agrees(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    was_training = model.training
+    model.eval()  # no dropout, so both paths see the same network
+    fast, _ = _fast_token_losses(model, batch)
+    standard, _ = _standard_token_losses(model, batch)
+    model.train(was_training)
+    agrees = bool(torch.allclose(fast, standard, rtol=1e-4, atol=1e-4))
+    if not agrees:
+        log.warning(
+            "%s: head-on-targets loss differs from the model's logits; using the standard path",
+            type(_causal_lm(model)).__name__,
+        )
+    return agrees
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token (labels != -100, shifted) and the batch row it belongs to."""
+    kind = type(_causal_lm(model))
+    if kind not in _FAST_PATH_AGREES:
+        _FAST_PATH_AGREES[kind] = _fast_path_agrees(model, batch)
+    if _FAST_PATH_AGREES[kind]:
+        return _fast_token_losses(model, batch)
+    return _standard_token_losses(model, batch)
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Training loss: mean over the batch's target tokens (causal LM) or examples (classification)."""
+    if task == "classification":
+        return model(**batch).loss
+    losses, _ = token_losses(model, batch)
+    return losses.mean()
+
+
+def example_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row: the mean loss over its target tokens (or its CE), and for classification whether it is right."""
+    if task == "classification":
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1) == labels
+    losses, rows = token_losses(model, batch)
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=losses.dtype).index_add_(0, rows, losses)
+    counts = torch.zeros(n, dtype=losses.dtype).index_add_(0, rows, torch.ones_like(losses)).clamp(min=1)
+    return sums / counts, None
