@@ -97,7 +97,7 @@ def _literal_choices(annotation: Any) -> list[Any]:
     return choices
 
 
-def format_validation_error(err: ValidationError, tree: dict[str, Any]) -> str:
+def format_validation_error(err: ValidationError) -> str:
     """One line per problem: ``field 'a.b': <problem> (got <value>; allowed: ...)``."""
     lines = []
     for problem in err.errors():
@@ -119,7 +119,7 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, tree)) from None
+        raise ConfigError(format_validation_error(err)) from None
     from fedlora.eval.registry import EVALUATORS
     from fedlora.strategies.registry import validate_strategy_config
 

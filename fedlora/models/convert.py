@@ -4,8 +4,9 @@ to float32 and save a plain Hugging Face folder that later loads in well under a
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
+
+from fedlora.models.folders import save_model_folder
 
 
 def convert_gguf_to_folder(gguf_path: Path, target: Path) -> Path:
@@ -23,11 +24,4 @@ def convert_gguf_to_folder(gguf_path: Path, target: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
+    return save_model_folder(target, model, tokenizer)

