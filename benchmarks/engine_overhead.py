@@ -1,6 +1,6 @@
 """Question: how much does fedlora's embedded engine add on top of the local training it runs?
 
-Anchor: a bare PEFT loop doing exactly the same work (same base model, same LoRA, same pre-encoded
+Anchor: a bare PEFT loop doing exactly the same work (the same PEFT model, same LoRA, same encoded
 batches in the same order, same AdamW steps; per client: load the global state, train, read the state
 back, then a plain weighted average, loss from ``model(**batch).loss``). Engine: ``EmbeddedEngine.run`` for
 the same rounds with evaluation off (it adds sampling, byte accounting of every payload, reply validation,
@@ -26,7 +26,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 from fedlora.client import loss as loss_module
@@ -34,7 +33,6 @@ from fedlora.client.trainer import round_seed  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 from fedlora.data.encoding import batches_for_steps, collate  # noqa: E402
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients  # noqa: E402
-from fedlora.models import load_base_model  # noqa: E402
 from fedlora.models.registry import cache_root  # noqa: E402
 from fedlora.runner import build_simulation  # noqa: E402
 from fedlora.strategies.base import weighted_average  # noqa: E402
@@ -43,23 +41,16 @@ transformers.utils.logging.set_verbosity_error()
 
 
 class BarePeftLoop:
-    """The anchor: plain PEFT + torch on its own copy of the base model, no fedlora engine."""
+    """The anchor: a plain PEFT + torch loop, no fedlora engine, on the very same PEFT model object (so
+    that where a model's tensors happen to sit in memory cannot count for or against the engine)."""
 
-    def __init__(self, cfg, federation, encoder) -> None:
+    def __init__(self, cfg, federation, encoder, model, pad_token_id: int) -> None:
         self.cfg, self.federation, self.encoder = cfg, federation, encoder
-        bundle = load_base_model(cfg.model)
-        torch.manual_seed(cfg.adapter.init_seed)
-        a = cfg.adapter
-        lora = LoraConfig(
-            r=a.rank,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            target_modules=a.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        self.model = get_peft_model(bundle.model, lora)
-        self.pad = bundle.tokenizer.pad_token_id
-        self.global_state = {k: v.clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        self.model, self.pad = model, pad_token_id
+        self.global_state = {
+            k: v.clone()
+            for k, v in get_peft_model_state_dict(model, adapter_name=model.active_adapter).items()
+        }
 
     def run(self, rounds: int) -> float:
         """Seconds for ``rounds`` rounds of the same sampled clients and steps as the engine."""
@@ -71,7 +62,7 @@ class BarePeftLoop:
                 len(fed.clients), cfg.federation.clients_per_round, cfg.federation.seed, server_round
             )
             for cid in sampled:
-                set_peft_model_state_dict(model, self.global_state)
+                set_peft_model_state_dict(model, self.global_state, adapter_name=model.active_adapter)
                 encoded = self.encoder.encode_all(fed.clients[cid].train)
                 gen = torch.Generator().manual_seed(round_seed(cfg.federation.seed, server_round, cid))
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -83,7 +74,14 @@ class BarePeftLoop:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 model.eval()
-                states.append({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+                states.append(
+                    {
+                        k: v.clone()
+                        for k, v in get_peft_model_state_dict(
+                            model, adapter_name=model.active_adapter
+                        ).items()
+                    }
+                )
                 sizes.append(len(encoded))
             self.global_state = weighted_average(states, [n / sum(sizes) for n in sizes])
         return time.perf_counter() - start
@@ -108,7 +106,9 @@ def main() -> int:
     ]
     cfg = load_config(None, overrides)
     sim, _ = build_simulation(cfg)
-    bare = BarePeftLoop(cfg, sim.federation, sim.encoder)
+    bare = BarePeftLoop(
+        cfg, sim.federation, sim.encoder, sim.adapters.model, sim.encoder.tokenizer.pad_token_id
+    )
     lm_class = type(sim.adapters.model.get_base_model())
     with tempfile.TemporaryDirectory() as tmp:
         engine = EmbeddedEngine(sim, Path(tmp))

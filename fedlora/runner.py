@@ -84,13 +84,14 @@ def run_experiment(
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
     write_run_info(run_dir, sim, bundle)
 
-    engine = EmbeddedEngine(sim, run_dir)
+    progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
+    engine = EmbeddedEngine(sim, run_dir, status=progress.status)
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
         f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
         f"model {cfg.model.name}, LoRA r={cfg.adapter.rank} alpha={cfg.adapter.alpha}"
     )
-    with RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress) as progress:
+    with progress:
 
         def on_round(record: dict[str, Any]) -> None:
             metrics.append(record)

@@ -11,22 +11,34 @@ Nothing is ever copied per client.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from fedlora.adapters.state import AdapterState, clone_state, lora_ranks
+from fedlora.adapters.state import AdapterState, lora_ranks
 from fedlora.config.schema import AdapterConfig
+
+
+@dataclass
+class _Slot:
+    """One PEFT adapter on the shared model: its name and PEFT key -> the live parameter tensor."""
+
+    name: str
+    tensors: dict[str, torch.nn.Parameter]
 
 
 class LoraAdapters:
     """The PEFT-wrapped shared model and its rank slots.
 
-    ``state(rank)`` / ``load(state)`` move adapter weights in and out as :data:`AdapterState` dicts.
+    ``state(rank)`` / ``load(state)`` move adapter weights in and out as :data:`AdapterState` dicts. Each slot
+    maps PEFT's state-dict keys to the parameter tensors once, when it is created (matched by storage, so
+    no naming rule is assumed); afterwards reading and writing a state are plain tensor copies instead of a
+    walk over every module of the model on each call.
     """
 
     def __init__(self, base_model: PreTrainedModel, cfg: AdapterConfig, task: str) -> None:
@@ -34,7 +46,8 @@ class LoraAdapters:
         self.task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
         self.model: PeftModel | None = None
         self._base = base_model
-        self._slots: dict[int, str] = {}
+        self._slots: dict[int, _Slot] = {}
+        self._active: int | None = None
 
     def lora_config(self, rank: int) -> LoraConfig:
         return LoraConfig(
@@ -46,39 +59,51 @@ class LoraAdapters:
             bias="none",
         )
 
+    def _create_slot(self, rank: int) -> _Slot:
+        name = f"r{rank}"
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.init_seed)
+            if self.model is None:
+                self.model = get_peft_model(self._base, self.lora_config(rank), adapter_name=name)
+            else:
+                self.model.add_adapter(name, self.lora_config(rank))
+        self.model.eval()  # PEFT returns a model in train mode; training switches it on explicitly
+        by_storage = {(p.data_ptr(), p.shape): p for p in self.model.parameters()}
+        tensors = {}
+        for key, tensor in get_peft_model_state_dict(self.model, adapter_name=name).items():
+            param = by_storage.get((tensor.data_ptr(), tensor.shape))
+            if param is None:
+                raise RuntimeError(f"PEFT state key {key} is not a parameter of the model")
+            tensors[key] = param
+        return _Slot(name, tensors)
+
     def activate(self, rank: int) -> str:
         """Make the slot for ``rank`` active (creating it with seeded init on first use); returns its name."""
-        name = self._slots.get(rank)
-        if name is None:
-            name = f"r{rank}"
-            with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.init_seed)
-                if self.model is None:
-                    self.model = get_peft_model(self._base, self.lora_config(rank), adapter_name=name)
-                else:
-                    self.model.add_adapter(name, self.lora_config(rank))
-            self.model.eval()  # PEFT returns a model in train mode; training switches it on explicitly
-            self._slots[rank] = name
-        assert self.model is not None
-        self.model.set_adapter(name)
-        for param_name, param in self.model.named_parameters():
-            param.requires_grad_(
-                f".{name}." in param_name and ("lora_" in param_name or "modules_to_save" in param_name)
-            )
-        return name
+        if rank not in self._slots:
+            self._slots[rank] = self._create_slot(rank)
+        slot = self._slots[rank]
+        if self._active != rank:
+            assert self.model is not None
+            self.model.set_adapter(slot.name)
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            for param in slot.tensors.values():
+                param.requires_grad_(True)
+            self._active = rank
+        return slot.name
 
     @property
     def active_rank(self) -> int:
-        assert self.model is not None
-        active = self.model.active_adapter
-        return next(r for r, n in self._slots.items() if n == active)
+        if self._active is None:
+            raise RuntimeError("no adapter slot is active yet")
+        return self._active
 
     def state(self, rank: int | None = None) -> AdapterState:
         """A detached copy of the weights of the slot for ``rank`` (default: the active one)."""
         rank = self.active_rank if rank is None else rank
-        name = self.activate(rank) if rank not in self._slots else self._slots[rank]
-        assert self.model is not None
-        return clone_state(get_peft_model_state_dict(self.model, adapter_name=name))
+        if rank not in self._slots:
+            self.activate(rank)
+        return {k: p.detach().clone() for k, p in self._slots[rank].tensors.items()}
 
     def initial_state(self, rank: int | None = None) -> AdapterState:
         """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""
@@ -93,9 +118,8 @@ class LoraAdapters:
         if len(ranks) != 1:
             raise ValueError(f"adapter state must have one rank on every module, got {sorted(ranks)}")
         rank = ranks.pop()
-        name = self.activate(rank)
-        assert self.model is not None
-        expected = get_peft_model_state_dict(self.model, adapter_name=name)
+        self.activate(rank)
+        expected = self._slots[rank].tensors
         if expected.keys() != state.keys():
             missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
             raise ValueError(
@@ -104,13 +128,14 @@ class LoraAdapters:
         for key, value in state.items():
             if value.shape != expected[key].shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
-        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(state[key])
         return rank
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The active slot's trainable tensors, in a fixed (module) order."""
-        assert self.model is not None
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""
+        return list(self._slots[self.active_rank].tensors.items())
 
     def export(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
         """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
@@ -121,7 +146,7 @@ class LoraAdapters:
 
         rank = self.load(state)
         assert self.model is not None
-        config = copy.deepcopy(self.model.peft_config[self._slots[rank]])
+        config = copy.deepcopy(self.model.peft_config[self._slots[rank].name])
         config.base_model_name_or_path = base_model_path
         config.inference_mode = True
         folder.mkdir(parents=True, exist_ok=True)

@@ -97,9 +97,10 @@ class Simulation:
 class EmbeddedEngine:
     """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation` in this process."""
 
-    def __init__(self, sim: Simulation, run_dir: Path) -> None:
+    def __init__(self, sim: Simulation, run_dir: Path, status: Callable[[str], None] | None = None) -> None:
         self.sim = sim
         self.run_dir = run_dir
+        self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation.clients)
 
@@ -148,7 +149,8 @@ class EmbeddedEngine:
         rejected: list[dict[str, Any]] = []
         per_client: list[dict[str, Any]] = []
         bytes_down = bytes_up = 0
-        for client_id in sampled:
+        for position, client_id in enumerate(sampled, start=1):
+            self.status(f"round {server_round}: client {client_id} ({position}/{len(sampled)})")
             instruction = instructions[client_id]
             bytes_down += wire_size(instruction.payload)
             reply = self.run_client(server_round, client_id, instruction)
@@ -183,6 +185,7 @@ class EmbeddedEngine:
             "bytes_down": bytes_down,
         }
         if server_round % cfg.eval.every == 0 or server_round == cfg.federation.rounds:
+            self.status(f"round {server_round}: evaluating on {len(self.eval_clients)} clients")
             record.update(self.evaluate())
         record["seconds"] = time.perf_counter() - started
         record["clients"] = per_client

@@ -26,12 +26,20 @@ class MetricsLog:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
+        """Add one line; if the file ends in a line cut by a crash, start on a new line."""
+        starts_clean = not self.path.exists() or self.path.stat().st_size == 0 or self._ends_with_newline()
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            handle.write(("" if starts_clean else "\n") + json.dumps(_clean(record), sort_keys=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+
     def read(self) -> list[dict[str, Any]]:
+        """All complete records; a line cut by a crash is skipped."""
         if not self.path.exists():
             return []
         records = []
@@ -39,7 +47,7 @@ class MetricsLog:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                break  # a line cut by a crash: everything before it is good
+                continue
         return records
 
     def truncate_after(self, last_round: int) -> list[dict[str, Any]]:

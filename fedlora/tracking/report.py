@@ -66,8 +66,16 @@ def _short(record: dict[str, Any]) -> str:
     return f"train {_fmt(record.get('train_loss'))}  eval {_fmt(record.get('eval_loss'))}"
 
 
+def rows_for_one_screen(records: list[dict[str, Any]], max_rows: int = 16) -> list[dict[str, Any]]:
+    """All rounds if they fit, else ``max_rows`` evenly spaced ones, always with the first and the last."""
+    if len(records) <= max_rows:
+        return records
+    step = (len(records) - 1) / (max_rows - 1)
+    return [records[round(i * step)] for i in range(max_rows)]
+
+
 def summary_table(records: list[dict[str, Any]], title: str) -> Table:
-    """One row per round: losses, clients (accepted/sampled), bytes up/down, seconds."""
+    """One row per round (evenly thinned to one screen): losses, clients (accepted/sampled), bytes, seconds."""
     table = Table(title=title, title_justify="left")
     for column in (
         "round",
@@ -81,7 +89,7 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
         "s",
     ):
         table.add_column(column, justify="right")
-    for r in records:
+    for r in rows_for_one_screen(records):
         quality = r.get("eval_accuracy", r.get("eval_perplexity"))
         table.add_row(
             str(r["round"]),

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from rich.console import Console
+
+from fedlora.tracking.metrics import MetricsLog
+from fedlora.tracking.report import plot_curves, rows_for_one_screen, summary_table
+
+
+def records(n: int) -> list[dict]:
+    return [
+        {
+            "round": r,
+            "train_loss": 1.0 / r,
+            "eval_loss": 2.0 / r,
+            "num_clients": 2,
+            "bytes_up": 10,
+            "bytes_down": 10,
+            "seconds": 0.1,
+        }
+        for r in range(1, n + 1)
+    ]
+
+
+def test_metrics_log_append_truncate_and_cut_line(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for r in records(4):
+        log.append(r)
+    assert [r["round"] for r in log.truncate_after(2)] == [1, 2]
+    with log.path.open("a") as f:
+        f.write('{"round": 3, "train_lo')  # a line cut by a crash
+    assert [r["round"] for r in log.read()] == [1, 2]
+    log.append({"round": 9, "x": float("nan")})
+    assert log.path.read_text().splitlines()[-1] == '{"round": 9, "x": null}'
+    assert [r["round"] for r in log.read()] == [1, 2, 9]
+
+
+def test_summary_fits_one_screen_and_keeps_first_and_last() -> None:
+    rows = rows_for_one_screen(records(100))
+    assert len(rows) == 16 and rows[0]["round"] == 1 and rows[-1]["round"] == 100
+    assert rows_for_one_screen(records(5)) == records(5)
+    console = Console(width=120, record=True)
+    console.print(summary_table(records(100), "t"))
+    assert len(console.export_text().splitlines()) < 25
+
+
+def test_plot_curves_writes_png(tmp_path: Path) -> None:
+    path = plot_curves(records(3), tmp_path / "c.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
