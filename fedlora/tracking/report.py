@@ -115,10 +115,16 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for key, label in (("train_loss", "train loss (clients' mean)"), ("eval_loss", "held-out loss (global)")):
+    for key, label in (
+        ("train_loss", "train loss (sampled clients' mean)"),
+        ("eval_loss", "held-out loss (global adapter)"),
+    ):
         points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
     ax.set_title(title)
