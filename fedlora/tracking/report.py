@@ -56,6 +56,12 @@ class RoundProgress:
 
     def advance(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, advance=1, status=_short(record))
+        console = self.progress.console
+        if not self.progress.disable and not console.is_terminal:  # no live bar in logs: one line a round
+            done = int(self.progress.tasks[0].completed)
+            console.print(
+                f"round {done}/{int(self.progress.tasks[0].total or 0)}: {_short(record)}  ({record.get('seconds', 0):.1f} s)"
+            )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
