@@ -24,12 +24,18 @@ from safetensors.torch import load_file
 
 from fedlora import __version__
 from fedlora.adapters.lora import LoraAdapters
-from fedlora.config.loader import ConfigError, config_from_dict, dump_config, load_config
+from fedlora.config.loader import ConfigError, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.federation import build_federation
 from fedlora.engine.checkpoint import latest_checkpoint
-from fedlora.engine.embedded import EmbeddedEngine, Simulation, clients_per_round
+from fedlora.engine.embedded import (
+    EmbeddedEngine,
+    Simulation,
+    clients_per_round,
+    evaluate_state,
+    evaluation_clients,
+)
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.strategies.registry import build_strategy
 from fedlora.tracking.metrics import MetricsLog
@@ -152,22 +158,12 @@ def evaluate_run(
     run_dir: Path, overrides: list[str] | None = None, split: str | None = None
 ) -> dict[str, float]:
     """Evaluate ``run_dir/global`` on the run's data config (changed by overrides) and return the metrics."""
-    from fedlora.engine.embedded import evaluation_clients
-    from fedlora.eval.registry import run_evaluators
-
-    cfg = load_run_config(run_dir, overrides)
-    if split is not None:
-        cfg = config_from_dict({**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "split": split}})
     adapter_file = run_dir / "global" / "adapter_model.safetensors"
+    cfg = load_run_config(run_dir, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     if not adapter_file.exists():
         raise ConfigError(f"{run_dir} has no global adapter yet (global/adapter_model.safetensors)")
     sim, _ = build_simulation(cfg)
-    sim.adapters.load(load_file(str(adapter_file)))
-    assert sim.adapters.model is not None
-    clients = evaluation_clients(cfg, sim.federation.clients)
-    return run_evaluators(
-        cfg.eval.metrics, sim.adapters.model, sim.encoder, clients, cfg.eval.split, cfg.eval.batch_size
-    )
+    return evaluate_state(sim, load_file(str(adapter_file)), evaluation_clients(cfg, sim.federation.clients))
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

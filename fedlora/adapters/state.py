@@ -35,7 +35,3 @@ def clone_state(state: AdapterState) -> AdapterState:
 def lora_ranks(state: AdapterState) -> dict[str, int]:
     """Module path -> LoRA rank, read from the ``lora_A`` shapes."""
     return {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in state.items() if ".lora_A" in k}
-
-
-def states_equal(a: AdapterState, b: AdapterState) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -81,14 +81,13 @@ def train_locally(
     start_state: AdapterState,
     settings: LocalTrainingSettings,
     seed: int,
-    pad_token_id: int,
 ) -> LocalResult:
     """Load ``start_state``, run the local steps, return the trained state and the mean training loss."""
     adapters.load(start_state)
     model = adapters.model
     assert model is not None
-    named = adapters.trainable_parameters()
-    params = [p for _, p in named]
+    params = [p for _, p in adapters.trainable_parameters()]
+    pad_token_id = encoder.tokenizer.pad_token_id
     anchor = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
     optimizer = make_optimizer(params, settings)
     encoded = encoder.encode_all(client.train)

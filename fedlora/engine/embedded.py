@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters.lora import LoraAdapters
-from fedlora.adapters.state import wire_size
+from fedlora.adapters.state import AdapterState, wire_size
 from fedlora.client.trainer import LocalTrainingSettings, round_seed, train_locally
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
@@ -94,6 +94,14 @@ class Simulation:
     strategy: Strategy
 
 
+def evaluate_state(sim: Simulation, state: AdapterState, clients: list[ClientData]) -> dict[str, float]:
+    """Load ``state`` into the shared model and run the configured evaluators on ``clients``."""
+    sim.adapters.load(state)
+    assert sim.adapters.model is not None
+    cfg = sim.cfg.eval
+    return run_evaluators(cfg.metrics, sim.adapters.model, sim.encoder, clients, cfg.split, cfg.batch_size)
+
+
 class EmbeddedEngine:
     """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation` in this process."""
 
@@ -103,10 +111,6 @@ class EmbeddedEngine:
         self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation.clients)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.sim.encoder.tokenizer.pad_token_id
 
     def run_client(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local training from its instruction (in process, on the shared model)."""
@@ -119,22 +123,12 @@ class EmbeddedEngine:
             instruction.payload,
             settings,
             round_seed(sim.cfg.federation.seed, server_round, client_id),
-            self.pad_token_id,
         )
         return ClientReply(client_id, result.state, result.num_examples, result.metrics)
 
     def evaluate(self) -> dict[str, float]:
-        sim = self.sim
-        sim.adapters.load(sim.strategy.evaluation_state())
-        assert sim.adapters.model is not None
-        return run_evaluators(
-            sim.cfg.eval.metrics,
-            sim.adapters.model,
-            sim.encoder,
-            self.eval_clients,
-            sim.cfg.eval.split,
-            sim.cfg.eval.batch_size,
-        )
+        """The strategy's evaluation adapter on the evaluation clients."""
+        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), self.eval_clients)
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         """One full round; returns its metrics record."""
