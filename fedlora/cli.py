@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedlora.runner import evaluate_run
 
-    metrics = evaluate_run(Path(args.run_dir), args.overrides, split=args.split)
+    metrics = evaluate_run(Path(args.run_dir), args.overrides, split=args.split, data_config=args.data)
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="change the data/eval config, e.g. data.variant=full",
     )
     ev.add_argument(
+        "--data",
+        metavar="YAML",
+        help="evaluate on this data config (data/partition/federation/eval sections)",
+    )
+    ev.add_argument(
         "--split",
         choices=["eval", "test"],
         help="which split of each client (default: the config's eval.split)",
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # checks that need the data (sizes, groups) raise ValueError with the field
+        if os.environ.get("FEDLORA_DEBUG"):
+            raise
+        print(f"fedlora: error: {err}\n(set FEDLORA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

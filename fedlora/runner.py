@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora import __version__
 from fedlora.adapters.lora import LoraAdapters
-from fedlora.config.loader import ConfigError, dump_config, load_config
+from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.federation import build_federation
@@ -44,10 +45,13 @@ from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
 log = logging.getLogger(__name__)
 
 
-def build_simulation(cfg: ExperimentConfig) -> tuple[Simulation, ModelBundle]:
+def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[Simulation, ModelBundle]:
     """Load data first (cheap, fails fast on bad files), then the model, adapters and strategy."""
     federation = build_federation(cfg)
-    clients_per_round(cfg, len(federation.clients))  # fails early if the sampling cannot work
+    if for_training:
+        clients_per_round(
+            cfg, len(federation.clients)
+        )  # fails before the model loads if sampling cannot work
     bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
     adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
     strategy = build_strategy(cfg.strategy)
@@ -154,15 +158,35 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Experi
     return load_config(path, overrides)
 
 
+DATA_SECTIONS = ("data", "partition", "federation", "eval")
+
+
 def evaluate_run(
-    run_dir: Path, overrides: list[str] | None = None, split: str | None = None
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    split: str | None = None,
+    data_config: Path | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``run_dir/global`` on the run's data config (changed by overrides) and return the metrics."""
+    """Evaluate ``run_dir/global`` on the run's data config, or on another one.
+
+    ``data_config``: a YAML file whose data/partition/federation/eval sections replace the run's (the model,
+    adapter and strategy stay the run's); then ``overrides``; then ``split``.
+    """
     adapter_file = run_dir / "global" / "adapter_model.safetensors"
-    cfg = load_run_config(run_dir, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     if not adapter_file.exists():
         raise ConfigError(f"{run_dir} has no global adapter yet (global/adapter_model.safetensors)")
-    sim, _ = build_simulation(cfg)
+    tree = load_run_config(run_dir).model_dump(mode="json")
+    if data_config is not None:
+        other = yaml.safe_load(Path(data_config).read_text()) or {}
+        foreign = sorted(set(other) - set(DATA_SECTIONS) - {"name"})
+        if foreign:
+            raise ConfigError(
+                f"{data_config}: an evaluation data config may only hold {', '.join(DATA_SECTIONS)}; it also has {foreign}"
+            )
+        tree.update({k: v for k, v in other.items() if k in DATA_SECTIONS})
+    apply_overrides(tree, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
+    cfg = config_from_dict(tree)
+    sim, _ = build_simulation(cfg, for_training=False)
     return evaluate_state(sim, load_file(str(adapter_file)), evaluation_clients(cfg, sim.federation.clients))
 
 

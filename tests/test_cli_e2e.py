@@ -124,6 +124,15 @@ def test_eval_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["eval", str(run_dir), "--split", "test"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["eval_examples"] > 0 and metrics["eval_loss"] > 0
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        "data:\n  source: reasoning-gym\n  tasks: [spell_backward]\n  examples_per_task: 10\n  max_seq_len: 96\n"
+    )
+    assert main(["eval", str(run_dir), "--data", str(other)]) == 0
+    on_other = json.loads(capsys.readouterr().out)
+    assert on_other["eval_clients"] == 1 and on_other["eval_loss"] != metrics["eval_loss"]
+    other.write_text("adapter:\n  rank: 2\n")
+    assert main(["eval", str(run_dir), "--data", str(other)]) == 2
     merged = tmp_path / "merged"
     assert main(["export", str(run_dir), "--merged", str(merged)]) == 0
     ids = torch.tensor([[10, 20, 30, 40]])
@@ -143,3 +152,17 @@ def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "client.optimizer" in err and "'adamw'" in err
     assert not (tmp_path / "x").exists()
+    # a check that needs the data: more clients per round than the 4 task clients
+    assert (
+        main(
+            [
+                "run",
+                *tiny_overrides(tmp_path, **{"federation.clients_per_round": 9}),
+                "--output",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
+    assert "clients_per_round (9) is above the 4 clients" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
