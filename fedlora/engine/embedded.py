@@ -143,10 +143,16 @@ class EmbeddedEngine:
         rejected: list[dict[str, Any]] = []
         per_client: list[dict[str, Any]] = []
         bytes_down = bytes_up = 0
+        payload_sizes: dict[
+            int, int
+        ] = {}  # one serialisation per distinct payload object (often all share one)
         for position, client_id in enumerate(sampled, start=1):
             self.status(f"round {server_round}: client {client_id} ({position}/{len(sampled)})")
             instruction = instructions[client_id]
-            bytes_down += wire_size(instruction.payload)
+            payload_key = id(instruction.payload)
+            if payload_key not in payload_sizes:
+                payload_sizes[payload_key] = wire_size(instruction.payload)
+            bytes_down += payload_sizes[payload_key]
             reply = self.run_client(server_round, client_id, instruction)
             size_up = wire_size(reply.payload)
             bytes_up += size_up

@@ -18,7 +18,7 @@ from transformers import (
 from fedlora.config.schema import ModelConfig
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
-from fedlora.models.tiny import build_tiny_llama_folder
+from fedlora.models.tiny import tiny_llama_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,7 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
     """Turn ``model.name`` into a local Hugging Face folder, fetching or converting it once if needed."""
     name = cfg.name
     if name == "tiny-llama":
-        target = (
-            cache_root(cfg.cache_dir)
-            / "models"
-            / f"tiny-llama-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}"
-        )
-        if not (target / "config.json").exists():
-            build_tiny_llama_folder(target, cfg.tiny_hidden_size, cfg.tiny_num_layers)
-        return target
+        return tiny_llama_folder(cache_root(cfg.cache_dir), cfg.tiny_hidden_size, cfg.tiny_num_layers)
     if name in BUILTIN_NAMES:
         return fetch_builtin(name, cfg.cache_dir)
     path = Path(name).expanduser()

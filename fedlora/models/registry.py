@@ -70,13 +70,13 @@ def fetch_builtin(name: str, cache_dir: str | None = None) -> Path:
     """Make sure built-in ``name`` is a local HF folder in the cache; fetch and convert it if needed."""
     from fedlora.models.convert import convert_gguf_to_folder
     from fedlora.models.folders import atomic_folder
-    from fedlora.models.tiny import build_tiny_llama_folder
+    from fedlora.models.tiny import tiny_llama_folder
 
+    if name == "tiny-llama":
+        return tiny_llama_folder(cache_root(cache_dir))
     target = cache_root(cache_dir) / "models" / name
     if (target / "config.json").exists():
         return target
-    if name == "tiny-llama":
-        return build_tiny_llama_folder(target)
     if name not in BUILTIN_WHEELS:
         raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_NAMES)}")
     spec = BUILTIN_WHEELS[name]

@@ -52,3 +52,11 @@ def build_tiny_llama_folder(target: Path, hidden_size: int = 64, num_layers: int
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(hidden_size, num_layers, len(tokenizer)))
     return save_model_folder(target, model, tokenizer)
+
+
+def tiny_llama_folder(cache: Path, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """The cached folder of the tiny model of this size (``<cache>/models/tiny-llama-h<H>-l<L>``), built once."""
+    target = cache / "models" / f"tiny-llama-h{hidden_size}-l{num_layers}"
+    if not (target / "config.json").exists():
+        build_tiny_llama_folder(target, hidden_size, num_layers)
+    return target
