@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from fedlora import __version__
 from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.ranks import client_profiles, largest_profile
 from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
@@ -38,6 +40,7 @@ from fedlora.engine.embedded import (
     evaluation_clients,
 )
 from fedlora.models.loading import ModelBundle, load_base_model
+from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.registry import build_strategy
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
@@ -54,8 +57,19 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         )  # fails before the model loads if sampling cannot work
     bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
     adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
+    profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
+    for profile in sorted(set(profiles)):
+        adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
+    profiles = [adapters.canonical(p) for p in profiles]
     strategy = build_strategy(cfg.strategy)
-    strategy.initialize(adapters.initial_state())
+    strategy.initialize(
+        ServerSetup(
+            initial_state=adapters.initial_state(largest_profile(profiles)),
+            client_profiles=dict(enumerate(profiles)),
+            lora_alpha=cfg.adapter.alpha,
+            seed=cfg.federation.seed,
+        )
+    )
     encoder = Encoder(
         bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
     )
@@ -99,7 +113,7 @@ def run_experiment(
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
         f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-        f"model {cfg.model.name}, LoRA r={cfg.adapter.rank} alpha={cfg.adapter.alpha}"
+        f"model {cfg.model.name}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
     )
     with progress:
 
@@ -113,6 +127,14 @@ def run_experiment(
     return run_dir
 
 
+def rank_summary(sim: Simulation) -> str:
+    """``r8`` (one profile) or ``ranks a30-m200 x3, r8 x12`` (clients per rank profile)."""
+    counts = Counter(p.name for p in sim.strategy.client_profiles.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "ranks " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
 def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
     """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs)."""
     clients = [
@@ -122,6 +144,7 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
             "train": len(c.train),
             "eval": len(c.eval),
             "test": len(c.test),
+            "rank": sim.strategy.client_profiles[c.client_id].name,
         }
         for c in sim.federation.clients
     ]

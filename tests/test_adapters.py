@@ -5,6 +5,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedlora.adapters import LoraAdapters, from_bytes, lora_ranks, to_bytes, wire_size
+from fedlora.adapters.ranks import RankProfile
 from fedlora.config.schema import AdapterConfig, ModelConfig
 from fedlora.models import load_base_model
 
@@ -28,7 +29,9 @@ def test_state_round_trip_and_rank_slots() -> None:
     # a second rank lives in its own slot of the same model; the first is untouched
     other = adapters.initial_state(8)
     assert set(lora_ranks(other).values()) == {8}
-    assert adapters.load(trained) == 4 and all(torch.equal(adapters.state()[k], trained[k]) for k in trained)
+    assert adapters.load(trained) == RankProfile.uniform(4) and all(
+        torch.equal(adapters.state()[k], trained[k]) for k in trained
+    )
     assert from_bytes(to_bytes(trained)).keys() == trained.keys()
     assert wire_size(trained) == len(to_bytes(trained))
 

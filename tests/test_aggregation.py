@@ -1,7 +1,14 @@
 import torch
 
+from fedlora.adapters.ranks import RankProfile
 from fedlora.client.trainer import proximal_term
-from fedlora.strategies.base import ClientInstruction, ClientReply, check_same_layout, weighted_average
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    ServerSetup,
+    check_same_layout,
+    weighted_average,
+)
 from fedlora.strategies.fedavg import FedIT, FedProx, FedProxOptions
 
 
@@ -12,12 +19,16 @@ def random_state(gen: torch.Generator, rank: int = 4) -> dict[str, torch.Tensor]
     }
 
 
+def setup_for(state: dict[str, torch.Tensor], clients: int = 5, rank: int = 4) -> ServerSetup:
+    return ServerSetup(state, {i: RankProfile.uniform(rank) for i in range(clients)}, lora_alpha=16.0)
+
+
 def test_fedit_aggregate_matches_dense_weighted_mean() -> None:
     gen = torch.Generator().manual_seed(0)
     states = [random_state(gen) for _ in range(5)]
     sizes = [3, 10, 1, 7, 4]
     strategy = FedIT()
-    strategy.initialize(states[0])
+    strategy.initialize(setup_for(states[0]))
     replies = [ClientReply(i, s, n) for i, (s, n) in enumerate(zip(states, sizes))]
     out = strategy.aggregate(1, replies)
     total = sum(sizes)
@@ -44,11 +55,15 @@ def test_bad_replies_are_rejected_with_reason() -> None:
     gen = torch.Generator().manual_seed(1)
     good = random_state(gen)
     strategy = FedIT()
-    strategy.initialize(good)
+    strategy.initialize(setup_for(good))
     instruction = ClientInstruction(good)
     assert strategy.validate_reply(instruction, ClientReply(0, random_state(gen), 5)) is None
     wrong_rank = random_state(gen, rank=8)
-    assert "shape" in strategy.validate_reply(instruction, ClientReply(0, wrong_rank, 5))
+    assert "rank 8, but the client was given rank 4" in strategy.validate_reply(
+        instruction, ClientReply(0, wrong_rank, 5)
+    )
+    wrong_shape = {k: v[:, :-1] if "lora_A" in k else v for k, v in random_state(gen).items()}
+    assert "shape" in strategy.validate_reply(instruction, ClientReply(0, wrong_shape, 5))
     nan = random_state(gen)
     nan["m.lora_B.weight"][0, 0] = float("nan")
     assert "non-finite" in strategy.validate_reply(instruction, ClientReply(0, nan, 5))
@@ -76,7 +91,7 @@ def test_proximal_term_is_one_vector_norm_by_hand() -> None:
 
 def test_fedprox_sends_mu_to_every_client() -> None:
     strategy = FedProx(FedProxOptions(mu=0.3))
-    strategy.initialize({"a": torch.zeros(2)})
+    strategy.initialize(setup_for({"a": torch.zeros(2)}, clients=6))
     instructions = strategy.configure(1, [2, 5])
     assert set(instructions) == {2, 5} and all(i.settings == {"prox_mu": 0.3} for i in instructions.values())
     assert FedProx.default_optimizer == "sgd" and FedIT.default_optimizer == "adamw"

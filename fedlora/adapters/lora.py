@@ -2,11 +2,13 @@
 
 Convention (PEFT's, used by server and every client whatever their rank): a target module computes
 ``y = W0 x + (alpha / r) * B (A x)`` with ``A``: r x k (``lora_A.weight``), ``B``: d x r (``lora_B.weight``),
-``s = alpha / r``. ``alpha`` is one number for the whole federation; a state carries only A and B.
+``s = alpha / r`` and r that module's own rank. ``alpha`` is one number for the whole federation; a state
+carries only A and B (see :mod:`fedlora.adapters.ranks` for how rank changes keep ``s B A``).
 
-One base model is shared by all simulated clients: each distinct rank signature gets its own PEFT adapter
-slot (named ``r<rank>``) on that one model, and loading a client's state writes into the matching slot.
-Nothing is ever copied per client.
+One base model is shared by all simulated clients: each distinct :class:`RankProfile` (rank on attention
+modules, rank on MLP modules) gets its own PEFT adapter slot (``r8``, ``a30-m200``) on that one model, and
+loading a client's state writes into the matching slot. Nothing is ever copied per client. Per-kind ranks
+go through PEFT's ``rank_pattern``, so an exported adapter loads with plain PEFT at the same ranks.
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from fedlora.adapters.state import AdapterState, lora_ranks
+from fedlora.adapters.ranks import RankProfile, module_kind, profile_of_state
+from fedlora.adapters.state import AdapterState
 from fedlora.config.schema import AdapterConfig
+
+# rank_pattern key (PEFT matches it as ``(.*\.)?(KEY)$`` on module names) for modules that are NOT
+# attention: anchored at the start of the name, no path component containing attn/attention.
+MLP_MODULES_PATTERN = r"(?<![\w.])(?!.*(?i:attn|attention))[\w.]+"
+
+
+class RankTooLargeError(ValueError):
+    """A requested rank is above min(d, k) of a target module."""
 
 
 @dataclass
@@ -35,10 +47,10 @@ class _Slot:
 class LoraAdapters:
     """The PEFT-wrapped shared model and its rank slots.
 
-    ``state(rank)`` / ``load(state)`` move adapter weights in and out as :data:`AdapterState` dicts. Each slot
-    maps PEFT's state-dict keys to the parameter tensors once, when it is created (matched by storage, so
-    no naming rule is assumed); afterwards reading and writing a state are plain tensor copies instead of a
-    walk over every module of the model on each call.
+    ``state(profile)`` / ``load(state)`` move adapter weights in and out as :data:`AdapterState` dicts. Each
+    slot maps PEFT's state-dict keys to the parameter tensors once, when it is created (matched by storage,
+    so no naming rule is assumed); afterwards reading and writing a state are plain tensor copies instead of
+    a walk over every module of the model on each call.
     """
 
     def __init__(self, base_model: PreTrainedModel, cfg: AdapterConfig, task: str) -> None:
@@ -46,12 +58,14 @@ class LoraAdapters:
         self.task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
         self.model: PeftModel | None = None
         self._base = base_model
-        self._slots: dict[int, _Slot] = {}
-        self._active: int | None = None
+        self._slots: dict[RankProfile, _Slot] = {}
+        self._active: RankProfile | None = None
+        self._kinds: set[str] = set()
 
-    def lora_config(self, rank: int) -> LoraConfig:
+    def lora_config(self, profile: RankProfile) -> LoraConfig:
         return LoraConfig(
-            r=rank,
+            r=profile.attention,
+            rank_pattern={} if profile.mlp == profile.attention else {MLP_MODULES_PATTERN: profile.mlp},
             lora_alpha=self.cfg.alpha,
             lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules,
@@ -59,15 +73,43 @@ class LoraAdapters:
             bias="none",
         )
 
-    def _create_slot(self, rank: int) -> _Slot:
-        name = f"r{rank}"
+    def _lora_layers(self, slot_name: str) -> dict[str, LoraLayer]:
+        assert self.model is not None
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, LoraLayer) and slot_name in module.lora_A
+        }
+
+    def _create_slot(self, profile: RankProfile) -> _Slot:
+        name = profile.name
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.init_seed)
             if self.model is None:
-                self.model = get_peft_model(self._base, self.lora_config(rank), adapter_name=name)
+                self.model = get_peft_model(self._base, self.lora_config(profile), adapter_name=name)
             else:
-                self.model.add_adapter(name, self.lora_config(rank))
+                self.model.add_adapter(name, self.lora_config(profile))
         self.model.eval()  # PEFT returns a model in train mode; training switches it on explicitly
+        layers = self._lora_layers(name)
+        self._kinds = {module_kind(path) for path in layers}
+        for path, layer in layers.items():
+            rank, wanted = layer.r[name], profile.rank_for(path)
+            d, k = layer.out_features, layer.in_features
+            problem = None
+            if rank != wanted:
+                problem = f"PEFT gave module {path} rank {rank}, expected {wanted}"
+            elif rank > min(d, k):
+                problem = (
+                    f"rank {rank} on {module_kind(path)} modules is above min(d, k) = {min(d, k)} of {path} "
+                    f"({k} -> {d}); lower adapter.rank / resources.rank_types or set resources.rank_scale"
+                )
+            if problem:
+                if self._slots:
+                    self.model.delete_adapter(name)
+                else:  # the first injection failed: give back a clean base model
+                    self._base = self.model.unload()
+                    self.model = None
+                raise RankTooLargeError(problem)
         by_storage = {(p.data_ptr(), p.shape): p for p in self.model.parameters()}
         tensors = {}
         for key, tensor in get_peft_model_state_dict(self.model, adapter_name=name).items():
@@ -77,49 +119,75 @@ class LoraAdapters:
             tensors[key] = param
         return _Slot(name, tensors)
 
-    def activate(self, rank: int) -> str:
-        """Make the slot for ``rank`` active (creating it with seeded init on first use); returns its name."""
-        if rank not in self._slots:
-            self._slots[rank] = self._create_slot(rank)
-        slot = self._slots[rank]
-        if self._active != rank:
+    def canonical(self, profile: RankProfile | int) -> RankProfile:
+        """The slot key of ``profile`` on this model (an int means that rank everywhere)."""
+        if isinstance(profile, int):
+            profile = RankProfile.uniform(profile)
+        return profile.restricted_to(self._kinds) if self._kinds else profile
+
+    def activate(self, profile: RankProfile | int) -> str:
+        """Make the slot for ``profile`` active (created with seeded init on first use); returns its name."""
+        key = self.canonical(profile)
+        if key not in self._slots:
+            slot = self._create_slot(key)
+            key = self.canonical(key)  # the first slot tells which module kinds are targeted
+            self._slots.setdefault(key, slot)
+        slot = self._slots[key]
+        if self._active != key:
             assert self.model is not None
             self.model.set_adapter(slot.name)
             for param in self.model.parameters():
                 param.requires_grad_(False)
             for param in slot.tensors.values():
                 param.requires_grad_(True)
-            self._active = rank
+            self._active = key
         return slot.name
 
     @property
-    def active_rank(self) -> int:
+    def active_profile(self) -> RankProfile:
         if self._active is None:
             raise RuntimeError("no adapter slot is active yet")
         return self._active
 
-    def state(self, rank: int | None = None) -> AdapterState:
-        """A detached copy of the weights of the slot for ``rank`` (default: the active one)."""
-        rank = self.active_rank if rank is None else rank
-        if rank not in self._slots:
-            self.activate(rank)
-        return {k: p.detach().clone() for k, p in self._slots[rank].tensors.items()}
+    @property
+    def module_kinds(self) -> set[str]:
+        """Which module kinds (attention, mlp) the target modules cover (known once a slot exists)."""
+        if not self._kinds:
+            self.activate(self.cfg.rank)
+        return set(self._kinds)
 
-    def initial_state(self, rank: int | None = None) -> AdapterState:
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """Module path (as in state keys, without ``.lora_A``) -> (d, k) of each target module."""
+        state = self.state(self.cfg.rank)
+        shapes: dict[str, tuple[int, int]] = {}
+        for key, tensor in state.items():
+            if ".lora_A." in key:
+                path = key.split(".lora_A.", 1)[0]
+                b = state[key.replace(".lora_A.", ".lora_B.")]
+                shapes[path] = (int(b.shape[0]), int(tensor.shape[1]))
+        return shapes
+
+    def state(self, profile: RankProfile | int | None = None) -> AdapterState:
+        """A detached copy of the weights of the slot for ``profile`` (default: the active one)."""
+        key = self.active_profile if profile is None else self.canonical(profile)
+        if key not in self._slots:
+            self.activate(key)
+            key = self.canonical(key)
+        return {k: p.detach().clone() for k, p in self._slots[key].tensors.items()}
+
+    def initial_state(self, profile: RankProfile | int | None = None) -> AdapterState:
         """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""
-        return self.state(self.cfg.rank if rank is None else rank)
+        return self.state(self.cfg.rank if profile is None else profile)
 
-    def load(self, state: AdapterState) -> int:
-        """Write ``state`` into the slot of its rank and activate it; returns the rank.
+    def load(self, state: AdapterState) -> RankProfile:
+        """Write ``state`` into the slot of its rank profile and activate it; returns the profile.
 
         Raises ValueError if keys or shapes do not match what the slot expects.
         """
-        ranks = set(lora_ranks(state).values())
-        if len(ranks) != 1:
-            raise ValueError(f"adapter state must have one rank on every module, got {sorted(ranks)}")
-        rank = ranks.pop()
-        self.activate(rank)
-        expected = self._slots[rank].tensors
+        profile = self.canonical(profile_of_state(state))
+        self.activate(profile)
+        profile = self.active_profile
+        expected = self._slots[profile].tensors
         if expected.keys() != state.keys():
             missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
             raise ValueError(
@@ -131,11 +199,11 @@ class LoraAdapters:
         with torch.no_grad():
             for key, param in expected.items():
                 param.copy_(state[key])
-        return rank
+        return profile
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""
-        return list(self._slots[self.active_rank].tensors.items())
+        return list(self._slots[self.active_profile].tensors.items())
 
     def export(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
         """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
@@ -144,9 +212,9 @@ class LoraAdapters:
         """
         import copy
 
-        rank = self.load(state)
+        profile = self.load(state)
         assert self.model is not None
-        config = copy.deepcopy(self.model.peft_config[self._slots[rank].name])
+        config = copy.deepcopy(self.model.peft_config[self._slots[profile].name])
         config.base_model_name_or_path = base_model_path
         config.inference_mode = True
         folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.ranks import trailing_rank_norms, truncate_state
 from fedlora.adapters.state import AdapterState
 from fedlora.client.loss import batch_loss
 from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
@@ -39,6 +40,11 @@ class LocalTrainingSettings:
     batch_size: int = 4
     grad_clip: float | None = 1.0
     prox_mu: float = 0.0
+    # HetLoRA self-pruning: penalty lambda * sum ||B[:, g:]|| ||A[g:, :]|| (g = floor(gamma r)), and
+    # the mean of that product below prune_threshold after training -> reply at rank floor(gamma r).
+    rank_penalty: float = 0.0
+    rank_gamma: float = 0.99
+    prune_threshold: float | None = None
 
 
 @dataclass
@@ -108,6 +114,9 @@ def train_locally(
             losses.append(float(loss.detach()))
             if settings.prox_mu > 0:
                 loss = loss + proximal_term(params, anchor, settings.prox_mu)
+            if settings.rank_penalty > 0:
+                trailing = trailing_rank_norms(adapters.trainable_parameters(), settings.rank_gamma)
+                loss = loss + settings.rank_penalty * trailing.sum()
             loss.backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
@@ -120,4 +129,12 @@ def train_locally(
         "tokens": tokens,
         "train_seconds": time.perf_counter() - started,
     }
-    return LocalResult(state=adapters.state(), num_examples=len(encoded), metrics=metrics)
+    state = adapters.state()
+    if settings.prune_threshold is not None:
+        with torch.no_grad():
+            trailing = float(trailing_rank_norms(list(state.items()), settings.rank_gamma).mean())
+        metrics["trailing_rank_norm"] = trailing
+        if trailing < settings.prune_threshold:
+            profile = adapters.active_profile.pruned(settings.rank_gamma)
+            state = truncate_state(state, profile, adapters.cfg.alpha)
+    return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)

@@ -149,6 +149,66 @@ class AdapterConfig(Section):
         return value
 
 
+class RankType(Section):
+    """One client type: its LoRA rank on attention modules and on MLP modules."""
+
+    attention: int = Field(ge=1)
+    mlp: int = Field(ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_number_means_both(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"attention": value, "mlp": value}
+        return value
+
+
+def _paper_rank_types() -> list[RankType]:
+    return [RankType(attention=a, mlp=m) for a, m in ((8, 8), (30, 30), (30, 200), (200, 200))]
+
+
+class ResourcesConfig(Section):
+    """Client resource profiles: the LoRA rank each client trains at (FlexLoRA's heterogeneity).
+
+    ``distribution``: ``homogeneous`` (every client at ``adapter.rank``), one of the FlexLoRA paper's
+    named client shares over ``rank_types`` (``uniform`` 25/25/25/25, ``heavy-tail-light`` 80/5/5/10,
+    ``heavy-tail-strong`` 5/5/10/80, ``normal`` 5.75/44.25/44.25/5.75), or ``custom`` with ``shares``.
+    ``rank_types`` default to the paper's four (r=8, r=30, 30 attention / 200 MLP, r=200), each rank
+    multiplied by ``rank_scale`` (rounded, at least 1) to fit smaller models. ``force: min | max`` puts
+    every client at the smallest / largest type in use (the homogeneous baselines of the bucket effect).
+    The assignment is seeded by ``federation.seed`` and saved in the run's clients.json.
+    """
+
+    distribution: Literal[
+        "homogeneous", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "custom"
+    ] = "homogeneous"
+    rank_types: list[RankType] = Field(default_factory=_paper_rank_types, min_length=1)
+    shares: list[float] | None = None
+    rank_scale: float = Field(1.0, gt=0.0)
+    force: Literal["min", "max"] | None = None
+
+    @model_validator(mode="after")
+    def _shares_fit_types(self) -> ResourcesConfig:
+        if self.distribution == "custom":
+            if self.shares is None:
+                raise ValueError("distribution 'custom' needs shares (one per rank type)")
+        elif self.shares is not None:
+            raise ValueError(
+                f"shares are only for distribution 'custom' (got distribution {self.distribution!r})"
+            )
+        elif self.distribution not in ("homogeneous", "custom") and len(self.rank_types) != 4:
+            raise ValueError(
+                f"distribution {self.distribution!r} gives shares for the paper's 4 rank types; "
+                f"got {len(self.rank_types)} rank_types (use distribution 'custom' with shares)"
+            )
+        if self.shares is not None:
+            if len(self.shares) != len(self.rank_types):
+                raise ValueError(f"{len(self.shares)} shares for {len(self.rank_types)} rank_types")
+            if any(s < 0 for s in self.shares) or sum(self.shares) <= 0:
+                raise ValueError(f"shares must be >= 0 with a positive sum, got {self.shares}")
+        return self
+
+
 class StrategyConfig(Section):
     """The federated method: ``name`` is a registered strategy; ``options`` are its own settings."""
 
@@ -190,6 +250,7 @@ class ExperimentConfig(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

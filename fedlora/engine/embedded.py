@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
 from fedlora.client.trainer import LocalTrainingSettings, round_seed, train_locally
 from fedlora.config.schema import ExperimentConfig
@@ -31,6 +32,14 @@ from fedlora.eval.registry import run_evaluators
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 
 log = logging.getLogger(__name__)
+
+
+def payload_rank(payload: AdapterState) -> str:
+    """The rank profile name of a reply (``r8``, ``a30-m200``), or ``?`` if it has no consistent one."""
+    try:
+        return profile_of_state(payload).name
+    except ValueError:
+        return "?"
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
@@ -161,6 +170,7 @@ class EmbeddedEngine:
                     "client": client_id,
                     "num_examples": reply.num_examples,
                     "bytes_up": size_up,
+                    "rank": payload_rank(reply.payload),
                     **reply.metrics,
                 }
             )

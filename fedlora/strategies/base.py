@@ -20,7 +20,20 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from fedlora.adapters.ranks import RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
+
+
+@dataclass
+class ServerSetup:
+    """What a strategy starts from: the seeded initial adapter at the federation's largest rank profile,
+    each client's rank profile (from the config, or in deployment from the clients themselves), the
+    federation-wide LoRA alpha (s_r = alpha / r on every client) and the run seed."""
+
+    initial_state: AdapterState
+    client_profiles: dict[int, RankProfile]
+    lora_alpha: float
+    seed: int = 0
 
 
 class StrategyOptions(BaseModel):
@@ -55,6 +68,12 @@ def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
         return f"tensor names differ (missing {missing}, unexpected {extra})"
     for key, tensor in got.items():
         if tensor.shape != expected[key].shape:
+            parts = lora_key_parts(key)
+            if parts is not None and tensor.ndim == 2 and tensor.shape != expected[key].shape:
+                axis = 0 if parts[1] == "A" else 1
+                got_rank, want_rank = tensor.shape[axis], expected[key].shape[axis]
+                if got_rank != want_rank and tensor.shape[1 - axis] == expected[key].shape[1 - axis]:
+                    return f"{key}: rank {got_rank}, but the client was given rank {want_rank}"
             return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
         if not torch.isfinite(tensor).all():
             return f"{key}: non-finite values"
@@ -91,10 +110,16 @@ class Strategy(ABC):
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
         self.global_state: AdapterState = {}
+        self.client_profiles: dict[int, RankProfile] = {}
+        self.lora_alpha = 1.0
+        self.seed = 0
 
-    def initialize(self, initial_state: AdapterState) -> None:
-        """Start from the seeded initial adapter (round 1's payload)."""
-        self.global_state = clone_state(initial_state)
+    def initialize(self, setup: ServerSetup) -> None:
+        """Start from the seeded initial adapter (round 1's payload) and learn each client's rank profile."""
+        self.global_state = clone_state(setup.initial_state)
+        self.client_profiles = dict(setup.client_profiles)
+        self.lora_alpha = setup.lora_alpha
+        self.seed = setup.seed
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         """Default: every sampled client gets the current global adapter."""

@@ -14,9 +14,11 @@ from typing import ClassVar
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
+from fedlora.config.loader import ConfigError
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
+    ServerSetup,
     Strategy,
     StrategyOptions,
     example_weights,
@@ -25,7 +27,16 @@ from fedlora.strategies.base import (
 
 
 class FactorAverage(Strategy):
-    """Average each adapter tensor with example weights."""
+    """Average each adapter tensor with example weights (every client must have the same rank profile)."""
+
+    def initialize(self, setup: ServerSetup) -> None:
+        profiles = sorted({p.name for p in setup.client_profiles.values()})
+        if len(profiles) > 1:
+            raise ConfigError(
+                f"strategy {self.name} averages A and B separately and needs one rank for every client, but "
+                f"resources give {', '.join(profiles)}: use flexlora or hetlora, or set resources.force to min or max"
+            )
+        super().initialize(setup)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         self.global_state = weighted_average([r.payload for r in replies], example_weights(replies))

@@ -8,11 +8,15 @@ from fedlora.config.loader import ConfigError
 from fedlora.config.schema import StrategyConfig
 from fedlora.strategies.base import Strategy
 from fedlora.strategies.fedavg import FedAvg, FedIT, FedProx
+from fedlora.strategies.flexlora import FlexLoRA
+from fedlora.strategies.hetlora import HetLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
     FedIT.name: FedIT,
     FedAvg.name: FedAvg,
     FedProx.name: FedProx,
+    FlexLoRA.name: FlexLoRA,
+    HetLoRA.name: HetLoRA,
 }
 
 

@@ -1,0 +1,77 @@
+"""FlexLoRA (Bai et al., 2024): clients at their own LoRA ranks, the server redistributes by SVD.
+
+Per target module, with client i at rank r_i, s_i = alpha / r_i and p_i = n_i / sum_j n_j:
+
+    Delta = sum_i p_i s_i B_i A_i                       (d x k, replaces the previous global Delta)
+    Delta = U S V^T                                     (computed in factored form: fedlora.linalg.lowrank_svd)
+    global at r_max:  B = U[:, :r] S[:r] / s_rmax,  A = V[:, :r]^T       (split "b", the reference's)
+                  or  B = U[:, :r] S[:r]^1/2 / s_rmax^1/2,  A = S[:r]^1/2 V[:, :r]^T / s_rmax^1/2  (split "sqrt")
+
+so that s_rmax B A is the best rank-r_max approximation of Delta. A client of rank r receives the first r
+columns of B (times s_rmax / s_r) and the first r rows of A, which is the best rank-r approximation of Delta
+(:func:`fedlora.adapters.ranks.truncate_state`); the same slicing serves every rank, so one SVD per module
+serves the whole federation. When Delta has rank below r_max (few or small clients this round), the missing
+rows of A are a seeded orthonormal completion and B is zero there, so every rank direction stays trainable.
+
+The global model used for evaluation and export is W0 + (the rank-r_max truncation of Delta), r_max per
+module kind being the largest rank any client has. Round 1: every client gets the seeded initial adapter
+(PEFT init, B = 0) at r_max truncated to its rank. Task heads (classification) are averaged with p_i.
+Local training is that of fedit (AdamW), fedavg (SGD) or fedprox (SGD + mu): ``options.local``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from fedlora.adapters.ranks import module_factors
+from fedlora.adapters.state import AdapterState
+from fedlora.linalg import lowrank_svd, orthonormal_completion
+from fedlora.strategies.base import ClientReply, StrategyOptions, example_weights
+from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
+
+
+class FlexLoRAOptions(HeterogeneousRankOptions):
+    factor_split: Literal["b", "sqrt"] = Field(
+        "b", description="b: B = U S / s, A = V^T (the reference); sqrt: S^1/2 on each side"
+    )
+
+
+class FlexLoRA(HeterogeneousRankStrategy):
+    """FlexLoRA: weighted sum of full-size updates, best rank-r approximation for each client."""
+
+    name = "flexlora"
+    Options: ClassVar[type[StrategyOptions]] = FlexLoRAOptions
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        p = example_weights(replies)
+        alpha = self.lora_alpha
+        out: AdapterState = {}
+        for module, (a_key, b_key) in module_factors(self.global_state).items():
+            A_old, B_old = self.global_state[a_key], self.global_state[b_key]
+            r_out, dtype = A_old.shape[0], A_old.dtype
+            Bs = [r.payload[b_key].to(torch.float64) for r in replies]
+            As = [r.payload[a_key].to(torch.float64) for r in replies]
+            weights = [p_i * alpha / A.shape[0] for p_i, A in zip(p, As, strict=True)]
+            U, S, Vh = lowrank_svd(Bs, As, weights)
+            r = min(r_out, S.shape[0])
+            s_out = alpha / r_out
+            A_new = torch.zeros(A_old.shape, dtype=torch.float64)
+            B_new = torch.zeros(B_old.shape, dtype=torch.float64)
+            if self.options.factor_split == "b":  # type: ignore[attr-defined]
+                B_new[:, :r] = U[:, :r] * (S[:r] / s_out)
+                A_new[:r] = Vh[:r]
+            else:
+                root = S[:r].sqrt() / s_out**0.5
+                B_new[:, :r] = U[:, :r] * root
+                A_new[:r] = root[:, None] * Vh[:r]
+            if r < r_out:
+                seed = zlib.crc32(f"{self.seed}/{server_round}/{module}".encode())
+                A_new[r:] = orthonormal_completion(Vh[:r], r_out - r, seed)
+            out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
+        self.average_extra_tensors(replies, out)
+        self.global_state = {k: out[k] for k in self.global_state}
+        return self.global_state

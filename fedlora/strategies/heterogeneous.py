@@ -1,0 +1,65 @@
+"""What FlexLoRA and HetLoRA share: a global adapter at the federation's largest rank profile (r_max per
+module kind), each client served its own truncation of it, first-order local training chosen by option.
+
+Truncation to rank r keeps the first r rows of A and the first r columns of B, with B rescaled by
+s_rmax / s_r (s_r = alpha / r), so ``s_r B_r A_r`` is exactly the leading part of ``s_rmax B A``
+(:func:`fedlora.adapters.ranks.truncate_state`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from fedlora.adapters.ranks import RankProfile, lora_key_parts, truncate_state
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    Strategy,
+    StrategyOptions,
+    example_weights,
+    weighted_average,
+)
+
+LOCAL_OPTIMIZERS = {"fedit": "adamw", "fedavg": "sgd", "fedprox": "sgd"}
+
+
+class HeterogeneousRankOptions(StrategyOptions):
+    local: Literal["fedit", "fedavg", "fedprox"] = Field(
+        "fedit", description="local training: fedit (AdamW), fedavg (SGD), fedprox (SGD + proximal term)"
+    )
+    mu: float = Field(0.01, ge=0.0, description="FedProx mu (only with local: fedprox)")
+
+
+class HeterogeneousRankStrategy(Strategy):
+    """Shared by FlexLoRA and HetLoRA: a global adapter at r_max, each client served its own truncation."""
+
+    Options: ClassVar[type[StrategyOptions]] = HeterogeneousRankOptions
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        super().__init__(options)
+        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[attr-defined,misc]
+
+    def local_settings(self) -> dict[str, float]:
+        opts = self.options
+        return {"prox_mu": opts.mu} if opts.local == "fedprox" else {}  # type: ignore[attr-defined]
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        """Each client: the global adapter truncated to its own profile (one payload per distinct profile)."""
+        payloads: dict[RankProfile, AdapterState] = {}
+        out = {}
+        for cid in client_ids:
+            profile = self.client_profiles[cid]
+            if profile not in payloads:
+                payloads[profile] = truncate_state(self.global_state, profile, self.lora_alpha)
+            out[cid] = ClientInstruction(payloads[profile], self.local_settings())
+        return out
+
+    def average_extra_tensors(self, replies: list[ClientReply], out: AdapterState) -> None:
+        """Tensors that are not LoRA factors (task heads) are averaged with p_i."""
+        extra = [k for k in self.global_state if lora_key_parts(k) is None]
+        if extra:
+            states = [{k: r.payload[k] for k in extra} for r in replies]
+            out.update(weighted_average(states, example_weights(replies)))

@@ -1,0 +1,132 @@
+"""HetLoRA (Cho et al., 2024), the zero-padding baseline for heterogeneous ranks.
+
+Per target module, client i at rank r_i (s_i = alpha / r_i) is zero-padded to the global rank r_max, with
+B expressed at r_max's scaling so the padded pair carries the same update (s_rmax pad(B_i') pad(A_i) =
+s_i B_i A_i, B_i' = B_i s_i / s_rmax). The padded factors are averaged with sparsity weights
+
+    w_i = ||Delta_i||_F / sum_j ||Delta_j||_F,   Delta_i = s_i B_i A_i   (||B A||_F from r x r Gram matrices)
+    A = sum_i w_i pad(A_i),   B = sum_i w_i pad(B_i')
+
+(the weights use the full-size update Delta_i, so that they do not depend on the rank each client's factors
+are expressed at; with one rank everywhere this equals the ||B_i A_i||_F rule). Rank positions that no
+client of the round covers keep their previous global value (plain zero-padding would zero them and leave
+those directions untrainable for larger clients). Each client then receives the first r_i rows / columns
+(truncation). Task heads are averaged with p_i = n_i / sum n_j.
+
+Self-pruning (optional): a client adds ``lambda * sum_modules ||B[:, g:]||_F ||A[g:, :]||_F`` to its loss,
+g = floor(gamma r), and when the mean of that product falls below ``prune_threshold`` after local training it
+drops the trailing ranks, replying at rank floor(gamma r) (max 1); the server keeps the smaller rank for that
+client from then on (and in its checkpoints).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from fedlora.adapters.ranks import RankProfile, module_factors, profile_of_state, rescale_b, truncate_state
+from fedlora.adapters.state import AdapterState
+from fedlora.linalg import product_frobenius_norm
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    StrategyOptions,
+    check_same_layout,
+    example_weights,
+)
+from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
+
+PROFILES_KEY = "__client_profiles__"
+
+
+class HetLoRAOptions(HeterogeneousRankOptions):
+    prune_penalty: float = Field(0.0, ge=0.0, description="lambda of the trailing-rank penalty (0 = off)")
+    prune_gamma: float = Field(0.99, gt=0.0, lt=1.0, description="keep floor(gamma r) ranks when pruning")
+    prune_threshold: float | None = Field(
+        None, gt=0.0, description="prune when the mean trailing norm product falls below this (None = never)"
+    )
+
+
+class HetLoRA(HeterogeneousRankStrategy):
+    """HetLoRA: zero-pad to r_max, sparsity-weighted average, truncate per client; optional self-pruning."""
+
+    name = "hetlora"
+    Options: ClassVar[type[StrategyOptions]] = HetLoRAOptions
+
+    def local_settings(self) -> dict[str, float]:
+        opts = self.options
+        settings = super().local_settings()
+        if opts.prune_penalty > 0 or opts.prune_threshold is not None:  # type: ignore[attr-defined]
+            settings.update(
+                rank_penalty=opts.prune_penalty,  # type: ignore[attr-defined]
+                rank_gamma=opts.prune_gamma,  # type: ignore[attr-defined]
+                prune_threshold=opts.prune_threshold,  # type: ignore[attr-defined]
+            )
+        return settings
+
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        """As the default, but with pruning on a reply may also come at the pruned profile floor(gamma r)."""
+        reason = super().validate_reply(instruction, reply)
+        if reason is None or self.options.prune_threshold is None:  # type: ignore[attr-defined]
+            return reason
+        given = self.client_profiles[reply.client_id]
+        pruned = given.pruned(self.options.prune_gamma)  # type: ignore[attr-defined]
+        try:
+            if profile_of_state(reply.payload) != pruned:
+                return reason
+        except ValueError:
+            return reason
+        expected = truncate_state(instruction.payload, pruned, self.lora_alpha)
+        return check_same_layout(expected, reply.payload)
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        alpha = self.lora_alpha
+        out: AdapterState = {}
+        for a_key, b_key in module_factors(self.global_state).values():
+            A_old, B_old = self.global_state[a_key], self.global_state[b_key]
+            r_out, dtype = A_old.shape[0], A_old.dtype
+            padded_A, padded_B, norms = [], [], []
+            covered = 0
+            for reply in replies:
+                A = reply.payload[a_key].to(torch.float64)
+                B = reply.payload[b_key].to(torch.float64)
+                r = A.shape[0]
+                covered = max(covered, r)
+                norms.append(alpha / r * float(product_frobenius_norm(B, A)))
+                pA = torch.zeros(A_old.shape, dtype=torch.float64)
+                pB = torch.zeros(B_old.shape, dtype=torch.float64)
+                pA[:r] = A
+                pB[:, :r] = rescale_b(B, alpha, r, r_out)
+                padded_A.append(pA)
+                padded_B.append(pB)
+            total = sum(norms)
+            weights = [n / total for n in norms] if total > 0 else example_weights(replies)
+            A_new = sum(w * a for w, a in zip(weights, padded_A, strict=True))
+            B_new = sum(w * b for w, b in zip(weights, padded_B, strict=True))
+            assert isinstance(A_new, torch.Tensor) and isinstance(B_new, torch.Tensor)
+            A_new[covered:] = A_old[covered:].to(torch.float64)
+            B_new[:, covered:] = B_old[:, covered:].to(torch.float64)
+            out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
+        self.average_extra_tensors(replies, out)
+        self.global_state = {k: out[k] for k in self.global_state}
+        for reply in replies:  # self-pruned clients keep their smaller rank
+            self.client_profiles[reply.client_id] = profile_of_state(reply.payload)
+        return self.global_state
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """The global adapter plus every client's current profile (pruning changes them)."""
+        ids = sorted(self.client_profiles)
+        table = torch.tensor(
+            [[cid, self.client_profiles[cid].attention, self.client_profiles[cid].mlp] for cid in ids],
+            dtype=torch.int64,
+        ).reshape(-1, 3)
+        return {**super().server_state(), PROFILES_KEY: table}
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        table = tensors.pop(PROFILES_KEY, None)
+        super().load_server_state(tensors)
+        if table is not None:
+            self.client_profiles = {int(c): RankProfile(int(a), int(m)) for c, a, m in table.tolist()}

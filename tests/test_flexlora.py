@@ -1,0 +1,245 @@
+"""FlexLoRA and HetLoRA aggregation against direct dense computations; rank profiles; alpha/r convention."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.adapters.ranks import (
+    RankProfile,
+    assign_profiles,
+    client_profiles,
+    counts_from_shares,
+    module_kind,
+    profile_of_state,
+    trailing_rank_norms,
+    truncate_state,
+)
+from fedlora.config.schema import ResourcesConfig
+from fedlora.strategies.base import ClientReply, ServerSetup
+from fedlora.strategies.flexlora import FlexLoRA, FlexLoRAOptions
+from fedlora.strategies.hetlora import HetLoRA, HetLoRAOptions
+
+ALPHA = 16.0
+# module path -> (d, k): one attention and one MLP module, PEFT-style keys
+MODULES = {
+    "base_model.model.model.layers.0.self_attn.q_proj": (24, 24),
+    "base_model.model.model.layers.0.mlp.up_proj": (40, 24),
+}
+
+
+def state_at(profile: RankProfile, gen: torch.Generator, zero_b: bool = False) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, (d, k) in MODULES.items():
+        r = profile.rank_for(path)
+        out[f"{path}.lora_A.weight"] = torch.randn(r, k, generator=gen)
+        out[f"{path}.lora_B.weight"] = torch.zeros(d, r) if zero_b else torch.randn(d, r, generator=gen)
+    return out
+
+
+def delta(state: dict[str, torch.Tensor], path: str) -> np.ndarray:
+    A = state[f"{path}.lora_A.weight"].double().numpy()
+    B = state[f"{path}.lora_B.weight"].double().numpy()
+    return ALPHA / A.shape[0] * B @ A
+
+
+def best_rank(M: np.ndarray, r: int) -> np.ndarray:
+    U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+PROFILES = [RankProfile(2, 2), RankProfile(4, 4), RankProfile(4, 12), RankProfile(8, 12)]
+
+
+def started(strategy, profiles: list[RankProfile], gen: torch.Generator):
+    rmax = RankProfile(max(p.attention for p in profiles), max(p.mlp for p in profiles))
+    strategy.initialize(
+        ServerSetup(state_at(rmax, gen, zero_b=True), dict(enumerate(profiles)), ALPHA, seed=3)
+    )
+    return strategy
+
+
+@pytest.mark.parametrize("split", ["b", "sqrt"])
+def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighted_sum(split: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    strategy = started(FlexLoRA(FlexLoRAOptions(factor_split=split)), PROFILES, gen)
+    sizes = [5, 1, 3, 7]
+    replies = [ClientReply(i, state_at(p, gen), n) for i, (p, n) in enumerate(zip(PROFILES, sizes))]
+    strategy.aggregate(1, replies)
+    payloads = strategy.configure(2, [0, 1, 2, 3])
+    for path in MODULES:
+        dense = sum(n / sum(sizes) * delta(r.payload, path) for r, n in zip(replies, sizes))
+        for cid, profile in enumerate(PROFILES):
+            got = delta(payloads[cid].payload, path)
+            np.testing.assert_allclose(got, best_rank(dense, profile.rank_for(path)), atol=1e-4, rtol=1e-4)
+        # the global (evaluation/export) adapter is the rank-r_max truncation
+        r_max = max(p.rank_for(path) for p in PROFILES)
+        np.testing.assert_allclose(delta(strategy.global_state, path), best_rank(dense, r_max), atol=1e-4)
+    # clients of one profile share one payload object (serialised once for byte accounting)
+    assert payloads[2].payload is not payloads[3].payload
+    assert {profile_of_state(payloads[c].payload) for c in range(4)} == set(PROFILES)
+
+
+def test_flexlora_round_1_is_the_initial_adapter_truncated() -> None:
+    gen = torch.Generator().manual_seed(1)
+    strategy = started(FlexLoRA(), PROFILES, gen)
+    payload = strategy.configure(1, [0])[0].payload
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    assert torch.equal(payload[key], strategy.global_state[key][:2])
+
+
+def test_flexlora_completes_a_at_large_ranks_when_the_round_was_small() -> None:
+    """Only rank-2 clients replied: Delta has rank <= 4 but a rank-12 client must still get 12 usable rows."""
+    gen = torch.Generator().manual_seed(2)
+    strategy = started(FlexLoRA(), PROFILES, gen)
+    replies = [ClientReply(i, state_at(PROFILES[0], gen), 4) for i in (0, 1)]
+    strategy.aggregate(1, replies)
+    big = strategy.configure(2, [3])[3].payload
+    path = "base_model.model.model.layers.0.mlp.up_proj"
+    A = big[f"{path}.lora_A.weight"].double()
+    torch.testing.assert_close(A @ A.T, torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
+    dense = sum(0.5 * delta(r.payload, path) for r in replies)
+    np.testing.assert_allclose(delta(big, path), dense, atol=1e-4)
+
+
+def test_hetlora_matches_zero_padding_rule_by_hand() -> None:
+    gen = torch.Generator().manual_seed(4)
+    strategy = started(HetLoRA(), PROFILES, gen)
+    old = {k: v.clone() for k, v in strategy.global_state.items()}
+    chosen = [0, 2]  # ranks (2,2) and (4,12); the rank-8 attention positions 4..7 stay as they were
+    replies = [ClientReply(i, state_at(PROFILES[i], gen), 3) for i in chosen]
+    out = strategy.aggregate(1, replies)
+    for path, (d, k) in MODULES.items():
+        r_max = max(p.rank_for(path) for p in PROFILES)
+        norms = [np.linalg.norm(delta(r.payload, path)) for r in replies]
+        w = [n / sum(norms) for n in norms]
+        A = np.zeros((r_max, k))
+        B = np.zeros((d, r_max))
+        for wi, reply in zip(w, replies):
+            a = reply.payload[f"{path}.lora_A.weight"].double().numpy()
+            b = reply.payload[f"{path}.lora_B.weight"].double().numpy()
+            r = a.shape[0]
+            A[:r] += wi * a
+            B[:, :r] += wi * b * r_max / r  # B expressed at r_max's scaling: s_r / s_rmax = r_max / r
+        covered = max(PROFILES[i].rank_for(path) for i in chosen)
+        A[covered:] = old[f"{path}.lora_A.weight"][covered:].double().numpy()
+        B[:, covered:] = old[f"{path}.lora_B.weight"][:, covered:].double().numpy()
+        np.testing.assert_allclose(out[f"{path}.lora_A.weight"].double().numpy(), A, atol=1e-5)
+        np.testing.assert_allclose(out[f"{path}.lora_B.weight"].double().numpy(), B, atol=1e-5)
+
+
+def test_padding_then_truncation_keeps_a_lone_clients_update() -> None:
+    """One client at rank 4 in a federation with r_max 8: its update comes back unchanged at rank 4."""
+    gen = torch.Generator().manual_seed(5)
+    strategy = started(HetLoRA(), PROFILES, gen)
+    reply = ClientReply(1, state_at(PROFILES[1], gen), 3)
+    strategy.aggregate(1, [reply])
+    back = strategy.configure(2, [1])[1].payload
+    for path in MODULES:
+        np.testing.assert_allclose(delta(back, path), delta(reply.payload, path), atol=1e-5)
+
+
+def test_truncation_rescales_b_so_the_update_is_the_leading_part() -> None:
+    gen = torch.Generator().manual_seed(6)
+    full = state_at(RankProfile(8, 8), gen)
+    small = truncate_state(full, RankProfile(3, 5), ALPHA)
+    for path in MODULES:
+        r = RankProfile(3, 5).rank_for(path)
+        A = full[f"{path}.lora_A.weight"].double()
+        B = full[f"{path}.lora_B.weight"].double()
+        lead = (ALPHA / 8 * B[:, :r] @ A[:r]).numpy()
+        np.testing.assert_allclose(delta(small, path), lead, atol=1e-5)
+
+
+def test_wrong_rank_reply_is_rejected_and_hetlora_accepts_only_the_pruned_rank() -> None:
+    gen = torch.Generator().manual_seed(7)
+    strategy = started(HetLoRA(HetLoRAOptions(prune_threshold=1.0, prune_gamma=0.5)), PROFILES, gen)
+    instruction = strategy.configure(1, [3])[3]
+    wrong = ClientReply(3, state_at(RankProfile(8, 8), gen), 4)
+    assert "rank 8, but the client was given rank 12" in strategy.validate_reply(instruction, wrong)
+    pruned = ClientReply(3, state_at(RankProfile(4, 6), gen), 4)
+    assert strategy.validate_reply(instruction, pruned) is None
+    strategy.aggregate(1, [pruned])
+    assert strategy.client_profiles[3] == RankProfile(4, 6)
+    resumed = HetLoRA()
+    resumed.load_server_state(strategy.server_state())
+    assert resumed.client_profiles == strategy.client_profiles
+    flex = started(FlexLoRA(), PROFILES, gen)
+    assert "given rank" in flex.validate_reply(flex.configure(1, [3])[3], pruned)
+
+
+def test_trailing_rank_penalty_has_a_gradient() -> None:
+    gen = torch.Generator().manual_seed(8)
+    named = [(k, v.clone().requires_grad_(True)) for k, v in state_at(RankProfile(8, 8), gen).items()]
+    trailing_rank_norms(named, gamma=0.5).sum().backward()
+    for key, tensor in named:
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+        zone = tensor.grad[4:] if "lora_A" in key else tensor.grad[:, 4:]
+        lead = tensor.grad[:4] if "lora_A" in key else tensor.grad[:, :4]
+        assert zone.abs().sum() > 0 and lead.abs().sum() == 0
+
+
+def test_named_distributions_and_seeded_assignment() -> None:
+    assert counts_from_shares([0.8, 0.05, 0.05, 0.1], 20) == [16, 1, 1, 2]
+    assert sum(counts_from_shares([0.0575, 0.4425, 0.4425, 0.0575], 7)) == 7
+    types = [RankProfile(1, 1), RankProfile(2, 2)]
+    a = assign_profiles(10, types, [0.5, 0.5], seed=1)
+    assert a == assign_profiles(10, types, [0.5, 0.5], seed=1) and a.count(types[0]) == 5
+    cfg = ResourcesConfig(distribution="heavy-tail-strong", rank_scale=0.1)
+    profiles = client_profiles(cfg, 4, 20, seed=0)
+    assert profiles.count(RankProfile(20, 20)) == 16 and RankProfile(3, 20) in profiles
+    forced = client_profiles(ResourcesConfig(distribution="uniform", force="min", rank_scale=0.1), 4, 8, 0)
+    assert set(forced) == {RankProfile(1, 1)}
+    assert client_profiles(ResourcesConfig(), 6, 3, 0) == [RankProfile(6, 6)] * 3
+    assert module_kind("bert.encoder.layer.0.attention.output.dense") == "attention"
+    assert module_kind("bert.encoder.layer.0.output.dense") == "mlp"
+
+
+def test_fedit_refuses_heterogeneous_ranks() -> None:
+    from fedlora.config.loader import ConfigError
+    from fedlora.strategies.fedavg import FedIT
+
+    gen = torch.Generator().manual_seed(9)
+    with pytest.raises(ConfigError, match="flexlora or hetlora, or set resources.force"):
+        started(FedIT(), PROFILES, gen)
+
+
+def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -> None:
+    """A PEFT client at rank r computes W0 x + s_r B_r A_r x equal to the server's truncated update."""
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.config.schema import AdapterConfig, ModelConfig
+    from fedlora.models.loading import load_base_model
+
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    adapters = LoraAdapters(
+        bundle.model,
+        AdapterConfig(rank=8, alpha=ALPHA, dropout=0.0, target_modules="all-linear"),
+        "causal-lm",
+    )
+    gen = torch.Generator().manual_seed(10)
+    full = {
+        k: torch.randn(v.shape, generator=gen) * 0.05
+        for k, v in adapters.initial_state(RankProfile(8, 16)).items()
+    }
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    for profile in (RankProfile(8, 16), RankProfile(2, 5)):
+        small = truncate_state(full, profile, ALPHA)
+        adapters.load(small)
+        with torch.no_grad():
+            ours = adapters.model(input_ids=ids).logits
+            # merge the server-side update s_rmax * B[:, :r] A[:r] by hand into a fresh base model
+            plain = AutoModelForCausalLM.from_pretrained(bundle.folder)
+            modules = dict(plain.named_modules())
+            for key in full:
+                if ".lora_A." not in key:
+                    continue
+                path = key.split(".lora_A.", 1)[0]
+                r_full = full[key].shape[0]
+                r = profile.rank_for(path)
+                lead = ALPHA / r_full * full[key.replace("lora_A", "lora_B")][:, :r] @ full[key][:r]
+                modules[path.removeprefix("base_model.model.")].weight += lead
+            merged = plain(input_ids=ids).logits
+        torch.testing.assert_close(ours, merged, rtol=1e-4, atol=1e-4)
