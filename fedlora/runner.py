@@ -147,6 +147,9 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
             "rank": sim.strategy.client_profiles[c.client_id].name,
         }
         for c in sim.federation.clients
+    ] + [
+        {"client": c.client_id, "name": c.name, "test": len(c.test), "eval": len(c.eval), "held_out": True}
+        for c in sim.federation.held_out
     ]
     (run_dir / "clients.json").write_text(json.dumps(clients, indent=0))
     info = {
@@ -210,7 +213,8 @@ def evaluate_run(
     apply_overrides(tree, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     cfg = config_from_dict(tree)
     sim, _ = build_simulation(cfg, for_training=False)
-    return evaluate_state(sim, load_file(str(adapter_file)), evaluation_clients(cfg, sim.federation.clients))
+    names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
+    return evaluate_state(sim, load_file(str(adapter_file)), evaluation_clients(cfg, sim.federation), names)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

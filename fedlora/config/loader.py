@@ -124,10 +124,16 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     from fedlora.strategies.registry import validate_strategy_config
 
     validate_strategy_config(cfg.strategy)
-    unknown = [m for m in cfg.eval.metrics if m not in EVALUATORS]
-    if unknown:
+    for field in ("metrics", "final_metrics"):
+        unknown = [m for m in getattr(cfg.eval, field) if m not in EVALUATORS]
+        if unknown:
+            raise ConfigError(
+                f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})"
+            )
+    generation = [m for m in [*cfg.eval.metrics, *cfg.eval.final_metrics] if m != "loss"]
+    if generation and cfg.model.task != "causal-lm":
         raise ConfigError(
-            f"config field 'eval.metrics': unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})"
+            f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"
         )
     return cfg
 

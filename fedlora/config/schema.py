@@ -217,17 +217,23 @@ class StrategyConfig(Section):
 
 
 class EvalConfig(Section):
-    """Held-out evaluation of the global adapter after a round (``every`` rounds and after the last).
+    """Evaluation of the global adapter after a round (``every`` rounds and after the last).
 
-    ``max_clients``: evaluate a fixed seeded sample of clients (None = all) so evaluation does not
-    dominate run time; ``metrics`` names registered evaluators (``loss`` now; generation metrics later).
+    Protocols: with ``held_out_clients: N > 0``, N seeded clients never train and the global model is
+    evaluated on them (zero-shot generalisation, FlexLoRA's protocol); otherwise on the training clients'
+    own ``split``. ``max_clients``: a fixed seeded sample of the evaluation clients (None = all) so
+    evaluation does not dominate run time. ``metrics`` run at every evaluation; ``final_metrics`` only after
+    the last round (e.g. the slower generation metrics). Evaluators: ``loss``, ``rouge-l``, ``exact-match``.
     """
 
     every: int = Field(1, ge=1)
     split: Literal["eval", "test"] = "eval"
     max_clients: int | None = Field(None, ge=1)
+    held_out_clients: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     metrics: list[str] = Field(default_factory=lambda: ["loss"])
+    final_metrics: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(64, ge=1)
 
 
 class OutputConfig(Section):

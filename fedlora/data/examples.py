@@ -44,6 +44,8 @@ class Federation:
     clients: list[ClientData]
     description: str
     label_names: list[str] | None = None
+    # clients that never train (zero-shot evaluation); ids continue after the training clients'
+    held_out: list[ClientData] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import replace
 
 from fedlora.config.schema import ExperimentConfig
@@ -77,8 +78,25 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         log.warning("dropped %d client(s) with no training examples", len(clients) - len(kept))
     if not kept:
         raise ValueError("no client has training examples")
+    kept, held_out = hold_out(kept, cfg.eval.held_out_clients, cfg.federation.seed)
     kept = [replace(c, client_id=i) for i, c in enumerate(kept)]
-    return Federation(kept, description, label_names)
+    held_out = [replace(c, client_id=len(kept) + i) for i, c in enumerate(held_out)]
+    if held_out:
+        description += f"; {len(held_out)} held-out clients never train"
+    return Federation(kept, description, label_names, held_out)
+
+
+def hold_out(clients: list[ClientData], count: int, seed: int) -> tuple[list[ClientData], list[ClientData]]:
+    """Split off ``count`` seeded clients that never train (order kept in both parts)."""
+    if count == 0:
+        return clients, []
+    if count >= len(clients):
+        raise ValueError(
+            f"eval.held_out_clients ({count}) leaves no training client: the data yields {len(clients)} clients"
+        )
+    chosen = set(random.Random(f"{seed}/held-out").sample(range(len(clients)), count))
+    train = [c for i, c in enumerate(clients) if i not in chosen]
+    return train, [c for i, c in enumerate(clients) if i in chosen]
 
 
 def _client_name(index: int, shard: list, method: str) -> str:

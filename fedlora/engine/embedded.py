@@ -61,9 +61,11 @@ def clients_per_round(cfg: ExperimentConfig, num_clients: int) -> int:
     return num_clients
 
 
-def evaluation_clients(cfg: ExperimentConfig, clients: list[ClientData]) -> list[ClientData]:
-    """A fixed seeded sample of ``eval.max_clients`` clients (all if unset) that have the eval split."""
-    having = [c for c in clients if c.split(cfg.eval.split)]
+def evaluation_clients(cfg: ExperimentConfig, federation: Federation) -> list[ClientData]:
+    """The held-out clients if there are any (zero-shot protocol), else the training clients; then a fixed
+    seeded sample of ``eval.max_clients`` of those that have the eval split (all if unset)."""
+    pool = federation.held_out or federation.clients
+    having = [c for c in pool if c.split(cfg.eval.split)]
     if cfg.eval.max_clients is None or cfg.eval.max_clients >= len(having):
         return having
     rng = random.Random(f"{cfg.federation.seed}/eval")
@@ -103,12 +105,15 @@ class Simulation:
     strategy: Strategy
 
 
-def evaluate_state(sim: Simulation, state: AdapterState, clients: list[ClientData]) -> dict[str, float]:
-    """Load ``state`` into the shared model and run the configured evaluators on ``clients``."""
+def evaluate_state(
+    sim: Simulation, state: AdapterState, clients: list[ClientData], metrics: list[str] | None = None
+) -> dict[str, float]:
+    """Load ``state`` into the shared model and run ``metrics`` (default ``eval.metrics``) on ``clients``."""
     sim.adapters.load(state)
     assert sim.adapters.model is not None
     cfg = sim.cfg.eval
-    return run_evaluators(cfg.metrics, sim.adapters.model, sim.encoder, clients, cfg.split, cfg.batch_size)
+    names = cfg.metrics if metrics is None else metrics
+    return run_evaluators(names, sim.adapters.model, sim.encoder, clients, cfg)
 
 
 class EmbeddedEngine:
@@ -119,7 +124,7 @@ class EmbeddedEngine:
         self.run_dir = run_dir
         self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
-        self.eval_clients = evaluation_clients(sim.cfg, sim.federation.clients)
+        self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
 
     def run_client(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local training from its instruction (in process, on the shared model)."""
@@ -135,9 +140,11 @@ class EmbeddedEngine:
         )
         return ClientReply(client_id, result.state, result.num_examples, result.metrics)
 
-    def evaluate(self) -> dict[str, float]:
-        """The strategy's evaluation adapter on the evaluation clients."""
-        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), self.eval_clients)
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final)."""
+        cfg = self.sim.cfg.eval
+        names = list(dict.fromkeys([*cfg.metrics, *(cfg.final_metrics if final else [])]))
+        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), self.eval_clients, names)
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         """One full round; returns its metrics record."""
@@ -194,9 +201,10 @@ class EmbeddedEngine:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
-        if server_round % cfg.eval.every == 0 or server_round == cfg.federation.rounds:
+        final = server_round == cfg.federation.rounds
+        if server_round % cfg.eval.every == 0 or final:
             self.status(f"round {server_round}: evaluating on {len(self.eval_clients)} clients")
-            record.update(self.evaluate())
+            record.update(self.evaluate(final))
         record["seconds"] = time.perf_counter() - started
         record["clients"] = per_client
         record["rejected"] = rejected

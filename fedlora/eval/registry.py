@@ -1,33 +1,38 @@
-"""Evaluators by name (``eval.metrics`` in the config). Each takes the model with the global adapter
-loaded, the encoder, the clients and the split, and returns flat metrics. Generation metrics (ROUGE-L,
-exact match, task scorers) plug in here."""
+"""Evaluators by name (``eval.metrics`` / ``eval.final_metrics`` in the config).
+
+``loss`` (held-out loss, perplexity or accuracy: :mod:`fedlora.eval.loss`) and the generation metrics
+``rouge-l`` and ``exact-match`` (:mod:`fedlora.eval.generation`, one shared generation pass). Each reads the
+model with the global adapter loaded, the encoder, the clients and the eval settings, and returns flat
+``eval_*`` metrics.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from fedlora.config.schema import EvalConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData
+from fedlora.eval.generation import SCORERS, evaluate_generation
 from fedlora.eval.loss import evaluate_loss
 
-Evaluator = Callable[[torch.nn.Module, Encoder, list[ClientData], str, int], dict[str, float]]
-
-EVALUATORS: dict[str, Evaluator] = {"loss": evaluate_loss}
+EVALUATORS: tuple[str, ...] = ("loss", *SCORERS)
 
 
 def run_evaluators(
-    names: list[str],
-    model: torch.nn.Module,
-    encoder: Encoder,
-    clients: list[ClientData],
-    split: str,
-    batch_size: int,
+    names: list[str], model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], cfg: EvalConfig
 ) -> dict[str, float]:
+    unknown = [n for n in names if n not in EVALUATORS]
+    if unknown:
+        raise ValueError(f"eval.metrics: unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})")
     metrics: dict[str, float] = {}
-    for name in names:
-        if name not in EVALUATORS:
-            raise ValueError(f"eval.metrics: unknown evaluator {name!r} (allowed: {', '.join(EVALUATORS)})")
-        metrics.update(EVALUATORS[name](model, encoder, clients, split, batch_size))
+    if "loss" in names:
+        metrics.update(evaluate_loss(model, encoder, clients, cfg.split, cfg.batch_size))
+    generation = [n for n in names if n in SCORERS]
+    if generation:
+        metrics.update(
+            evaluate_generation(
+                generation, model, encoder, clients, cfg.split, cfg.batch_size, cfg.max_new_tokens
+            )
+        )
     return metrics

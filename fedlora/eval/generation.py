@@ -1,0 +1,116 @@
+"""Generation metrics: greedy generations scored against the reference outputs.
+
+- ``rouge-l``: ROUGE-L F-measure (rouge-score, Porter stemming) of the generation against the reference,
+  the Natural Instructions / FlexLoRA metric, averaged over examples (``eval_rouge_l``, in [0, 1]).
+- ``exact-match``: 1 if the normalised generation equals the normalised reference, else 0
+  (``eval_exact_match``); normalisation lower-cases, removes punctuation, the articles a/an/the and
+  extra white space (SQuAD's rule).
+
+Generations: the prompt exactly as in training (:func:`fedlora.data.encoding.render_prompt`), cut from the
+left to ``max_seq_len`` tokens, left-padded in batches, greedy decoding of at most ``max_new_tokens``,
+stopped at EOS. Both metrics share one generation pass. Client figures are averaged over examples
+(sum over clients of n_c * metric_c / sum n_c) and reported with ``eval_generated`` (how many examples).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from functools import lru_cache
+
+import torch
+
+from fedlora.data.encoding import Encoder, render_prompt
+from fedlora.data.examples import ClientData, Example
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse white space."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of ``prediction`` against ``reference`` (0 when either has no scorable token)."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module, encoder: Encoder, examples: list[Example], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy generations (the text after the prompt, special tokens removed), one per example."""
+    tokenizer = encoder.tokenizer
+    pad = tokenizer.pad_token_id
+    budget = max(8, encoder.max_seq_len)
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [
+            tokenizer(render_prompt(e, tokenizer, encoder.template), add_special_tokens=False)["input_ids"][
+                -budget:
+            ]
+            for e in examples[start : start + batch_size]
+        ]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return [text.strip() for text in out]
+
+
+SCORERS = {"rouge-l": ("eval_rouge_l", rouge_l), "exact-match": ("eval_exact_match", exact_match)}
+
+
+def evaluate_generation(
+    metrics: list[str],
+    model: torch.nn.Module,
+    encoder: Encoder,
+    clients: list[ClientData],
+    split: str,
+    batch_size: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """The requested generation metrics (names in :data:`SCORERS`) from one generation pass."""
+    if encoder.task != "causal-lm":
+        raise ValueError(f"eval.metrics {metrics}: generation metrics need model.task causal-lm")
+    totals = dict.fromkeys(metrics, 0.0)
+    count = 0
+    for client in clients:
+        examples = client.split(split)
+        if not examples:
+            continue
+        predictions = generate(model, encoder, examples, batch_size, max_new_tokens)
+        for name in metrics:
+            score = SCORERS[name][1]
+            totals[name] += sum(score(p, e.output) for p, e in zip(predictions, examples, strict=True))
+        count += len(examples)
+    out: dict[str, float] = {"eval_generated": count}
+    for name in metrics:
+        out[SCORERS[name][0]] = totals[name] / count if count else float("nan")
+    return out
