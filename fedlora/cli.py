@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: run, eval, export, fetch."""
+"""The ``fedlora`` command: run, eval, compare, export, fetch."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedlora.tracking.compare import compare_runs
+
+    output = Path(args.output) if args.output else None
+    print(compare_runs([Path(p) for p in args.run_dirs], output))
+    if output is not None:
+        print(f"\nwrote {output / 'compare.md'}, {output / 'compare.json'}, {output / 'compare.png'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.runner import export_merged
 
@@ -117,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which split of each client (default: the config's eval.split)",
     )
     ev.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("compare", help="one table of final metrics and overlaid curves for several runs")
+    co.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    co.add_argument("--output", metavar="DIR", help="write compare.md, compare.json and compare.png here")
+    co.set_defaults(func=cmd_compare)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
     ex.add_argument("run_dir")

@@ -1,0 +1,222 @@
+"""Side-by-side comparison of finished runs: one markdown table and overlaid curves.
+
+Each run directory contributes its config (what differs between the runs becomes its label), its
+metrics.jsonl (final evaluation, curves) and its bytes. Runs whose configs differ only in seeds
+(``federation.seed``, ``data.seed``, ``adapter.init_seed``) form one group, reported as mean and standard
+deviation (sample std, n - 1) over the seeds, with the number of runs and the seeds behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SEED_KEYS = ("federation.seed", "data.seed", "adapter.init_seed")
+IGNORED_KEYS = ("name", "output.")
+# final metric -> (column title, key holding the number of examples behind it)
+FINAL_METRICS = {
+    "eval_loss": ("held-out loss", "eval_examples"),
+    "eval_perplexity": ("perplexity", "eval_examples"),
+    "eval_accuracy": ("accuracy", "eval_examples"),
+    "eval_rouge_l": ("ROUGE-L", "eval_generated"),
+    "eval_exact_match": ("exact match", "eval_generated"),
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+    return out
+
+
+@dataclass
+class RunSummary:
+    """What the comparison needs from one run directory."""
+
+    path: Path
+    settings: dict[str, Any]
+    records: list[dict[str, Any]]
+    final: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> RunSummary:
+        config, metrics = path / "config.yaml", path / "metrics.jsonl"
+        if not config.exists() or not metrics.exists():
+            raise ValueError(f"{path} is not a run directory (needs config.yaml and metrics.jsonl)")
+        records = []
+        for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{metrics}:{number}: not a JSON line") from None
+        settings = flatten(yaml.safe_load(config.read_text()) or {})
+        summary = cls(path, settings, records)
+        evaluated = [
+            r for r in records if r.get("eval_loss") is not None or r.get("eval_rouge_l") is not None
+        ]
+        if evaluated:
+            last = evaluated[-1]
+            summary.final = {k: float(v) for k, v in last.items() if k.startswith("eval_") and v is not None}
+        summary.final["rounds"] = float(len(records))
+        summary.final["bytes_up"] = float(sum(r.get("bytes_up", 0) for r in records))
+        seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
+        if seconds:
+            summary.final["seconds_per_round"] = sum(seconds) / len(seconds)
+        return summary
+
+    def seed(self) -> str:
+        return str(self.settings.get("federation.seed"))
+
+
+def differing_keys(runs: list[RunSummary]) -> list[str]:
+    """Config keys (dotted) whose values are not the same in every run, seeds and output excluded."""
+    keys = sorted(set().union(*(r.settings for r in runs)))
+    out = []
+    for key in keys:
+        if key in SEED_KEYS or any(key == p or key.startswith(p) for p in IGNORED_KEYS):
+            continue
+        if len({json.dumps(r.settings.get(key), sort_keys=True, default=str) for r in runs}) > 1:
+            out.append(key)
+    return out
+
+
+def label(run: RunSummary, keys: list[str]) -> str:
+    """``flexlora`` or ``fedit resources.force=min``: the strategy plus the settings that differ."""
+    parts = [str(run.settings.get("strategy.name"))]
+    parts += [f"{k}={_show(run.settings.get(k))}" for k in keys if k != "strategy.name"]
+    return " ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[RunSummary]
+
+    def values(self, key: str) -> list[float]:
+        return [r.final[key] for r in self.runs if key in r.final]
+
+    def cell(self, key: str, digits: int = 4) -> str:
+        values = self.values(key)
+        if not values:
+            return "-"
+        mean = statistics.fmean(values)
+        if len(values) > 1:
+            return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{mean:.{digits}f}"
+
+
+def group_runs(runs: list[RunSummary]) -> list[Group]:
+    keys = differing_keys(runs)
+    groups: dict[str, Group] = {}
+    for run in runs:
+        name = label(run, keys)
+        groups.setdefault(name, Group(name, [])).runs.append(run)
+    return list(groups.values())
+
+
+def markdown_table(groups: list[Group]) -> str:
+    metrics = [m for m in FINAL_METRICS if any(g.values(m) for g in groups)]
+    head = [
+        "method",
+        "runs (seeds)",
+        *(FINAL_METRICS[m][0] for m in metrics),
+        "examples",
+        "MB up",
+        "s / round",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        seeds = ",".join(sorted({r.seed() for r in g.runs}))
+        examples = sorted(
+            {
+                f"{int(r.final[FINAL_METRICS[m][1]])}"
+                for r in g.runs
+                for m in metrics
+                if FINAL_METRICS[m][1] in r.final
+            }
+        )
+        mb = [r.final["bytes_up"] / 1e6 for r in g.runs]
+        row = [
+            g.label,
+            f"{len(g.runs)} ({seeds})",
+            *(g.cell(m) for m in metrics),
+            "/".join(examples) or "-",
+            f"{statistics.fmean(mb):.1f}",
+            g.cell("seconds_per_round", 1),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(groups: list[Group], path: Path) -> Path:
+    """Held-out loss, the generation/accuracy metric and cumulative MB up per round, one line per group
+    (the mean over its seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("eval_loss", "held-out loss")]
+    for key in ("eval_rouge_l", "eval_accuracy", "eval_exact_match"):
+        if any(r.get(key) is not None for g in groups for run in g.runs for r in run.records):
+            panels.append((key, FINAL_METRICS[key][0]))
+    panels.append(("cumulative_mb_up", "cumulative MB up"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=110)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for g in groups:
+            per_round: dict[int, list[float]] = {}
+            for run in g.runs:
+                total = 0.0
+                for r in run.records:
+                    total += r.get("bytes_up", 0) / 1e6
+                    value = total if key == "cumulative_mb_up" else r.get(key)
+                    if value is not None:
+                        per_round.setdefault(int(r["round"]), []).append(float(value))
+            if per_round:
+                xs = sorted(per_round)
+                ax.plot(xs, [statistics.fmean(per_round[x]) for x in xs], marker="o", label=g.label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(run_dirs: list[Path], output: Path | None = None) -> str:
+    """Markdown table of the runs' final metrics; with ``output`` also writes compare.md, compare.json and
+    compare.png there."""
+    runs = [RunSummary.load(Path(p)) for p in run_dirs]
+    if not runs:
+        raise ValueError("compare needs at least one run directory")
+    groups = group_runs(runs)
+    table = markdown_table(groups)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "compare.md").write_text(table + "\n")
+        summary = [
+            {"method": g.label, "runs": [str(r.path) for r in g.runs], "final": [r.final for r in g.runs]}
+            for g in groups
+        ]
+        (output / "compare.json").write_text(json.dumps(summary, indent=1))
+        plot_comparison(groups, output / "compare.png")
+    return table

@@ -1,0 +1,57 @@
+"""fedlora compare on fixture run folders."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from fedlora.cli import main
+from fedlora.tracking.compare import compare_runs
+
+
+def fake_run(
+    root: Path, name: str, strategy: str, seed: int, losses: list[float], rouge: float, force=None
+) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {
+        "name": name,
+        "strategy": {"name": strategy, "options": {}},
+        "federation": {"seed": seed, "rounds": len(losses)},
+        "resources": {"force": force},
+        "output": {"dir": str(run)},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for i, loss in enumerate(losses, start=1):
+        record = {"round": i, "eval_loss": loss, "eval_examples": 30, "bytes_up": 1_000_000, "seconds": 2.0}
+        if i == len(losses):
+            record |= {"eval_rouge_l": rouge, "eval_generated": 30}
+        lines.append(json.dumps(record))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_compare_table_groups_seeds_and_labels_differences(tmp_path: Path) -> None:
+    runs = [
+        fake_run(tmp_path, "a1", "flexlora", 1, [3.0, 2.0], 0.30),
+        fake_run(tmp_path, "a2", "flexlora", 2, [3.0, 2.4], 0.40),
+        fake_run(tmp_path, "b1", "fedit", 1, [3.0, 2.5], 0.20, force="min"),
+    ]
+    table = compare_runs(runs, tmp_path / "out")
+    lines = table.splitlines()
+    assert lines[0] == "| method | runs (seeds) | held-out loss | ROUGE-L | examples | MB up | s / round |"
+    flex = next(line for line in lines if line.startswith("| flexlora"))
+    # mean of 2.0 and 2.4 = 2.2, sample std = 0.2828; ROUGE-L mean 0.35, std 0.0707
+    assert "| 2 (1,2) | 2.2000 ± 0.2828 | 0.3500 ± 0.0707 | 30 | 2.0 | 2.0 ± 0.0 |" in flex
+    assert flex.startswith("| flexlora resources.force=null")
+    fedit = next(line for line in lines if line.startswith("| fedit resources.force=min"))
+    assert "| 1 (1) | 2.5000 | 0.2000 |" in fedit
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [g["method"].split()[0] for g in saved] == ["flexlora", "fedit"]
+
+
+def test_compare_cli_rejects_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
