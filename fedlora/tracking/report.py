@@ -81,13 +81,20 @@ def rows_for_one_screen(records: list[dict[str, Any]], max_rows: int = 16) -> li
 
 
 def summary_table(records: list[dict[str, Any]], title: str) -> Table:
-    """One row per round (evenly thinned to one screen): losses, clients (accepted/sampled), bytes, seconds."""
+    """One row per round (evenly thinned to one screen): losses, generation metrics when measured, clients
+    (accepted/sampled), bytes, seconds."""
     table = Table(title=title, title_justify="left")
+    generation = [
+        (key, name)
+        for key, name in (("eval_rouge_l", "ROUGE-L"), ("eval_exact_match", "exact match"))
+        if any(r.get(key) is not None for r in records)
+    ]
     for column in (
         "round",
         "train loss",
         "eval loss",
         "ppl/acc",
+        *(name for _, name in generation),
         "clients",
         "rejected",
         "bytes up",
@@ -102,6 +109,7 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
             _fmt(r.get("train_loss")),
             _fmt(r.get("eval_loss")),
             _fmt(quality, 3),
+            *(_fmt(r.get(key)) for key, _ in generation),
             f"{r.get('num_clients', 0)}/{r.get('num_sampled', r.get('num_clients', 0))}",
             str(len(r.get("rejected", []))),
             human_bytes(r.get("bytes_up", 0)),
