@@ -71,6 +71,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedlora.config.loader import ConfigError
+    from fedlora.sweep import run_sweep
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    table = run_sweep(
+        config_path, args.set, seeds, Path(args.output), overrides, show_progress=not args.no_progress
+    )
+    print(table)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.runner import export_merged
 
@@ -132,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     co.add_argument("--output", metavar="DIR", help="write compare.md, compare.json and compare.png here")
     co.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser(
+        "sweep", help="run a grid of settings x seeds into one folder, then compare", epilog=EPILOG
+    )
+    sw.add_argument(
+        "items", nargs="*", metavar="[CONFIG] [key=value ...]", help="config YAML and fixed overrides"
+    )
+    sw.add_argument("--seeds", default="0", help="federation seeds, e.g. 1,2,3 (default 0)")
+    sw.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one axis of the grid, e.g. strategy.name=fedit,flexlora (repeatable)",
+    )
+    sw.add_argument("--output", required=True, help="folder for the runs and the comparison")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
     ex.add_argument("run_dir")

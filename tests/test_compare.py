@@ -55,3 +55,25 @@ def test_compare_table_groups_seeds_and_labels_differences(tmp_path: Path) -> No
 def test_compare_cli_rejects_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert main(["compare", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_sweep_grid_splits_values_outside_brackets() -> None:
+    from fedlora.sweep import grid, parse_axes, split_values
+
+    assert split_values("a,b,[c, d],{x: 1, y: 2}") == ["a", "b", "[c, d]", "{x: 1, y: 2}"]
+    cells = grid(parse_axes(["strategy.name=fedit,flexlora", "adapter.rank=2,4"]), [1, 2])
+    assert len(cells) == 8 and len({c.name for c in cells}) == 8
+    assert cells[0].overrides == ("strategy.name=fedit", "adapter.rank=2", "federation.seed=1")
+    assert cells[0].name == "strategy.name=fedit,adapter.rank=2,seed=1"
+
+
+def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 1})
+    args = ["sweep", *overrides, "--seeds", "1,2", "--set", "strategy.name=fedit,fedavg"]
+    assert main([*args, "--output", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| fedit | 2 (1,2) |" in out and "| fedavg | 2 (1,2) |" in out
+    assert len(list((tmp_path / "sweep").glob("*/global/adapter_model.safetensors"))) == 4
+    assert (tmp_path / "sweep" / "compare.png").exists()

@@ -1,0 +1,89 @@
+"""``fedlora sweep``: a grid of runs from one config, run one after another into one folder, then compared.
+
+The grid is the product of every ``--set key=v1,v2,...`` and the seeds (``federation.seed``). Each cell is a
+run directory named after its settings (``strategy.name=flexlora,seed=1``); a finished cell is skipped and an
+interrupted one resumed, so re-running the same command completes a sweep. At the end
+:func:`fedlora.tracking.compare.compare_runs` writes compare.md / compare.json / compare.png in the folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.config.loader import ConfigError, load_config
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``a,b,[c, d]`` on commas outside brackets/braces: ``["a", "b", "[c, d]"]``."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    parts.append(current.strip())
+    if any(not p for p in parts):
+        raise ConfigError(f"sweep: empty value in {text!r}")
+    return parts
+
+
+def parse_axes(sets: list[str]) -> list[tuple[str, list[str]]]:
+    axes = []
+    for item in sets:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"sweep --set needs key=v1,v2,... (got {item!r})")
+        axes.append((key.strip(), split_values(values)))
+    return axes
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its overrides and its folder name."""
+
+    overrides: tuple[str, ...]
+    name: str
+
+
+def grid(axes: list[tuple[str, list[str]]], seeds: list[int]) -> list[Cell]:
+    cells = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        for seed in seeds:
+            overrides = tuple(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
+            overrides += (f"federation.seed={seed}",)
+            name = ",".join([*overrides[:-1], f"seed={seed}"])
+            cells.append(Cell(overrides, re.sub(r"[^\w.=,+-]", "_", name)))
+    return cells
+
+
+def run_sweep(
+    config: str | None,
+    sets: list[str],
+    seeds: list[int],
+    output: Path,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+) -> str:
+    """Run every cell (validating all configs first), then compare them; returns the markdown table."""
+    from fedlora.runner import run_experiment
+    from fedlora.tracking.compare import compare_runs
+
+    cells = grid(parse_axes(sets), seeds)
+    configs = [load_config(config, [*(overrides or []), *cell.overrides]) for cell in cells]  # fail early
+    run_dirs = []
+    for cell, cfg in zip(cells, configs, strict=True):
+        run_dir = output / cell.name
+        run_dirs.append(run_dir)
+        if (run_dir / "global" / "adapter_model.safetensors").exists():
+            continue
+        resume = (run_dir / "metrics.jsonl").exists()
+        run_experiment(cfg, run_dir, resume=resume, show_progress=show_progress)
+    return compare_runs(run_dirs, output)
