@@ -78,10 +78,26 @@ def test_other_strategies_run(tmp_path: Path, strategy: str) -> None:
     assert (run_dir / "global" / "adapter_model.safetensors").exists()
 
 
+HETERO_RANKS = {"resources.distribution": "uniform", "resources.rank_scale": 0.1, "federation.clients_per_round": 3}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {**HETERO_RANKS, "strategy.name": "flexlora"},
+        {
+            **HETERO_RANKS,
+            "strategy.name": "hetlora",
+            "strategy.options": "{prune_threshold: 1.0e+6, prune_gamma: 0.5}",
+        },
+    ],
+    ids=["fedit", "flexlora", "hetlora-pruning"],
+)
 def test_resume_gives_same_adapter_as_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict
 ) -> None:
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "adapter.dropout": 0.1})
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 3, "adapter.dropout": 0.1, **extra})
     straight = tmp_path / "straight"
     assert main(["run", *overrides, "--output", str(straight), "--no-progress"]) == 0
 
