@@ -44,6 +44,7 @@ from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.registry import build_strategy
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
+from fedlora.tracking.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def run_experiment(
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
     write_run_info(run_dir, sim, bundle)
 
+    board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
     progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
     engine = EmbeddedEngine(sim, run_dir, status=progress.status)
     console.print(
@@ -119,10 +121,16 @@ def run_experiment(
 
         def on_round(record: dict[str, Any]) -> None:
             metrics.append(record)
+            if board is not None:
+                board.append(record)
             records.append(record)
             progress.advance(record)
 
-        engine.run(start_round, on_round)
+        try:
+            engine.run(start_round, on_round)
+        finally:
+            if board is not None:
+                board.close()
     finalize(run_dir, sim, bundle, records, console)
     return run_dir
 
@@ -214,7 +222,8 @@ def evaluate_run(
     cfg = config_from_dict(tree)
     sim, _ = build_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
-    return evaluate_state(sim, load_file(str(adapter_file)), evaluation_clients(cfg, sim.federation), names)
+    clients = evaluation_clients(cfg, sim.federation, final=True)
+    return evaluate_state(sim, load_file(str(adapter_file)), clients, names)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

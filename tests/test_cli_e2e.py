@@ -78,7 +78,11 @@ def test_other_strategies_run(tmp_path: Path, strategy: str) -> None:
     assert (run_dir / "global" / "adapter_model.safetensors").exists()
 
 
-HETERO_RANKS = {"resources.distribution": "uniform", "resources.rank_scale": 0.1, "federation.clients_per_round": 3}
+HETERO_RANKS = {
+    "resources.distribution": "uniform",
+    "resources.rank_scale": 0.1,
+    "federation.clients_per_round": 3,
+}
 
 
 @pytest.mark.parametrize(

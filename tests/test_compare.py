@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fedlora.cli import main
@@ -77,3 +78,29 @@ def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:
     assert "| fedit | 2 (1,2) |" in out and "| fedavg | 2 (1,2) |" in out
     assert len(list((tmp_path / "sweep").glob("*/global/adapter_model.safetensors"))) == 4
     assert (tmp_path / "sweep" / "compare.png").exists()
+
+
+def test_tensorboard_event_files_hold_the_round_metrics(tmp_path: Path) -> None:
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    from conftest import tiny_overrides
+
+    run_dir = tmp_path / "tb"
+    overrides = tiny_overrides(tmp_path, **{"output.tensorboard": "true"})
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    scalars: dict[str, dict[int, float]] = {}
+    for path in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert scalars["eval_loss"][record["round"]] == pytest.approx(record["eval_loss"], rel=1e-6)
+        assert scalars["bytes_up"][record["round"]] == pytest.approx(record["bytes_up"])

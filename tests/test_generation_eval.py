@@ -49,7 +49,7 @@ def test_held_out_clients_never_train_and_are_evaluated(tmp_path: Path) -> None:
         **{
             "eval.held_out_clients": 1,
             "eval.split": "test",
-            "eval.final_metrics": "[rouge-l, exact-match]",
+            "eval.final_metrics": "[rouge-l, exact-match, task-score]",
             "eval.max_new_tokens": 4,
             "federation.rounds": 1,
             "federation.clients_per_round": 3,
@@ -66,6 +66,7 @@ def test_held_out_clients_never_train_and_are_evaluated(tmp_path: Path) -> None:
     assert {c["client"] for c in record["clients"]} == {0, 1, 2}
     assert record["eval_clients"] == 1 and record["eval_generated"] == len(fed.held_out[0].test)
     assert 0.0 <= record["eval_rouge_l"] <= 1.0 and 0.0 <= record["eval_exact_match"] <= 1.0
+    assert 0.0 <= record["eval_task_score"] <= 1.0
 
 
 def test_generation_metrics_are_refused_for_classification(tmp_path: Path) -> None:
@@ -79,3 +80,32 @@ def test_too_many_held_out_clients_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_config(None, tiny_overrides(tmp_path, **{"eval.held_out_clients": 4}))
     with pytest.raises(ValueError, match="leaves no training client"):
         build_simulation(cfg)
+
+
+def test_macro_f1_by_hand() -> None:
+    from fedlora.eval.loss import macro_f1
+
+    # class 0: TP 1, FP 1, FN 1 -> 2/4 = 0.5; class 1: TP 1, FP 0, FN 1 -> 2/3; class 2: TP 0, FP 1, FN 0 -> 0
+    assert macro_f1([0, 0, 1, 1], [0, 2, 1, 0]) == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert macro_f1([1, 1], [1, 1]) == 1.0
+
+
+def test_reasoning_gym_task_score_uses_the_tasks_own_scorer(tmp_path: Path) -> None:
+    from fedlora.data.sources import reasoning_gym_examples
+    from fedlora.eval.generation import task_score
+
+    example = reasoning_gym_examples(["gcd"], 1, seed=3)[0]
+    assert task_score(example.output, example) == 1.0
+    assert task_score(str(int(example.output) + 1), example) == 0.0
+    with pytest.raises(ValueError, match="reasoning-gym"):
+        task_score("1", Example(instruction="q", output="1"))
+    with pytest.raises(ConfigError, match="task-score uses reasoning-gym"):
+        load_config(None, ["data.source=natural-instructions", "eval.final_metrics=[task-score]"])
+
+
+def test_rounds_evaluate_a_sample_and_the_last_round_everyone(tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"eval.max_clients": 1, "federation.rounds": 2}))
+    sim, _ = build_simulation(cfg)
+    engine = EmbeddedEngine(sim, tmp_path)
+    assert engine.run_round(1)["eval_clients"] == 1
+    assert engine.run_round(2)["eval_clients"] == len(sim.federation.clients) == 4

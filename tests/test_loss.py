@@ -47,8 +47,8 @@ def test_fast_loss_equals_hf_loss_and_gradients(peft_model: torch.nn.Module) -> 
 
 def test_example_losses_are_row_means(peft_model: torch.nn.Module) -> None:
     b = batch()
-    losses, correct = example_losses(peft_model, b, "causal-lm")
-    assert correct is None and losses.shape == (3,)
+    losses, predicted = example_losses(peft_model, b, "causal-lm")
+    assert predicted is None and losses.shape == (3,)
     for row in range(3):
         one = {k: v[row : row + 1] for k, v in b.items()}
         torch.testing.assert_close(losses[row], peft_model(**one).loss, rtol=1e-4, atol=1e-5)

@@ -88,11 +88,11 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
 def example_losses(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per row: the mean loss over its target tokens (or its CE), and for classification whether it is right."""
+    """Per row: the mean loss over its target tokens (or its CE), and for classification the predicted class."""
     if task == "classification":
         labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1) == labels
+        return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
     losses, rows = token_losses(model, batch)
     n = batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=losses.dtype).index_add_(0, rows, losses)

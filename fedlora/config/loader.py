@@ -130,7 +130,12 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
             raise ConfigError(
                 f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})"
             )
-    generation = [m for m in [*cfg.eval.metrics, *cfg.eval.final_metrics] if m != "loss"]
+    wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
+    if "task-score" in wanted and cfg.data.source != "reasoning-gym":
+        raise ConfigError(
+            f"config field 'eval.metrics': task-score uses reasoning-gym's scorers; data.source is {cfg.data.source!r}"
+        )
+    generation = [m for m in wanted if m != "loss"]
     if generation and cfg.model.task != "causal-lm":
         raise ConfigError(
             f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"

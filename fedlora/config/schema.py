@@ -229,6 +229,7 @@ class EvalConfig(Section):
     every: int = Field(1, ge=1)
     split: Literal["eval", "test"] = "eval"
     max_clients: int | None = Field(None, ge=1)
+    final_max_clients: int | None = Field(None, ge=1)
     held_out_clients: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     metrics: list[str] = Field(default_factory=lambda: ["loss"])
@@ -243,6 +244,7 @@ class OutputConfig(Section):
     root: str = "runs"
     keep_checkpoints: int = Field(2, ge=1)
     plot: bool = True
+    tensorboard: bool = False  # event files in <run>/tensorboard/ (needs tensorboardX)
 
 
 class ExperimentConfig(Section):

@@ -11,7 +11,8 @@ class Example:
 
     Instruction data: ``instruction`` (+ optional ``input``) is the prompt, ``output`` the target.
     Classification: ``input`` is the text, ``label`` the class index; ``output`` is unused.
-    ``category`` is the natural grouping (task, topic) used for per-client splits.
+    ``category`` is the natural grouping (task, topic) used for per-client splits. ``meta``: a JSON string
+    the source keeps for scoring (reasoning-gym's entry metadata), else None.
     """
 
     instruction: str = ""
@@ -19,6 +20,7 @@ class Example:
     output: str = ""
     category: str | None = None
     label: int | None = None
+    meta: str | None = None
 
 
 @dataclass

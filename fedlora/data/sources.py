@@ -180,7 +180,10 @@ def reasoning_gym_examples(tasks: list[str], per_task: int, seed: int) -> list[E
     for offset, task in enumerate(tasks):
         dataset = reasoning_gym.create_dataset(task, size=per_task, seed=seed + 1000 * offset)
         for item in dataset:
-            examples.append(Example(instruction=item["question"], output=str(item["answer"]), category=task))
+            meta = json.dumps(item.get("metadata", {}), default=str)
+            examples.append(
+                Example(instruction=item["question"], output=str(item["answer"]), category=task, meta=meta)
+            )
     return examples
 
 

@@ -61,15 +61,19 @@ def clients_per_round(cfg: ExperimentConfig, num_clients: int) -> int:
     return num_clients
 
 
-def evaluation_clients(cfg: ExperimentConfig, federation: Federation) -> list[ClientData]:
+def evaluation_clients(
+    cfg: ExperimentConfig, federation: Federation, final: bool = False
+) -> list[ClientData]:
     """The held-out clients if there are any (zero-shot protocol), else the training clients; then a fixed
-    seeded sample of ``eval.max_clients`` of those that have the eval split (all if unset)."""
+    seeded sample of ``eval.max_clients`` (``eval.final_max_clients`` after the last round) of those that
+    have the eval split (all if unset)."""
     pool = federation.held_out or federation.clients
     having = [c for c in pool if c.split(cfg.eval.split)]
-    if cfg.eval.max_clients is None or cfg.eval.max_clients >= len(having):
+    limit = cfg.eval.final_max_clients if final else cfg.eval.max_clients
+    if limit is None or limit >= len(having):
         return having
     rng = random.Random(f"{cfg.federation.seed}/eval")
-    return sorted(rng.sample(having, cfg.eval.max_clients), key=lambda c: c.client_id)
+    return sorted(rng.sample(having, limit), key=lambda c: c.client_id)
 
 
 def resolve_settings(
@@ -125,6 +129,7 @@ class EmbeddedEngine:
         self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
+        self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)
 
     def run_client(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local training from its instruction (in process, on the shared model)."""
@@ -144,7 +149,8 @@ class EmbeddedEngine:
         """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final)."""
         cfg = self.sim.cfg.eval
         names = list(dict.fromkeys([*cfg.metrics, *(cfg.final_metrics if final else [])]))
-        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), self.eval_clients, names)
+        clients = self.final_eval_clients if final else self.eval_clients
+        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names)
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         """One full round; returns its metrics record."""
@@ -203,7 +209,8 @@ class EmbeddedEngine:
         }
         final = server_round == cfg.federation.rounds
         if server_round % cfg.eval.every == 0 or final:
-            self.status(f"round {server_round}: evaluating on {len(self.eval_clients)} clients")
+            count = len(self.final_eval_clients if final else self.eval_clients)
+            self.status(f"round {server_round}: evaluating on {count} clients")
             record.update(self.evaluate(final))
         record["seconds"] = time.perf_counter() - started
         record["clients"] = per_client

@@ -5,6 +5,8 @@
 - ``exact-match``: 1 if the normalised generation equals the normalised reference, else 0
   (``eval_exact_match``); normalisation lower-cases, removes punctuation, the articles a/an/the and
   extra white space (SQuAD's rule).
+- ``task-score``: reasoning-gym's own scorer of each example's task (``score_answer(answer, entry)``, in
+  [0, 1], partial credit where the task gives it), averaged (``eval_task_score``); reasoning-gym data only.
 
 Generations: the prompt exactly as in training (:func:`fedlora.data.encoding.render_prompt`), cut from the
 left to ``max_seq_len`` tokens, left-padded in batches, greedy decoding of at most ``max_new_tokens``,
@@ -42,6 +44,18 @@ def _rouge_scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def task_score(prediction: str, example: Example) -> float:
+    """reasoning-gym's scorer for the example's task, with the entry rebuilt from the example."""
+    import json
+
+    import reasoning_gym
+
+    if example.meta is None or not example.category:
+        raise ValueError("task-score needs reasoning-gym examples (data.source: reasoning-gym)")
+    entry = {"question": example.instruction, "answer": example.output, "metadata": json.loads(example.meta)}
+    return float(reasoning_gym.get_score_answer_fn(example.category)(prediction, entry) or 0.0)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -84,7 +98,12 @@ def generate(
     return [text.strip() for text in out]
 
 
-SCORERS = {"rouge-l": ("eval_rouge_l", rouge_l), "exact-match": ("eval_exact_match", exact_match)}
+# metric name -> (metrics.jsonl key, score(prediction, example))
+SCORERS = {
+    "rouge-l": ("eval_rouge_l", lambda p, e: rouge_l(p, e.output)),
+    "exact-match": ("eval_exact_match", lambda p, e: exact_match(p, e.output)),
+    "task-score": ("eval_task_score", task_score),
+}
 
 
 def evaluate_generation(
@@ -108,7 +127,7 @@ def evaluate_generation(
         predictions = generate(model, encoder, examples, batch_size, max_new_tokens)
         for name in metrics:
             score = SCORERS[name][1]
-            totals[name] += sum(score(p, e.output) for p, e in zip(predictions, examples, strict=True))
+            totals[name] += sum(score(p, e) for p, e in zip(predictions, examples, strict=True))
         count += len(examples)
     out: dict[str, float] = {"eval_generated": count}
     for name in metrics:

@@ -23,8 +23,10 @@ FINAL_METRICS = {
     "eval_loss": ("held-out loss", "eval_examples"),
     "eval_perplexity": ("perplexity", "eval_examples"),
     "eval_accuracy": ("accuracy", "eval_examples"),
+    "eval_macro_f1": ("macro-F1", "eval_examples"),
     "eval_rouge_l": ("ROUGE-L", "eval_generated"),
     "eval_exact_match": ("exact match", "eval_generated"),
+    "eval_task_score": ("task score", "eval_generated"),
 }
 
 
@@ -173,7 +175,7 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("eval_loss", "held-out loss")]
-    for key in ("eval_rouge_l", "eval_accuracy", "eval_exact_match"):
+    for key in ("eval_rouge_l", "eval_accuracy", "eval_exact_match", "eval_task_score"):
         if any(r.get(key) is not None for g in groups for run in g.runs for r in run.records):
             panels.append((key, FINAL_METRICS[key][0]))
     panels.append(("cumulative_mb_up", "cumulative MB up"))

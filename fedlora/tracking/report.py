@@ -86,7 +86,12 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     generation = [
         (key, name)
-        for key, name in (("eval_rouge_l", "ROUGE-L"), ("eval_exact_match", "exact match"))
+        for key, name in (
+            ("eval_macro_f1", "macro-F1"),
+            ("eval_rouge_l", "ROUGE-L"),
+            ("eval_exact_match", "exact match"),
+            ("eval_task_score", "task score"),
+        )
         if any(r.get(key) is not None for r in records)
     ]
     for column in (
