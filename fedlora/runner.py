@@ -27,10 +27,12 @@ from safetensors.torch import load_file
 from fedlora import __version__
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import client_profiles, largest_profile
+from fedlora.client.privacy import check_dp_support
 from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.federation import build_federation
+from fedlora.engine.accounting import PrivacyLedger
 from fedlora.engine.checkpoint import latest_checkpoint
 from fedlora.engine.embedded import (
     EmbeddedEngine,
@@ -74,7 +76,13 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
     encoder = Encoder(
         bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
     )
-    return Simulation(cfg, federation, adapters, encoder, strategy), bundle
+    privacy = None
+    if cfg.privacy.enabled and for_training:
+        privacy = PrivacyLedger.for_experiment(cfg, federation)  # refuses budgets it cannot meet
+        for profile in sorted(set(profiles)):  # refuses layers Opacus cannot handle, naming them
+            adapters.activate(profile)
+            check_dp_support(adapters.model)
+    return Simulation(cfg, federation, adapters, encoder, strategy, privacy), bundle
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -106,6 +114,8 @@ def run_experiment(
     records = metrics.truncate_after(start_round - 1) if resume else []
     if checkpoint:
         sim.strategy.load_server_state(checkpoint.tensors)
+        if sim.privacy is not None:
+            sim.privacy.load_json(checkpoint.meta.get("privacy", {}))
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
     write_run_info(run_dir, sim, bundle)
 
@@ -178,6 +188,14 @@ def finalize(
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
+    if sim.privacy is not None and sim.privacy.history:
+        spent = {c: sim.privacy.epsilon(c) for c in sim.privacy.history}
+        worst = max(spent, key=spent.__getitem__)
+        console.print(
+            f"privacy: DP-SGD, delta={sim.cfg.privacy.delta}; epsilon spent by the {len(spent)} clients that trained: "
+            f"max {spent[worst]:.3f} (client {worst}), mean {sum(spent.values()) / len(spent):.3f} "
+            f"(per client and round in metrics.jsonl)"
+        )
     up = sum(r.get("bytes_up", 0) for r in records)
     down = sum(r.get("bytes_down", 0) for r in records)
     console.print(

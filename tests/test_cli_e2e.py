@@ -95,8 +95,9 @@ HETERO_RANKS = {
             "strategy.name": "hetlora",
             "strategy.options": "{prune_threshold: 1.0e+6, prune_gamma: 0.5}",
         },
+        {"strategy.name": "ffa-lora", "privacy.enabled": "true", "privacy.target_epsilon": 4.0},
     ],
-    ids=["fedit", "flexlora", "hetlora-pruning"],
+    ids=["fedit", "flexlora", "hetlora-pruning", "ffa-lora-dp"],
 )
 def test_resume_gives_same_adapter_as_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict
@@ -124,6 +125,12 @@ def test_resume_gives_same_adapter_as_uninterrupted_run(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rounds = [json.loads(line)["round"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
+    if "privacy.enabled" in extra:  # the accountant goes on counting after the resume
+        straight_eps, crashed_eps = (
+            json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["epsilon_max"]
+            for d in (straight, crashed)
+        )
+        assert straight_eps == crashed_eps > 0
 
 
 def test_eval_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -179,15 +179,18 @@ class LoraAdapters:
         """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""
         return self.state(self.cfg.rank if profile is None else profile)
 
-    def load(self, state: AdapterState) -> RankProfile:
+    def load(self, state: AdapterState, partial: bool = False) -> RankProfile:
         """Write ``state`` into the slot of its rank profile and activate it; returns the profile.
 
-        Raises ValueError if keys or shapes do not match what the slot expects.
+        ``partial``: ``state`` may hold a subset of the slot's tensors (e.g. FFA-LoRA's B-only payloads);
+        the others keep their values. Raises ValueError if keys or shapes do not match the slot.
         """
         profile = self.canonical(profile_of_state(state))
         self.activate(profile)
         profile = self.active_profile
         expected = self._slots[profile].tensors
+        if partial:
+            expected = {k: v for k, v in expected.items() if k in state}
         if expected.keys() != state.keys():
             missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
             raise ValueError(

@@ -115,12 +115,18 @@ def lora_key_parts(key: str) -> tuple[str, str] | None:
 
 
 def profile_of_state(state: AdapterState) -> RankProfile:
-    """The rank profile of a state (each module kind must have one rank; an absent kind copies the other)."""
+    """The rank profile of a state (each module kind must have one rank; an absent kind copies the other).
+
+    Read from the A factors, or from the B factors (their columns) in a B-only state (FFA-LoRA payloads).
+    """
     by_kind: dict[str, set[int]] = {}
+    has_a = any(".lora_A." in key for key in state)
     for key, tensor in state.items():
         parts = lora_key_parts(key)
-        if parts is not None and parts[1] == "A":
-            by_kind.setdefault(module_kind(parts[0]), set()).add(int(tensor.shape[0]))
+        if parts is None or parts[1] != ("A" if has_a else "B"):
+            continue
+        rank = int(tensor.shape[0] if has_a else tensor.shape[-1])
+        by_kind.setdefault(module_kind(parts[0]), set()).add(rank)
     if not by_kind:
         raise ValueError("adapter state has no LoRA factors")
     for kind, ranks in by_kind.items():

@@ -12,6 +12,7 @@ so a round replays identically after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -22,7 +23,14 @@ import torch
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import trailing_rank_norms, truncate_state
 from fedlora.adapters.state import AdapterState
-from fedlora.client.loss import batch_loss
+from fedlora.client.loss import batch_loss, example_losses
+from fedlora.client.privacy import (
+    check_dp_support,
+    dp_optimizer,
+    per_example_gradients,
+    poisson_batches,
+    zero_grad_samples,
+)
 from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -45,6 +53,13 @@ class LocalTrainingSettings:
     rank_penalty: float = 0.0
     rank_gamma: float = 0.99
     prune_threshold: float | None = None
+    # FFA-LoRA: A stays as the seeded initialisation (not trained, not sent); the payloads hold B only.
+    freeze_lora_a: bool = False
+    # DP-SGD (fedlora.client.privacy): set per client by the engine from the config's privacy section.
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_sampling: str = "poisson"
+    dp_sample_rate: float | None = None
 
 
 @dataclass
@@ -88,29 +103,62 @@ def train_locally(
     settings: LocalTrainingSettings,
     seed: int,
 ) -> LocalResult:
-    """Load ``start_state``, run the local steps, return the trained state and the mean training loss."""
-    adapters.load(start_state)
+    """Load ``start_state``, run the local steps, return the trained state and the mean training loss.
+
+    With ``freeze_lora_a`` the LoRA A factors are neither trained nor returned (FFA-LoRA). With
+    ``dp_noise_multiplier`` the steps are DP-SGD steps (:mod:`fedlora.client.privacy`): per-example loss and
+    clipping, Gaussian noise, Poisson-sampled batches (or fixed-size ones with ``dp_sampling: shuffle``).
+    """
+    frozen = (lambda key: ".lora_A." in key) if settings.freeze_lora_a else (lambda key: False)
+    adapters.load(start_state, partial=settings.freeze_lora_a)
     model = adapters.model
     assert model is not None
-    params = [p for _, p in adapters.trainable_parameters()]
+    named = adapters.trainable_parameters()
+    for key, param in named:
+        param.requires_grad_(not frozen(key))
+    params = [p for key, p in named if not frozen(key)]
+    dp = settings.dp_noise_multiplier is not None
+    if dp and (settings.prox_mu > 0 or settings.rank_penalty > 0):
+        raise ValueError(
+            "DP-SGD clips per-example gradients; a proximal or rank penalty term is not supported with it"
+        )
     pad_token_id = encoder.tokenizer.pad_token_id
     anchor = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
     optimizer = make_optimizer(params, settings)
     encoded = encoder.encode_all(client.train)
     steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
     generator = torch.Generator().manual_seed(seed)
-    batches = batches_for_steps(encoded, settings.batch_size, steps, generator)
+    if dp and settings.dp_sampling == "poisson":
+        rate = settings.dp_sample_rate or min(1.0, settings.batch_size / len(encoded))
+        batches = [[encoded[i] for i in idx] for idx in poisson_batches(len(encoded), rate, steps, generator)]
+    else:
+        batches = batches_for_steps(encoded, settings.batch_size, steps, generator)
+    hooks = contextlib.nullcontext()
+    if dp:
+        check_dp_support(model)
+        optimizer = dp_optimizer(
+            optimizer, settings.dp_noise_multiplier, settings.dp_max_grad_norm, settings.batch_size, seed
+        )
+        hooks = per_example_gradients(model)
 
     started = time.perf_counter()
     losses: list[float] = []
     tokens = 0
     model.train()
-    with torch.random.fork_rng():
+    with hooks, torch.random.fork_rng():
         torch.manual_seed(seed)  # dropout masks
         for batch_items in batches:
+            if not batch_items:  # an empty Poisson batch: the noise still goes in
+                zero_grad_samples(params)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                continue
             batch = collate(batch_items, pad_token_id)
             tokens += int(batch["attention_mask"].sum())
-            loss = batch_loss(model, batch, encoder.task)
+            if dp:  # each example's own loss, so that each per-example gradient is that example's
+                loss = example_losses(model, batch, encoder.task)[0].mean()
+            else:
+                loss = batch_loss(model, batch, encoder.task)
             losses.append(float(loss.detach()))
             if settings.prox_mu > 0:
                 loss = loss + proximal_term(params, anchor, settings.prox_mu)
@@ -118,18 +166,18 @@ def train_locally(
                 trailing = trailing_rank_norms(adapters.trainable_parameters(), settings.rank_gamma)
                 loss = loss + settings.rank_penalty * trailing.sum()
             loss.backward()
-            if settings.grad_clip is not None:
+            if settings.grad_clip is not None and not dp:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
     metrics: dict[str, Any] = {
-        "train_loss": sum(losses) / len(losses),
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
         "steps": len(batches),
         "tokens": tokens,
         "train_seconds": time.perf_counter() - started,
     }
-    state = adapters.state()
+    state = {k: v for k, v in adapters.state().items() if not frozen(k)}
     if settings.prune_threshold is not None:
         with torch.no_grad():
             trailing = float(trailing_rank_norms(list(state.items()), settings.rank_gamma).mean())

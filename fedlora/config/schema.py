@@ -209,6 +209,34 @@ class ResourcesConfig(Section):
         return self
 
 
+class PrivacyConfig(Section):
+    """Differential privacy on each client: DP-SGD through Opacus on the trainable adapter parameters.
+
+    Each local step clips every example's gradient to ``max_grad_norm`` (C) and adds Gaussian noise of
+    standard deviation ``noise_multiplier * C`` to their sum. Give the noise multiplier directly, or a
+    ``target_epsilon``: then each client gets the smallest noise multiplier for which (epsilon, ``delta``)
+    holds after ALL the steps it could take (every round, its local steps per round, sampling rate
+    batch_size / n_i), so the budget holds whichever rounds it is sampled in. ``sampling: poisson`` (what
+    the accountant assumes) or ``shuffle`` (fixed-size batches; the accountant's figure is then the usual
+    approximation). The spent epsilon of each client is tracked by the accountant across rounds.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_noise_multiplier: float = Field(50.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_noise_rule(self) -> PrivacyConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("with enabled: true give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
 class StrategyConfig(Section):
     """The federated method: ``name`` is a registered strategy; ``options`` are its own settings."""
 
@@ -259,6 +287,7 @@ class ExperimentConfig(Section):
     client: ClientConfig = Field(default_factory=ClientConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fedlora.client.trainer import LocalTrainingSettings, round_seed, train_loca
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData, Federation
+from fedlora.engine.accounting import PrivacyLedger
 from fedlora.engine.checkpoint import save_checkpoint
 from fedlora.eval.registry import run_evaluators
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
@@ -107,6 +108,7 @@ class Simulation:
     adapters: LoraAdapters
     encoder: Encoder
     strategy: Strategy
+    privacy: PrivacyLedger | None = None
 
 
 def evaluate_state(
@@ -135,6 +137,8 @@ class EmbeddedEngine:
         """One client's local training from its instruction (in process, on the shared model)."""
         sim = self.sim
         settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
+        if sim.privacy is not None:
+            settings = replace(settings, **sim.privacy.settings_for(client_id))
         result = train_locally(
             sim.adapters,
             sim.encoder,
@@ -143,6 +147,8 @@ class EmbeddedEngine:
             settings,
             round_seed(sim.cfg.federation.seed, server_round, client_id),
         )
+        if sim.privacy is not None:
+            result.metrics["epsilon"] = sim.privacy.record(client_id, int(result.metrics["steps"]))
         return ClientReply(client_id, result.state, result.num_examples, result.metrics)
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
@@ -207,6 +213,8 @@ class EmbeddedEngine:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
+        if sim.privacy is not None:
+            record["epsilon_max"] = sim.privacy.max_epsilon()
         final = server_round == cfg.federation.rounds
         if server_round % cfg.eval.every == 0 or final:
             count = len(self.final_eval_clients if final else self.eval_clients)
@@ -216,6 +224,12 @@ class EmbeddedEngine:
         record["clients"] = per_client
         record["rejected"] = rejected
         return record
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"strategy": self.sim.strategy.name}
+        if self.sim.privacy is not None:
+            meta["privacy"] = self.sim.privacy.to_json()
+        return meta
 
     def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
         """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""
@@ -227,6 +241,6 @@ class EmbeddedEngine:
                 self.run_dir / "checkpoints",
                 server_round,
                 self.sim.strategy.server_state(),
-                {"strategy": self.sim.strategy.name},
+                self.checkpoint_meta(),
                 keep=cfg.output.keep_checkpoints,
             )

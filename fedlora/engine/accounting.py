@@ -1,0 +1,125 @@
+"""The privacy ledger: each client's DP-SGD noise plan and the epsilon it has spent so far.
+
+Plan (before any training): client i with n_i training examples samples each example with probability
+q_i = min(1, batch_size / n_i) per step and takes T_i = its local steps per round x ``federation.rounds``
+steps at most. With ``privacy.target_epsilon`` its noise multiplier is the smallest sigma_i for which the
+accountant (Opacus' RDP or PRV) gives epsilon <= target at delta after T_i steps at rate q_i, so the budget
+holds whichever rounds it ends up sampled in. A plan needing sigma above ``privacy.max_noise_multiplier`` is
+refused before any work. Spent: after each round a client took part in, its history gains (sigma_i, q_i,
+steps taken) and its epsilon is the accountant's figure for that history. The ledger is saved in every
+checkpoint (JSON) so a resumed run goes on counting.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fedlora.config.loader import ConfigError
+from fedlora.config.schema import ExperimentConfig, PrivacyConfig
+from fedlora.data.encoding import steps_for
+from fedlora.data.examples import Federation
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+
+
+@lru_cache(maxsize=4096)
+def _noise_for(epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant=accountant
+        )
+    )
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is just looser
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """Per-client noise plan and spent-epsilon history."""
+
+    def __init__(self, cfg: PrivacyConfig, plan: dict[int, ClientNoise]) -> None:
+        self.cfg = cfg
+        self.plan = plan
+        self.history: dict[int, list[tuple[float, float, int]]] = {}
+
+    @classmethod
+    def for_experiment(cls, cfg: ExperimentConfig, federation: Federation) -> PrivacyLedger:
+        priv, client = cfg.privacy, cfg.client
+        plan: dict[int, ClientNoise] = {}
+        for c in federation.clients:
+            n = len(c.train)
+            rate = min(1.0, client.batch_size / n)
+            per_round = steps_for(n, client.batch_size, client.local_steps, client.local_epochs)
+            if priv.noise_multiplier is not None:
+                sigma = priv.noise_multiplier
+            else:
+                assert priv.target_epsilon is not None
+                total = per_round * cfg.federation.rounds
+                try:
+                    sigma = _noise_for(priv.target_epsilon, priv.delta, rate, total, priv.accountant)
+                except ValueError:
+                    sigma = float("inf")
+                if sigma > priv.max_noise_multiplier:
+                    raise ConfigError(
+                        f"config field 'privacy.target_epsilon': epsilon={priv.target_epsilon} at delta={priv.delta} "
+                        f"cannot be met for client {c.client_id} ({c.name}: {n} examples, sampling rate {rate:.3g}, "
+                        f"up to {total} steps over {cfg.federation.rounds} rounds) with a noise multiplier <= "
+                        f"privacy.max_noise_multiplier ({priv.max_noise_multiplier}); needs {sigma:.3g}. Raise "
+                        f"target_epsilon, take fewer rounds or local steps, or raise max_noise_multiplier."
+                    )
+            plan[c.client_id] = ClientNoise(sigma, rate, per_round)
+        return cls(priv, plan)
+
+    def settings_for(self, client_id: int) -> dict[str, Any]:
+        """Local-training settings that make client ``client_id``'s steps DP-SGD steps."""
+        noise = self.plan[client_id]
+        return {
+            "dp_noise_multiplier": noise.noise_multiplier,
+            "dp_max_grad_norm": self.cfg.max_grad_norm,
+            "dp_sampling": self.cfg.sampling,
+            "dp_sample_rate": noise.sample_rate,
+        }
+
+    def record(self, client_id: int, steps: int) -> float:
+        """Add a round of ``steps`` DP steps for the client; returns its epsilon spent so far."""
+        noise = self.plan[client_id]
+        self.history.setdefault(client_id, []).append((noise.noise_multiplier, noise.sample_rate, steps))
+        return self.epsilon(client_id)
+
+    def epsilon(self, client_id: int) -> float:
+        history = self.history.get(client_id)
+        if not history:
+            return 0.0
+        merged: dict[tuple[float, float], int] = {}  # composition: steps at one (sigma, q) add up
+        for sigma, rate, steps in history:
+            merged[(sigma, rate)] = merged.get((sigma, rate), 0) + steps
+        return _epsilon(tuple((s, q, t) for (s, q), t in merged.items()), self.cfg.delta, self.cfg.accountant)
+
+    def max_epsilon(self) -> float:
+        return max((self.epsilon(c) for c in self.history), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {str(c): [list(step) for step in steps] for c, steps in self.history.items()}
+
+    def load_json(self, data: dict[str, Any]) -> None:
+        self.history = {
+            int(c): [(float(s), float(q), int(t)) for s, q, t in steps] for c, steps in data.items()
+        }
