@@ -96,8 +96,9 @@ HETERO_RANKS = {
             "strategy.options": "{prune_threshold: 1.0e+6, prune_gamma: 0.5}",
         },
         {"strategy.name": "ffa-lora", "privacy.enabled": "true", "privacy.target_epsilon": 4.0},
+        {"strategy.name": "fedmezo", "strategy.options": "{upload: seeds, lr_strategy: round-wise}"},
     ],
-    ids=["fedit", "flexlora", "hetlora-pruning", "ffa-lora-dp"],
+    ids=["fedit", "flexlora", "hetlora-pruning", "ffa-lora-dp", "fedmezo-seeds"],
 )
 def test_resume_gives_same_adapter_as_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict

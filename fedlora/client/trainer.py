@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from fedlora.client.privacy import (
     poisson_batches,
     zero_grad_samples,
 )
+from fedlora.client.zeroth_order import train_zeroth_order
 from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -60,6 +62,13 @@ class LocalTrainingSettings:
     dp_max_grad_norm: float = 1.0
     dp_sampling: str = "poisson"
     dp_sample_rate: float | None = None
+    # Zeroth-order (MeZO) local training (fedlora.client.zeroth_order); upload "weights" or "seeds".
+    zeroth_order: bool = False
+    zo_eps: float = 1e-3
+    zo_perturbations: int = 1
+    zo_upload: str = "weights"
+    # multiplies lr (FedMeZO's personalised client learning rates)
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -109,6 +118,10 @@ def train_locally(
     ``dp_noise_multiplier`` the steps are DP-SGD steps (:mod:`fedlora.client.privacy`): per-example loss and
     clipping, Gaussian noise, Poisson-sampled batches (or fixed-size ones with ``dp_sampling: shuffle``).
     """
+    if settings.lr_scale != 1.0:
+        settings = replace(settings, lr=settings.lr * settings.lr_scale, lr_scale=1.0)
+    if settings.zeroth_order:
+        return train_locally_zeroth_order(adapters, encoder, client, start_state, settings, seed)
     frozen = (lambda key: ".lora_A." in key) if settings.freeze_lora_a else (lambda key: False)
     adapters.load(start_state, partial=settings.freeze_lora_a)
     model = adapters.model
@@ -185,4 +198,52 @@ def train_locally(
         if trailing < settings.prune_threshold:
             profile = adapters.active_profile.pruned(settings.rank_gamma)
             state = truncate_state(state, profile, adapters.cfg.alpha)
+    return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)
+
+
+def train_locally_zeroth_order(
+    adapters: LoraAdapters,
+    encoder: Encoder,
+    client: ClientData,
+    start_state: AdapterState,
+    settings: LocalTrainingSettings,
+    seed: int,
+) -> LocalResult:
+    """MeZO steps on the adapter (:mod:`fedlora.client.zeroth_order`): forward passes only, eval mode.
+
+    Replies with the trained adapter (``zo_upload: weights``) or with the steps record
+    (``zo_upload: seeds``: seeds, projected gradients and learning rates) that the server replays.
+    """
+    adapters.load(start_state)
+    model = adapters.model
+    assert model is not None
+    model.eval()
+    encoded = encoder.encode_all(client.train)
+    steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
+    batches = batches_for_steps(encoded, settings.batch_size, steps, torch.Generator().manual_seed(seed))
+    pad_token_id = encoder.tokenizer.pad_token_id
+    tokens = 0
+
+    def loss_of(items: list[dict[str, Any]]) -> Callable[[], float]:
+        batch = collate(items, pad_token_id)
+
+        def loss() -> float:
+            with torch.no_grad():
+                return float(batch_loss(model, batch, encoder.task))
+
+        return loss
+
+    for items in batches:
+        tokens += sum(len(item["input_ids"]) for item in items)
+    record, metrics = train_zeroth_order(
+        adapters.trainable_parameters(),
+        [loss_of(items) for items in batches],
+        seed,
+        settings.zo_eps,
+        settings.lr,
+        settings.weight_decay,
+        settings.zo_perturbations,
+    )
+    metrics["tokens"] = tokens
+    state = record if settings.zo_upload == "seeds" else adapters.state()
     return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)

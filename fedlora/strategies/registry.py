@@ -8,6 +8,7 @@ from fedlora.config.loader import ConfigError
 from fedlora.config.schema import StrategyConfig
 from fedlora.strategies.base import Strategy
 from fedlora.strategies.fedavg import FedAvg, FedIT, FedProx
+from fedlora.strategies.fedmezo import FedMeZO
 from fedlora.strategies.ffa_lora import FFALoRA
 from fedlora.strategies.flexlora import FlexLoRA
 from fedlora.strategies.hetlora import HetLoRA
@@ -19,6 +20,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     FlexLoRA.name: FlexLoRA,
     HetLoRA.name: HetLoRA,
     FFALoRA.name: FFALoRA,
+    FedMeZO.name: FedMeZO,
 }
 
 

@@ -1,0 +1,161 @@
+"""Zeroth-order local training (MeZO: SPSA with the seed trick) at inference-level memory.
+
+One step t on a batch, with the trainable tensors theta (in a fixed order) and n >= 1 perturbations:
+
+    for j in 1..n:  s_tj = seed of (round seed, t, j);  z_j ~ N(0, I) regenerated from s_tj, never stored
+                    theta += eps z_j;  L+ = loss;  theta -= 2 eps z_j;  L- = loss;  theta += eps z_j
+                    g_tj = (L+ - L-) / (2 eps)                                   (projected gradient)
+    theta -= lr_t * ( (1/n) sum_j g_tj z_j  +  wd * theta )   (no weight decay on biases and norms)
+
+Forward passes only, in eval mode (no dropout), under ``torch.no_grad``: no activations, gradients or
+optimizer state are kept. z_j is drawn tensor by tensor on the CPU from ``torch.Generator().manual_seed(s_tj)``
+in a fixed tensor order (sorted by name), so a whole round is determined by (start adapter, [(s_tj, g_tj)], [lr_t]):
+:func:`replay` reproduces the client's adapter bit for bit from those numbers (same platform), which lets a
+client upload a few bytes per step instead of its adapter (FedKSeed's idea). The client and the server run
+the very same :func:`perturb` / :func:`apply_update` code on tensors in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fedlora.adapters.state import AdapterState
+
+SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY = (
+    "zo.seeds",
+    "zo.projected_grads",
+    "zo.lrs",
+    "zo.weight_decay",
+)
+
+
+def step_seed(round_seed: int, step: int, perturbation: int) -> int:
+    """63-bit seed of perturbation j of step t, from the client's round seed."""
+    digest = hashlib.sha256(f"{round_seed}/zo/{step}/{perturbation}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def decays(key: str) -> bool:
+    """Weight decay applies to weights, not to biases and normalisation parameters."""
+    lowered = key.lower()
+    return not (lowered.endswith("bias") or "norm" in lowered)
+
+
+@torch.no_grad()
+def perturb(tensors: list[torch.Tensor], seed: int, scale: float) -> None:
+    """theta += scale * z(seed), z drawn tensor by tensor in order from one seeded CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    for t in tensors:
+        t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype), alpha=scale)
+
+
+@torch.no_grad()
+def apply_update(
+    named: list[tuple[str, torch.Tensor]],
+    seeds: list[int],
+    grads: list[float],
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """theta -= lr * ((1/n) sum_j g_j z_j + wd * theta), regenerating each z_j in the perturbation order."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    n = len(seeds)
+    for key, t in named:
+        direction = torch.zeros_like(t)
+        for generator, g in zip(generators, grads, strict=True):
+            direction.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype), alpha=g / n)
+        if weight_decay and decays(key):
+            direction.add_(t, alpha=weight_decay)
+        t.sub_(direction, alpha=lr)
+
+
+def zo_step(
+    named: list[tuple[str, torch.Tensor]],
+    loss_fn: Callable[[], float],
+    seeds: list[int],
+    eps: float,
+    lr: float,
+    weight_decay: float,
+) -> tuple[list[float], float]:
+    """One MeZO step in place; returns the projected gradients g_j and the mean of L+ and L-."""
+    tensors = [t for _, t in named]
+    grads, losses = [], []
+    for seed in seeds:
+        perturb(tensors, seed, eps)
+        loss_plus = loss_fn()
+        perturb(tensors, seed, -2 * eps)
+        loss_minus = loss_fn()
+        perturb(tensors, seed, eps)
+        grads.append((loss_plus - loss_minus) / (2 * eps))
+        losses += [loss_plus, loss_minus]
+    apply_update(named, seeds, grads, lr, weight_decay)
+    return grads, sum(losses) / len(losses)
+
+
+def replay(start: AdapterState, record: AdapterState, eps: float, weight_decay: float) -> AdapterState:
+    """The adapter a client ends its round with, from its start adapter and its uploaded steps.
+
+    ``record``: ``zo.seeds`` (int64, steps x n), ``zo.projected_grads`` (float64, steps x n), ``zo.lrs``
+    (float64, steps). The same perturbation arithmetic as on the client, without the forward passes.
+    """
+    state = {k: v.clone() for k, v in start.items()}
+    named = [(k, state[k]) for k in sorted(state)]
+    tensors = [t for _, t in named]
+    seeds, grads, lrs = record[SEEDS_KEY].tolist(), record[GRADS_KEY].tolist(), record[LRS_KEY].tolist()
+    for step_seeds, step_grads, lr in zip(seeds, grads, lrs, strict=True):
+        for seed in step_seeds:
+            perturb(tensors, seed, eps)
+            perturb(tensors, seed, -2 * eps)
+            perturb(tensors, seed, eps)
+        apply_update(named, step_seeds, step_grads, lr, weight_decay)
+    return state
+
+
+def steps_record(
+    seeds: list[list[int]], grads: list[list[float]], lrs: list[float], weight_decay: float
+) -> AdapterState:
+    """The seed-based upload as tensors (safetensors on the wire)."""
+    return {
+        SEEDS_KEY: torch.tensor(seeds, dtype=torch.int64),
+        GRADS_KEY: torch.tensor(grads, dtype=torch.float64),
+        LRS_KEY: torch.tensor(lrs, dtype=torch.float64),
+        WEIGHT_DECAY_KEY: torch.tensor(weight_decay, dtype=torch.float64),
+    }
+
+
+def train_zeroth_order(
+    named: list[tuple[str, torch.Tensor]],
+    batch_losses: list[Callable[[], float]],
+    round_seed: int,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    perturbations: int,
+) -> tuple[AdapterState, dict[str, Any]]:
+    """Run one MeZO step per batch loss function; returns the steps record and the metrics.
+
+    ``named`` is put in the canonical order (sorted by name) that :func:`replay` uses too.
+    """
+    named = sorted(named, key=lambda item: item[0])
+    started = time.perf_counter()
+    seeds, grads, lrs, losses = [], [], [], []
+    for step, loss_fn in enumerate(batch_losses):
+        step_seeds = [step_seed(round_seed, step, j) for j in range(perturbations)]
+        g, loss = zo_step(named, loss_fn, step_seeds, eps, lr, weight_decay)
+        seeds.append(step_seeds)
+        grads.append(g)
+        lrs.append(lr)
+        losses.append(loss)
+    metrics = {
+        "train_loss": sum(losses) / len(losses),
+        "steps": len(losses),
+        "forward_passes": 2 * perturbations * len(losses),
+        "train_seconds": time.perf_counter() - started,
+        "lr": lr,
+    }
+    return steps_record(seeds, grads, lrs, weight_decay), metrics

@@ -1,0 +1,188 @@
+"""FedMeZO (Ling et al., 2024): zeroth-order local training, FedAvg, personalised client learning rates.
+
+Clients run MeZO steps on the adapter (:mod:`fedlora.client.zeroth_order`); the server averages the
+adapters weighted by examples (p_i = n_i / sum n_j). With ``upload: seeds`` a client sends its steps
+(seeds, projected gradients, learning rates) instead of its adapter and the server replays them from the
+round's start adapter, bit for bit.
+
+Client learning rate eta_i = eta * (1 + spread * u_i), eta = ``client.lr``, Delta = spread * eta, u_i in [-1, 1]:
+
+- ``frozen``: u_i = 0;
+- ``random``: u_i ~ U[-1, 1], seeded by (run seed, round, client);
+- ``round-wise``: d_i = L_i - mean(L), L_i the client's training loss in the last round it took part in,
+  mean over this round's sampled clients that have one; u_i = d_i / max |d|;
+- ``five-round``: the same with L_i its mean training loss over its rounds among the last five;
+- ``model-diff``: D_i = ||update_i - sum_j p_j update_j|| (update = adapter after - adapter before, the whole
+  adapter as one vector) from the last round it took part in; d_i = D_i - mean(D); u_i = d_i / max |d|.
+
+Clients with a higher loss or a larger drift get a larger rate; a client with no history (or when all d are
+0) gets eta. Works for any number of clients and for partial participation (the reference code assumed 3).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from fedlora.adapters.state import AdapterState
+from fedlora.client.zeroth_order import GRADS_KEY, LRS_KEY, SEEDS_KEY, WEIGHT_DECAY_KEY, replay
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    Strategy,
+    StrategyOptions,
+    check_same_layout,
+    example_weights,
+    weighted_average,
+)
+
+HISTORY_KEY = "__fedmezo_history__"
+
+
+class FedMeZOOptions(StrategyOptions):
+    eps: float = Field(1e-3, gt=0.0, description="perturbation scale of the two-point estimate")
+    perturbations: int = Field(1, ge=1, description="perturbations per step (their estimates are averaged)")
+    lr_strategy: Literal["frozen", "random", "round-wise", "five-round", "model-diff"] = "frozen"
+    lr_spread: float = Field(
+        0.5, ge=0.0, lt=1.0, description="Delta / eta: client rates in eta * (1 +- spread)"
+    )
+    upload: Literal["weights", "seeds"] = "weights"
+
+
+class FedMeZO(Strategy):
+    """FedAvg of zeroth-order-trained adapters with personalised client learning rates."""
+
+    name = "fedmezo"
+    Options: ClassVar[type[StrategyOptions]] = FedMeZOOptions
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        super().__init__(options)
+        # client -> [(round, train loss, drift or nan)]
+        self.history: dict[int, list[tuple[int, float, float]]] = {}
+        self._replayed: dict[int, AdapterState] = {}
+
+    # --- learning rates -------------------------------------------------------------------------------
+    def signal(self, client_id: int, server_round: int) -> float | None:
+        """The client's d-signal input for the configured strategy (None = no history)."""
+        entries = self.history.get(client_id, [])
+        kind = self.options.lr_strategy  # type: ignore[attr-defined]
+        if not entries:
+            return None
+        if kind == "round-wise":
+            return entries[-1][1]
+        if kind == "five-round":
+            recent = [loss for r, loss, _ in entries if server_round - 5 <= r < server_round]
+            return sum(recent) / len(recent) if recent else None
+        if kind == "model-diff":
+            drift = entries[-1][2]
+            return None if math.isnan(drift) else drift
+        return None
+
+    def lr_scales(self, server_round: int, client_ids: list[int]) -> dict[int, float]:
+        """1 + spread * u_i for each sampled client (see the module docstring)."""
+        opts = self.options
+        kind, spread = opts.lr_strategy, opts.lr_spread  # type: ignore[attr-defined]
+        if kind == "frozen" or spread == 0:
+            return dict.fromkeys(client_ids, 1.0)
+        if kind == "random":
+            return {
+                c: 1.0 + spread * random.Random(f"{self.seed}/lr/{server_round}/{c}").uniform(-1, 1)
+                for c in client_ids
+            }
+        signals = {c: self.signal(c, server_round) for c in client_ids}
+        known = {c: v for c, v in signals.items() if v is not None}
+        scales = dict.fromkeys(client_ids, 1.0)
+        if not known:
+            return scales
+        mean = sum(known.values()) / len(known)
+        d = {c: v - mean for c, v in known.items()}
+        top = max(abs(x) for x in d.values())
+        if top > 0:
+            scales.update({c: 1.0 + spread * x / top for c, x in d.items()})
+        return scales
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        opts = self.options
+        scales = self.lr_scales(server_round, client_ids)
+        return {
+            c: ClientInstruction(
+                self.global_state,
+                {
+                    "zeroth_order": True,
+                    "zo_eps": opts.eps,  # type: ignore[attr-defined]
+                    "zo_perturbations": opts.perturbations,  # type: ignore[attr-defined]
+                    "zo_upload": opts.upload,  # type: ignore[attr-defined]
+                    "lr_scale": scales[c],
+                },
+            )
+            for c in client_ids
+        }
+
+    # --- replies --------------------------------------------------------------------------------------
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        if self.options.upload == "weights":  # type: ignore[attr-defined]
+            return super().validate_reply(instruction, reply)
+        if reply.num_examples <= 0:
+            return f"num_examples is {reply.num_examples}"
+        record = reply.payload
+        if set(record) != {SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY}:
+            return f"a seed-based reply needs {SEEDS_KEY}, {GRADS_KEY}, {LRS_KEY}, {WEIGHT_DECAY_KEY}; got {sorted(record)}"
+        seeds, grads, lrs = record[SEEDS_KEY], record[GRADS_KEY], record[LRS_KEY]
+        n = self.options.perturbations  # type: ignore[attr-defined]
+        if (
+            seeds.ndim != 2
+            or seeds.shape[1] != n
+            or grads.shape != seeds.shape
+            or lrs.shape != (seeds.shape[0],)
+        ):
+            return f"step record shapes {tuple(seeds.shape)}, {tuple(grads.shape)}, {tuple(lrs.shape)} (expected T x {n})"
+        if not (torch.isfinite(grads).all() and torch.isfinite(lrs).all()):
+            return "non-finite projected gradients or learning rates"
+        state = replay(
+            instruction.payload,
+            record,
+            self.options.eps,  # type: ignore[attr-defined]
+            float(record[WEIGHT_DECAY_KEY]),
+        )
+        reason = check_same_layout(instruction.payload, state)
+        if reason is None:
+            self._replayed[reply.client_id] = state
+        return reason
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        start = self.global_state
+        states = [
+            self._replayed.pop(r.client_id) if self.options.upload == "seeds" else r.payload  # type: ignore[attr-defined]
+            for r in replies
+        ]
+        self._replayed.clear()
+        weights = example_weights(replies)
+        self.global_state = weighted_average(states, weights)
+        updates = [torch.cat([(s[k] - start[k]).double().flatten() for k in start]) for s in states]
+        mean_update = sum(w * u for w, u in zip(weights, updates, strict=True))
+        for reply, update in zip(replies, updates, strict=True):
+            drift = float((update - mean_update).norm())
+            loss = float(reply.metrics.get("train_loss", float("nan")))
+            self.history.setdefault(reply.client_id, []).append((server_round, loss, drift))
+        return self.global_state
+
+    # --- resume ---------------------------------------------------------------------------------------
+    def server_state(self) -> dict[str, torch.Tensor]:
+        rows = [
+            [c, r, loss, drift] for c, entries in sorted(self.history.items()) for r, loss, drift in entries
+        ]
+        table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+        return {**super().server_state(), HISTORY_KEY: table}
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        table = tensors.pop(HISTORY_KEY, None)
+        super().load_server_state(tensors)
+        self.history = {}
+        if table is not None:
+            for c, r, loss, drift in table.tolist():
+                self.history.setdefault(int(c), []).append((int(r), loss, drift))

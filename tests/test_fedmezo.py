@@ -1,0 +1,162 @@
+"""FedMeZO: the MeZO step by hand, bit-exact replay of seed uploads, personalised learning rates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fedlora.adapters.ranks import RankProfile
+from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.client.zeroth_order import GRADS_KEY, perturb, replay, zo_step
+from fedlora.config import load_config
+from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.runner import build_simulation
+from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup
+from fedlora.strategies.fedmezo import FedMeZO, FedMeZOOptions
+
+
+def test_mezo_step_matches_the_rule_by_hand() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=gen)
+    bias = torch.randn(3, generator=gen)
+    target = torch.randn(5, 3, generator=gen)
+    named = [("layer.weight", w), ("layer.bias", bias)]
+    w0, b0 = w.clone(), bias.clone()
+
+    def loss() -> float:
+        return float(((w - target) ** 2).sum() + (bias**2).sum())
+
+    eps, lr, wd, seeds = 1e-3, 0.01, 0.1, [11, 12]
+    grads, _ = zo_step(named, loss, seeds, eps, lr, wd)
+    # by hand: z_j regenerated from each seed in tensor order; two-point estimates; decay on weights only
+    expected_w, expected_b = w0.clone(), b0.clone()
+    dir_w, dir_b = torch.zeros_like(w0), torch.zeros_like(b0)
+    for seed, g in zip(seeds, grads):
+        gen = torch.Generator().manual_seed(seed)
+        zw, zb = torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen)
+
+        def at(scale: float, zw: torch.Tensor = zw, zb: torch.Tensor = zb) -> float:
+            return float(((w0 + scale * zw - target) ** 2).sum() + ((b0 + scale * zb) ** 2).sum())
+
+        assert g == pytest.approx((at(eps) - at(-eps)) / (2 * eps), rel=1e-3, abs=1e-3)
+        dir_w += g / 2 * zw
+        dir_b += g / 2 * zb
+    expected_w -= lr * (dir_w + wd * w0)
+    expected_b -= lr * dir_b  # no weight decay on biases
+    torch.testing.assert_close(w, expected_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias, expected_b, rtol=1e-5, atol=1e-5)
+
+
+def test_perturbation_is_regenerated_not_stored() -> None:
+    t = torch.zeros(4, 4)
+    perturb([t], seed=5, scale=1.0)
+    again = torch.zeros(4, 4)
+    perturb([again], seed=5, scale=1.0)
+    assert torch.equal(t, again) and t.abs().sum() > 0
+
+
+@pytest.mark.parametrize("perturbations", [1, 3])
+def test_seed_upload_replays_to_the_same_adapter_bit_for_bit(tmp_path: Path, perturbations: int) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"adapter.dropout": 0.1}))
+    sim, _ = build_simulation(cfg)
+    client = sim.federation.clients[1]
+    start = {k: v + 0.01 for k, v in sim.strategy.global_state.items()}
+    common = dict(
+        optimizer="sgd",
+        lr=5e-3,
+        weight_decay=0.01,
+        local_steps=6,
+        batch_size=2,
+        zeroth_order=True,
+        zo_eps=1e-3,
+        zo_perturbations=perturbations,
+    )
+    weights = train_locally(
+        sim.adapters, sim.encoder, client, start, LocalTrainingSettings(**common), seed=42
+    )
+    seeds = train_locally(
+        sim.adapters, sim.encoder, client, start, LocalTrainingSettings(**common, zo_upload="seeds"), seed=42
+    )
+    assert seeds.state[GRADS_KEY].shape == (6, perturbations)
+    rebuilt = replay(start, seeds.state, eps=1e-3, weight_decay=0.01)
+    assert rebuilt.keys() == weights.state.keys()
+    assert all(torch.equal(rebuilt[k], weights.state[k]) for k in rebuilt)
+    assert any(not torch.equal(rebuilt[k], start[k]) for k in rebuilt)
+    assert all(p.grad is None for p in sim.adapters.model.parameters())  # no autograd, no optimizer state
+
+
+def strategy_with(kind: str, clients: int = 6) -> FedMeZO:
+    s = FedMeZO(FedMeZOOptions(lr_strategy=kind, lr_spread=0.5))
+    s.initialize(
+        ServerSetup(
+            {"m.lora_A.weight": torch.zeros(2, 3)},
+            {i: RankProfile.uniform(2) for i in range(clients)},
+            16.0,
+            seed=1,
+        )
+    )
+    return s
+
+
+def test_personalised_learning_rates_any_number_of_clients_and_partial_participation() -> None:
+    s = strategy_with("round-wise")
+    assert s.lr_scales(1, [0, 1, 2]) == {0: 1.0, 1: 1.0, 2: 1.0}  # no history yet
+    s.history = {
+        0: [(1, 2.0, 0.1)],
+        1: [(1, 4.0, 0.3)],
+        2: [(2, 3.0, 0.9)],
+        3: [(1, 9.0, 0.2), (2, 1.0, 0.5)],
+    }
+    # sampled 0, 1, 3, 5: losses 2, 4, 1 (client 3's last), none for 5 -> mean 7/3; d = -1/3, 5/3, -4/3
+    scales = s.lr_scales(3, [0, 1, 3, 5])
+    assert scales[1] == pytest.approx(1.5) and scales[3] == pytest.approx(1 - 0.5 * 4 / 5)
+    assert scales[0] == pytest.approx(1 - 0.5 * 1 / 5) and scales[5] == 1.0
+    s.options = FedMeZOOptions(lr_strategy="five-round", lr_spread=0.5)
+    # client 3 over the last five rounds: mean(9, 1) = 5; client 0: 2 -> d = -1.5, +1.5
+    five = s.lr_scales(3, [0, 3])
+    assert five == {0: pytest.approx(0.5), 3: pytest.approx(1.5)}
+    s.options = FedMeZOOptions(lr_strategy="model-diff", lr_spread=0.5)
+    drift = s.lr_scales(3, [0, 1, 2])  # drifts 0.1, 0.3, 0.9 -> d = -0.333, -0.133, 0.467
+    assert drift[2] == pytest.approx(1.5) and drift[0] < drift[1] < 1.0
+    s.options = FedMeZOOptions(lr_strategy="random", lr_spread=0.5)
+    r = s.lr_scales(4, list(range(6)))
+    assert (
+        r == s.lr_scales(4, list(range(6)))
+        and all(0.5 <= v <= 1.5 for v in r.values())
+        and len(set(r.values())) == 6
+    )
+    s.options = FedMeZOOptions(lr_strategy="frozen", lr_spread=0.5)
+    assert set(s.lr_scales(4, [0, 1]).values()) == {1.0}
+
+
+def test_seed_uploads_are_tiny_and_a_bad_record_is_rejected(tmp_path: Path) -> None:
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "strategy.name": "fedmezo",
+            "strategy.options": "{upload: seeds}",
+            "client.local_steps": 5,
+            "client.lr": 1e-3,
+        },
+    )
+    sim, _ = build_simulation(load_config(None, overrides))
+    engine = EmbeddedEngine(sim, tmp_path)
+    original = engine.run_client
+    victim = []
+
+    def corrupt(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        if not victim:
+            victim.append(client_id)
+            reply.payload[GRADS_KEY][0, 0] = float("nan")
+        return reply
+
+    engine.run_client = corrupt
+    record = engine.run_round(1)
+    assert [r["client"] for r in record["rejected"]] == victim and "non-finite" in record["rejected"][0][
+        "reason"
+    ]
+    assert record["bytes_up"] < record["bytes_down"] / 10  # seeds and scalars instead of the adapter
+    reply = ClientReply(0, {"zo.seeds": torch.zeros(2, 2, dtype=torch.int64)}, 3)
+    assert "needs" in sim.strategy.validate_reply(ClientInstruction(sim.strategy.global_state), reply)
