@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -221,6 +222,7 @@ class EmbeddedEngine:
             self.status(f"round {server_round}: evaluating on {count} clients")
             record.update(self.evaluate(final))
         record["seconds"] = time.perf_counter() - started
+        record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
         record["clients"] = per_client
         record["rejected"] = rejected
         return record

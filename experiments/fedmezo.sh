@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# FedMeZO's five learning-rate rules and first-order FedAvg (AdamW) on one federation (docs/fedmezo.md),
+# two runs at a time (one torch thread each), then one comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/fedmezo}
+FEDLORA=${FEDLORA:-.venv/bin/fedlora}
+CONFIG=configs/fedmezo-reasoning.yaml
+run() {  # name, overrides...
+  local name=$1; shift
+  if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
+  local resume=(); [ -f "$OUT/$name/metrics.jsonl" ] && resume=(--resume "$OUT/$name")
+  "$FEDLORA" run "$CONFIG" "$@" --output "$OUT/$name" --no-progress "${resume[@]}" > "$OUT/$name.log" 2>&1
+}
+mkdir -p "$OUT"
+rule() { echo "strategy.options={eps: 1.0e-3, lr_strategy: $1, lr_spread: 0.5, upload: seeds}"; }
+run fedavg-adamw strategy.name=fedavg client.optimizer=adamw client.lr=3.0e-4 strategy.options={} & run mezo-frozen "$(rule frozen)" & wait
+run mezo-random "$(rule random)" & run mezo-round-wise "$(rule round-wise)" & wait
+run mezo-five-round "$(rule five-round)" & run mezo-model-diff "$(rule model-diff)" & wait
+"$FEDLORA" compare "$OUT"/fedavg-adamw "$OUT"/mezo-* --output "$OUT/compare"
