@@ -83,13 +83,26 @@ class PartitionConfig(Section):
 
 
 class FederationConfig(Section):
-    """Who takes part: ``num_clients`` (None = as many as the data yields), sampling per round, rounds."""
+    """Who takes part: ``num_clients`` (None = as many as the data yields), sampling per round, rounds.
+
+    Robustness: a round with fewer than ``min_replies`` valid replies is skipped (the global adapter stays)
+    or retried with a fresh sample up to ``max_retries`` times (``on_too_few``). A reply whose update
+    (reply - what the client was sent, all tensors as one vector) has a norm above ``max_update_norm``, or
+    above ``max_update_norm_ratio`` times the median of the round's updates, is rejected; with
+    ``clip_update_norm`` the accepted updates are scaled down to that norm before aggregation.
+    """
 
     num_clients: int | None = Field(None, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, le=1.0)
     rounds: int = Field(3, ge=1)
     seed: int = 0
+    min_replies: int = Field(1, ge=1)
+    on_too_few: Literal["skip", "retry"] = "skip"
+    max_retries: int = Field(2, ge=0)
+    max_update_norm: float | None = Field(None, gt=0.0)
+    max_update_norm_ratio: float | None = Field(100.0, gt=1.0)
+    clip_update_norm: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
@@ -103,6 +116,25 @@ class FederationConfig(Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) is above num_clients ({self.num_clients})"
             )
+        return self
+
+
+class FaultsConfig(Section):
+    """Failure injection (embedded engine): fractions of the sampled clients that drop out (no reply),
+    straggle past the round deadline (reply discarded) or return a corrupted update of one of ``kinds``."""
+
+    dropout: float = Field(0.0, ge=0.0, le=1.0)
+    straggler: float = Field(0.0, ge=0.0, le=1.0)
+    corrupt: float = Field(0.0, ge=0.0, le=1.0)
+    kinds: list[Literal["nan", "inf", "shape", "rank", "norm"]] = Field(
+        default_factory=lambda: ["nan", "inf", "shape", "rank", "norm"], min_length=1
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> FaultsConfig:
+        if self.dropout + self.straggler + self.corrupt > 1.0:
+            raise ValueError("dropout + straggler + corrupt must be <= 1")
         return self
 
 
@@ -288,6 +320,7 @@ class ExperimentConfig(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

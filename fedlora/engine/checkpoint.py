@@ -64,12 +64,23 @@ def save_checkpoint(
     (tmp / META).write_text(json.dumps(record, indent=1))
     for name in (TENSORS, META):
         _fsync(tmp / name)
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # a damaged checkpoint of this round from an earlier attempt: move it aside atomically
+        _discard(root, final)
     os.replace(tmp, final)
     _fsync(root)
     for old in sorted(list_rounds(root))[:-keep]:
-        shutil.rmtree(root / f"round_{old}", ignore_errors=True)
+        _discard(root, root / f"round_{old}")
+    for leftover in root.glob(".trash_*"):  # from a process killed while deleting
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _discard(root: Path, folder: Path) -> None:
+    """Rename first (atomic: the checkpoint disappears whole), then delete, so that a kill at any moment
+    never leaves a half-deleted checkpoint that looks like a real one."""
+    trash = root / f".trash_{folder.name}_{os.getpid()}"
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_rounds(root: Path) -> list[int]:

@@ -30,6 +30,7 @@ from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData, Federation
 from fedlora.engine.accounting import PrivacyLedger
 from fedlora.engine.checkpoint import save_checkpoint
+from fedlora.engine.faults import DROPOUT, STRAGGLER, corrupt, plan_faults
 from fedlora.eval.registry import run_evaluators
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 
@@ -44,9 +45,29 @@ def payload_rank(payload: AdapterState) -> str:
         return "?"
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
-    """``per_round`` distinct client ids, sorted; depends only on (seed, round)."""
-    rng = random.Random(f"{seed}/sample/{server_round}")
+def same_shapes(sent: AdapterState, got: AdapterState) -> bool:
+    """Whether ``got`` is an update of ``sent`` (same tensor names and shapes); seed records and pruned
+    replies are not."""
+    return sent.keys() == got.keys() and all(got[k].shape == v.shape for k, v in sent.items())
+
+
+def update_norm(sent: AdapterState, got: AdapterState) -> float:
+    """||got - sent|| over all tensors as one vector (float64)."""
+    return float(sum(float((got[k].double() - sent[k].double()).pow(2).sum()) for k in sent) ** 0.5)
+
+
+def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> AdapterState:
+    """sent + factor * (got - sent), tensor by tensor."""
+    return {
+        k: (sent[k].double() + factor * (got[k].double() - sent[k].double())).to(got[k].dtype) for k in got
+    }
+
+
+def sample_clients(
+    num_clients: int, per_round: int, seed: int, server_round: int, attempt: int = 0
+) -> list[int]:
+    """``per_round`` distinct client ids, sorted; depends only on (seed, round, attempt)."""
+    rng = random.Random(f"{seed}/sample/{server_round}" + (f"/retry{attempt}" if attempt else ""))
     return sorted(rng.sample(range(num_clients), per_round))
 
 
@@ -159,19 +180,14 @@ class EmbeddedEngine:
         clients = self.final_eval_clients if final else self.eval_clients
         return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names)
 
-    def run_round(self, server_round: int) -> dict[str, Any]:
-        """One full round; returns its metrics record."""
+    def collect_replies(self, server_round: int, attempt: int, sampled: list[int]) -> dict[str, Any]:
+        """Configure, run and validate the sampled clients of one attempt at a round."""
         sim, cfg = self.sim, self.sim.cfg
-        started = time.perf_counter()
-        torch.set_num_threads(cfg.client.num_threads)
-        sampled = sample_clients(
-            len(sim.federation.clients), self.per_round, cfg.federation.seed, server_round
-        )
         instructions = sim.strategy.configure(server_round, sampled)
-        replies: list[ClientReply] = []
-        rejected: list[dict[str, Any]] = []
-        per_client: list[dict[str, Any]] = []
-        bytes_down = bytes_up = 0
+        faults = plan_faults(cfg.faults, cfg.federation.seed, server_round, attempt, sampled)
+        out: dict[str, Any] = {"replies": [], "rejected": [], "clients": [], "bytes_down": 0, "bytes_up": 0}
+        out["faults"] = {"dropped": [], "late": [], "corrupted": []}
+        updates: dict[int, float] = {}
         payload_sizes: dict[
             int, int
         ] = {}  # one serialisation per distinct payload object (often all share one)
@@ -181,11 +197,25 @@ class EmbeddedEngine:
             payload_key = id(instruction.payload)
             if payload_key not in payload_sizes:
                 payload_sizes[payload_key] = wire_size(instruction.payload)
-            bytes_down += payload_sizes[payload_key]
+            out["bytes_down"] += payload_sizes[payload_key]
+            fault = faults.get(client_id)
+            if fault is not None and fault.kind in (DROPOUT, STRAGGLER):
+                what = (
+                    "dropped out: no reply"
+                    if fault.kind == DROPOUT
+                    else "straggler: reply past the round deadline"
+                )
+                out["faults"]["dropped" if fault.kind == DROPOUT else "late"].append(client_id)
+                out["rejected"].append({"client": client_id, "reason": what})
+                log.warning("round %d: client %d %s", server_round, client_id, what)
+                continue
             reply = self.run_client(server_round, client_id, instruction)
+            if fault is not None:
+                reply.payload = corrupt(reply.payload, fault.corruption or "nan")
+                out["faults"]["corrupted"].append({"client": client_id, "kind": fault.corruption})
             size_up = wire_size(reply.payload)
-            bytes_up += size_up
-            per_client.append(
+            out["bytes_up"] += size_up
+            out["clients"].append(
                 {
                     "client": client_id,
                     "num_examples": reply.num_examples,
@@ -195,15 +225,78 @@ class EmbeddedEngine:
                 }
             )
             reason = sim.strategy.validate_reply(instruction, reply)
+            if reason is None and same_shapes(instruction.payload, reply.payload):
+                norm = update_norm(instruction.payload, reply.payload)
+                limit = cfg.federation.max_update_norm
+                if limit is not None and norm > limit:
+                    reason = f"update norm {norm:.3g} above federation.max_update_norm ({limit})"
+                updates[client_id] = norm
             if reason is not None:
                 log.warning("round %d: rejected the reply of client %d: %s", server_round, client_id, reason)
-                rejected.append({"client": client_id, "reason": reason})
+                out["rejected"].append({"client": client_id, "reason": reason})
                 continue
-            replies.append(reply)
-        if replies:
+            out["replies"].append((instruction, reply))
+        self.screen_update_norms(server_round, out, updates)
+        return out
+
+    def screen_update_norms(self, server_round: int, out: dict[str, Any], norms: dict[int, float]) -> None:
+        """Reject updates far above the round's median norm; clip the others if configured."""
+        fed = self.sim.cfg.federation
+        kept = []
+        valid = sorted(norms[r.client_id] for _, r in out["replies"] if r.client_id in norms)
+        median = valid[len(valid) // 2] if valid else 0.0
+        for instruction, reply in out["replies"]:
+            norm = norms.get(reply.client_id)
+            ratio = fed.max_update_norm_ratio
+            if norm is not None and ratio and len(valid) >= 3 and median > 0 and norm > ratio * median:
+                reason = (
+                    f"update norm {norm:.3g} is {norm / median:.3g}x the round's median "
+                    f"(above federation.max_update_norm_ratio {fed.max_update_norm_ratio})"
+                )
+                log.warning(
+                    "round %d: rejected the reply of client %d: %s", server_round, reply.client_id, reason
+                )
+                out["rejected"].append({"client": reply.client_id, "reason": reason})
+                continue
+            if norm is not None and fed.clip_update_norm is not None and norm > fed.clip_update_norm:
+                reply.payload = clip_update(instruction.payload, reply.payload, fed.clip_update_norm / norm)
+            kept.append(reply)
+        out["replies"] = kept
+
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        """One full round (with retries when too few replies are valid); returns its metrics record."""
+        sim, cfg = self.sim, self.sim.cfg
+        fed = cfg.federation
+        started = time.perf_counter()
+        torch.set_num_threads(cfg.client.num_threads)
+        attempts = 1 + (fed.max_retries if fed.on_too_few == "retry" else 0)
+        totals = {"bytes_down": 0, "bytes_up": 0, "clients": [], "rejected": []}
+        faults: dict[str, list[Any]] = {"dropped": [], "late": [], "corrupted": []}
+        for attempt in range(attempts):
+            sampled = sample_clients(
+                len(sim.federation.clients), self.per_round, fed.seed, server_round, attempt
+            )
+            got = self.collect_replies(server_round, attempt, sampled)
+            for key in totals:
+                totals[key] += got[key]
+            for key in faults:
+                faults[key] += got["faults"][key]
+            replies = got["replies"]
+            if len(replies) >= fed.min_replies:
+                break
+            log.warning(
+                "round %d attempt %d: %d valid replies, fewer than federation.min_replies (%d)",
+                server_round,
+                attempt + 1,
+                len(replies),
+                fed.min_replies,
+            )
+        status = "aggregated" if len(replies) >= fed.min_replies else "skipped"
+        if status == "aggregated":
             sim.strategy.aggregate(server_round, replies)
         else:
-            log.warning("round %d: no valid reply; the global adapter is unchanged", server_round)
+            log.warning("round %d skipped: the global adapter is unchanged", server_round)
+            replies = []
         total = sum(r.num_examples for r in replies)
         train_loss = sum(r.metrics["train_loss"] * r.num_examples for r in replies) / total if total else None
         record: dict[str, Any] = {
@@ -211,9 +304,13 @@ class EmbeddedEngine:
             "train_loss": train_loss,
             "num_clients": len(replies),
             "num_sampled": len(sampled),
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": totals["bytes_up"],
+            "bytes_down": totals["bytes_down"],
+            "status": status,
+            "attempts": attempt + 1,
         }
+        if any(faults.values()):
+            record["faults"] = faults
         if sim.privacy is not None:
             record["epsilon_max"] = sim.privacy.max_epsilon()
         final = server_round == cfg.federation.rounds
@@ -222,9 +319,11 @@ class EmbeddedEngine:
             self.status(f"round {server_round}: evaluating on {count} clients")
             record.update(self.evaluate(final))
         record["seconds"] = time.perf_counter() - started
-        record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
-        record["clients"] = per_client
-        record["rejected"] = rejected
+        record["peak_rss_mb"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )  # process peak so far
+        record["clients"] = totals["clients"]
+        record["rejected"] = totals["rejected"]
         return record
 
     def checkpoint_meta(self) -> dict[str, Any]:
