@@ -159,14 +159,20 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
         {
             "client": c.client_id,
             "name": c.name,
-            "train": len(c.train),
-            "eval": len(c.eval),
-            "test": len(c.test),
+            "train": c.size("train"),
+            "eval": c.size("eval"),
+            "test": c.size("test"),
             "rank": sim.strategy.client_profiles[c.client_id].name,
         }
         for c in sim.federation.clients
     ] + [
-        {"client": c.client_id, "name": c.name, "test": len(c.test), "eval": len(c.eval), "held_out": True}
+        {
+            "client": c.client_id,
+            "name": c.name,
+            "test": c.size("test"),
+            "eval": c.size("eval"),
+            "held_out": True,
+        }
         for c in sim.federation.held_out
     ]
     (run_dir / "clients.json").write_text(json.dumps(clients, indent=0))
@@ -176,6 +182,7 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
         "task": bundle.task,
         "label_names": sim.federation.label_names,
         "data": sim.federation.description,
+        "dropped_empty_clients": sim.federation.dropped_empty,
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
 

@@ -8,10 +8,10 @@ from conftest import NI_DIR
 from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.errors import DataError
 from fedlora.data.examples import Example
+from fedlora.data.lazy import lazy_natural_instructions
 from fedlora.data.sources import (
     bbc_news_examples,
     load_instruction_file,
-    load_natural_instructions,
     reasoning_gym_examples,
 )
 from fedlora.models.tiny import byte_level_tokenizer
@@ -45,11 +45,34 @@ def test_missing_file() -> None:
 
 @pytest.mark.skipif(not NI_DIR.exists(), reason="../shared/data/natural-instructions not present")
 def test_natural_instructions_mini_reads_clients() -> None:
-    clients = load_natural_instructions(NI_DIR / "ni1613-mini.jsonl.gz", max_clients=5)
+    clients = lazy_natural_instructions(NI_DIR / "ni1613-mini.jsonl.gz", max_clients=5)
     assert len(clients) == 5
     for c in clients:
         assert 0 < len(c.train) <= 24 and len(c.eval) <= 6 and len(c.test) <= 6
+        assert c.size("train") == len(c.train) and c.size("test") == len(c.test)
         assert c.train[0].instruction and c.train[0].output
+    capped = clients[0].capped(3, 2)
+    assert capped.size("train") == len(capped.train) == 3 and len(capped.test) == 2
+
+
+def test_lazy_clients_read_only_their_own_line(tmp_path: Path) -> None:
+    path = tmp_path / "ni.jsonl"
+    records = [
+        {
+            "client_id": i,
+            "task": f"task{i}",
+            "instruction": f"do {i}",
+            "train": [{"input": str(i), "output": "o"}] * (i + 1),
+        }
+        for i in range(3)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    clients = lazy_natural_instructions(path)
+    assert [c.name for c in clients] == ["task0", "task1", "task2"] and [
+        c.size("train") for c in clients
+    ] == [1, 2, 3]
+    assert clients[2].train[0].instruction == "do 2" and clients[2].with_id(7).client_id == 7
+    assert lazy_natural_instructions(path, max_clients=2)[1].train[0].input == "1"  # the index is reused
 
 
 def test_natural_instructions_bad_record_names_line(tmp_path: Path) -> None:
@@ -60,7 +83,7 @@ def test_natural_instructions_bad_record_names_line(tmp_path: Path) -> None:
         )
         f.write(json.dumps({"client_id": 1, "train": []}) + "\n")
     with pytest.raises(DataError, match=r"ni\.jsonl\.gz:2"):
-        load_natural_instructions(path)
+        lazy_natural_instructions(path)
 
 
 def test_reasoning_gym_is_seeded() -> None:

@@ -33,7 +33,7 @@ from fedlora.client.privacy import (
     zero_grad_samples,
 )
 from fedlora.client.zeroth_order import train_zeroth_order
-from fedlora.data.encoding import Encoder, batches_for_steps, collate, steps_for
+from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
 
@@ -138,7 +138,7 @@ def train_locally(
     pad_token_id = encoder.tokenizer.pad_token_id
     anchor = [p.detach().clone() for p in params] if settings.prox_mu > 0 else []
     optimizer = make_optimizer(params, settings)
-    encoded = encoder.encode_all(client.train)
+    encoded = EncodedOnDemand(encoder, client.train)
     steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
     generator = torch.Generator().manual_seed(seed)
     if dp and settings.dp_sampling == "poisson":
@@ -218,7 +218,7 @@ def train_locally_zeroth_order(
     model = adapters.model
     assert model is not None
     model.eval()
-    encoded = encoder.encode_all(client.train)
+    encoded = EncodedOnDemand(encoder, client.train)
     steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
     batches = batches_for_steps(encoded, settings.batch_size, steps, torch.Generator().manual_seed(seed))
     pad_token_id = encoder.tokenizer.pad_token_id

@@ -11,6 +11,7 @@ Classification: the text is tokenised (truncated to ``max_seq_len``) and ``label
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,27 @@ class Encoder:
 
     def encode_all(self, examples: list[Example]) -> list[dict[str, Any]]:
         return [self.encode(e) for e in examples]
+
+
+class EncodedOnDemand(Sequence[dict[str, Any]]):
+    """The encoded examples of a client, each tokenised the first time a batch uses it.
+
+    Local training draws a few batches from clients that may hold thousands of examples; only those
+    examples are tokenised (the same result as ``encoder.encode_all`` for every index that is read).
+    """
+
+    def __init__(self, encoder: Encoder, examples: list[Example]) -> None:
+        self.encoder = encoder
+        self.examples = examples
+        self._done: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if index not in self._done:
+            self._done[index] = self.encoder.encode(self.examples[index])
+        return self._done[index]
 
 
 def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

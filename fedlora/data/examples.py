@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,21 @@ class ClientData:
             raise ValueError(f"unknown split {name!r}; allowed: train, eval, test")
         return getattr(self, name)
 
+    def size(self, split: str) -> int:
+        return len(self.split(split))
+
+    def with_id(self, client_id: int) -> ClientData:
+        return replace(self, client_id=client_id)
+
+    def capped(self, max_train: int | None, max_eval: int | None) -> ClientData:
+        """At most ``max_train`` training and ``max_eval`` eval/test examples (None = no cap)."""
+        return replace(
+            self,
+            train=self.train[:max_train] if max_train else self.train,
+            eval=self.eval[:max_eval] if max_eval else self.eval,
+            test=self.test[:max_eval] if max_eval else self.test,
+        )
+
 
 @dataclass
 class Federation:
@@ -48,10 +63,11 @@ class Federation:
     label_names: list[str] | None = None
     # clients that never train (zero-shot evaluation); ids continue after the training clients'
     held_out: list[ClientData] = field(default_factory=list)
+    dropped_empty: int = 0  # clients dropped because they had no training example
 
     @property
     def num_labels(self) -> int | None:
         return len(self.label_names) if self.label_names else None
 
     def sizes(self, split: str = "train") -> list[int]:
-        return [len(c.split(split)) for c in self.clients]
+        return [c.size(split) for c in self.clients]

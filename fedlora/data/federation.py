@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
 
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import ClientData, Federation
+from fedlora.data.lazy import lazy_natural_instructions
 from fedlora.data.partition import partition_examples, split_client
 from fedlora.data.sources import (
     bbc_news_examples,
     find_natural_instructions,
     labels_in_file,
     load_instruction_file,
-    load_natural_instructions,
     reasoning_gym_examples,
 )
 
@@ -32,7 +31,7 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
             )
         path = find_natural_instructions(data.path, data.variant)
         limit = fed.num_clients or data.max_clients
-        clients = load_natural_instructions(path, max_clients=limit)
+        clients = lazy_natural_instructions(path, max_clients=limit)  # examples stay on disk until used
         description = f"Natural Instructions ({path.name}, {len(clients)} task clients)"
     else:
         if data.source == "reasoning-gym":
@@ -71,19 +70,22 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         ]
         description += f", {part.method} partition"
     clients = [
-        _cap(c, data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients
+        c.capped(data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients
     ]
-    kept = [c for c in clients if c.train]
+    kept = [c for c in clients if c.size("train") > 0]
     if len(kept) < len(clients):
         log.warning("dropped %d client(s) with no training examples", len(clients) - len(kept))
+        description += f"; {len(clients) - len(kept)} empty clients dropped"
     if not kept:
         raise ValueError("no client has training examples")
     kept, held_out = hold_out(kept, cfg.eval.held_out_clients, cfg.federation.seed)
-    kept = [replace(c, client_id=i) for i, c in enumerate(kept)]
-    held_out = [replace(c, client_id=len(kept) + i) for i, c in enumerate(held_out)]
+    kept = [c.with_id(i) for i, c in enumerate(kept)]
+    held_out = [c.with_id(len(kept) + i) for i, c in enumerate(held_out)]
     if held_out:
         description += f"; {len(held_out)} held-out clients never train"
-    return Federation(kept, description, label_names, held_out)
+    return Federation(
+        kept, description, label_names, held_out, dropped_empty=len(clients) - len(kept) - len(held_out)
+    )
 
 
 def hold_out(clients: list[ClientData], count: int, seed: int) -> tuple[list[ClientData], list[ClientData]]:
@@ -104,12 +106,3 @@ def _client_name(index: int, shard: list, method: str) -> str:
     if method == "natural" and shard[0].category:
         return shard[0].category
     return f"client-{index}"
-
-
-def _cap(client: ClientData, max_train: int | None, max_eval: int | None) -> ClientData:
-    return replace(
-        client,
-        train=client.train[:max_train] if max_train else client.train,
-        eval=client.eval[:max_eval] if max_eval else client.eval,
-        test=client.test[:max_eval] if max_eval else client.test,
-    )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.data.errors import DataError
-from fedlora.data.examples import ClientData, Example
+from fedlora.data.examples import Example
 
 NI_FILES = {"mini": "ni1613-mini.jsonl.gz", "full": "ni1613-full.jsonl.gz"}
 
@@ -138,34 +138,6 @@ def find_natural_instructions(path: str | None, variant: str) -> Path:
         if file.is_file():
             return file
     raise DataError(path or "natural-instructions", f"cannot find {NI_FILES[variant]}; set data.path to it")
-
-
-def load_natural_instructions(path: Path, max_clients: int | None = None) -> list[ClientData]:
-    """Read the per-task federation: each line is one client with its own train/eval/test lists."""
-    clients: list[ClientData] = []
-    for line, record in iter_json_records(path):
-        try:
-            client_id = int(record["client_id"])
-            instruction = str(record["instruction"])
-            category = str(record.get("category", ""))
-            splits = {
-                name: [
-                    Example(
-                        instruction=instruction,
-                        input=str(x["input"]),
-                        output=str(x["output"]),
-                        category=category,
-                    )
-                    for x in record.get(name, [])
-                ]
-                for name in ("train", "eval", "test")
-            }
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(path, f"not a Natural Instructions client record ({err!r})", line) from None
-        clients.append(ClientData(client_id, str(record.get("task", client_id)), **splits))
-        if max_clients is not None and len(clients) >= max_clients:
-            break
-    return clients
 
 
 def reasoning_gym_examples(tasks: list[str], per_task: int, seed: int) -> list[Example]:

@@ -65,7 +65,7 @@ class PrivacyLedger:
         priv, client = cfg.privacy, cfg.client
         plan: dict[int, ClientNoise] = {}
         for c in federation.clients:
-            n = len(c.train)
+            n = c.size("train")
             rate = min(1.0, client.batch_size / n)
             per_round = steps_for(n, client.batch_size, client.local_steps, client.local_epochs)
             if priv.noise_multiplier is not None:

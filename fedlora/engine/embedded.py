@@ -91,7 +91,7 @@ def evaluation_clients(
     seeded sample of ``eval.max_clients`` (``eval.final_max_clients`` after the last round) of those that
     have the eval split (all if unset)."""
     pool = federation.held_out or federation.clients
-    having = [c for c in pool if c.split(cfg.eval.split)]
+    having = [c for c in pool if c.size(cfg.eval.split) > 0]
     limit = cfg.eval.final_max_clients if final else cfg.eval.max_clients
     if limit is None or limit >= len(having):
         return having
