@@ -65,9 +65,12 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
     profiles = [adapters.canonical(p) for p in profiles]
     strategy = build_strategy(cfg.strategy)
+    initial = adapters.initial_state(largest_profile(profiles))
+    if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
+        initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
     strategy.initialize(
         ServerSetup(
-            initial_state=adapters.initial_state(largest_profile(profiles)),
+            initial_state=initial,
             client_profiles=dict(enumerate(profiles)),
             lora_alpha=cfg.adapter.alpha,
             seed=cfg.federation.seed,
@@ -190,8 +193,13 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
 def finalize(
     run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
 ) -> None:
-    """Export the global adapter as a PEFT folder, plot the curves, print the summary."""
-    sim.adapters.export(sim.strategy.evaluation_state(), run_dir / "global", str(bundle.folder.resolve()))
+    """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
+    curves, print the summary."""
+    final_state = sim.strategy.evaluation_state()
+    if sim.adapters.is_full_state(final_state):
+        sim.adapters.export_full(final_state, run_dir / "global", str(bundle.folder.resolve()))
+    else:
+        sim.adapters.export(final_state, run_dir / "global", str(bundle.folder.resolve()))
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))

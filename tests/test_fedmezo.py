@@ -1,5 +1,6 @@
 """FedMeZO: the MeZO step by hand, bit-exact replay of seed uploads, personalised learning rates."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,35 @@ def test_seed_uploads_are_tiny_and_a_bad_record_is_rejected(tmp_path: Path) -> N
     assert record["bytes_up"] < record["bytes_down"] / 10  # seeds and scalars instead of the adapter
     reply = ClientReply(0, {"zo.seeds": torch.zeros(2, 2, dtype=torch.int64)}, 3)
     assert "needs" in sim.strategy.validate_reply(ClientInstruction(sim.strategy.global_state), reply)
+
+
+@pytest.mark.parametrize("upload", ["weights", "seeds"])
+def test_full_parameter_zeroth_order_exports_a_plain_model(tmp_path: Path, upload: str) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.cli import main
+
+    run_dir = tmp_path / f"full-{upload}"
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "strategy.name": "fedmezo",
+            "strategy.options": f"{{full_parameters: true, upload: {upload}}}",
+            "client.local_steps": 4,
+            "client.lr": 1e-3,
+        },
+    )
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    weights = load_file(str(run_dir / "global" / "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k for k in weights)
+    base_folder = json.loads((run_dir / "run.json").read_text())["base_model"]
+    tuned = AutoModelForCausalLM.from_pretrained(run_dir / "global")
+    pretrained = AutoModelForCausalLM.from_pretrained(base_folder)
+    changed = [
+        n for n, p in tuned.named_parameters() if not torch.equal(p, dict(pretrained.named_parameters())[n])
+    ]
+    assert len(changed) == len(list(tuned.parameters()))  # every weight was tuned
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if upload == "seeds":  # a few hundred bytes up instead of the whole model
+        assert records[0]["bytes_up"] < 5000 < records[0]["bytes_down"]

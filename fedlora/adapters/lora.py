@@ -179,6 +179,48 @@ class LoraAdapters:
         """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""
         return self.state(self.cfg.rank if profile is None else profile)
 
+    def base_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The base model's own weights (no LoRA tensors), by name, for full-parameter training."""
+        if self.model is None:
+            self.activate(self.cfg.rank)
+        assert self.model is not None
+        return [(n, p) for n, p in self.model.get_base_model().named_parameters() if "lora_" not in n]
+
+    def is_full_state(self, state: AdapterState) -> bool:
+        """Whether ``state`` holds base-model weights (full-parameter training) rather than an adapter."""
+        return not any(".lora_" in k for k in state)
+
+    def load_base(self, state: AdapterState) -> None:
+        """Copy full-parameter weights into the base model (every active LoRA slot stays as it is)."""
+        params = dict(self.base_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"not weights of the base model: {unknown[:3]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                if value.shape != params[key].shape:
+                    raise ValueError(
+                        f"{key}: shape {tuple(value.shape)}, expected {tuple(params[key].shape)}"
+                    )
+                params[key].copy_(value)
+
+    def export_full(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
+        """Write full-parameter weights as a plain Hugging Face model folder (config, tokenizer, safetensors)."""
+        import shutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        base = Path(base_model_path)
+        for item in base.iterdir():
+            if (
+                item.is_file()
+                and not item.name.endswith((".safetensors", ".bin"))
+                and item.name != "model.safetensors.index.json"
+            ):
+                shutil.copy2(item, folder / item.name)
+        tensors = {k.replace(".base_layer", ""): v.detach().contiguous() for k, v in state.items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+
     def load(self, state: AdapterState, partial: bool = False) -> RankProfile:
         """Write ``state`` into the slot of its rank profile and activate it; returns the profile.
 

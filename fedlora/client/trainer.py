@@ -67,6 +67,7 @@ class LocalTrainingSettings:
     zo_eps: float = 1e-3
     zo_perturbations: int = 1
     zo_upload: str = "weights"
+    zo_full_model: bool = False  # every base weight instead of the adapter (the payloads are full models)
     # multiplies lr (FedMeZO's personalised client learning rates)
     lr_scale: float = 1.0
 
@@ -214,7 +215,12 @@ def train_locally_zeroth_order(
     Replies with the trained adapter (``zo_upload: weights``) or with the steps record
     (``zo_upload: seeds``: seeds, projected gradients and learning rates) that the server replays.
     """
-    adapters.load(start_state)
+    if settings.zo_full_model:
+        adapters.load_base(start_state)
+        named = adapters.base_parameters()
+    else:
+        adapters.load(start_state)
+        named = adapters.trainable_parameters()
     model = adapters.model
     assert model is not None
     model.eval()
@@ -236,7 +242,7 @@ def train_locally_zeroth_order(
     for items in batches:
         tokens += sum(len(item["input_ids"]) for item in items)
     record, metrics = train_zeroth_order(
-        adapters.trainable_parameters(),
+        named,
         [loss_of(items) for items in batches],
         seed,
         settings.zo_eps,
@@ -245,5 +251,8 @@ def train_locally_zeroth_order(
         settings.zo_perturbations,
     )
     metrics["tokens"] = tokens
-    state = record if settings.zo_upload == "seeds" else adapters.state()
+    if settings.zo_upload == "seeds":
+        state = record
+    else:
+        state = {k: p.detach().clone() for k, p in named} if settings.zo_full_model else adapters.state()
     return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)

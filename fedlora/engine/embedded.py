@@ -137,7 +137,10 @@ def evaluate_state(
     sim: Simulation, state: AdapterState, clients: list[ClientData], metrics: list[str] | None = None
 ) -> dict[str, float]:
     """Load ``state`` into the shared model and run ``metrics`` (default ``eval.metrics``) on ``clients``."""
-    sim.adapters.load(state)
+    if sim.adapters.is_full_state(state):
+        sim.adapters.load_base(state)
+    else:
+        sim.adapters.load(state)
     assert sim.adapters.model is not None
     cfg = sim.cfg.eval
     names = cfg.metrics if metrics is None else metrics

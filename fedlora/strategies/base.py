@@ -106,6 +106,8 @@ class Strategy(ABC):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: the local optimizer this method is defined with, unless the config's client.optimizer says otherwise
     default_optimizer: ClassVar[str] = "adamw"
+    #: True when the method trains the base model's weights (no adapter): the state is the full model
+    trains_full_model: bool = False
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

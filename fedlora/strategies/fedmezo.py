@@ -51,6 +51,9 @@ class FedMeZOOptions(StrategyOptions):
         0.5, ge=0.0, lt=1.0, description="Delta / eta: client rates in eta * (1 +- spread)"
     )
     upload: Literal["weights", "seeds"] = "weights"
+    full_parameters: bool = Field(
+        False, description="tune every weight of the base model (small models), not a LoRA adapter"
+    )
 
 
 class FedMeZO(Strategy):
@@ -61,6 +64,7 @@ class FedMeZO(Strategy):
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)
+        self.trains_full_model = self.options.full_parameters  # type: ignore[attr-defined]
         # client -> [(round, train loss, drift or nan)]
         self.history: dict[int, list[tuple[int, float, float]]] = {}
         self._replayed: dict[int, AdapterState] = {}
@@ -117,6 +121,7 @@ class FedMeZO(Strategy):
                     "zo_perturbations": opts.perturbations,  # type: ignore[attr-defined]
                     "zo_upload": opts.upload,  # type: ignore[attr-defined]
                     "lr_scale": scales[c],
+                    "zo_full_model": self.trains_full_model,
                 },
             )
             for c in client_ids
