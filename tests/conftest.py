@@ -52,3 +52,13 @@ def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
     }
     items.update({k: v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def tiny_engine(tmp_path: Path, **extra: object):
+    """An embedded engine on a fresh tiny-llama simulation (see :func:`tiny_overrides`)."""
+    from fedlora.config import load_config
+    from fedlora.engine.embedded import EmbeddedEngine
+    from fedlora.runner import build_simulation
+
+    sim, _ = build_simulation(load_config(None, tiny_overrides(tmp_path, **extra)))
+    return EmbeddedEngine(sim, tmp_path)

@@ -5,18 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_engine
 from fedlora.config import load_config
 from fedlora.engine import embedded
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.engine.faults import Fault, plan_faults
-from fedlora.runner import build_simulation
 
 
 def engine_with(tmp_path: Path, **extra: object) -> EmbeddedEngine:
-    cfg = load_config(None, tiny_overrides(tmp_path, **{"federation.clients_per_round": 4, **extra}))
-    sim, _ = build_simulation(cfg)
-    return EmbeddedEngine(sim, tmp_path)
+    return tiny_engine(tmp_path, **{"federation.clients_per_round": 4, **extra})
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_engine, tiny_overrides
 from fedlora.adapters.ranks import RankProfile
 from fedlora.client.trainer import LocalTrainingSettings, train_locally
 from fedlora.config import load_config
@@ -116,7 +116,7 @@ def test_dp_sgd_step_matches_per_example_clipping_by_hand(tmp_path: Path) -> Non
 
 
 def test_target_epsilon_is_met_and_tracked(tmp_path: Path) -> None:
-    overrides = tiny_overrides(
+    engine = tiny_engine(
         tmp_path,
         **SQUARE,
         **{
@@ -127,9 +127,7 @@ def test_target_epsilon_is_met_and_tracked(tmp_path: Path) -> None:
             "federation.rounds": 3,
         },
     )
-    cfg = load_config(None, overrides)
-    sim, _ = build_simulation(cfg)
-    engine = EmbeddedEngine(sim, tmp_path)
+    sim = engine.sim
     eps = [engine.run_round(r)["epsilon_max"] for r in (1, 2, 3)]
     assert 0 < eps[0] < eps[1] < eps[2] <= 2.0 + 0.05  # every client took every round: the budget is spent
     assert eps[2] > 1.8
