@@ -41,6 +41,7 @@ from fedlora.engine.embedded import (
     evaluate_state,
     evaluation_clients,
 )
+from fedlora.engine.personal import ClientModels
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.registry import build_strategy
@@ -58,8 +59,14 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         clients_per_round(
             cfg, len(federation.clients)
         )  # fails before the model loads if sampling cannot work
-    bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
-    adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
+    client_models = None
+    if cfg.model.variants:  # model-heterogeneous clients: one model per architecture, the shared adapter
+        total = len(federation.clients) + len(federation.held_out)
+        client_models = ClientModels(cfg, total, federation.num_labels)
+        bundle, adapters = client_models.bundles[0], client_models.adapters[0]
+    else:
+        bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
+        adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
     profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
     for profile in sorted(set(profiles)):
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
@@ -68,6 +75,8 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
     initial = adapters.initial_state(largest_profile(profiles))
     if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
         initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
+    if client_models is not None:
+        initial = client_models.initial_shared_state()
     strategy.initialize(
         ServerSetup(
             initial_state=initial,
@@ -85,7 +94,7 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         for profile in sorted(set(profiles)):  # refuses layers Opacus cannot handle, naming them
             adapters.activate(profile)
             check_dp_support(adapters.model)
-    return Simulation(cfg, federation, adapters, encoder, strategy, privacy), bundle
+    return Simulation(cfg, federation, adapters, encoder, strategy, privacy, client_models), bundle
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -166,6 +175,11 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
             "eval": c.size("eval"),
             "test": c.size("test"),
             "rank": sim.strategy.client_profiles[c.client_id].name,
+            **(
+                {"model": sim.client_models.labels[sim.client_models.variant_of[c.client_id]]}
+                if sim.client_models is not None
+                else {}
+            ),
         }
         for c in sim.federation.clients
     ] + [
@@ -196,6 +210,8 @@ def finalize(
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
     final_state = sim.strategy.evaluation_state()
+    if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
+        final_state = sim.client_models.to_variant(final_state, 0)
     if sim.adapters.is_full_state(final_state):
         sim.adapters.export_full(final_state, run_dir / "global", str(bundle.folder.resolve()))
     else:

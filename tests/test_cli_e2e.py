@@ -97,8 +97,14 @@ HETERO_RANKS = {
         },
         {"strategy.name": "ffa-lora", "privacy.enabled": "true", "privacy.target_epsilon": 4.0},
         {"strategy.name": "fedmezo", "strategy.options": "{upload: seeds, lr_strategy: round-wise}"},
+        {
+            "strategy.name": "pfedlora",
+            "model.tiny_num_layers": 3,
+            "model.variants": "[{num_layers: 3}, {num_layers: 1}]",
+            "adapter.target_modules": "[q_proj, v_proj]",
+        },
     ],
-    ids=["fedit", "flexlora", "hetlora-pruning", "ffa-lora-dp", "fedmezo-seeds"],
+    ids=["fedit", "flexlora", "hetlora-pruning", "ffa-lora-dp", "fedmezo-seeds", "pfedlora"],
 )
 def test_resume_gives_same_adapter_as_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict

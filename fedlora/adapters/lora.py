@@ -53,9 +53,14 @@ class LoraAdapters:
     a walk over every module of the model on each call.
     """
 
-    def __init__(self, base_model: PreTrainedModel, cfg: AdapterConfig, task: str) -> None:
+    def __init__(
+        self, base_model: PreTrainedModel, cfg: AdapterConfig, task: str, head_in_adapter: bool = True
+    ) -> None:
+        """``head_in_adapter=False``: a classification head stays a base-model weight (not in the state)."""
         self.cfg = cfg
-        self.task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+        self.task_type: TaskType | None = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+        if not head_in_adapter:
+            self.task_type = None
         self.model: PeftModel | None = None
         self._base = base_model
         self._slots: dict[RankProfile, _Slot] = {}

@@ -70,6 +70,9 @@ class LocalTrainingSettings:
     zo_full_model: bool = False  # every base weight instead of the adapter (the payloads are full models)
     # multiplies lr (FedMeZO's personalised client learning rates)
     lr_scale: float = 1.0
+    # pFedLoRA: first train the local model's own weights with the adapter frozen, for this many steps
+    local_model_steps: int = 0
+    local_model_lr: float | None = None
 
 
 @dataclass
@@ -147,6 +150,9 @@ def train_locally(
         batches = [[encoded[i] for i in idx] for idx in poisson_batches(len(encoded), rate, steps, generator)]
     else:
         batches = batches_for_steps(encoded, settings.batch_size, steps, generator)
+    local_model_metrics = {}
+    if settings.local_model_steps > 0:
+        local_model_metrics = train_local_model(adapters, encoder, encoded, settings, generator, seed)
     hooks = contextlib.nullcontext()
     if dp:
         check_dp_support(model)
@@ -191,6 +197,7 @@ def train_locally(
         "tokens": tokens,
         "train_seconds": time.perf_counter() - started,
     }
+    metrics.update(local_model_metrics)
     state = {k: v for k, v in adapters.state().items() if not frozen(k)}
     if settings.prune_threshold is not None:
         with torch.no_grad():
@@ -256,3 +263,52 @@ def train_locally_zeroth_order(
     else:
         state = {k: p.detach().clone() for k, p in named} if settings.zo_full_model else adapters.state()
     return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)
+
+
+def train_local_model(
+    adapters: LoraAdapters,
+    encoder: Encoder,
+    encoded: EncodedOnDemand,
+    settings: LocalTrainingSettings,
+    generator: torch.Generator,
+    seed: int,
+) -> dict[str, float]:
+    """pFedLoRA's first phase: the adapter frozen, the local model's own weights trained (AdamW).
+
+    Afterwards the local weights are frozen again and the adapter trainable, for the second phase.
+    """
+    model = adapters.model
+    assert model is not None
+    adapter_params = [p for _, p in adapters.trainable_parameters()]
+    local = [p for _, p in adapters.base_parameters()]
+    for p in adapter_params:
+        p.requires_grad_(False)
+    for p in local:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        local, lr=settings.local_model_lr or settings.lr, weight_decay=settings.weight_decay
+    )
+    batches = batches_for_steps(encoded, settings.batch_size, settings.local_model_steps, generator)
+    started = time.perf_counter()
+    losses = []
+    model.train()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed ^ 0x10CA1)
+            for items in batches:
+                loss = batch_loss(model, collate(items, encoder.tokenizer.pad_token_id), encoder.task)
+                losses.append(float(loss.detach()))
+                loss.backward()
+                if settings.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(local, settings.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        for p in local:
+            p.requires_grad_(False)
+        for p in adapter_params:
+            p.requires_grad_(True)
+    return {
+        "local_model_loss": sum(losses) / len(losses),
+        "local_model_seconds": time.perf_counter() - started,
+    }

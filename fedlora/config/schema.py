@@ -17,6 +17,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ModelVariant(Section):
+    """One client model architecture of a model-heterogeneous federation (pFedLoRA).
+
+    ``name``: a model like ``model.name`` (None = ``model.name``); ``num_layers``: keep only its first N
+    transformer layers (None = all); ``share``: the fraction of clients that run it (normalised).
+    """
+
+    name: str | None = None
+    num_layers: int | None = Field(None, ge=1)
+    share: float = Field(1.0, gt=0.0)
+
+
 class ModelConfig(Section):
     """Which base model to load.
 
@@ -32,6 +44,9 @@ class ModelConfig(Section):
     # Size of the random model when name == "tiny-llama" (ignored otherwise).
     tiny_hidden_size: int = Field(64, ge=8)
     tiny_num_layers: int = Field(2, ge=1)
+    # Model-heterogeneous federations: each client runs one of these (seeded by federation.seed). Empty:
+    # every client runs ``name`` (one shared base model).
+    variants: list[ModelVariant] = Field(default_factory=list)
 
 
 class DataConfig(Section):

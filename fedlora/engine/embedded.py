@@ -31,6 +31,7 @@ from fedlora.data.examples import ClientData, Federation
 from fedlora.engine.accounting import PrivacyLedger
 from fedlora.engine.checkpoint import save_checkpoint
 from fedlora.engine.faults import DROPOUT, STRAGGLER, corrupt, plan_faults
+from fedlora.engine.personal import ClientModels, zero_adapter
 from fedlora.eval.registry import run_evaluators
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 
@@ -131,6 +132,7 @@ class Simulation:
     encoder: Encoder
     strategy: Strategy
     privacy: PrivacyLedger | None = None
+    client_models: ClientModels | None = None  # model-heterogeneous clients (each with its own weights)
 
 
 def evaluate_state(
@@ -147,6 +149,48 @@ def evaluate_state(
     return run_evaluators(names, sim.adapters.model, sim.encoder, clients, cfg)
 
 
+def evaluate_personal(
+    sim: Simulation, clients: list[ClientData], names: list[str], before_round: int
+) -> dict[str, float]:
+    """Personalised protocol: each client's own model (its newest weights from before ``before_round``)
+    with the adapter the strategy gives it, on its own split; also without the adapter (B = 0).
+
+    Returns the example-weighted figures (``eval_loss``, ``eval_accuracy``...), the mean and standard
+    deviation over clients of the client figure (``eval_client_accuracy_mean`` / ``_std``, or loss), and
+    the same without the adapter (``eval_accuracy_no_adapter``...).
+    """
+    import statistics
+
+    assert sim.client_models is not None
+    per_client: list[dict[str, float]] = []
+    without: list[dict[str, float]] = []
+    for client in clients:
+        adapters = sim.client_models.prepare(client.client_id, before_round)
+        state = sim.client_models.to_local(sim.strategy.personal_state(client.client_id), client.client_id)
+        assert adapters.model is not None
+        for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):
+            adapters.load(adapter_state)
+            bucket.append(run_evaluators(names, adapters.model, sim.encoder, [client], sim.cfg.eval))
+    out: dict[str, float] = {}
+    total = sum(m.get("eval_examples", 0) for m in per_client)
+    key = "eval_accuracy" if any("eval_accuracy" in m for m in per_client) else "eval_loss"
+    for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_rouge_l"):
+        values = [(m[name], m.get("eval_examples", 1)) for m in per_client if name in m]
+        if values and total:
+            out[name] = sum(v * n for v, n in values) / sum(n for _, n in values)
+        plain = [(m[name], m.get("eval_examples", 1)) for m in without if name in m]
+        if plain:
+            out[f"{name}_no_adapter"] = sum(v * n for v, n in plain) / sum(n for _, n in plain)
+    figures = [m[key] for m in per_client if key in m]
+    if figures:
+        short = key.removeprefix("eval_")
+        out[f"eval_client_{short}_mean"] = statistics.fmean(figures)
+        out[f"eval_client_{short}_std"] = statistics.stdev(figures) if len(figures) > 1 else 0.0
+    out["eval_examples"] = total
+    out["eval_clients"] = len(per_client)
+    return out
+
+
 class EmbeddedEngine:
     """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation` in this process."""
 
@@ -155,6 +199,8 @@ class EmbeddedEngine:
         self.run_dir = run_dir
         self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
+        if sim.client_models is not None:
+            sim.client_models.folder = run_dir / "personal"
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
         self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)
 
@@ -164,23 +210,34 @@ class EmbeddedEngine:
         settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
         if sim.privacy is not None:
             settings = replace(settings, **sim.privacy.settings_for(client_id))
+        adapters, payload = sim.adapters, instruction.payload
+        if sim.client_models is not None:  # its own architecture, with its own weights
+            adapters = sim.client_models.prepare(client_id, server_round)
+            payload = sim.client_models.to_local(payload, client_id)
         result = train_locally(
-            sim.adapters,
+            adapters,
             sim.encoder,
             sim.federation.clients[client_id],
-            instruction.payload,
+            payload,
             settings,
             round_seed(sim.cfg.federation.seed, server_round, client_id),
         )
+        if sim.client_models is not None:
+            result.state = sim.client_models.to_shared(result.state)
+            sim.client_models.save(client_id, server_round)
         if sim.privacy is not None:
             result.metrics["epsilon"] = sim.privacy.record(client_id, int(result.metrics["steps"]))
         return ClientReply(client_id, result.state, result.num_examples, result.metrics)
 
-    def evaluate(self, final: bool = False) -> dict[str, float]:
-        """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final)."""
+    def evaluate(self, final: bool = False, server_round: int | None = None) -> dict[str, float]:
+        """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final);
+        with model-heterogeneous clients, each client's own model (personalised protocol)."""
         cfg = self.sim.cfg.eval
         names = list(dict.fromkeys([*cfg.metrics, *(cfg.final_metrics if final else [])]))
         clients = self.final_eval_clients if final else self.eval_clients
+        if self.sim.client_models is not None:
+            after = (server_round or self.sim.cfg.federation.rounds) + 1
+            return evaluate_personal(self.sim, clients, names, after)
         return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names)
 
     def collect_replies(self, server_round: int, attempt: int, sampled: list[int]) -> dict[str, Any]:
@@ -194,13 +251,14 @@ class EmbeddedEngine:
         payload_sizes: dict[
             int, int
         ] = {}  # one serialisation per distinct payload object (often all share one)
+        counts = sim.strategy.communicates  # a standalone baseline sends nothing
         for position, client_id in enumerate(sampled, start=1):
             self.status(f"round {server_round}: client {client_id} ({position}/{len(sampled)})")
             instruction = instructions[client_id]
             payload_key = id(instruction.payload)
             if payload_key not in payload_sizes:
                 payload_sizes[payload_key] = wire_size(instruction.payload)
-            out["bytes_down"] += payload_sizes[payload_key]
+            out["bytes_down"] += payload_sizes[payload_key] if counts else 0
             fault = faults.get(client_id)
             if fault is not None and fault.kind in (DROPOUT, STRAGGLER):
                 what = (
@@ -216,7 +274,7 @@ class EmbeddedEngine:
             if fault is not None:
                 reply.payload = corrupt(reply.payload, fault.corruption or "nan")
                 out["faults"]["corrupted"].append({"client": client_id, "kind": fault.corruption})
-            size_up = wire_size(reply.payload)
+            size_up = wire_size(reply.payload) if counts else 0
             out["bytes_up"] += size_up
             out["clients"].append(
                 {
@@ -320,7 +378,7 @@ class EmbeddedEngine:
         if server_round % cfg.eval.every == 0 or final:
             count = len(self.final_eval_clients if final else self.eval_clients)
             self.status(f"round {server_round}: evaluating on {count} clients")
-            record.update(self.evaluate(final))
+            record.update(self.evaluate(final, server_round))
         record["seconds"] = time.perf_counter() - started
         record["peak_rss_mb"] = (
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

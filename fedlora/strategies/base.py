@@ -108,6 +108,8 @@ class Strategy(ABC):
     default_optimizer: ClassVar[str] = "adamw"
     #: True when the method trains the base model's weights (no adapter): the state is the full model
     trains_full_model: bool = False
+    #: False for a no-communication baseline (standalone local training): no bytes are counted
+    communicates: bool = True
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -140,6 +142,10 @@ class Strategy(ABC):
     def evaluation_state(self) -> AdapterState:
         """The adapter used to evaluate and export the global model."""
         return self.global_state
+
+    def personal_state(self, client_id: int) -> AdapterState:
+        """The adapter a client is evaluated with under the personalised protocol (default: the global one)."""
+        return self.evaluation_state()
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume the server side (default: the global adapter)."""

@@ -12,6 +12,7 @@ from fedlora.strategies.fedmezo import FedMeZO
 from fedlora.strategies.ffa_lora import FFALoRA
 from fedlora.strategies.flexlora import FlexLoRA
 from fedlora.strategies.hetlora import HetLoRA
+from fedlora.strategies.pfedlora import PFedLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
     FedIT.name: FedIT,
@@ -21,6 +22,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     HetLoRA.name: HetLoRA,
     FFALoRA.name: FFALoRA,
     FedMeZO.name: FedMeZO,
+    PFedLoRA.name: PFedLoRA,
 }
 
 

@@ -1,0 +1,129 @@
+"""Model-heterogeneous clients (pFedLoRA): one base model per architecture, each client's own weights on disk.
+
+Where the shared adapter attaches (the design decision): LoRA on the attention projections named in
+``adapter.target_modules`` (e.g. query/value, q_proj/v_proj) of each client model's LAST transformer layer.
+Client architectures differ in depth (and may differ in anything below the last layer), but the last layer's
+projections have the same shape whenever the hidden size and attention layout agree, so the adapter tensors
+have the same shape on every client. On the wire its keys are architecture-free: the layer index is written
+``last`` (``...encoder.layer.last.attention.self.query.lora_A.weight``) and each client maps them to its own
+last layer. The task head (classifier or LM head) and every other weight belong to the client's local
+model: they never leave the client.
+
+Personal state: the weights of a client's local model are written after each round it trains
+(``personal/client_<id>.r<round>.safetensors``) and loaded into its architecture's one in-memory model the
+next time it is sampled; a client never seen yet starts from its architecture's pretrained weights. A round
+reads the newest file from an earlier round, and the two newest are kept, so a round replayed after a
+crash starts from exactly what it started from the first time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.state import AdapterState
+from fedlora.config.schema import ExperimentConfig
+from fedlora.models.loading import ModelBundle, load_base_model
+from fedlora.models.variants import assign_variants, layer_stack, truncate_layers, variant_label
+
+_LAYER_INDEX = re.compile(r"\.(layers?|h)\.(\d+|last)\.")
+
+
+class ClientModels:
+    """Per-architecture models with the shared last-layer adapter, and every client's own weights."""
+
+    def __init__(self, cfg: ExperimentConfig, num_clients: int, num_labels: int | None) -> None:
+        self.cfg = cfg
+        self.variant_of = assign_variants(cfg.model, num_clients, cfg.federation.seed)
+        self.labels = [variant_label(cfg.model, v) for v in cfg.model.variants]
+        self.bundles: list[ModelBundle] = []
+        self.adapters: list[LoraAdapters] = []
+        self.pristine: list[AdapterState] = []
+        self.last_layer: list[int] = []
+        self.folder: Path | None = None
+        hidden = set()
+        for variant in cfg.model.variants:
+            mcfg = cfg.model.model_copy(update={"name": variant.name or cfg.model.name, "variants": []})
+            bundle = load_base_model(mcfg, num_labels=num_labels, head_seed=cfg.adapter.init_seed)
+            if variant.num_layers:
+                truncate_layers(bundle.model, variant.num_layers)
+            path, layers = layer_stack(bundle.model)
+            last = len(layers) - 1
+            names = cfg.adapter.target_modules
+            if names == "all-linear":
+                raise ValueError(
+                    "model.variants: adapter.target_modules must name the attention projections to share"
+                )
+            target = rf"{re.escape(path)}\.{last}\.(.*\.)?({'|'.join(map(re.escape, names))})"
+            adapter_cfg = cfg.adapter.model_copy(update={"target_modules": target})
+            adapters = LoraAdapters(bundle.model, adapter_cfg, cfg.model.task, head_in_adapter=False)
+            adapters.activate(cfg.adapter.rank)
+            hidden.add(bundle.model.config.hidden_size)
+            self.bundles.append(bundle)
+            self.adapters.append(adapters)
+            self.last_layer.append(last)
+            self.pristine.append({k: p.detach().clone() for k, p in adapters.base_parameters()})
+        if len(hidden) > 1:
+            raise ValueError(
+                f"model.variants: the shared adapter needs one hidden size on every client model, got {sorted(hidden)}"
+            )
+
+    # --- the shared adapter's wire keys ---------------------------------------------------------------
+    @staticmethod
+    def to_shared(state: AdapterState) -> AdapterState:
+        return {_LAYER_INDEX.sub(r".\1.last.", k): v for k, v in state.items()}
+
+    def to_local(self, state: AdapterState, client_id: int) -> AdapterState:
+        return self.to_variant(state, self.variant_of[client_id])
+
+    def to_variant(self, state: AdapterState, variant: int) -> AdapterState:
+        last = self.last_layer[variant]
+        return {_LAYER_INDEX.sub(rf".\g<1>.{last}.", k): v for k, v in state.items()}
+
+    def initial_shared_state(self) -> AdapterState:
+        return self.to_shared(self.adapters[0].initial_state())
+
+    # --- personal weights -----------------------------------------------------------------------------
+    def _files(self, client_id: int) -> list[tuple[int, Path]]:
+        if self.folder is None or not self.folder.exists():
+            return []
+        found = []
+        for path in self.folder.glob(f"client_{client_id}.r*.safetensors"):
+            number = path.name.split(".r", 1)[1].split(".", 1)[0]
+            if number.isdigit():
+                found.append((int(number), path))
+        return sorted(found)
+
+    def prepare(self, client_id: int, server_round: int) -> LoraAdapters:
+        """The client's architecture with its own weights loaded (newest from before ``server_round``)."""
+        variant = self.variant_of[client_id]
+        adapters = self.adapters[variant]
+        earlier = [path for r, path in self._files(client_id) if r < server_round]
+        adapters.load_base(load_file(str(earlier[-1])) if earlier else self.pristine[variant])
+        return adapters
+
+    def save(self, client_id: int, server_round: int) -> None:
+        """Write the client's local weights for ``server_round`` (atomic) and drop all but the two newest."""
+        assert self.folder is not None, "the engine sets ClientModels.folder"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        adapters = self.adapters[self.variant_of[client_id]]
+        tensors = {k: p.detach().contiguous() for k, p in adapters.base_parameters()}
+        final = self.folder / f"client_{client_id}.r{server_round}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, final)
+        for _, old in self._files(client_id)[:-2]:
+            old.unlink(missing_ok=True)
+
+    def local_parameter_count(self, client_id: int) -> int:
+        return sum(p.numel() for _, p in self.adapters[self.variant_of[client_id]].base_parameters())
+
+
+def zero_adapter(state: AdapterState) -> AdapterState:
+    """The same adapter with B = 0: the local model alone (to measure what the global adapter adds)."""
+    return {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in state.items()}

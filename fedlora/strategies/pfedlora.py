@@ -1,0 +1,81 @@
+"""pFedLoRA (Yi et al., 2023): model-heterogeneous personalised FL through one small shared adapter.
+
+Every client runs its own local model (architectures differ; see :mod:`fedlora.engine.personal` for where the
+shared adapter attaches) and one low-rank adapter whose shape is the same everywhere. Each round, on the
+client, the iterative global-local knowledge exchange:
+
+1. load the global adapter and freeze it; train the local model's own weights for ``local_model_steps``
+   (global knowledge flows into the local model);
+2. freeze the local model; train the adapter for ``client.local_steps`` (local knowledge flows into it);
+
+then send only the adapter. Server: A = sum p_i A_i, B = sum p_i B_i, p_i = n_i / sum n_j. Evaluation is
+personalised: each client's local model with the adapter, on its own data.
+
+``federate: false`` is the standalone baseline: the same local training, nothing is sent or averaged, each
+client keeps its own adapter (and no bytes are counted).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.strategies.base import ClientInstruction, ClientReply, StrategyOptions
+from fedlora.strategies.fedavg import FactorAverage
+
+OWN_PREFIX = "own."
+
+
+class PFedLoRAOptions(StrategyOptions):
+    local_model_steps: int = Field(5, ge=0, description="phase 1 steps on the local model (adapter frozen)")
+    local_model_lr: float | None = Field(None, gt=0.0, description="phase 1 learning rate (None = client.lr)")
+    federate: bool = Field(True, description="false: standalone local training, nothing shared")
+
+
+class PFedLoRA(FactorAverage):
+    """pFedLoRA: alternating local-model / adapter training; FedAvg of the homogeneous adapter."""
+
+    name = "pfedlora"
+    default_optimizer = "adamw"
+    Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        super().__init__(options)
+        self.communicates = self.options.federate  # type: ignore[attr-defined]
+        self.own: dict[int, AdapterState] = {}
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        opts = self.options
+        settings = {
+            "local_model_steps": opts.local_model_steps,  # type: ignore[attr-defined]
+            "local_model_lr": opts.local_model_lr,  # type: ignore[attr-defined]
+        }
+        return {c: ClientInstruction(self.personal_state(c), settings) for c in client_ids}
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        if self.options.federate:  # type: ignore[attr-defined]
+            return super().aggregate(server_round, replies)
+        for reply in replies:
+            self.own[reply.client_id] = clone_state(reply.payload)
+        return self.global_state
+
+    def personal_state(self, client_id: int) -> AdapterState:
+        if self.options.federate:  # type: ignore[attr-defined]
+            return self.global_state
+        return self.own.get(client_id, self.global_state)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        own = {f"{OWN_PREFIX}{c}.{k}": v for c, state in self.own.items() for k, v in state.items()}
+        return {**super().server_state(), **own}
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        shared = {k: v for k, v in tensors.items() if not k.startswith(OWN_PREFIX)}
+        super().load_server_state(shared)
+        self.own = {}
+        for key, value in tensors.items():
+            if key.startswith(OWN_PREFIX):
+                client, name = key[len(OWN_PREFIX) :].split(".", 1)
+                self.own.setdefault(int(client), {})[name] = value.clone()

@@ -1,0 +1,104 @@
+"""pFedLoRA: clients of different architectures share one adapter tensor set; alternating training;
+personal weights on disk; personalised evaluation; the standalone baseline."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_engine
+from fedlora.client.trainer import LocalTrainingSettings, train_locally
+
+VARIANTS = {
+    "strategy.name": "pfedlora",
+    "model.tiny_num_layers": 3,
+    "model.variants": "[{num_layers: 3}, {num_layers: 2}, {num_layers: 1}]",
+    "adapter.target_modules": "[q_proj, v_proj]",
+    "adapter.dropout": 0.0,
+    "federation.clients_per_round": 4,
+    "strategy.options": "{local_model_steps: 2}",
+}
+
+
+def test_three_architectures_share_one_adapter_tensor_set(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path, **VARIANTS)
+    models = engine.sim.client_models
+    assert sorted(set(models.variant_of)) == [0, 1, 2] and models.last_layer == [2, 1, 0]
+    assert len({id(a.model) for a in models.adapters}) == 3  # one in-memory model per architecture
+    shapes = []
+    original = engine.run_client
+
+    def spy(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        shapes.append({k: tuple(v.shape) for k, v in reply.payload.items()})
+        return reply
+
+    engine.run_client = spy
+    record = engine.run_round(1)
+    assert record["num_clients"] == 4 and record["rejected"] == []
+    assert all(s == shapes[0] for s in shapes) and all(".layers.last." in k for k in shapes[0])
+    # each architecture maps the shared keys to its own last layer
+    local = {v: models.to_variant(engine.sim.strategy.global_state, v) for v in range(3)}
+    assert all(f".layers.{models.last_layer[v]}." in next(iter(local[v])) for v in range(3))
+    for v, adapters in enumerate(models.adapters):
+        adapters.load(local[v])  # loads into that architecture's slot without error
+
+
+def test_phase_one_trains_the_local_model_and_phase_two_the_adapter(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path, **VARIANTS)
+    models = engine.sim.client_models
+    client = engine.sim.federation.clients[0]
+    adapters = models.prepare(0, 1)
+    start = models.to_local(engine.sim.strategy.global_state, 0)
+    before_local = {k: p.detach().clone() for k, p in adapters.base_parameters()}
+    only_local = LocalTrainingSettings(
+        optimizer="adamw", lr=1e-2, local_steps=1, batch_size=2, local_model_steps=2
+    )
+    result = train_locally(adapters, engine.sim.encoder, client, start, only_local, seed=1)
+    after_local = dict(adapters.base_parameters())
+    assert any(not torch.equal(after_local[k], before_local[k]) for k in before_local)
+    assert "local_model_loss" in result.metrics
+    assert all(not p.requires_grad for _, p in adapters.base_parameters())  # frozen again for phase 2
+    # phase 2 alone (local_model_steps 0): the adapter moves, the local weights do not
+    frozen_local = {k: p.detach().clone() for k, p in adapters.base_parameters()}
+    adapter_only = LocalTrainingSettings(optimizer="adamw", lr=1e-2, local_steps=2, batch_size=2)
+    trained = train_locally(adapters, engine.sim.encoder, client, start, adapter_only, seed=2)
+    assert all(torch.equal(p, frozen_local[k]) for k, p in adapters.base_parameters())
+    assert any(not torch.equal(trained.state[k], start[k]) for k in start if ".lora_B." in k)
+
+
+def test_personal_weights_live_on_disk_and_come_back_when_sampled(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path, **VARIANTS)
+    models = engine.sim.client_models
+    record = engine.run_round(1)
+    trained = [c["client"] for c in record["clients"]]
+    for cid in trained:
+        saved = load_file(str(tmp_path / "personal" / f"client_{cid}.r1.safetensors"))
+        adapters = models.prepare(cid, 2)
+        assert all(torch.equal(p, saved[k]) for k, p in adapters.base_parameters())
+        pristine = models.pristine[models.variant_of[cid]]
+        assert any(not torch.equal(saved[k], pristine[k]) for k in saved)
+    untouched = next(c for c in range(4) if c not in trained) if len(trained) < 4 else None
+    if untouched is not None:
+        adapters = models.prepare(untouched, 2)
+        assert all(
+            torch.equal(p, models.pristine[models.variant_of[untouched]][k])
+            for k, p in adapters.base_parameters()
+        )
+    # personalised evaluation: mean and spread over clients, and the model without the adapter
+    for key in ("eval_loss", "eval_loss_no_adapter", "eval_client_loss_mean", "eval_client_loss_std"):
+        assert key in record
+
+
+def test_standalone_baseline_sends_nothing_and_keeps_own_adapters(tmp_path: Path) -> None:
+    engine = tiny_engine(
+        tmp_path, **{**VARIANTS, "strategy.options": "{local_model_steps: 1, federate: false}"}
+    )
+    record = engine.run_round(1)
+    assert record["bytes_up"] == 0 and record["bytes_down"] == 0
+    strategy = engine.sim.strategy
+    own = [c["client"] for c in record["clients"]]
+    assert set(strategy.own) == set(own)
+    a, b = strategy.personal_state(own[0]), strategy.personal_state(own[1])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.count_nonzero(v) == 0 for k, v in strategy.global_state.items() if ".lora_B." in k)
