@@ -8,8 +8,9 @@ injected by kind, replies rejected (each must be an injected fault: no false rej
 update accepted), rounds aggregated / skipped, and data lost (rounds missing from the log, checkpoints
 failing their checksum, non-finite values in the final adapter).
 
-Part 2, crashes: the same run without faults is SIGKILLed at uniformly random moments and resumed until it
-finishes, ``--kill-runs`` times; the final adapter is compared bit for bit with an uninterrupted run.
+Part 2, crashes: the same run without faults is SIGKILLed at uniformly random moments (up to 3 times per
+run, startup included) and resumed until it finishes, ``--kill-runs`` times; the final adapter is compared
+bit for bit with an uninterrupted run.
 
     python benchmarks/faults.py [--rounds 30] [--kill-runs 5]
 """
@@ -112,6 +113,7 @@ def crashes(rounds: int, kill_runs: int, folder: Path) -> dict:
     kills, identical = 0, 0
     for trial in range(kill_runs):
         run_dir = folder / f"killed-{trial}"
+        trial_kills = 0
         while not (run_dir / "global" / "adapter_model.safetensors").exists():
             cmd = (
                 fedlora("run", "--resume", str(run_dir), "--no-progress")
@@ -119,12 +121,13 @@ def crashes(rounds: int, kill_runs: int, folder: Path) -> dict:
                 else fedlora("run", *args, "--output", str(run_dir), "--no-progress")
             )
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                proc.wait(timeout=rng.uniform(0.5, full))
+            try:  # up to 3 kills a run at random moments, then it may finish
+                proc.wait(timeout=rng.uniform(0.5, full) if trial_kills < 3 else None)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 kills += 1
+                trial_kills += 1
         final = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
         identical += all(torch.equal(final[k], reference[k]) for k in reference)
     return {
