@@ -4,3 +4,4 @@ cd "$(dirname "$0")/.."
 while pgrep -f "flexlora_bucket.sh" > /dev/null; do sleep 20; done
 bash experiments/ffa_dp.sh
 bash experiments/fedmezo.sh
+bash experiments/pfedlora.sh
