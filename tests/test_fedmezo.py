@@ -193,3 +193,37 @@ def test_full_parameter_zeroth_order_exports_a_plain_model(tmp_path: Path, uploa
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if upload == "seeds":  # a few hundred bytes up instead of the whole model
         assert records[0]["bytes_up"] < 5000 < records[0]["bytes_down"]
+
+
+def test_zeroth_order_classification_with_a_trained_head(tmp_path: Path) -> None:
+    """FedMeZO on a classification model: the LoRA factors and the task head move, loss is finite."""
+    from conftest import tiny_engine
+
+    data = tmp_path / "labels.jsonl"
+    rows = [
+        {
+            "instruction": "",
+            "input": f"text {i} " * (i % 5 + 1),
+            "output": f"c{i % 3}",
+            "category": f"k{i % 4}",
+        }
+        for i in range(80)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    engine = tiny_engine(
+        tmp_path,
+        **{
+            "model.task": "classification",
+            "data.source": "json",
+            "data.path": str(data),
+            "strategy.name": "fedmezo",
+            "client.local_steps": 3,
+            "client.lr": 1e-3,
+        },
+    )
+    start = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
+    record = engine.run_round(1)
+    assert record["rejected"] == [] and record["eval_accuracy"] is not None
+    state = engine.sim.strategy.global_state
+    head = [k for k in state if "score" in k]
+    assert head and any(not torch.equal(state[k], start[k]) for k in head)

@@ -155,3 +155,21 @@ def test_impossible_budget_and_unsupported_layer_fail_before_training(tmp_path: 
         load_config(None, ["privacy.enabled=true"])
     with pytest.raises(ConfigError, match="proximal"):
         load_config(None, ["privacy.enabled=true", "privacy.noise_multiplier=1", "strategy.name=fedprox"])
+
+
+def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
+    engine = tiny_engine(
+        tmp_path,
+        **{
+            "strategy.name": "flexlora",
+            "resources.distribution": "uniform",
+            "resources.rank_scale": 0.1,
+            "federation.clients_per_round": 4,
+            "privacy.enabled": "true",
+            "privacy.target_epsilon": 5.0,
+        },
+    )
+    record = engine.run_round(1)
+    assert record["num_clients"] == 4 and record["rejected"] == []
+    # attention-only targets: a3-m20 is r3 here, so three distinct ranks
+    assert len({c["rank"] for c in record["clients"]}) == 3 and 0 < record["epsilon_max"] <= 5.0
