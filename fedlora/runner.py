@@ -77,6 +77,12 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
     if client_models is not None:
         initial = client_models.initial_shared_state()
+        if strategy.shares_local_model:  # whole-model FedAvg: one architecture, its weights travel too
+            if len(cfg.model.variants) != 1:
+                raise ConfigError(
+                    "strategy.options.share 'model' needs one architecture (one model.variants entry)"
+                )
+            initial.update({k: p.detach().clone() for k, p in client_models.adapters[0].base_parameters()})
     strategy.initialize(
         ServerSetup(
             initial_state=initial,
@@ -212,6 +218,7 @@ def finalize(
     final_state = sim.strategy.evaluation_state()
     if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
         final_state = sim.client_models.to_variant(final_state, 0)
+        final_state = {k: v for k, v in final_state.items() if ".lora_" in k}  # the adapter, not local weights
     if sim.adapters.is_full_state(final_state):
         sim.adapters.export_full(final_state, run_dir / "global", str(bundle.folder.resolve()))
     else:

@@ -102,3 +102,22 @@ def test_standalone_baseline_sends_nothing_and_keeps_own_adapters(tmp_path: Path
     a, b = strategy.personal_state(own[0]), strategy.personal_state(own[1])
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert all(torch.count_nonzero(v) == 0 for k, v in strategy.global_state.items() if ".lora_B." in k)
+
+
+def test_whole_model_fedavg_baseline_sends_the_local_weights(tmp_path: Path) -> None:
+    one_arch = {
+        **VARIANTS,
+        "model.variants": "[{num_layers: 2}]",
+        "strategy.options": "{local_model_steps: 1, share: model}",
+    }
+    engine = tiny_engine(tmp_path, **one_arch)
+    adapter_only = tiny_engine(tmp_path / "a", **{**one_arch, "strategy.options": "{local_model_steps: 1}"})
+    whole = engine.run_round(1)
+    small = adapter_only.run_round(1)
+    assert whole["rejected"] == [] and whole["bytes_up"] > 20 * small["bytes_up"]
+    state = engine.sim.strategy.global_state
+    assert any(".lora_" not in k for k in state) and any(".lora_" in k for k in state)
+    # every client now starts from the averaged local weights
+    weights = {k: v for k, v in state.items() if ".lora_" not in k}
+    adapters, _ = engine.sim.client_models.install(0, 2, state)
+    assert all(torch.equal(p, weights[k]) for k, p in adapters.base_parameters())

@@ -165,8 +165,9 @@ def evaluate_personal(
     per_client: list[dict[str, float]] = []
     without: list[dict[str, float]] = []
     for client in clients:
-        adapters = sim.client_models.prepare(client.client_id, before_round)
-        state = sim.client_models.to_local(sim.strategy.personal_state(client.client_id), client.client_id)
+        adapters, state = sim.client_models.install(
+            client.client_id, before_round, sim.strategy.personal_state(client.client_id)
+        )
         assert adapters.model is not None
         for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):
             adapters.load(adapter_state)
@@ -211,9 +212,10 @@ class EmbeddedEngine:
         if sim.privacy is not None:
             settings = replace(settings, **sim.privacy.settings_for(client_id))
         adapters, payload = sim.adapters, instruction.payload
+        shares_model = False
         if sim.client_models is not None:  # its own architecture, with its own weights
-            adapters = sim.client_models.prepare(client_id, server_round)
-            payload = sim.client_models.to_local(payload, client_id)
+            adapters, payload = sim.client_models.install(client_id, server_round, payload)
+            shares_model = len(payload) < len(instruction.payload)
         result = train_locally(
             adapters,
             sim.encoder,
@@ -223,6 +225,8 @@ class EmbeddedEngine:
             round_seed(sim.cfg.federation.seed, server_round, client_id),
         )
         if sim.client_models is not None:
+            if shares_model:  # the whole-model baseline sends the local weights too
+                result.state.update({k: p.detach().clone() for k, p in adapters.base_parameters()})
             result.state = sim.client_models.to_shared(result.state)
             sim.client_models.save(client_id, server_round)
         if sim.privacy is not None:

@@ -76,14 +76,32 @@ class ClientModels:
     # --- the shared adapter's wire keys ---------------------------------------------------------------
     @staticmethod
     def to_shared(state: AdapterState) -> AdapterState:
-        return {_LAYER_INDEX.sub(r".\1.last.", k): v for k, v in state.items()}
+        """Adapter keys with the layer index written ``last``; other keys (local weights) unchanged."""
+        return {(_LAYER_INDEX.sub(r".\1.last.", k) if ".lora_" in k else k): v for k, v in state.items()}
 
     def to_local(self, state: AdapterState, client_id: int) -> AdapterState:
         return self.to_variant(state, self.variant_of[client_id])
 
     def to_variant(self, state: AdapterState, variant: int) -> AdapterState:
         last = self.last_layer[variant]
-        return {_LAYER_INDEX.sub(rf".\g<1>.{last}.", k): v for k, v in state.items()}
+        return {
+            (_LAYER_INDEX.sub(rf".\g<1>.{last}.", k) if ".lora_" in k else k): v for k, v in state.items()
+        }
+
+    def install(
+        self, client_id: int, server_round: int, state: AdapterState
+    ) -> tuple[LoraAdapters, AdapterState]:
+        """Prepare the client's model and split a shared state into (its adapter part, mapped to the
+        client); local-model weights in the state (the whole-model FedAvg baseline) are loaded over the
+        client's own."""
+        adapters = self.prepare(client_id, server_round)
+        local = self.to_local(state, client_id)
+        weights = {
+            k: v for k, v in local.items() if ".lora_" not in k and k in dict(adapters.base_parameters())
+        }
+        if weights:
+            adapters.load_base(weights)
+        return adapters, {k: v for k, v in local.items() if k not in weights}
 
     def initial_shared_state(self) -> AdapterState:
         return self.to_shared(self.adapters[0].initial_state())

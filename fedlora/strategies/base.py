@@ -110,6 +110,8 @@ class Strategy(ABC):
     trains_full_model: bool = False
     #: False for a no-communication baseline (standalone local training): no bytes are counted
     communicates: bool = True
+    #: True when the clients' own model weights travel with the adapter (whole-model FedAvg baseline)
+    shares_local_model: bool = False
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -12,12 +12,13 @@ then send only the adapter. Server: A = sum p_i A_i, B = sum p_i B_i, p_i = n_i 
 personalised: each client's local model with the adapter, on its own data.
 
 ``federate: false`` is the standalone baseline: the same local training, nothing is sent or averaged, each
-client keeps its own adapter (and no bytes are counted).
+client keeps its own adapter (and no bytes are counted). ``share: model`` is the whole-model FedAvg
+baseline for a homogeneous federation: the local model's weights travel and are averaged with the adapter.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -33,6 +34,9 @@ class PFedLoRAOptions(StrategyOptions):
     local_model_steps: int = Field(5, ge=0, description="phase 1 steps on the local model (adapter frozen)")
     local_model_lr: float | None = Field(None, gt=0.0, description="phase 1 learning rate (None = client.lr)")
     federate: bool = Field(True, description="false: standalone local training, nothing shared")
+    share: Literal["adapter", "model"] = Field(
+        "adapter", description="model: the whole-model FedAvg baseline (one architecture only)"
+    )
 
 
 class PFedLoRA(FactorAverage):
@@ -45,6 +49,7 @@ class PFedLoRA(FactorAverage):
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)
         self.communicates = self.options.federate  # type: ignore[attr-defined]
+        self.shares_local_model = self.options.share == "model"  # type: ignore[attr-defined]
         self.own: dict[int, AdapterState] = {}
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
