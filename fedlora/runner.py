@@ -38,6 +38,7 @@ from fedlora.engine.embedded import (
     EmbeddedEngine,
     Simulation,
     clients_per_round,
+    evaluate_personal,
     evaluate_state,
     evaluation_clients,
 )
@@ -218,7 +219,9 @@ def finalize(
     final_state = sim.strategy.evaluation_state()
     if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
         final_state = sim.client_models.to_variant(final_state, 0)
-        final_state = {k: v for k, v in final_state.items() if ".lora_" in k}  # the adapter, not local weights
+        final_state = {
+            k: v for k, v in final_state.items() if ".lora_" in k
+        }  # the adapter, not local weights
     if sim.adapters.is_full_state(final_state):
         sim.adapters.export_full(final_state, run_dir / "global", str(bundle.folder.resolve()))
     else:
@@ -263,7 +266,8 @@ def evaluate_run(
     adapter and strategy stay the run's); then ``overrides``; then ``split``.
     """
     adapter_file = run_dir / "global" / "adapter_model.safetensors"
-    if not adapter_file.exists():
+    model_file = run_dir / "global" / "model.safetensors"  # a full-parameter run's tuned model
+    if not adapter_file.exists() and not model_file.exists():
         raise ConfigError(f"{run_dir} has no global adapter yet (global/adapter_model.safetensors)")
     tree = load_run_config(run_dir).model_dump(mode="json")
     if data_config is not None:
@@ -279,6 +283,15 @@ def evaluate_run(
     sim, _ = build_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
     clients = evaluation_clients(cfg, sim.federation, final=True)
+    if sim.client_models is not None:  # personalised: each client's newest weights with the final adapter
+        sim.client_models.folder = run_dir / "personal"
+        sim.strategy.load_server_state(load_file(str(adapter_file)))
+        sim.strategy.global_state = sim.client_models.to_shared(sim.strategy.global_state)
+        return evaluate_personal(sim, clients, names, before_round=cfg.federation.rounds + 1)
+    if not adapter_file.exists():
+        tuned = load_file(str(model_file))  # saved with plain names; the live model's carry ".base_layer"
+        state = {n: tuned[n.replace(".base_layer", "")] for n, _ in sim.adapters.base_parameters()}
+        return evaluate_state(sim, state, clients, names)
     return evaluate_state(sim, load_file(str(adapter_file)), clients, names)
 
 

@@ -227,3 +227,19 @@ def test_zeroth_order_classification_with_a_trained_head(tmp_path: Path) -> None
     state = engine.sim.strategy.global_state
     head = [k for k in state if "score" in k]
     assert head and any(not torch.equal(state[k], start[k]) for k in head)
+
+
+def test_fedlora_eval_of_a_full_parameter_run(tmp_path: Path, capsys) -> None:
+    from fedlora.cli import main
+
+    run_dir = tmp_path / "full"
+    overrides = tiny_overrides(
+        tmp_path,
+        **{"strategy.name": "fedmezo", "strategy.options": "{full_parameters: true}", "federation.rounds": 1},
+    )
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-6)

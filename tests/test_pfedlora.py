@@ -121,3 +121,19 @@ def test_whole_model_fedavg_baseline_sends_the_local_weights(tmp_path: Path) -> 
     weights = {k: v for k, v in state.items() if ".lora_" not in k}
     adapters, _ = engine.sim.client_models.install(0, 2, state)
     assert all(torch.equal(p, weights[k]) for k, p in adapters.base_parameters())
+
+
+def test_fedlora_eval_of_a_pfedlora_run_is_personalised(tmp_path: Path, capsys) -> None:
+    import json
+
+    from conftest import tiny_overrides
+    from fedlora.cli import main
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, **{**VARIANTS, "federation.rounds": 1})
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["eval_loss"] == last["eval_loss"] and "eval_loss_no_adapter" in metrics
