@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +209,6 @@ class EmbeddedEngine:
         """One client's local training from its instruction (in process, on the shared model)."""
         sim = self.sim
         settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
-        if sim.privacy is not None:
-            settings = replace(settings, **sim.privacy.settings_for(client_id))
         adapters, payload = sim.adapters, instruction.payload
         shares_model = False
         if sim.client_models is not None:  # its own architecture, with its own weights
@@ -229,9 +227,20 @@ class EmbeddedEngine:
                 result.state.update({k: p.detach().clone() for k, p in adapters.base_parameters()})
             result.state = sim.client_models.to_shared(result.state)
             sim.client_models.save(client_id, server_round)
-        if sim.privacy is not None:
-            result.metrics["epsilon"] = sim.privacy.record(client_id, int(result.metrics["steps"]))
         return ClientReply(client_id, result.state, result.num_examples, result.metrics)
+
+    def train_clients(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply | str]:
+        """The transport: run every instructed client, return its reply (or why there is none).
+
+        In process: one client after another on the shared model. Other engines (Flower) send messages.
+        """
+        replies: dict[int, ClientReply | str] = {}
+        for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
+            self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
+            replies[client_id] = self.run_client(server_round, client_id, instruction)
+        return replies
 
     def evaluate(self, final: bool = False, server_round: int | None = None) -> dict[str, float]:
         """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final);
@@ -256,8 +265,8 @@ class EmbeddedEngine:
             int, int
         ] = {}  # one serialisation per distinct payload object (often all share one)
         counts = sim.strategy.communicates  # a standalone baseline sends nothing
-        for position, client_id in enumerate(sampled, start=1):
-            self.status(f"round {server_round}: client {client_id} ({position}/{len(sampled)})")
+        to_run: dict[int, ClientInstruction] = {}
+        for client_id in sampled:
             instruction = instructions[client_id]
             payload_key = id(instruction.payload)
             if payload_key not in payload_sizes:
@@ -274,7 +283,21 @@ class EmbeddedEngine:
                 out["rejected"].append({"client": client_id, "reason": what})
                 log.warning("round %d: client %d %s", server_round, client_id, what)
                 continue
-            reply = self.run_client(server_round, client_id, instruction)
+            if sim.privacy is not None:  # this client's DP-SGD noise plan travels with its instruction
+                instruction = ClientInstruction(
+                    instruction.payload, {**instruction.settings, **sim.privacy.settings_for(client_id)}
+                )
+            to_run[client_id] = instruction
+        results = self.train_clients(server_round, to_run)
+        for client_id, instruction in to_run.items():
+            reply = results.get(client_id, "no reply")
+            if isinstance(reply, str):
+                out["rejected"].append({"client": client_id, "reason": reply})
+                log.warning("round %d: client %d: %s", server_round, client_id, reply)
+                continue
+            if sim.privacy is not None:
+                reply.metrics["epsilon"] = sim.privacy.record(client_id, int(reply.metrics["steps"]))
+            fault = faults.get(client_id)
             if fault is not None:
                 reply.payload = corrupt(reply.payload, fault.corruption or "nan")
                 out["faults"]["corrupted"].append({"client": client_id, "kind": fault.corruption})
