@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,20 @@ def run_experiment(
     resume: bool = False,
     console: Console | None = None,
     show_progress: bool = True,
+    engine_factory: Callable[[Simulation, Path, Callable[[str], None]], EmbeddedEngine] | None = None,
 ) -> Path:
-    """Run (or resume) an experiment into ``run_dir``; returns the run directory."""
+    """Run (or resume) an experiment into ``run_dir``; returns the run directory.
+
+    ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose ServerApp comes back here
+    with an ``engine_factory`` that builds the Flower engine (same rounds, clients behind messages).
+    """
+    if cfg.engine == "flower-sim" and engine_factory is None:
+        from fedlora.engine.flower import run_flower_simulation
+
+        target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+        if not resume and (target / "metrics.jsonl").exists():
+            raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
+        return run_flower_simulation(cfg, target, resume)
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
@@ -140,7 +153,10 @@ def run_experiment(
 
     board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
     progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
-    engine = EmbeddedEngine(sim, run_dir, status=progress.status)
+    if engine_factory is not None:
+        engine = engine_factory(sim, run_dir, progress.status)
+    else:
+        engine = EmbeddedEngine(sim, run_dir, status=progress.status)
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
         f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "

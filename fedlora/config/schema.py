@@ -326,7 +326,7 @@ class ExperimentConfig(Section):
     """One experiment: every section above, plus a name and the engine that runs it."""
 
     name: str = "experiment"
-    engine: Literal["embedded"] = "embedded"
+    engine: Literal["embedded", "flower-sim"] = "embedded"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
