@@ -87,6 +87,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from fedlora.config.loader import load_config
+    from fedlora.data.federation import build_federation
+    from fedlora.engine.flower_deploy import commands, write_app
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(config_path, overrides)
+    app_dir = Path(args.app_dir)
+    write_app(app_dir, cfg, Path(args.run_dir), address=f"127.0.0.1:{args.port}")
+    clients = len(build_federation(cfg).clients)
+    print(f"wrote the Flower app {app_dir} ({clients} clients); on loopback:\n")
+    print("\n".join(commands(app_dir, clients, args.port)))
+    print("\n(across machines: see docs/flower.md for TLS and SuperNode authentication)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.runner import export_merged
 
@@ -166,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--output", required=True, help="folder for the runs and the comparison")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
+
+    fl = sub.add_parser("flower", help="write a Flower app for a config and print the deployment commands")
+    fl.add_argument("app_dir", metavar="APP_DIR")
+    fl.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    fl.add_argument("--run-dir", required=True, help="where the ServerApp writes the run directory")
+    fl.add_argument("--port", type=int, default=9093, help="the SuperLink's port (default 9093)")
+    fl.set_defaults(func=cmd_flower)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
     ex.add_argument("run_dir")

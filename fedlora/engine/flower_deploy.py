@@ -1,0 +1,113 @@
+"""Deployment on Flower's runtime: write the Flower app folder for a fedlora config, and the commands.
+
+``fedlora flower APP_DIR CONFIG.yaml --run-dir RUNS/x`` writes:
+
+- ``APP_DIR/pyproject.toml``: the Flower app (its ServerApp and ClientApp are fedlora's, its run config holds
+  the experiment config as YAML text and the run directory where the server writes metrics, checkpoints
+  and the global adapter);
+- ``APP_DIR/fedlora_flower_app.py``: the two components;
+- ``APP_DIR/flwr-home/config.toml``: the SuperLink connection ``flwr run`` uses (``FLWR_HOME``);
+
+and prints how to start one SuperLink, one SuperNode per client (each with its own ``partition-id`` and
+optionally ``rank-budget``) and the run. Insecure mode is only for loopback; across machines use Flower's
+TLS (``--ssl-*`` on the SuperLink, ``--root-certificates`` on SuperNodes) and SuperNode authentication
+(``--enable-supernode-auth`` with ``--auth-list-public-keys``; ``--auth-supernode-private-key`` /
+``--auth-supernode-public-key`` on each SuperNode).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlora.config.loader import dump_config
+from fedlora.config.schema import ExperimentConfig
+
+APP_MODULE = "fedlora_flower_app"
+
+APP_CODE = '''"""Flower components of a fedlora experiment (written by `fedlora flower`)."""
+
+from fedlora.engine.flower import client_app as _client_app
+from fedlora.engine.flower import server_app as _server_app
+
+server_app = _server_app()
+client_app = _client_app()
+'''
+
+
+def app_name(name: str) -> str:
+    """A valid Flower app name: a letter first, letters, digits and hyphens, at most 32 characters."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-") or "fedlora"
+    if not cleaned[0].isalpha():
+        cleaned = "fedlora-" + cleaned
+    return cleaned[:32].rstrip("-")
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string (JSON string escaping is valid TOML)."""
+    return json.dumps(text)
+
+
+def write_app(app_dir: Path, cfg: ExperimentConfig, run_dir: Path, address: str = "127.0.0.1:9093") -> Path:
+    """Write the Flower app folder for ``cfg`` (see the module docstring); returns ``app_dir``."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, app_dir / "fedlora.yaml")
+    config_text = (app_dir / "fedlora.yaml").read_text()
+    (app_dir / f"{APP_MODULE}.py").write_text(APP_CODE)
+    (app_dir / "pyproject.toml").write_text(
+        "\n".join(
+            [
+                "[build-system]",
+                'requires = ["hatchling"]',
+                'build-backend = "hatchling.build"',
+                "",
+                "[project]",
+                f'name = "{app_name(cfg.name)}"',
+                'version = "1.0.0"',
+                'description = "A fedlora experiment on Flower"',
+                'license = "Apache-2.0"',
+                "dependencies = []  # fedlora is installed on every machine; nothing is installed at run time",
+                "",
+                "[tool.hatch.build.targets.wheel]",
+                f'packages = ["{APP_MODULE}.py"]',
+                "",
+                "[tool.flwr.app]",
+                'publisher = "fedlora"',
+                "",
+                "[tool.flwr.app.components]",
+                f'serverapp = "{APP_MODULE}:server_app"',
+                f'clientapp = "{APP_MODULE}:client_app"',
+                "",
+                "[tool.flwr.app.config]",
+                f"fedlora-config = {toml_string(config_text)}",
+                f"run-dir = {toml_string(str(run_dir.resolve()))}",
+                "",
+            ]
+        )
+    )
+    home = app_dir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\naddress = "{address}"\ninsecure = true\n'
+    )
+    return app_dir
+
+
+def commands(app_dir: Path, num_clients: int, superlink_port: int = 9093) -> list[str]:
+    """The shell commands of a loopback deployment (one line each)."""
+    env = "FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0"
+    lines = [
+        f"{env} flower-superlink --insecure --host 127.0.0.1 --port {superlink_port} "
+        "--disable-runtime-dependency-installation &"
+    ]
+    for client in range(num_clients):
+        lines.append(
+            f"{env} flower-supernode --insecure --superlink 127.0.0.1:{superlink_port} "
+            f'--port {superlink_port + 10 + client} --node-config "partition-id={client} num-partitions={num_clients}" &'
+        )
+    lines.append(
+        f"FLWR_HOME={app_dir.resolve() / 'flwr-home'} {env} flwr run {app_dir.resolve()} fedlora --stream"
+    )
+    return lines
