@@ -111,3 +111,103 @@ def commands(app_dir: Path, num_clients: int, superlink_port: int = 9093) -> lis
         f"FLWR_HOME={app_dir.resolve() / 'flwr-home'} {env} flwr run {app_dir.resolve()} fedlora --stream"
     )
     return lines
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LoopbackDeployment:
+    """One SuperLink and one SuperNode per client on 127.0.0.1 (insecure: loopback only), as processes
+    in their own sessions, and ``flwr run`` against them. ``stop()`` ends exactly the process groups it
+    started (SuperExec and app processes included). Use as a context manager."""
+
+    def __init__(self, app_dir: Path, node_configs: list[str], link_port: int, workdir: Path) -> None:
+        import os
+        import sys
+
+        self.app_dir, self.node_configs, self.link_port, self.workdir = (
+            app_dir,
+            node_configs,
+            link_port,
+            workdir,
+        )
+        bin_dir = Path(sys.executable).parent
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(app_dir / "flwr-home"),
+            "HF_HUB_OFFLINE": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+        }
+        self.started: list = []
+
+    def _start(self, args: list[str], log: str) -> None:
+        import subprocess
+
+        with open(self.workdir / log, "w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                args,
+                env=self.env,
+                cwd=self.workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+
+    def start(self, settle_s: float = 5.0) -> None:
+        import time
+
+        link = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port)]
+        self._start([*link, "--disable-runtime-dependency-installation"], "superlink.log")
+        time.sleep(settle_s)
+        for i, node_config in enumerate(self.node_configs):
+            node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}"]
+            self._start(
+                [*node, "--port", str(free_port()), "--node-config", node_config], f"supernode{i}.log"
+            )
+
+    def run(self, timeout_s: float = 900) -> object:
+        import subprocess
+
+        cmd = ["flwr", "run", str(self.app_dir), "fedlora", "--stream"]
+        return subprocess.run(
+            cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def stop(self) -> None:
+        import contextlib
+        import os
+        import signal
+        import subprocess
+        import time
+
+        for proc in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 15
+        for proc in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+        for proc in self.started:
+            while time.time() < deadline + 15:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+
+    def __enter__(self) -> LoopbackDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
