@@ -83,8 +83,10 @@ class RunSummary:
 
 
 def differing_keys(runs: list[RunSummary]) -> list[str]:
-    """Config keys (dotted) whose values are not the same in every run, seeds and output excluded."""
-    keys = sorted(set().union(*(r.settings for r in runs)))
+    """Config keys (dotted) whose values are not the same in every run, seeds and output excluded.
+
+    Only keys every run has count (runs made by older fedlora versions lack newer sections)."""
+    keys = sorted(set.intersection(*(set(r.settings) for r in runs)))
     out = []
     for key in keys:
         if key in SEED_KEYS or any(key == p or key.startswith(p) for p in IGNORED_KEYS):
@@ -173,6 +175,7 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("eval_loss", "held-out loss")]
     for key in ("eval_rouge_l", "eval_accuracy", "eval_exact_match", "eval_task_score"):
@@ -195,6 +198,7 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
                 ax.plot(xs, [statistics.fmean(per_round[x]) for x in xs], marker="o", label=g.label)
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
