@@ -210,10 +210,9 @@ class EmbeddedEngine:
         sim = self.sim
         settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
         adapters, payload = sim.adapters, instruction.payload
-        shares_model = False
+        shares_model = sim.strategy.shares_local_model  # the whole-model baseline sends local weights too
         if sim.client_models is not None:  # its own architecture, with its own weights
             adapters, payload = sim.client_models.install(client_id, server_round, payload)
-            shares_model = len(payload) < len(instruction.payload)
         result = train_locally(
             adapters,
             sim.encoder,
@@ -223,7 +222,7 @@ class EmbeddedEngine:
             round_seed(sim.cfg.federation.seed, server_round, client_id),
         )
         if sim.client_models is not None:
-            if shares_model:  # the whole-model baseline sends the local weights too
+            if shares_model:
                 result.state.update({k: p.detach().clone() for k, p in adapters.base_parameters()})
             result.state = sim.client_models.to_shared(result.state)
             sim.client_models.save(client_id, server_round)

@@ -96,9 +96,8 @@ class ClientModels:
         client's own."""
         adapters = self.prepare(client_id, server_round)
         local = self.to_local(state, client_id)
-        weights = {
-            k: v for k, v in local.items() if ".lora_" not in k and k in dict(adapters.base_parameters())
-        }
+        own = {k for k, _ in adapters.base_parameters()}
+        weights = {k: v for k, v in local.items() if ".lora_" not in k and k in own}
         if weights:
             adapters.load_base(weights)
         return adapters, {k: v for k, v in local.items() if k not in weights}
