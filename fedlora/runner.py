@@ -74,6 +74,11 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
     profiles = [adapters.canonical(p) for p in profiles]
     strategy = build_strategy(cfg.strategy)
+    if strategy.personal_models and client_models is None:
+        raise ConfigError(
+            f"strategy {strategy.name} trains each client's own model: give model.variants "
+            "(e.g. model.variants='[{num_layers: 6}, {num_layers: 2}]'), one in-memory model per architecture"
+        )
     initial = adapters.initial_state(largest_profile(profiles))
     if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
         initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}

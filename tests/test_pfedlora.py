@@ -137,3 +137,15 @@ def test_fedlora_eval_of_a_pfedlora_run_is_personalised(tmp_path: Path, capsys) 
     metrics = json.loads(capsys.readouterr().out)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["eval_loss"] == last["eval_loss"] and "eval_loss_no_adapter" in metrics
+
+
+def test_pfedlora_without_client_models_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from conftest import tiny_overrides
+    from fedlora.config import load_config
+    from fedlora.config.loader import ConfigError
+    from fedlora.runner import build_simulation
+
+    with pytest.raises(ConfigError, match="give model.variants"):
+        build_simulation(load_config(None, tiny_overrides(tmp_path, **{"strategy.name": "pfedlora"})))

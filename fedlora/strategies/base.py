@@ -112,6 +112,8 @@ class Strategy(ABC):
     communicates: bool = True
     #: True when the clients' own model weights travel with the adapter (whole-model FedAvg baseline)
     shares_local_model: bool = False
+    #: True when every client trains its own model weights, which must then live apart (model.variants)
+    personal_models: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -44,6 +44,7 @@ class PFedLoRA(FactorAverage):
 
     name = "pfedlora"
     default_optimizer = "adamw"
+    personal_models = True
     Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
