@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ffa-dp}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PRIVACY='privacy={enabled: false},{enabled: true, target_epsilon: 6},{enabled: true, target_epsilon: 3},{enabled: true, target_epsilon: 1}'
-sweep() {  # strategy, output folder, extra args...
+sweep() {  # strategy, output folder, extra overrides..., then sweep options after --
   local strategy=$1 out=$2; shift 2
-  "$FEDLORA" sweep configs/ffa-bbc-dp.yaml "strategy.name=$strategy" --output "$out" --no-progress "$@" > "$out.log" 2>&1
+  local overrides=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do overrides+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  "$FEDLORA" sweep configs/ffa-bbc-dp.yaml "strategy.name=$strategy" "${overrides[@]}" --output "$out" --no-progress "$@" > "$out.log" 2>&1
 }
 mkdir -p "$OUT"
-sweep fedit "$OUT/main-fedit" --seeds 1,2,3 --set "$PRIVACY" & sweep ffa-lora "$OUT/main-ffa" --seeds 1,2,3 --set "$PRIVACY" & wait
+sweep fedit "$OUT/main-fedit" -- --seeds 1,2,3 --set "$PRIVACY" & sweep ffa-lora "$OUT/main-ffa" -- --seeds 1,2,3 --set "$PRIVACY" & wait
 ALPHA='adapter.alpha=4,16,64'
-sweep fedit "$OUT/alpha-fedit" --seeds 1 --set "$ALPHA" privacy.enabled=true privacy.target_epsilon=3 &
-sweep ffa-lora "$OUT/alpha-ffa" --seeds 1 --set "$ALPHA" privacy.enabled=true privacy.target_epsilon=3 & wait
+sweep fedit "$OUT/alpha-fedit" privacy.enabled=true privacy.target_epsilon=3 -- --seeds 1 --set "$ALPHA" &
+sweep ffa-lora "$OUT/alpha-ffa" privacy.enabled=true privacy.target_epsilon=3 -- --seeds 1 --set "$ALPHA" & wait
 "$FEDLORA" compare "$OUT"/main-fedit/*seed=* "$OUT"/main-ffa/*seed=* --output "$OUT/compare-main"
 "$FEDLORA" compare "$OUT"/alpha-fedit/*seed=* "$OUT"/alpha-ffa/*seed=* --output "$OUT/compare-alpha"
