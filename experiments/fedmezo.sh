@@ -9,8 +9,11 @@ CONFIG=configs/fedmezo-reasoning.yaml
 run() {  # name, overrides...
   local name=$1; shift
   if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
-  local resume=(); [ -f "$OUT/$name/metrics.jsonl" ] && resume=(--resume "$OUT/$name")
-  "$FEDLORA" run "$CONFIG" "$@" --output "$OUT/$name" --no-progress "${resume[@]}" > "$OUT/$name.log" 2>&1
+  if [ -f "$OUT/$name/config.yaml" ]; then  # interrupted: continue from its last checkpoint
+    "$FEDLORA" run --resume "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
+  else
+    "$FEDLORA" run "$CONFIG" "$@" --output "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
+  fi
 }
 mkdir -p "$OUT"
 rule() { echo "strategy.options={eps: 1.0e-3, lr_strategy: $1, lr_spread: 0.5, upload: seeds}"; }

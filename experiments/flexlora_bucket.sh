@@ -10,8 +10,11 @@ FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 run() {  # name, overrides...
   local name=$1; shift
   if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
-  local resume=(); [ -f "$OUT/$name/metrics.jsonl" ] && resume=(--resume "$OUT/$name")
-  "$FEDLORA" run "$CONFIG" "federation.seed=$SEED" "$@" --output "$OUT/$name" --no-progress "${resume[@]}" > "$OUT/$name.log" 2>&1
+  if [ -f "$OUT/$name/config.yaml" ]; then  # interrupted: continue from its last checkpoint
+    "$FEDLORA" run --resume "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
+  else
+    "$FEDLORA" run "$CONFIG" "federation.seed=$SEED" "$@" --output "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
+  fi
 }
 mkdir -p "$OUT"
 run flexlora strategy.name=flexlora & run hetlora strategy.name=hetlora & wait
