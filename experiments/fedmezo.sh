@@ -6,15 +6,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fedmezo}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 CONFIG=configs/fedmezo-reasoning.yaml
-run() {  # name, overrides...
-  local name=$1; shift
-  if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
-  if [ -f "$OUT/$name/config.yaml" ]; then  # interrupted: continue from its last checkpoint
-    "$FEDLORA" run --resume "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
-  else
-    "$FEDLORA" run "$CONFIG" "$@" --output "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
-  fi
-}
+source experiments/common.sh
 mkdir -p "$OUT"
 rule() { echo "strategy.options={eps: 1.0e-3, lr_strategy: $1, lr_spread: 0.5, upload: seeds}"; }
 run fedavg-adamw strategy.name=fedavg client.optimizer=adamw client.lr=3.0e-4 client.local_steps=7 strategy.options={} & run mezo-frozen "$(rule frozen)" & wait

@@ -7,16 +7,8 @@ CONFIG=configs/flexlora-ni-bucket.yaml
 OUT=${OUT:-runs/ni-bucket}
 SEED=${SEED:-0}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
-run() {  # name, overrides...
-  local name=$1; shift
-  if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
-  if [ -f "$OUT/$name/config.yaml" ]; then  # interrupted: continue from its last checkpoint
-    "$FEDLORA" run --resume "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
-  else
-    "$FEDLORA" run "$CONFIG" "federation.seed=$SEED" "$@" --output "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
-  fi
-}
+source experiments/common.sh
 mkdir -p "$OUT"
-run flexlora strategy.name=flexlora & run hetlora strategy.name=hetlora & wait
-run fedit-min strategy.name=fedit resources.force=min & run fedit-max strategy.name=fedit resources.force=max & wait
+run flexlora "federation.seed=$SEED" strategy.name=flexlora & run hetlora "federation.seed=$SEED" strategy.name=hetlora & wait
+run fedit-min "federation.seed=$SEED" strategy.name=fedit resources.force=min & run fedit-max "federation.seed=$SEED" strategy.name=fedit resources.force=max & wait
 "$FEDLORA" compare "$OUT"/flexlora "$OUT"/hetlora "$OUT"/fedit-min "$OUT"/fedit-max --output "$OUT/compare"

@@ -161,17 +161,6 @@ class LoraAdapters:
             self.activate(self.cfg.rank)
         return set(self._kinds)
 
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """Module path (as in state keys, without ``.lora_A``) -> (d, k) of each target module."""
-        state = self.state(self.cfg.rank)
-        shapes: dict[str, tuple[int, int]] = {}
-        for key, tensor in state.items():
-            if ".lora_A." in key:
-                path = key.split(".lora_A.", 1)[0]
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                shapes[path] = (int(b.shape[0]), int(tensor.shape[1]))
-        return shapes
-
     def state(self, profile: RankProfile | int | None = None) -> AdapterState:
         """A detached copy of the weights of the slot for ``profile`` (default: the active one)."""
         key = self.active_profile if profile is None else self.canonical(profile)

@@ -137,9 +137,6 @@ class ClientModels:
         for _, old in self._files(client_id)[:-2]:
             old.unlink(missing_ok=True)
 
-    def local_parameter_count(self, client_id: int) -> int:
-        return sum(p.numel() for _, p in self.adapters[self.variant_of[client_id]].base_parameters())
-
 
 def zero_adapter(state: AdapterState) -> AdapterState:
     """The same adapter with B = 0: the local model alone (to measure what the global adapter adds)."""
