@@ -46,7 +46,7 @@ from fedlora.engine.embedded import (
 from fedlora.engine.personal import ClientModels
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.strategies.base import ServerSetup
-from fedlora.strategies.registry import build_strategy
+from fedlora.strategies.registry import build_strategy, check_experiment
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
 from fedlora.tracking.tensorboard import TensorBoardLog
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 
 def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[Simulation, ModelBundle]:
-    """Load data first (cheap, fails fast on bad files), then the model, adapters and strategy."""
+    """Check the method can honour the config, load data (cheap, fails fast on bad files), then the model,
+    adapters and strategy."""
+    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
     federation = build_federation(cfg)
     if for_training:
         clients_per_round(
@@ -73,7 +75,7 @@ def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[
     for profile in sorted(set(profiles)):
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
     profiles = [adapters.canonical(p) for p in profiles]
-    strategy = build_strategy(cfg.strategy)
+    strategy = build_strategy(cfg)
     if strategy.personal_models and client_models is None:
         raise ConfigError(
             f"strategy {strategy.name} trains each client's own model: give model.variants "

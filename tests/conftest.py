@@ -62,3 +62,26 @@ def tiny_engine(tmp_path: Path, **extra: object):
 
     sim, _ = build_simulation(load_config(None, tiny_overrides(tmp_path, **extra)))
     return EmbeddedEngine(sim, tmp_path)
+
+
+def relative_error(actual: object, reference: object) -> float:
+    """||actual - reference||_F / ||reference||_F, both taken to float64 (tensors or arrays).
+
+    Float32 results differ between machines' BLAS kernels in the last bits, element by element; a relative
+    norm against a float64 (or independently computed) reference is what stays put across machines.
+    """
+    import numpy as np
+
+    a = np.asarray(actual.detach().double().cpu() if isinstance(actual, torch.Tensor) else actual, np.float64)
+    r = np.asarray(
+        reference.detach().double().cpu() if isinstance(reference, torch.Tensor) else reference, np.float64
+    )
+    assert a.shape == r.shape, f"shapes differ: {a.shape} vs {r.shape}"
+    scale = float(np.linalg.norm(r))
+    return float(np.linalg.norm(a - r)) / (scale if scale > 0 else 1.0)
+
+
+def assert_rel_close(actual: object, reference: object, rtol: float = 1e-5) -> None:
+    """Fail unless ``relative_error(actual, reference) <= rtol``."""
+    err = relative_error(actual, reference)
+    assert err <= rtol, f"relative error {err:.3g} above {rtol:.3g}"

@@ -1,5 +1,6 @@
 import torch
 
+from conftest import assert_rel_close
 from fedlora.adapters.ranks import RankProfile
 from fedlora.client.trainer import proximal_term
 from fedlora.strategies.base import (
@@ -82,11 +83,34 @@ def test_proximal_term_is_one_vector_norm_by_hand() -> None:
     # diff = (1, 2, 2, 3); ||diff||^2 = 1 + 4 + 4 + 9 = 18; mu/2 * 18 = 4.5
     term = proximal_term(theta, anchor, mu)
     assert term.item() == 4.5
-    # the per-tensor-norm sum that OpenFedLLM uses would give mu/2 * (sqrt(5) + sqrt(13)) ~= 1.46
-    assert abs(term.item() - mu / 2 * (5**0.5 + 13**0.5)) > 1.0
     term.backward()
     assert theta[0].grad.tolist() == [0.5, 1.0]  # gradient mu * (theta - anchor)
     assert theta[1].grad.tolist() == [[1.0], [1.5]]
+
+
+def test_proximal_term_on_random_tensors_against_float64() -> None:
+    """mu/2 ||theta - theta_g||^2 over the whole adapter; a sum of per-tensor SQUARED norms (OpenFedLLM's
+    form) is the same number, a sum of per-tensor norms (unsquared) is not."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(4, 12), (10, 4), (3,)]
+    theta = [torch.randn(s, generator=gen, requires_grad=True) for s in shapes]
+    anchor = [torch.randn(s, generator=gen) for s in shapes]
+    mu = 0.37
+    term = proximal_term(theta, anchor, mu)
+    flat = torch.cat([(p.detach().double() - a.double()).flatten() for p, a in zip(theta, anchor)])
+    expected = 0.5 * mu * float(flat @ flat)
+    squared_norms = (
+        0.5 * mu * sum(float((p.detach().double() - a.double()).norm() ** 2) for p, a in zip(theta, anchor))
+    )
+    unsquared = (
+        0.5 * mu * sum(float((p.detach().double() - a.double()).norm()) for p, a in zip(theta, anchor))
+    )
+    assert_rel_close(term, torch.tensor(expected), 1e-6)
+    assert abs(squared_norms - expected) <= 1e-9 * expected
+    assert abs(term.item() - unsquared) > 0.1 * expected
+    term.backward()
+    for p, a in zip(theta, anchor):
+        assert_rel_close(p.grad, mu * (p.detach().double() - a.double()), 1e-6)
 
 
 def test_fedprox_sends_mu_to_every_client() -> None:

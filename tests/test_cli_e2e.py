@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from conftest import assert_rel_close, tiny_overrides
 from fedlora.cli import main
 from fedlora.engine import embedded
 
@@ -176,7 +176,7 @@ def test_eval_and_export_commands(tmp_path: Path, capsys: pytest.CaptureFixture[
         peft_model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), str(run_dir / "global")
         )
-        torch.testing.assert_close(full, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert_rel_close(full, peft_model(input_ids=ids).logits, 1e-5)
 
 
 def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_engine, tiny_overrides
+from conftest import assert_rel_close, tiny_engine, tiny_overrides
 from fedlora.adapters.ranks import RankProfile
+from fedlora.adapters.state import state_digest
 from fedlora.client.trainer import LocalTrainingSettings, train_locally
 from fedlora.config import load_config
 from fedlora.config.loader import ConfigError
@@ -25,7 +26,11 @@ def test_ffa_aggregation_is_exact_for_the_product() -> None:
     strategy = FFALoRA()
     strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0))
     payload = strategy.configure(1, [0])[0]
-    assert list(payload.payload) == ["m.q_proj.lora_B.weight"] and payload.settings == {"freeze_lora_a": True}
+    assert list(payload.payload) == ["m.q_proj.lora_B.weight"]
+    assert payload.settings == {
+        "freeze_lora_a": True,
+        "frozen_a_digest": state_digest({"m.q_proj.lora_A.weight": A}),
+    }
     Bs = [torch.randn(10, 4, generator=gen, dtype=torch.float32) for _ in range(3)]
     sizes = [2, 5, 9]
     strategy.aggregate(
@@ -35,7 +40,7 @@ def test_ffa_aggregation_is_exact_for_the_product() -> None:
     assert torch.equal(full["m.q_proj.lora_A.weight"], A)
     mean_of_products = sum(n / 16 * (B.double() @ A.double()) for B, n in zip(Bs, sizes))
     product_of_means = full["m.q_proj.lora_B.weight"].double() @ A.double()
-    torch.testing.assert_close(product_of_means, mean_of_products, rtol=1e-6, atol=1e-6)
+    assert_rel_close(product_of_means, mean_of_products, 1e-6)
 
 
 def test_a_stays_bit_identical_and_only_b_travels(tmp_path: Path) -> None:
@@ -63,6 +68,13 @@ def test_a_stays_bit_identical_and_only_b_travels(tmp_path: Path) -> None:
         assert all(torch.equal(a[k], initial_a[k]) for k in initial_a)
     assert not all(torch.count_nonzero(v) == 0 for k, v in sim.strategy.global_state.items())  # B trained
     # bytes: half of FedIT's at the same rank on square modules
+    # Under Flower each client builds its own model: two independently built clients hold the same A, bit
+    # for bit, and the digest the server sends matches what each computes from its own A.
+    other, _ = build_simulation(cfg)
+    other_a = {k: v for k, v in other.adapters.initial_state().items() if ".lora_A." in k}
+    assert all(torch.equal(other_a[k], initial_a[k]) for k in initial_a)
+    digest = engine.sim.strategy.configure(4, [0])[0].settings["frozen_a_digest"]
+    assert state_digest(other_a) == digest == state_digest(initial_a)
     cfg_fedit = load_config(None, tiny_overrides(tmp_path, **SQUARE, **{"federation.rounds": 1}))
     sim_fedit, _ = build_simulation(cfg_fedit)
     fedit_up = EmbeddedEngine(sim_fedit, tmp_path / "fedit").run_round(1)["clients"][0]["bytes_up"]
@@ -111,7 +123,7 @@ def test_dp_sgd_step_matches_per_example_clipping_by_hand(tmp_path: Path) -> Non
     model.eval()
     for k, p0 in start.items():
         expected = p0 - lr * total[k] / n
-        torch.testing.assert_close(result.state[k], expected, rtol=1e-4, atol=1e-6)
+        assert_rel_close(result.state[k], expected, 1e-5)
     assert any(not torch.equal(result.state[k], start[k]) for k in start)
 
 
@@ -173,3 +185,18 @@ def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
     assert record["num_clients"] == 4 and record["rejected"] == []
     # attention-only targets: a3-m20 is r3 here, so three distinct ranks
     assert len({c["rank"] for c in record["clients"]}) == 3 and 0 < record["epsilon_max"] <= 5.0
+
+
+def test_a_client_with_another_frozen_a_refuses_to_train(tmp_path: Path) -> None:
+    """A client built with another init seed (so another A) would break FFA-LoRA's exact average silently."""
+    cfg = load_config(None, tiny_overrides(tmp_path, **SQUARE, **{"strategy.name": "ffa-lora"}))
+    server, _ = build_simulation(cfg)
+    instruction = server.strategy.configure(1, [0])[0]
+    other_seed = load_config(
+        None, tiny_overrides(tmp_path, **SQUARE, **{"strategy.name": "ffa-lora", "adapter.init_seed": 5})
+    )
+    client_sim, _ = build_simulation(other_seed)
+    with pytest.raises(ValueError, match="frozen LoRA A differs"):
+        EmbeddedEngine(client_sim, tmp_path).run_client(1, 0, instruction)
+    same, _ = build_simulation(cfg)  # the same config: trains
+    assert EmbeddedEngine(same, tmp_path).run_client(1, 0, instruction).num_examples > 0

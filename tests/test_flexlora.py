@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_rel_close
 from fedlora.adapters.ranks import (
     RankProfile,
     assign_profiles,
@@ -72,13 +73,22 @@ def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighte
         dense = sum(n / sum(sizes) * delta(r.payload, path) for r, n in zip(replies, sizes))
         for cid, profile in enumerate(PROFILES):
             got = delta(payloads[cid].payload, path)
-            np.testing.assert_allclose(got, best_rank(dense, profile.rank_for(path)), atol=1e-4, rtol=1e-4)
+            assert_rel_close(got, best_rank(dense, profile.rank_for(path)), 1e-5)
         # the global (evaluation/export) adapter is the rank-r_max truncation
         r_max = max(p.rank_for(path) for p in PROFILES)
-        np.testing.assert_allclose(delta(strategy.global_state, path), best_rank(dense, r_max), atol=1e-4)
-    # clients of one profile share one payload object (serialised once for byte accounting)
-    assert payloads[2].payload is not payloads[3].payload
+        assert_rel_close(delta(strategy.global_state, path), best_rank(dense, r_max), 1e-5)
     assert {profile_of_state(payloads[c].payload) for c in range(4)} == set(PROFILES)
+
+
+def test_clients_of_one_profile_share_one_payload_object() -> None:
+    """Serialised once for the byte counts: clients 2 and 4 have one profile, client 3 another."""
+    gen = torch.Generator().manual_seed(9)
+    profiles = [*PROFILES, PROFILES[2]]
+    strategy = started(FlexLoRA(), profiles, gen)
+    payloads = strategy.configure(1, [0, 1, 2, 3, 4])
+    assert payloads[2].payload is payloads[4].payload
+    assert payloads[2].payload is not payloads[3].payload
+    assert len({id(i.payload) for i in payloads.values()}) == len(set(profiles))
 
 
 def test_flexlora_round_1_is_the_initial_adapter_truncated() -> None:
@@ -100,7 +110,7 @@ def test_flexlora_completes_a_at_large_ranks_when_the_round_was_small() -> None:
     A = big[f"{path}.lora_A.weight"].double()
     torch.testing.assert_close(A @ A.T, torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
     dense = sum(0.5 * delta(r.payload, path) for r in replies)
-    np.testing.assert_allclose(delta(big, path), dense, atol=1e-4)
+    assert_rel_close(delta(big, path), dense, 1e-5)
 
 
 def test_hetlora_matches_zero_padding_rule_by_hand() -> None:
@@ -125,8 +135,8 @@ def test_hetlora_matches_zero_padding_rule_by_hand() -> None:
         covered = max(PROFILES[i].rank_for(path) for i in chosen)
         A[covered:] = old[f"{path}.lora_A.weight"][covered:].double().numpy()
         B[:, covered:] = old[f"{path}.lora_B.weight"][:, covered:].double().numpy()
-        np.testing.assert_allclose(out[f"{path}.lora_A.weight"].double().numpy(), A, atol=1e-5)
-        np.testing.assert_allclose(out[f"{path}.lora_B.weight"].double().numpy(), B, atol=1e-5)
+        assert_rel_close(out[f"{path}.lora_A.weight"], A, 1e-6)
+        assert_rel_close(out[f"{path}.lora_B.weight"], B, 1e-6)
 
 
 def test_padding_then_truncation_keeps_a_lone_clients_update() -> None:
@@ -137,7 +147,7 @@ def test_padding_then_truncation_keeps_a_lone_clients_update() -> None:
     strategy.aggregate(1, [reply])
     back = strategy.configure(2, [1])[1].payload
     for path in MODULES:
-        np.testing.assert_allclose(delta(back, path), delta(reply.payload, path), atol=1e-5)
+        assert_rel_close(delta(back, path), delta(reply.payload, path), 1e-6)
 
 
 def test_truncation_rescales_b_so_the_update_is_the_leading_part() -> None:
@@ -149,7 +159,7 @@ def test_truncation_rescales_b_so_the_update_is_the_leading_part() -> None:
         A = full[f"{path}.lora_A.weight"].double()
         B = full[f"{path}.lora_B.weight"].double()
         lead = (ALPHA / 8 * B[:, :r] @ A[:r]).numpy()
-        np.testing.assert_allclose(delta(small, path), lead, atol=1e-5)
+        assert_rel_close(delta(small, path), lead, 1e-6)
 
 
 def test_wrong_rank_reply_is_rejected_and_hetlora_accepts_only_the_pruned_rank() -> None:
@@ -242,4 +252,32 @@ def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -
                 lead = ALPHA / r_full * full[key.replace("lora_A", "lora_B")][:, :r] @ full[key][:r]
                 modules[path.removeprefix("base_model.model.")].weight += lead
             merged = plain(input_ids=ids).logits
-        torch.testing.assert_close(ours, merged, rtol=1e-4, atol=1e-4)
+        assert_rel_close(ours, merged, 1e-5)
+
+
+def test_named_distributions_follow_the_released_flexlora_code() -> None:
+    """The released code's client types (r8, r200, a30-m200, r30) and draws: heavy_tail 80% r8, 10% r200,
+    5% a30-m200, 5% r30; heavy_tail_strong 80% r200, 10% a30-m200, 5% r30, 5% r8; normal a N(1.5, 0.7)
+    pdf at positions [0, 3, 2, 1], each position the index of the type drawn."""
+    from math import exp
+
+    from fedlora.adapters.ranks import NAMED_DISTRIBUTIONS, PAPER_RANK_TYPES
+
+    order = [p.name for p in PAPER_RANK_TYPES]
+    assert order == ["r8", "r30", "a30-m200", "r200"]
+
+    def shares(by_name: dict[str, float]) -> tuple[float, ...]:
+        return tuple(by_name[n] for n in order)
+
+    assert NAMED_DISTRIBUTIONS["heavy-tail-light"] == shares(
+        {"r8": 0.80, "r200": 0.10, "a30-m200": 0.05, "r30": 0.05}
+    )
+    assert NAMED_DISTRIBUTIONS["heavy-tail-strong"] == shares(
+        {"r200": 0.80, "a30-m200": 0.10, "r30": 0.05, "r8": 0.05}
+    )
+    # np.random.choice(positions, p=pdf(positions)) picks Type_<position>: type i has probability pdf(i)
+    code_types = ["r8", "r200", "a30-m200", "r30"]  # Type_0 .. Type_3
+    pdf = {t: exp(-((i - 1.5) ** 2) / (2 * 0.7**2)) for i, t in enumerate(code_types)}
+    total = sum(pdf.values())
+    expected = shares({t: v / total for t, v in pdf.items()})
+    assert all(abs(a - b) < 5e-4 for a, b in zip(NAMED_DISTRIBUTIONS["normal"], expected))

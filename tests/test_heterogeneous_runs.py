@@ -9,7 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from conftest import assert_rel_close, tiny_overrides
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.cli import main
 from fedlora.config import load_config
@@ -37,7 +37,9 @@ def test_heterogeneous_run_exports_a_plain_peft_adapter(tmp_path: Path, strategy
     for record in records:
         assert record["num_clients"] == 4 and record["rejected"] == []
         assert all(c["rank"] == by_client[c["client"]] for c in record["clients"])
-        assert record["bytes_down"] != 4 * min(c["bytes_up"] for c in record["clients"])  # per-rank payloads
+        # each client is sent its own rank's truncation, as large as the reply it trains at that rank
+        assert record["bytes_down"] == sum(c["bytes_up"] for c in record["clients"])
+        assert len({c["bytes_up"] for c in record["clients"]}) > 1  # and the ranks really differ
     exported = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
     assert profile_of_state(exported).name == "r20"  # the global adapter is kept at r_max per kind
     config = json.loads((run_dir / "global" / "adapter_config.json").read_text())
@@ -56,7 +58,7 @@ def test_heterogeneous_run_exports_a_plain_peft_adapter(tmp_path: Path, strategy
                 B = exported[key.replace("lora_A", "lora_B")]
                 modules[path].weight += config["lora_alpha"] / A.shape[0] * B @ A
         ours = base(input_ids=ids).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert_rel_close(theirs, ours, 1e-5)
 
 
 def test_mixed_attention_mlp_profile_exports_with_rank_pattern(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import assert_rel_close
 from fedlora.adapters import LoraAdapters
 from fedlora.client import loss as loss_module
 from fedlora.client.loss import batch_loss, example_losses
@@ -39,10 +40,10 @@ def test_fast_loss_equals_hf_loss_and_gradients(peft_model: torch.nn.Module) -> 
     ours = batch_loss(peft_model, b, "causal-lm")
     ours.backward()
     assert loss_module._FAST_PATH_AGREES[type(peft_model.get_base_model())] is True
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert_rel_close(ours, reference, 1e-5)
     for n, p in peft_model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
+            assert_rel_close(p.grad, ref_grads[n], 1e-4)
 
 
 def test_example_losses_are_row_means(peft_model: torch.nn.Module) -> None:
@@ -51,7 +52,7 @@ def test_example_losses_are_row_means(peft_model: torch.nn.Module) -> None:
     assert predicted is None and losses.shape == (3,)
     for row in range(3):
         one = {k: v[row : row + 1] for k, v in b.items()}
-        torch.testing.assert_close(losses[row], peft_model(**one).loss, rtol=1e-4, atol=1e-5)
+        assert_rel_close(losses[row], peft_model(**one).loss, 1e-5)
 
 
 def test_disagreeing_model_class_falls_back(
@@ -77,4 +78,4 @@ def test_disagreeing_model_class_falls_back(
     expected = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
     )
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert_rel_close(ours, expected, 1e-5)

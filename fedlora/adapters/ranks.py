@@ -76,12 +76,16 @@ PAPER_RANK_TYPES: tuple[RankProfile, ...] = (
     RankProfile(200, 200),
 )
 
-# Client share of each paper type, in the order above.
+# Client share of each paper type, in the order above, as FlexLoRA's released code draws them (main.py,
+# get_peft: Type_0 r8, Type_1 r200, Type_2 a30-m200, Type_3 r30). ``normal`` there draws Type_i with
+# probability proportional to a N(1.5, 0.7) pdf at i: 5.75% r8, 44.25% r200, 44.25% a30-m200, 5.75% r30. (Read as "5.75/44.25/44.25/5.75" over the types in
+# increasing size, the paper's description would put 44.25% on r30 instead of r200; the code is what
+# produced the paper's numbers, so fedlora follows the code.)
 NAMED_DISTRIBUTIONS: dict[str, tuple[float, ...]] = {
     "uniform": (0.25, 0.25, 0.25, 0.25),
     "heavy-tail-light": (0.80, 0.05, 0.05, 0.10),
     "heavy-tail-strong": (0.05, 0.05, 0.10, 0.80),
-    "normal": (0.0575, 0.4425, 0.4425, 0.0575),
+    "normal": (0.0575, 0.0575, 0.4425, 0.4425),
 }
 
 

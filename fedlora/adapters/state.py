@@ -7,6 +7,8 @@ exactly what goes into ``adapter_model.safetensors``. The rank lives only in the
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -35,3 +37,17 @@ def clone_state(state: AdapterState) -> AdapterState:
 def lora_ranks(state: AdapterState) -> dict[str, int]:
     """Module path -> LoRA rank, read from the ``lora_A`` shapes."""
     return {k.rsplit(".lora_A", 1)[0]: v.shape[0] for k, v in state.items() if ".lora_A" in k}
+
+
+def state_digest(state: AdapterState) -> str:
+    """SHA-256 (hex) of the tensors' names, dtypes, shapes and bytes, in sorted name order.
+
+    Two parties that must hold the same tensors (FFA-LoRA's frozen A on the server and on every client)
+    compare digests instead of sending the tensors.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -23,7 +23,7 @@ import torch
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import trailing_rank_norms, truncate_state
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, state_digest
 from fedlora.client.loss import batch_loss, example_losses
 from fedlora.client.privacy import (
     check_dp_support,
@@ -57,6 +57,7 @@ class LocalTrainingSettings:
     prune_threshold: float | None = None
     # FFA-LoRA: A stays as the seeded initialisation (not trained, not sent); the payloads hold B only.
     freeze_lora_a: bool = False
+    frozen_a_digest: str | None = None  # the server's state_digest of A; a client with another A refuses
     # DP-SGD (fedlora.client.privacy): set per client by the engine from the config's privacy section.
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
@@ -128,6 +129,13 @@ def train_locally(
         return train_locally_zeroth_order(adapters, encoder, client, start_state, settings, seed)
     frozen = (lambda key: ".lora_A." in key) if settings.freeze_lora_a else (lambda key: False)
     adapters.load(start_state, partial=settings.freeze_lora_a)
+    if settings.frozen_a_digest is not None:
+        own_a = {k: v for k, v in adapters.state().items() if frozen(k)}
+        if state_digest(own_a) != settings.frozen_a_digest:
+            raise ValueError(
+                "this client's frozen LoRA A differs from the server's (digest mismatch): the client must "
+                "build its adapter with the run's adapter.init_seed, model and target modules"
+            )
     model = adapters.model
     assert model is not None
     named = adapters.trainable_parameters()
@@ -198,6 +206,8 @@ def train_locally(
         "train_seconds": time.perf_counter() - started,
     }
     metrics.update(local_model_metrics)
+    if dp:  # computed on raw private batches: not released (only the public step count leaves the client)
+        metrics = {"steps": len(batches)}
     state = {k: v for k, v in adapters.state().items() if not frozen(k)}
     if settings.prune_threshold is not None:
         with torch.no_grad():

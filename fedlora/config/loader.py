@@ -121,19 +121,9 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
     from fedlora.eval.registry import EVALUATORS
-    from fedlora.strategies.registry import validate_strategy_config
+    from fedlora.strategies.registry import check_experiment
 
-    validate_strategy_config(cfg.strategy)
-    options = cfg.strategy.options
-    if cfg.privacy.enabled and (
-        cfg.strategy.name == "fedprox"
-        or options.get("local") == "fedprox"
-        or (options.get("prune_penalty") or 0) > 0
-    ):
-        raise ConfigError(
-            "config field 'privacy.enabled': DP-SGD clips per-example gradients and cannot carry a proximal or "
-            "rank penalty term; use fedit, fedavg, ffa-lora, flexlora or hetlora without prune_penalty"
-        )
+    check_experiment(cfg)  # again when the run starts, for configs built in Python
     for field in ("metrics", "final_metrics"):
         unknown = [m for m in getattr(cfg.eval, field) if m not in EVALUATORS]
         if unknown:

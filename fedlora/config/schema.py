@@ -219,7 +219,7 @@ class ResourcesConfig(Section):
 
     ``distribution``: ``homogeneous`` (every client at ``adapter.rank``), one of the FlexLoRA paper's
     named client shares over ``rank_types`` (``uniform`` 25/25/25/25, ``heavy-tail-light`` 80/5/5/10,
-    ``heavy-tail-strong`` 5/5/10/80, ``normal`` 5.75/44.25/44.25/5.75), or ``custom`` with ``shares``.
+    ``heavy-tail-strong`` 5/5/10/80, ``normal`` 5.75/5.75/44.25/44.25 as in FlexLoRA's released code), or ``custom`` with ``shares``.
     ``rank_types`` default to the paper's four (r=8, r=30, 30 attention / 200 MLP, r=200), each rank
     multiplied by ``rank_scale`` (rounded, at least 1) to fit smaller models. ``force: min | max`` puts
     every client at the smallest / largest type in use (the homogeneous baselines of the bucket effect).

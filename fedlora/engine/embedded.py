@@ -384,8 +384,11 @@ class EmbeddedEngine:
         else:
             log.warning("round %d skipped: the global adapter is unchanged", server_round)
             replies = []
-        total = sum(r.num_examples for r in replies)
-        train_loss = sum(r.metrics["train_loss"] * r.num_examples for r in replies) / total if total else None
+        reported = [r for r in replies if "train_loss" in r.metrics]  # none under DP: not released
+        total = sum(r.num_examples for r in reported)
+        train_loss = (
+            sum(r.metrics["train_loss"] * r.num_examples for r in reported) / total if total else None
+        )
         record: dict[str, Any] = {
             "round": server_round,
             "train_loss": train_loss,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from fedlora.adapters.ranks import RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.config.schema import ExperimentConfig
 
 
 @dataclass
@@ -99,6 +100,17 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
     return out
 
 
+def proximal_penalty_refusal(cfg: ExperimentConfig, has_penalty: bool) -> str | None:
+    """DP-SGD clips each example's gradient; a proximal or rank-penalty term is not an example's loss."""
+    if cfg.privacy.enabled and has_penalty:
+        return (
+            f"config field 'privacy.enabled': DP-SGD clips per-example gradients and cannot carry the proximal "
+            f"or rank penalty term of strategy {cfg.strategy.name}; use fedit, fedavg, ffa-lora, flexlora or "
+            "hetlora without prune_penalty (and local: fedit or fedavg)"
+        )
+    return None
+
+
 class Strategy(ABC):
     """Base class: holds the global adapter state and default hooks; a method overrides what differs."""
 
@@ -114,6 +126,25 @@ class Strategy(ABC):
     shares_local_model: bool = False
     #: True when every client trains its own model weights, which must then live apart (model.variants)
     personal_models: ClassVar[bool] = False
+
+    #: False when the method's clients train on private data outside DP-SGD (zeroth-order steps, a local
+    #: model phase): turning privacy on must be refused, or an epsilon would be reported with no guarantee
+    supports_privacy: ClassVar[bool] = True
+
+    @classmethod
+    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
+        """Why this method cannot honour the experiment as configured (None: it can).
+
+        Checked wherever a run starts (config file, Python-built config, resume, Flower), before any work.
+        The default refuses privacy for methods with ``supports_privacy = False``; methods add their own.
+        """
+        if cfg.privacy.enabled and not cls.supports_privacy:
+            return (
+                f"config field 'privacy.enabled': strategy {cls.name} trains on private examples outside "
+                "DP-SGD, so no epsilon it reported would be a guarantee; turn privacy off or use fedit, "
+                "fedavg, ffa-lora, flexlora or hetlora"
+            )
+        return None
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()

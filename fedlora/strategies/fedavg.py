@@ -15,6 +15,7 @@ from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
 from fedlora.config.loader import ConfigError
+from fedlora.config.schema import ExperimentConfig
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -22,6 +23,7 @@ from fedlora.strategies.base import (
     Strategy,
     StrategyOptions,
     example_weights,
+    proximal_penalty_refusal,
     weighted_average,
 )
 
@@ -67,6 +69,10 @@ class FedProx(FactorAverage):
     name = "fedprox"
     default_optimizer = "sgd"
     Options: ClassVar[type[StrategyOptions]] = FedProxOptions
+
+    @classmethod
+    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
+        return proximal_penalty_refusal(cfg, True) or super().refusal(cfg, options)
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         mu = self.options.mu  # type: ignore[attr-defined]

@@ -60,6 +60,7 @@ class FedMeZO(Strategy):
     """FedAvg of zeroth-order-trained adapters with personalised client learning rates."""
 
     name = "fedmezo"
+    supports_privacy = False  # zeroth-order steps have no DP mechanism here
     Options: ClassVar[type[StrategyOptions]] = FedMeZOOptions
 
     def __init__(self, options: StrategyOptions | None = None) -> None:

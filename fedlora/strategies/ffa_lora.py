@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapters.ranks import lora_key_parts
-from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.adapters.state import AdapterState, clone_state, state_digest
 from fedlora.strategies.base import ClientInstruction, ServerSetup
 from fedlora.strategies.fedavg import FactorAverage
 
@@ -39,7 +39,10 @@ class FFALoRA(FactorAverage):
         self.global_state = {k: v for k, v in self.global_state.items() if not is_lora_a(k)}
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        return {cid: ClientInstruction(self.global_state, {"freeze_lora_a": True}) for cid in client_ids}
+        """B for every client, with the digest of the frozen A: a client whose own seeded A differs (another
+        init seed, PEFT version or model) refuses to train instead of silently breaking exactness."""
+        settings = {"freeze_lora_a": True, "frozen_a_digest": state_digest(self.frozen_a)}
+        return {cid: ClientInstruction(self.global_state, settings) for cid in client_ids}
 
     def evaluation_state(self) -> AdapterState:
         """The full adapter: frozen A and global B, in PEFT's key order."""

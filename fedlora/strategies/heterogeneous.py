@@ -14,12 +14,14 @@ from pydantic import Field
 
 from fedlora.adapters.ranks import RankProfile, lora_key_parts, truncate_state
 from fedlora.adapters.state import AdapterState
+from fedlora.config.schema import ExperimentConfig
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
     Strategy,
     StrategyOptions,
     example_weights,
+    proximal_penalty_refusal,
     weighted_average,
 )
 
@@ -37,6 +39,11 @@ class HeterogeneousRankStrategy(Strategy):
     """Shared by FlexLoRA and HetLoRA: a global adapter at r_max, each client served its own truncation."""
 
     Options: ClassVar[type[StrategyOptions]] = HeterogeneousRankOptions
+
+    @classmethod
+    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
+        penalty = options.local == "fedprox" or getattr(options, "prune_penalty", 0) > 0  # type: ignore[attr-defined]
+        return proximal_penalty_refusal(cfg, penalty) or super().refusal(cfg, options)
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)

@@ -43,6 +43,7 @@ class PFedLoRA(FactorAverage):
     """pFedLoRA: alternating local-model / adapter training; FedAvg of the homogeneous adapter."""
 
     name = "pfedlora"
+    supports_privacy = False  # phase 1 trains the local model outside DP-SGD
     default_optimizer = "adamw"
     personal_models = True
     Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from fedlora.config.loader import ConfigError
-from fedlora.config.schema import StrategyConfig
+from fedlora.config.schema import ExperimentConfig, StrategyConfig
 from fedlora.strategies.base import Strategy
 from fedlora.strategies.fedavg import FedAvg, FedIT, FedProx
 from fedlora.strategies.fedmezo import FedMeZO
@@ -51,6 +51,18 @@ def validate_strategy_config(cfg: StrategyConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
-    cls = strategy_class(cfg.name)
-    return cls(cls.Options.model_validate(cfg.options))
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """The strategy and its options are valid, and the method can honour the whole experiment (e.g. it
+    refuses privacy it cannot account for); raises ConfigError naming the field otherwise."""
+    validate_strategy_config(cfg.strategy)
+    cls = strategy_class(cfg.strategy.name)
+    reason = cls.refusal(cfg, cls.Options.model_validate(cfg.strategy.options))
+    if reason is not None:
+        raise ConfigError(reason)
+
+
+def build_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The configured strategy, after :func:`check_experiment` (however the config was made)."""
+    check_experiment(cfg)
+    cls = strategy_class(cfg.strategy.name)
+    return cls(cls.Options.model_validate(cfg.strategy.options))
