@@ -47,6 +47,7 @@ def measure(mode: str, model_name: str, queue: mp.Queue) -> None:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.client.loss import batch_loss
     from fedlora.client.trainer import LocalTrainingSettings, train_locally
+    from fedlora.client.zeroth_order import ZerothOrder
     from fedlora.config.schema import AdapterConfig, ModelConfig
     from fedlora.data.encoding import Encoder, collate
     from fedlora.data.examples import ClientData
@@ -77,8 +78,9 @@ def measure(mode: str, model_name: str, queue: mp.Queue) -> None:
             encoder,
             client,
             state,
-            LocalTrainingSettings(optimizer="sgd", zeroth_order=True, **common),
+            LocalTrainingSettings(optimizer="sgd", **common),
             1,
+            [ZerothOrder()],
         )
     elif mode == "first-order LoRA":
         train_locally(adapters, encoder, client, state, LocalTrainingSettings(optimizer="adamw", **common), 1)

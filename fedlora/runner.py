@@ -18,35 +18,30 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora import __version__
-from fedlora.adapters.lora import LoraAdapters
-from fedlora.adapters.ranks import client_profiles, largest_profile
-from fedlora.client.privacy import check_dp_support
 from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 from fedlora.config.schema import ExperimentConfig
-from fedlora.data.encoding import Encoder
-from fedlora.data.federation import build_federation
-from fedlora.engine.accounting import PrivacyLedger
+from fedlora.data.examples import Federation
 from fedlora.engine.checkpoint import latest_checkpoint
 from fedlora.engine.embedded import (
     EmbeddedEngine,
     Simulation,
-    clients_per_round,
+    Transport,
     evaluate_personal,
     evaluate_state,
     evaluation_clients,
 )
-from fedlora.engine.personal import ClientModels
+from fedlora.engine.setup import build_client_node, build_simulation
 from fedlora.models.loading import ModelBundle, load_base_model
-from fedlora.strategies.base import ServerSetup
-from fedlora.strategies.registry import build_strategy, check_experiment
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
 from fedlora.tracking.tensorboard import TensorBoardLog
@@ -54,67 +49,29 @@ from fedlora.tracking.tensorboard import TensorBoardLog
 log = logging.getLogger(__name__)
 
 
-def build_simulation(cfg: ExperimentConfig, for_training: bool = True) -> tuple[Simulation, ModelBundle]:
-    """Check the method can honour the config, load data (cheap, fails fast on bad files), then the model,
-    adapters and strategy."""
-    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
-    federation = build_federation(cfg)
-    if for_training:
-        clients_per_round(
-            cfg, len(federation.clients)
-        )  # fails before the model loads if sampling cannot work
-    client_models = None
-    if cfg.model.variants:  # model-heterogeneous clients: one model per architecture, the shared adapter
-        total = len(federation.clients) + len(federation.held_out)
-        client_models = ClientModels(cfg, total, federation.num_labels)
-        bundle, adapters = client_models.bundles[0], client_models.adapters[0]
-    else:
-        bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
-        adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
-    profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
-    for profile in sorted(set(profiles)):
-        adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
-    profiles = [adapters.canonical(p) for p in profiles]
-    strategy = build_strategy(cfg)
-    if strategy.personal_models and client_models is None:
-        raise ConfigError(
-            f"strategy {strategy.name} trains each client's own model: give model.variants "
-            "(e.g. model.variants='[{num_layers: 6}, {num_layers: 2}]'), one in-memory model per architecture"
-        )
-    initial = adapters.initial_state(largest_profile(profiles))
-    if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
-        initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
-    if client_models is not None:
-        initial = client_models.initial_shared_state()
-        if strategy.shares_local_model:  # whole-model FedAvg: one architecture, its weights travel too
-            if len(cfg.model.variants) != 1:
-                raise ConfigError(
-                    "strategy.options.share 'model' needs one architecture (one model.variants entry)"
-                )
-            initial.update({k: p.detach().clone() for k, p in client_models.adapters[0].base_parameters()})
-    strategy.initialize(
-        ServerSetup(
-            initial_state=initial,
-            client_profiles=dict(enumerate(profiles)),
-            lora_alpha=cfg.adapter.alpha,
-            seed=cfg.federation.seed,
-        )
-    )
-    encoder = Encoder(
-        bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
-    )
-    privacy = None
-    if cfg.privacy.enabled and for_training:
-        privacy = PrivacyLedger.for_experiment(cfg, federation)  # refuses budgets it cannot meet
-        for profile in sorted(set(profiles)):  # refuses layers Opacus cannot handle, naming them
-            adapters.activate(profile)
-            check_dp_support(adapters.model)
-    return Simulation(cfg, federation, adapters, encoder, strategy, privacy, client_models), bundle
-
-
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(cfg.output.root) / f"{stamp}-{cfg.name}"
+
+
+@dataclass
+class RunResult:
+    """What a run produced, without reading its files: the run directory, one record per round (as in
+    ``metrics.jsonl``), the final global state (the adapter, or the whole model for full-parameter methods)
+    and the last round's figures."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    final_state: dict[str, torch.Tensor]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The last round's record without its per-client details."""
+        last = self.records[-1] if self.records else {}
+        return {k: v for k, v in last.items() if k not in ("clients", "rejected", "faults")}
+
+
+TransportFactory = Callable[[Simulation, Callable[[str], None]], Transport]
 
 
 def run_experiment(
@@ -123,20 +80,39 @@ def run_experiment(
     resume: bool = False,
     console: Console | None = None,
     show_progress: bool = True,
-    engine_factory: Callable[[Simulation, Path, Callable[[str], None]], EmbeddedEngine] | None = None,
+    transport_factory: TransportFactory | None = None,
+    federation: Federation | None = None,
 ) -> Path:
-    """Run (or resume) an experiment into ``run_dir``; returns the run directory.
+    """Run (or resume) an experiment into ``run_dir``; returns the run directory (see :func:`run`)."""
+    return run(cfg, run_dir, resume, console, show_progress, transport_factory, federation).run_dir
 
-    ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose ServerApp comes back here
-    with an ``engine_factory`` that builds the Flower engine (same rounds, clients behind messages).
+
+def run(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+    transport_factory: TransportFactory | None = None,
+    federation: Federation | None = None,
+) -> RunResult:
+    """Run (or resume) an experiment into ``run_dir``.
+
+    ``federation``: the clients' data given directly (a :class:`~fedlora.data.examples.Federation`) instead of
+    the config's ``data`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
+    ServerApp runs these same rounds with the clients behind Flower messages (``transport_factory``).
     """
-    if cfg.engine == "flower-sim" and engine_factory is None:
-        from fedlora.engine.flower import run_flower_simulation
-
+    if cfg.engine == "flower-sim" and transport_factory is None:
         target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
         if not resume and (target / "metrics.jsonl").exists():
             raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
-        return run_flower_simulation(cfg, target, resume)
+        from fedlora.engine.flower import run_flower_simulation
+
+        run_flower_simulation(cfg, target, flower_server_app(cfg, target, resume), flower_client_app(cfg))
+        records = MetricsLog(target / "metrics.jsonl").read()
+        adapter = target / "global" / "adapter_model.safetensors"
+        state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
+        return RunResult(target, records, state)
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
@@ -146,24 +122,22 @@ def run_experiment(
     if not resume and metrics.path.exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    sim, bundle = build_simulation(cfg)  # data and model errors surface before the run directory is made
+    # data and model errors surface before the run directory is made
+    sim, bundle = build_simulation(cfg, federation=federation)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     start_round = checkpoint.round + 1 if checkpoint else 1
     records = metrics.truncate_after(start_round - 1) if resume else []
     if checkpoint:
         sim.strategy.load_server_state(checkpoint.tensors)
-        if sim.privacy is not None:
-            sim.privacy.load_json(checkpoint.meta.get("privacy", {}))
+        sim.strategy.load_server_meta(checkpoint.meta)
         console.print(f"resuming {run_dir} after round {checkpoint.round}")
     write_run_info(run_dir, sim, bundle)
 
     board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
     progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
-    if engine_factory is not None:
-        engine = engine_factory(sim, run_dir, progress.status)
-    else:
-        engine = EmbeddedEngine(sim, run_dir, status=progress.status)
+    transport = transport_factory(sim, progress.status) if transport_factory is not None else None
+    engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport)
     console.print(
         f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
         f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
@@ -183,8 +157,27 @@ def run_experiment(
         finally:
             if board is not None:
                 board.close()
-    finalize(run_dir, sim, bundle, records, console)
-    return run_dir
+    final_state = finalize(run_dir, sim, bundle, records, console)
+    return RunResult(run_dir, records, final_state)
+
+
+def flower_server_app(
+    config: ExperimentConfig | None = None, run_dir: Path | None = None, resume: bool = False
+):
+    """A Flower ServerApp running fedlora's rounds (config given, or from the Flower run config)."""
+    from fedlora.engine.flower import server_app
+
+    def start(cfg: ExperimentConfig, folder: Path, resume: bool, factory: TransportFactory) -> None:
+        run_experiment(cfg, folder, resume=resume, show_progress=False, transport_factory=factory)
+
+    return server_app(start, config, run_dir, resume)
+
+
+def flower_client_app(config: ExperimentConfig | None = None):
+    """A Flower ClientApp whose nodes keep their model and data across messages."""
+    from fedlora.engine.flower import client_app
+
+    return client_app(build_client_node, config)
 
 
 def rank_summary(sim: Simulation) -> str:
@@ -236,7 +229,7 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
 
 def finalize(
     run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
-) -> None:
+) -> dict[str, torch.Tensor]:
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
     final_state = sim.strategy.evaluation_state()
@@ -252,19 +245,14 @@ def finalize(
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
-    if sim.privacy is not None and sim.privacy.history:
-        spent = {c: sim.privacy.epsilon(c) for c in sim.privacy.history}
-        worst = max(spent, key=spent.__getitem__)
-        console.print(
-            f"privacy: DP-SGD, delta={sim.cfg.privacy.delta}; epsilon spent by the {len(spent)} clients that trained: "
-            f"max {spent[worst]:.3f} (client {worst}), mean {sum(spent.values()) / len(spent):.3f} "
-            f"(per client and round in metrics.jsonl)"
-        )
+    for line in sim.strategy.report():
+        console.print(line)
     up = sum(r.get("bytes_up", 0) for r in records)
     down = sum(r.get("bytes_down", 0) for r in records)
     console.print(
         f"total bytes up {up:,}  down {down:,}; run directory: [bold]{run_dir}[/] (global adapter in global/)"
     )
+    return final_state
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -336,4 +324,14 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     return out
 
 
-__all__ = ["build_simulation", "evaluate_run", "export_merged", "load_run_config", "run_experiment"]
+__all__ = [
+    "RunResult",
+    "build_simulation",
+    "evaluate_run",
+    "export_merged",
+    "flower_client_app",
+    "flower_server_app",
+    "load_run_config",
+    "run",
+    "run_experiment",
+]

@@ -2,7 +2,6 @@ import torch
 
 from conftest import assert_rel_close
 from fedlora.adapters.ranks import RankProfile
-from fedlora.client.trainer import proximal_term
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -10,7 +9,7 @@ from fedlora.strategies.base import (
     check_same_layout,
     weighted_average,
 )
-from fedlora.strategies.fedavg import FedIT, FedProx, FedProxOptions
+from fedlora.strategies.fedavg import FedIT, FedProx, FedProxOptions, ProximalTerm, proximal_term
 
 
 def random_state(gen: torch.Generator, rank: int = 4) -> dict[str, torch.Tensor]:
@@ -117,5 +116,6 @@ def test_fedprox_sends_mu_to_every_client() -> None:
     strategy = FedProx(FedProxOptions(mu=0.3))
     strategy.initialize(setup_for({"a": torch.zeros(2)}, clients=6))
     instructions = strategy.configure(1, [2, 5])
-    assert set(instructions) == {2, 5} and all(i.settings == {"prox_mu": 0.3} for i in instructions.values())
+    assert set(instructions) == {2, 5}
+    assert all(i.hooks == [ProximalTerm(mu=0.3)] for i in instructions.values())
     assert FedProx.default_optimizer == "sgd" and FedIT.default_optimizer == "adamw"

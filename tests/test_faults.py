@@ -10,6 +10,7 @@ from fedlora.config import load_config
 from fedlora.engine import embedded
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.engine.faults import Fault, plan_faults
+from fedlora.strategies.robustness import update_norm
 
 
 def engine_with(tmp_path: Path, **extra: object) -> EmbeddedEngine:
@@ -86,7 +87,7 @@ def test_update_norm_limit_and_clipping(tmp_path: Path, monkeypatch: pytest.Monk
     sent = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
 
     def spy(server_round, replies):
-        seen.extend(embedded.update_norm(sent, r.payload) for r in replies)
+        seen.extend(update_norm(sent, r.payload) for r in replies)
         return original(server_round, replies)
 
     monkeypatch.setattr(engine.sim.strategy, "aggregate", spy)

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_rel_close, tiny_overrides
 from fedlora.adapters.ranks import RankProfile
 from fedlora.client.trainer import LocalTrainingSettings, train_locally
-from fedlora.client.zeroth_order import GRADS_KEY, perturb, replay, zo_step
+from fedlora.client.zeroth_order import GRADS_KEY, ZerothOrder, perturb, replay, zo_step
 from fedlora.config import load_config
 from fedlora.engine.embedded import EmbeddedEngine
 from fedlora.runner import build_simulation
@@ -69,15 +69,12 @@ def test_seed_upload_replays_to_the_same_adapter_bit_for_bit(tmp_path: Path, per
         weight_decay=0.01,
         local_steps=6,
         batch_size=2,
-        zeroth_order=True,
-        zo_eps=1e-3,
-        zo_perturbations=perturbations,
     )
-    weights = train_locally(
-        sim.adapters, sim.encoder, client, start, LocalTrainingSettings(**common), seed=42
-    )
+    settings = LocalTrainingSettings(**common)
+    zo = dict(eps=1e-3, perturbations=perturbations)
+    weights = train_locally(sim.adapters, sim.encoder, client, start, settings, 42, [ZerothOrder(**zo)])
     seeds = train_locally(
-        sim.adapters, sim.encoder, client, start, LocalTrainingSettings(**common, zo_upload="seeds"), seed=42
+        sim.adapters, sim.encoder, client, start, settings, 42, [ZerothOrder(**zo, upload="seeds")]
     )
     assert seeds.state[GRADS_KEY].shape == (6, perturbations)
     rebuilt = replay(start, seeds.state, eps=1e-3, weight_decay=0.01)

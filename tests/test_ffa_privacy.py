@@ -8,13 +8,13 @@ import torch
 from conftest import assert_rel_close, tiny_engine, tiny_overrides
 from fedlora.adapters.ranks import RankProfile
 from fedlora.adapters.state import state_digest
-from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.client.trainer import DPSettings, LocalTrainingSettings, train_locally
 from fedlora.config import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.engine.embedded import EmbeddedEngine
 from fedlora.runner import build_simulation
 from fedlora.strategies.base import ClientReply, ServerSetup
-from fedlora.strategies.ffa_lora import FFALoRA
+from fedlora.strategies.ffa_lora import FFALoRA, FrozenA
 
 SQUARE = {"adapter.target_modules": "[q_proj, o_proj]", "adapter.dropout": 0.0}
 
@@ -27,10 +27,7 @@ def test_ffa_aggregation_is_exact_for_the_product() -> None:
     strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0))
     payload = strategy.configure(1, [0])[0]
     assert list(payload.payload) == ["m.q_proj.lora_B.weight"]
-    assert payload.settings == {
-        "freeze_lora_a": True,
-        "frozen_a_digest": state_digest({"m.q_proj.lora_A.weight": A}),
-    }
+    assert payload.hooks == [FrozenA(a_digest=state_digest({"m.q_proj.lora_A.weight": A}))]
     Bs = [torch.randn(10, 4, generator=gen, dtype=torch.float32) for _ in range(3)]
     sizes = [2, 5, 9]
     strategy.aggregate(
@@ -73,7 +70,7 @@ def test_a_stays_bit_identical_and_only_b_travels(tmp_path: Path) -> None:
     other, _ = build_simulation(cfg)
     other_a = {k: v for k, v in other.adapters.initial_state().items() if ".lora_A." in k}
     assert all(torch.equal(other_a[k], initial_a[k]) for k in initial_a)
-    digest = engine.sim.strategy.configure(4, [0])[0].settings["frozen_a_digest"]
+    digest = engine.sim.strategy.configure(4, [0])[0].hooks[0].a_digest
     assert state_digest(other_a) == digest == state_digest(initial_a)
     cfg_fedit = load_config(None, tiny_overrides(tmp_path, **SQUARE, **{"federation.rounds": 1}))
     sim_fedit, _ = build_simulation(cfg_fedit)
@@ -99,9 +96,7 @@ def test_dp_sgd_step_matches_per_example_clipping_by_hand(tmp_path: Path) -> Non
         local_steps=1,
         batch_size=n,
         grad_clip=None,
-        dp_noise_multiplier=0.0,
-        dp_max_grad_norm=C,
-        dp_sampling="shuffle",
+        privacy=DPSettings(noise_multiplier=0.0, max_grad_norm=C, sampling="shuffle"),
     )
     result = train_locally(sim.adapters, sim.encoder, client, start, settings, seed=7)
     # by hand: each example's gradient on its own, clipped as one vector, summed, / batch size
@@ -143,7 +138,7 @@ def test_target_epsilon_is_met_and_tracked(tmp_path: Path) -> None:
     eps = [engine.run_round(r)["epsilon_max"] for r in (1, 2, 3)]
     assert 0 < eps[0] < eps[1] < eps[2] <= 2.0 + 0.05  # every client took every round: the budget is spent
     assert eps[2] > 1.8
-    assert all(sim.privacy.plan[c].noise_multiplier > 0.3 for c in sim.privacy.plan)
+    assert all(sim.strategy.ledger.plan[c].noise_multiplier > 0.3 for c in sim.strategy.ledger.plan)
 
 
 def test_impossible_budget_and_unsupported_layer_fail_before_training(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_engine
 from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.strategies.pfedlora import LocalModelPhase
 
 VARIANTS = {
     "strategy.name": "pfedlora",
@@ -51,10 +52,9 @@ def test_phase_one_trains_the_local_model_and_phase_two_the_adapter(tmp_path: Pa
     adapters = models.prepare(0, 1)
     start = models.to_local(engine.sim.strategy.global_state, 0)
     before_local = {k: p.detach().clone() for k, p in adapters.base_parameters()}
-    only_local = LocalTrainingSettings(
-        optimizer="adamw", lr=1e-2, local_steps=1, batch_size=2, local_model_steps=2
-    )
-    result = train_locally(adapters, engine.sim.encoder, client, start, only_local, seed=1)
+    only_local = LocalTrainingSettings(optimizer="adamw", lr=1e-2, local_steps=1, batch_size=2)
+    phase = [LocalModelPhase(steps=2)]
+    result = train_locally(adapters, engine.sim.encoder, client, start, only_local, 1, phase)
     after_local = dict(adapters.base_parameters())
     assert any(not torch.equal(after_local[k], before_local[k]) for k in before_local)
     assert "local_model_loss" in result.metrics

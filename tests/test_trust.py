@@ -22,11 +22,11 @@ def with_privacy(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 REFUSED = [
-    ({"strategy.name": "fedmezo"}, "trains on private examples outside DP-SGD"),
-    ({"strategy.name": "fedmezo", "strategy.options": "{upload: seeds}"}, "outside DP-SGD"),
-    ({"strategy.name": "fedprox"}, "proximal or rank penalty"),
-    ({"strategy.name": "flexlora", "strategy.options": "{local: fedprox}"}, "proximal or rank penalty"),
-    ({"strategy.name": "hetlora", "strategy.options": "{prune_penalty: 0.1}"}, "proximal or rank penalty"),
+    ({"strategy.name": "fedmezo"}, "zeroth-order steps have no DP-SGD mechanism"),
+    ({"strategy.name": "fedmezo", "strategy.options": "{upload: seeds}"}, "zeroth-order"),
+    ({"strategy.name": "fedprox"}, "cannot carry FedProx's proximal term"),
+    ({"strategy.name": "flexlora", "strategy.options": "{local: fedprox}"}, "FedProx's proximal term"),
+    ({"strategy.name": "hetlora", "strategy.options": "{prune_penalty: 0.1}"}, "HetLoRA's rank penalty"),
 ]
 
 
@@ -51,7 +51,9 @@ def test_pfedlora_with_privacy_is_refused(tmp_path: Path) -> None:
     }
     for share in ("adapter", "model"):
         overrides = tiny_overrides(tmp_path, **variants, **{"strategy.options": f"{{share: {share}}}"}, **DP)
-        with pytest.raises(ConfigError, match="pfedlora trains on private examples outside DP-SGD"):
+        with pytest.raises(
+            ConfigError, match="pfedlora cannot run under DP-SGD: phase 1 trains the local model"
+        ):
             load_config(None, overrides)
 
 

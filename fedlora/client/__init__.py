@@ -1,11 +1,17 @@
-"""Client-side local training."""
+"""Client side: the generic local trainer, the hook objects methods plug into it, personal state on disk."""
 
-from fedlora.client.trainer import (
-    LocalResult,
-    LocalTrainingSettings,
-    proximal_term,
-    round_seed,
-    train_locally,
-)
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.client.store import PersonalStore
+from fedlora.client.trainer import DPSettings, LocalResult, LocalTrainingSettings, round_seed, train_locally
 
-__all__ = ["LocalResult", "LocalTrainingSettings", "proximal_term", "round_seed", "train_locally"]
+__all__ = [
+    "ClientContext",
+    "ClientHooks",
+    "DPSettings",
+    "LocalResult",
+    "LocalTrainingSettings",
+    "PersonalStore",
+    "register_client_hooks",
+    "round_seed",
+    "train_locally",
+]

@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
+from fedlora.client.hooks import ClientHooks, register_client_hooks
 
 SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY = (
     "zo.seeds",
@@ -32,6 +34,24 @@ SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY = (
     "zo.lrs",
     "zo.weight_decay",
 )
+
+
+@register_client_hooks
+class ZerothOrder(ClientHooks):
+    """Zeroth-order local training instead of optimizer steps (the step kind any ZO method asks for).
+
+    ``upload: seeds`` replies with the steps record (:func:`steps_record`) instead of the tensors;
+    ``full_model`` tunes every base weight (the payloads are whole models) instead of the adapter.
+    """
+
+    kind = "zeroth-order"
+    eps: float = Field(1e-3, gt=0.0)
+    perturbations: int = Field(1, ge=1)
+    upload: Literal["weights", "seeds"] = "weights"
+    full_model: bool = False
+
+    def dp_refusal(self) -> str | None:
+        return "zeroth-order steps have no DP-SGD mechanism (no per-example gradients to clip)"
 
 
 def step_seed(round_seed: int, step: int, perturbation: int) -> int:

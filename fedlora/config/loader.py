@@ -120,22 +120,33 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    from fedlora.eval.registry import EVALUATORS
+    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.registry import METRICS
     from fedlora.strategies.registry import check_experiment
 
-    check_experiment(cfg)  # again when the run starts, for configs built in Python
+    check_experiment(
+        cfg
+    )  # plugins first, then the strategy; again when the run starts (Python-built configs)
+    for registry, value in ((DATA_SOURCES, cfg.data.source), (PARTITIONERS, cfg.partition.method)):
+        if value not in registry:
+            raise ConfigError(
+                f"config field '{registry.field}': unknown {registry.kind} {value!r} (allowed: {', '.join(registry.names())})"
+            )
     for field in ("metrics", "final_metrics"):
-        unknown = [m for m in getattr(cfg.eval, field) if m not in EVALUATORS]
+        unknown = [m for m in getattr(cfg.eval, field) if m not in METRICS]
         if unknown:
             raise ConfigError(
-                f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})"
+                f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
             )
     wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
     if "task-score" in wanted and cfg.data.source != "reasoning-gym":
         raise ConfigError(
             f"config field 'eval.metrics': task-score uses reasoning-gym's scorers; data.source is {cfg.data.source!r}"
         )
-    generation = [m for m in wanted if m != "loss"]
+    from fedlora.eval.generation import SCORERS
+
+    generation = [m for m in wanted if m in SCORERS]
     if generation and cfg.model.task != "causal-lm":
         raise ConfigError(
             f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"

@@ -52,7 +52,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where the examples come from and how they are shaped into prompts and targets."""
 
-    source: Literal["reasoning-gym", "natural-instructions", "json", "bbc-news"] = "reasoning-gym"
+    #: a registered data source: reasoning-gym, natural-instructions, json, bbc-news, or your own
+    source: str = "reasoning-gym"
     path: str | None = None  # json: a .json/.jsonl file; natural-instructions: file or folder
     # reasoning-gym: one client per task (natural partition) unless partition.method says otherwise.
     tasks: list[str] = Field(default_factory=lambda: ["basic_arithmetic", "chain_sum", "gcd", "lcm"])
@@ -91,7 +92,8 @@ class PartitionConfig(Section):
     ``dirichlet``: per-client label/category proportions drawn from Dir(alpha) (small alpha = skewed).
     """
 
-    method: Literal["natural", "iid", "dirichlet"] = "natural"
+    #: a registered partitioner: natural, iid, dirichlet, or your own
+    method: str = "natural"
     alpha: float = Field(0.5, gt=0.0)
     by: Literal["category", "label"] = "category"
     min_partition_size: int = Field(2, ge=0)
@@ -327,6 +329,9 @@ class ExperimentConfig(Section):
 
     name: str = "experiment"
     engine: Literal["embedded", "flower-sim"] = "embedded"
+    #: importable modules with user strategies, data sources, metrics...; imported by every process that
+    #: reads this config (run, --resume, eval, Flower nodes) before any name is looked up
+    plugins: list[str] = Field(default_factory=list)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
@@ -346,12 +351,12 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "data.source 'bbc-news' is a classification set: set model.task to 'classification'"
             )
-        if (
-            self.model.task == "classification"
-            and self.data.source != "bbc-news"
-            and self.data.source != "json"
+        if self.model.task == "classification" and self.data.source in (
+            "reasoning-gym",
+            "natural-instructions",
         ):
             raise ValueError(
-                f"model.task 'classification' needs labelled data (bbc-news or json), not {self.data.source!r}"
+                f"model.task 'classification' needs labelled data (bbc-news, json or a labelled source of your "
+                f"own), not {self.data.source!r}"
             )
         return self

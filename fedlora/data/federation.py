@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fedlora.config.schema import ExperimentConfig
-from fedlora.data.examples import ClientData, Federation
+from fedlora.data.examples import ClientData, Example, Federation
 from fedlora.data.lazy import lazy_natural_instructions
 from fedlora.data.partition import partition_examples, split_client
 from fedlora.data.sources import (
@@ -16,46 +18,102 @@ from fedlora.data.sources import (
     load_instruction_file,
     reasoning_gym_examples,
 )
+from fedlora.registry import Registry, UnknownName
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceData:
+    """What a data source yields: pooled ``examples`` to partition, or ready ``clients`` (already one per
+    task, e.g. Natural Instructions kept on disk), with the label names of a classification set."""
+
+    description: str
+    examples: list[Example] | None = None
+    clients: list[ClientData] | None = None
+    label_names: list[str] | None = None
+
+
+DataSource = Callable[[ExperimentConfig], SourceData]
+#: data.source -> fn(config) -> SourceData
+DATA_SOURCES: Registry[DataSource] = Registry("data source", "data.source")
+
+
+def register_data_source(name: str) -> Callable[[DataSource], DataSource]:
+    """Decorator: ``fn(config) -> SourceData`` (read ``config.data`` for your own fields' values)."""
+    return DATA_SOURCES.register(name)  # type: ignore[return-value]
+
+
+@register_data_source("natural-instructions")
+def natural_instructions_source(cfg: ExperimentConfig) -> SourceData:
+    if cfg.partition.method != "natural":
+        raise ValueError(
+            "natural-instructions is federated by task already: partition.method must be 'natural'"
+        )
+    path = find_natural_instructions(cfg.data.path, cfg.data.variant)
+    limit = cfg.federation.num_clients or cfg.data.max_clients
+    clients = lazy_natural_instructions(path, max_clients=limit)  # examples stay on disk until used
+    return SourceData(f"Natural Instructions ({path.name}, {len(clients)} task clients)", clients=clients)
+
+
+@register_data_source("reasoning-gym")
+def reasoning_gym_source(cfg: ExperimentConfig) -> SourceData:
+    data = cfg.data
+    examples = reasoning_gym_examples(data.tasks, data.examples_per_task, data.seed)
+    return SourceData(f"reasoning-gym ({len(data.tasks)} tasks x {data.examples_per_task})", examples)
+
+
+@register_data_source("bbc-news")
+def bbc_news_source(cfg: ExperimentConfig) -> SourceData:
+    examples, label_names = bbc_news_examples()
+    return SourceData(
+        f"BBC News ({len(examples)} articles, {len(label_names)} topics)", examples, None, label_names
+    )
+
+
+@register_data_source("json")
+def json_source(cfg: ExperimentConfig) -> SourceData:
+    data = cfg.data
+    if not data.path:
+        raise ValueError("data.source 'json' needs data.path")
+    label_names = labels_in_file(data.path, data.output_field) if cfg.model.task == "classification" else None
+    examples = load_instruction_file(
+        data.path,
+        data.instruction_field,
+        data.input_field,
+        data.output_field,
+        data.category_field,
+        label_names,
+    )
+    return SourceData(f"{data.path} ({len(examples)} examples)", examples, None, label_names)
 
 
 def build_federation(cfg: ExperimentConfig) -> Federation:
     """Build every client's train/eval/test data as the config says."""
     data, part, fed = cfg.data, cfg.partition, cfg.federation
-    label_names = None
-    if data.source == "natural-instructions":
-        if part.method != "natural":
-            raise ValueError(
-                "natural-instructions is federated by task already: partition.method must be 'natural'"
-            )
-        path = find_natural_instructions(data.path, data.variant)
-        limit = fed.num_clients or data.max_clients
-        clients = lazy_natural_instructions(path, max_clients=limit)  # examples stay on disk until used
-        description = f"Natural Instructions ({path.name}, {len(clients)} task clients)"
+    try:
+        source = DATA_SOURCES.get(data.source)(cfg)
+    except UnknownName as err:
+        raise ValueError(str(err)) from None
+    label_names, description = source.label_names, source.description
+    if cfg.model.task == "classification" and not label_names:
+        raise ValueError(
+            f"model.task 'classification' needs labelled data; data.source {data.source!r} has no labels"
+        )
+    if source.clients is not None:
+        clients = source.clients
     else:
-        if data.source == "reasoning-gym":
-            examples = reasoning_gym_examples(data.tasks, data.examples_per_task, data.seed)
-            description = f"reasoning-gym ({len(data.tasks)} tasks x {data.examples_per_task})"
-        elif data.source == "bbc-news":
-            examples, label_names = bbc_news_examples()
-            description = f"BBC News ({len(examples)} articles, {len(label_names)} topics)"
-        else:
-            if not data.path:
-                raise ValueError("data.source 'json' needs data.path")
-            if cfg.model.task == "classification":
-                label_names = labels_in_file(data.path, data.output_field)
-            examples = load_instruction_file(
-                data.path,
-                data.instruction_field,
-                data.input_field,
-                data.output_field,
-                data.category_field,
-                label_names,
-            )
-            description = f"{data.path} ({len(examples)} examples)"
+        assert source.examples is not None, (
+            f"data source {data.source!r} returned neither examples nor clients"
+        )
         shards = partition_examples(
-            examples, part.method, fed.num_clients, data.seed, part.alpha, part.by, part.min_partition_size
+            source.examples,
+            part.method,
+            fed.num_clients,
+            data.seed,
+            part.alpha,
+            part.by,
+            part.min_partition_size,
         )
         clients = [
             split_client(

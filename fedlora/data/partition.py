@@ -6,18 +6,23 @@ train / eval / test.
   drawn from Dir(alpha) (alpha -> 0: one class per client; alpha -> inf: IID), at least
   ``min_partition_size`` examples per client;
 - ``natural``: ``NaturalIdPartitioner``, one client per distinct category (task), in sorted order.
+
+Each is registered in ``PARTITIONERS``; user partitioners register with ``fedlora.register_partitioner``.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
+from typing import Any
 
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedlora.data.examples import ClientData, Example
+from fedlora.registry import Registry, UnknownName
 
 log = logging.getLogger(__name__)
 disable_progress_bar()
@@ -33,6 +38,16 @@ def _group_key(example: Example, by: str) -> str:
     return example.category
 
 
+Partitioner = Callable[..., list[list[Example]]]
+#: partition.method -> fn(examples, num_clients, seed, alpha=, by=, min_partition_size=) -> client shards
+PARTITIONERS: Registry[Partitioner] = Registry("partitioner", "partition.method")
+
+
+def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
+    """Decorator: ``fn(examples, num_clients, seed, *, alpha, by, min_partition_size) -> list of shards``."""
+    return PARTITIONERS.register(name)  # type: ignore[return-value]
+
+
 def partition_examples(
     examples: list[Example],
     method: str,
@@ -45,48 +60,85 @@ def partition_examples(
     """Split ``examples`` into client shards (lists of examples), deterministically for a given seed."""
     if not examples:
         raise ValueError("no examples to partition")
-    if method == "natural":
-        keys = [_group_key(e, by) for e in examples]
-        table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
-        partitioner = NaturalIdPartitioner(partition_by="key")
-        partitioner.dataset = table
-        # NaturalIdPartitioner numbers groups by first appearance; order them by key for stable client ids.
-        shards = [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
-        shards.sort(key=lambda shard: shard["key"][0])
-        if num_clients is not None and num_clients != len(shards):
-            if num_clients > len(shards):
-                raise ValueError(
-                    f"federation.num_clients ({num_clients}) is above the number of natural groups ({len(shards)})"
-                )
-            shards = shards[:num_clients]
-        return [[examples[i] for i in shard["idx"]] for shard in shards]
+    try:
+        partitioner = PARTITIONERS.get(method)
+    except UnknownName as err:
+        raise ValueError(str(err)) from None
+    return partitioner(examples, num_clients, seed, alpha=alpha, by=by, min_partition_size=min_partition_size)
+
+
+@register_partitioner("natural")
+def natural_partition(
+    examples: list[Example], num_clients: int | None, seed: int, *, by: str = "category", **_: object
+) -> list[list[Example]]:
+    """One client per group (category or label), groups in key order; the first ``num_clients`` if given."""
+    keys = [_group_key(e, by) for e in examples]
+    table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
+    partitioner = NaturalIdPartitioner(partition_by="key")
+    partitioner.dataset = table
+    # NaturalIdPartitioner numbers groups by first appearance; order them by key for stable client ids.
+    shards = [partitioner.load_partition(i) for i in range(partitioner.num_partitions)]
+    shards.sort(key=lambda shard: shard["key"][0])
+    if num_clients is not None and num_clients != len(shards):
+        if num_clients > len(shards):
+            raise ValueError(
+                f"federation.num_clients ({num_clients}) is above the number of natural groups ({len(shards)})"
+            )
+        shards = shards[:num_clients]
+    return [[examples[i] for i in shard["idx"]] for shard in shards]
+
+
+def _client_count(examples: list[Example], num_clients: int | None, method: str) -> int:
     if num_clients is None:
         raise ValueError(f"partition.method {method!r} needs federation.num_clients")
     if num_clients > len(examples):
         raise ValueError(
             f"federation.num_clients ({num_clients}) is above the number of examples ({len(examples)})"
         )
-    if method == "iid":
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        table = Dataset.from_dict({"idx": order})
-        partitioner = IidPartitioner(num_partitions=num_clients)
-    elif method == "dirichlet":
-        keys = [_group_key(e, by) for e in examples]
-        table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
-        partitioner = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="key",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
-        )
-    else:
-        raise ValueError(f"partition.method {method!r}; allowed: natural, iid, dirichlet")
+    return num_clients
+
+
+def _shards(examples: list[Example], table: Dataset, partitioner: Any, count: int) -> list[list[Example]]:
     partitioner.dataset = table
-    return [[examples[i] for i in partitioner.load_partition(j)["idx"]] for j in range(num_clients)]
+    return [[examples[i] for i in partitioner.load_partition(j)["idx"]] for j in range(count)]
+
+
+@register_partitioner("iid")
+def iid_partition(
+    examples: list[Example], num_clients: int | None, seed: int, **_: object
+) -> list[list[Example]]:
+    """A seeded shuffle cut into ``num_clients`` equal shards (flwr-datasets' IidPartitioner)."""
+    count = _client_count(examples, num_clients, "iid")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return _shards(examples, Dataset.from_dict({"idx": order}), IidPartitioner(num_partitions=count), count)
+
+
+@register_partitioner("dirichlet")
+def dirichlet_partition(
+    examples: list[Example],
+    num_clients: int | None,
+    seed: int,
+    *,
+    alpha: float = 0.5,
+    by: str = "category",
+    min_partition_size: int = 2,
+    **_: object,
+) -> list[list[Example]]:
+    """Group shares per client drawn from Dirichlet(alpha) (flwr-datasets' DirichletPartitioner)."""
+    count = _client_count(examples, num_clients, "dirichlet")
+    keys = [_group_key(e, by) for e in examples]
+    table = Dataset.from_dict({"idx": list(range(len(examples))), "key": keys})
+    partitioner = DirichletPartitioner(
+        num_partitions=count,
+        partition_by="key",
+        alpha=alpha,
+        min_partition_size=min_partition_size,
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
+    )
+    return _shards(examples, table, partitioner, count)
 
 
 def split_client(

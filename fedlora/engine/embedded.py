@@ -15,25 +15,25 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
-from fedlora.client.trainer import LocalTrainingSettings, round_seed, train_locally
+from fedlora.client.node import ClientNode
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData, Federation
-from fedlora.engine.accounting import PrivacyLedger
 from fedlora.engine.checkpoint import save_checkpoint
 from fedlora.engine.faults import DROPOUT, STRAGGLER, corrupt, plan_faults
-from fedlora.engine.personal import ClientModels, zero_adapter
 from fedlora.eval.registry import run_evaluators
-from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
+from fedlora.models.personal import ClientModels, zero_adapter
+from fedlora.protocol import ClientInstruction, ClientReply
+from fedlora.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,6 @@ def payload_rank(payload: AdapterState) -> str:
         return profile_of_state(payload).name
     except ValueError:
         return "?"
-
-
-def same_shapes(sent: AdapterState, got: AdapterState) -> bool:
-    """Whether ``got`` is an update of ``sent`` (same tensor names and shapes); seed records and pruned
-    replies are not."""
-    return sent.keys() == got.keys() and all(got[k].shape == v.shape for k, v in sent.items())
-
-
-def update_norm(sent: AdapterState, got: AdapterState) -> float:
-    """||got - sent|| over all tensors as one vector (float64)."""
-    return float(sum(float((got[k].double() - sent[k].double()).pow(2).sum()) for k in sent) ** 0.5)
-
-
-def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> AdapterState:
-    """sent + factor * (got - sent), tensor by tensor."""
-    return {
-        k: (sent[k].double() + factor * (got[k].double() - sent[k].double())).to(got[k].dtype) for k in got
-    }
 
 
 def sample_clients(
@@ -100,28 +82,6 @@ def evaluation_clients(
     return sorted(rng.sample(having, limit), key=lambda c: c.client_id)
 
 
-def resolve_settings(
-    cfg: ExperimentConfig, strategy: Strategy, overrides: dict[str, Any]
-) -> LocalTrainingSettings:
-    """Config's client section + the strategy's default optimizer + the instruction's per-client overrides."""
-    c = cfg.client
-    base = LocalTrainingSettings(
-        optimizer=c.optimizer or strategy.default_optimizer,
-        lr=c.lr,
-        weight_decay=c.weight_decay,
-        momentum=c.momentum,
-        local_steps=c.local_steps,
-        local_epochs=c.local_epochs,
-        batch_size=c.batch_size,
-        grad_clip=c.grad_clip,
-    )
-    known = {f.name for f in fields(LocalTrainingSettings)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"strategy {strategy.name} sent unknown local-training settings {sorted(unknown)}")
-    return LocalTrainingSettings(**{**base.__dict__, **overrides})
-
-
 @dataclass
 class Simulation:
     """Everything one experiment runs on (built once from the config)."""
@@ -130,9 +90,40 @@ class Simulation:
     federation: Federation
     adapters: LoraAdapters
     encoder: Encoder
-    strategy: Strategy
-    privacy: PrivacyLedger | None = None
+    strategy: Strategy  # the method, inside its wrappers (privacy, update-norm screening)
     client_models: ClientModels | None = None  # model-heterogeneous clients (each with its own weights)
+    node: ClientNode | None = None  # the clients, in this process (None: they live elsewhere)
+
+
+class Transport(Protocol):
+    """How a round's instructions reach the sampled clients and their replies come back."""
+
+    def train_clients(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply | str]:
+        """Each instructed client's reply, or why there is none."""
+        ...
+
+
+class InProcessTransport:
+    """The clients in this process, one after another, on the shared model (through ``run_client``)."""
+
+    def __init__(
+        self,
+        run_client: Callable[[int, int, ClientInstruction], ClientReply],
+        status: Callable[[str], None],
+    ) -> None:
+        self.run_client = run_client
+        self.status = status
+
+    def train_clients(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply | str]:
+        replies: dict[int, ClientReply | str] = {}
+        for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
+            self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
+            replies[client_id] = self.run_client(server_round, client_id, instruction)
+        return replies
 
 
 def evaluate_state(
@@ -193,53 +184,46 @@ def evaluate_personal(
 
 
 class EmbeddedEngine:
-    """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation` in this process."""
+    """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation`: the round logic, with the
+    clients reached through a transport (default: in this process; Flower: :mod:`fedlora.engine.flower`)."""
 
-    def __init__(self, sim: Simulation, run_dir: Path, status: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        sim: Simulation,
+        run_dir: Path,
+        status: Callable[[str], None] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self.sim = sim
         self.run_dir = run_dir
         self.status = status or (lambda text: None)
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
-        if sim.client_models is not None:
+        if sim.node is not None:
+            sim.node.use_store(run_dir / "personal")
+        elif sim.client_models is not None:
             sim.client_models.folder = run_dir / "personal"
+        self.transport: Transport = transport or InProcessTransport(
+            lambda r, c, i: self.run_client(r, c, i), lambda text: self.status(text)
+        )
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
         self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)
 
     def run_client(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
-        """One client's local training from its instruction (in process, on the shared model)."""
-        sim = self.sim
-        settings = resolve_settings(sim.cfg, sim.strategy, instruction.settings)
-        adapters, payload = sim.adapters, instruction.payload
-        shares_model = sim.strategy.shares_local_model  # the whole-model baseline sends local weights too
-        if sim.client_models is not None:  # its own architecture, with its own weights
-            adapters, payload = sim.client_models.install(client_id, server_round, payload)
-        result = train_locally(
-            adapters,
-            sim.encoder,
-            sim.federation.clients[client_id],
-            payload,
-            settings,
-            round_seed(sim.cfg.federation.seed, server_round, client_id),
-        )
-        if sim.client_models is not None:
-            if shares_model:
-                result.state.update({k: p.detach().clone() for k, p in adapters.base_parameters()})
-            result.state = sim.client_models.to_shared(result.state)
-            sim.client_models.save(client_id, server_round)
-        return ClientReply(client_id, result.state, result.num_examples, result.metrics)
+        """One client's local training from its instruction (in process)."""
+        assert self.sim.node is not None, "this simulation has no in-process clients"
+        self.complete(instruction)
+        return self.sim.node.train(server_round, client_id, instruction)
+
+    def complete(self, instruction: ClientInstruction) -> None:
+        """Clients know no strategy: the optimizer it is defined with travels in the settings."""
+        optimizer = self.sim.cfg.client.optimizer or self.sim.strategy.default_optimizer
+        instruction.settings.setdefault("optimizer", optimizer)
 
     def train_clients(
         self, server_round: int, instructions: dict[int, ClientInstruction]
     ) -> dict[int, ClientReply | str]:
-        """The transport: run every instructed client, return its reply (or why there is none).
-
-        In process: one client after another on the shared model. Other engines (Flower) send messages.
-        """
-        replies: dict[int, ClientReply | str] = {}
-        for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
-            self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
-            replies[client_id] = self.run_client(server_round, client_id, instruction)
-        return replies
+        """Hand the round's instructions to the transport."""
+        return self.transport.train_clients(server_round, instructions)
 
     def evaluate(self, final: bool = False, server_round: int | None = None) -> dict[str, float]:
         """The strategy's evaluation adapter on the evaluation clients (plus ``final_metrics`` if final);
@@ -256,10 +240,11 @@ class EmbeddedEngine:
         """Configure, run and validate the sampled clients of one attempt at a round."""
         sim, cfg = self.sim, self.sim.cfg
         instructions = sim.strategy.configure(server_round, sampled)
+        for instruction in instructions.values():
+            self.complete(instruction)
         faults = plan_faults(cfg.faults, cfg.federation.seed, server_round, attempt, sampled)
         out: dict[str, Any] = {"replies": [], "rejected": [], "clients": [], "bytes_down": 0, "bytes_up": 0}
         out["faults"] = {"dropped": [], "late": [], "corrupted": []}
-        updates: dict[int, float] = {}
         payload_sizes: dict[
             int, int
         ] = {}  # one serialisation per distinct payload object (often all share one)
@@ -282,10 +267,6 @@ class EmbeddedEngine:
                 out["rejected"].append({"client": client_id, "reason": what})
                 log.warning("round %d: client %d %s", server_round, client_id, what)
                 continue
-            if sim.privacy is not None:  # this client's DP-SGD noise plan travels with its instruction
-                instruction = ClientInstruction(
-                    instruction.payload, {**instruction.settings, **sim.privacy.settings_for(client_id)}
-                )
             to_run[client_id] = instruction
         results = self.train_clients(server_round, to_run)
         for client_id, instruction in to_run.items():
@@ -294,14 +275,13 @@ class EmbeddedEngine:
                 out["rejected"].append({"client": client_id, "reason": reply})
                 log.warning("round %d: client %d: %s", server_round, client_id, reply)
                 continue
-            if sim.privacy is not None:
-                reply.metrics["epsilon"] = sim.privacy.record(client_id, int(reply.metrics["steps"]))
             fault = faults.get(client_id)
             if fault is not None:
                 reply.payload = corrupt(reply.payload, fault.corruption or "nan")
                 out["faults"]["corrupted"].append({"client": client_id, "kind": fault.corruption})
             size_up = wire_size(reply.payload) if counts else 0
             out["bytes_up"] += size_up
+            reason = sim.strategy.validate_reply(instruction, reply)  # wrappers add to the metrics here
             out["clients"].append(
                 {
                     "client": client_id,
@@ -311,44 +291,19 @@ class EmbeddedEngine:
                     **reply.metrics,
                 }
             )
-            reason = sim.strategy.validate_reply(instruction, reply)
-            if reason is None and same_shapes(instruction.payload, reply.payload):
-                norm = update_norm(instruction.payload, reply.payload)
-                limit = cfg.federation.max_update_norm
-                if limit is not None and norm > limit:
-                    reason = f"update norm {norm:.3g} above federation.max_update_norm ({limit})"
-                updates[client_id] = norm
             if reason is not None:
-                log.warning("round %d: rejected the reply of client %d: %s", server_round, client_id, reason)
-                out["rejected"].append({"client": client_id, "reason": reason})
+                self.reject(server_round, out, client_id, reason)
                 continue
-            out["replies"].append((instruction, reply))
-        self.screen_update_norms(server_round, out, updates)
+            out["replies"].append(reply)
+        out["replies"], screened = sim.strategy.screen(out["replies"])
+        for client_id, reason in screened:
+            self.reject(server_round, out, client_id, reason)
         return out
 
-    def screen_update_norms(self, server_round: int, out: dict[str, Any], norms: dict[int, float]) -> None:
-        """Reject updates far above the round's median norm; clip the others if configured."""
-        fed = self.sim.cfg.federation
-        kept = []
-        valid = sorted(norms[r.client_id] for _, r in out["replies"] if r.client_id in norms)
-        median = valid[len(valid) // 2] if valid else 0.0
-        for instruction, reply in out["replies"]:
-            norm = norms.get(reply.client_id)
-            ratio = fed.max_update_norm_ratio
-            if norm is not None and ratio and len(valid) >= 3 and median > 0 and norm > ratio * median:
-                reason = (
-                    f"update norm {norm:.3g} is {norm / median:.3g}x the round's median "
-                    f"(above federation.max_update_norm_ratio {fed.max_update_norm_ratio})"
-                )
-                log.warning(
-                    "round %d: rejected the reply of client %d: %s", server_round, reply.client_id, reason
-                )
-                out["rejected"].append({"client": reply.client_id, "reason": reason})
-                continue
-            if norm is not None and fed.clip_update_norm is not None and norm > fed.clip_update_norm:
-                reply.payload = clip_update(instruction.payload, reply.payload, fed.clip_update_norm / norm)
-            kept.append(reply)
-        out["replies"] = kept
+    @staticmethod
+    def reject(server_round: int, out: dict[str, Any], client_id: int, reason: str) -> None:
+        log.warning("round %d: rejected the reply of client %d: %s", server_round, client_id, reason)
+        out["rejected"].append({"client": client_id, "reason": reason})
 
     def run_round(self, server_round: int) -> dict[str, Any]:
         """One full round (with retries when too few replies are valid); returns its metrics record."""
@@ -401,8 +356,7 @@ class EmbeddedEngine:
         }
         if any(faults.values()):
             record["faults"] = faults
-        if sim.privacy is not None:
-            record["epsilon_max"] = sim.privacy.max_epsilon()
+        record.update(sim.strategy.round_metrics())
         final = server_round == cfg.federation.rounds
         if server_round % cfg.eval.every == 0 or final:
             count = len(self.final_eval_clients if final else self.eval_clients)
@@ -417,10 +371,7 @@ class EmbeddedEngine:
         return record
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"strategy": self.sim.strategy.name}
-        if self.sim.privacy is not None:
-            meta["privacy"] = self.sim.privacy.to_json()
-        return meta
+        return {"strategy": self.sim.strategy.name, **self.sim.strategy.server_meta()}
 
     def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
         """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""

@@ -1,15 +1,17 @@
 """Flower engine: the same strategies, rounds, checks and checkpoints, with clients behind Flower messages.
 
-Server side (:class:`FlowerEngine`) is the embedded engine with another transport: each round's
-instructions become one Flower ``Message`` per client (its own payload as an ``ArrayRecord``, its settings as
-a ``ConfigRecord``), sent through the ``Grid``; the replies come back the same way (adapter as an
+Server side: the embedded engine's round logic with another transport (:class:`FlowerTransport`): each
+round's instructions become one Flower ``Message`` per client (its own payload as an ``ArrayRecord``, its
+plan, i.e. generic settings and the method's hook objects, as JSON in a ``ConfigRecord``), sent through the
+``Grid``; the replies come back the same way (adapter as an
 ``ArrayRecord``, metrics as a ``MetricRecord``). Nothing is pickled: ArrayRecords carry raw tensor bytes.
 Before round 1 the server sends a ``query`` message to every node and learns which data partition it holds
 and, in deployment, its rank budget (``flower-supernode --node-config "partition-id=3 rank-budget=8"``).
 
-Client side (:func:`client_app`): a Flower ``ClientApp`` that builds the experiment from the same config
-(data, model, adapters; once per process) and answers ``query`` and ``train`` with fedlora's own
-``run_client``. The strategies know nothing of Flower; Flower knows nothing of the strategies.
+Client side (:func:`client_app`): a Flower ``ClientApp`` holding a :class:`~fedlora.client.node.ClientNode`
+(data, model, adapters: built once per process and config, kept across messages; no server part) that
+answers ``query`` and ``train``. The strategies know nothing of Flower; Flower knows nothing of the
+strategies; this module knows nothing of the runner (the runner passes in what to run).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 import torch
 
 from fedlora.adapters.ranks import RankProfile
+from fedlora.client.node import ClientNode
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
-from fedlora.engine.embedded import EmbeddedEngine, Simulation
-from fedlora.strategies.base import ClientInstruction, ClientReply
+from fedlora.engine.embedded import Simulation
+from fedlora.protocol import ClientInstruction, ClientReply, plan_from_json, plan_to_json
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,6 @@ FLOWER_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 def quiet_flower() -> None:
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-
-
-def _settings_record(settings: dict[str, Any]) -> Any:
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({k: v for k, v in settings.items() if v is not None})
 
 
 def _metrics_record(metrics: dict[str, Any]) -> Any:
@@ -65,13 +62,12 @@ def from_arrays(record: Any) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-class FlowerEngine(EmbeddedEngine):
-    """Rounds driven by the embedded engine's logic; clients reached through a Flower ``Grid``."""
+class FlowerTransport:
+    """Reaches the sampled clients through a Flower ``Grid``: one message per client and round."""
 
     def __init__(
         self,
         sim: Simulation,
-        run_dir: Path,
         grid: Any,
         status: Callable[[str], None] | None = None,
         wait_for_nodes_s: float = 120.0,
@@ -80,8 +76,9 @@ class FlowerEngine(EmbeddedEngine):
             raise ConfigError(
                 "engine flower: model-heterogeneous clients (model.variants) run on the embedded engine only"
             )
-        super().__init__(sim, run_dir, status)
+        self.sim = sim
         self.grid = grid
+        self.status = status or (lambda text: None)
         self.node_of = self.discover_clients(wait_for_nodes_s)
 
     def discover_clients(self, timeout_s: float) -> dict[int, int]:
@@ -139,8 +136,9 @@ class FlowerEngine(EmbeddedEngine):
             content = RecordDict(
                 {
                     "payload": to_arrays(instruction.payload),
-                    "settings": _settings_record(instruction.settings),
-                    "meta": ConfigRecord({"round": server_round, "client": client_id}),
+                    "meta": ConfigRecord(
+                        {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+                    ),
                 }
             )
             messages.append(
@@ -170,50 +168,54 @@ def _config_from_text(text: str) -> ExperimentConfig:
     return config_from_dict(yaml.safe_load(text))
 
 
-def client_app(config: ExperimentConfig | None = None) -> Any:
-    """A Flower ClientApp running fedlora clients (config given, or from the run config's ``fedlora-config``)."""
+# One ClientNode per process and config, kept across messages and across ClientApp objects (the simulation
+# runtime may build the app more than once in a worker process).
+_NODES: dict[str, ClientNode] = {}
+
+
+def client_app(
+    build_node: Callable[[ExperimentConfig], ClientNode], config: ExperimentConfig | None = None
+) -> Any:
+    """A Flower ClientApp running fedlora clients (config given, or from the run config's
+    ``fedlora-config``); ``build_node`` makes the node the first time a config is seen in this process."""
     quiet_flower()
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
-    built: dict[str, EmbeddedEngine] = {}
 
-    def engine_for(context: Any) -> tuple[EmbeddedEngine, ExperimentConfig]:
+    def node_for(context: Any) -> ClientNode:
         cfg = config or _config_from_text(str(context.run_config["fedlora-config"]))
         key = cfg.model_dump_json()
-        if key not in built:
-            from fedlora.runner import build_simulation
-
+        if key not in _NODES:
             torch.set_num_threads(cfg.client.num_threads)
-            sim, _ = build_simulation(cfg, for_training=False)
-            built[key] = EmbeddedEngine(sim, Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")))
-        return built[key], cfg
+            node = build_node(cfg)
+            node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
+            _NODES[key] = node
+        return _NODES[key]
 
     def partition(context: Any) -> int:
         return int(context.node_config["partition-id"])
 
     @app.query()
     def query(msg: Any, context: Any) -> Any:
-        engine, _ = engine_for(context)
+        node = node_for(context)
         client = partition(context)
         info: dict[str, Any] = {"partition-id": client}
         budget = context.node_config.get("rank-budget")
         if budget is not None:
             info["rank-attention"] = int(budget)
             info["rank-mlp"] = int(context.node_config.get("rank-budget-mlp", budget))
-        info["num-examples"] = engine.sim.federation.clients[client].size("train")
+        info["num-examples"] = node.clients[client].size("train")
         return Message(content=RecordDict({"profile": ConfigRecord(info)}), reply_to=msg)
 
     @app.train()
     def train(msg: Any, context: Any) -> Any:
-        engine, _ = engine_for(context)
+        node = node_for(context)
         client = partition(context)
-        settings = dict(msg.content["settings"])
-        server_round = int(msg.content["meta"]["round"])
-        reply = engine.run_client(
-            server_round, client, ClientInstruction(from_arrays(msg.content["payload"]), settings)
-        )
+        meta = msg.content["meta"]
+        instruction = plan_from_json(str(meta["plan"]), from_arrays(msg.content["payload"]))
+        reply = node.train(int(meta["round"]), client, instruction)
         content = RecordDict(
             {
                 "payload": to_arrays(reply.payload),
@@ -226,10 +228,19 @@ def client_app(config: ExperimentConfig | None = None) -> Any:
     return app
 
 
+#: what the server app runs: (config, run folder, resume, transport factory) -> None (the runner's rounds)
+RunFunction = Callable[
+    [ExperimentConfig, Path, bool, Callable[[Simulation, Callable[[str], None]], Any]], None
+]
+
+
 def server_app(
-    config: ExperimentConfig | None = None, run_dir: Path | None = None, resume: bool = False
+    run: RunFunction,
+    config: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> Any:
-    """A Flower ServerApp running a fedlora experiment (config given, or from the run config)."""
+    """A Flower ServerApp that runs ``run`` (fedlora's rounds) with the clients behind the Grid."""
     quiet_flower()
     from flwr.serverapp import ServerApp
 
@@ -237,23 +248,15 @@ def server_app(
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        from fedlora.runner import run_experiment
-
         cfg = config or _config_from_text(str(context.run_config["fedlora-config"]))
         folder = run_dir or Path(str(context.run_config["run-dir"]))
-        run_experiment(
-            cfg,
-            folder,
-            resume=resume,
-            show_progress=False,
-            engine_factory=lambda sim, path, status: FlowerEngine(sim, path, grid, status),
-        )
+        run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status))
 
     return app
 
 
-def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> Path:
-    """``engine: flower-sim``: the experiment on Flower's simulation runtime, one SuperNode per client."""
+def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, client: Any) -> Path:
+    """``engine: flower-sim``: the given apps on Flower's simulation runtime, one SuperNode per client."""
     quiet_flower()
     from flwr.simulation import run_simulation
 
@@ -261,8 +264,8 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, resume: bool = F
 
     num_nodes = len(build_federation(cfg).clients)
     run_simulation(
-        server_app=server_app(cfg, run_dir, resume),
-        client_app=client_app(cfg),
+        server_app=server,
+        client_app=client,
         num_supernodes=num_nodes,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

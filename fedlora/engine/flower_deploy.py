@@ -27,11 +27,10 @@ APP_MODULE = "fedlora_flower_app"
 
 APP_CODE = '''"""Flower components of a fedlora experiment (written by `fedlora flower`)."""
 
-from fedlora.engine.flower import client_app as _client_app
-from fedlora.engine.flower import server_app as _server_app
+from fedlora.runner import flower_client_app, flower_server_app
 
-server_app = _server_app()
-client_app = _client_app()
+server_app = flower_server_app()
+client_app = flower_client_app()
 '''
 
 

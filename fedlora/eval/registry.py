@@ -1,12 +1,14 @@
-"""Evaluators by name (``eval.metrics`` / ``eval.final_metrics`` in the config).
+"""Evaluators by name (``eval.metrics`` / ``eval.final_metrics`` in the config): an open registry.
 
-``loss`` (held-out loss, perplexity or accuracy: :mod:`fedlora.eval.loss`) and the generation metrics
-``rouge-l`` and ``exact-match`` (:mod:`fedlora.eval.generation`, one shared generation pass). Each reads the
-model with the global adapter loaded, the encoder, the clients and the eval settings, and returns flat
-``eval_*`` metrics.
+Built-ins: ``loss`` (held-out loss, perplexity or accuracy: :mod:`fedlora.eval.loss`) and the generation
+metrics ``rouge-l`` and ``exact-match`` (:mod:`fedlora.eval.generation`, one shared generation pass for all
+of them). A user metric is ``fn(model, encoder, clients, eval_cfg) -> {"eval_<name>": value, ...}`` registered
+with ``fedlora.register_metric("name")``; it reads the model with the global adapter loaded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -15,20 +17,53 @@ from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData
 from fedlora.eval.generation import SCORERS, evaluate_generation
 from fedlora.eval.loss import evaluate_loss
+from fedlora.registry import Registry
 
-EVALUATORS: tuple[str, ...] = ("loss", *SCORERS)
+Metric = Callable[[torch.nn.Module, Encoder, list[ClientData], EvalConfig], dict[str, float]]
+METRICS: Registry[Metric] = Registry("metric", "eval.metrics")
+
+
+def register_metric(name: str) -> Callable[[Metric], Metric]:
+    """Decorator: ``fn(model, encoder, clients, eval_cfg) -> dict of eval_* figures``."""
+    return METRICS.register(name)  # type: ignore[return-value]
+
+
+@register_metric("loss")
+def loss_metric(
+    model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], cfg: EvalConfig
+) -> dict[str, float]:
+    return evaluate_loss(model, encoder, clients, cfg.split, cfg.batch_size)
+
+
+def _generation_metric(name: str) -> Metric:
+    def metric(
+        model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], cfg: EvalConfig
+    ) -> dict[str, float]:
+        return evaluate_generation(
+            [name], model, encoder, clients, cfg.split, cfg.batch_size, cfg.max_new_tokens
+        )
+
+    return metric
+
+
+for _scorer in SCORERS:
+    METRICS.register(_scorer, _generation_metric(_scorer))
 
 
 def run_evaluators(
     names: list[str], model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], cfg: EvalConfig
 ) -> dict[str, float]:
-    unknown = [n for n in names if n not in EVALUATORS]
+    """Every named metric; the generation metrics among them share one generation pass."""
+    unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"eval.metrics: unknown evaluator(s) {unknown} (allowed: {', '.join(EVALUATORS)})")
+        raise ValueError(
+            f"eval.metrics: unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
+        )
     metrics: dict[str, float] = {}
-    if "loss" in names:
-        metrics.update(evaluate_loss(model, encoder, clients, cfg.split, cfg.batch_size))
     generation = [n for n in names if n in SCORERS]
+    for name in names:
+        if name not in SCORERS:
+            metrics.update(METRICS.get(name)(model, encoder, clients, cfg))
     if generation:
         metrics.update(
             evaluate_generation(

@@ -1,6 +1,27 @@
-"""Server strategies: the federated methods, each a small class with configure/aggregate hooks."""
+"""Server strategies: the federated methods, one module each (server rule, client hooks, typed options).
 
-from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy, weighted_average
-from fedlora.strategies.registry import STRATEGIES, build_strategy
+Importing this package imports every method module in it, and each registers itself; ``STRATEGIES`` is the
+open registry (user methods: :func:`register_strategy`, entry points, or ``plugins:`` in a config).
+"""
 
-__all__ = ["STRATEGIES", "ClientInstruction", "ClientReply", "Strategy", "build_strategy", "weighted_average"]
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    Strategy,
+    StrategyOptions,
+    weighted_average,
+)
+from fedlora.strategies.registry import STRATEGIES, build_strategy, import_builtin_methods, register_strategy
+
+import_builtin_methods()
+
+__all__ = [
+    "STRATEGIES",
+    "ClientInstruction",
+    "ClientReply",
+    "Strategy",
+    "StrategyOptions",
+    "build_strategy",
+    "register_strategy",
+    "weighted_average",
+]

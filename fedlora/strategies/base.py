@@ -7,14 +7,20 @@ Like Flower's Strategy, a strategy has explicit hooks, called by any engine in t
 2. ``validate_reply(instruction, reply)`` -> None, or why the reply is rejected (it is left out and logged);
 3. ``aggregate(round, replies)`` -> the new global adapter state.
 
-``server_state()`` / ``load_server_state()`` hold everything the server needs to resume (tensors only;
-safetensors on disk). Engines never know a method by name: they only call these hooks.
+Between validation and aggregation ``screen(replies)`` may still set replies aside (robustness wrappers);
+``round_metrics()`` adds figures to the round's record and ``report()`` lines to the final summary.
+``server_state()`` / ``load_server_state()`` hold the tensors the server needs to resume (safetensors on disk)
+and ``server_meta()`` / ``load_server_meta()`` its JSON side (e.g. the privacy ledger).
+
+What a method does on the clients is a list of :class:`~fedlora.client.hooks.ClientHooks` objects in each
+instruction (``client_hooks()``); cross-cutting features (DP-SGD, update-norm screening) wrap any strategy
+(:mod:`fedlora.strategies.wrappers`). Engines never know a method by name: they only call these hooks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +28,9 @@ from pydantic import BaseModel, ConfigDict
 
 from fedlora.adapters.ranks import RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.client.hooks import ClientHooks
 from fedlora.config.schema import ExperimentConfig
+from fedlora.protocol import ClientInstruction, ClientReply
 
 
 @dataclass
@@ -41,24 +49,6 @@ class StrategyOptions(BaseModel):
     """Base of each strategy's own options (``strategy.options`` in the config); unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class ClientInstruction:
-    """What the server sends one client for one round."""
-
-    payload: AdapterState
-    settings: dict[str, Any] = field(default_factory=dict)  # overrides of LocalTrainingSettings fields
-
-
-@dataclass
-class ClientReply:
-    """What one client sends back."""
-
-    client_id: int
-    payload: AdapterState
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
@@ -100,17 +90,6 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
     return out
 
 
-def proximal_penalty_refusal(cfg: ExperimentConfig, has_penalty: bool) -> str | None:
-    """DP-SGD clips each example's gradient; a proximal or rank-penalty term is not an example's loss."""
-    if cfg.privacy.enabled and has_penalty:
-        return (
-            f"config field 'privacy.enabled': DP-SGD clips per-example gradients and cannot carry the proximal "
-            f"or rank penalty term of strategy {cfg.strategy.name}; use fedit, fedavg, ffa-lora, flexlora or "
-            "hetlora without prune_penalty (and local: fedit or fedavg)"
-        )
-    return None
-
-
 class Strategy(ABC):
     """Base class: holds the global adapter state and default hooks; a method overrides what differs."""
 
@@ -127,23 +106,22 @@ class Strategy(ABC):
     #: True when every client trains its own model weights, which must then live apart (model.variants)
     personal_models: ClassVar[bool] = False
 
-    #: False when the method's clients train on private data outside DP-SGD (zeroth-order steps, a local
-    #: model phase): turning privacy on must be refused, or an epsilon would be reported with no guarantee
-    supports_privacy: ClassVar[bool] = True
-
     @classmethod
     def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
         """Why this method cannot honour the experiment as configured (None: it can).
 
         Checked wherever a run starts (config file, Python-built config, resume, Flower), before any work.
-        The default refuses privacy for methods with ``supports_privacy = False``; methods add their own.
+        The default refuses privacy when one of the method's client hooks cannot run under DP-SGD.
         """
-        if cfg.privacy.enabled and not cls.supports_privacy:
-            return (
-                f"config field 'privacy.enabled': strategy {cls.name} trains on private examples outside "
-                "DP-SGD, so no epsilon it reported would be a guarantee; turn privacy off or use fedit, "
-                "fedavg, ffa-lora, flexlora or hetlora"
-            )
+        if cfg.privacy.enabled:
+            for hook in cls(options).client_hooks():
+                reason = hook.dp_refusal()
+                if reason is not None:
+                    return (
+                        f"config field 'privacy.enabled': strategy {cls.name} cannot run under DP-SGD: {reason}; "
+                        "no epsilon it reported would be a guarantee. Turn privacy off or use fedit, fedavg, "
+                        "ffa-lora, flexlora or hetlora without penalties"
+                    )
         return None
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
@@ -160,9 +138,14 @@ class Strategy(ABC):
         self.lora_alpha = setup.lora_alpha
         self.seed = setup.seed
 
+    def client_hooks(self) -> list[ClientHooks]:
+        """The method's client-side behaviour (default: none, plain local training)."""
+        return []
+
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        """Default: every sampled client gets the current global adapter."""
-        return {cid: ClientInstruction(payload=self.global_state) for cid in client_ids}
+        """Default: every sampled client gets the current global adapter and the method's client hooks."""
+        hooks = self.client_hooks()
+        return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         """Default: the reply must have the payload's tensor names and shapes, finite values, examples > 0."""
@@ -173,6 +156,18 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         """Turn this round's valid replies into the new global state (and store it)."""
+
+    def screen(self, replies: list[ClientReply]) -> tuple[list[ClientReply], list[tuple[int, str]]]:
+        """Set replies aside after validation, seeing the whole round (default: keep all)."""
+        return replies, []
+
+    def round_metrics(self) -> dict[str, float]:
+        """Figures for the round's record (default: none)."""
+        return {}
+
+    def report(self) -> list[str]:
+        """Lines for the run's final summary (default: none)."""
+        return []
 
     def evaluation_state(self) -> AdapterState:
         """The adapter used to evaluate and export the global model."""
@@ -188,3 +183,11 @@ class Strategy(ABC):
 
     def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.global_state = clone_state(tensors)
+
+    def server_meta(self) -> dict[str, Any]:
+        """The JSON side of the server state, kept in each checkpoint's metadata (default: none)."""
+        return {}
+
+    def load_server_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`server_meta` wrote (the whole checkpoint metadata is passed; default: nothing)."""
+        return None

@@ -11,21 +11,50 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.config.loader import ConfigError
-from fedlora.config.schema import ExperimentConfig
 from fedlora.strategies.base import (
-    ClientInstruction,
     ClientReply,
     ServerSetup,
     Strategy,
     StrategyOptions,
     example_weights,
-    proximal_penalty_refusal,
     weighted_average,
 )
+from fedlora.strategies.registry import register_strategy
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """mu / 2 * ||theta - theta_global||_2^2 with theta the concatenation of all tensors (one vector)."""
+    diff = torch.cat([(p - a).reshape(-1) for p, a in zip(params, anchor, strict=True)])
+    return 0.5 * mu * diff.pow(2).sum()
+
+
+@register_client_hooks
+class ProximalTerm(ClientHooks):
+    """FedProx's client side: add mu / 2 ||theta - theta_global||^2 (theta: the whole trainable adapter as one
+    vector, theta_global: what the round started from) to every step's loss."""
+
+    kind = "fedprox"
+    mu: float = Field(0.01, ge=0.0)
+
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        ctx.scratch["prox_anchor"] = [p.detach().clone() for _, p in ctx.trainable]
+        return {}
+
+    def extra_loss(self, ctx: ClientContext) -> torch.Tensor | None:
+        if self.mu == 0:
+            return None
+        return proximal_term([p for _, p in ctx.trainable], ctx.scratch["prox_anchor"], self.mu)
+
+    def dp_refusal(self) -> str | None:
+        if self.mu > 0:
+            return "DP-SGD clips per-example gradients and cannot carry FedProx's proximal term"
+        return None
 
 
 class FactorAverage(Strategy):
@@ -45,6 +74,7 @@ class FactorAverage(Strategy):
         return self.global_state
 
 
+@register_strategy
 class FedIT(FactorAverage):
     """FedIT (Zhang et al., 2024): federated instruction tuning, FedAvg of LoRA factors, AdamW locally."""
 
@@ -52,6 +82,7 @@ class FedIT(FactorAverage):
     default_optimizer = "adamw"
 
 
+@register_strategy
 class FedAvg(FactorAverage):
     """FedAvg (McMahan et al., 2017) on the LoRA factors with local SGD."""
 
@@ -63,6 +94,7 @@ class FedProxOptions(StrategyOptions):
     mu: float = Field(0.01, ge=0.0, description="weight of the proximal term mu/2 ||theta - theta_global||^2")
 
 
+@register_strategy
 class FedProx(FactorAverage):
     """FedProx (Li et al., 2020): local SGD on L(theta) + mu/2 ||theta - theta_global||^2, then FedAvg."""
 
@@ -70,10 +102,5 @@ class FedProx(FactorAverage):
     default_optimizer = "sgd"
     Options: ClassVar[type[StrategyOptions]] = FedProxOptions
 
-    @classmethod
-    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
-        return proximal_penalty_refusal(cfg, True) or super().refusal(cfg, options)
-
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        mu = self.options.mu  # type: ignore[attr-defined]
-        return {cid: ClientInstruction(self.global_state, {"prox_mu": mu}) for cid in client_ids}
+    def client_hooks(self) -> list[ClientHooks]:
+        return [ProximalTerm(mu=self.options.mu)]  # type: ignore[attr-defined]

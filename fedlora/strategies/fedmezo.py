@@ -29,7 +29,15 @@ import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
-from fedlora.client.zeroth_order import GRADS_KEY, LRS_KEY, SEEDS_KEY, WEIGHT_DECAY_KEY, replay
+from fedlora.client.hooks import ClientHooks
+from fedlora.client.zeroth_order import (
+    GRADS_KEY,
+    LRS_KEY,
+    SEEDS_KEY,
+    WEIGHT_DECAY_KEY,
+    ZerothOrder,
+    replay,
+)
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -39,6 +47,7 @@ from fedlora.strategies.base import (
     example_weights,
     weighted_average,
 )
+from fedlora.strategies.registry import register_strategy
 
 HISTORY_KEY = "__fedmezo_history__"
 
@@ -56,11 +65,11 @@ class FedMeZOOptions(StrategyOptions):
     )
 
 
+@register_strategy
 class FedMeZO(Strategy):
     """FedAvg of zeroth-order-trained adapters with personalised client learning rates."""
 
     name = "fedmezo"
-    supports_privacy = False  # zeroth-order steps have no DP mechanism here
     Options: ClassVar[type[StrategyOptions]] = FedMeZOOptions
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
@@ -110,23 +119,22 @@ class FedMeZO(Strategy):
             scales.update({c: 1.0 + spread * x / top for c, x in d.items()})
         return scales
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
-        scales = self.lr_scales(server_round, client_ids)
-        return {
-            c: ClientInstruction(
-                self.global_state,
-                {
-                    "zeroth_order": True,
-                    "zo_eps": opts.eps,  # type: ignore[attr-defined]
-                    "zo_perturbations": opts.perturbations,  # type: ignore[attr-defined]
-                    "zo_upload": opts.upload,  # type: ignore[attr-defined]
-                    "lr_scale": scales[c],
-                    "zo_full_model": self.trains_full_model,
-                },
+        return [
+            ZerothOrder(
+                eps=opts.eps,  # type: ignore[attr-defined]
+                perturbations=opts.perturbations,  # type: ignore[attr-defined]
+                upload=opts.upload,  # type: ignore[attr-defined]
+                full_model=self.trains_full_model,
             )
-            for c in client_ids
-        }
+        ]
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        """Zeroth-order steps at each client's personalised rate eta * lr_scale."""
+        scales = self.lr_scales(server_round, client_ids)
+        hooks = self.client_hooks()
+        return {c: ClientInstruction(self.global_state, {"lr_scale": scales[c]}, hooks) for c in client_ids}
 
     # --- replies --------------------------------------------------------------------------------------
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:

@@ -17,8 +17,10 @@ import torch
 
 from fedlora.adapters.ranks import lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state, state_digest
-from fedlora.strategies.base import ClientInstruction, ServerSetup
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.fedavg import FactorAverage
+from fedlora.strategies.registry import register_strategy
 
 
 def is_lora_a(key: str) -> bool:
@@ -26,6 +28,29 @@ def is_lora_a(key: str) -> bool:
     return parts is not None and parts[1] == "A"
 
 
+@register_client_hooks
+class FrozenA(ClientHooks):
+    """FFA-LoRA's client side: A is neither trained nor sent (payloads hold B and heads); before training the
+    client checks its own seeded A against the server's digest and refuses on a mismatch."""
+
+    kind = "ffa-lora"
+    partial_payload = True
+    a_digest: str
+
+    def frozen(self, key: str) -> bool:
+        return is_lora_a(key)
+
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        own_a = {k: v for k, v in ctx.adapters.state().items() if is_lora_a(k)}
+        if state_digest(own_a) != self.a_digest:
+            raise ValueError(
+                "this client's frozen LoRA A differs from the server's (digest mismatch): the client must "
+                "build its adapter with the run's adapter.init_seed, model and target modules"
+            )
+        return {}
+
+
+@register_strategy
 class FFALoRA(FactorAverage):
     """FFA-LoRA: B-only payloads, exact averaging, A frozen at its seeded initialisation."""
 
@@ -38,11 +63,11 @@ class FFALoRA(FactorAverage):
         self._order = list(self.global_state)
         self.global_state = {k: v for k, v in self.global_state.items() if not is_lora_a(k)}
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def client_hooks(self) -> list[ClientHooks]:
         """B for every client, with the digest of the frozen A: a client whose own seeded A differs (another
         init seed, PEFT version or model) refuses to train instead of silently breaking exactness."""
-        settings = {"freeze_lora_a": True, "frozen_a_digest": state_digest(self.frozen_a)}
-        return {cid: ClientInstruction(self.global_state, settings) for cid in client_ids}
+        digest = state_digest(self.frozen_a) if hasattr(self, "frozen_a") else ""
+        return [FrozenA(a_digest=digest)]
 
     def evaluation_state(self) -> AdapterState:
         """The full adapter: frozen A and global B, in PEFT's key order."""

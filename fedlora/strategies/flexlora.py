@@ -32,6 +32,7 @@ from fedlora.adapters.state import AdapterState
 from fedlora.linalg import lowrank_svd, orthonormal_completion
 from fedlora.strategies.base import ClientReply, StrategyOptions, example_weights
 from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
+from fedlora.strategies.registry import register_strategy
 
 
 class FlexLoRAOptions(HeterogeneousRankOptions):
@@ -40,6 +41,7 @@ class FlexLoRAOptions(HeterogeneousRankOptions):
     )
 
 
+@register_strategy
 class FlexLoRA(HeterogeneousRankStrategy):
     """FlexLoRA: weighted sum of full-size updates, best rank-r approximation for each client."""
 

@@ -14,16 +14,16 @@ from pydantic import Field
 
 from fedlora.adapters.ranks import RankProfile, lora_key_parts, truncate_state
 from fedlora.adapters.state import AdapterState
-from fedlora.config.schema import ExperimentConfig
+from fedlora.client.hooks import ClientHooks
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
     Strategy,
     StrategyOptions,
     example_weights,
-    proximal_penalty_refusal,
     weighted_average,
 )
+from fedlora.strategies.fedavg import ProximalTerm
 
 LOCAL_OPTIMIZERS = {"fedit": "adamw", "fedavg": "sgd", "fedprox": "sgd"}
 
@@ -40,28 +40,25 @@ class HeterogeneousRankStrategy(Strategy):
 
     Options: ClassVar[type[StrategyOptions]] = HeterogeneousRankOptions
 
-    @classmethod
-    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
-        penalty = options.local == "fedprox" or getattr(options, "prune_penalty", 0) > 0  # type: ignore[attr-defined]
-        return proximal_penalty_refusal(cfg, penalty) or super().refusal(cfg, options)
-
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)
         self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[attr-defined,misc]
 
-    def local_settings(self) -> dict[str, float]:
+    def client_hooks(self) -> list[ClientHooks]:
+        """FedProx's term with ``local: fedprox``; nothing else (subclasses add theirs)."""
         opts = self.options
-        return {"prox_mu": opts.mu} if opts.local == "fedprox" else {}  # type: ignore[attr-defined]
+        return [ProximalTerm(mu=opts.mu)] if opts.local == "fedprox" else []  # type: ignore[attr-defined]
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         """Each client: the global adapter truncated to its own profile (one payload per distinct profile)."""
         payloads: dict[RankProfile, AdapterState] = {}
         out = {}
+        hooks = self.client_hooks()
         for cid in client_ids:
             profile = self.client_profiles[cid]
             if profile not in payloads:
                 payloads[profile] = truncate_state(self.global_state, profile, self.lora_alpha)
-            out[cid] = ClientInstruction(payloads[profile], self.local_settings())
+            out[cid] = ClientInstruction(payloads[profile], hooks=hooks)
         return out
 
     def average_extra_tensors(self, replies: list[ClientReply], out: AdapterState) -> None:

@@ -21,13 +21,21 @@ client from then on (and in its checkpoints).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from fedlora.adapters.ranks import RankProfile, module_factors, profile_of_state, rescale_b, truncate_state
+from fedlora.adapters.ranks import (
+    RankProfile,
+    module_factors,
+    profile_of_state,
+    rescale_b,
+    trailing_rank_norms,
+    truncate_state,
+)
 from fedlora.adapters.state import AdapterState
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.linalg import product_frobenius_norm
 from fedlora.strategies.base import (
     ClientInstruction,
@@ -37,6 +45,7 @@ from fedlora.strategies.base import (
     example_weights,
 )
 from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
+from fedlora.strategies.registry import register_strategy
 
 PROFILES_KEY = "__client_profiles__"
 
@@ -49,22 +58,58 @@ class HetLoRAOptions(HeterogeneousRankOptions):
     )
 
 
+@register_client_hooks
+class SelfPruning(ClientHooks):
+    """HetLoRA's client side: the trailing-rank penalty lambda * sum ||B[:, g:]|| ||A[g:, :]|| on every step
+    (g = floor(gamma r)); after training, when the mean of that product is below ``threshold``, reply at the
+    pruned rank floor(gamma r) (B rescaled so s B A keeps its leading part)."""
+
+    kind = "hetlora-pruning"
+    penalty: float = Field(0.0, ge=0.0)
+    gamma: float = Field(0.99, gt=0.0, lt=1.0)
+    threshold: float | None = None
+
+    def extra_loss(self, ctx: ClientContext) -> torch.Tensor | None:
+        if self.penalty <= 0:
+            return None
+        return self.penalty * trailing_rank_norms(ctx.adapters.trainable_parameters(), self.gamma).sum()
+
+    def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
+        if self.threshold is None:
+            return state
+        with torch.no_grad():
+            trailing = float(trailing_rank_norms(list(state.items()), self.gamma).mean())
+        metrics["trailing_rank_norm"] = trailing
+        if trailing < self.threshold:
+            profile = ctx.adapters.active_profile.pruned(self.gamma)
+            state = truncate_state(state, profile, ctx.adapters.cfg.alpha)
+        return state
+
+    def dp_refusal(self) -> str | None:
+        if self.penalty > 0:
+            return "DP-SGD clips per-example gradients and cannot carry HetLoRA's rank penalty"
+        return None
+
+
+@register_strategy
 class HetLoRA(HeterogeneousRankStrategy):
     """HetLoRA: zero-pad to r_max, sparsity-weighted average, truncate per client; optional self-pruning."""
 
     name = "hetlora"
     Options: ClassVar[type[StrategyOptions]] = HetLoRAOptions
 
-    def local_settings(self) -> dict[str, float]:
+    def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
-        settings = super().local_settings()
+        hooks = super().client_hooks()
         if opts.prune_penalty > 0 or opts.prune_threshold is not None:  # type: ignore[attr-defined]
-            settings.update(
-                rank_penalty=opts.prune_penalty,  # type: ignore[attr-defined]
-                rank_gamma=opts.prune_gamma,  # type: ignore[attr-defined]
-                prune_threshold=opts.prune_threshold,  # type: ignore[attr-defined]
+            hooks.append(
+                SelfPruning(
+                    penalty=opts.prune_penalty,  # type: ignore[attr-defined]
+                    gamma=opts.prune_gamma,  # type: ignore[attr-defined]
+                    threshold=opts.prune_threshold,  # type: ignore[attr-defined]
+                )
             )
-        return settings
+        return hooks
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         """As the default, but with pruning on a reply may also come at the pruned profile floor(gamma r)."""

@@ -18,14 +18,20 @@ baseline for a homogeneous federation: the local model's weights travel and are 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import time
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.client.loss import batch_loss
+from fedlora.client.trainer import run_steps, training
+from fedlora.data.encoding import batches_for_steps
 from fedlora.strategies.base import ClientInstruction, ClientReply, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
+from fedlora.strategies.registry import register_strategy
 
 OWN_PREFIX = "own."
 
@@ -39,11 +45,64 @@ class PFedLoRAOptions(StrategyOptions):
     )
 
 
+@register_client_hooks
+class LocalModelPhase(ClientHooks):
+    """pFedLoRA's client side. Phase 1 (before the adapter's steps): the adapter frozen, the local model's own
+    weights trained with AdamW for ``steps`` steps; then frozen again for phase 2 (the generic trainer's
+    steps on the adapter). With ``share_model`` the local weights travel with the adapter (the whole-model
+    FedAvg baseline)."""
+
+    kind = "pfedlora"
+    steps: int = Field(5, ge=0)
+    lr: float | None = Field(None, gt=0.0)
+    share_model: bool = False
+
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        if self.steps == 0:
+            return {}
+        adapters, settings = ctx.adapters, ctx.settings
+        model = adapters.model
+        assert model is not None
+        adapter_params = [p for _, p in adapters.trainable_parameters()]
+        local = [p for _, p in adapters.base_parameters()]
+        batches = batches_for_steps(ctx.encoded, settings.batch_size, self.steps, ctx.generator)
+        started = time.perf_counter()
+        with training(local, adapter_params):
+            optimizer = torch.optim.AdamW(
+                local, lr=self.lr or settings.lr, weight_decay=settings.weight_decay
+            )
+            task = ctx.encoder.task
+            losses, _ = run_steps(
+                model,
+                local,
+                batches,
+                optimizer,
+                lambda batch: batch_loss(model, batch, task),
+                settings.grad_clip,
+                ctx.seed ^ 0x10CA1,
+                ctx.encoder.tokenizer.pad_token_id,
+            )
+        return {
+            "local_model_loss": sum(losses) / len(losses),
+            "local_model_seconds": time.perf_counter() - started,
+        }
+
+    def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
+        if self.share_model:
+            state = {**state, **{k: p.detach().clone() for k, p in ctx.adapters.base_parameters()}}
+        return state
+
+    def dp_refusal(self) -> str | None:
+        if self.steps > 0 or self.share_model:
+            return "phase 1 trains the local model on the private examples outside DP-SGD"
+        return None
+
+
+@register_strategy
 class PFedLoRA(FactorAverage):
     """pFedLoRA: alternating local-model / adapter training; FedAvg of the homogeneous adapter."""
 
     name = "pfedlora"
-    supports_privacy = False  # phase 1 trains the local model outside DP-SGD
     default_optimizer = "adamw"
     personal_models = True
     Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions
@@ -54,13 +113,19 @@ class PFedLoRA(FactorAverage):
         self.shares_local_model = self.options.share == "model"  # type: ignore[attr-defined]
         self.own: dict[int, AdapterState] = {}
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
-        settings = {
-            "local_model_steps": opts.local_model_steps,  # type: ignore[attr-defined]
-            "local_model_lr": opts.local_model_lr,  # type: ignore[attr-defined]
-        }
-        return {c: ClientInstruction(self.personal_state(c), settings) for c in client_ids}
+        return [
+            LocalModelPhase(
+                steps=opts.local_model_steps,  # type: ignore[attr-defined]
+                lr=opts.local_model_lr,  # type: ignore[attr-defined]
+                share_model=self.shares_local_model,
+            )
+        ]
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks()
+        return {c: ClientInstruction(self.personal_state(c), hooks=hooks) for c in client_ids}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         if self.options.federate:  # type: ignore[attr-defined]

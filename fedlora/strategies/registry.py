@@ -1,37 +1,43 @@
-"""Name -> strategy class. Adding a method: one new module and one line here."""
+"""Strategies by name: ``@register_strategy`` on the class, a Python entry point in the group
+``fedlora.strategies``, or a module listed under a config's ``plugins:``.
+
+Built-ins are the modules of this package, found by listing it: adding a method is adding its module.
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from pydantic import ValidationError
 
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig, StrategyConfig
+from fedlora.registry import Registry, UnknownName, import_plugins
 from fedlora.strategies.base import Strategy
-from fedlora.strategies.fedavg import FedAvg, FedIT, FedProx
-from fedlora.strategies.fedmezo import FedMeZO
-from fedlora.strategies.ffa_lora import FFALoRA
-from fedlora.strategies.flexlora import FlexLoRA
-from fedlora.strategies.hetlora import HetLoRA
-from fedlora.strategies.pfedlora import PFedLoRA
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    FedIT.name: FedIT,
-    FedAvg.name: FedAvg,
-    FedProx.name: FedProx,
-    FlexLoRA.name: FlexLoRA,
-    HetLoRA.name: HetLoRA,
-    FFALoRA.name: FFALoRA,
-    FedMeZO.name: FedMeZO,
-    PFedLoRA.name: PFedLoRA,
-}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "strategy.name", builtins=("fedlora.strategies",))
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a :class:`Strategy` subclass known under ``cls.name``."""
+    STRATEGIES.register(cls.name, cls)
+    return cls
+
+
+def import_builtin_methods() -> None:
+    """Import every module of ``fedlora.strategies`` (each registers its method and client hooks)."""
+    import fedlora.strategies as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in STRATEGIES:
-        raise ConfigError(
-            f"config field 'strategy.name': unknown strategy {name!r} (allowed: {', '.join(STRATEGIES)})"
-        )
-    return STRATEGIES[name]
+    try:
+        return STRATEGIES.get(name)
+    except UnknownName as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate_strategy_config(cfg: StrategyConfig) -> None:
@@ -54,6 +60,10 @@ def validate_strategy_config(cfg: StrategyConfig) -> None:
 def check_experiment(cfg: ExperimentConfig) -> None:
     """The strategy and its options are valid, and the method can honour the whole experiment (e.g. it
     refuses privacy it cannot account for); raises ConfigError naming the field otherwise."""
+    try:
+        import_plugins(cfg.plugins)
+    except UnknownName as err:
+        raise ConfigError(str(err)) from None
     validate_strategy_config(cfg.strategy)
     cls = strategy_class(cfg.strategy.name)
     reason = cls.refusal(cfg, cls.Options.model_validate(cfg.strategy.options))

@@ -9,24 +9,22 @@ have the same shape on every client. On the wire its keys are architecture-free:
 last layer. The task head (classifier or LM head) and every other weight belong to the client's local
 model: they never leave the client.
 
-Personal state: the weights of a client's local model are written after each round it trains
-(``personal/client_<id>.r<round>.safetensors``) and loaded into its architecture's one in-memory model the
-next time it is sampled; a client never seen yet starts from its architecture's pretrained weights. A round
-reads the newest file from an earlier round, and the two newest are kept, so a round replayed after a
-crash starts from exactly what it started from the first time.
+Personal state: the weights of a client's local model live in the generic per-client store
+(:class:`fedlora.client.store.PersonalStore`, ``personal/client_<id>.r<round>.safetensors``), written after
+each round it trains and loaded into its architecture's one in-memory model the next time it is sampled; a
+client never seen yet starts from its architecture's pretrained weights.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
+from fedlora.client.store import PersonalStore
 from fedlora.config.schema import ExperimentConfig
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.variants import assign_variants, layer_stack, truncate_layers, variant_label
@@ -45,7 +43,7 @@ class ClientModels:
         self.adapters: list[LoraAdapters] = []
         self.pristine: list[AdapterState] = []
         self.last_layer: list[int] = []
-        self.folder: Path | None = None
+        self.store: PersonalStore | None = None  # set by whoever runs the clients (RUN_DIR/personal)
         hidden = set()
         for variant in cfg.model.variants:
             mcfg = cfg.model.model_copy(update={"name": variant.name or cfg.model.name, "variants": []})
@@ -106,36 +104,27 @@ class ClientModels:
         return self.to_shared(self.adapters[0].initial_state())
 
     # --- personal weights -----------------------------------------------------------------------------
-    def _files(self, client_id: int) -> list[tuple[int, Path]]:
-        if self.folder is None or not self.folder.exists():
-            return []
-        found = []
-        for path in self.folder.glob(f"client_{client_id}.r*.safetensors"):
-            number = path.name.split(".r", 1)[1].split(".", 1)[0]
-            if number.isdigit():
-                found.append((int(number), path))
-        return sorted(found)
+    @property
+    def folder(self) -> Path | None:
+        return None if self.store is None else self.store.folder
+
+    @folder.setter
+    def folder(self, path: Path) -> None:
+        self.store = PersonalStore(path)
 
     def prepare(self, client_id: int, server_round: int) -> LoraAdapters:
         """The client's architecture with its own weights loaded (newest from before ``server_round``)."""
         variant = self.variant_of[client_id]
         adapters = self.adapters[variant]
-        earlier = [path for r, path in self._files(client_id) if r < server_round]
-        adapters.load_base(load_file(str(earlier[-1])) if earlier else self.pristine[variant])
+        own = self.store.load(client_id, "", server_round) if self.store is not None else None
+        adapters.load_base(own if own is not None else self.pristine[variant])
         return adapters
 
     def save(self, client_id: int, server_round: int) -> None:
-        """Write the client's local weights for ``server_round`` (atomic) and drop all but the two newest."""
-        assert self.folder is not None, "the engine sets ClientModels.folder"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write the client's local weights for ``server_round`` (atomic; the two newest are kept)."""
+        assert self.store is not None, "the client runner sets ClientModels.store"
         adapters = self.adapters[self.variant_of[client_id]]
-        tensors = {k: p.detach().contiguous() for k, p in adapters.base_parameters()}
-        final = self.folder / f"client_{client_id}.r{server_round}.safetensors"
-        tmp = final.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final)
-        for _, old in self._files(client_id)[:-2]:
-            old.unlink(missing_ok=True)
+        self.store.save(client_id, "", server_round, dict(adapters.base_parameters()))
 
 
 def zero_adapter(state: AdapterState) -> AdapterState:

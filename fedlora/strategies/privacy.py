@@ -1,4 +1,8 @@
-"""The privacy ledger: each client's DP-SGD noise plan and the epsilon it has spent so far.
+"""Differential privacy as a strategy wrapper: each client's DP-SGD plan, and the epsilon it has spent.
+
+:class:`DifferentialPrivacy` wraps any strategy whose client hooks can run under DP-SGD (it refuses the others,
+naming the reason): it adds each client's noise plan to its instruction (the client's steps become DP-SGD
+steps, :mod:`fedlora.client.privacy`) and, for every reply, records the steps taken in the ledger.
 
 Plan (before any training): client i with n_i training examples samples each example with probability
 q_i = min(1, batch_size / n_i) per step and takes T_i = its local steps per round x ``federation.rounds``
@@ -21,6 +25,8 @@ from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig, PrivacyConfig
 from fedlora.data.encoding import steps_for
 from fedlora.data.examples import Federation
+from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
+from fedlora.strategies.wrappers import StrategyWrapper
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,13 @@ class PrivacyLedger:
         return cls(priv, plan)
 
     def settings_for(self, client_id: int) -> dict[str, Any]:
-        """Local-training settings that make client ``client_id``'s steps DP-SGD steps."""
+        """The ``privacy`` local-training setting (JSON) that makes client ``client_id``'s steps DP-SGD steps."""
         noise = self.plan[client_id]
         return {
-            "dp_noise_multiplier": noise.noise_multiplier,
-            "dp_max_grad_norm": self.cfg.max_grad_norm,
-            "dp_sampling": self.cfg.sampling,
-            "dp_sample_rate": noise.sample_rate,
+            "noise_multiplier": noise.noise_multiplier,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sampling": self.cfg.sampling,
+            "sample_rate": noise.sample_rate,
         }
 
     def record(self, client_id: int, steps: int) -> float:
@@ -123,3 +129,61 @@ class PrivacyLedger:
         self.history = {
             int(c): [(float(s), float(q), int(t)) for s, q, t in steps] for c, steps in data.items()
         }
+
+
+def privacy_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy`` cannot run under DP-SGD (one of its client hooks trains outside it), or None."""
+    for hook in strategy.client_hooks():
+        reason = hook.dp_refusal()
+        if reason is not None:
+            return reason
+    return None
+
+
+class DifferentialPrivacy(StrategyWrapper):
+    """DP-SGD on every client of any first-order strategy, with a per-client accountant."""
+
+    _own = frozenset({"inner", "ledger"})
+
+    def __init__(self, inner: Strategy, ledger: PrivacyLedger) -> None:
+        reason = privacy_refusal(inner)
+        if reason is not None:
+            raise ConfigError(
+                f"config field 'privacy.enabled': strategy {inner.name} cannot run under DP-SGD: {reason}"
+            )
+        super().__init__(inner)
+        self.ledger = ledger
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        out = {}
+        for cid, instruction in self.inner.configure(server_round, client_ids).items():
+            settings = {**instruction.settings, "privacy": self.ledger.settings_for(cid)}
+            out[cid] = ClientInstruction(instruction.payload, settings, instruction.hooks)
+        return out
+
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        """Every reply that came back spent budget (accepted or not): record its steps first."""
+        reply.metrics["epsilon"] = self.ledger.record(reply.client_id, int(reply.metrics.get("steps", 0)))
+        return self.inner.validate_reply(instruction, reply)
+
+    def round_metrics(self) -> dict[str, float]:
+        return {**self.inner.round_metrics(), "epsilon_max": self.ledger.max_epsilon()}
+
+    def report(self) -> list[str]:
+        spent = {c: self.ledger.epsilon(c) for c in self.ledger.history}
+        if not spent:
+            return self.inner.report()
+        worst = max(spent, key=spent.__getitem__)
+        line = (
+            f"privacy: DP-SGD, delta={self.ledger.cfg.delta}; epsilon spent by the {len(spent)} clients that "
+            f"trained: max {spent[worst]:.3f} (client {worst}), mean {sum(spent.values()) / len(spent):.3f} "
+            f"(per client and round in metrics.jsonl)"
+        )
+        return [*self.inner.report(), line]
+
+    def server_meta(self) -> dict[str, Any]:
+        return {**self.inner.server_meta(), "privacy": self.ledger.to_json()}
+
+    def load_server_meta(self, meta: dict[str, Any]) -> None:
+        self.inner.load_server_meta(meta)
+        self.ledger.load_json(meta.get("privacy", {}))

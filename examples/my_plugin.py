@@ -1,0 +1,74 @@
+"""A fedlora plugin: a server strategy, a data source and a metric of your own, in one importable module.
+
+List it in a config (``plugins: [my_plugin]``) with its folder on PYTHONPATH: every process that reads the
+config (``fedlora run``, ``--resume``, ``fedlora eval``, Flower nodes) imports it before looking up names.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+import fedlora
+from fedlora.eval.loss import evaluate_loss
+
+
+# --- a strategy: FedAvg with server momentum (FedAvgM, Hsu et al. 2019) on the LoRA factors --------------
+class FedAvgMOptions(fedlora.StrategyOptions):
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="server momentum beta")
+    server_lr: float = Field(1.0, gt=0.0, description="server learning rate")
+
+
+@fedlora.register_strategy
+class FedAvgM(fedlora.Strategy):
+    """v <- beta v + (mean_i p_i theta_i - theta);  theta <- theta + eta v  (per tensor; v kept for resume)."""
+
+    name = "fedavgm"
+    Options: ClassVar[type[fedlora.StrategyOptions]] = FedAvgMOptions
+
+    def initialize(self, setup):
+        super().initialize(setup)
+        self.velocity = {k: torch.zeros_like(v) for k, v in self.global_state.items()}
+
+    def aggregate(self, server_round, replies):
+        mean = fedlora.weighted_average([r.payload for r in replies], fedlora.example_weights(replies))
+        beta, eta = self.options.momentum, self.options.server_lr
+        for key, theta in self.global_state.items():
+            self.velocity[key] = beta * self.velocity[key] + (mean[key] - theta)
+        self.global_state = {k: theta + eta * self.velocity[k] for k, theta in self.global_state.items()}
+        return self.global_state
+
+    def server_state(self):  # the velocity is server state too: a resume continues it exactly
+        return {**super().server_state(), **{f"velocity.{k}": v.clone() for k, v in self.velocity.items()}}
+
+    def load_server_state(self, tensors):
+        self.velocity = {
+            k.removeprefix("velocity."): v.clone() for k, v in tensors.items() if k.startswith("velocity.")
+        }
+        super().load_server_state({k: v for k, v in tensors.items() if not k.startswith("velocity.")})
+
+
+# --- a data source: a CSV file with instruction, output and (optional) category columns ------------------
+@fedlora.register_data_source("csv")
+def csv_source(cfg):
+    with open(cfg.data.path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    examples = [
+        fedlora.Example(
+            instruction=row["instruction"], output=row["output"], category=row.get("category", "")
+        )
+        for row in rows
+    ]
+    return fedlora.SourceData(f"{cfg.data.path} ({len(examples)} CSV rows)", examples)
+
+
+# --- a metric: the worst client's held-out loss (how the global adapter serves its least-served client) ---
+@fedlora.register_metric("worst-client-loss")
+def worst_client_loss(model, encoder, clients, eval_cfg):
+    losses = [
+        evaluate_loss(model, encoder, [c], eval_cfg.split, eval_cfg.batch_size)["eval_loss"] for c in clients
+    ]
+    return {"eval_worst_client_loss": max(losses)}

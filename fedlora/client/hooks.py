@@ -1,0 +1,114 @@
+"""Client hooks: a method's client-side behaviour, as objects the method owns (like PEFT's LoRA variants).
+
+The generic trainer (:mod:`fedlora.client.trainer`) knows first-order steps, DP-SGD steps, zeroth-order steps
+and batching, nothing method-specific. What a method changes on the client is a list of hook objects the
+strategy puts in each :class:`~fedlora.strategies.base.ClientInstruction`; each is a frozen pydantic model
+(its typed options) registered under a ``kind``, so the same objects cross the embedded engine, worker
+processes and Flower messages as JSON (``{"kind": "fedprox", "mu": 0.01}``), never pickle.
+
+The hooks a trainer calls, in this order, each with the round's :class:`ClientContext`:
+
+1. ``partial_payload`` / ``frozen(key)``: the payload may hold a subset of the adapter; frozen tensors are
+   neither trained nor sent back (FFA-LoRA's A);
+2. ``before_training(ctx)``: e.g. verify a digest, load personal state, a local-model phase (pFedLoRA);
+3. ``extra_loss(ctx)``: a term added to every step's loss (FedProx, HetLoRA's rank penalty);
+4. ``reply_state(ctx, state)``: what is sent back (HetLoRA's pruned rank; FedSA-LoRA keeps B at home).
+
+``dp_refusal()`` says why a hook cannot run under DP-SGD (a loss term that is not per-example, training on
+private data outside DP-SGD); the privacy wrapper refuses such combinations before any work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fedlora.adapters.state import AdapterState
+from fedlora.registry import Registry
+
+if TYPE_CHECKING:
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.client.store import PersonalStore
+    from fedlora.client.trainer import TrainingSettings
+    from fedlora.data.encoding import EncodedOnDemand, Encoder
+
+# built-in hooks register where their method is defined (imported by name: no client -> strategy import)
+CLIENT_HOOKS: Registry[type[ClientHooks]] = Registry(
+    "client hook", "strategy.name", builtins=("fedlora.client.zeroth_order", "fedlora.strategies")
+)
+
+
+@dataclass
+class ClientContext:
+    """What one client's round works with: its model, data, settings, seed and personal store."""
+
+    adapters: LoraAdapters
+    encoder: Encoder
+    encoded: EncodedOnDemand
+    settings: TrainingSettings
+    seed: int
+    client_id: int
+    server_round: int
+    generator: torch.Generator
+    store: PersonalStore | None = None
+    #: the trainable (name, parameter) pairs, set by the trainer before ``before_training``
+    trainable: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    #: per-round scratch space for hooks (e.g. FedProx's anchor)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientHooks(BaseModel):
+    """Base of every method's client hooks: no-ops. Fields are the hook's typed options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClassVar[str] = "base"
+    #: the payload holds only some of the adapter's tensors (the rest stay as the client has them)
+    partial_payload: ClassVar[bool] = False
+
+    def frozen(self, key: str) -> bool:
+        """Tensors that are neither trained nor sent back."""
+        return False
+
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        """Runs after the payload is loaded, before the first step; returns metrics to report."""
+        return {}
+
+    def extra_loss(self, ctx: ClientContext) -> torch.Tensor | None:
+        """A term added to each step's loss (None: nothing)."""
+        return None
+
+    def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
+        """The state sent back (default: the trained tensors minus frozen ones)."""
+        return state
+
+    def dp_refusal(self) -> str | None:
+        """Why these hooks cannot run under DP-SGD (None: they can)."""
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.model_dump(mode="json")}
+
+
+def register_client_hooks(cls: type[ClientHooks]) -> type[ClientHooks]:
+    """Class decorator: make ``cls`` known under ``cls.kind`` (so it can cross the wire)."""
+    CLIENT_HOOKS.register(cls.kind, cls)
+    return cls
+
+
+def hooks_to_json(hooks: list[ClientHooks]) -> str:
+    return json.dumps([h.to_json() for h in hooks], sort_keys=True)
+
+
+def hooks_from_json(text: str) -> list[ClientHooks]:
+    """Rebuild hook objects from :func:`hooks_to_json` (unknown kinds and options are errors)."""
+    out = []
+    for item in json.loads(text) if text else []:
+        item = dict(item)
+        cls = CLIENT_HOOKS.get(item.pop("kind"))
+        out.append(cls.model_validate(item))
+    return out

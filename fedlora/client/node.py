@@ -1,0 +1,101 @@
+"""A client node: the clients' data and model(s) in one process, answering one instruction at a time.
+
+The same object serves every transport: the embedded engine calls it in process, a Flower ClientApp keeps one
+across messages (its model and data loaded once), a worker process keeps its own. It knows no strategy: what a
+method wants from its clients arrives in the instruction (payload, generic settings, hook objects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.client.store import PersonalStore
+from fedlora.client.trainer import (
+    OVERRIDABLE,
+    DPSettings,
+    LocalTrainingSettings,
+    round_seed,
+    train_locally,
+)
+from fedlora.config.schema import ClientConfig
+from fedlora.data.encoding import Encoder
+from fedlora.data.examples import ClientData
+from fedlora.models.personal import ClientModels
+from fedlora.protocol import ClientInstruction, ClientReply
+
+
+def resolve_settings(client: ClientConfig, overrides: dict[str, Any]) -> LocalTrainingSettings:
+    """The config's client section + the instruction's generic overrides (``privacy`` as a dict)."""
+    unknown = set(overrides) - set(OVERRIDABLE) - {"privacy"}
+    if unknown:
+        known = ", ".join([*OVERRIDABLE, "privacy"])
+        raise ValueError(
+            f"unknown local-training settings {sorted(unknown)} in the instruction (generic ones: {known}; "
+            "method-specific behaviour travels as client hooks)"
+        )
+    values: dict[str, Any] = {
+        f.name: getattr(client, f.name)
+        for f in fields(LocalTrainingSettings)
+        if hasattr(client, f.name) and f.name != "privacy"
+    }
+    values.update({k: v for k, v in overrides.items() if k != "privacy"})
+    if values.get("optimizer") is None:
+        raise ValueError("the instruction names no optimizer and client.optimizer is unset")
+    privacy = overrides.get("privacy")
+    return LocalTrainingSettings(**values, privacy=DPSettings(**privacy) if privacy else None)
+
+
+class ClientNode:
+    """Runs clients' local rounds on the models it holds (one shared base model, or one per architecture)."""
+
+    def __init__(
+        self,
+        client: ClientConfig,
+        run_seed: int,
+        clients: list[ClientData],
+        adapters: LoraAdapters,
+        encoder: Encoder,
+        client_models: ClientModels | None = None,
+        store_folder: Path | None = None,
+    ) -> None:
+        self.client = client
+        self.run_seed = run_seed
+        self.clients = {c.client_id: c for c in clients}
+        self.adapters = adapters
+        self.encoder = encoder
+        self.client_models = client_models
+        self.store: PersonalStore | None = None
+        if store_folder is not None:
+            self.use_store(store_folder)
+
+    def use_store(self, folder: Path) -> None:
+        """Personal client state (hooks' and per-architecture weights) lives under ``folder``."""
+        self.store = PersonalStore(folder)
+        if self.client_models is not None:
+            self.client_models.store = self.store
+
+    def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
+        """One client's local round from its instruction."""
+        settings = resolve_settings(self.client, instruction.settings)
+        adapters, payload = self.adapters, instruction.payload
+        if self.client_models is not None:  # its own architecture, with its own weights
+            adapters, payload = self.client_models.install(client_id, server_round, payload)
+        result = train_locally(
+            adapters,
+            self.encoder,
+            self.clients[client_id],
+            payload,
+            settings,
+            round_seed(self.run_seed, server_round, client_id),
+            instruction.hooks,
+            client_id=client_id,
+            server_round=server_round,
+            store=self.store,
+        )
+        if self.client_models is not None:
+            result.state = self.client_models.to_shared(result.state)
+            self.client_models.save(client_id, server_round)
+        return ClientReply(client_id, result.state, result.num_examples, result.metrics)

@@ -1,0 +1,126 @@
+"""Config -> the pieces a run is made of: the federation, the clients' model(s), the wrapped strategy.
+
+``build_simulation`` (server and in-process clients) and ``build_client_node`` (clients only: a Flower
+ClientApp or a worker process) share one loader, so both sides hold the same model, adapters and data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.ranks import RankProfile, client_profiles, largest_profile
+from fedlora.client.node import ClientNode
+from fedlora.client.privacy import check_dp_support
+from fedlora.config.loader import ConfigError
+from fedlora.config.schema import ExperimentConfig
+from fedlora.data.encoding import Encoder
+from fedlora.data.examples import Federation
+from fedlora.data.federation import build_federation
+from fedlora.engine.embedded import Simulation, clients_per_round
+from fedlora.models.loading import ModelBundle, load_base_model
+from fedlora.models.personal import ClientModels
+from fedlora.strategies.base import ServerSetup, Strategy
+from fedlora.strategies.privacy import DifferentialPrivacy, PrivacyLedger
+from fedlora.strategies.registry import build_strategy, check_experiment
+from fedlora.strategies.robustness import UpdateNormScreen
+
+
+@dataclass
+class ClientSide:
+    """The clients' model(s), adapters (one slot per rank profile in use), encoder and rank profiles."""
+
+    bundle: ModelBundle
+    adapters: LoraAdapters
+    encoder: Encoder
+    client_models: ClientModels | None
+    profiles: list[RankProfile]
+
+
+def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSide:
+    client_models = None
+    if cfg.model.variants:  # model-heterogeneous clients: one model per architecture, the shared adapter
+        total = len(federation.clients) + len(federation.held_out)
+        client_models = ClientModels(cfg, total, federation.num_labels)
+        bundle, adapters = client_models.bundles[0], client_models.adapters[0]
+    else:
+        bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
+        adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
+    profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
+    for profile in sorted(set(profiles)):
+        adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
+    profiles = [adapters.canonical(p) for p in profiles]
+    encoder = Encoder(
+        bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
+    )
+    return ClientSide(bundle, adapters, encoder, client_models, profiles)
+
+
+def build_client_node(cfg: ExperimentConfig) -> ClientNode:
+    """The clients of ``cfg`` in this process, without any server part (Flower ClientApps, workers)."""
+    check_experiment(cfg)
+    federation = build_federation(cfg)
+    side = load_client_side(cfg, federation)
+    return ClientNode(
+        cfg.client, cfg.federation.seed, federation.clients, side.adapters, side.encoder, side.client_models
+    )
+
+
+def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federation) -> Strategy:
+    """The cross-cutting features the config turns on, around the method: update-norm screening always
+    (its limits are in ``federation``), DP-SGD with ``privacy.enabled``."""
+    wrapped: Strategy = UpdateNormScreen(strategy, cfg.federation)
+    if cfg.privacy.enabled:
+        wrapped = DifferentialPrivacy(wrapped, PrivacyLedger.for_experiment(cfg, federation))
+    return wrapped
+
+
+def build_simulation(
+    cfg: ExperimentConfig, for_training: bool = True, federation: Federation | None = None
+) -> tuple[Simulation, ModelBundle]:
+    """Check the method can honour the config, load data (cheap, fails fast on bad files; or use the given
+    ``federation``), then the model, adapters and the wrapped strategy."""
+    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
+    federation = federation if federation is not None else build_federation(cfg)
+    if for_training:
+        clients_per_round(
+            cfg, len(federation.clients)
+        )  # fails before the model loads if sampling cannot work
+    side = load_client_side(cfg, federation)
+    adapters, client_models = side.adapters, side.client_models
+    strategy = build_strategy(cfg)
+    if strategy.personal_models and client_models is None:
+        raise ConfigError(
+            f"strategy {strategy.name} trains each client's own model: give model.variants "
+            "(e.g. model.variants='[{num_layers: 6}, {num_layers: 2}]'), one in-memory model per architecture"
+        )
+    initial = adapters.initial_state(largest_profile(side.profiles))
+    if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
+        initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
+    if client_models is not None:
+        initial = client_models.initial_shared_state()
+        if strategy.shares_local_model:  # whole-model FedAvg: one architecture, its weights travel too
+            if len(cfg.model.variants) != 1:
+                raise ConfigError(
+                    "strategy.options.share 'model' needs one architecture (one model.variants entry)"
+                )
+            initial.update({k: p.detach().clone() for k, p in client_models.adapters[0].base_parameters()})
+    strategy.initialize(
+        ServerSetup(
+            initial_state=initial,
+            client_profiles=dict(enumerate(side.profiles)),
+            lora_alpha=cfg.adapter.alpha,
+            seed=cfg.federation.seed,
+        )
+    )
+    if for_training:
+        strategy = wrap_strategy(strategy, cfg, federation)  # refuses DP budgets it cannot meet
+        if cfg.privacy.enabled:
+            for profile in sorted(set(side.profiles)):  # refuses layers Opacus cannot handle, naming them
+                adapters.activate(profile)
+                check_dp_support(adapters.model)
+    node = ClientNode(
+        cfg.client, cfg.federation.seed, federation.clients, adapters, side.encoder, client_models
+    )
+    sim = Simulation(cfg, federation, adapters, side.encoder, strategy, client_models, node)
+    return sim, side.bundle
