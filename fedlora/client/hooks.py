@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from fedlora.client.store import PersonalStore
     from fedlora.client.trainer import TrainingSettings
     from fedlora.data.encoding import EncodedOnDemand, Encoder
+    from fedlora.data.examples import ClientData
 
 # built-in hooks register where their method is defined (imported by name: no client -> strategy import)
 CLIENT_HOOKS: Registry[type[ClientHooks]] = Registry(
@@ -55,6 +56,8 @@ class ClientContext:
     server_round: int
     generator: torch.Generator
     store: PersonalStore | None = None
+    #: the client's data, every split (e.g. for a personalised evaluation on its own eval split)
+    data: ClientData | None = None
     #: the trainable (name, parameter) pairs, set by the trainer before ``before_training``
     trainable: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
     #: per-round scratch space for hooks (e.g. FedProx's anchor)

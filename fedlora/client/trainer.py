@@ -161,6 +161,7 @@ def train_locally(
         server_round=server_round,
         generator=torch.Generator().manual_seed(seed),
         store=store,
+        data=client,
     )
     zeroth = [h for h in hooks if isinstance(h, ZerothOrder)]
     if zeroth:
