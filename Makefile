@@ -31,8 +31,8 @@ test: dev
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: dev
-	$(VENV)/bin/ruff check fedlora tests benchmarks
-	$(VENV)/bin/ruff format --check fedlora tests benchmarks
+	$(VENV)/bin/ruff check fedlora tests benchmarks examples
+	$(VENV)/bin/ruff format --check fedlora tests benchmarks examples
 
 bench: install
 	$(PY) benchmarks/engine_overhead.py

@@ -74,17 +74,9 @@ class RunResult:
 TransportFactory = Callable[[Simulation, Callable[[str], None]], Transport]
 
 
-def run_experiment(
-    cfg: ExperimentConfig,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    console: Console | None = None,
-    show_progress: bool = True,
-    transport_factory: TransportFactory | None = None,
-    federation: Federation | None = None,
-) -> Path:
-    """Run (or resume) an experiment into ``run_dir``; returns the run directory (see :func:`run`)."""
-    return run(cfg, run_dir, resume, console, show_progress, transport_factory, federation).run_dir
+def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, **options: Any) -> Path:
+    """:func:`run`, returning only the run directory (``options``: those of :func:`run`)."""
+    return run(cfg, run_dir, **options).run_dir
 
 
 def run(
