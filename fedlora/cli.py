@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -207,17 +208,41 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from fedlora.config.loader import ConfigError
     from fedlora.data.errors import DataError
+    from fedlora.engine.embedded import RunInterrupted
 
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:  # until a run installs its own (between rounds)
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
+    except RunInterrupted as stopped:  # the runner printed how to resume
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        if not received:  # not a signal: a real crash, shown as one
+            raise
+        print(
+            f"fedlora: stopped by signal {received[0]} outside the rounds (checkpoints stand)",
+            file=sys.stderr,
+        )
+        return 128 + received[0]
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a folder that cannot be written, ...
+        print(f"fedlora: error: {err.strerror or err} ({err.filename or 'no file'})", file=sys.stderr)
         return 2
     except ValueError as err:  # checks that need the data (sizes, groups) raise ValueError with the field
         if os.environ.get("FEDLORA_DEBUG"):
             raise
         print(f"fedlora: error: {err}\n(set FEDLORA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +33,29 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora import __version__
-from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
+from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
-from fedlora.engine.checkpoint import latest_checkpoint
+from fedlora.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from fedlora.engine.embedded import (
     EmbeddedEngine,
+    RunInterrupted,
     Simulation,
+    StopFlag,
     Transport,
     evaluate_personal,
     evaluate_state,
     evaluation_clients,
+)
+from fedlora.engine.run_folder import (
+    atomic_write_text,
+    check_resume,
+    config_text,
+    read_run_info,
+    replace_folder,
+    run_lock,
+    sha256_bytes,
+    verified_config_text,
 )
 from fedlora.engine.setup import build_client_node, build_simulation
 from fedlora.models.loading import ModelBundle, load_base_model
@@ -113,44 +130,108 @@ def run(
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if not resume and metrics.path.exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    # data and model errors surface before the run directory is made
-    sim, bundle = build_simulation(cfg, federation=federation)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    start_round = checkpoint.round + 1 if checkpoint else 1
-    records = metrics.truncate_after(start_round - 1) if resume else []
-    if checkpoint:
-        sim.strategy.load_server_state(checkpoint.tensors)
-        sim.strategy.load_server_meta(checkpoint.meta)
-        console.print(f"resuming {run_dir} after round {checkpoint.round}")
-    write_run_info(run_dir, sim, bundle)
+    if resume and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): nothing to resume")
+    with contextlib.ExitStack() as stack:
+        if resume:  # check everything about the folder before loading any model
+            stack.enter_context(run_lock(run_dir))
+            checkpoint, changes = resume_point(run_dir, cfg, metrics)
+        # data and model errors surface before the run directory is made
+        sim, bundle = build_simulation(cfg, federation=federation)
+        if not resume:
+            stack.enter_context(run_lock(run_dir))
+            if metrics.path.exists():
+                raise ConfigError(
+                    f"{run_dir} already holds a run; use --resume {run_dir} or another --output"
+                )
+            checkpoint, changes = None, {}
+            atomic_write_text(run_dir / "config.yaml", config_text(cfg))
+        start_round = checkpoint.round + 1 if checkpoint else 1
+        records = metrics.truncate_after(start_round - 1) if resume else []
+        if checkpoint:
+            sim.strategy.load_server_state(checkpoint.tensors)
+            sim.strategy.load_server_meta(checkpoint.meta)
+            console.print(f"resuming {run_dir} after round {checkpoint.round}")
+        write_run_info(run_dir, sim, bundle, changes, start_round)
 
-    board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
-    progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
-    transport = transport_factory(sim, progress.status) if transport_factory is not None else None
-    engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport)
-    console.print(
-        f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
-        f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-        f"model {cfg.model.name}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
-    )
-    with progress:
+        board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
+        progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
+        transport = transport_factory(sim, progress.status) if transport_factory is not None else None
+        stop = StopFlag()
+        engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
+        engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
+        console.print(
+            f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
+            f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
+            f"model {cfg.model.name}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
+        )
+        with progress, stop_on_signals(stop, console):
 
-        def on_round(record: dict[str, Any]) -> None:
-            metrics.append(record)
-            if board is not None:
-                board.append(record)
-            records.append(record)
-            progress.advance(record)
+            def on_round(record: dict[str, Any]) -> None:
+                metrics.append(record)
+                if board is not None:
+                    board.append(record)
+                records.append(record)
+                progress.advance(record)
 
-        try:
-            engine.run(start_round, on_round)
-        finally:
-            if board is not None:
-                board.close()
-    final_state = finalize(run_dir, sim, bundle, records, console)
+            try:
+                engine.run(start_round, on_round)
+            except RunInterrupted as stopped:
+                console.print(
+                    f"stopped by signal {stopped.signum}: rounds 1..{stopped.last_round} are complete and "
+                    f"checkpointed. Resume with: fedlora run --resume {run_dir}"
+                )
+                raise
+            finally:
+                if board is not None:
+                    board.close()
+        final_state = finalize(run_dir, sim, bundle, records, console)
     return RunResult(run_dir, records, final_state)
+
+
+def resume_point(
+    run_dir: Path, cfg: ExperimentConfig, metrics: MetricsLog
+) -> tuple[Checkpoint | None, dict[str, Any]]:
+    """Where a resume starts and the (safe) config changes it makes; ConfigError for anything that would
+    not resume exactly: a damaged or edited config, damaged checkpoints, a change to what is trained."""
+    stored = config_from_dict(yaml.safe_load(verified_config_text(run_dir)))
+    try:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints", must_exist=True)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    if checkpoint is None and metrics.read():
+        raise ConfigError(
+            f"{run_dir} has logged rounds but no checkpoint: the run cannot resume exactly; start a new run"
+        )
+    if checkpoint is not None:
+        recorded = checkpoint.meta.get("config_sha256")
+        if recorded is not None and recorded != sha256_bytes((run_dir / "config.yaml").read_bytes()):
+            raise ConfigError(f"{run_dir}/config.yaml is not the config its checkpoints were made with")
+    changes = check_resume(stored, cfg, checkpoint.round if checkpoint else 0)
+    return checkpoint, changes
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopFlag, console: Console) -> Iterator[None]:
+    """The first SIGINT / SIGTERM asks the engine to stop cleanly (the current round is abandoned, the last
+    checkpoint stands); a second one ends the process at once. Only in the main thread (Flower's simulation
+    runs the server in another)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop:
+            os._exit(128 + signum)
+        stop.signum = signum
+        console.print(f"signal {signum}: stopping after the current client (again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def flower_server_app(
@@ -180,8 +261,11 @@ def rank_summary(sim: Simulation) -> str:
     return "ranks " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
-def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
-    """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs)."""
+def write_run_info(
+    run_dir: Path, sim: Simulation, bundle: ModelBundle, changes: dict[str, Any], start_round: int
+) -> None:
+    """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs, the
+    config's checksum, and the changes each resume made), both written atomically."""
     clients = [
         {
             "client": c.client_id,
@@ -207,7 +291,7 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
         }
         for c in sim.federation.held_out
     ]
-    (run_dir / "clients.json").write_text(json.dumps(clients, indent=0))
+    atomic_write_text(run_dir / "clients.json", json.dumps(clients, indent=0))
     info = {
         "fedlora_version": __version__,
         "base_model": str(bundle.folder.resolve()),
@@ -216,7 +300,14 @@ def write_run_info(run_dir: Path, sim: Simulation, bundle: ModelBundle) -> None:
         "data": sim.federation.description,
         "dropped_empty_clients": sim.federation.dropped_empty,
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    previous = read_run_info(run_dir)
+    info["config_sha256"] = previous.get("config_sha256") or sha256_bytes(
+        (run_dir / "config.yaml").read_bytes()
+    )
+    info["resumes"] = previous.get("resumes", [])
+    if changes:
+        info["resumes"].append({"from_round": start_round, "changes": changes})
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
 
 
 def finalize(
@@ -230,10 +321,13 @@ def finalize(
         final_state = {
             k: v for k, v in final_state.items() if ".lora_" in k
         }  # the adapter, not local weights
+    building = run_dir / f".global.{os.getpid()}.tmp"  # complete, then renamed: never a half export
+    shutil.rmtree(building, ignore_errors=True)
     if sim.adapters.is_full_state(final_state):
-        sim.adapters.export_full(final_state, run_dir / "global", str(bundle.folder.resolve()))
+        sim.adapters.export_full(final_state, building, str(bundle.folder.resolve()))
     else:
-        sim.adapters.export(final_state, run_dir / "global", str(bundle.folder.resolve()))
+        sim.adapters.export(final_state, building, str(bundle.folder.resolve()))
+    replace_folder(building, run_dir / "global")
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
@@ -248,10 +342,11 @@ def finalize(
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(path, overrides)
+    """The run's own config (checked against its recorded checksum), with ``overrides`` applied."""
+    tree = yaml.safe_load(verified_config_text(run_dir))
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{run_dir}/config.yaml is damaged: its top level is not a mapping of sections")
+    return config_from_dict(apply_overrides(tree, overrides or []))
 
 
 DATA_SECTIONS = ("data", "partition", "federation", "eval")

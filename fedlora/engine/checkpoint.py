@@ -42,6 +42,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata itself (round, tensor checksum, ledger...), so none of it can be edited."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,6 +67,7 @@ def save_checkpoint(
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
     record = {**meta, "round": server_round, "sha256": _sha256(tmp / TENSORS)}
+    record["meta_sha256"] = _meta_digest(record)
     (tmp / META).write_text(json.dumps(record, indent=1))
     for name in (TENSORS, META):
         _fsync(tmp / name)
@@ -100,17 +107,30 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         meta = json.loads((folder / META).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{folder}: unreadable {META} ({err})") from None
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        raise CheckpointError(f"{folder}: {META} fails its SHA-256 check (edited or damaged)")
+    if folder.name != f"round_{meta.get('round')}":
+        raise CheckpointError(f"{folder}: {META} says round {meta.get('round')}, the folder another")
     tensors_path = folder / TENSORS
     if not tensors_path.exists() or _sha256(tensors_path) != meta.get("sha256"):
         raise CheckpointError(f"{folder}: {TENSORS} is missing or fails its SHA-256 check")
     return Checkpoint(round=int(meta["round"]), tensors=load_file(str(tensors_path)), meta=meta)
 
 
-def latest_checkpoint(root: Path) -> Checkpoint | None:
-    """The newest checkpoint that passes its checksum (older ones are tried if the newest is damaged)."""
-    for server_round in reversed(list_rounds(root)):
+def latest_checkpoint(root: Path, must_exist: bool = False) -> Checkpoint | None:
+    """The newest checkpoint that passes its checksum (older ones are tried if the newest is damaged).
+
+    ``must_exist``: when checkpoints were written but none is usable, raise instead of returning None (a
+    resume must not silently start again from round 1)."""
+    rounds = list_rounds(root)
+    for server_round in reversed(rounds):
         try:
             return load_checkpoint(root / f"round_{server_round}")
         except CheckpointError as err:
             log.warning("skipping damaged checkpoint: %s", err)
+    if must_exist and rounds:
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged (rounds {rounds}): the run cannot resume exactly; "
+            "start a new run"
+        )
     return None

@@ -95,6 +95,25 @@ class Simulation:
     node: ClientNode | None = None  # the clients, in this process (None: they live elsewhere)
 
 
+class RunInterrupted(Exception):
+    """A stop was asked for (SIGINT / SIGTERM): the current round was abandoned, the last checkpoint stands."""
+
+    def __init__(self, signum: int, last_round: int) -> None:
+        super().__init__(f"interrupted by signal {signum} after round {last_round}")
+        self.signum = signum
+        self.last_round = last_round
+
+
+class StopFlag:
+    """Set by a signal handler; checked by the engine between clients and between rounds."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
 class Transport(Protocol):
     """How a round's instructions reach the sampled clients and their replies come back."""
 
@@ -112,15 +131,19 @@ class InProcessTransport:
         self,
         run_client: Callable[[int, int, ClientInstruction], ClientReply],
         status: Callable[[str], None],
+        stop: StopFlag | None = None,
     ) -> None:
         self.run_client = run_client
         self.status = status
+        self.stop = stop or StopFlag()
 
     def train_clients(
         self, server_round: int, instructions: dict[int, ClientInstruction]
     ) -> dict[int, ClientReply | str]:
         replies: dict[int, ClientReply | str] = {}
         for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
+            if self.stop:  # abandon the round: nothing of it is written, the last checkpoint stands
+                raise RunInterrupted(self.stop.signum or 0, server_round - 1)
             self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
             replies[client_id] = self.run_client(server_round, client_id, instruction)
         return replies
@@ -193,17 +216,20 @@ class EmbeddedEngine:
         run_dir: Path,
         status: Callable[[str], None] | None = None,
         transport: Transport | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         self.sim = sim
         self.run_dir = run_dir
         self.status = status or (lambda text: None)
+        self.stop = stop or StopFlag()
+        self.meta_extra: dict[str, Any] = {}  # e.g. the config's checksum, kept in every checkpoint
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
         if sim.node is not None:
             sim.node.use_store(run_dir / "personal")
         elif sim.client_models is not None:
             sim.client_models.folder = run_dir / "personal"
         self.transport: Transport = transport or InProcessTransport(
-            lambda r, c, i: self.run_client(r, c, i), lambda text: self.status(text)
+            lambda r, c, i: self.run_client(r, c, i), lambda text: self.status(text), self.stop
         )
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
         self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)
@@ -371,12 +397,14 @@ class EmbeddedEngine:
         return record
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"strategy": self.sim.strategy.name, **self.sim.strategy.server_meta()}
+        return {"strategy": self.sim.strategy.name, **self.meta_extra, **self.sim.strategy.server_meta()}
 
     def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
         """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""
         cfg = self.sim.cfg
         for server_round in range(start_round, cfg.federation.rounds + 1):
+            if self.stop:
+                raise RunInterrupted(self.stop.signum or 0, server_round - 1)
             record = self.run_round(server_round)
             on_round(record)
             save_checkpoint(
