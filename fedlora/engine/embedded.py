@@ -135,7 +135,7 @@ class InProcessTransport:
     ) -> None:
         self.run_client = run_client
         self.status = status
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
 
     def train_clients(
         self, server_round: int, instructions: dict[int, ClientInstruction]
@@ -221,7 +221,7 @@ class EmbeddedEngine:
         self.sim = sim
         self.run_dir = run_dir
         self.status = status or (lambda text: None)
-        self.stop = stop or StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.meta_extra: dict[str, Any] = {}  # e.g. the config's checksum, kept in every checkpoint
         self.per_round = clients_per_round(sim.cfg, len(sim.federation.clients))
         if sim.node is not None:
