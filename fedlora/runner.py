@@ -390,7 +390,13 @@ def evaluate_run(
         tuned = load_file(str(model_file))  # saved with plain names; the live model's carry ".base_layer"
         state = {n: tuned[n.replace(".base_layer", "")] for n, _ in sim.adapters.base_parameters()}
         return evaluate_state(sim, state, clients, names)
-    return evaluate_state(sim, load_file(str(adapter_file)), clients, names)
+    try:
+        state = load_file(str(adapter_file))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(
+            f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
+        ) from None
+    return evaluate_state(sim, state, clients, names)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

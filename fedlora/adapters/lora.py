@@ -88,6 +88,18 @@ class LoraAdapters:
 
     def _create_slot(self, profile: RankProfile) -> _Slot:
         name = profile.name
+        # before PEFT allocates anything: no rank can exceed the largest min(d, k) of the model's linear
+        # layers (a rank of 10^9 would otherwise ask for hundreds of GB first)
+        base = self._base if self.model is None else self.model.get_base_model()
+        limit = max(
+            (min(m.in_features, m.out_features) for m in base.modules() if isinstance(m, torch.nn.Linear)),
+            default=0,
+        )
+        if max(profile.attention, profile.mlp) > limit:
+            raise RankTooLargeError(
+                f"rank {max(profile.attention, profile.mlp)} is above min(d, k) = {limit} of every linear layer "
+                "of the model; lower adapter.rank / resources.rank_types or set resources.rank_scale"
+            )
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.init_seed)
             if self.model is None:

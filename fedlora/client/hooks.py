@@ -67,7 +67,7 @@ class ClientContext:
 class ClientHooks(BaseModel):
     """Base of every method's client hooks: no-ops. Fields are the hook's typed options."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: ClassVar[str] = "base"
     #: the payload holds only some of the adapter's tensors (the rest stay as the client has them)

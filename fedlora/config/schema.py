@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and no number may
+    be infinite or NaN (an inf learning rate or rank scale would only fail later, or silently)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelVariant(Section):
@@ -112,7 +113,7 @@ class FederationConfig(Section):
     num_clients: int | None = Field(None, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, le=1.0)
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1, le=1_000_000)
     seed: int = 0
     min_replies: int = Field(1, ge=1)
     on_too_few: Literal["skip", "retry"] = "skip"
@@ -170,7 +171,7 @@ class ClientConfig(Section):
     local_epochs: float | None = Field(None, gt=0.0)
     batch_size: int = Field(4, ge=1)
     grad_clip: float | None = Field(1.0, gt=0.0)
-    num_threads: int = Field(1, ge=1)
+    num_threads: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _one_length(self) -> ClientConfig:
@@ -327,7 +328,8 @@ class OutputConfig(Section):
 class ExperimentConfig(Section):
     """One experiment: every section above, plus a name and the engine that runs it."""
 
-    name: str = "experiment"
+    #: the run's name (also its folder's name under output.root): letters, digits, '.', '_', '-'
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
     engine: Literal["embedded", "flower-sim"] = "embedded"
     #: importable modules with user strategies, data sources, metrics...; imported by every process that
     #: reads this config (run, --resume, eval, Flower nodes) before any name is looked up

@@ -21,38 +21,54 @@ from fedlora.data.examples import Example
 NI_FILES = {"mini": "ni1613-mini.jsonl.gz", "full": "ni1613-full.jsonl.gz"}
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text or .gz file; bad bytes, truncated or non-gzip files are DataErrors."""
+    number = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        path, f"not UTF-8 text (byte {err.start + 1} of the line)", number
+                    ) from None
+    except gzip.BadGzipFile:
+        raise DataError(path, "not a gzip file (the name ends in .gz)") from None
+    except EOFError:
+        raise DataError(path, f"the gzip stream ends early (truncated after line {number})") from None
+
+
+def _parse_json(path: Path, text: str, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            path, f"malformed JSON ({err.msg} at column {err.colno})", line or err.lineno
+        ) from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read", line) from None
 
 
 def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) from a .jsonl(.gz) file, or (index + 1, object) from a .json array.
 
-    A malformed line raises :class:`DataError` naming the file and the line.
+    A malformed line (bad JSON, bad UTF-8, too deep, a truncated or non-gzip file) raises
+    :class:`DataError` naming the file and the line.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found")
+        raise DataError(path, "file not found" if not path.exists() else "not a file")
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        path, f"malformed JSON ({err.msg} at column {err.colno})", number
-                    ) from None
-                if not isinstance(record, dict):
-                    raise DataError(path, f"expected a JSON object, got {type(record).__name__}", number)
-                yield number, record
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            record = _parse_json(path, line, number)
+            if not isinstance(record, dict):
+                raise DataError(path, f"expected a JSON object, got {type(record).__name__}", number)
+            yield number, record
         return
-    try:
-        with _open_text(path) as handle:
-            records = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"malformed JSON ({err.msg})", err.lineno) from None
+    records = _parse_json(path, "".join(line for _, line in _lines(path)), None)
     if not isinstance(records, list):
         raise DataError(path, "a .json data file must hold a list of objects")
     for index, record in enumerate(records):

@@ -48,7 +48,7 @@ class ServerSetup:
 class StrategyOptions(BaseModel):
     """Base of each strategy's own options (``strategy.options`` in the config); unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
