@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from fedlora.config.loader import ConfigError
     from fedlora.data.errors import DataError
-    from fedlora.engine.embedded import RunInterrupted
+    from fedlora.engine.embedded import RunFailed, RunInterrupted
 
     received: list[int] = []
 
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RunInterrupted as stopped:  # the runner printed how to resume
         return 128 + stopped.signum
+    except RunFailed as failed:
+        print(f"fedlora: error: {failed}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if not received:  # not a signal: a real crash, shown as one
             raise

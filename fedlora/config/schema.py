@@ -104,10 +104,15 @@ class FederationConfig(Section):
     """Who takes part: ``num_clients`` (None = as many as the data yields), sampling per round, rounds.
 
     Robustness: a round with fewer than ``min_replies`` valid replies is skipped (the global adapter stays)
-    or retried with a fresh sample up to ``max_retries`` times (``on_too_few``). A reply whose update
-    (reply - what the client was sent, all tensors as one vector) has a norm above ``max_update_norm``, or
-    above ``max_update_norm_ratio`` times the median of the round's updates, is rejected; with
-    ``clip_update_norm`` the accepted updates are scaled down to that norm before aggregation.
+    or retried with a fresh sample up to ``max_retries`` times (``on_too_few``); ``max_skipped_rounds`` in a
+    row end the run with an error. A reply whose update (reply - what the client was sent, all tensors as one
+    vector) has a norm above ``max_update_norm``, or above ``max_update_norm_ratio`` times a reference, is
+    rejected: the median of the last ``update_norm_history`` accepted update norms, the norm of what the
+    client was sent, and (with 3 or more replies, or when there is no other reference) the round's median.
+    With ``clip_update_norm`` the accepted updates are scaled down to that norm before aggregation
+    (norm-bounded averaging). A reply claiming more examples than the client holds is rejected.
+    ``aggregation``: ``mean`` (the method's own rule), or a robust rule for methods that average
+    (``median``: coordinate-wise median; ``trimmed-mean``: drop ``trim_fraction`` of the values at each end).
     """
 
     num_clients: int | None = Field(None, ge=1)
@@ -120,7 +125,11 @@ class FederationConfig(Section):
     max_retries: int = Field(2, ge=0)
     max_update_norm: float | None = Field(None, gt=0.0)
     max_update_norm_ratio: float | None = Field(100.0, gt=1.0)
+    update_norm_history: int = Field(50, ge=1)
     clip_update_norm: float | None = Field(None, gt=0.0)
+    max_skipped_rounds: int | None = Field(3, ge=1)
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:

@@ -14,6 +14,7 @@ import math
 import random
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,10 @@ class RunInterrupted(Exception):
         super().__init__(f"interrupted by signal {signum} after round {last_round}")
         self.signum = signum
         self.last_round = last_round
+
+
+class RunFailed(RuntimeError):
+    """The run cannot make progress (``federation.max_skipped_rounds`` rounds in a row were skipped)."""
 
 
 class StopFlag:
@@ -402,11 +407,13 @@ class EmbeddedEngine:
     def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
         """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""
         cfg = self.sim.cfg
+        skipped: list[dict[str, Any]] = []  # the records of the rounds skipped in a row
         for server_round in range(start_round, cfg.federation.rounds + 1):
             if self.stop:
                 raise RunInterrupted(self.stop.signum or 0, server_round - 1)
             record = self.run_round(server_round)
             on_round(record)
+            skipped = [*skipped, record] if record["status"] == "skipped" else []
             save_checkpoint(
                 self.run_dir / "checkpoints",
                 server_round,
@@ -414,3 +421,12 @@ class EmbeddedEngine:
                 self.checkpoint_meta(),
                 keep=cfg.output.keep_checkpoints,
             )
+            limit = cfg.federation.max_skipped_rounds
+            if limit is not None and len(skipped) >= limit:
+                reasons = Counter(r["reason"].split(" (")[0] for rec in skipped for r in rec["rejected"])
+                common = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3)) or "no replies"
+                raise RunFailed(
+                    f"{len(skipped)} rounds in a row were skipped (rounds {skipped[0]['round']}..{server_round}: "
+                    f"fewer than federation.min_replies valid replies; most common rejections: {common}). "
+                    "The global adapter is unchanged since; nothing was exported"
+                )

@@ -104,7 +104,21 @@ class FlowerTransport:
                 raise RuntimeError(f"flower: a node failed the query: {reply.error}")
             info = reply.content["profile"]
             client = int(info["partition-id"])
-            node_of[client] = reply.metadata.src_node_id
+            node = reply.metadata.src_node_id
+            if not 0 <= client < expected:
+                log.warning("flower: node %s claims unknown partition %d; ignored", node, client)
+                continue
+            if client in node_of:
+                log.warning(
+                    "flower: node %s claims partition %d, already held by node %s; ignored",
+                    node,
+                    client,
+                    node_of[client],
+                )
+                continue
+            node_of[client] = node
+            if "num-examples" in info:  # fixed at registration: later replies cannot claim more
+                self.sim.strategy.client_sizes[client] = int(info["num-examples"])
             if "rank-attention" in info:  # the node's own rank budget (deployment --node-config)
                 profile = RankProfile(int(info["rank-attention"]), int(info["rank-mlp"]))
                 if profile.attention > largest.attention or profile.mlp > largest.mlp:

@@ -23,7 +23,7 @@ from fedlora.models.personal import ClientModels
 from fedlora.strategies.base import ServerSetup, Strategy
 from fedlora.strategies.privacy import DifferentialPrivacy, PrivacyLedger
 from fedlora.strategies.registry import build_strategy, check_experiment
-from fedlora.strategies.robustness import UpdateNormScreen
+from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen
 
 
 @dataclass
@@ -67,9 +67,14 @@ def build_client_node(cfg: ExperimentConfig) -> ClientNode:
 
 
 def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federation) -> Strategy:
-    """The cross-cutting features the config turns on, around the method: update-norm screening always
-    (its limits are in ``federation``), DP-SGD with ``privacy.enabled``."""
-    wrapped: Strategy = UpdateNormScreen(strategy, cfg.federation)
+    """The cross-cutting features the config turns on, around the method: a robust aggregation rule
+    (``federation.aggregation``), update-norm screening always (its limits are in ``federation``), DP-SGD
+    with ``privacy.enabled``."""
+    fed = cfg.federation
+    wrapped: Strategy = strategy
+    if fed.aggregation != "mean":
+        wrapped = RobustAggregation(wrapped, fed.aggregation, fed.trim_fraction)
+    wrapped = UpdateNormScreen(wrapped, fed)
     if cfg.privacy.enabled:
         wrapped = DifferentialPrivacy(wrapped, PrivacyLedger.for_experiment(cfg, federation))
     return wrapped
@@ -111,6 +116,7 @@ def build_simulation(
             client_profiles=dict(enumerate(side.profiles)),
             lora_alpha=cfg.adapter.alpha,
             seed=cfg.federation.seed,
+            client_sizes={c.client_id: c.size("train") for c in federation.clients},
         )
     )
     if for_training:

@@ -43,6 +43,8 @@ class ServerSetup:
     client_profiles: dict[int, RankProfile]
     lora_alpha: float
     seed: int = 0
+    #: each client's number of training examples, as the server knows it (registered, not claimed)
+    client_sizes: dict[int, int] | None = None
 
 
 class StrategyOptions(BaseModel):
@@ -68,6 +70,16 @@ def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
             return f"{key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
         if not torch.isfinite(tensor).all():
             return f"{key}: non-finite values"
+    return None
+
+
+def check_example_count(strategy: Strategy, reply: ClientReply) -> str | None:
+    """None if ``reply.num_examples`` is in 1..the client's registered size (when the server knows it)."""
+    if reply.num_examples <= 0:
+        return f"num_examples is {reply.num_examples}"
+    size = strategy.client_sizes.get(reply.client_id)
+    if size is not None and reply.num_examples > size:
+        return f"claims {reply.num_examples} examples; client {reply.client_id} holds {size}"
     return None
 
 
@@ -105,6 +117,8 @@ class Strategy(ABC):
     shares_local_model: bool = False
     #: True when every client trains its own model weights, which must then live apart (model.variants)
     personal_models: ClassVar[bool] = False
+    #: True when ``aggregate`` is an example-weighted average of the payloads (robust rules can replace it)
+    linear_aggregate: ClassVar[bool] = False
 
     @classmethod
     def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
@@ -130,6 +144,7 @@ class Strategy(ABC):
         self.client_profiles: dict[int, RankProfile] = {}
         self.lora_alpha = 1.0
         self.seed = 0
+        self.client_sizes: dict[int, int] = {}
 
     def initialize(self, setup: ServerSetup) -> None:
         """Start from the seeded initial adapter (round 1's payload) and learn each client's rank profile."""
@@ -137,6 +152,7 @@ class Strategy(ABC):
         self.client_profiles = dict(setup.client_profiles)
         self.lora_alpha = setup.lora_alpha
         self.seed = setup.seed
+        self.client_sizes = dict(setup.client_sizes or {})
 
     def client_hooks(self) -> list[ClientHooks]:
         """The method's client-side behaviour (default: none, plain local training)."""
@@ -148,10 +164,9 @@ class Strategy(ABC):
         return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        """Default: the reply must have the payload's tensor names and shapes, finite values, examples > 0."""
-        if reply.num_examples <= 0:
-            return f"num_examples is {reply.num_examples}"
-        return check_same_layout(instruction.payload, reply.payload)
+        """Default: the reply must have the payload's tensor names and shapes, finite values, and a number of
+        examples above 0 and at most what the client holds."""
+        return check_example_count(self, reply) or check_same_layout(instruction.payload, reply.payload)
 
     @abstractmethod
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:

@@ -60,6 +60,8 @@ class ProximalTerm(ClientHooks):
 class FactorAverage(Strategy):
     """Average each adapter tensor with example weights (every client must have the same rank profile)."""
 
+    linear_aggregate = True
+
     def initialize(self, setup: ServerSetup) -> None:
         profiles = sorted({p.name for p in setup.client_profiles.values()})
         if len(profiles) > 1:

@@ -43,6 +43,7 @@ from fedlora.strategies.base import (
     ClientReply,
     Strategy,
     StrategyOptions,
+    check_example_count,
     check_same_layout,
     example_weights,
     weighted_average,
@@ -140,8 +141,9 @@ class FedMeZO(Strategy):
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         if self.options.upload == "weights":  # type: ignore[attr-defined]
             return super().validate_reply(instruction, reply)
-        if reply.num_examples <= 0:
-            return f"num_examples is {reply.num_examples}"
+        reason = check_example_count(self, reply)
+        if reason is not None:
+            return reason
         record = reply.payload
         if set(record) != {SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY}:
             return f"a seed-based reply needs {SEEDS_KEY}, {GRADS_KEY}, {LRS_KEY}, {WEIGHT_DECAY_KEY}; got {sorted(record)}"

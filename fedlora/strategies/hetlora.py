@@ -41,6 +41,7 @@ from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
     StrategyOptions,
+    check_example_count,
     check_same_layout,
     example_weights,
 )
@@ -113,6 +114,9 @@ class HetLoRA(HeterogeneousRankStrategy):
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         """As the default, but with pruning on a reply may also come at the pruned profile floor(gamma r)."""
+        reason = check_example_count(self, reply)
+        if reason is not None:
+            return reason
         reason = super().validate_reply(instruction, reply)
         if reason is None or self.options.prune_threshold is None:  # type: ignore[attr-defined]
             return reason

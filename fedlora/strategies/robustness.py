@@ -1,14 +1,32 @@
-"""Update-norm screening and clipping as a strategy wrapper (any strategy, any engine).
+"""Robustness as strategy wrappers (any strategy, any engine): update-norm screening and clipping, and
+robust aggregation rules for methods that average.
 
-For a reply that is an update of what the client was sent (same tensor names and shapes), its norm is
-||reply - sent|| over all tensors as one vector. ``federation.max_update_norm`` rejects norms above it;
-``max_update_norm_ratio`` rejects norms above that multiple of the round's median (with at least 3 such
-replies); ``clip_update_norm`` scales the accepted updates down to that norm before aggregation.
+Screening. For a reply that is an update of what the client was sent (same tensor names and shapes), its
+norm is u = ||reply - sent|| over all tensors as one vector. It is rejected when u > ``max_update_norm``, or
+when u > ``max_update_norm_ratio`` x r for any reference r available:
+
+- the median of the last ``update_norm_history`` accepted update norms (3 or more; kept across rounds and
+  in the checkpoints), so one round of mostly corrupted replies cannot move the bar;
+- ||sent||, the norm of what the client started from (a x1e6 update is caught in round 1);
+- the round's median when it has 3 or more such replies, or its lower median when there is no other
+  reference (2 replies: the smaller one).
+
+``clip_update_norm`` then scales the accepted updates down to that norm (norm-bounded averaging).
+
+Robust aggregation (:class:`RobustAggregation`, for methods whose aggregate is an average of the payloads):
+the coordinate-wise median, or the trimmed mean (``trim_fraction`` of the values dropped at each end), of
+the accepted payloads, unweighted (so an inflated example count buys nothing); the method then aggregates
+that single combined reply.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from fedlora.adapters.state import AdapterState
+from fedlora.config.loader import ConfigError
 from fedlora.config.schema import FederationConfig
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
@@ -33,14 +51,17 @@ def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> Adapter
 
 
 class UpdateNormScreen(StrategyWrapper):
-    """Rejects updates by absolute norm and by ratio to the round's median; clips the accepted ones."""
+    """Rejects updates by absolute norm and by ratio to the history, the start point and the round;
+    clips the accepted ones."""
 
-    _own = frozenset({"inner", "limits", "_sent"})
+    _own = frozenset({"inner", "limits", "_sent", "history"})
 
     def __init__(self, inner: Strategy, limits: FederationConfig) -> None:
         super().__init__(inner)
         self.limits = limits
-        self._sent: dict[int, tuple[AdapterState, float]] = {}  # client -> (what it was sent, update norm)
+        # client -> (what it was sent, ||sent||, update norm)
+        self._sent: dict[int, tuple[AdapterState, float, float]] = {}
+        self.history: list[float] = []  # accepted update norms, newest last
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         self._sent = {}
@@ -53,27 +74,97 @@ class UpdateNormScreen(StrategyWrapper):
             limit = self.limits.max_update_norm
             if limit is not None and norm > limit:
                 return f"update norm {norm:.3g} above federation.max_update_norm ({limit})"
-            self._sent[reply.client_id] = (instruction.payload, norm)
+            start = float(sum(float(v.double().pow(2).sum()) for v in instruction.payload.values()) ** 0.5)
+            self._sent[reply.client_id] = (instruction.payload, start, norm)
         return reason
+
+    def references(self, round_norms: list[float], start: float) -> list[tuple[float, str]]:
+        """The (value, name) references an update norm is compared with (see the module docstring)."""
+        refs = []
+        if len(round_norms) >= 3:
+            refs.append((round_norms[len(round_norms) // 2], "the round's median"))
+        if len(self.history) >= 3:
+            median = sorted(self.history)[len(self.history) // 2]
+            refs.append((median, "the median of recent accepted updates"))
+        if start > 0:
+            refs.append((start, "the norm of what the client was sent"))
+        if not refs and len(round_norms) == 2:
+            refs.append((round_norms[0], "the round's smaller update"))
+        return [(value, name) for value, name in refs if value > 0]
 
     def screen(self, replies: list[ClientReply]) -> tuple[list[ClientReply], list[tuple[int, str]]]:
         replies, rejected = self.inner.screen(replies)
         ratio, clip = self.limits.max_update_norm_ratio, self.limits.clip_update_norm
-        norms = sorted(self._sent[r.client_id][1] for r in replies if r.client_id in self._sent)
-        median = norms[len(norms) // 2] if norms else 0.0
-        kept = []
+        norms = sorted(self._sent[r.client_id][2] for r in replies if r.client_id in self._sent)
+        kept, accepted = [], []
         for reply in replies:
-            sent, norm = self._sent.get(reply.client_id, (None, None))
-            if norm is not None and ratio and len(norms) >= 3 and median > 0 and norm > ratio * median:
+            if reply.client_id not in self._sent:
+                kept.append(reply)
+                continue
+            sent, start, norm = self._sent[reply.client_id]
+            bound = [(v, name) for v, name in self.references(norms, start) if ratio and norm > ratio * v]
+            if bound:
+                value, name = bound[0]
                 rejected.append(
                     (
                         reply.client_id,
-                        f"update norm {norm:.3g} is {norm / median:.3g}x the round's median "
+                        f"update norm {norm:.3g} is {norm / value:.3g}x {name} "
                         f"(above federation.max_update_norm_ratio {ratio})",
                     )
                 )
                 continue
-            if sent is not None and norm is not None and clip is not None and norm > clip:
+            if clip is not None and norm > clip:
                 reply.payload = clip_update(sent, reply.payload, clip / norm)
             kept.append(reply)
+            accepted.append(min(norm, clip) if clip is not None else norm)
+        self.history = (self.history + accepted)[-self.limits.update_norm_history :]
         return kept, rejected
+
+    def server_meta(self) -> dict[str, Any]:
+        return {**self.inner.server_meta(), "update_norms": list(self.history)}
+
+    def load_server_meta(self, meta: dict[str, Any]) -> None:
+        self.inner.load_server_meta(meta)
+        self.history = [float(x) for x in meta.get("update_norms", [])]
+
+
+def coordinate_median(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise median (mean of the two middle values for an even count), in float64."""
+    values = torch.stack([t.double() for t in tensors]).sort(dim=0).values
+    n = values.shape[0]
+    return values[(n - 1) // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def trimmed_mean(tensors: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """The element-wise mean after dropping floor(fraction n) values at each end, in float64."""
+    values = torch.stack([t.double() for t in tensors]).sort(dim=0).values
+    cut = int(fraction * values.shape[0])
+    return values[cut : values.shape[0] - cut].mean(dim=0)
+
+
+class RobustAggregation(StrategyWrapper):
+    """Combines the round's payloads robustly, then lets a linear method aggregate the one combined reply."""
+
+    _own = frozenset({"inner", "rule", "fraction"})
+
+    def __init__(self, inner: Strategy, rule: str, fraction: float = 0.1) -> None:
+        if not getattr(inner, "linear_aggregate", False):
+            raise ConfigError(
+                f"config field 'federation.aggregation': {rule} replaces an average of the payloads, and "
+                f"strategy {inner.name} does not aggregate by averaging them; use aggregation: mean"
+            )
+        super().__init__(inner)
+        self.rule = rule
+        self.fraction = fraction
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        first = replies[0].payload
+        combined: AdapterState = {}
+        for key, tensor in first.items():
+            column = [r.payload[key] for r in replies]
+            value = (
+                coordinate_median(column) if self.rule == "median" else trimmed_mean(column, self.fraction)
+            )
+            combined[key] = value.to(tensor.dtype)
+        total = sum(r.num_examples for r in replies)
+        return self.inner.aggregate(server_round, [ClientReply(replies[0].client_id, combined, total)])

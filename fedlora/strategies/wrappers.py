@@ -45,6 +45,7 @@ class StrategyWrapper(Strategy):
     communicates = property(lambda self: self.inner.communicates)  # type: ignore[assignment]
     shares_local_model = property(lambda self: self.inner.shares_local_model)  # type: ignore[assignment]
     personal_models = property(lambda self: self.inner.personal_models)  # type: ignore[assignment]
+    linear_aggregate = property(lambda self: self.inner.linear_aggregate)  # type: ignore[assignment]
 
     @property
     def unwrapped(self) -> Strategy:

@@ -1,0 +1,170 @@
+"""Nothing poisoned: corrupted updates screened with any number of replies, example counts checked against
+what the server knows, robust aggregation rules against a dense computation, runs that cannot progress fail."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import assert_rel_close, tiny_engine, tiny_overrides
+from fedlora.adapters.ranks import RankProfile
+from fedlora.cli import main
+from fedlora.config import load_config
+from fedlora.config.loader import ConfigError
+from fedlora.engine.faults import corrupt
+from fedlora.protocol import ClientInstruction, ClientReply
+from fedlora.strategies.base import ServerSetup
+from fedlora.strategies.fedavg import FedIT
+from fedlora.strategies.flexlora import FlexLoRA
+from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen, coordinate_median, trimmed_mean
+
+
+def screened(history: list[float] | None = None) -> UpdateNormScreen:
+    start = {"m.lora_A.weight": torch.zeros(3, 4), "m.lora_B.weight": torch.zeros(5, 3)}
+    inner = FedIT()
+    inner.initialize(
+        ServerSetup(
+            start, {i: RankProfile.uniform(3) for i in range(4)}, 8.0, client_sizes={i: 10 for i in range(4)}
+        )
+    )
+    screen = UpdateNormScreen(inner, load_config(None, []).federation)
+    screen.history = list(history or [])
+    return screen
+
+
+def reply_at(client: int, scale: float, gen: torch.Generator) -> ClientReply:
+    return ClientReply(
+        client,
+        {
+            "m.lora_A.weight": scale * torch.randn(3, 4, generator=gen),
+            "m.lora_B.weight": scale * torch.randn(5, 3, generator=gen),
+        },
+        5,
+    )
+
+
+def run_screen(screen: UpdateNormScreen, replies: list[ClientReply]) -> tuple[list[int], list[str]]:
+    instruction = ClientInstruction(screen.global_state)
+    screen.configure(1, [r.client_id for r in replies])
+    valid = [r for r in replies if screen.validate_reply(instruction, r) is None]
+    kept, rejected = screen.screen(valid)
+    return [r.client_id for r in kept], [reason for _, reason in rejected]
+
+
+def test_one_corrupted_reply_of_two_is_rejected_even_without_history() -> None:
+    gen = torch.Generator().manual_seed(0)
+    honest, poisoned = reply_at(0, 0.01, gen), reply_at(1, 0.01, gen)
+    poisoned.payload = corrupt(poisoned.payload, "norm")
+    kept, reasons = run_screen(screened(), [honest, poisoned])  # B = A = 0 sent: no start-point reference
+    assert kept == [0] and "the round's smaller update" in reasons[0]
+
+
+def test_two_corrupted_of_three_are_rejected_against_the_history() -> None:
+    gen = torch.Generator().manual_seed(1)
+    replies = [reply_at(i, 0.01, gen) for i in range(3)]
+    for r in replies[1:]:
+        r.payload = corrupt(r.payload, "norm")
+    kept, reasons = run_screen(
+        screened(history=[0.04, 0.05, 0.06]), replies
+    )  # the round's median is poisoned
+    assert kept == [0] and all("recent accepted updates" in r for r in reasons)
+
+
+def test_an_inflated_example_count_is_rejected() -> None:
+    gen = torch.Generator().manual_seed(2)
+    liar = reply_at(0, 0.01, gen)
+    liar.num_examples = 10**12
+    reason = screened().validate_reply(ClientInstruction(screened().global_state), liar)
+    assert reason == "claims 1000000000000 examples; client 0 holds 10"
+
+
+@pytest.mark.parametrize("n", [4, 5, 7])
+def test_robust_rules_against_a_dense_computation(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    tensors = [torch.randn(6, 5, generator=gen) for _ in range(n)]
+    stacked = torch.stack([t.double() for t in tensors]).numpy()
+    import numpy as np
+
+    assert_rel_close(coordinate_median(tensors), np.median(stacked, axis=0), 1e-12)
+    cut = int(0.2 * n)
+    ordered = np.sort(stacked, axis=0)
+    assert_rel_close(trimmed_mean(tensors, 0.2), ordered[cut : n - cut].mean(axis=0), 1e-12)
+    # through the wrapper: a linear method aggregates the one combined reply, whatever the example counts
+    start = {"w": torch.zeros(6, 5, dtype=torch.float64)}
+    inner = FedIT()
+    inner.initialize(ServerSetup(start, {i: RankProfile.uniform(3) for i in range(n)}, 8.0))
+    wrapped = RobustAggregation(inner, "median")
+    replies = [ClientReply(i, {"w": t.double()}, 1 if i else 10**6) for i, t in enumerate(tensors)]
+    assert_rel_close(wrapped.aggregate(1, replies)["w"], np.median(stacked, axis=0), 1e-12)
+
+
+def test_robust_rules_refuse_methods_that_do_not_average() -> None:
+    with pytest.raises(ConfigError, match="does not aggregate by averaging"):
+        RobustAggregation(FlexLoRA(), "median")
+
+
+def test_the_reported_attack_poisons_nothing(tmp_path: Path) -> None:
+    """faults {dropout 0.3, straggler 0.2, corrupt 0.3}, min_replies 2, 36 rounds: no corrupted update gets in."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "federation.rounds": 36,
+            "federation.clients_per_round": 4,
+            "federation.min_replies": 2,
+            "federation.max_skipped_rounds": "null",  # 80% faulty replies: many rounds are skipped; go on
+            "faults": "{dropout: 0.3, straggler: 0.2, corrupt: 0.3, kinds: [norm, nan, inf]}",
+            "client.local_steps": 1,
+        },
+    )
+    code = main(["run", *overrides, "--output", str(run_dir), "--no-progress"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    corrupted = {(r["round"], c["client"]) for r in records for c in r.get("faults", {}).get("corrupted", [])}
+    rejected = {(r["round"], x["client"]) for r in records for x in r["rejected"]}
+    assert corrupted and corrupted <= rejected  # every corrupted reply was rejected
+    assert code == 0 and all(r["status"] == "aggregated" or r["num_clients"] < 2 for r in records)
+    from safetensors.torch import load_file
+
+    final = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
+    assert (
+        max(float(v.abs().max()) for v in final.values()) < 5.0
+    )  # about 0.15 normally; 46,295 when poisoned
+
+
+def test_a_run_that_cannot_progress_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 6, "federation.max_update_norm": 1e-12})
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "3 rounds in a row were skipped" in err and "max_update_norm" in err
+    assert not (run_dir / "global").exists()
+
+
+def test_flower_partition_claims_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora.engine.flower import FlowerTransport
+
+    monkeypatch.setattr("flwr.app.Message", lambda **fields: fields)  # outside a Flower run: a plain record
+
+    engine = tiny_engine(tmp_path)  # 4 clients
+
+    def reply(node: int, partition: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            has_error=lambda: False,
+            content={"profile": {"partition-id": partition, "num-examples": 3}},
+            metadata=SimpleNamespace(src_node_id=node),
+        )
+
+    claims = [reply(10, 0), reply(11, 1), reply(12, 2), reply(13, 3), reply(14, 0), reply(15, 9)]
+    grid = SimpleNamespace(
+        get_node_ids=lambda: [10, 11, 12, 13, 14, 15], send_and_receive=lambda messages: claims
+    )
+    transport = FlowerTransport(engine.sim, grid, wait_for_nodes_s=0)
+    assert transport.node_of == {
+        0: 10,
+        1: 11,
+        2: 12,
+        3: 13,
+    }  # the second claim on 0 and the unknown 9 ignored
+    assert engine.sim.strategy.client_sizes[0] == 3
