@@ -12,6 +12,12 @@ Part 2, crashes: the same run without faults is SIGKILLed at uniformly random mo
 run, startup included) and resumed until it finishes, ``--kill-runs`` times; the final adapter is compared
 bit for bit with an uninterrupted run.
 
+Part 3, adversarial (the cases of the "nothing poisoned" report): (a) dropout 0.3, straggler 0.2, corrupt
+0.3 (x1e6 norm, NaN, Inf) with min_replies 2 on 4 clients a round; (b) 3 clients a round with 2 of 3
+replies x1e6 (min_replies 3), so the round's median itself is poisoned; poisoned = a corrupted reply that was
+aggregated; the final adapter's largest value (about 0.15 when clean). (c) SIGTERM and SIGINT at random
+moments, then resume: the exit code, and the final adapter bit for bit against an uninterrupted run.
+
     python benchmarks/faults.py [--rounds 30] [--kill-runs 5]
 """
 
@@ -138,6 +144,67 @@ def crashes(rounds: int, kill_runs: int, folder: Path) -> dict:
     }
 
 
+def poisoning(folder: Path, name: str, extra: list[str], rounds: int) -> dict:
+    """Run with hostile faults; count corrupted replies that were aggregated (poisoned)."""
+    run_dir = folder / name
+    proc = subprocess.run(
+        fedlora(
+            "run", *BASE, f"federation.rounds={rounds}", *extra, "--output", str(run_dir), "--no-progress"
+        ),
+        capture_output=True,
+        text=True,
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    corrupted = {(r["round"], c["client"]) for r in records for c in r.get("faults", {}).get("corrupted", [])}
+    rejected = {(r["round"], x["client"]) for r in records for x in r["rejected"]}
+    final = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
+    return {
+        "exit_code": proc.returncode,
+        "rounds": len(records),
+        "corrupted": len(corrupted),
+        "poisoned": len(corrupted - rejected),
+        "aggregated_rounds": sum(r["status"] == "aggregated" for r in records),
+        "final_max_abs": max(float(v.abs().max()) for v in final.values()),
+    }
+
+
+def signals(rounds: int, trials: int, folder: Path) -> dict:
+    """SIGTERM / SIGINT at random moments during the rounds, then resume; compare with an uninterrupted run."""
+    args = [*BASE, f"federation.rounds={rounds}"]
+    straight = folder / "sig-straight"
+    started = time.perf_counter()
+    subprocess.run(
+        fedlora("run", *args, "--output", str(straight), "--no-progress"), check=True, capture_output=True
+    )
+    full = time.perf_counter() - started
+    reference = load_file(str(straight / "global" / "adapter_model.safetensors"))
+    rng = random.Random(11)
+    outcome: Counter[str] = Counter()
+    identical = 0
+    for trial in range(trials):
+        signum = (signal.SIGTERM, signal.SIGINT)[trial % 2]
+        run_dir = folder / f"sig-{trial}"
+        proc = subprocess.Popen(
+            fedlora("run", *args, "--output", str(run_dir), "--no-progress"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(rng.uniform(0.3 * full, 0.9 * full))
+        proc.send_signal(signum)
+        _, err = proc.communicate()
+        clean = proc.returncode == 128 + signum and "Traceback" not in err
+        finished = proc.returncode == 0  # it ended before the signal arrived
+        outcome["clean stop" if clean else "finished first" if finished else f"rc {proc.returncode}"] += 1
+        if not finished:
+            subprocess.run(
+                fedlora("run", "--resume", str(run_dir), "--no-progress"), check=True, capture_output=True
+            )
+        final = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
+        identical += all(torch.equal(final[k], reference[k]) for k in reference)
+    return {"trials": trials, "outcomes": dict(outcome), "identical_final_adapters": identical}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -147,6 +214,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         part1 = injected_faults(args.rounds, Path(tmp))
         part2 = crashes(args.kill_rounds, args.kill_runs, Path(tmp))
+        hostile = [
+            "federation.clients_per_round=4",
+            "federation.min_replies=2",
+            "federation.max_skipped_rounds=null",
+            "faults={dropout: 0.3, straggler: 0.2, corrupt: 0.3, kinds: [norm, nan, inf]}",
+        ]
+        two_of_three = [
+            "federation.clients_per_round=3",
+            "federation.min_replies=3",
+            "federation.max_skipped_rounds=null",
+            "faults={corrupt: 0.67, kinds: [norm]}",
+        ]
+        part3 = {
+            "dropout_straggler_corrupt": poisoning(Path(tmp), "hostile", hostile, 36),
+            "two_of_three_corrupted": poisoning(Path(tmp), "two-of-three", two_of_three, 12),
+            "signals": signals(args.kill_rounds, 4, Path(tmp)),
+        }
     print(f"injected faults over {part1['rounds']} rounds: {part1['injected_total']} {part1['injected']}")
     print(
         f"rejected {part1['rejected']}; rounds aggregated {part1['aggregated_rounds']}, skipped "
@@ -160,7 +244,19 @@ def main() -> None:
         f"SIGKILL: {part2['sigkills']} kills over {part2['runs']} runs; final adapter identical to the "
         f"uninterrupted run in {part2['identical_final_adapters']}/{part2['runs']}"
     )
-    print(json.dumps({"benchmark": "faults", "injected": part1, "crashes": part2}))
+    for name in ("dropout_straggler_corrupt", "two_of_three_corrupted"):
+        r = part3[name]
+        print(
+            f"{name}: exit {r['exit_code']}, {r['corrupted']} corrupted replies, {r['poisoned']} aggregated "
+            f"(poisoned), {r['aggregated_rounds']}/{r['rounds']} rounds aggregated, final max |value| "
+            f"{r['final_max_abs']:.3g}"
+        )
+    sig = part3["signals"]
+    print(
+        f"signals: {sig['outcomes']} over {sig['trials']} runs; after resuming, final adapter identical to the "
+        f"uninterrupted run in {sig['identical_final_adapters']}/{sig['trials']}"
+    )
+    print(json.dumps({"benchmark": "faults", "injected": part1, "crashes": part2, "adversarial": part3}))
 
 
 if __name__ == "__main__":

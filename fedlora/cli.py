@@ -96,11 +96,20 @@ def cmd_flower(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(config_path, overrides)
     app_dir = Path(args.app_dir)
-    write_app(app_dir, cfg, Path(args.run_dir), address=f"127.0.0.1:{args.port}")
     clients = len(build_federation(cfg).clients)
-    print(f"wrote the Flower app {app_dir} ({clients} clients); on loopback:\n")
-    print("\n".join(commands(app_dir, clients, args.port)))
-    print("\n(across machines: see docs/flower.md for TLS and SuperNode authentication)")
+    credentials = None
+    if args.tls:
+        from fedlora.engine.flower_tls import make_credentials
+
+        hosts = tuple(args.host or ["127.0.0.1", "localhost"])
+        credentials = make_credentials(Path(args.tls), clients, hosts)
+    root = credentials.ca_cert if credentials else None
+    write_app(app_dir, cfg, Path(args.run_dir), address=f"127.0.0.1:{args.port}", root_certificates=root)
+    where = f"TLS and SuperNode authentication, credentials in {args.tls}" if args.tls else "on loopback"
+    print(f"wrote the Flower app {app_dir} ({clients} clients); {where}:\n")
+    print("\n".join(commands(app_dir, clients, args.port, credentials)))
+    if not args.tls:
+        print("\n(across machines: fedlora flower ... --tls DIR for TLS and SuperNode authentication)")
     return 0
 
 
@@ -189,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     fl.add_argument("--run-dir", required=True, help="where the ServerApp writes the run directory")
     fl.add_argument("--port", type=int, default=9093, help="the SuperLink's port (default 9093)")
+    fl.add_argument(
+        "--tls",
+        metavar="DIR",
+        help="make a CA, the SuperLink certificate and SuperNode auth keys in DIR; print secure commands",
+    )
+    fl.add_argument("--host", action="append", help="the SuperLink's host name or address (TLS; repeatable)")
     fl.set_defaults(func=cmd_flower)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")

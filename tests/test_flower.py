@@ -83,3 +83,42 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> 
     for proc in deployment.started:  # nothing of what this test started is left
         with pytest.raises(ProcessLookupError):
             os.killpg(proc.pid, 0)
+
+
+def test_tls_deployment_with_supernode_authentication(tmp_path: Path) -> None:
+    """TLS SuperLink with SuperNode authentication on loopback: the two registered nodes run 2 rounds; a
+    third node, whose key was never registered, is refused (and never gets to claim a partition)."""
+    from fedlora.engine.flower_tls import make_credentials
+
+    overrides = tiny_overrides(
+        tmp_path,
+        **{"federation.num_clients": 2, "data.tasks": "[gcd, lcm]", "federation.clients_per_round": 2},
+    )
+    cfg = load_config(None, overrides)
+    credentials = make_credentials(tmp_path / "tls", nodes=3)
+    run_dir = tmp_path / "run"
+    link = free_port()
+    app = write_app(
+        tmp_path / "app", cfg, run_dir, address=f"127.0.0.1:{link}", root_certificates=credentials.ca_cert
+    )
+    nodes = [
+        "partition-id=0 num-partitions=2",
+        "partition-id=1 num-partitions=2",
+        "partition-id=0 num-partitions=2",
+    ]
+    deployment = LoopbackDeployment(app, nodes, link, tmp_path, credentials=credentials, registered=[0, 1])
+    try:
+        deployment.start()
+        result = deployment.run(timeout_s=600)
+        assert (run_dir / "global" / "adapter_model.safetensors").exists(), (
+            result.stdout[-3000:] + result.stderr[-3000:] + (tmp_path / "superlink.log").read_text()[-3000:]
+        )
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2] and all(r["num_clients"] == 2 for r in records)
+        intruder = (tmp_path / "supernode2.log").read_text()
+        # the SuperLink refuses to activate a node whose public key is not registered (Flower exit code 305)
+        assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
+        for i in (0, 1):  # the registered ones, same CA and TLS, were activated
+            assert "Failed to activate SuperNode" not in (tmp_path / f"supernode{i}.log").read_text()
+    finally:
+        deployment.stop()

@@ -95,11 +95,12 @@ class LoraAdapters:
             (min(m.in_features, m.out_features) for m in base.modules() if isinstance(m, torch.nn.Linear)),
             default=0,
         )
-        if max(profile.attention, profile.mlp) > limit:
-            raise RankTooLargeError(
-                f"rank {max(profile.attention, profile.mlp)} is above min(d, k) = {limit} of every linear layer "
-                "of the model; lower adapter.rank / resources.rank_types or set resources.rank_scale"
-            )
+        for kind, rank in (("attention", profile.attention), ("mlp", profile.mlp)):
+            if rank > limit:
+                raise RankTooLargeError(
+                    f"rank {rank} on {kind} modules is above min(d, k) = {limit} of every linear layer of the "
+                    "model; lower adapter.rank / resources.rank_types or set resources.rank_scale"
+                )
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.init_seed)
             if self.model is None:

@@ -9,10 +9,11 @@
 - ``APP_DIR/flwr-home/config.toml``: the SuperLink connection ``flwr run`` uses (``FLWR_HOME``);
 
 and prints how to start one SuperLink, one SuperNode per client (each with its own ``partition-id`` and
-optionally ``rank-budget``) and the run. Insecure mode is only for loopback; across machines use Flower's
-TLS (``--ssl-*`` on the SuperLink, ``--root-certificates`` on SuperNodes) and SuperNode authentication
-(``--enable-supernode-auth`` with ``--auth-list-public-keys``; ``--auth-supernode-private-key`` /
-``--auth-supernode-public-key`` on each SuperNode).
+optionally ``rank-budget``) and the run. Insecure mode is only for loopback; with ``--tls DIR`` fedlora makes
+a CA, the SuperLink's certificate and one key pair per SuperNode (:mod:`fedlora.engine.flower_tls`) and
+prints the secure commands: TLS (``--ssl-*`` on the SuperLink, ``--root-certificates`` on SuperNodes and in
+the ``flwr`` connection) and SuperNode authentication (``--enable-supernode-auth``; each node's public key
+registered with ``flwr supernode register``; ``--auth-supernode-private-key`` on each SuperNode).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fedlora.config.loader import dump_config
 from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.flower_tls import Credentials
 
 APP_MODULE = "fedlora_flower_app"
 
@@ -49,8 +51,17 @@ def toml_string(text: str) -> str:
     return json.dumps(text)
 
 
-def write_app(app_dir: Path, cfg: ExperimentConfig, run_dir: Path, address: str = "127.0.0.1:9093") -> Path:
-    """Write the Flower app folder for ``cfg`` (see the module docstring); returns ``app_dir``."""
+def write_app(
+    app_dir: Path,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    address: str = "127.0.0.1:9093",
+    root_certificates: Path | None = None,
+) -> Path:
+    """Write the Flower app folder for ``cfg`` (see the module docstring); returns ``app_dir``.
+
+    ``root_certificates``: the CA certificate ``flwr`` verifies the SuperLink with (TLS); None: insecure
+    (loopback only)."""
     app_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, app_dir / "fedlora.yaml")
     config_text = (app_dir / "fedlora.yaml").read_text()
@@ -88,27 +99,51 @@ def write_app(app_dir: Path, cfg: ExperimentConfig, run_dir: Path, address: str 
     )
     home = app_dir / "flwr-home"
     home.mkdir(exist_ok=True)
+    security = (
+        f"root-certificates = {toml_string(str(root_certificates.resolve()))}\ninsecure = false\n"
+        if root_certificates is not None
+        else "insecure = true\n"
+    )
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\naddress = "{address}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\naddress = "{address}"\n{security}'
     )
     return app_dir
 
 
-def commands(app_dir: Path, num_clients: int, superlink_port: int = 9093) -> list[str]:
-    """The shell commands of a loopback deployment (one line each)."""
+def commands(
+    app_dir: Path, num_clients: int, superlink_port: int = 9093, credentials: Credentials | None = None
+) -> list[str]:
+    """The shell commands of a deployment (one line each): insecure on loopback, or with ``credentials``
+    TLS and SuperNode authentication (the key of each node registered before it starts)."""
     env = "FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0"
+    home = f"FLWR_HOME={app_dir.resolve() / 'flwr-home'}"
+    if credentials is None:
+        link_security, node_security = "--insecure", lambda i: "--insecure"
+    else:
+        c = credentials
+        link_security = (
+            f"--ssl-certfile {c.superlink_cert} --ssl-keyfile {c.superlink_key} --ssl-ca-certfile {c.ca_cert} "
+            "--enable-supernode-auth"
+        )
+
+        def node_security(i: int) -> str:
+            return f"--root-certificates {c.ca_cert} --auth-supernode-private-key {c.node_key(i)}"
+
     lines = [
-        f"{env} flower-superlink --insecure --host 127.0.0.1 --port {superlink_port} "
+        f"{env} flower-superlink {link_security} --host 127.0.0.1 --port {superlink_port} "
         "--disable-runtime-dependency-installation &"
     ]
+    if credentials is not None:
+        lines += [
+            f"{home} {env} flwr supernode register {credentials.node_public_key(i)} fedlora"
+            for i in range(num_clients)
+        ]
     for client in range(num_clients):
         lines.append(
-            f"{env} flower-supernode --insecure --superlink 127.0.0.1:{superlink_port} "
+            f"{env} flower-supernode {node_security(client)} --superlink 127.0.0.1:{superlink_port} "
             f'--port {superlink_port + 10 + client} --node-config "partition-id={client} num-partitions={num_clients}" &'
         )
-    lines.append(
-        f"FLWR_HOME={app_dir.resolve() / 'flwr-home'} {env} flwr run {app_dir.resolve()} fedlora --stream"
-    )
+    lines.append(f"{home} {env} flwr run {app_dir.resolve()} fedlora --stream")
     return lines
 
 
@@ -125,10 +160,22 @@ class LoopbackDeployment:
     in their own sessions, and ``flwr run`` against them. ``stop()`` ends exactly the process groups it
     started (SuperExec and app processes included). Use as a context manager."""
 
-    def __init__(self, app_dir: Path, node_configs: list[str], link_port: int, workdir: Path) -> None:
+    def __init__(
+        self,
+        app_dir: Path,
+        node_configs: list[str],
+        link_port: int,
+        workdir: Path,
+        credentials: Credentials | None = None,
+        registered: list[int] | None = None,
+    ) -> None:
+        """``credentials``: TLS and SuperNode authentication; node i uses key i, and only the keys of
+        ``registered`` (default: every node) are registered with the SuperLink."""
         import os
         import sys
 
+        self.credentials = credentials
+        self.registered = list(range(len(node_configs))) if registered is None else registered
         self.app_dir, self.node_configs, self.link_port, self.workdir = (
             app_dir,
             node_configs,
@@ -161,13 +208,39 @@ class LoopbackDeployment:
         self.started.append(proc)
 
     def start(self, settle_s: float = 5.0) -> None:
+        import subprocess
         import time
 
-        link = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port)]
+        c = self.credentials
+        link = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.link_port)]
+        if c is None:
+            link.append("--insecure")
+        else:
+            link += ["--ssl-certfile", str(c.superlink_cert), "--ssl-keyfile", str(c.superlink_key)]
+            link += ["--ssl-ca-certfile", str(c.ca_cert), "--enable-supernode-auth"]
         self._start([*link, "--disable-runtime-dependency-installation"], "superlink.log")
         time.sleep(settle_s)
+        if c is not None:
+            for i in self.registered:
+                subprocess.run(
+                    ["flwr", "supernode", "register", str(c.node_public_key(i)), "fedlora"],
+                    env=self.env,
+                    cwd=self.workdir,
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
         for i, node_config in enumerate(self.node_configs):
-            node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}"]
+            node = ["flower-supernode", "--superlink", f"127.0.0.1:{self.link_port}"]
+            if c is None:
+                node.append("--insecure")
+            else:
+                node += [
+                    "--root-certificates",
+                    str(c.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(c.node_key(i)),
+                ]
             self._start(
                 [*node, "--port", str(free_port()), "--node-config", node_config], f"supernode{i}.log"
             )
