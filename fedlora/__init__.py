@@ -9,7 +9,7 @@ Public API (``docs/api.md``)::
 
 Extension points, each an open registry (or a Python entry point, or a module under ``plugins:``):
 ``register_strategy`` (a :class:`Strategy` subclass), ``register_client_hooks`` (a :class:`ClientHooks`
-subclass), ``register_data_source``, ``register_partitioner``, ``register_metric``.
+subclass), ``register_data_source``, ``register_partitioner``, ``register_metric``, ``register_model``.
 
 Layout (one job per package): ``config`` (validated experiment config), ``data`` (sources, partitioners,
 prompt encoding), ``models`` (base models, GGUF conversion, per-client architectures), ``adapters`` (LoRA via
@@ -46,6 +46,7 @@ _EXPORTS = {
     "SourceData": "fedlora.data.federation",
     "register_partitioner": "fedlora.data.partition",
     "register_metric": "fedlora.eval.registry",
+    "register_model": "fedlora.models.loading",
     "Example": "fedlora.data.examples",
     "ClientData": "fedlora.data.examples",
     "Federation": "fedlora.data.examples",
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fedlora.data.federation import SourceData, register_data_source  # noqa: F401
     from fedlora.data.partition import register_partitioner  # noqa: F401
     from fedlora.eval.registry import register_metric  # noqa: F401
+    from fedlora.models.loading import register_model  # noqa: F401
     from fedlora.protocol import ClientInstruction, ClientReply  # noqa: F401
     from fedlora.runner import RunResult, run  # noqa: F401
     from fedlora.strategies.base import (  # noqa: F401

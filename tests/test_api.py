@@ -134,3 +134,24 @@ def test_unknown_names_say_how_to_register(tmp_path: Path) -> None:
             fedlora.load_config(None, tiny_overrides(tmp_path, **{key: value}))
     with pytest.raises(fedlora.ConfigError, match="cannot import 'no_such_plugin'"):
         fedlora.load_config(None, tiny_overrides(tmp_path, plugins="[no_such_plugin]"))
+
+
+def test_a_registered_model_runs(tmp_path: Path) -> None:
+    """A model registered by name (here a narrower tiny LLaMA built locally) is what model.name finds."""
+    from conftest import tiny_overrides
+    from fedlora.models.loading import MODELS
+    from fedlora.models.registry import cache_root
+    from fedlora.models.tiny import tiny_llama_folder
+
+    if "tiny-llama-32" not in MODELS:
+
+        @fedlora.register_model("tiny-llama-32")
+        def narrow(model_cfg):  # noqa: ANN001, ANN202
+            return tiny_llama_folder(cache_root(model_cfg.cache_dir), 32, 2)
+
+    cfg = fedlora.load_config(
+        None, tiny_overrides(tmp_path, **{"model.name": "tiny-llama-32", "federation.rounds": 1})
+    )
+    result = fedlora.run(cfg, tmp_path / "m", show_progress=False)
+    a = next(v for k, v in result.final_state.items() if "lora_A" in k)
+    assert a.shape[1] == 32  # the registered model's hidden size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fedlora.config.schema import ModelConfig
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
 from fedlora.models.tiny import tiny_llama_folder
+from fedlora.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,32 @@ class ModelBundle:
     num_labels: int | None = None
 
 
+ModelSource = Callable[[ModelConfig], Path]
+#: model.name -> fn(model config) -> a local Hugging Face folder (config.json, weights, tokenizer)
+MODELS: Registry[ModelSource] = Registry("model", "model.name")
+
+
+def register_model(name: str) -> Callable[[ModelSource], ModelSource]:
+    """Decorator: ``fn(model_cfg) -> Path`` of a local Hugging Face model folder (fetch or build it once)."""
+    return MODELS.register(name)  # type: ignore[return-value]
+
+
+@register_model("tiny-llama")
+def tiny_llama(cfg: ModelConfig) -> Path:
+    return tiny_llama_folder(cache_root(cfg.cache_dir), cfg.tiny_hidden_size, cfg.tiny_num_layers)
+
+
+for _name in BUILTIN_NAMES:
+    if _name not in MODELS:
+        MODELS.register(_name, lambda cfg, name=_name: fetch_builtin(name, cfg.cache_dir))
+
+
 def resolve_model_folder(cfg: ModelConfig) -> Path:
-    """Turn ``model.name`` into a local Hugging Face folder, fetching or converting it once if needed."""
+    """Turn ``model.name`` into a local Hugging Face folder: a registered model (built-ins: tiny-llama,
+    smollm2-135m-instruct, all-minilm-l6-v2), a ``.gguf`` file (converted once) or a model folder."""
     name = cfg.name
-    if name == "tiny-llama":
-        return tiny_llama_folder(cache_root(cfg.cache_dir), cfg.tiny_hidden_size, cfg.tiny_num_layers)
-    if name in BUILTIN_NAMES:
-        return fetch_builtin(name, cfg.cache_dir)
+    if name in MODELS:
+        return MODELS.get(name)(cfg)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -57,7 +78,8 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
             )
         return path
     raise FileNotFoundError(
-        f"model.name: {name!r} is neither a built-in ({', '.join(BUILTIN_NAMES)}), a model folder, nor a .gguf file"
+        f"model.name: {name!r} is neither a registered model ({', '.join(MODELS.names())}), a model folder, "
+        "nor a .gguf file"
     )
 
 
