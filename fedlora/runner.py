@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from fedlora import __version__
 from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
+from fedlora.data.federation import build_federation, rows_source
 from fedlora.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from fedlora.engine.embedded import (
     EmbeddedEngine,
@@ -104,13 +105,19 @@ def run(
     show_progress: bool = True,
     transport_factory: TransportFactory | None = None,
     federation: Federation | None = None,
+    dataset: Iterable[dict[str, Any]] | None = None,
 ) -> RunResult:
     """Run (or resume) an experiment into ``run_dir``.
 
     ``federation``: the clients' data given directly (a :class:`~fedlora.data.examples.Federation`) instead of
-    the config's ``data`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
+    the config's ``data`` section; ``dataset``: rows (a ``datasets.Dataset``, a list of dicts) read with the
+    config's field names and partitioned by its ``partition`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
     ServerApp runs these same rounds with the clients behind Flower messages (``transport_factory``).
     """
+    if dataset is not None:
+        if federation is not None:
+            raise ConfigError("give federation or dataset, not both")
+        federation = build_federation(cfg, rows_source(cfg, dataset))
     if cfg.engine == "flower-sim" and transport_factory is None:
         target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
         if not resume and (target / "metrics.jsonl").exists():

@@ -155,3 +155,23 @@ def test_a_registered_model_runs(tmp_path: Path) -> None:
     result = fedlora.run(cfg, tmp_path / "m", show_progress=False)
     a = next(v for k, v in result.final_state.items() if "lora_A" in k)
     assert a.shape[1] == 32  # the registered model's hidden size
+
+
+def test_run_takes_a_datasets_dataset(tmp_path: Path) -> None:
+    """A Hugging Face ``datasets.Dataset`` (made here from real reasoning-gym problems) goes straight in;
+    the config's partition section splits it (natural: one client per category)."""
+    from datasets import Dataset
+
+    from conftest import tiny_overrides
+
+    examples = reasoning_gym_examples(["gcd", "lcm", "basic_arithmetic"], 10, seed=4)
+    rows = Dataset.from_list(
+        [{"instruction": e.instruction, "output": e.output, "category": e.category} for e in examples]
+    )
+    cfg = fedlora.load_config(None, tiny_overrides(tmp_path, **{"federation.rounds": 1}))
+    result = fedlora.run(cfg, tmp_path / "ds", show_progress=False, dataset=rows)
+    clients = json.loads((result.run_dir / "clients.json").read_text())
+    assert sorted(c["name"] for c in clients) == ["basic_arithmetic", "gcd", "lcm"]
+    assert (
+        "a dataset given in Python (30 rows)" in json.loads((result.run_dir / "run.json").read_text())["data"]
+    )

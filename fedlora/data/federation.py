@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import ClientData, Example, Federation
@@ -14,6 +15,7 @@ from fedlora.data.partition import partition_examples, split_client
 from fedlora.data.sources import (
     bbc_news_examples,
     find_natural_instructions,
+    instruction_examples,
     labels_in_file,
     load_instruction_file,
     reasoning_gym_examples,
@@ -88,13 +90,28 @@ def json_source(cfg: ExperimentConfig) -> SourceData:
     return SourceData(f"{data.path} ({len(examples)} examples)", examples, None, label_names)
 
 
-def build_federation(cfg: ExperimentConfig) -> Federation:
-    """Build every client's train/eval/test data as the config says."""
+def rows_source(cfg: ExperimentConfig, rows: Iterable[dict[str, Any]]) -> SourceData:
+    """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
+    the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
+    data = cfg.data
+    records = list(enumerate(rows, start=1))
+    label_names = None
+    if cfg.model.task == "classification":
+        label_names = sorted({str(r[data.output_field]) for _, r in records})
+    fields = (data.instruction_field, data.input_field, data.output_field, data.category_field)
+    examples = instruction_examples(records, "dataset row", *fields, label_names=label_names)
+    return SourceData(f"a dataset given in Python ({len(examples)} rows)", examples, None, label_names)
+
+
+def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) -> Federation:
+    """Build every client's train/eval/test data as the config says (``source``: data given directly,
+    instead of ``data.source``)."""
     data, part, fed = cfg.data, cfg.partition, cfg.federation
-    try:
-        source = DATA_SOURCES.get(data.source)(cfg)
-    except UnknownName as err:
-        raise ValueError(str(err)) from None
+    if source is None:
+        try:
+            source = DATA_SOURCES.get(data.source)(cfg)
+        except UnknownName as err:
+            raise ValueError(str(err)) from None
     label_names, description = source.label_names, source.description
     if cfg.model.task == "classification" and not label_names:
         raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,23 @@ def load_instruction_file(
     ``input_field`` the text.
     """
     path = Path(path)
+    fields = (instruction_field, input_field, output_field, category_field)
+    return instruction_examples(iter_json_records(path), path, *fields, label_names=label_names)
+
+
+def instruction_examples(
+    records: Iterable[tuple[int, dict[str, Any]]],
+    path: Path | str,
+    instruction_field: str = "instruction",
+    input_field: str = "input",
+    output_field: str = "output",
+    category_field: str | None = "category",
+    label_names: list[str] | None = None,
+) -> list[Example]:
+    """Examples from (line or row number, record) pairs: a file's lines or a dataset's rows (``path`` names
+    where they come from in errors)."""
     examples = []
-    for line, record in iter_json_records(path):
+    for line, record in records:
         output = _text_field(path, line, record, output_field, required=True)
         category = _text_field(path, line, record, category_field, False) if category_field else ""
         label = None
