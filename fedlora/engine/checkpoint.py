@@ -48,7 +48,8 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (so a rename in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,11 +71,11 @@ def save_checkpoint(
     record["meta_sha256"] = _meta_digest(record)
     (tmp / META).write_text(json.dumps(record, indent=1))
     for name in (TENSORS, META):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     if final.exists():  # a damaged checkpoint of this round from an earlier attempt: move it aside atomically
         _discard(root, final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     for old in sorted(list_rounds(root))[:-keep]:
         _discard(root, root / f"round_{old}")
     for leftover in root.glob(".trash_*"):  # from a process killed while deleting

@@ -30,6 +30,7 @@ import yaml
 
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.checkpoint import fsync_path
 
 #: dotted prefixes a resume may change: more (or fewer, not below the done) rounds, evaluation, output,
 #: the run's name and how it is run (threads, engine): none of them changes what the clients train
@@ -40,14 +41,6 @@ LOCK_NAME = ".lock"
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -62,7 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -75,13 +68,13 @@ def replace_folder(tmp: Path, final: Path) -> None:
         if child.is_file():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
-    fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         trash = final.with_name(f".{final.name}.old.{os.getpid()}")
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def config_text(cfg: ExperimentConfig) -> str:
