@@ -196,10 +196,10 @@ def signals(rounds: int, trials: int, folder: Path) -> dict:
         clean = proc.returncode == 128 + signum and "Traceback" not in err
         finished = proc.returncode == 0  # it ended before the signal arrived
         outcome["clean stop" if clean else "finished first" if finished else f"rc {proc.returncode}"] += 1
-        if not finished:
-            subprocess.run(
-                fedlora("run", "--resume", str(run_dir), "--no-progress"), check=True, capture_output=True
-            )
+        if not finished:  # resume; a signal during start-up leaves no run to resume: start it again
+            resumable = (run_dir / "config.yaml").exists()
+            again = ["--resume", str(run_dir)] if resumable else [*args, "--output", str(run_dir)]
+            subprocess.run(fedlora("run", *again, "--no-progress"), check=True, capture_output=True)
         final = load_file(str(run_dir / "global" / "adapter_model.safetensors"))
         identical += all(torch.equal(final[k], reference[k]) for k in reference)
     return {"trials": trials, "outcomes": dict(outcome), "identical_final_adapters": identical}
