@@ -219,26 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from fedlora.config.loader import ConfigError
-    from fedlora.data.errors import DataError
-    from fedlora.engine.embedded import RunFailed, RunInterrupted
-
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:  # until a run installs its own (between rounds)
         received.append(signum)
         raise KeyboardInterrupt
 
+    # first thing: a signal while the libraries load is a clean stop too, not a traceback or a silent death
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return args.func(args)
-    except RunInterrupted as stopped:  # the runner printed how to resume
-        return 128 + stopped.signum
-    except RunFailed as failed:
-        print(f"fedlora: error: {failed}", file=sys.stderr)
-        return 1
+        return _main(argv)
     except KeyboardInterrupt:
         if not received:  # not a signal: a real crash, shown as one
             raise
@@ -247,6 +237,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + received[0]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from fedlora.config.loader import ConfigError
+    from fedlora.data.errors import DataError
+    from fedlora.engine.embedded import RunFailed, RunInterrupted
+
+    try:
+        return args.func(args)
+    except RunInterrupted as stopped:  # the runner printed how to resume
+        return 128 + stopped.signum
+    except RunFailed as failed:
+        print(f"fedlora: error: {failed}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2
@@ -258,9 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedlora: error: {err}\n(set FEDLORA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

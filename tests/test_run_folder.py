@@ -138,3 +138,23 @@ def test_a_signal_stops_cleanly_and_the_run_resumes(tmp_path: Path, signum: int)
     done = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
     assert done and done == list(range(1, len(done) + 1)) and len(done) < 300
     assert main(["run", "--resume", str(run_dir), f"federation.rounds={len(done) + 1}", "--no-progress"]) == 0
+
+
+def test_a_signal_while_the_libraries_load_is_a_clean_stop(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedlora.cli",
+            "run",
+            *tiny_overrides(tmp_path),
+            "--output",
+            str(tmp_path / "r"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # importing torch and transformers takes seconds
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]

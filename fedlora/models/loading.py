@@ -78,7 +78,7 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
             )
         return path
     raise FileNotFoundError(
-        f"model.name: {name!r} is neither a registered model ({', '.join(MODELS.names())}), a model folder, "
+        f"model.name: {name!r} is neither a built-in or registered model ({', '.join(MODELS.names())}), a model folder, "
         "nor a .gguf file"
     )
 
