@@ -2,7 +2,7 @@
 
 The generic trainer (:mod:`fedlora.client.trainer`) knows first-order steps, DP-SGD steps, zeroth-order steps
 and batching, nothing method-specific. What a method changes on the client is a list of hook objects the
-strategy puts in each :class:`~fedlora.strategies.base.ClientInstruction`; each is a frozen pydantic model
+strategy puts in each :class:`~fedlora.protocol.ClientInstruction`; each is a frozen pydantic model
 (its typed options) registered under a ``kind``, so the same objects cross the embedded engine, worker
 processes and Flower messages as JSON (``{"kind": "fedprox", "mu": 0.01}``), never pickle.
 
@@ -33,7 +33,7 @@ from fedlora.registry import Registry
 if TYPE_CHECKING:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.client.store import PersonalStore
-    from fedlora.client.trainer import TrainingSettings
+    from fedlora.client.trainer import LocalTrainingSettings
     from fedlora.data.encoding import EncodedOnDemand, Encoder
     from fedlora.data.examples import ClientData
 
@@ -50,7 +50,7 @@ class ClientContext:
     adapters: LoraAdapters
     encoder: Encoder
     encoded: EncodedOnDemand
-    settings: TrainingSettings
+    settings: LocalTrainingSettings
     seed: int
     client_id: int
     server_round: int
