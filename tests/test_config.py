@@ -95,3 +95,22 @@ def test_shipped_configs_are_valid() -> None:
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_relative_paths_are_read_against_the_config_file_and_stored_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text("data: {source: json, path: ../data/d.jsonl}\noutput: {root: ../runs}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(config)
+    assert cfg.data.path == str(tmp_path / "data" / "d.jsonl") and cfg.output.root == str(tmp_path / "runs")
+    override = load_config(config, ["data.path=local.jsonl"])  # overrides: against the current directory
+    assert override.data.path == str(elsewhere / "local.jsonl")
+    assert load_config(None, ["model.name=./my-model"]).model.name == str(elsewhere / "my-model")
+    assert load_config(None, ["model.name=tiny-llama"]).model.name == "tiny-llama"  # a name stays a name

@@ -191,14 +191,42 @@ def read_yaml(path: Path) -> Any:
         loader.dispose()
 
 
+#: (section, key) of the fields that name files or folders
+PATH_FIELDS = (("data", "path"), ("model", "cache_dir"), ("output", "dir"), ("output", "root"))
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or name.startswith((".", "~")) or name.endswith(".gguf")
+
+
+def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the tree's relative paths absolute against ``base`` (in place): ``data.path``,
+    ``model.cache_dir``, ``output.dir`` / ``output.root``, and ``model.name`` when it is a file or folder."""
+    for section, key in PATH_FIELDS:
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            value = Path(node[key]).expanduser()
+            node[key] = str(value if value.is_absolute() else (base / value).resolve())
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and _looks_like_path(model["name"]):
+        value = Path(model["name"]).expanduser()
+        model["name"] = str(value if value.is_absolute() else (base / value).resolve())
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read ``path`` (None = the built-in default), apply dotted overrides, validate."""
+    """Read ``path`` (None = the built-in default), apply dotted overrides, validate.
+
+    Relative paths in the file are read against the file's folder, those in overrides against the current
+    directory; both are stored absolute, so the run's ``config.yaml`` works from anywhere."""
+    builtin = path is None
     path = Path(path) if path is not None else builtin_config_path("default")
     tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    resolve_paths(tree, Path.cwd() if builtin else path.resolve().parent)
     apply_overrides(tree, overrides or [])
-    return config_from_dict(tree)
+    return config_from_dict(resolve_paths(tree, Path.cwd()))
 
 
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:
