@@ -236,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             f"fedlora: stopped by signal {received[0]} outside the rounds (checkpoints stand)",
             file=sys.stderr,
         )
-        return 128 + received[0]
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # a library interrupted half-way through its import can fail again at interpreter shutdown: leave now
+        os._exit(128 + received[0])
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

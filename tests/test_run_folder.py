@@ -140,7 +140,8 @@ def test_a_signal_stops_cleanly_and_the_run_resumes(tmp_path: Path, signum: int)
     assert main(["run", "--resume", str(run_dir), f"federation.rounds={len(done) + 1}", "--no-progress"]) == 0
 
 
-def test_a_signal_while_the_libraries_load_is_a_clean_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("after_s", [0.5, 1.5, 3.0])
+def test_a_signal_while_the_libraries_load_is_a_clean_stop(tmp_path: Path, after_s: float) -> None:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -154,7 +155,7 @@ def test_a_signal_while_the_libraries_load_is_a_clean_stop(tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # importing torch and transformers takes seconds
+    time.sleep(after_s)  # importing torch and transformers takes seconds: land in different imports
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
