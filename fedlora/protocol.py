@@ -47,4 +47,4 @@ def plan_to_json(instruction: ClientInstruction) -> str:
 def plan_from_json(text: str, payload: AdapterState) -> ClientInstruction:
     """Rebuild an instruction from :func:`plan_to_json` and its tensors (unknown hook kinds are errors)."""
     plan = json.loads(text)
-    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(json.dumps(plan["hooks"])))
+    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]))

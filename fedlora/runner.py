@@ -33,7 +33,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora import __version__
-from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict
+from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, config_text
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
 from fedlora.data.federation import build_federation, rows_source
@@ -51,7 +51,6 @@ from fedlora.engine.embedded import (
 from fedlora.engine.run_folder import (
     atomic_write_text,
     check_resume,
-    config_text,
     read_run_info,
     replace_folder,
     run_lock,

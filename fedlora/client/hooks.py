@@ -20,7 +20,6 @@ private data outside DP-SGD); the privacy wrapper refuses such combinations befo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -103,15 +102,12 @@ def register_client_hooks(cls: type[ClientHooks]) -> type[ClientHooks]:
     return cls
 
 
-def hooks_to_json(hooks: list[ClientHooks]) -> str:
-    return json.dumps([h.to_json() for h in hooks], sort_keys=True)
-
-
-def hooks_from_json(text: str) -> list[ClientHooks]:
-    """Rebuild hook objects from :func:`hooks_to_json` (unknown kinds and options are errors)."""
+def hooks_from_json(items: list[dict[str, Any]]) -> list[ClientHooks]:
+    """Rebuild hook objects from their :meth:`ClientHooks.to_json` forms (unknown kinds and options are
+    errors)."""
     out = []
-    for item in json.loads(text) if text else []:
-        item = dict(item)
-        cls = CLIENT_HOOKS.get(item.pop("kind"))
-        out.append(cls.model_validate(item))
+    for item in items:
+        fields = dict(item)
+        cls = CLIENT_HOOKS.get(fields.pop("kind"))
+        out.append(cls.model_validate(fields))
     return out

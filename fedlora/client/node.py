@@ -59,7 +59,6 @@ class ClientNode:
         adapters: LoraAdapters,
         encoder: Encoder,
         client_models: ClientModels | None = None,
-        store_folder: Path | None = None,
     ) -> None:
         self.client = client
         self.run_seed = run_seed
@@ -67,9 +66,7 @@ class ClientNode:
         self.adapters = adapters
         self.encoder = encoder
         self.client_models = client_models
-        self.store: PersonalStore | None = None
-        if store_folder is not None:
-            self.use_store(store_folder)
+        self.store: PersonalStore | None = None  # set by whoever runs the node (use_store)
 
     def use_store(self, folder: Path) -> None:
         """Personal client state (hooks' and per-architecture weights) lives under ``folder``."""

@@ -229,6 +229,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(resolve_paths(tree, Path.cwd()))
 
 
+def config_text(cfg: ExperimentConfig) -> str:
+    """The full resolved config (every default filled in) as YAML text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:
-    """Write the full resolved config (every default filled in) as YAML."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write :func:`config_text` to ``path``."""
+    path.write_text(config_text(cfg))

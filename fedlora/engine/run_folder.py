@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import fsync_path
@@ -75,10 +73,6 @@ def replace_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(final.parent)
-
-
-def config_text(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,6 @@ def check_experiment(cfg: ExperimentConfig) -> None:
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
-    """The configured strategy, after :func:`check_experiment` (however the config was made)."""
-    check_experiment(cfg)
+    """The configured strategy (callers run :func:`check_experiment` first, before loading anything)."""
     cls = strategy_class(cfg.strategy.name)
     return cls(cls.Options.model_validate(cfg.strategy.options))

@@ -54,17 +54,18 @@ class UpdateNormScreen(StrategyWrapper):
     """Rejects updates by absolute norm and by ratio to the history, the start point and the round;
     clips the accepted ones."""
 
-    _own = frozenset({"inner", "limits", "_sent", "history"})
+    _own = frozenset({"inner", "limits", "_sent", "_start_norms", "history"})
 
     def __init__(self, inner: Strategy, limits: FederationConfig) -> None:
         super().__init__(inner)
         self.limits = limits
         # client -> (what it was sent, ||sent||, update norm)
         self._sent: dict[int, tuple[AdapterState, float, float]] = {}
+        self._start_norms: dict[int, float] = {}  # id(payload) -> its norm (clients often share one)
         self.history: list[float] = []  # accepted update norms, newest last
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        self._sent = {}
+        self._sent, self._start_norms = {}, {}
         return self.inner.configure(server_round, client_ids)
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
@@ -74,7 +75,11 @@ class UpdateNormScreen(StrategyWrapper):
             limit = self.limits.max_update_norm
             if limit is not None and norm > limit:
                 return f"update norm {norm:.3g} above federation.max_update_norm ({limit})"
-            start = float(sum(float(v.double().pow(2).sum()) for v in instruction.payload.values()) ** 0.5)
+            key = id(instruction.payload)
+            if key not in self._start_norms:
+                squares = sum(float(v.double().pow(2).sum()) for v in instruction.payload.values())
+                self._start_norms[key] = squares**0.5
+            start = self._start_norms[key]
             self._sent[reply.client_id] = (instruction.payload, start, norm)
         return reason
 

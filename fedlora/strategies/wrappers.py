@@ -47,12 +47,6 @@ class StrategyWrapper(Strategy):
     personal_models = property(lambda self: self.inner.personal_models)  # type: ignore[assignment]
     linear_aggregate = property(lambda self: self.inner.linear_aggregate)  # type: ignore[assignment]
 
-    @property
-    def unwrapped(self) -> Strategy:
-        """The method itself, under every wrapper."""
-        inner = self.inner
-        return inner.unwrapped if isinstance(inner, StrategyWrapper) else inner
-
     def initialize(self, setup: ServerSetup) -> None:
         self.inner.initialize(setup)
 
