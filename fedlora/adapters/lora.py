@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from fedlora.adapters.ranks import RankProfile, module_kind, profile_of_state
 from fedlora.adapters.state import AdapterState
+from fedlora.compute import to_cpu
 from fedlora.config.schema import AdapterConfig
 
 # rank_pattern key (PEFT matches it as ``(.*\.)?(KEY)$`` on module names) for modules that are NOT
@@ -180,7 +181,7 @@ class LoraAdapters:
         if key not in self._slots:
             self.activate(key)
             key = self.canonical(key)
-        return {k: p.detach().clone() for k, p in self._slots[key].tensors.items()}
+        return to_cpu(self._slots[key].tensors)
 
     def initial_state(self, profile: RankProfile | int | None = None) -> AdapterState:
         """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""

@@ -18,6 +18,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from fedlora.compute import model_device, to_device
+
 log = logging.getLogger(__name__)
 
 #: model class -> whether head-on-targets agrees with the model's own logits (checked once per class)
@@ -78,7 +80,9 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """Training loss: mean over the batch's target tokens (causal LM) or examples (classification)."""
+    """Training loss: mean over the batch's target tokens (causal LM) or examples (classification).
+    The batch moves to the model's device first."""
+    batch = to_device(batch, model_device(model))
     if task == "classification":
         return model(**batch).loss
     losses, _ = token_losses(model, batch)
@@ -89,12 +93,13 @@ def example_losses(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: the mean loss over its target tokens (or its CE), and for classification the predicted class."""
+    batch = to_device(batch, model_device(model))
     if task == "classification":
         labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
     losses, rows = token_losses(model, batch)
     n = batch["input_ids"].shape[0]
-    sums = torch.zeros(n, dtype=losses.dtype).index_add_(0, rows, losses)
-    counts = torch.zeros(n, dtype=losses.dtype).index_add_(0, rows, torch.ones_like(losses)).clamp(min=1)
+    sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+    counts = torch.zeros_like(sums).index_add_(0, rows, torch.ones_like(losses)).clamp(min=1)
     return sums / counts, None

@@ -27,8 +27,11 @@ from fedlora.models.personal import ClientModels
 from fedlora.protocol import ClientInstruction, ClientReply
 
 
-def resolve_settings(client: ClientConfig, overrides: dict[str, Any]) -> LocalTrainingSettings:
-    """The config's client section + the instruction's generic overrides (``privacy`` as a dict)."""
+def resolve_settings(
+    client: ClientConfig, overrides: dict[str, Any], precision: str = "fp32"
+) -> LocalTrainingSettings:
+    """The config's client section + the instruction's generic overrides (``privacy`` as a dict) + the
+    node's ``compute.precision``."""
     unknown = set(overrides) - set(OVERRIDABLE) - {"privacy"}
     if unknown:
         known = ", ".join([*OVERRIDABLE, "privacy"])
@@ -45,7 +48,8 @@ def resolve_settings(client: ClientConfig, overrides: dict[str, Any]) -> LocalTr
     if values.get("optimizer") is None:
         raise ValueError("the instruction names no optimizer and client.optimizer is unset")
     privacy = overrides.get("privacy")
-    return LocalTrainingSettings(**values, privacy=DPSettings(**privacy) if privacy else None)
+    dp = DPSettings(**privacy) if privacy else None
+    return LocalTrainingSettings(**values, privacy=dp, precision=precision)
 
 
 class ClientNode:
@@ -59,6 +63,7 @@ class ClientNode:
         adapters: LoraAdapters,
         encoder: Encoder,
         client_models: ClientModels | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.client = client
         self.run_seed = run_seed
@@ -66,6 +71,7 @@ class ClientNode:
         self.adapters = adapters
         self.encoder = encoder
         self.client_models = client_models
+        self.precision = precision
         self.store: PersonalStore | None = None  # set by whoever runs the node (use_store)
 
     def use_store(self, folder: Path) -> None:
@@ -76,7 +82,7 @@ class ClientNode:
 
     def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local round from its instruction."""
-        settings = resolve_settings(self.client, instruction.settings)
+        settings = resolve_settings(self.client, instruction.settings, self.precision)
         adapters, payload = self.adapters, instruction.payload
         if self.client_models is not None:  # its own architecture, with its own weights
             adapters, payload = self.client_models.install(client_id, server_round, payload)

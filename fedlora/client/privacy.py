@@ -73,8 +73,10 @@ def dp_optimizer(
     max_grad_norm: float,
     expected_batch_size: int,
     seed: int,
+    device: torch.device | None = None,
 ) -> torch.optim.Optimizer:
-    """Opacus' DPOptimizer around ``optimizer``; the noise is drawn from a generator seeded per (round, client)."""
+    """Opacus' DPOptimizer around ``optimizer``; the noise is drawn from a generator seeded per (round, client)
+    on the parameters' ``device`` (so a GPU run draws other, equally distributed, noise than a CPU run)."""
     from opacus.optimizers import DPOptimizer
 
     return DPOptimizer(
@@ -83,7 +85,7 @@ def dp_optimizer(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+        generator=torch.Generator(device=device or "cpu").manual_seed(seed ^ 0x5EED),
     )
 
 

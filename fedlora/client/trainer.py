@@ -38,6 +38,7 @@ from fedlora.client.privacy import (
 )
 from fedlora.client.store import PersonalStore
 from fedlora.client.zeroth_order import ZerothOrder, train_zeroth_order
+from fedlora.compute import autocast, grad_scaler, model_device, to_cpu, to_device
 from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -67,6 +68,8 @@ class LocalTrainingSettings:
     #: multiplies lr (e.g. FedMeZO's personalised client learning rates)
     lr_scale: float = 1.0
     privacy: DPSettings | None = None
+    #: autocast of the forward pass (``compute.precision``): fp32, bf16 or fp16 (with a gradient scaler)
+    precision: str = "fp32"
 
 
 #: the generic settings a strategy may override per client in ``ClientInstruction.settings``
@@ -110,28 +113,49 @@ def run_steps(
     grad_clip: float | None,
     seed: int,
     pad_token_id: int,
+    precision: str = "fp32",
 ) -> tuple[list[float], int]:
     """Plain first-order steps (train mode, dropout seeded); returns the losses and the token count.
 
+    The forward runs under ``precision``'s autocast on the model's device; with fp16 the loss is scaled
+    before backward and the gradients unscaled before clipping (a step with inf/NaN gradients is skipped).
     Shared by the main phase and hooks that train something else first (pFedLoRA's local-model phase).
     """
     losses: list[float] = []
     tokens = 0
+    device = model_device(model)
+    scaler = grad_scaler(precision, device)
     model.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # dropout masks
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seed_all(seed, device)  # dropout masks
         for items in batches:
             batch = collate(items, pad_token_id)
             tokens += int(batch["attention_mask"].sum())
-            loss = loss_of(batch)
+            with autocast(precision, device):
+                loss = loss_of(batch)
             losses.append(float(loss.detach()))
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
     return losses, tokens
+
+
+def seed_all(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, on a CUDA device, that device's (dropout masks are drawn there)."""
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def train_locally(
@@ -202,10 +226,14 @@ def train_locally(
 
     if dp is None:
         pad = encoder.tokenizer.pad_token_id
-        losses, tokens = run_steps(model, params, batches, optimizer, loss_of, settings.grad_clip, seed, pad)
+        losses, tokens = run_steps(
+            model, params, batches, optimizer, loss_of, settings.grad_clip, seed, pad, settings.precision
+        )
     else:
         pad = encoder.tokenizer.pad_token_id
-        run_dp_steps(model, params, batches, optimizer, loss_of, dp, settings.batch_size, seed, pad)
+        run_dp_steps(
+            model, params, batches, optimizer, loss_of, dp, settings.batch_size, seed, pad, settings.precision
+        )
         losses, tokens = [], 0
     metrics.update(
         {
@@ -233,19 +261,25 @@ def run_dp_steps(
     batch_size: int,
     seed: int,
     pad_token_id: int,
+    precision: str = "fp32",
 ) -> None:
-    """DP-SGD steps through Opacus: per-example gradients, clipping to C, Gaussian noise sigma C."""
+    """DP-SGD steps through Opacus: per-example gradients, clipping to C, Gaussian noise sigma C (drawn on
+    the parameters' device). The forward runs under ``precision``'s autocast; per-example gradients, their
+    clipping and the noise are float32 (the LoRA factors are)."""
     check_dp_support(model)
-    optimizer = dp_optimizer(optimizer, dp.noise_multiplier, dp.max_grad_norm, batch_size, seed)
+    device = model_device(model)
+    optimizer = dp_optimizer(optimizer, dp.noise_multiplier, dp.max_grad_norm, batch_size, seed, device)
     hooks = per_example_gradients(model)
     model.train()
-    with hooks, torch.random.fork_rng():
-        torch.manual_seed(seed)  # dropout masks
+    with hooks, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seed_all(seed, device)  # dropout masks
         for items in batches:
             if not items:  # an empty Poisson batch: the noise still goes in
                 zero_grad_samples(params)
             else:
-                loss_of(collate(items, pad_token_id)).backward()
+                with autocast(precision, device):
+                    loss = loss_of(collate(items, pad_token_id))
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -271,11 +305,13 @@ def train_locally_zeroth_order(
     batches = batches_for_steps(ctx.encoded, settings.batch_size, steps, ctx.generator)
     task = ctx.encoder.task
 
+    device, precision = model_device(model), settings.precision
+
     def loss_of(items: list[dict[str, Any]]) -> Callable[[], float]:
-        batch = collate(items, ctx.encoder.tokenizer.pad_token_id)
+        batch = to_device(collate(items, ctx.encoder.tokenizer.pad_token_id), device)
 
         def loss() -> float:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, device):
                 return float(batch_loss(model, batch, task))
 
         return loss
@@ -293,8 +329,10 @@ def train_locally_zeroth_order(
     metrics["tokens"] = tokens
     if zo.upload == "seeds":
         state = record
+    elif zo.full_model:
+        state = to_cpu(dict(named))
     else:
-        state = {k: p.detach().clone() for k, p in named} if zo.full_model else adapters.state()
+        state = adapters.state()
     for hook in hooks:
         state = hook.reply_state(ctx, state, metrics)
     return LocalResult(state=state, num_examples=len(ctx.encoded), metrics=metrics)

@@ -68,10 +68,11 @@ def decays(key: str) -> bool:
 
 @torch.no_grad()
 def perturb(tensors: list[torch.Tensor], seed: int, scale: float) -> None:
-    """theta += scale * z(seed), z drawn tensor by tensor in order from one seeded CPU generator."""
+    """theta += scale * z(seed), z drawn tensor by tensor in order from one seeded CPU generator (and then
+    moved to the tensor's device, so the same seed gives the same z on every device)."""
     generator = torch.Generator().manual_seed(seed)
     for t in tensors:
-        t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype), alpha=scale)
+        t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device), alpha=scale)
 
 
 @torch.no_grad()
@@ -88,7 +89,8 @@ def apply_update(
     for key, t in named:
         direction = torch.zeros_like(t)
         for generator, g in zip(generators, grads, strict=True):
-            direction.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype), alpha=g / n)
+            z = torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+            direction.add_(z, alpha=g / n)
         if weight_decay and decays(key):
             direction.add_(t, alpha=weight_decay)
         t.sub_(direction, alpha=lr)

@@ -6,6 +6,7 @@ the value given and what is allowed (see :func:`fedlora.config.loader.format_val
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -189,6 +190,46 @@ class ClientConfig(Section):
         return self
 
 
+class ComputeConfig(Section):
+    """Where and how the arithmetic runs (results do not depend on ``workers``; see docs/compute.md).
+
+    ``device``: ``auto`` (the first CUDA GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: the
+    base model, batches, evaluation and generation live there. ``server_device``: where the server's
+    aggregation arithmetic runs (FlexLoRA's SVD...; ``auto`` = ``device``). ``precision``: autocast of the
+    base model's forward and backward (``bf16``/``fp16``; ``fp16`` with a gradient scaler); LoRA factors,
+    optimizer state, aggregation and everything that travels stay float32. ``gradient_checkpointing``:
+    recompute activations in the backward pass (memory for time, for large models).
+    ``workers``: clients of a round trained in parallel worker processes, each with its own model copy
+    (``auto``: one per core the machine's memory allows when the model is large enough to pay for the
+    processes, else 1; 1 = in this process). ``devices``: one worker per listed device (GPUs).
+    ``batch_clients``: all sampled clients' local steps in one forward/backward over the shared base model
+    (first-order strategies whose hooks allow it; others fall back to one client at a time with a note).
+    """
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    server_device: str = Field("cpu", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    workers: int | Literal["auto"] = "auto"
+    devices: list[str] = Field(default_factory=list)
+    batch_clients: bool = False
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("workers must be 'auto' or between 1 and 256")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+                raise ValueError(f"devices: {name!r} is not cpu, mps, cuda or cuda:N")
+        return value
+
+
 class AdapterConfig(Section):
     """LoRA: W = W0 + (alpha / r) B A on each target module (PEFT's convention, s = alpha / r)."""
 
@@ -348,6 +389,7 @@ class ExperimentConfig(Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)

@@ -26,6 +26,7 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
 from fedlora.client.node import ClientNode
+from fedlora.compute import autocast, model_device
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData, Federation
@@ -165,7 +166,9 @@ def evaluate_state(
     assert sim.adapters.model is not None
     cfg = sim.cfg.eval
     names = cfg.metrics if metrics is None else metrics
-    return run_evaluators(names, sim.adapters.model, sim.encoder, clients, cfg)
+    model = sim.adapters.model
+    with autocast(sim.cfg.compute.precision, model_device(model)):
+        return run_evaluators(names, model, sim.encoder, clients, cfg)
 
 
 def evaluate_personal(
@@ -190,7 +193,9 @@ def evaluate_personal(
         assert adapters.model is not None
         for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):
             adapters.load(adapter_state)
-            bucket.append(run_evaluators(names, adapters.model, sim.encoder, [client], sim.cfg.eval))
+            with autocast(sim.cfg.compute.precision, model_device(adapters.model)):
+                figures = run_evaluators(names, adapters.model, sim.encoder, [client], sim.cfg.eval)
+            bucket.append(figures)
     out: dict[str, float] = {}
     total = sum(m.get("eval_examples", 0) for m in per_client)
     key = "eval_accuracy" if any("eval_accuracy" in m for m in per_client) else "eval_loss"

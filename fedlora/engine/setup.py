@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import RankProfile, client_profiles, largest_profile
 from fedlora.client.node import ClientNode
 from fedlora.client.privacy import check_dp_support
+from fedlora.compute import resolve_device, to_cpu
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
@@ -24,6 +27,12 @@ from fedlora.strategies.base import ServerSetup, Strategy
 from fedlora.strategies.privacy import DifferentialPrivacy, PrivacyLedger
 from fedlora.strategies.registry import build_strategy, check_experiment
 from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen
+
+
+def server_device(cfg: ExperimentConfig) -> torch.device:
+    """``compute.server_device`` (``auto``: the clients' ``compute.device``)."""
+    name = cfg.compute.server_device
+    return resolve_device(cfg.compute.device if name == "auto" else name)
 
 
 @dataclass
@@ -44,7 +53,7 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
         client_models = ClientModels(cfg, total, federation.num_labels)
         bundle, adapters = client_models.bundles[0], client_models.adapters[0]
     else:
-        bundle = load_base_model(cfg.model, num_labels=federation.num_labels, head_seed=cfg.adapter.init_seed)
+        bundle = load_base_model(cfg.model, federation.num_labels, cfg.adapter.init_seed, cfg.compute)
         adapters = LoraAdapters(bundle.model, cfg.adapter, cfg.model.task)
     profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
     for profile in sorted(set(profiles)):
@@ -62,7 +71,13 @@ def build_client_node(cfg: ExperimentConfig) -> ClientNode:
     federation = build_federation(cfg)
     side = load_client_side(cfg, federation)
     return ClientNode(
-        cfg.client, cfg.federation.seed, federation.clients, side.adapters, side.encoder, side.client_models
+        cfg.client,
+        cfg.federation.seed,
+        federation.clients,
+        side.adapters,
+        side.encoder,
+        side.client_models,
+        cfg.compute.precision,
     )
 
 
@@ -101,7 +116,7 @@ def build_simulation(
         )
     initial = adapters.initial_state(largest_profile(side.profiles))
     if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
-        initial = {k: p.detach().clone() for k, p in adapters.base_parameters()}
+        initial = to_cpu(dict(adapters.base_parameters()))
     if client_models is not None:
         initial = client_models.initial_shared_state()
         if strategy.shares_local_model:  # whole-model FedAvg: one architecture, its weights travel too
@@ -109,7 +124,7 @@ def build_simulation(
                 raise ConfigError(
                     "strategy.options.share 'model' needs one architecture (one model.variants entry)"
                 )
-            initial.update({k: p.detach().clone() for k, p in client_models.adapters[0].base_parameters()})
+            initial.update(to_cpu(dict(client_models.adapters[0].base_parameters())))
     strategy.initialize(
         ServerSetup(
             initial_state=initial,
@@ -117,6 +132,7 @@ def build_simulation(
             lora_alpha=cfg.adapter.alpha,
             seed=cfg.federation.seed,
             client_sizes={c.client_id: c.size("train") for c in federation.clients},
+            device=str(server_device(cfg)),
         )
     )
     if for_training:
@@ -126,7 +142,13 @@ def build_simulation(
                 adapters.activate(profile)
                 check_dp_support(adapters.model)
     node = ClientNode(
-        cfg.client, cfg.federation.seed, federation.clients, adapters, side.encoder, client_models
+        cfg.client,
+        cfg.federation.seed,
+        federation.clients,
+        adapters,
+        side.encoder,
+        client_models,
+        cfg.compute.precision,
     )
     sim = Simulation(cfg, federation, adapters, side.encoder, strategy, client_models, node)
     return sim, side.bundle

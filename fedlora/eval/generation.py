@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import torch
 
+from fedlora.compute import model_device
 from fedlora.data.encoding import Encoder, render_prompt
 from fedlora.data.examples import ClientData, Example
 
@@ -86,15 +87,16 @@ def generate(
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
+        device = model_device(model)
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        out += tokenizer.batch_decode(generated[:, width:].cpu(), skip_special_tokens=True)
     return [text.strip() for text in out]
 
 

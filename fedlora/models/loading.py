@@ -16,7 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedlora.config.schema import ModelConfig
+from fedlora.compute import resolve_device
+from fedlora.config.schema import ComputeConfig, ModelConfig
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
 from fedlora.models.tiny import tiny_llama_folder
@@ -83,8 +84,15 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
     )
 
 
-def load_base_model(cfg: ModelConfig, num_labels: int | None = None, head_seed: int = 0) -> ModelBundle:
-    """Load the frozen base model for ``cfg.task``; a new classification head is initialised from ``head_seed``."""
+def load_base_model(
+    cfg: ModelConfig,
+    num_labels: int | None = None,
+    head_seed: int = 0,
+    compute: ComputeConfig | None = None,
+) -> ModelBundle:
+    """Load the frozen base model for ``cfg.task``; a new classification head is initialised from ``head_seed``
+    (on the CPU, so it is the same whatever the device). With ``compute``: moved to its device, with gradient
+    checkpointing if asked for."""
     folder = resolve_model_folder(cfg)
     dtype = getattr(torch, cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -103,5 +111,9 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None, head_seed: 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     for param in model.parameters():
         param.requires_grad_(False)
+    if compute is not None:
+        model.to(resolve_device(compute.device))
+        if compute.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     return ModelBundle(model=model, tokenizer=tokenizer, task=cfg.task, folder=folder, num_labels=num_labels)

@@ -25,6 +25,7 @@ import torch
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
 from fedlora.client.store import PersonalStore
+from fedlora.compute import to_cpu
 from fedlora.config.schema import ExperimentConfig
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.variants import assign_variants, layer_stack, truncate_layers, variant_label
@@ -47,7 +48,7 @@ class ClientModels:
         hidden = set()
         for variant in cfg.model.variants:
             mcfg = cfg.model.model_copy(update={"name": variant.name or cfg.model.name, "variants": []})
-            bundle = load_base_model(mcfg, num_labels=num_labels, head_seed=cfg.adapter.init_seed)
+            bundle = load_base_model(mcfg, num_labels, cfg.adapter.init_seed, cfg.compute)
             if variant.num_layers:
                 truncate_layers(bundle.model, variant.num_layers)
             path, layers = layer_stack(bundle.model)
@@ -65,7 +66,7 @@ class ClientModels:
             self.bundles.append(bundle)
             self.adapters.append(adapters)
             self.last_layer.append(last)
-            self.pristine.append({k: p.detach().clone() for k, p in adapters.base_parameters()})
+            self.pristine.append(to_cpu(dict(adapters.base_parameters())))
         if len(hidden) > 1:
             raise ValueError(
                 f"model.variants: the shared adapter needs one hidden size on every client model, got {sorted(hidden)}"

@@ -45,6 +45,8 @@ class ServerSetup:
     seed: int = 0
     #: each client's number of training examples, as the server knows it (registered, not claimed)
     client_sizes: dict[int, int] | None = None
+    #: where the aggregation arithmetic may run (``compute.server_device``); states stay on the CPU
+    device: str = "cpu"
 
 
 class StrategyOptions(BaseModel):
@@ -153,6 +155,7 @@ class Strategy(ABC):
         self.lora_alpha = setup.lora_alpha
         self.seed = setup.seed
         self.client_sizes = dict(setup.client_sizes or {})
+        self.server_device = torch.device(setup.device)
 
     def client_hooks(self) -> list[ClientHooks]:
         """The method's client-side behaviour (default: none, plain local training)."""

@@ -17,6 +17,7 @@ The global model used for evaluation and export is W0 + (the rank-r_max truncati
 module kind being the largest rank any client has. Round 1: every client gets the seeded initial adapter
 (PEFT init, B = 0) at r_max truncated to its rank. Task heads (classification) are averaged with p_i.
 Local training is that of fedit (AdamW), fedavg (SGD) or fedprox (SGD + mu): ``options.local``.
+The SVD runs on ``compute.server_device`` (float64 there; what travels is CPU float32).
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ class FlexLoRA(HeterogeneousRankStrategy):
         for module, (a_key, b_key) in module_factors(self.global_state).items():
             A_old, B_old = self.global_state[a_key], self.global_state[b_key]
             r_out, dtype = A_old.shape[0], A_old.dtype
-            Bs = [r.payload[b_key].to(torch.float64) for r in replies]
-            As = [r.payload[a_key].to(torch.float64) for r in replies]
+            device = self.server_device
+            Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
+            As = [r.payload[a_key].to(device, torch.float64) for r in replies]
             weights = [p_i * alpha / A.shape[0] for p_i, A in zip(p, As, strict=True)]
             U, S, Vh = lowrank_svd(Bs, As, weights)
             r = min(r_out, S.shape[0])
             s_out = alpha / r_out
-            A_new = torch.zeros(A_old.shape, dtype=torch.float64)
-            B_new = torch.zeros(B_old.shape, dtype=torch.float64)
+            A_new = torch.zeros(A_old.shape, dtype=torch.float64, device=device)
+            B_new = torch.zeros(B_old.shape, dtype=torch.float64, device=device)
             if self.options.factor_split == "b":  # type: ignore[attr-defined]
                 B_new[:, :r] = U[:, :r] * (S[:r] / s_out)
                 A_new[:r] = Vh[:r]
@@ -72,8 +74,8 @@ class FlexLoRA(HeterogeneousRankStrategy):
                 A_new[:r] = root[:, None] * Vh[:r]
             if r < r_out:
                 seed = zlib.crc32(f"{self.seed}/{server_round}/{module}".encode())
-                A_new[r:] = orthonormal_completion(Vh[:r], r_out - r, seed)
-            out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
+                A_new[r:] = orthonormal_completion(Vh[:r].cpu(), r_out - r, seed).to(device)
+            out[a_key], out[b_key] = A_new.to("cpu", dtype), B_new.to("cpu", dtype)
         self.average_extra_tensors(replies, out)
         self.global_state = {k: out[k] for k in self.global_state}
         return self.global_state

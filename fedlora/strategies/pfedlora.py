@@ -28,6 +28,7 @@ from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.client.loss import batch_loss
 from fedlora.client.trainer import run_steps, training
+from fedlora.compute import to_cpu
 from fedlora.data.encoding import batches_for_steps
 from fedlora.strategies.base import ClientInstruction, ClientReply, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
@@ -81,6 +82,7 @@ class LocalModelPhase(ClientHooks):
                 settings.grad_clip,
                 ctx.seed ^ 0x10CA1,
                 ctx.encoder.tokenizer.pad_token_id,
+                settings.precision,
             )
         return {
             "local_model_loss": sum(losses) / len(losses),
@@ -89,7 +91,7 @@ class LocalModelPhase(ClientHooks):
 
     def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
         if self.share_model:
-            state = {**state, **{k: p.detach().clone() for k, p in ctx.adapters.base_parameters()}}
+            state = {**state, **to_cpu(dict(ctx.adapters.base_parameters()))}
         return state
 
     def dp_refusal(self) -> str | None:

@@ -1,0 +1,115 @@
+"""Devices, precision and worker counts: ``compute`` in the config, resolved once per process.
+
+Rules (docs/compute.md):
+
+- ``device: auto`` is the first CUDA GPU if torch sees one, else the CPU; a named CUDA/MPS device that torch
+  does not see is a :class:`~fedlora.config.loader.ConfigError`, before any model loads.
+- Tensors that leave the device (payloads, replies, checkpoints, personal state, exports) are CPU float32
+  whatever the device: :func:`to_cpu`.
+- ``precision`` is autocast of the forward pass (and so of its backward) in ``bf16``/``fp16``; parameters,
+  gradients and optimizer state stay float32. ``fp16`` gets a gradient scaler (:func:`grad_scaler`).
+- ``workers: auto`` = min(cores, memory / (4 x model bytes), sampled clients), and 1 below
+  :data:`PARALLEL_MIN_PARAMETERS` parameters, where starting processes costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+#: below this many base-model parameters ``workers: auto`` stays in process (tiny test models)
+PARALLEL_MIN_PARAMETERS = 20_000_000
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda:0 or cpu; a named device is checked to exist (one clear line if it does not)."""
+    from fedlora.config.loader import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"compute.device: {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                "use compute.device: auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"compute.device: {name!r} asked for, but torch sees {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"compute.device: {name!r} asked for, but MPS is not available here; use auto or cpu"
+        )
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (where its inputs must be)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (the same objects when they are already there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies (what travels and what is written, whatever the compute device)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
+    """Autocast to ``precision`` on ``device`` (nothing for fp32)."""
+    if precision == "fp32":
+        yield
+        return
+    kind = torch.device(device).type
+    with torch.autocast(device_type=kind, dtype=_DTYPES[precision]):
+        yield
+
+
+def grad_scaler(precision: str, device: torch.device | str) -> Any:
+    """A gradient scaler for fp16 (None otherwise): loss scaled up before backward, gradients unscaled
+    before clipping, steps with inf/NaN gradients skipped."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(num_parameters: int, per_round: int, device: torch.device) -> int:
+    """How many worker processes ``workers: auto`` starts (see the module docstring)."""
+    if device.type != "cpu" or num_parameters < PARALLEL_MIN_PARAMETERS:
+        return 1  # one GPU: one process feeds it; tiny models: process start-up dominates
+    memory = available_memory_bytes()
+    by_memory = max(1, memory // (4 * 4 * num_parameters)) if memory else usable_cores()
+    return max(1, min(usable_cores(), by_memory, per_round))
