@@ -44,6 +44,7 @@ from fedlora.engine.embedded import (
     Simulation,
     StopFlag,
     Transport,
+    clients_per_round,
     evaluate_personal,
     evaluate_state,
     evaluation_clients,
@@ -58,6 +59,7 @@ from fedlora.engine.run_folder import (
     verified_config_text,
 )
 from fedlora.engine.setup import build_client_node, build_simulation
+from fedlora.engine.workers import WorkerPoolTransport, parallel_workers, worker_devices
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
@@ -162,8 +164,13 @@ def run(
 
         board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
         progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
-        transport = transport_factory(sim, progress.status) if transport_factory is not None else None
         stop = StopFlag()
+        if transport_factory is not None:
+            transport = transport_factory(sim, progress.status)
+        else:
+            transport = local_transport(sim, run_dir, progress.status, stop, console)
+            if isinstance(transport, WorkerPoolTransport):
+                stack.callback(transport.close)
         engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
         engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
         console.print(
@@ -193,6 +200,24 @@ def run(
                     board.close()
         final_state = finalize(run_dir, sim, bundle, records, console)
     return RunResult(run_dir, records, final_state)
+
+
+def local_transport(
+    sim: Simulation, run_dir: Path, status: Callable[[str], None], stop: StopFlag, console: Console
+) -> Transport | None:
+    """How this process reaches its clients (``compute``): worker processes, or None (in this process)."""
+    cfg = sim.cfg
+    assert sim.adapters.model is not None
+    size = sum(p.numel() for p in sim.adapters.model.parameters())
+    per_round = clients_per_round(cfg, len(sim.federation.clients))
+    workers = parallel_workers(cfg, size, per_round)
+    if workers <= 1:
+        return None
+    devices = worker_devices(cfg, workers)
+    console.print(
+        f"{len(devices)} worker processes ({', '.join(devices)}), {cfg.client.num_threads} thread(s) each"
+    )
+    return WorkerPoolTransport(cfg, devices, run_dir / "personal", status, stop)
 
 
 def resume_point(

@@ -32,7 +32,7 @@ from fedlora.engine.checkpoint import fsync_path
 
 #: dotted prefixes a resume may change: more (or fewer, not below the done) rounds, evaluation, output,
 #: the run's name and how it is run (threads, engine): none of them changes what the clients train
-SAFE_ON_RESUME = ("federation.rounds", "eval.", "output.", "name", "engine", "client.num_threads")
+SAFE_ON_RESUME = ("federation.rounds", "eval.", "output.", "name", "engine", "client.num_threads", "compute.")
 
 LOCK_NAME = ".lock"
 

@@ -1,0 +1,260 @@
+"""Parallel clients: the sampled clients of a round trained in worker processes (``compute.workers``).
+
+Each worker is a spawned process that builds its own :class:`~fedlora.client.node.ClientNode` from the
+experiment config once (model, adapters, data; on its own device with ``compute.devices``) and keeps it for
+the whole run. A round's instructions are handed out one client at a time to whichever worker is free. What
+crosses the process boundary is bytes, never pickle: a JSON header (round, client, the plan of
+:func:`~fedlora.protocol.plan_to_json`) and the payload as safetensors; the reply likewise (its metrics in
+the header, its adapter as safetensors).
+
+The result does not depend on the number of workers: a client's local round depends only on its payload, its
+plan and its seed (run seed, round, client), each worker uses ``client.num_threads`` threads like the
+in-process path, and replies are collected by client id, not by arrival. Personal state lives in files under
+the run folder (:class:`~fedlora.client.store.PersonalStore`), which every worker reads and writes. A worker
+that dies (killed, out of memory, a crash in native code) costs its current client that round: the client
+is reported as having no reply (the engine logs it as dropped) and a fresh worker takes the dead one's place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from fedlora.adapters.state import from_bytes, to_bytes
+from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.embedded import RunInterrupted, StopFlag
+from fedlora.protocol import ClientInstruction, ClientReply, plan_from_json, plan_to_json
+
+log = logging.getLogger(__name__)
+
+
+def _send(conn: Connection, header: dict[str, Any], payload: bytes = b"") -> None:
+    conn.send_bytes(json.dumps(header).encode())
+    conn.send_bytes(payload)
+
+
+def _receive(conn: Connection) -> tuple[dict[str, Any], bytes]:
+    header = json.loads(conn.recv_bytes().decode())
+    return header, conn.recv_bytes()
+
+
+def worker_main(read_fd: int, write_fd: int) -> None:
+    """A worker process: read its setup (config, device, store folder), build the client node once, then
+    answer train requests until told to stop or the parent goes away."""
+    import torch
+
+    from fedlora.config.loader import config_from_dict
+    from fedlora.engine.setup import build_client_node
+    from fedlora.registry import import_plugins
+
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    setup, _ = _receive(inbox)
+    cfg = config_from_dict(json.loads(setup["config"]))
+    cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"device": setup["device"]})})
+    try:
+        import_plugins(cfg.plugins)
+        torch.set_num_threads(cfg.client.num_threads)
+        node = build_client_node(cfg)
+    except Exception as err:  # tell the parent why, then end
+        _send(outbox, {"ready": False, "error": f"{type(err).__name__}: {err}"})
+        return
+    node.use_store(Path(setup["store"]))
+    _send(outbox, {"ready": True})
+    while True:
+        try:
+            header, payload = _receive(inbox)
+        except EOFError:  # the parent went away
+            return
+        if header.get("stop"):
+            return
+        client = int(header["client"])
+        try:
+            instruction = plan_from_json(header["plan"], from_bytes(payload))
+            reply = node.train(int(header["round"]), client, instruction)
+        except Exception as err:  # the client's failure, not the worker's: report it, keep serving
+            log.exception("client %d failed", client)
+            _send(outbox, {"client": client, "error": f"client error: {type(err).__name__}: {err}"})
+            continue
+        metrics = {k: v for k, v in reply.metrics.items() if isinstance(v, (int, float))}
+        header = {"client": client, "num_examples": reply.num_examples, "metrics": metrics}
+        _send(outbox, header, to_bytes(reply.payload))
+
+
+class _Worker:
+    """One worker process (``python -m fedlora.engine.workers``: a fresh interpreter that imports nothing
+    of the caller's script) and the parent's ends of its two pipes."""
+
+    def __init__(self, config_json: str, device: str, store_folder: Path) -> None:
+        self.device = device
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fedlora.engine.workers", str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w),
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.outbox = Connection(to_child_w, readable=False)
+        self.inbox = Connection(from_child_r, writable=False)
+        _send(self.outbox, {"config": config_json, "device": device, "store": str(store_folder)})
+        self.busy: tuple[int, int] | None = None  # (round, client) in progress
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            _send(self.outbox, {"stop": True})
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        for conn in (self.inbox, self.outbox):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class WorkerPoolTransport:
+    """Trains a round's clients on ``len(devices)`` worker processes (a :class:`~fedlora.engine.embedded.
+    Transport`)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        devices: list[str],
+        store_folder: Path,
+        status: Callable[[str], None] | None = None,
+        stop: StopFlag | None = None,
+    ) -> None:
+        self.config_json = cfg.model_dump_json()
+        self.devices = devices
+        self.store_folder = store_folder
+        self.status = status or (lambda text: None)
+        self.stop = stop if stop is not None else StopFlag()
+        self.workers: list[_Worker] = []
+        self.crashes = 0
+
+    def start(self) -> None:
+        """Start the workers and wait until each has built its node (the first round would anyway)."""
+        if self.workers:
+            return
+        self.workers = [self._spawn(d) for d in self.devices]
+        for worker in self.workers:
+            self._await_ready(worker)
+
+    def _spawn(self, device: str) -> _Worker:
+        return _Worker(self.config_json, device, self.store_folder)
+
+    def _await_ready(self, worker: _Worker) -> None:
+        try:
+            header, _ = _receive(worker.inbox)
+        except (EOFError, OSError):
+            code = worker.process.wait()
+            raise RuntimeError(f"a worker process ended while loading the model (exit code {code})") from None
+        if not header.get("ready"):
+            raise RuntimeError(f"a worker process could not build its clients: {header.get('error')}")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
+    def train_clients(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply | str]:
+        self.start()
+        pending = list(instructions.items())
+        replies: dict[int, ClientReply | str] = {}
+        done = 0
+        while pending or any(w.busy for w in self.workers):
+            if self.stop:
+                self.close()
+                raise RunInterrupted(self.stop.signum or 0, server_round - 1)
+            for worker in self.workers:
+                if worker.busy is None and pending:
+                    client_id, instruction = pending.pop(0)
+                    header = {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+                    try:
+                        _send(worker.outbox, header, to_bytes(instruction.payload))
+                        worker.busy = (server_round, client_id)
+                    except (OSError, ValueError):  # died between rounds: replace it, retry the client
+                        pending.insert(0, (client_id, instruction))
+                        self._replace(worker)
+            busy = [w for w in self.workers if w.busy]
+            ready = wait([w.inbox for w in busy], timeout=1.0)  # a reply, or EOF when a worker died
+            for worker in busy:
+                if worker.inbox not in ready:
+                    continue
+                _, client_id = worker.busy  # type: ignore[misc]
+                try:
+                    header, payload = _receive(worker.inbox)
+                except (EOFError, OSError):  # the process died with this client
+                    code = worker.process.wait()
+                    reason = f"worker crashed (exit code {code}): no reply"
+                    log.warning(
+                        "round %d: client %d: %s; starting a new worker", server_round, client_id, reason
+                    )
+                    replies[client_id] = reason
+                    self.crashes += 1
+                    self._replace(worker)
+                    done += 1
+                    continue
+                worker.busy = None
+                done += 1
+                if "error" in header:
+                    replies[client_id] = str(header["error"])
+                else:
+                    replies[client_id] = ClientReply(
+                        client_id, from_bytes(payload), int(header["num_examples"]), dict(header["metrics"])
+                    )
+                self.status(
+                    f"round {server_round}: {done}/{len(instructions)} clients done ({len(self.workers)} workers)"
+                )
+        return {c: replies[c] for c in instructions if c in replies}
+
+    def _replace(self, worker: _Worker) -> None:
+        index = self.workers.index(worker)
+        worker.close_pipes()
+        if worker.process.poll() is None:
+            worker.process.kill()
+        worker.process.wait()
+        fresh = self._spawn(worker.device)
+        self._await_ready(fresh)
+        self.workers[index] = fresh
+
+
+def worker_devices(cfg: ExperimentConfig, count: int) -> list[str]:
+    """The device of each worker: ``compute.devices`` (one worker each) or ``count`` workers on
+    ``compute.device``."""
+    if cfg.compute.devices:
+        return list(cfg.compute.devices)
+    return [cfg.compute.device] * count
+
+
+def parallel_workers(cfg: ExperimentConfig, num_parameters: int, per_round: int) -> int:
+    """How many worker processes this run uses (1: the clients train in this process)."""
+    from fedlora.compute import auto_workers, resolve_device
+
+    if cfg.compute.devices:
+        return len(cfg.compute.devices)
+    workers = cfg.compute.workers
+    if workers == "auto":
+        return auto_workers(num_parameters, per_round, resolve_device(cfg.compute.device))
+    return min(int(workers), per_round)
+
+
+__all__ = ["WorkerPoolTransport", "parallel_workers", "worker_devices", "worker_main"]
+
+
+if __name__ == "__main__":
+    worker_main(int(sys.argv[1]), int(sys.argv[2]))
