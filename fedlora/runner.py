@@ -211,6 +211,9 @@ def local_transport(
     size = sum(p.numel() for p in sim.adapters.model.parameters())
     per_round = clients_per_round(cfg, len(sim.federation.clients))
     workers = parallel_workers(cfg, size, per_round)
+    if cfg.compute.batch_clients and workers > 1:
+        console.print("compute.batch_clients: the round's clients train together in this process (no workers)")
+        return None
     if workers <= 1:
         return None
     devices = worker_devices(cfg, workers)

@@ -254,6 +254,21 @@ class LoraAdapters:
                 param.copy_(state[key])
         return profile
 
+    def lora_modules(self) -> dict[str, tuple[LoraLayer, str, str]]:
+        """The active slot's target modules: path -> (PEFT LoRA layer, state key of A, state key of B)."""
+        slot = self._slots[self.active_profile]
+        out = {}
+        for path, layer in self._lora_layers(slot.name).items():
+            a_key, b_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+            if a_key not in slot.tensors or b_key not in slot.tensors:
+                raise RuntimeError(f"no state keys for the LoRA factors of {path}")
+            out[path] = (layer, a_key, b_key)
+        return out
+
+    def scaling_for(self, rank: int) -> float:
+        """s = alpha / r, PEFT's LoRA scaling at rank ``r``."""
+        return self.cfg.alpha / rank
+
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""
         return list(self._slots[self.active_profile].tensors.items())

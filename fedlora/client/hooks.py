@@ -71,6 +71,9 @@ class ClientHooks(BaseModel):
     kind: ClassVar[str] = "base"
     #: the payload holds only some of the adapter's tensors (the rest stay as the client has them)
     partial_payload: ClassVar[bool] = False
+    #: its clients may train in one batched pass (``compute.batch_clients``): it adds no loss term and has
+    #: no training phase of its own (``before_training`` / ``reply_state`` only check or reshape state)
+    batchable: ClassVar[bool] = False
 
     def frozen(self, key: str) -> bool:
         """Tensors that are neither trained nor sent back."""

@@ -7,11 +7,13 @@ method wants from its clients arrives in the instruction (payload, generic setti
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from fedlora.adapters.lora import LoraAdapters
+from fedlora.client.batched import BatchedJob, batch_refusal, train_clients_together
 from fedlora.client.store import PersonalStore
 from fedlora.client.trainer import (
     OVERRIDABLE,
@@ -25,6 +27,8 @@ from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData
 from fedlora.models.personal import ClientModels
 from fedlora.protocol import ClientInstruction, ClientReply
+
+log = logging.getLogger(__name__)
 
 
 def resolve_settings(
@@ -73,12 +77,43 @@ class ClientNode:
         self.client_models = client_models
         self.precision = precision
         self.store: PersonalStore | None = None  # set by whoever runs the node (use_store)
+        self._batch_notes: set[str] = set()
 
     def use_store(self, folder: Path) -> None:
         """Personal client state (hooks' and per-architecture weights) lives under ``folder``."""
         self.store = PersonalStore(folder)
         if self.client_models is not None:
             self.client_models.store = self.store
+
+    def train_many(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply]:
+        """Several clients' local rounds in one batched pass (:mod:`fedlora.client.batched`) when they can
+        share one; otherwise one after another (with a one-line note, once per reason)."""
+        jobs = [
+            BatchedJob(
+                self.clients[client_id],
+                instruction.payload,
+                resolve_settings(self.client, instruction.settings, self.precision),
+                round_seed(self.run_seed, server_round, client_id),
+                instruction.hooks,
+                client_id,
+            )
+            for client_id, instruction in instructions.items()
+        ]
+        refusal = "model-heterogeneous clients have a model each" if self.client_models is not None else None
+        if refusal is None and jobs:
+            refusal = batch_refusal(self.encoder.task, jobs)
+        if refusal is not None or len(jobs) < 2:
+            if refusal is not None and refusal not in self._batch_notes:
+                self._batch_notes.add(refusal)
+                log.warning("compute.batch_clients: %s; training these clients one at a time", refusal)
+            return {c: self.train(server_round, c, i) for c, i in instructions.items()}
+        results = train_clients_together(self.adapters, self.encoder, jobs, server_round)
+        return {
+            job.client_id: ClientReply(job.client_id, result.state, result.num_examples, result.metrics)
+            for job, result in zip(jobs, results, strict=True)
+        }
 
     def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local round from its instruction."""

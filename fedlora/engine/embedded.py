@@ -138,14 +138,21 @@ class InProcessTransport:
         run_client: Callable[[int, int, ClientInstruction], ClientReply],
         status: Callable[[str], None],
         stop: StopFlag | None = None,
+        run_many: Callable[[int, dict[int, ClientInstruction]], dict[int, ClientReply]] | None = None,
     ) -> None:
         self.run_client = run_client
+        self.run_many = run_many  # all of a round's clients at once (compute.batch_clients)
         self.status = status
         self.stop = stop if stop is not None else StopFlag()
 
     def train_clients(
         self, server_round: int, instructions: dict[int, ClientInstruction]
     ) -> dict[int, ClientReply | str]:
+        if self.run_many is not None:
+            if self.stop:
+                raise RunInterrupted(self.stop.signum or 0, server_round - 1)
+            self.status(f"round {server_round}: {len(instructions)} clients in one batched pass")
+            return dict(self.run_many(server_round, instructions))
         replies: dict[int, ClientReply | str] = {}
         for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
             if self.stop:  # abandon the round: nothing of it is written, the last checkpoint stands
@@ -238,8 +245,12 @@ class EmbeddedEngine:
             sim.node.use_store(run_dir / "personal")
         elif sim.client_models is not None:
             sim.client_models.folder = run_dir / "personal"
+        batched = sim.node is not None and sim.cfg.compute.batch_clients
         self.transport: Transport = transport or InProcessTransport(
-            lambda r, c, i: self.run_client(r, c, i), lambda text: self.status(text), self.stop
+            lambda r, c, i: self.run_client(r, c, i),
+            lambda text: self.status(text),
+            self.stop,
+            (lambda r, ins: sim.node.train_many(r, ins)) if batched and sim.node else None,
         )
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
         self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)

@@ -35,6 +35,7 @@ class FrozenA(ClientHooks):
 
     kind = "ffa-lora"
     partial_payload = True
+    batchable = True
     a_digest: str
 
     def frozen(self, key: str) -> bool:
