@@ -171,6 +171,7 @@ def run(
             transport = local_transport(sim, run_dir, progress.status, stop, console)
             if isinstance(transport, WorkerPoolTransport):
                 stack.callback(transport.close)
+                transport.start()  # each worker loads its model now, not inside round 1's time
         engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
         engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
         console.print(
@@ -212,7 +213,9 @@ def local_transport(
     per_round = clients_per_round(cfg, len(sim.federation.clients))
     workers = parallel_workers(cfg, size, per_round)
     if cfg.compute.batch_clients and workers > 1:
-        console.print("compute.batch_clients: the round's clients train together in this process (no workers)")
+        console.print(
+            "compute.batch_clients: the round's clients train together in this process (no workers)"
+        )
         return None
     if workers <= 1:
         return None
