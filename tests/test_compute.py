@@ -1,0 +1,250 @@
+"""compute: devices and precision, parallel worker processes, many clients in one pass.
+
+Everything here runs on the CPU; the tests marked ``cuda`` also run on a CUDA device when torch sees one
+(the GPU figures in benchmarks/gpu.md come from running this file there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_rel_close
+from fedlora.compute import auto_workers, resolve_device, to_cpu
+from fedlora.config.loader import ConfigError, config_from_dict, load_config
+from fedlora.runner import run
+
+CUDA = torch.cuda.is_available()
+
+
+DATA = {"tasks": ["gcd", "lcm", "chain_sum", "basic_arithmetic"], "examples_per_task": 16}
+if os.environ.get("FEDLORA_TEST_DATA_JSON"):  # a machine without reasoning-gym (the lent GPU): the same
+    DATA = {"source": "json", "path": os.environ["FEDLORA_TEST_DATA_JSON"]}  # tasks, exported as JSONL
+
+
+def tiny(tmp: Path, strategy: str = "fedit", **sections) -> dict:
+    cfg = {
+        "name": "compute",
+        "model": {"name": "tiny-llama"},
+        "data": dict(DATA),
+        "federation": {"rounds": 2, "clients_per_round": 4},
+        "client": {"local_steps": 3},
+        "adapter": {"dropout": 0.0},
+        "strategy": {"name": strategy},
+        "output": {"plot": False, "root": str(tmp)},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def run_cfg(tmp: Path, name: str, cfg: dict, **options):
+    return run(config_from_dict(cfg), tmp / name, show_progress=False, **options)
+
+
+def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float(b[k].double().norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
+# --- devices -------------------------------------------------------------------------------------------
+def test_auto_device_and_clear_error_for_absent_cuda():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda:0") if CUDA else torch.device("cpu"))
+    if not CUDA:
+        with pytest.raises(ConfigError, match=r"compute.device: 'cuda:1' asked for, but .* sees no CUDA GPU"):
+            resolve_device("cuda:1")
+    else:
+        with pytest.raises(ConfigError, match="asked for, but torch sees"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_device_names_are_checked_in_the_config():
+    with pytest.raises(ConfigError, match="compute.device"):
+        load_config(None, ["compute.device=gpu"])
+    with pytest.raises(ConfigError, match="compute.devices"):
+        load_config(None, ["compute.devices=[cuda:0, tpu]"])
+    with pytest.raises(ConfigError, match="compute.workers"):
+        load_config(None, ["compute.workers=0"])
+
+
+def test_run_asking_for_absent_cuda_fails_before_any_work(tmp_path):
+    if CUDA:
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        run_cfg(tmp_path, "r", tiny(tmp_path, compute={"device": "cuda"}))
+    assert not (tmp_path / "r").exists()
+
+
+def test_auto_workers_rule():
+    cpu = torch.device("cpu")
+    assert auto_workers(1_000_000, 8, cpu) == 1  # tiny models stay in process
+    assert auto_workers(135_000_000, 1, cpu) == 1  # one client per round: nothing to share
+    assert 1 <= auto_workers(135_000_000, 8, cpu) <= (os.cpu_count() or 1)
+    assert auto_workers(135_000_000, 8, torch.device("cuda:0")) == 1
+
+
+def test_to_cpu_copies():
+    x = torch.ones(2)
+    out = to_cpu({"x": x})
+    out["x"].add_(1)
+    assert x.sum() == 2 and out["x"].device.type == "cpu"
+
+
+# --- precision -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_float32_factors_close_to_fp32(tmp_path, precision):
+    base = run_cfg(tmp_path, "fp32", tiny(tmp_path))
+    mixed = run_cfg(tmp_path, precision, tiny(tmp_path, compute={"precision": precision}))
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in mixed.final_state.values())
+    for a, b in zip(mixed.records, base.records, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) / b["train_loss"] < 1e-2
+        assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-2
+    assert rel(mixed.final_state, base.final_state) < 5e-2
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    base = run_cfg(tmp_path, "plain", tiny(tmp_path))
+    ckpt = run_cfg(tmp_path, "ckpt", tiny(tmp_path, compute={"gradient_checkpointing": True}))
+    assert rel(ckpt.final_state, base.final_state) < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["fedit", "flexlora", "fedmezo"])
+def test_cuda_run_agrees_with_cpu_run(tmp_path, strategy):
+    cpu = run_cfg(tmp_path, "cpu", tiny(tmp_path, strategy, compute={"device": "cpu"}))
+    gpu = run_cfg(
+        tmp_path, "gpu", tiny(tmp_path, strategy, compute={"device": "cuda", "server_device": "auto"})
+    )
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in gpu.final_state.values())
+    assert rel(gpu.final_state, cpu.final_state) < 1e-3
+    for a, b in zip(gpu.records, cpu.records, strict=True):
+        assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-4
+
+
+# --- workers -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("strategy", "sections"),
+    [
+        (
+            "flexlora",
+            {
+                "resources": {"distribution": "custom", "rank_types": [2, 4], "shares": [1, 1]},
+                "faults": {"dropout": 0.25},
+            },
+        ),
+        ("ffa-lora", {"privacy": {"enabled": True, "noise_multiplier": 0.5}}),
+        ("fedmezo", {"strategy": {"name": "fedmezo", "options": {"upload": "seeds"}}}),
+    ],
+    ids=["flexlora-ranks-faults", "ffa-lora-dp", "fedmezo-seeds"],
+)
+def test_two_workers_end_with_the_same_adapter_bit_for_bit(tmp_path, strategy, sections):
+    one = run_cfg(tmp_path, "one", tiny(tmp_path, strategy, compute={"workers": 1}, **sections))
+    two = run_cfg(tmp_path, "two", tiny(tmp_path, strategy, compute={"workers": 2}, **sections))
+    assert one.final_state.keys() == two.final_state.keys()
+    assert all(torch.equal(one.final_state[k], two.final_state[k]) for k in one.final_state)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "peak_rss_mb", "clients")}  # noqa: E731
+    assert [strip(r) for r in one.records] == [strip(r) for r in two.records]
+
+
+def test_personal_state_and_resume_with_workers(tmp_path):
+    sections = {
+        "model": {"name": "tiny-llama", "variants": [{"num_layers": 2}, {"num_layers": 1}]},
+        "strategy": {"name": "pfedlora"},
+    }
+    whole = run_cfg(tmp_path, "whole", tiny(tmp_path, "pfedlora", compute={"workers": 1}, **sections))
+    cfg = tiny(tmp_path, "pfedlora", compute={"workers": 2}, **sections)
+    cfg["federation"]["rounds"] = 1
+    run_cfg(tmp_path, "parts", cfg)
+    cfg["federation"]["rounds"] = 2
+    resumed = run_cfg(tmp_path, "parts", cfg, resume=True)
+    assert all(torch.equal(whole.final_state[k], resumed.final_state[k]) for k in whole.final_state)
+    assert resumed.records[-1]["eval_loss"] == whole.records[-1]["eval_loss"]
+
+
+CRASH_PLUGIN = """
+import os
+from fedlora import ClientHooks, register_client_hooks, register_strategy
+from fedlora.strategies.fedavg import FedIT
+
+
+@register_client_hooks
+class DieInWorker(ClientHooks):
+    kind = "die-in-worker"
+    client: int
+    main_pid: int
+
+    def before_training(self, ctx):
+        if ctx.client_id == self.client and ctx.server_round == 1 and os.getpid() != self.main_pid:
+            os._exit(9)  # a hard crash: no exception, no reply
+        return {}
+
+
+@register_strategy
+class FedITWithACrash(FedIT):
+    name = "fedit-crash"
+
+    def client_hooks(self):
+        return [DieInWorker(client=2, main_pid=os.getpid())]
+"""
+
+
+def test_a_worker_crash_is_a_dropped_client_not_a_dead_run(tmp_path, monkeypatch):
+    (tmp_path / "crash_plugin.py").write_text(textwrap.dedent(CRASH_PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = tiny(tmp_path, "fedit-crash", compute={"workers": 2})
+    cfg["plugins"] = ["crash_plugin"]
+    result = run_cfg(tmp_path, "r", cfg)
+    first, second = result.records
+    assert [r["client"] for r in first["rejected"]] == [2]
+    assert "worker crashed" in first["rejected"][0]["reason"]
+    assert first["status"] == "aggregated" and first["num_clients"] == 3
+    assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
+
+
+# --- many clients in one pass --------------------------------------------------------------------------
+HETEROGENEOUS = {
+    "resources": {"distribution": "custom", "rank_types": [2, 4, 6, 8], "shares": [1, 1, 1, 1]},
+    "adapter": {"dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "sections"),
+    [("fedit", {}), ("flexlora", HETEROGENEOUS), ("ffa-lora", {}), ("fedavg", {"client": {"momentum": 0.9}})],
+    ids=["fedit", "flexlora-4-ranks", "ffa-lora-frozen-a", "fedavg-sgd-momentum"],
+)
+def test_batched_clients_equal_per_client_training(tmp_path, strategy, sections):
+    devices = ["cuda"] if CUDA else []
+    for device in ["cpu", *devices]:
+        per = run_cfg(
+            tmp_path, f"per-{device}", tiny(tmp_path, strategy, compute={"device": device}, **sections)
+        )
+        together = tiny(tmp_path, strategy, compute={"device": device, "batch_clients": True}, **sections)
+        batched = run_cfg(tmp_path, f"batched-{device}", together)
+        for a, b in zip(batched.records, per.records, strict=True):
+            assert [c["client"] for c in a["clients"]] == [c["client"] for c in b["clients"]]
+            assert all(c["batched_clients"] == 4 for c in a["clients"])
+            losses_a = torch.tensor([c["train_loss"] for c in a["clients"]], dtype=torch.float64)
+            losses_b = torch.tensor([c["train_loss"] for c in b["clients"]], dtype=torch.float64)
+            assert_rel_close(losses_a, losses_b, 1e-5)
+            assert a["bytes_up"] == b["bytes_up"]
+            assert [c["rank"] for c in a["clients"]] == [c["rank"] for c in b["clients"]]
+        assert rel(batched.final_state, per.final_state) < 1e-4
+
+
+def test_batched_clients_fall_back_with_a_note_where_they_cannot_serve(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    cfg = tiny(tmp_path, "fedprox", compute={"batch_clients": True})
+    batched = run_cfg(tmp_path, "b", cfg)
+    per = run_cfg(tmp_path, "p", tiny(tmp_path, "fedprox"))
+    notes = [r.message for r in caplog.records if "compute.batch_clients" in r.message]
+    assert len(notes) == 1 and "fedprox" in notes[0] and "one at a time" in notes[0]
+    assert all(torch.equal(batched.final_state[k], per.final_state[k]) for k in per.final_state)
