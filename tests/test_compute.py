@@ -27,7 +27,7 @@ if os.environ.get("FEDLORA_TEST_DATA_JSON"):  # a machine without reasoning-gym 
     DATA = {"source": "json", "path": os.environ["FEDLORA_TEST_DATA_JSON"]}  # tasks, exported as JSONL
 
 
-def tiny(tmp: Path, strategy: str = "fedit", **sections) -> dict:
+def tiny(tmp: Path, method: str = "fedit", **sections) -> dict:
     cfg = {
         "name": "compute",
         "model": {"name": "tiny-llama"},
@@ -35,7 +35,7 @@ def tiny(tmp: Path, strategy: str = "fedit", **sections) -> dict:
         "federation": {"rounds": 2, "clients_per_round": 4},
         "client": {"local_steps": 3},
         "adapter": {"dropout": 0.0},
-        "strategy": {"name": strategy},
+        "strategy": {"name": method},
         "output": {"plot": False, "root": str(tmp)},
     }
     for section, values in sections.items():
@@ -47,9 +47,24 @@ def run_cfg(tmp: Path, name: str, cfg: dict, **options):
     return run(config_from_dict(cfg), tmp / name, show_progress=False, **options)
 
 
+def effective(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each module's B A (what the adapter adds: invariant to an SVD's sign choices) and the other tensors."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key.replace(".lora_A.", ".BA.")] = (
+                state[key.replace(".lora_A.", ".lora_B.")].double() @ value.double()
+            )
+        elif ".lora_B." not in key:
+            out[key] = value.double()
+    return out
+
+
 def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
-    den = sum(float(b[k].double().norm() ** 2) for k in a)
+    """Relative Frobenius distance of the adapters' effective weights (all modules as one vector)."""
+    a, b = effective(a), effective(b)
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a)
+    den = sum(float(b[k].norm() ** 2) for k in a)
     return (num / den) ** 0.5
 
 

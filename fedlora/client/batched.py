@@ -43,7 +43,7 @@ from fedlora.client.trainer import (
     make_optimizer,
     seed_all,
 )
-from fedlora.compute import autocast, grad_scaler, model_device
+from fedlora.compute import autocast, grad_scaler, model_device, to_device
 from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -232,7 +232,7 @@ def train_clients_together(
                 batch = batches[step]
                 tokens[k] += sum(len(item["input_ids"]) for item in batch)
                 items += batch + [_dummy_item(pad)] * (rows - len(batch))
-            stacked = collate(items, pad)
+            stacked = to_device(collate(items, pad), device)
             with autocast(settings.precision, device):
                 token_loss, row = token_losses(model, stacked)
                 owner = row // rows
