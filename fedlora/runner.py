@@ -59,7 +59,7 @@ from fedlora.engine.run_folder import (
     verified_config_text,
 )
 from fedlora.engine.setup import build_client_node, build_simulation
-from fedlora.engine.workers import WorkerPoolTransport, parallel_workers, worker_devices
+from fedlora.engine.workers import PaddedTokenCost, WorkerPoolTransport, parallel_workers, worker_devices
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
@@ -223,7 +223,8 @@ def local_transport(
     console.print(
         f"{len(devices)} worker processes ({', '.join(devices)}), {cfg.client.num_threads} thread(s) each"
     )
-    return WorkerPoolTransport(cfg, devices, run_dir / "personal", status, stop)
+    cost = PaddedTokenCost(cfg, sim.federation, sim.encoder)
+    return WorkerPoolTransport(cfg, devices, run_dir / "personal", status, stop, cost)
 
 
 def resume_point(

@@ -1,18 +1,21 @@
 """Parallel clients: the sampled clients of a round trained in worker processes (``compute.workers``).
 
-Each worker is a spawned process that builds its own :class:`~fedlora.client.node.ClientNode` from the
-experiment config once (model, adapters, data; on its own device with ``compute.devices``) and keeps it for
-the whole run. A round's instructions are handed out one client at a time to whichever worker is free. What
-crosses the process boundary is bytes, never pickle: a JSON header (round, client, the plan of
-:func:`~fedlora.protocol.plan_to_json`) and the payload as safetensors; the reply likewise (its metrics in
-the header, its adapter as safetensors).
+Each worker is a fresh interpreter (``python -m fedlora.engine.workers``: the caller's script is never
+re-imported) that builds its own :class:`~fedlora.client.node.ClientNode` from the experiment config once
+(model, adapters, data; on its own device with ``compute.devices``) and keeps it for the whole run. A round's
+instructions are handed out one client at a time to whichever worker is free, longest expected work first
+(:class:`PaddedTokenCost`; with 4 clients of unequal length on 2 workers that ordering is what keeps both
+busy until the end). What crosses the process boundary is bytes over two pipes, never pickle: a JSON header
+(round, client, the plan of :func:`~fedlora.protocol.plan_to_json`) and the payload as safetensors; the
+reply likewise (its metrics in the header, its adapter as safetensors).
 
-The result does not depend on the number of workers: a client's local round depends only on its payload, its
-plan and its seed (run seed, round, client), each worker uses ``client.num_threads`` threads like the
-in-process path, and replies are collected by client id, not by arrival. Personal state lives in files under
-the run folder (:class:`~fedlora.client.store.PersonalStore`), which every worker reads and writes. A worker
-that dies (killed, out of memory, a crash in native code) costs its current client that round: the client
-is reported as having no reply (the engine logs it as dropped) and a fresh worker takes the dead one's place.
+The result does not depend on the number of workers or on the order: a client's local round depends only on
+its payload, its plan and its seed (run seed, round, client), each worker uses ``client.num_threads``
+threads like the in-process path, and replies are collected by client id, not by arrival. Personal state
+lives in files under the run folder (:class:`~fedlora.client.store.PersonalStore`), which every worker reads
+and writes. A worker that dies (killed, out of memory, a crash in native code) costs its current client
+that round: the client is reported as having no reply (the engine logs it as dropped) and a fresh worker
+takes the dead one's place.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +34,8 @@ from typing import Any
 
 from fedlora.adapters.state import from_bytes, to_bytes
 from fedlora.config.schema import ExperimentConfig
+from fedlora.data.encoding import Encoder, steps_for
+from fedlora.data.examples import Federation
 from fedlora.engine.embedded import RunInterrupted, StopFlag
 from fedlora.protocol import ClientInstruction, ClientReply, plan_from_json, plan_to_json
 
@@ -55,6 +61,9 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     from fedlora.engine.setup import build_client_node
     from fedlora.registry import import_plugins
 
+    # Ctrl-C reaches the whole process group: the parent decides (it stops after the current round's
+    # clients are abandoned and closes its workers); a worker left alone ends when its pipe closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     setup, _ = _receive(inbox)
     cfg = config_from_dict(json.loads(setup["config"]))
@@ -135,8 +144,10 @@ class WorkerPoolTransport:
         store_folder: Path,
         status: Callable[[str], None] | None = None,
         stop: StopFlag | None = None,
+        cost_of: Callable[[int], float] | None = None,
     ) -> None:
         self.config_json = cfg.model_dump_json()
+        self.cost_of = cost_of  # expected work of a client (longest first: less waiting at the round's end)
         self.devices = devices
         self.store_folder = store_folder
         self.status = status or (lambda text: None)
@@ -174,6 +185,8 @@ class WorkerPoolTransport:
     ) -> dict[int, ClientReply | str]:
         self.start()
         pending = list(instructions.items())
+        if self.cost_of is not None:  # longest-processing-time first (the order does not change any reply)
+            pending.sort(key=lambda item: -self.cost_of(item[0]))
         replies: dict[int, ClientReply | str] = {}
         done = 0
         while pending or any(w.busy for w in self.workers):
@@ -233,6 +246,28 @@ class WorkerPoolTransport:
         self.workers[index] = fresh
 
 
+class PaddedTokenCost:
+    """A client's expected local work in a round: steps x batch size x the 90th percentile of its training
+    examples' token lengths (a batch costs its rows times its longest row). Encoded once per client."""
+
+    def __init__(self, cfg: ExperimentConfig, federation: Federation, encoder: Encoder) -> None:
+        self.client = cfg.client
+        self.clients = {c.client_id: c for c in federation.clients}
+        self.encoder = encoder
+        self.known: dict[int, float] = {}
+
+    def __call__(self, client_id: int) -> float:
+        if client_id not in self.known:
+            examples = self.clients[client_id].train
+            lengths = sorted(len(self.encoder.encode(e)["input_ids"]) for e in examples) or [0]
+            c = self.client
+            steps = steps_for(len(examples), c.batch_size, c.local_steps, c.local_epochs)
+            self.known[client_id] = (
+                steps * min(c.batch_size, len(examples)) * lengths[(len(lengths) - 1) * 9 // 10]
+            )
+        return self.known[client_id]
+
+
 def worker_devices(cfg: ExperimentConfig, count: int) -> list[str]:
     """The device of each worker: ``compute.devices`` (one worker each) or ``count`` workers on
     ``compute.device``."""
@@ -253,7 +288,7 @@ def parallel_workers(cfg: ExperimentConfig, num_parameters: int, per_round: int)
     return min(int(workers), per_round)
 
 
-__all__ = ["WorkerPoolTransport", "parallel_workers", "worker_devices", "worker_main"]
+__all__ = ["PaddedTokenCost", "WorkerPoolTransport", "parallel_workers", "worker_devices", "worker_main"]
 
 
 if __name__ == "__main__":
