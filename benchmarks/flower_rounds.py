@@ -28,17 +28,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def overrides(root: Path, rounds: int, model: str) -> list[str]:
+def overrides(
+    root: Path, rounds: int, model: str, local_steps: int = 2, batch_size: int = 2, max_seq_len: int = 96
+) -> list[str]:
     return [
         f"model.name={model}",
         "data.tasks=[gcd, lcm]",
         "data.examples_per_task=16",
-        "data.max_seq_len=96",
+        f"data.max_seq_len={max_seq_len}",
         "federation.num_clients=2",
         "federation.clients_per_round=2",
         f"federation.rounds={rounds}",
-        "client.local_steps=2",
-        "client.batch_size=2",
+        f"client.local_steps={local_steps}",
+        f"client.batch_size={batch_size}",
         "adapter.rank=4",
         "strategy.name=flexlora",
         "resources.distribution=custom",
@@ -60,7 +62,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--no-deployment", action="store_true", help="skip the loopback deployment run")
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=96)
     args = parser.parse_args()
+    work = (args.local_steps, args.batch_size, args.max_seq_len)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fedlora.config import load_config
     from fedlora.engine.flower_deploy import LoopbackDeployment, free_port, write_app
@@ -70,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for engine in ("embedded", "flower-sim"):
-            cfg = load_config(None, [*overrides(root, args.rounds, args.model), f"engine={engine}"])
+            cfg = load_config(None, [*overrides(root, args.rounds, args.model, *work), f"engine={engine}"])
             started = time.perf_counter()
             run_experiment(cfg, root / engine, show_progress=False)
             rows.append(
@@ -83,7 +89,7 @@ def main() -> None:
             )
         if args.no_deployment:
             return report(rows, args)
-        cfg = load_config(None, overrides(root, args.rounds, args.model))
+        cfg = load_config(None, overrides(root, args.rounds, args.model, *work))
         port = free_port()
         app = write_app(root / "app", cfg, root / "deployment", address=f"127.0.0.1:{port}")
         nodes = ["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"]
@@ -103,7 +109,10 @@ def main() -> None:
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     anchor, steady = rows[0]["s_per_round"], rows[0]["s_per_round_after_first"]
-    print(f"{args.model}, 2 clients (ranks 2 and 4), FlexLoRA, {args.rounds} rounds")
+    print(
+        f"{args.model}, 2 clients (ranks 2 and 4), FlexLoRA, {args.rounds} rounds, {args.local_steps} local steps "
+        f"of batch {args.batch_size}, sequences <= {args.max_seq_len} tokens"
+    )
     print(
         f"{'engine':32} {'s / round':>10} {'vs embedded':>12} {'rounds 2..':>11} {'vs embedded':>12} {'wall s':>8}"
     )
