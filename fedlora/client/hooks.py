@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 # built-in hooks register where their method is defined (imported by name: no client -> strategy import)
 CLIENT_HOOKS: Registry[type[ClientHooks]] = Registry(
-    "client hook", "strategy.name", builtins=("fedlora.client.zeroth_order", "fedlora.strategies")
+    "client hook",
+    "strategy.name",
+    builtins=("fedlora.client.zeroth_order", "fedlora.client.frozen", "fedlora.strategies"),
 )
 
 

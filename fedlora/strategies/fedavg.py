@@ -15,13 +15,17 @@ import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
+from fedlora.client.frozen import FreezeFactor
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.config.loader import ConfigError
 from fedlora.strategies.base import (
+    ClientInstruction,
     ClientReply,
     ServerSetup,
     Strategy,
     StrategyOptions,
+    check_example_count,
+    check_same_layout,
     example_weights,
     weighted_average,
 )
@@ -106,3 +110,30 @@ class FedProx(FactorAverage):
 
     def client_hooks(self) -> list[ClientHooks]:
         return [ProximalTerm(mu=self.options.mu)]  # type: ignore[attr-defined]
+
+
+class OneFactorAverage(FactorAverage):
+    """Clients receive the whole adapter, train one factor (``trained_factor`` of the round) with the other
+    frozen, and send that factor only; the server averages it with example weights. Exact for the product,
+    since the frozen factor is common: sum_i p_i s B_i A = s (sum_i p_i B_i) A (and likewise for A)."""
+
+    linear_aggregate = False  # a robust rule over half the adapter would drop the other half
+
+    def trained_factor(self, server_round: int) -> str:
+        """``"A"`` or ``"B"``: the factor the clients train and send in ``server_round``."""
+        return "B"
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        frozen = "A" if self.trained_factor(server_round) == "B" else "B"
+        hooks: list[ClientHooks] = [FreezeFactor(factor=frozen)]
+        return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
+
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        frozen = instruction.hooks[0]
+        expected = {k: v for k, v in instruction.payload.items() if not frozen.frozen(k)}
+        return check_example_count(self, reply) or check_same_layout(expected, reply.payload)
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        trained = weighted_average([r.payload for r in replies], example_weights(replies))
+        self.global_state = {k: trained.get(k, v) for k, v in self.global_state.items()}
+        return self.global_state

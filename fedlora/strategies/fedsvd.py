@@ -1,0 +1,59 @@
+"""FedSVD (Lee et al., NeurIPS 2025): clients train and send only B; the server re-bases A by an SVD.
+
+Each round the clients receive the adapter (B, A), train B with A frozen, and send B. Per target module the
+server averages B and re-factors the product (s = alpha / r, p_i = n_i / sum_j n_j):
+
+    B_bar = sum_i p_i B_i,      B_bar A = U S V^T  (thin SVD, rank r, from the factors: fedlora.linalg),
+    A <- V^T[:r],               B <- U[:, :r] S[:r]
+
+so s B A is unchanged by the re-basing (exact aggregation, like FFA-LoRA), but A is no longer a fixed random
+matrix: its rows are the right singular vectors of the current update (orthonormal, which keeps the B-only
+training well conditioned). When B_bar A has rank below r (round 1 from B = 0 with few clients), the missing
+rows of A are a seeded orthonormal completion and B is zero there. DP-SGD noise goes on B only (A is
+computed by the server from released B's). What travels: the whole adapter down, B up. Needs one rank for
+every client. Task heads are averaged. The SVD runs on ``compute.server_device`` in float64.
+
+Differences from the paper's code: none known in the rule; the paper's experiments use other models and data.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from fedlora.adapters.ranks import module_factors
+from fedlora.adapters.state import AdapterState
+from fedlora.linalg import lowrank_svd, orthonormal_completion
+from fedlora.strategies.base import ClientReply
+from fedlora.strategies.fedavg import OneFactorAverage
+from fedlora.strategies.registry import register_strategy
+
+
+@register_strategy
+class FedSVD(OneFactorAverage):
+    """FedSVD: B-only training and upload; the server re-bases (B, A) by an SVD of B_bar A each round."""
+
+    name = "fedsvd"
+    default_optimizer = "adamw"
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        averaged = super().aggregate(server_round, replies)  # B_bar (and heads), A as sent
+        out = dict(averaged)
+        device = self.server_device
+        for module, (a_key, b_key) in module_factors(averaged).items():
+            A, B_bar = averaged[a_key], averaged[b_key]
+            r, dtype = A.shape[0], A.dtype
+            U, S, Vh = lowrank_svd([B_bar.to(device, torch.float64)], [A.to(device, torch.float64)], [1.0])
+            keep = int((S[0] * 1e-12 < S).sum()) if S.numel() and S[0] > 0 else 0
+            keep = min(keep, r)
+            A_new = torch.zeros(A.shape, dtype=torch.float64)
+            B_new = torch.zeros(B_bar.shape, dtype=torch.float64)
+            A_new[:keep] = Vh[:keep].cpu()
+            B_new[:, :keep] = (U[:, :keep] * S[:keep]).cpu()
+            if keep < r:  # rank-deficient: complete A's rows to an orthonormal basis (B is zero there)
+                seed = zlib.crc32(f"{self.seed}/{server_round}/{module}".encode())
+                A_new[keep:] = orthonormal_completion(A_new[:keep], r - keep, seed)
+            out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
+        self.global_state = out
+        return out
