@@ -25,6 +25,7 @@ not otherwise and the node trains those clients one by one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from fedlora.client.loss import token_losses
 from fedlora.client.trainer import (
     LocalResult,
     LocalTrainingSettings,
+    backward_and_step,
     make_optimizer,
     seed_all,
 )
@@ -215,6 +217,9 @@ def train_clients_together(
         m.B.requires_grad_(m.b_key not in frozen_keys)
     optimizer = make_optimizer(params, settings)
     scaler = grad_scaler(settings.precision, device)
+    clip = (
+        None if settings.grad_clip is None else functools.partial(clip_per_client, params, settings.grad_clip)
+    )
     K = len(jobs)
     rows = max(len(b) for batches in client_batches for b in batches)
     losses: list[list[float]] = [[] for _ in jobs]
@@ -242,17 +247,7 @@ def train_clients_together(
             total = client_loss.sum()
             for k, value in enumerate(client_loss.detach().cpu().tolist()):
                 losses[k].append(value)
-            (total if scaler is None else scaler.scale(total)).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if settings.grad_clip is not None:
-                clip_per_client(params, settings.grad_clip)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(total, optimizer, scaler, clip)
     model.eval()
     seconds = (time.perf_counter() - started) / K
     results = []

@@ -134,21 +134,30 @@ def run_steps(
             with autocast(precision, device):
                 loss = loss_of(batch)
             losses.append(float(loss.detach()))
-            if scaler is None:
-                loss.backward()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            clip = None if grad_clip is None else lambda: torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            backward_and_step(loss, optimizer, scaler, clip)
     model.eval()
     return losses, tokens
+
+
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any, clip: Callable[[], Any] | None
+) -> None:
+    """backward, clip, step, zero the gradients; with an fp16 ``scaler``: scaled backward, gradients unscaled
+    before ``clip``, the step skipped if any gradient is inf/NaN, then the scale updated."""
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    if clip is not None:
+        clip()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def seed_all(seed: int, device: torch.device) -> None:
