@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -64,6 +65,8 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     # Ctrl-C reaches the whole process group: the parent decides (it stops after the current round's
     # clients are abandoned and closes its workers); a worker left alone ends when its pipe closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent already showed the model's loading warnings once; N workers would repeat them N times
+    warnings.filterwarnings("ignore", category=FutureWarning)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     setup, _ = _receive(inbox)
     cfg = config_from_dict(json.loads(setup["config"]))
@@ -271,9 +274,11 @@ class PaddedTokenCost:
 def worker_devices(cfg: ExperimentConfig, count: int) -> list[str]:
     """The device of each worker: ``compute.devices`` (one worker each) or ``count`` workers on
     ``compute.device``."""
+    from fedlora.compute import resolve_device
+
     if cfg.compute.devices:
-        return list(cfg.compute.devices)
-    return [cfg.compute.device] * count
+        return [str(resolve_device(d)) for d in cfg.compute.devices]
+    return [str(resolve_device(cfg.compute.device))] * count
 
 
 def parallel_workers(cfg: ExperimentConfig, num_parameters: int, per_round: int) -> int:
