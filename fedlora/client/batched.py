@@ -41,8 +41,11 @@ from fedlora.client.loss import token_losses
 from fedlora.client.trainer import (
     LocalResult,
     LocalTrainingSettings,
-    backward_and_step,
+    backward,
     make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    round_settings,
     seed_all,
 )
 from fedlora.compute import autocast, grad_scaler, model_device, to_device
@@ -172,11 +175,7 @@ def train_clients_together(
     assert model is not None
     device = model_device(model)
     dropout = adapters.cfg.dropout
-    settings = jobs[0].settings
-    if settings.lr_scale != 1.0:
-        from dataclasses import replace
-
-        settings = replace(settings, lr=settings.lr * settings.lr_scale, lr_scale=1.0)
+    settings = round_settings(jobs[0].settings, server_round)
     pad = encoder.tokenizer.pad_token_id
     contexts: list[ClientContext] = []
     states: list[AdapterState] = []
@@ -216,6 +215,7 @@ def train_clients_together(
         m.A.requires_grad_(m.a_key not in frozen_keys)
         m.B.requires_grad_(m.b_key not in frozen_keys)
     optimizer = make_optimizer(params, settings)
+    scheduler = make_scheduler(optimizer, settings, len(client_batches[0]))  # one schedule: equal steps
     scaler = grad_scaler(settings.precision, device)
     clip = (
         None if settings.grad_clip is None else functools.partial(clip_per_client, params, settings.grad_clip)
@@ -247,7 +247,8 @@ def train_clients_together(
             total = client_loss.sum()
             for k, value in enumerate(client_loss.detach().cpu().tolist()):
                 losses[k].append(value)
-            backward_and_step(total, optimizer, scaler, clip)
+            backward(total, scaler)
+            optimizer_step(optimizer, scaler, clip, scheduler)
     model.eval()
     seconds = (time.perf_counter() - started) / K
     results = []

@@ -76,6 +76,8 @@ class ClientHooks(BaseModel):
     #: its clients may train in one batched pass (``compute.batch_clients``): it adds no loss term and has
     #: no training phase of its own (``before_training`` / ``reply_state`` only check or reshape state)
     batchable: ClassVar[bool] = False
+    #: its steps are not optimizer steps (zeroth-order): schedules and gradient accumulation do not apply
+    replaces_optimizer: ClassVar[bool] = False
 
     def frozen(self, key: str) -> bool:
         """Tensors that are neither trained nor sent back."""

@@ -17,7 +17,9 @@ client), so a round replays identically after a resume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -70,6 +72,12 @@ class LocalTrainingSettings:
     privacy: DPSettings | None = None
     #: autocast of the forward pass (``compute.precision``): fp32, bf16 or fp16 (with a gradient scaler)
     precision: str = "fp32"
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    #: round t trains at lr * lr_decay^(t - 1)
+    lr_decay: float = 1.0
+    gradient_accumulation_steps: int = 1
 
 
 #: the generic settings a strategy may override per client in ``ClientInstruction.settings``
@@ -84,6 +92,14 @@ class LocalResult:
     state: AdapterState
     num_examples: int
     metrics: dict[str, float]
+
+
+def round_settings(settings: LocalTrainingSettings, server_round: int) -> LocalTrainingSettings:
+    """The round's learning rate folded in: lr * lr_scale * lr_decay^(round - 1)."""
+    factor = settings.lr_scale * settings.lr_decay ** max(server_round - 1, 0)
+    if factor == 1.0:
+        return settings
+    return replace(settings, lr=settings.lr * factor, lr_scale=1.0, lr_decay=1.0)
 
 
 def round_seed(run_seed: int, server_round: int, client_id: int) -> int:
@@ -104,6 +120,19 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: adamw, sgd")
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: LocalTrainingSettings, steps: int) -> Any:
+    """The round's learning-rate schedule over its ``steps`` optimizer steps (``transformers.get_scheduler``;
+    warmup = ``warmup_steps`` or ceil(``warmup_ratio`` x steps)); None for a constant rate."""
+    if settings.lr_scheduler == "constant":
+        return None
+    from transformers import get_scheduler
+
+    warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * steps)
+    return get_scheduler(
+        settings.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1)
+    )
+
+
 def run_steps(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -114,41 +143,49 @@ def run_steps(
     seed: int,
     pad_token_id: int,
     precision: str = "fp32",
+    accumulation: int = 1,
+    scheduler: Any = None,
 ) -> tuple[list[float], int]:
-    """Plain first-order steps (train mode, dropout seeded); returns the losses and the token count.
+    """Plain first-order steps (train mode, dropout seeded); returns the micro-batch losses and the token count.
 
-    The forward runs under ``precision``'s autocast on the model's device; with fp16 the loss is scaled
-    before backward and the gradients unscaled before clipping (a step with inf/NaN gradients is skipped).
-    Shared by the main phase and hooks that train something else first (pFedLoRA's local-model phase).
+    Every ``accumulation`` consecutive micro-batches make one optimizer step on the mean of their losses
+    (each backward gets loss / accumulation); ``scheduler`` steps after each optimizer step. The forward runs
+    under ``precision``'s autocast on the model's device; with fp16 the loss is scaled before backward and the
+    gradients unscaled before clipping (a step with inf/NaN gradients is skipped). Shared by the main phase
+    and hooks that train something else first (pFedLoRA's local-model phase).
     """
     losses: list[float] = []
     tokens = 0
     device = model_device(model)
     scaler = grad_scaler(precision, device)
+    clip = None if grad_clip is None else functools.partial(torch.nn.utils.clip_grad_norm_, params, grad_clip)
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         seed_all(seed, device)  # dropout masks
-        for items in batches:
+        for index, items in enumerate(batches, start=1):
             batch = collate(items, pad_token_id)
             tokens += int(batch["attention_mask"].sum())
             with autocast(precision, device):
                 loss = loss_of(batch)
             losses.append(float(loss.detach()))
-            clip = None if grad_clip is None else lambda: torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            backward_and_step(loss, optimizer, scaler, clip)
+            backward(loss / accumulation if accumulation > 1 else loss, scaler)
+            if index % accumulation == 0 or index == len(batches):
+                optimizer_step(optimizer, scaler, clip, scheduler)
     model.eval()
     return losses, tokens
 
 
-def backward_and_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any, clip: Callable[[], Any] | None
+def backward(loss: torch.Tensor, scaler: Any) -> None:
+    """loss.backward(), scaled first with an fp16 gradient ``scaler``."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: Any, clip: Callable[[], Any] | None, scheduler: Any = None
 ) -> None:
-    """backward, clip, step, zero the gradients; with an fp16 ``scaler``: scaled backward, gradients unscaled
+    """clip, step, advance the schedule, zero the gradients; with an fp16 ``scaler``: gradients unscaled
     before ``clip``, the step skipped if any gradient is inf/NaN, then the scale updated."""
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
+    if scaler is not None:
         scaler.unscale_(optimizer)
     if clip is not None:
         clip()
@@ -157,6 +194,8 @@ def backward_and_step(
     else:
         scaler.step(optimizer)
         scaler.update()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -181,8 +220,7 @@ def train_locally(
     store: PersonalStore | None = None,
 ) -> LocalResult:
     """Load ``start_state``, run the method's hooks around the local steps, return what is sent back."""
-    if settings.lr_scale != 1.0:
-        settings = replace(settings, lr=settings.lr * settings.lr_scale, lr_scale=1.0)
+    settings = round_settings(settings, server_round)
     encoded = EncodedOnDemand(encoder, client.train)
     ctx = ClientContext(
         adapters=adapters,
@@ -214,8 +252,9 @@ def train_locally(
         rate = dp.sample_rate or min(1.0, settings.batch_size / len(encoded))
         indices = poisson_batches(len(encoded), rate, steps, ctx.generator)
         batches = [[encoded[i] for i in idx] for idx in indices]
-    else:
-        batches = batches_for_steps(encoded, settings.batch_size, steps, ctx.generator)
+    else:  # `steps` optimizer steps of gradient_accumulation_steps micro-batches each
+        micro = steps * settings.gradient_accumulation_steps
+        batches = batches_for_steps(encoded, settings.batch_size, micro, ctx.generator)
     metrics: dict[str, Any] = {}
     for hook in hooks:
         metrics.update(hook.before_training(ctx))
@@ -236,24 +275,45 @@ def train_locally(
     if dp is None:
         pad = encoder.tokenizer.pad_token_id
         losses, tokens = run_steps(
-            model, params, batches, optimizer, loss_of, settings.grad_clip, seed, pad, settings.precision
+            model,
+            params,
+            batches,
+            optimizer,
+            loss_of,
+            settings.grad_clip,
+            seed,
+            pad,
+            settings.precision,
+            settings.gradient_accumulation_steps,
+            make_scheduler(optimizer, settings, steps),
         )
     else:
         pad = encoder.tokenizer.pad_token_id
+        schedule = make_scheduler(optimizer, settings, steps)
         run_dp_steps(
-            model, params, batches, optimizer, loss_of, dp, settings.batch_size, seed, pad, settings.precision
+            model,
+            params,
+            batches,
+            optimizer,
+            loss_of,
+            dp,
+            settings.batch_size,
+            seed,
+            pad,
+            settings.precision,
+            schedule,
         )
         losses, tokens = [], 0
     metrics.update(
         {
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "steps": len(batches),
+            "steps": steps,
             "tokens": tokens,
             "train_seconds": time.perf_counter() - started,
         }
     )
     if dp is not None:  # computed on raw private batches: not released (only the public step count leaves)
-        metrics = {"steps": len(batches)}
+        metrics = {"steps": steps}
     state = {k: v for k, v in adapters.state().items() if not frozen(k)}
     for hook in hooks:
         state = hook.reply_state(ctx, state, metrics)
@@ -271,6 +331,7 @@ def run_dp_steps(
     seed: int,
     pad_token_id: int,
     precision: str = "fp32",
+    scheduler: Any = None,
 ) -> None:
     """DP-SGD steps through Opacus: per-example gradients, clipping to C, Gaussian noise sigma C (drawn on
     the parameters' device). The forward runs under ``precision``'s autocast; per-example gradients, their
@@ -289,8 +350,7 @@ def run_dp_steps(
                 with autocast(precision, device):
                     loss = loss_of(collate(items, pad_token_id))
                 loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, None, None, scheduler)  # Opacus clips per example inside its step
     model.eval()
 
 

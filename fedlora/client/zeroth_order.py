@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -49,6 +49,7 @@ class ZerothOrder(ClientHooks):
     perturbations: int = Field(1, ge=1)
     upload: Literal["weights", "seeds"] = "weights"
     full_model: bool = False
+    replaces_optimizer: ClassVar[bool] = True
 
     def dp_refusal(self) -> str | None:
         return "zeroth-order steps have no DP-SGD mechanism (no per-example gradients to clip)"

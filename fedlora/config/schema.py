@@ -9,14 +9,16 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated, and no number may
     be infinite or NaN (an inf learning rate or rank scale would only fail later, or silently)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, populate_by_name=True
+    )
 
 
 class ModelVariant(Section):
@@ -180,13 +182,24 @@ class ClientConfig(Section):
     local_steps: int | None = Field(10, ge=1)
     local_epochs: float | None = Field(None, gt=0.0)
     batch_size: int = Field(4, ge=1)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    #: global-norm gradient clipping of each optimizer step (``max_grad_norm`` is accepted as its other name)
+    grad_clip: float | None = Field(1.0, gt=0.0, validation_alias=AliasChoices("grad_clip", "max_grad_norm"))
+    #: the learning-rate schedule over a client's optimizer steps in a round (``transformers.get_scheduler``)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    #: round-level decay: round t trains at lr * lr_decay^(t - 1) (FedIT / FlowerTune's schedule across rounds)
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0)
+    #: micro-batches of ``batch_size`` per optimizer step (``local_steps`` counts optimizer steps)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     num_threads: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _one_length(self) -> ClientConfig:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("give exactly one of local_steps and local_epochs (set the other to null)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
         return self
 
 
@@ -397,6 +410,15 @@ class ExperimentConfig(Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _dp_takes_whole_batches(self) -> ExperimentConfig:
+        if self.privacy.enabled and self.client.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "client.gradient_accumulation_steps must be 1 with privacy.enabled (a DP-SGD step takes one "
+                "sampled batch: raise client.batch_size instead)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _task_matches_data(self) -> ExperimentConfig:

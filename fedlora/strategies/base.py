@@ -127,8 +127,23 @@ class Strategy(ABC):
         """Why this method cannot honour the experiment as configured (None: it can).
 
         Checked wherever a run starts (config file, Python-built config, resume, Flower), before any work.
-        The default refuses privacy when one of the method's client hooks cannot run under DP-SGD.
+        The default refuses privacy when one of the method's client hooks cannot run under DP-SGD, and
+        optimizer-step settings (schedule, accumulation) when a hook replaces the optimizer's steps.
         """
+        client = cfg.client
+        if client.gradient_accumulation_steps > 1 or client.lr_scheduler != "constant":
+            for hook in cls(options).client_hooks():
+                if hook.replaces_optimizer:
+                    field = (
+                        "gradient_accumulation_steps"
+                        if client.gradient_accumulation_steps > 1
+                        else "lr_scheduler"
+                    )
+                    return (
+                        f"config field 'client.{field}': strategy {cls.name} takes its own kind of steps "
+                        f"({hook.kind}), not optimizer steps; set client.gradient_accumulation_steps: 1 and "
+                        "client.lr_scheduler: constant"
+                    )
         if cfg.privacy.enabled:
             for hook in cls(options).client_hooks():
                 reason = hook.dp_refusal()

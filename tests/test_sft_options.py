@@ -1,0 +1,137 @@
+"""SFT options of local training: learning-rate schedules with warmup, a decay across rounds, gradient
+accumulation, ``max_grad_norm`` as the other name of ``grad_clip``, and the refusals where they cannot apply."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_rel_close, tiny_overrides
+from fedlora.client.trainer import LocalTrainingSettings, make_scheduler, round_settings, run_steps
+from fedlora.config import load_config
+from fedlora.config.loader import ConfigError
+from fedlora.data.encoding import Encoder, collate
+from fedlora.runner import run
+
+
+def test_max_grad_norm_is_grad_clip() -> None:
+    assert load_config(None, ["client.max_grad_norm=0.25"]).client.grad_clip == 0.25
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup"), [("linear", {"warmup_ratio": 0.25}), ("cosine", {"warmup_steps": 3})]
+)
+def test_schedules_follow_their_formula_over_the_rounds_steps(name: str, warmup: dict) -> None:
+    steps, lr = 8, 0.1
+    settings = LocalTrainingSettings(optimizer="sgd", lr=lr, lr_scheduler=name, **warmup)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = make_scheduler(optimizer, settings, steps)
+    w = warmup.get("warmup_steps") or math.ceil(warmup["warmup_ratio"] * steps)
+    for t in range(steps):
+        if t < w:
+            expected = lr * t / w
+        else:
+            progress = (t - w) / (steps - w)
+            expected = lr * ((1 - progress) if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+    assert make_scheduler(optimizer, replace(settings, lr_scheduler="constant"), steps) is None
+
+
+def test_lr_decay_across_rounds() -> None:
+    settings = LocalTrainingSettings(optimizer="adamw", lr=1e-3, lr_scale=2.0, lr_decay=0.5)
+    assert round_settings(settings, 1).lr == pytest.approx(2e-3)
+    assert round_settings(settings, 3).lr == pytest.approx(2e-3 * 0.25)
+
+
+def test_gradient_accumulation_is_one_step_on_the_mean_of_the_micro_batch_losses() -> None:
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.client.loss import batch_loss
+    from fedlora.config.schema import AdapterConfig, ModelConfig
+    from fedlora.data.examples import Example
+    from fedlora.models.loading import load_base_model
+
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, dropout=0.0), "causal-lm")
+    adapters.activate(4)
+    model = adapters.model
+    encoder = Encoder(bundle.tokenizer, "causal-lm", 64, "alpaca", False)
+    examples = [Example(instruction=f"add {i} and {i + 1}", output=str(2 * i + 1)) for i in range(4)]
+    micro = [[encoder.encode(e) for e in examples[:2]], [encoder.encode(e) for e in examples[2:]]]
+    params = [p for _, p in adapters.trainable_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():  # a non-zero B, so both factors get gradients
+        for key, p in adapters.trainable_parameters():
+            if ".lora_B." in key:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    start = adapters.state()
+    pad = bundle.tokenizer.pad_token_id
+    loss_of = lambda batch: batch_loss(model, batch, "causal-lm")  # noqa: E731
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    run_steps(model, params, micro, optimizer, loss_of, None, 0, pad, accumulation=2)
+    accumulated = adapters.state()
+    adapters.load(start)
+    model.train()
+    grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for items in micro:  # the direct computation: mean of the two micro-batches' gradients, one SGD step
+        model.zero_grad()
+        batch_loss(model, collate(items, pad), "causal-lm").backward()
+        for g, p in zip(grads, params):
+            g += p.grad.double() / 2
+    model.eval()
+    expected = {k: start[k].double() - 0.5 * g for (k, _), g in zip(adapters.trainable_parameters(), grads)}
+    for key, value in expected.items():
+        assert_rel_close(accumulated[key].double(), value, 1e-5)
+    assert any(not torch.equal(accumulated[k], start[k]) for k in start)
+
+
+def test_refusals_where_the_options_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="client.gradient_accumulation_steps.*fedmezo"):
+        load_config(
+            None,
+            tiny_overrides(tmp_path, **{"strategy.name": "fedmezo", "client.gradient_accumulation_steps": 2}),
+        )
+    with pytest.raises(ConfigError, match="client.lr_scheduler.*fedmezo"):
+        load_config(
+            None, tiny_overrides(tmp_path, **{"strategy.name": "fedmezo", "client.lr_scheduler": "cosine"})
+        )
+    dp = {"privacy.enabled": "true", "privacy.noise_multiplier": 1.0, "client.gradient_accumulation_steps": 2}
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be 1 with privacy"):
+        load_config(None, tiny_overrides(tmp_path, **dp))
+    with pytest.raises(ConfigError, match="warmup_steps or warmup_ratio"):
+        load_config(None, ["client.warmup_steps=2", "client.warmup_ratio=0.1"])
+
+
+def test_runs_with_a_schedule_and_decay_and_batched_clients_follow_the_same_schedule(tmp_path: Path) -> None:
+    sft = {
+        "client.lr_scheduler": "cosine",
+        "client.warmup_steps": 1,
+        "client.lr_decay": 0.5,
+        "client.local_steps": 3,
+        "adapter.dropout": 0.0,
+        "federation.clients_per_round": 3,
+    }
+    per = run(load_config(None, tiny_overrides(tmp_path, **sft)), tmp_path / "per", show_progress=False)
+    batched_cfg = load_config(None, tiny_overrides(tmp_path, **sft, **{"compute.batch_clients": "true"}))
+    batched = run(batched_cfg, tmp_path / "batched", show_progress=False)
+    for key in per.final_state:
+        assert_rel_close(batched.final_state[key], per.final_state[key], 1e-4)
+    plain = run(
+        load_config(None, tiny_overrides(tmp_path, **{**sft, "client.lr_scheduler": "constant"})),
+        tmp_path / "plain",
+        show_progress=False,
+    )
+    assert any(not torch.equal(plain.final_state[k], per.final_state[k]) for k in per.final_state)
+    accum = {**sft, "client.gradient_accumulation_steps": 2}
+    result = run(
+        load_config(None, tiny_overrides(tmp_path, **accum)), tmp_path / "accum", show_progress=False
+    )
+    assert all(
+        c["steps"] == 3 for r in result.records for c in r["clients"]
+    )  # optimizer steps, not micro-batches
