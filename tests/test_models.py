@@ -114,3 +114,29 @@ def test_user_gguf_file_is_converted_once(tmp_path: Path) -> None:
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     bundle = load_base_model(ModelConfig(name=str(gguf)))
     assert bundle.model.config.num_hidden_layers == 30
+
+
+def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """``model.name: org/name`` is found in the HF cache offline; a missing one says how to make it available."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from fedlora.config import load_config
+    from fedlora.models.loading import resolve_model_folder
+
+    source = resolve_model_folder(ModelConfig(name="tiny-llama"))
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(source, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.name=tiny-org/tiny-llama"])
+    assert cfg.model.name == "tiny-org/tiny-llama"  # a hub id, not turned into a path
+    bundle = load_base_model(cfg.model)
+    assert Path(bundle.folder) == snapshot and bundle.model.config.hidden_size == 64
+    with pytest.raises(
+        FileNotFoundError, match=r"'tiny-org/absent' is not in the local Hugging Face cache.*hf download"
+    ):
+        load_base_model(ModelConfig(name="tiny-org/absent"))

@@ -7,6 +7,7 @@ given and what is allowed, and is raised before any model or data is touched.
 from __future__ import annotations
 
 import contextlib
+import re
 import typing
 from importlib import resources
 from pathlib import Path
@@ -195,6 +196,10 @@ def read_yaml(path: Path) -> Any:
 PATH_FIELDS = (("data", "path"), ("model", "cache_dir"), ("output", "dir"), ("output", "root"))
 
 
+#: a Hugging Face hub model id: "organisation/name"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def _looks_like_path(name: str) -> bool:
     return "/" in name or name.startswith((".", "~")) or name.endswith(".gguf")
 
@@ -210,7 +215,11 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str) and _looks_like_path(model["name"]):
         value = Path(model["name"]).expanduser()
-        model["name"] = str(value if value.is_absolute() else (base / value).resolve())
+        if not value.is_absolute():
+            local = (base / value).resolve()
+            # "org/name" with no such folder here is a Hugging Face hub id (resolved from the local cache)
+            if local.exists() or not HUB_ID.fullmatch(model["name"]):
+                model["name"] = str(local)
     return tree
 
 

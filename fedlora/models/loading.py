@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from fedlora.compute import resolve_device
+from fedlora.config.loader import HUB_ID
 from fedlora.config.schema import ComputeConfig, ModelConfig
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
@@ -57,9 +58,25 @@ for _name in BUILTIN_NAMES:
         MODELS.register(_name, lambda cfg, name=_name: fetch_builtin(name, cfg.cache_dir))
 
 
+def hub_model_folder(repo_id: str) -> Path:
+    """A Hugging Face hub model id from the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, or a partial cache entry
+        raise FileNotFoundError(
+            f"model.name: {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}): on a machine with "
+            f"network run `hf download {repo_id}` and copy that cache here (or set HF_HOME to it), or give "
+            f"model.name as a model folder ({type(err).__name__})"
+        ) from None
+
+
 def resolve_model_folder(cfg: ModelConfig) -> Path:
     """Turn ``model.name`` into a local Hugging Face folder: a registered model (built-ins: tiny-llama,
-    smollm2-135m-instruct, all-minilm-l6-v2), a ``.gguf`` file (converted once) or a model folder."""
+    smollm2-135m-instruct, all-minilm-l6-v2), a ``.gguf`` file (converted once), a model folder, or a hub id
+    (``org/name``) already in the local Hugging Face cache."""
     name = cfg.name
     if name in MODELS:
         return MODELS.get(name)(cfg)
@@ -78,9 +95,11 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
                 f"model.name: {path} has no config.json (not a Hugging Face model folder)"
             )
         return path
+    if HUB_ID.fullmatch(name):
+        return hub_model_folder(name)
     raise FileNotFoundError(
         f"model.name: {name!r} is neither a built-in or registered model ({', '.join(MODELS.names())}), a model folder, "
-        "nor a .gguf file"
+        "a .gguf file, nor a hub id (organisation/name) in the local Hugging Face cache"
     )
 
 
