@@ -56,9 +56,11 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where the examples come from and how they are shaped into prompts and targets."""
 
-    #: a registered data source: reasoning-gym, natural-instructions, json, bbc-news, or your own
+    #: a registered data source: reasoning-gym, natural-instructions, json, hf, bbc-news, or your own
     source: str = "reasoning-gym"
-    path: str | None = None  # json: a .json/.jsonl file; natural-instructions: file or folder
+    #: json: a .json/.jsonl file; hf: a save_to_disk folder, a .parquet/.csv/.json(l)/.arrow file or a hub
+    #: dataset id in the local Hugging Face cache; natural-instructions: file or folder
+    path: str | None = None
     # reasoning-gym: one client per task (natural partition) unless partition.method says otherwise.
     tasks: list[str] = Field(default_factory=lambda: ["basic_arithmetic", "chain_sum", "gcd", "lcm"])
     examples_per_task: int = Field(64, ge=1)
@@ -70,6 +72,10 @@ class DataConfig(Section):
     input_field: str = "input"
     output_field: str = "output"
     category_field: str | None = "category"
+    # hf: which split of a dataset with several (a DatasetDict folder, a hub dataset), and a chat column
+    # (a list of {role, content} messages) to read instead of instruction/input/output
+    hf_split: str = "train"
+    messages_field: str | None = None
     # Per-client split of pooled data (json, reasoning-gym, bbc-news); natural-instructions ships its own.
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)

@@ -6,6 +6,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedlora.config.schema import ExperimentConfig
@@ -78,6 +79,11 @@ def json_source(cfg: ExperimentConfig) -> SourceData:
     data = cfg.data
     if not data.path:
         raise ValueError("data.source 'json' needs data.path")
+    if Path(data.path).is_dir() or Path(data.path).suffix in (".parquet", ".arrow", ".csv"):
+        raise ValueError(
+            f"data.path {data.path!r} is not a JSON/JSONL file: read it with data.source: hf (datasets folders "
+            "made by save_to_disk, parquet, CSV and Arrow files)"
+        )
     label_names = labels_in_file(data.path, data.output_field) if cfg.model.task == "classification" else None
     examples = load_instruction_file(
         data.path,
@@ -90,11 +96,33 @@ def json_source(cfg: ExperimentConfig) -> SourceData:
     return SourceData(f"{data.path} ({len(examples)} examples)", examples, None, label_names)
 
 
+@register_data_source("hf")
+def hf_source(cfg: ExperimentConfig) -> SourceData:
+    """Rows read through Hugging Face ``datasets`` (:func:`fedlora.data.hf.load_rows`), then as
+    :func:`rows_source` (field names, ``messages_field``, partitioning)."""
+    from fedlora.data.hf import load_rows
+
+    data = cfg.data
+    if not data.path:
+        raise ValueError(
+            "data.source 'hf' needs data.path: a save_to_disk folder, a .parquet/.csv/.json(l)/.arrow file or a "
+            "hub dataset id in the local Hugging Face cache"
+        )
+    rows, description = load_rows(data.path, data.hf_split)
+    source = rows_source(cfg, rows)
+    source.description = f"{description} ({len(source.examples or [])} rows)"
+    return source
+
+
 def rows_source(cfg: ExperimentConfig, rows: Iterable[dict[str, Any]]) -> SourceData:
     """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
     the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
     data = cfg.data
     records = list(enumerate(rows, start=1))
+    if data.messages_field:
+        from fedlora.data.hf import messages_to_record
+
+        records = [(n, messages_to_record(r, data, n)) for n, r in records]
     label_names = None
     if cfg.model.task == "classification":
         label_names = sorted({str(r[data.output_field]) for _, r in records})
