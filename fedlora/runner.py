@@ -48,6 +48,7 @@ from fedlora.engine.embedded import (
     evaluate_personal,
     evaluate_state,
     evaluation_clients,
+    write_predictions,
 )
 from fedlora.engine.run_folder import (
     atomic_write_text,
@@ -427,14 +428,21 @@ def evaluate_run(
     if not adapter_file.exists():
         tuned = load_file(str(model_file))  # saved with plain names; the live model's carry ".base_layer"
         state = {n: tuned[n.replace(".base_layer", "")] for n, _ in sim.adapters.base_parameters()}
-        return evaluate_state(sim, state, clients, names)
-    try:
-        state = load_file(str(adapter_file))
-    except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise ConfigError(
-            f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
-        ) from None
-    return evaluate_state(sim, state, clients, names)
+    else:
+        try:
+            state = load_file(str(adapter_file))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ConfigError(
+                f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
+            ) from None
+    predictions: list[dict[str, Any]] = []
+    metrics = evaluate_state(sim, state, clients, names, predictions)
+    folder = run_dir / "eval"  # what was measured, and what the model said, kept in the run
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / f"{cfg.eval.split}.json", json.dumps(metrics, indent=1) + "\n")
+    if predictions:
+        write_predictions(folder / f"{cfg.eval.split}.predictions.jsonl", predictions)
+    return metrics
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

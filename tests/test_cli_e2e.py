@@ -200,3 +200,25 @@ def test_bad_config_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     assert "clients_per_round (9) is above the 4 clients" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_eval_keeps_its_figures_and_what_the_model_said(tmp_path: Path, capsys) -> None:
+    """Overrides after --split work; eval writes eval/<split>.json and <split>.predictions.jsonl in the run,
+    and a run's final generation metrics keep their predictions (eval/final.predictions.jsonl)."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, **{"eval.final_metrics": "[rouge-l]", "eval.max_new_tokens": 4})
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    final = [
+        json.loads(line) for line in (run_dir / "eval" / "final.predictions.jsonl").read_text().splitlines()
+    ]
+    assert final and {"client", "instruction", "reference", "generation", "rouge_l"} <= set(final[0])
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--split", "test", "eval.metrics=[loss, exact-match]"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((run_dir / "eval" / "test.json").read_text())
+    assert stored == printed and "eval_exact_match" in stored and "eval_loss" in stored
+    lines = (run_dir / "eval" / "test.predictions.jsonl").read_text().splitlines()
+    assert len(lines) == stored["eval_generated"] and "exact_match" in json.loads(lines[0])
+    with pytest.raises(SystemExit) as stopped:  # anything else after the options is still an error
+        main(["eval", str(run_dir), "--split", "test", "--bogus"])
+    assert stopped.value.code == 2

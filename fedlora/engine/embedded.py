@@ -163,9 +163,14 @@ class InProcessTransport:
 
 
 def evaluate_state(
-    sim: Simulation, state: AdapterState, clients: list[ClientData], metrics: list[str] | None = None
+    sim: Simulation,
+    state: AdapterState,
+    clients: list[ClientData],
+    metrics: list[str] | None = None,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Load ``state`` into the shared model and run ``metrics`` (default ``eval.metrics``) on ``clients``."""
+    """Load ``state`` into the shared model and run ``metrics`` (default ``eval.metrics``) on ``clients``
+    (generation metrics append one record per example to ``predictions`` when given)."""
     if sim.adapters.is_full_state(state):
         sim.adapters.load_base(state)
     else:
@@ -175,7 +180,7 @@ def evaluate_state(
     names = cfg.metrics if metrics is None else metrics
     model = sim.adapters.model
     with autocast(sim.cfg.compute.precision, model_device(model)):
-        return run_evaluators(names, model, sim.encoder, clients, cfg)
+        return run_evaluators(names, model, sim.encoder, clients, cfg, predictions)
 
 
 def evaluate_personal(
@@ -221,6 +226,16 @@ def evaluate_personal(
     out["eval_examples"] = total
     out["eval_clients"] = len(per_client)
     return out
+
+
+def write_predictions(path: Path, predictions: list[dict[str, Any]]) -> None:
+    """One JSON object per example (client, instruction, input, reference, generation, scores), atomically."""
+    import json
+
+    from fedlora.engine.run_folder import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
 
 
 class EmbeddedEngine:
@@ -281,7 +296,11 @@ class EmbeddedEngine:
         if self.sim.client_models is not None:
             after = (server_round or self.sim.cfg.federation.rounds) + 1
             return evaluate_personal(self.sim, clients, names, after)
-        return evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names)
+        predictions: list[dict[str, Any]] = []
+        figures = evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names, predictions)
+        if final and predictions:  # what the final model said, kept for reading
+            write_predictions(self.run_dir / "eval" / "final.predictions.jsonl", predictions)
+        return figures
 
     def collect_replies(self, server_round: int, attempt: int, sampled: list[int]) -> dict[str, Any]:
         """Configure, run and validate the sampled clients of one attempt at a round."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import string
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -116,8 +117,11 @@ def evaluate_generation(
     split: str,
     batch_size: int,
     max_new_tokens: int,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """The requested generation metrics (names in :data:`SCORERS`) from one generation pass."""
+    """The requested generation metrics (names in :data:`SCORERS`) from one generation pass; with
+    ``predictions``, one record per example is appended to it: client, prompt (instruction and input),
+    reference, generation and each score."""
     if encoder.task != "causal-lm":
         raise ValueError(f"eval.metrics {metrics}: generation metrics need model.task causal-lm")
     totals = dict.fromkeys(metrics, 0.0)
@@ -126,10 +130,25 @@ def evaluate_generation(
         examples = client.split(split)
         if not examples:
             continue
-        predictions = generate(model, encoder, examples, batch_size, max_new_tokens)
+        generated = generate(model, encoder, examples, batch_size, max_new_tokens)
+        scores = {
+            name: [SCORERS[name][1](p, e) for p, e in zip(generated, examples, strict=True)]
+            for name in metrics
+        }
         for name in metrics:
-            score = SCORERS[name][1]
-            totals[name] += sum(score(p, e) for p, e in zip(predictions, examples, strict=True))
+            totals[name] += sum(scores[name])
+        if predictions is not None:
+            for i, (text, example) in enumerate(zip(generated, examples, strict=True)):
+                predictions.append(
+                    {
+                        "client": client.client_id,
+                        "instruction": example.instruction,
+                        "input": example.input,
+                        "reference": example.output,
+                        "generation": text,
+                        **{SCORERS[name][0].removeprefix("eval_"): scores[name][i] for name in metrics},
+                    }
+                )
         count += len(examples)
     out: dict[str, float] = {"eval_generated": count}
     for name in metrics:

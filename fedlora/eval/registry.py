@@ -9,6 +9,7 @@ with ``fedlora.register_metric("name")``; it reads the model with the global ada
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,9 +52,15 @@ for _scorer in SCORERS:
 
 
 def run_evaluators(
-    names: list[str], model: torch.nn.Module, encoder: Encoder, clients: list[ClientData], cfg: EvalConfig
+    names: list[str],
+    model: torch.nn.Module,
+    encoder: Encoder,
+    clients: list[ClientData],
+    cfg: EvalConfig,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Every named metric; the generation metrics among them share one generation pass."""
+    """Every named metric; the generation metrics among them share one generation pass (whose per-example
+    records go to ``predictions`` when given)."""
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(
@@ -67,7 +74,14 @@ def run_evaluators(
     if generation:
         metrics.update(
             evaluate_generation(
-                generation, model, encoder, clients, cfg.split, cfg.batch_size, cfg.max_new_tokens
+                generation,
+                model,
+                encoder,
+                clients,
+                cfg.split,
+                cfg.batch_size,
+                cfg.max_new_tokens,
+                predictions,
             )
         )
     return metrics
