@@ -81,8 +81,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    seed_keys = tuple(k.strip() for k in args.seed_keys.split(",") if k.strip())
     table = run_sweep(
-        config_path, args.set, seeds, Path(args.output), overrides, show_progress=not args.no_progress
+        config_path,
+        args.set,
+        seeds,
+        Path(args.output),
+        overrides,
+        show_progress=not args.no_progress,
+        seed_keys=seed_keys,
     )
     print(table)
     return 0
@@ -181,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "items", nargs="*", metavar="[CONFIG] [key=value ...]", help="config YAML and fixed overrides"
     )
-    sw.add_argument("--seeds", default="0", help="federation seeds, e.g. 1,2,3 (default 0)")
+    sw.add_argument("--seeds", default="0", help="seeds, e.g. 1,2,3 (default 0); each sets every --seed-keys")
+    sw.add_argument(
+        "--seed-keys",
+        default="federation.seed,data.seed,adapter.init_seed,faults.seed",
+        help="which config seeds a sweep seed sets (default: all of them)",
+    )
     sw.add_argument(
         "--set",
         action="append",

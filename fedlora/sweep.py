@@ -1,8 +1,10 @@
 """``fedlora sweep``: a grid of runs from one config, run one after another into one folder, then compared.
 
-The grid is the product of every ``--set key=v1,v2,...`` and the seeds (``federation.seed``). Each cell is a
-run directory named after its settings (``strategy.name=flexlora,seed=1``); a finished cell is skipped and an
-interrupted one resumed, so re-running the same command completes a sweep. At the end
+The grid is the product of every ``--set key=v1,v2,...`` and the seeds. A seed sets every seed of the
+experiment (``SEED_KEYS``: the data split, the adapter's initialisation, client sampling, faults), so the
+spread over seeds includes partition and initialisation variance; ``--seed-keys`` narrows that. Each cell is
+a run directory named after its settings (``name-flexlora_rank-8_seed-1``); a finished cell is skipped and
+an interrupted one resumed, so re-running the same command completes a sweep. At the end
 :func:`fedlora.tracking.compare.compare_runs` writes compare.md / compare.json / compare.png in the folder.
 """
 
@@ -53,14 +55,37 @@ class Cell:
     name: str
 
 
-def grid(axes: list[tuple[str, list[str]]], seeds: list[int]) -> list[Cell]:
+#: what one sweep seed sets, unless ``--seed-keys`` says otherwise
+SEED_KEYS = ("federation.seed", "data.seed", "adapter.init_seed", "faults.seed")
+
+
+def cell_name(axes: list[tuple[str, str]], seed: int) -> str:
+    """A readable folder name: ``<last key part>-<value>`` per axis and the seed, joined by ``_`` (the whole
+    dotted key, dots as ``-``, where two axes share a last part); only letters, digits, ``.``, ``+``, ``-``."""
+    short = [key.rsplit(".", 1)[-1] for key, _ in axes]
+    parts = []
+    for (key, value), name in zip(axes, short, strict=True):
+        label = name if short.count(name) == 1 else key.replace(".", "-")
+        parts.append(f"{label}-{value}")
+    parts.append(f"seed-{seed}")
+    return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", part) for part in parts)
+
+
+def grid(
+    axes: list[tuple[str, list[str]]], seeds: list[int], seed_keys: tuple[str, ...] = SEED_KEYS
+) -> list[Cell]:
     cells = []
+    names: set[str] = set()
     for combo in itertools.product(*(values for _, values in axes)):
         for seed in seeds:
             overrides = tuple(f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True))
-            overrides += (f"federation.seed={seed}",)
-            name = ",".join([*overrides[:-1], f"seed={seed}"])
-            cells.append(Cell(overrides, re.sub(r"[^\w.=,+-]", "_", name)))
+            swept = {k for k, _ in axes}  # a seed the grid sets explicitly is the grid's
+            overrides += tuple(f"{key}={seed}" for key in seed_keys if key not in swept)
+            name = cell_name([(k, v) for (k, _), v in zip(axes, combo, strict=True)], seed)
+            if name in names:  # two values that read the same once cleaned: keep the folders apart
+                name = f"{name}_{len(cells)}"
+            names.add(name)
+            cells.append(Cell(overrides, name))
     return cells
 
 
@@ -71,12 +96,13 @@ def run_sweep(
     output: Path,
     overrides: list[str] | None = None,
     show_progress: bool = True,
+    seed_keys: tuple[str, ...] = SEED_KEYS,
 ) -> str:
     """Run every cell (validating all configs first), then compare them; returns the markdown table."""
     from fedlora.runner import run_experiment
     from fedlora.tracking.compare import compare_runs
 
-    cells = grid(parse_axes(sets), seeds)
+    cells = grid(parse_axes(sets), seeds, seed_keys)
     configs = [load_config(config, [*(overrides or []), *cell.overrides]) for cell in cells]  # fail early
     run_dirs = []
     for cell, cfg in zip(cells, configs, strict=True):

@@ -64,8 +64,12 @@ def test_sweep_grid_splits_values_outside_brackets() -> None:
     assert split_values("a,b,[c, d],{x: 1, y: 2}") == ["a", "b", "[c, d]", "{x: 1, y: 2}"]
     cells = grid(parse_axes(["strategy.name=fedit,flexlora", "adapter.rank=2,4"]), [1, 2])
     assert len(cells) == 8 and len({c.name for c in cells}) == 8
-    assert cells[0].overrides == ("strategy.name=fedit", "adapter.rank=2", "federation.seed=1")
-    assert cells[0].name == "strategy.name=fedit,adapter.rank=2,seed=1"
+    seeds = ("federation.seed=1", "data.seed=1", "adapter.init_seed=1", "faults.seed=1")
+    assert cells[0].overrides == ("strategy.name=fedit", "adapter.rank=2", *seeds)  # every seed varies
+    assert cells[0].name == "name-fedit_rank-2_seed-1"  # readable: no '=' or ','
+    only = grid(parse_axes(["data.seed=3", "federation.seed=4"]), [1], ("federation.seed",))
+    assert only[0].name == "data-seed-3_federation-seed-4_seed-1"
+    assert only[0].overrides == ("data.seed=3", "federation.seed=4")  # the grid's own seed values stand
 
 
 def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:

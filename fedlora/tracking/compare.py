@@ -2,7 +2,7 @@
 
 Each run directory contributes its config (what differs between the runs becomes its label), its
 metrics.jsonl (final evaluation, curves) and its bytes. Runs whose configs differ only in seeds
-(``federation.seed``, ``data.seed``, ``adapter.init_seed``) form one group, reported as mean and standard
+(``federation.seed``, ``data.seed``, ``adapter.init_seed``, ``faults.seed``) form one group, reported as mean and standard
 deviation (sample std, n - 1) over the seeds, with the number of runs and the seeds behind it.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-SEED_KEYS = ("federation.seed", "data.seed", "adapter.init_seed")
+SEED_KEYS = ("federation.seed", "data.seed", "adapter.init_seed", "faults.seed")
 IGNORED_KEYS = ("name", "output.")
 # final metric -> (column title, key holding the number of examples behind it)
 FINAL_METRICS = {
