@@ -222,3 +222,9 @@ def test_eval_keeps_its_figures_and_what_the_model_said(tmp_path: Path, capsys) 
     with pytest.raises(SystemExit) as stopped:  # anything else after the options is still an error
         main(["eval", str(run_dir), "--split", "test", "--bogus"])
     assert stopped.value.code == 2
+
+
+def test_no_progress_still_prints_one_line_per_round(tmp_path: Path, capsys) -> None:
+    assert main(["run", *tiny_overrides(tmp_path), "--output", str(tmp_path / "r"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "round 1/2: train" in err and "round 2/2: train" in err

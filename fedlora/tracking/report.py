@@ -26,7 +26,8 @@ def human_bytes(n: float) -> str:
 
 
 class RoundProgress:
-    """A rich progress bar over rounds showing the last round's losses."""
+    """A rich progress bar over rounds showing the last round's losses; without a bar (``--no-progress``, or
+    output to a file) one line per round instead."""
 
     def __init__(
         self, total: int, done: int = 0, console: Console | None = None, enabled: bool = True
@@ -57,7 +58,7 @@ class RoundProgress:
     def advance(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, advance=1, status=_short(record))
         console = self.progress.console
-        if not self.progress.disable and not console.is_terminal:  # no live bar in logs: one line a round
+        if self.progress.disable or not console.is_terminal:  # no live bar (off, or a log): one line a round
             done = int(self.progress.tasks[0].completed)
             console.print(
                 f"round {done}/{int(self.progress.tasks[0].total or 0)}: {_short(record)}  ({record.get('seconds', 0):.1f} s)"
