@@ -86,3 +86,17 @@ def test_clear_errors(tmp_path: Path, rows) -> None:
     datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
     with pytest.raises(ValueError, match="dataset row 1: the conversation must end"):
         federation(tmp_path / "bad.parquet", messages_field="messages")
+
+
+def test_rows_in_no_split_are_counted_and_warned_about(tmp_path: Path, rows, caplog) -> None:
+    datasets.Dataset.from_list(rows).to_json(str(tmp_path / "rows.jsonl"))
+    full = federation(tmp_path / "rows.jsonl")
+    assert "unused" not in full.description
+    caplog.set_level("WARNING")
+    capped = federation(
+        tmp_path / "rows.jsonl", max_eval_examples_per_client=1, max_train_examples_per_client=5
+    )
+    kept = sum(c.size(s) for c in capped.clients for s in ("train", "eval", "test"))
+    unused = len(rows) - kept
+    assert unused > 0 and f"{unused} of {len(rows)} rows unused" in capped.description
+    assert any(f"{unused} of {len(rows)} rows are in no client's" in r.message for r in caplog.records)

@@ -175,6 +175,20 @@ def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) ->
     clients = [
         c.capped(data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients
     ]
+    if source.examples is not None:  # pooled rows: say how many ended in no split (caps, partitioning)
+        used = sum(c.size(split) for c in clients for split in ("train", "eval", "test"))
+        unused = len(source.examples) - used
+        if unused > 0:
+            caps = f"data.max_train_examples_per_client={data.max_train_examples_per_client}, "
+            caps += f"data.max_eval_examples_per_client={data.max_eval_examples_per_client}"
+            log.warning(
+                "%d of %d rows are in no client's train/eval/test split (%s; partition.min_partition_size=%d)",
+                unused,
+                len(source.examples),
+                caps,
+                part.min_partition_size,
+            )
+            description += f"; {unused} of {len(source.examples)} rows unused"
     kept = [c for c in clients if c.size("train") > 0]
     if len(kept) < len(clients):
         log.warning("dropped %d client(s) with no training examples", len(clients) - len(kept))
