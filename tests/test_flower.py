@@ -122,3 +122,24 @@ def test_tls_deployment_with_supernode_authentication(tmp_path: Path) -> None:
             assert "Failed to activate SuperNode" not in (tmp_path / f"supernode{i}.log").read_text()
     finally:
         deployment.stop()
+
+
+def test_the_app_exposes_each_config_field_as_a_run_config_key(tmp_path: Path) -> None:
+    import tomllib
+
+    from fedlora.config.loader import ConfigError
+    from fedlora.engine.flower import config_from_run_config
+
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    app = write_app(tmp_path / "app", cfg, tmp_path / "run")
+    keys = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert (
+        keys["federation.rounds"] == 2
+        and keys["client.lr"] == cfg.client.lr
+        and keys["model.name"] == "tiny-llama"
+    )
+    assert config_from_run_config(keys) == cfg  # unchanged keys give back the config
+    changed = config_from_run_config({**keys, "federation.rounds": 7, "client.lr": 0.01})
+    assert changed.federation.rounds == 7 and changed.client.lr == 0.01 and changed.model == cfg.model
+    with pytest.raises(ConfigError, match="'federation.roundz' is not a field"):
+        config_from_run_config({**keys, "federation.roundz": 3})

@@ -176,12 +176,44 @@ class FlowerTransport:
         return replies
 
 
-def _config_from_text(text: str) -> ExperimentConfig:
+#: run-config keys of a fedlora Flower app that are not config fields
+APP_KEYS = ("fedlora-config", "run-dir")
+
+
+def scalar_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config's scalar leaves as dotted keys (``federation.rounds``): what a Flower app exposes as
+    run-config keys, one by one (lists and nulls stay in the whole-config text)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalar_fields(value, f"{path}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[path] = value
+    return out
+
+
+def config_from_run_config(run_config: Any) -> ExperimentConfig:
+    """The app's config (``fedlora-config``) with the run-config's single keys applied over it, so that
+    ``flwr run . --run-config "federation.rounds=3"`` changes that one field."""
     import yaml
 
     from fedlora.config.loader import config_from_dict
 
-    return config_from_dict(yaml.safe_load(text))
+    tree = yaml.safe_load(str(run_config["fedlora-config"]))
+    known = scalar_fields(tree)
+    for key, value in dict(run_config).items():
+        if key in APP_KEYS:
+            continue
+        if key not in known:
+            raise ConfigError(f"flower run-config: {key!r} is not a field of the fedlora config")
+        if value != known[key]:
+            *parents, leaf = key.split(".")
+            node = tree
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return config_from_dict(tree)
 
 
 # One ClientNode per process and config, kept across messages and across ClientApp objects (the simulation
@@ -201,7 +233,7 @@ def client_app(
     app = ClientApp()
 
     def node_for(context: Any) -> ClientNode:
-        cfg = config or _config_from_text(str(context.run_config["fedlora-config"]))
+        cfg = config or config_from_run_config(context.run_config)
         key = cfg.model_dump_json()
         if key not in _NODES:
             torch.set_num_threads(cfg.client.num_threads)
@@ -264,7 +296,7 @@ def server_app(
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        cfg = config or _config_from_text(str(context.run_config["fedlora-config"]))
+        cfg = config or config_from_run_config(context.run_config)
         folder = run_dir or Path(str(context.run_config["run-dir"]))
         run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status))
 
@@ -276,14 +308,19 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, cli
     quiet_flower()
     from flwr.simulation import run_simulation
 
+    from fedlora.compute import resolve_device
     from fedlora.data.federation import build_federation
+    from fedlora.engine.embedded import clients_per_round
 
     num_nodes = len(build_federation(cfg).clients)
+    # on a GPU the round's clients share it: each ClientApp asks for 1 / (clients per round) of it
+    gpu = resolve_device(cfg.compute.device).type == "cuda"
+    share = 1.0 / clients_per_round(cfg, num_nodes) if gpu else 0.0
     run_simulation(
         server_app=server,
         client_app=client,
         num_supernodes=num_nodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": share}},
     )
     if not (run_dir / "global").exists():
         raise RuntimeError(f"the Flower simulation ended without finishing the run in {run_dir}")

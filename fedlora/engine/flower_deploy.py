@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fedlora.config.loader import dump_config
 from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.flower import scalar_fields
 from fedlora.engine.flower_tls import Credentials
 
 APP_MODULE = "fedlora_flower_app"
@@ -49,6 +50,15 @@ def app_name(name: str) -> str:
 def toml_string(text: str) -> str:
     """A TOML basic string (JSON string escaping is valid TOML)."""
     return json.dumps(text)
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """A TOML value for a config scalar."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return toml_string(value)
 
 
 def write_app(
@@ -93,6 +103,11 @@ def write_app(
                 "[tool.flwr.app.config]",
                 f"fedlora-config = {toml_string(config_text)}",
                 f"run-dir = {toml_string(str(run_dir.resolve()))}",
+                "# every scalar field of the config, overridable one by one: flwr run . --run-config 'federation.rounds=3'",
+                *(
+                    f"{toml_string(key)} = {toml_value(value)}"
+                    for key, value in scalar_fields(cfg.model_dump(mode="json")).items()
+                ),
                 "",
             ]
         )
