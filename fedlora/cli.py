@@ -37,7 +37,7 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.config.loader import load_config
+    from fedlora.config.loader import config_from_overrides, load_config
     from fedlora.runner import load_run_config, run_experiment
 
     if args.resume:
@@ -49,7 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_experiment(cfg, run_dir, resume=True, show_progress=not args.no_progress)
         return 0
     config_path, overrides = _split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides)
+    if config_path is None and overrides:  # overrides alone: schema defaults, not the demo's caps and data
+        cfg = config_from_overrides(overrides)
+    else:  # a config file, or nothing at all: the built-in demo experiment
+        cfg = load_config(config_path, overrides)
     run_experiment(cfg, Path(args.output) if args.output else None, show_progress=not args.no_progress)
     return 0
 

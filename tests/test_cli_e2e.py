@@ -228,3 +228,13 @@ def test_no_progress_still_prints_one_line_per_round(tmp_path: Path, capsys) -> 
     assert main(["run", *tiny_overrides(tmp_path), "--output", str(tmp_path / "r"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "round 1/2: train" in err and "round 2/2: train" in err
+
+
+def test_a_run_from_overrides_alone_starts_from_the_schema_defaults(tmp_path: Path) -> None:
+    """Not from the demo experiment: its caps (4 eval examples a client, 128 tokens) and name do not apply."""
+    run_dir = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tmp_path), "--output", str(run_dir), "--no-progress"]) == 0
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["name"] == "fedit-reasoning-gym"
+    assert cfg["data"]["max_eval_examples_per_client"] is None and cfg["data"]["examples_per_task"] == 16
+    assert cfg["data"]["tasks"] == ["basic_arithmetic", "chain_sum", "gcd", "lcm"]

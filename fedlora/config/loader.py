@@ -238,6 +238,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(resolve_paths(tree, Path.cwd()))
 
 
+def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
+    """A config from command-line overrides alone: the schema's defaults (not the built-in demo experiment,
+    whose caps and data would silently apply), named ``<strategy>-<data source>`` unless ``name`` is given."""
+    tree: dict[str, Any] = {}
+    apply_overrides(tree, overrides)
+    resolve_paths(tree, Path.cwd())
+    if "name" not in tree:
+        strategy = (tree.get("strategy") or {}).get("name", "fedit")
+        source = (tree.get("data") or {}).get("source", "reasoning-gym")
+        tree["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{strategy}-{source}").strip("-.") or "experiment"
+    return config_from_dict(tree)
+
+
 def config_text(cfg: ExperimentConfig) -> str:
     """The full resolved config (every default filled in) as YAML text."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
