@@ -38,6 +38,7 @@ from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
 from fedlora.data.federation import build_federation, rows_source
 from fedlora.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from fedlora.engine.early_stopping import EarlyStopping
 from fedlora.engine.embedded import (
     EmbeddedEngine,
     RunInterrupted,
@@ -180,17 +181,34 @@ def run(
             f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
             f"model {cfg.model.name}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
         )
+        ev = cfg.eval
+        early = (
+            EarlyStopping.from_records(ev.early_stopping_metric, ev.early_stopping_patience, records)
+            if ev.early_stopping_patience
+            else None
+        )
         with progress, stop_on_signals(stop, console):
 
-            def on_round(record: dict[str, Any]) -> None:
+            def on_round(record: dict[str, Any]) -> bool:
                 metrics.append(record)
                 if board is not None:
                     board.append(record)
                 records.append(record)
                 progress.advance(record)
+                save_every = cfg.output.save_every
+                if save_every and record["round"] % save_every == 0:
+                    export_adapter(run_dir / "adapters" / f"round_{record['round']}", sim, bundle)
+                if early is None:
+                    return True
+                if early.update(record):  # the best round so far: its adapter is kept as best/
+                    export_adapter(run_dir / "best", sim, bundle)
+                return not early.should_stop
 
             try:
-                engine.run(start_round, on_round)
+                if early is not None and early.should_stop:  # a resumed run that had already stopped
+                    console.print(f"early stopping: no improvement since round {early.best_round}")
+                else:
+                    engine.run(start_round, on_round)
             except RunInterrupted as stopped:
                 console.print(
                     f"stopped by signal {stopped.signum}: rounds 1..{stopped.last_round} are complete and "
@@ -349,24 +367,30 @@ def write_run_info(
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
 
 
+def export_adapter(folder: Path, sim: Simulation, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The strategy's current evaluation adapter as a plain PEFT folder (full-parameter runs: a whole model
+    folder) at ``folder``, built aside and then renamed (never half written); returns what was exported."""
+    state = sim.strategy.evaluation_state()
+    if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
+        state = sim.client_models.to_variant(state, 0)
+        state = {k: v for k, v in state.items() if ".lora_" in k}  # the adapter, not local weights
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(building, ignore_errors=True)
+    if sim.adapters.is_full_state(state):
+        sim.adapters.export_full(state, building, str(bundle.folder.resolve()))
+    else:
+        sim.adapters.export(state, building, str(bundle.folder.resolve()))
+    replace_folder(building, folder)
+    return state
+
+
 def finalize(
     run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
 ) -> dict[str, torch.Tensor]:
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
-    final_state = sim.strategy.evaluation_state()
-    if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
-        final_state = sim.client_models.to_variant(final_state, 0)
-        final_state = {
-            k: v for k, v in final_state.items() if ".lora_" in k
-        }  # the adapter, not local weights
-    building = run_dir / f".global.{os.getpid()}.tmp"  # complete, then renamed: never a half export
-    shutil.rmtree(building, ignore_errors=True)
-    if sim.adapters.is_full_state(final_state):
-        sim.adapters.export_full(final_state, building, str(bundle.folder.resolve()))
-    else:
-        sim.adapters.export(final_state, building, str(bundle.folder.resolve()))
-    replace_folder(building, run_dir / "global")
+    final_state = export_adapter(run_dir / "global", sim, bundle)
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))

@@ -382,6 +382,12 @@ class EvalConfig(Section):
     metrics: list[str] = Field(default_factory=lambda: ["loss"])
     final_metrics: list[str] = Field(default_factory=list)
     max_new_tokens: int = Field(64, ge=1)
+    #: stop when ``early_stopping_metric`` has not improved for this many evaluated rounds (None: never);
+    #: the best round's adapter is kept in RUN/best/
+    early_stopping_patience: int | None = Field(None, ge=1)
+    #: a per-round figure (``eval_loss``, ``eval_accuracy``, ``eval_rouge_l``...): losses and perplexities are
+    #: better lower, everything else higher
+    early_stopping_metric: str = "eval_loss"
 
 
 class OutputConfig(Section):
@@ -392,6 +398,8 @@ class OutputConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     plot: bool = True
     tensorboard: bool = False  # event files in <run>/tensorboard/ (needs tensorboardX)
+    #: also export the global adapter every N rounds, as RUN/adapters/round_N/ (plain PEFT folders)
+    save_every: int | None = Field(None, ge=1)
 
 
 class ExperimentConfig(Section):

@@ -439,15 +439,16 @@ class EmbeddedEngine:
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"strategy": self.sim.strategy.name, **self.meta_extra, **self.sim.strategy.server_meta()}
 
-    def run(self, start_round: int, on_round: Callable[[dict[str, Any]], None]) -> None:
-        """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed."""
+    def run(self, start_round: int, on_round: Callable[[dict[str, Any]], bool | None]) -> None:
+        """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed; when
+        ``on_round`` returns False (early stopping) that round is the last."""
         cfg = self.sim.cfg
         skipped: list[dict[str, Any]] = []  # the records of the rounds skipped in a row
         for server_round in range(start_round, cfg.federation.rounds + 1):
             if self.stop:
                 raise RunInterrupted(self.stop.signum or 0, server_round - 1)
             record = self.run_round(server_round)
-            on_round(record)
+            keep_going = on_round(record)
             skipped = [*skipped, record] if record["status"] == "skipped" else []
             save_checkpoint(
                 self.run_dir / "checkpoints",
@@ -465,3 +466,6 @@ class EmbeddedEngine:
                     f"fewer than federation.min_replies valid replies; most common rejections: {common}). "
                     "The global adapter is unchanged since; nothing was exported"
                 )
+            if keep_going is False:
+                log.warning("round %d: early stopping, the last round of this run", server_round)
+                return
