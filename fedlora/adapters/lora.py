@@ -65,6 +65,7 @@ class LoraAdapters:
         self.model: PeftModel | None = None
         self._base = base_model
         self._slots: dict[RankProfile, _Slot] = {}
+        self._initial: dict[RankProfile, AdapterState] = {}
         self._active: RankProfile | None = None
         self._kinds: set[str] = set()
 
@@ -151,6 +152,7 @@ class LoraAdapters:
             slot = self._create_slot(key)
             key = self.canonical(key)  # the first slot tells which module kinds are targeted
             self._slots.setdefault(key, slot)
+            self._initial.setdefault(key, to_cpu(slot.tensors))  # the seeded init, kept as created
         slot = self._slots[key]
         if self._active != key:
             assert self.model is not None
@@ -184,8 +186,13 @@ class LoraAdapters:
         return to_cpu(self._slots[key].tensors)
 
     def initial_state(self, profile: RankProfile | int | None = None) -> AdapterState:
-        """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0)."""
-        return self.state(self.cfg.rank if profile is None else profile)
+        """The seeded initial adapter (A ~ PEFT's Kaiming-uniform from ``init_seed``, B = 0), as the slot was
+        created, whatever has been loaded into it since."""
+        key = self.canonical(self.cfg.rank if profile is None else profile)
+        if key not in self._slots:
+            self.activate(key)
+            key = self.canonical(key)
+        return {k: v.clone() for k, v in self._initial[key].items()}
 
     def base_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The base model's own weights (no LoRA tensors), by name, for full-parameter training."""

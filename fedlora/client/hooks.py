@@ -83,6 +83,11 @@ class ClientHooks(BaseModel):
         """Tensors that are neither trained nor sent back."""
         return False
 
+    def start_state(self, ctx: ClientContext, payload: AdapterState) -> AdapterState:
+        """The adapter to start from, given the payload (default: the payload itself; a method whose payload
+        is not an adapter, e.g. FedKSeed's seed coefficients, rebuilds it here)."""
+        return payload
+
     def before_training(self, ctx: ClientContext) -> dict[str, float]:
         """Runs after the payload is loaded, before the first step; returns metrics to report."""
         return {}

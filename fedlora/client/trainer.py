@@ -234,6 +234,8 @@ def train_locally(
         store=store,
         data=client,
     )
+    for hook in hooks:
+        start_state = hook.start_state(ctx, start_state)
     zeroth = [h for h in hooks if isinstance(h, ZerothOrder)]
     if zeroth:
         return train_locally_zeroth_order(ctx, start_state, zeroth[0], hooks)
@@ -394,6 +396,7 @@ def train_locally_zeroth_order(
         settings.lr,
         settings.weight_decay,
         zo.perturbations,
+        seeds_of=lambda step: zo.step_seeds(ctx.seed, step),
     )
     metrics["tokens"] = tokens
     if zo.upload == "seeds":

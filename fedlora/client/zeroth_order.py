@@ -54,6 +54,10 @@ class ZerothOrder(ClientHooks):
     def dp_refusal(self) -> str | None:
         return "zeroth-order steps have no DP-SGD mechanism (no per-example gradients to clip)"
 
+    def step_seeds(self, round_seed: int, step: int) -> list[int]:
+        """The seeds of step ``step``'s perturbations (default: fresh ones from the client's round seed)."""
+        return [step_seed(round_seed, step, j) for j in range(self.perturbations)]
+
 
 def step_seed(round_seed: int, step: int, perturbation: int) -> int:
     """63-bit seed of perturbation j of step t, from the client's round seed."""
@@ -159,16 +163,22 @@ def train_zeroth_order(
     lr: float,
     weight_decay: float,
     perturbations: int,
+    seeds_of: Callable[[int], list[int]] | None = None,
 ) -> tuple[AdapterState, dict[str, Any]]:
     """Run one MeZO step per batch loss function; returns the steps record and the metrics.
 
-    ``named`` is put in the canonical order (sorted by name) that :func:`replay` uses too.
+    ``named`` is put in the canonical order (sorted by name) that :func:`replay` uses too. ``seeds_of(step)``
+    gives a step's perturbation seeds (default: :func:`step_seed` of the round seed; FedKSeed: from its pool).
     """
     named = sorted(named, key=lambda item: item[0])
     started = time.perf_counter()
     seeds, grads, lrs, losses = [], [], [], []
     for step, loss_fn in enumerate(batch_losses):
-        step_seeds = [step_seed(round_seed, step, j) for j in range(perturbations)]
+        step_seeds = (
+            seeds_of(step)
+            if seeds_of is not None
+            else [step_seed(round_seed, step, j) for j in range(perturbations)]
+        )
         g, loss = zo_step(named, loss_fn, step_seeds, eps, lr, weight_decay)
         seeds.append(step_seeds)
         grads.append(g)
