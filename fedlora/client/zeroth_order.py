@@ -155,6 +155,20 @@ def steps_record(
     }
 
 
+def check_steps_record(record: AdapterState, perturbations: int) -> str | None:
+    """Why ``record`` is not a well-formed steps record of ``perturbations`` per step (None: it is): its four
+    tensors, T x n seeds and projected gradients, T learning rates, all finite."""
+    if set(record) != {SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY}:
+        return f"a seed-based reply needs {SEEDS_KEY}, {GRADS_KEY}, {LRS_KEY}, {WEIGHT_DECAY_KEY}; got {sorted(record)}"
+    seeds, grads, lrs = record[SEEDS_KEY], record[GRADS_KEY], record[LRS_KEY]
+    n = perturbations
+    if seeds.ndim != 2 or seeds.shape[1] != n or grads.shape != seeds.shape or lrs.shape != (seeds.shape[0],):
+        return f"step record shapes {tuple(seeds.shape)}, {tuple(grads.shape)}, {tuple(lrs.shape)} (expected T x {n})"
+    if not (torch.isfinite(grads).all() and torch.isfinite(lrs).all()):
+        return "non-finite projected gradients or learning rates"
+    return None
+
+
 def train_zeroth_order(
     named: list[tuple[str, torch.Tensor]],
     batch_losses: list[Callable[[], float]],

@@ -33,7 +33,15 @@ from pydantic import Field
 
 from fedlora.adapters.state import AdapterState, clone_state, state_digest
 from fedlora.client.hooks import ClientContext, register_client_hooks
-from fedlora.client.zeroth_order import GRADS_KEY, LRS_KEY, SEEDS_KEY, WEIGHT_DECAY_KEY, ZerothOrder, perturb
+from fedlora.client.zeroth_order import (
+    GRADS_KEY,
+    LRS_KEY,
+    SEEDS_KEY,
+    WEIGHT_DECAY_KEY,
+    ZerothOrder,
+    check_steps_record,
+    perturb,
+)
 from fedlora.config.loader import ConfigError
 from fedlora.strategies.base import (
     ClientInstruction,
@@ -153,17 +161,12 @@ class FedKSeed(Strategy):
         return {cid: ClientInstruction(payload, hooks=list(hooks)) for cid in client_ids}
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        reason = check_example_count(self, reply)
+        record = reply.payload
+        n = self.options.perturbations  # type: ignore[attr-defined]
+        reason = check_example_count(self, reply) or check_steps_record(record, n)
         if reason is not None:
             return reason
-        record = reply.payload
-        if set(record) != {SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY}:
-            return f"expected a zeroth-order steps record, got tensors {sorted(record)[:4]}"
-        seeds, grads, lrs = record[SEEDS_KEY], record[GRADS_KEY], record[LRS_KEY]
-        if seeds.ndim != 2 or grads.shape != seeds.shape or lrs.shape != (seeds.shape[0],):
-            return "malformed steps record (seeds, projected gradients and learning rates do not match)"
-        if not (torch.isfinite(grads).all() and torch.isfinite(lrs).all()):
-            return "non-finite projected gradients or learning rates"
+        seeds = record[SEEDS_KEY]
         if float(record[WEIGHT_DECAY_KEY]) != 0.0:
             return "weight decay in the steps record (fedkseed needs none)"
         if any(int(s) not in self.index for s in seeds.flatten().tolist()):

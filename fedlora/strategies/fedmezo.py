@@ -31,11 +31,9 @@ from pydantic import Field
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientHooks
 from fedlora.client.zeroth_order import (
-    GRADS_KEY,
-    LRS_KEY,
-    SEEDS_KEY,
     WEIGHT_DECAY_KEY,
     ZerothOrder,
+    check_steps_record,
     replay,
 )
 from fedlora.strategies.base import (
@@ -141,23 +139,11 @@ class FedMeZO(Strategy):
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         if self.options.upload == "weights":  # type: ignore[attr-defined]
             return super().validate_reply(instruction, reply)
-        reason = check_example_count(self, reply)
+        record = reply.payload
+        n = self.options.perturbations  # type: ignore[attr-defined]
+        reason = check_example_count(self, reply) or check_steps_record(record, n)
         if reason is not None:
             return reason
-        record = reply.payload
-        if set(record) != {SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY}:
-            return f"a seed-based reply needs {SEEDS_KEY}, {GRADS_KEY}, {LRS_KEY}, {WEIGHT_DECAY_KEY}; got {sorted(record)}"
-        seeds, grads, lrs = record[SEEDS_KEY], record[GRADS_KEY], record[LRS_KEY]
-        n = self.options.perturbations  # type: ignore[attr-defined]
-        if (
-            seeds.ndim != 2
-            or seeds.shape[1] != n
-            or grads.shape != seeds.shape
-            or lrs.shape != (seeds.shape[0],)
-        ):
-            return f"step record shapes {tuple(seeds.shape)}, {tuple(grads.shape)}, {tuple(lrs.shape)} (expected T x {n})"
-        if not (torch.isfinite(grads).all() and torch.isfinite(lrs).all()):
-            return "non-finite projected gradients or learning rates"
         state = replay(
             instruction.payload,
             record,
