@@ -250,5 +250,17 @@ def test_fedkseed_runs_downloads_bytes_not_megabytes_and_resumes_exactly(tmp_pat
     assert per_client_down < 1024  # 64 float64 coefficients and a header, not an adapter
     assert all(r["bytes_up"] < 2048 for r in records)
     assert records[-1]["fedkseed_seeds_used"] > 0 and records[-1]["eval_loss"] == records[-1]["eval_loss"]
+    two = {**base, "federation.rounds": 2}  # on Flower's simulation runtime: the same global adapter
+    run_experiment(
+        load_config(None, tiny_overrides(tmp_path, **two, engine="flower-sim")),
+        tmp_path / "f",
+        show_progress=False,
+    )
+    run_experiment(load_config(None, tiny_overrides(tmp_path, **two)), tmp_path / "e", show_progress=False)
+    flower, embedded = (
+        load_file(str(tmp_path / d / "global" / "adapter_model.safetensors")) for d in ("f", "e")
+    )
+    for key in embedded:
+        assert_rel_close(flower[key], embedded[key], 1e-5)
     with pytest.raises(Exception, match="client.weight_decay"):
         load_config(None, tiny_overrides(tmp_path, **{**base, "client.weight_decay": 0.01}))
