@@ -143,3 +143,29 @@ def test_the_app_exposes_each_config_field_as_a_run_config_key(tmp_path: Path) -
     assert changed.federation.rounds == 7 and changed.client.lr == 0.01 and changed.model == cfg.model
     with pytest.raises(ConfigError, match="'federation.roundz' is not a field"):
         config_from_run_config({**keys, "federation.roundz": 3})
+
+
+def test_a_flower_simulation_keeps_the_console_quiet(tmp_path: Path) -> None:
+    """Flower's INFO/DEBUG lines and the clients' library warnings stay out of the console by default."""
+    import subprocess
+    import sys
+
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 1, "data.tasks": "[gcd, lcm]"})
+    command = [
+        sys.executable,
+        "-m",
+        "fedlora",
+        "run",
+        *overrides,
+        "engine=flower-sim",
+        "--output",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "round 1/1: train" in output
+    assert "INFO" not in output and "DEBUG" not in output and "FutureWarning" not in output

@@ -35,13 +35,22 @@ from fedlora.protocol import ClientInstruction, ClientReply, plan_from_json, pla
 log = logging.getLogger(__name__)
 
 # What fedlora sets in every Flower process it starts: no runtime dependency installation, no update
-# check, no telemetry.
-FLOWER_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+# check, no telemetry, and Ray's notice about GPU visibility (num_gpus=0 actors) off.
+FLOWER_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
 
 
 def quiet_flower() -> None:
+    """Flower's environment settings, and its own logger at WARNING (its per-message INFO/DEBUG lines
+    flood a simulation's console; ``FEDLORA_FLOWER_LOG=INFO`` or ``DEBUG`` brings them back)."""
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(os.environ.get("FEDLORA_FLOWER_LOG", "WARNING").upper())
+    flwr_log.propagate = False  # it has its own console handler: not twice through the root logger
 
 
 def _metrics_record(metrics: dict[str, Any]) -> Any:
@@ -236,6 +245,9 @@ def client_app(
         cfg = config or config_from_run_config(context.run_config)
         key = cfg.model_dump_json()
         if key not in _NODES:
+            import warnings
+
+            warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
             torch.set_num_threads(cfg.client.num_threads)
             node = build_node(cfg)
             node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
@@ -320,7 +332,10 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, cli
         server_app=server,
         client_app=client,
         num_supernodes=num_nodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": share}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": share},
+            "init_args": {"logging_level": os.environ.get("FEDLORA_FLOWER_LOG", "WARNING").upper()},
+        },
     )
     if not (run_dir / "global").exists():
         raise RuntimeError(f"the Flower simulation ended without finishing the run in {run_dir}")
