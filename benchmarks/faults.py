@@ -38,7 +38,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+# the built-in demo experiment's file first: overrides alone would start from the schema's defaults
+DEMO = str(Path(__file__).resolve().parents[1] / "fedlora" / "config" / "builtin" / "default.yaml")
 BASE = [
+    DEMO,
     "model.name=tiny-llama",
     "data.tasks=[basic_arithmetic, chain_sum, gcd, lcm, leg_counting, letter_counting, number_sorting, word_sorting]",
     "data.examples_per_task=32",
@@ -106,15 +109,19 @@ def injected_faults(rounds: int, folder: Path) -> dict:
     }
 
 
-def crashes(rounds: int, kill_runs: int, folder: Path) -> dict:
-    straight = folder / "straight"
-    args = [*BASE, f"federation.rounds={rounds}"]
+def reference_run(args: list[str], straight: Path) -> tuple[float, dict[str, torch.Tensor]]:
+    """An uninterrupted run of ``args`` into ``straight``: its wall seconds and its global adapter."""
     started = time.perf_counter()
     subprocess.run(
         fedlora("run", *args, "--output", str(straight), "--no-progress"), check=True, capture_output=True
     )
     full = time.perf_counter() - started
-    reference = load_file(str(straight / "global" / "adapter_model.safetensors"))
+    return full, load_file(str(straight / "global" / "adapter_model.safetensors"))
+
+
+def crashes(rounds: int, kill_runs: int, folder: Path) -> dict:
+    args = [*BASE, f"federation.rounds={rounds}"]
+    full, reference = reference_run(args, folder / "straight")
     rng = random.Random(7)
     kills, identical = 0, 0
     for trial in range(kill_runs):
@@ -171,13 +178,7 @@ def poisoning(folder: Path, name: str, extra: list[str], rounds: int) -> dict:
 def signals(rounds: int, trials: int, folder: Path) -> dict:
     """SIGTERM / SIGINT at random moments during the rounds, then resume; compare with an uninterrupted run."""
     args = [*BASE, f"federation.rounds={rounds}"]
-    straight = folder / "sig-straight"
-    started = time.perf_counter()
-    subprocess.run(
-        fedlora("run", *args, "--output", str(straight), "--no-progress"), check=True, capture_output=True
-    )
-    full = time.perf_counter() - started
-    reference = load_file(str(straight / "global" / "adapter_model.safetensors"))
+    full, reference = reference_run(args, folder / "sig-straight")
     rng = random.Random(11)
     outcome: Counter[str] = Counter()
     identical = 0

@@ -135,3 +135,13 @@ def test_runs_with_a_schedule_and_decay_and_batched_clients_follow_the_same_sche
     assert all(
         c["steps"] == 3 for r in result.records for c in r["clients"]
     )  # optimizer steps, not micro-batches
+
+
+def test_batched_clients_fall_back_under_gradient_accumulation(tmp_path: Path) -> None:
+    accum = {"client.gradient_accumulation_steps": 2, "client.local_steps": 2, "adapter.dropout": 0.0}
+    per = run(load_config(None, tiny_overrides(tmp_path, **accum)), tmp_path / "per", show_progress=False)
+    together = {**accum, "compute.batch_clients": "true"}
+    batched = run(
+        load_config(None, tiny_overrides(tmp_path, **together)), tmp_path / "b", show_progress=False
+    )
+    assert all(torch.equal(batched.final_state[k], per.final_state[k]) for k in per.final_state)

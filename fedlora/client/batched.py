@@ -46,7 +46,7 @@ from fedlora.client.trainer import (
     make_scheduler,
     optimizer_step,
     round_settings,
-    seed_all,
+    seeded,
 )
 from fedlora.compute import autocast, grad_scaler, model_device, to_device
 from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
@@ -70,32 +70,21 @@ def batch_refusal(task: str, jobs: Sequence[BatchedJob]) -> str | None:
     if task != "causal-lm":
         return "only causal-LM tasks are batched"
     first = jobs[0].settings
+    if first.gradient_accumulation_steps > 1:
+        return "gradient accumulation is per client"
+    steps = {
+        steps_for(len(j.client.train), first.batch_size, first.local_steps, first.local_epochs) for j in jobs
+    }
     for job in jobs:
-        s = job.settings
-        if s.privacy is not None:
+        if job.settings.privacy is not None:
             return "DP-SGD needs per-client Opacus steps"
-        blocking = [type(h).kind for h in job.hooks if not h.batchable]
+        blocking = sorted({type(h).kind for h in job.hooks if not h.batchable})
         if blocking:
-            return (
-                f"the method's client hooks ({', '.join(sorted(set(blocking)))}) need their own training loop"
-            )
-        same = (
-            "optimizer",
-            "lr",
-            "weight_decay",
-            "momentum",
-            "batch_size",
-            "grad_clip",
-            "lr_scale",
-            "precision",
-        )
-        if any(getattr(s, name) != getattr(first, name) for name in same):
-            return "the clients' optimizer settings differ"
-        steps = steps_for(len(job.client.train), s.batch_size, s.local_steps, s.local_epochs)
-        if steps != steps_for(
-            len(jobs[0].client.train), first.batch_size, first.local_steps, first.local_epochs
-        ):
-            return "the clients take different numbers of local steps"
+            return f"the method's client hooks ({', '.join(blocking)}) need their own training loop"
+        if job.settings != first:  # one optimizer and one schedule serve all of them
+            return "the clients' local-training settings differ"
+    if len(steps) > 1:
+        return "the clients take different numbers of local steps"
     return None
 
 
@@ -228,9 +217,8 @@ def train_clients_together(
     model.train()
     with (
         _stacked_forward(adapters, modules, dropout),
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        seeded(jobs[0].seed, device),  # dropout masks (other draws than the per-client path's)
     ):
-        seed_all(jobs[0].seed, device)  # dropout masks (other draws than the per-client path's)
         for step in range(len(client_batches[0])):
             items: list[dict[str, Any]] = []
             for k, batches in enumerate(client_batches):

@@ -21,7 +21,7 @@ import functools
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -160,8 +160,7 @@ def run_steps(
     scaler = grad_scaler(precision, device)
     clip = None if grad_clip is None else functools.partial(torch.nn.utils.clip_grad_norm_, params, grad_clip)
     model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        seed_all(seed, device)  # dropout masks
+    with seeded(seed, device):  # dropout masks
         for index, items in enumerate(batches, start=1):
             batch = collate(items, pad_token_id)
             tokens += int(batch["attention_mask"].sum())
@@ -199,11 +198,15 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def seed_all(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and, on a CUDA device, that device's (dropout masks are drawn there)."""
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the global generators seeded with ``seed`` (the CPU's and, on CUDA, the device's, where dropout
+    masks are drawn); outside: their states as before."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
 
 
 def train_locally(
@@ -343,8 +346,7 @@ def run_dp_steps(
     optimizer = dp_optimizer(optimizer, dp.noise_multiplier, dp.max_grad_norm, batch_size, seed, device)
     hooks = per_example_gradients(model)
     model.train()
-    with hooks, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        seed_all(seed, device)  # dropout masks
+    with hooks, seeded(seed, device):  # dropout masks
         for items in batches:
             if not items:  # an empty Poisson batch: the noise still goes in
                 zero_grad_samples(params)

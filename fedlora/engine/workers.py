@@ -118,7 +118,7 @@ class _Worker:
         self.outbox = Connection(to_child_w, readable=False)
         self.inbox = Connection(from_child_r, writable=False)
         _send(self.outbox, {"config": config_json, "device": device, "store": str(store_folder)})
-        self.busy: tuple[int, int] | None = None  # (round, client) in progress
+        self.busy: int | None = None  # the client in progress
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -156,7 +156,6 @@ class WorkerPoolTransport:
         self.status = status or (lambda text: None)
         self.stop = stop if stop is not None else StopFlag()
         self.workers: list[_Worker] = []
-        self.crashes = 0
 
     def start(self) -> None:
         """Start the workers and wait until each has built its node (the first round would anyway)."""
@@ -191,8 +190,8 @@ class WorkerPoolTransport:
         if self.cost_of is not None:  # longest-processing-time first (the order does not change any reply)
             pending.sort(key=lambda item: -self.cost_of(item[0]))
         replies: dict[int, ClientReply | str] = {}
-        done = 0
-        while pending or any(w.busy for w in self.workers):
+        wire: dict[int, bytes] = {}  # one serialisation per distinct payload (clients often share one)
+        while pending or any(w.busy is not None for w in self.workers):
             if self.stop:
                 self.close()
                 raise RunInterrupted(self.stop.signum or 0, server_round - 1)
@@ -200,18 +199,22 @@ class WorkerPoolTransport:
                 if worker.busy is None and pending:
                     client_id, instruction = pending.pop(0)
                     header = {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+                    payload = instruction.payload
+                    if id(payload) not in wire:
+                        wire[id(payload)] = to_bytes(payload)
                     try:
-                        _send(worker.outbox, header, to_bytes(instruction.payload))
-                        worker.busy = (server_round, client_id)
+                        _send(worker.outbox, header, wire[id(payload)])
+                        worker.busy = client_id
                     except (OSError, ValueError):  # died between rounds: replace it, retry the client
                         pending.insert(0, (client_id, instruction))
                         self._replace(worker)
-            busy = [w for w in self.workers if w.busy]
+            busy = [w for w in self.workers if w.busy is not None]
             ready = wait([w.inbox for w in busy], timeout=1.0)  # a reply, or EOF when a worker died
             for worker in busy:
                 if worker.inbox not in ready:
                     continue
-                _, client_id = worker.busy  # type: ignore[misc]
+                client_id = worker.busy
+                assert client_id is not None
                 try:
                     header, payload = _receive(worker.inbox)
                 except (EOFError, OSError):  # the process died with this client
@@ -221,12 +224,9 @@ class WorkerPoolTransport:
                         "round %d: client %d: %s; starting a new worker", server_round, client_id, reason
                     )
                     replies[client_id] = reason
-                    self.crashes += 1
                     self._replace(worker)
-                    done += 1
                     continue
                 worker.busy = None
-                done += 1
                 if "error" in header:
                     replies[client_id] = str(header["error"])
                 else:
@@ -234,7 +234,7 @@ class WorkerPoolTransport:
                         client_id, from_bytes(payload), int(header["num_examples"]), dict(header["metrics"])
                     )
                 self.status(
-                    f"round {server_round}: {done}/{len(instructions)} clients done ({len(self.workers)} workers)"
+                    f"round {server_round}: {len(replies)}/{len(instructions)} clients done ({len(self.workers)} workers)"
                 )
         return {c: replies[c] for c in instructions if c in replies}
 
