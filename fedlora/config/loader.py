@@ -49,19 +49,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    """``tree[parts[0]][parts[1]]... = value`` in the nested dict ``tree``, making missing sections."""
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each dotted override in the nested dict ``tree`` (in place) and return it."""
     for text in overrides:
-        parts, value = parse_override(text)
-        node = tree
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        set_path(tree, *parse_override(text))
     return tree
 
 
@@ -244,11 +248,11 @@ def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
     tree: dict[str, Any] = {}
     apply_overrides(tree, overrides)
     resolve_paths(tree, Path.cwd())
-    if "name" not in tree:
-        strategy = (tree.get("strategy") or {}).get("name", "fedit")
-        source = (tree.get("data") or {}).get("source", "reasoning-gym")
-        tree["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{strategy}-{source}").strip("-.") or "experiment"
-    return config_from_dict(tree)
+    cfg = config_from_dict(tree)
+    if "name" not in tree:  # validated on assignment
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{cfg.strategy.name}-{cfg.data.source}").strip("-.")
+        cfg.name = name or "experiment"
+    return cfg
 
 
 def config_text(cfg: ExperimentConfig) -> str:

@@ -178,9 +178,19 @@ def evaluate_state(
     assert sim.adapters.model is not None
     cfg = sim.cfg.eval
     names = cfg.metrics if metrics is None else metrics
-    model = sim.adapters.model
+    return evaluate_model(sim, sim.adapters.model, clients, names, predictions)
+
+
+def evaluate_model(
+    sim: Simulation,
+    model: torch.nn.Module,
+    clients: list[ClientData],
+    names: list[str],
+    predictions: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """``run_evaluators`` on ``model`` under the run's ``compute.precision``."""
     with autocast(sim.cfg.compute.precision, model_device(model)):
-        return run_evaluators(names, model, sim.encoder, clients, cfg, predictions)
+        return run_evaluators(names, model, sim.encoder, clients, sim.cfg.eval, predictions)
 
 
 def evaluate_personal(
@@ -205,9 +215,7 @@ def evaluate_personal(
         assert adapters.model is not None
         for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):
             adapters.load(adapter_state)
-            with autocast(sim.cfg.compute.precision, model_device(adapters.model)):
-                figures = run_evaluators(names, adapters.model, sim.encoder, [client], sim.cfg.eval)
-            bucket.append(figures)
+            bucket.append(evaluate_model(sim, adapters.model, [client], names))
     out: dict[str, float] = {}
     total = sum(m.get("eval_examples", 0) for m in per_client)
     key = "eval_accuracy" if any("eval_accuracy" in m for m in per_client) else "eval_loss"
@@ -260,12 +268,9 @@ class EmbeddedEngine:
             sim.node.use_store(run_dir / "personal")
         elif sim.client_models is not None:
             sim.client_models.folder = run_dir / "personal"
-        batched = sim.node is not None and sim.cfg.compute.batch_clients
+        batched = sim.node.train_many if sim.node is not None and sim.cfg.compute.batch_clients else None
         self.transport: Transport = transport or InProcessTransport(
-            lambda r, c, i: self.run_client(r, c, i),
-            lambda text: self.status(text),
-            self.stop,
-            (lambda r, ins: sim.node.train_many(r, ins)) if batched and sim.node else None,
+            lambda r, c, i: self.run_client(r, c, i), lambda text: self.status(text), self.stop, batched
         )
         self.eval_clients = evaluation_clients(sim.cfg, sim.federation)
         self.final_eval_clients = evaluation_clients(sim.cfg, sim.federation, final=True)

@@ -43,13 +43,18 @@ FLOWER_ENV = {
 }
 
 
+def flower_log_level() -> str:
+    """Flower's and Ray's log level: ``FEDLORA_FLOWER_LOG`` (default WARNING)."""
+    return os.environ.get("FEDLORA_FLOWER_LOG", "WARNING").upper()
+
+
 def quiet_flower() -> None:
     """Flower's environment settings, and its own logger at WARNING (its per-message INFO/DEBUG lines
     flood a simulation's console; ``FEDLORA_FLOWER_LOG=INFO`` or ``DEBUG`` brings them back)."""
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(os.environ.get("FEDLORA_FLOWER_LOG", "WARNING").upper())
+    flwr_log.setLevel(flower_log_level())
     flwr_log.propagate = False  # it has its own console handler: not twice through the root logger
 
 
@@ -207,7 +212,7 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
     ``flwr run . --run-config "federation.rounds=3"`` changes that one field."""
     import yaml
 
-    from fedlora.config.loader import config_from_dict
+    from fedlora.config.loader import config_from_dict, set_path
 
     tree = yaml.safe_load(str(run_config["fedlora-config"]))
     known = scalar_fields(tree)
@@ -217,11 +222,7 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
         if key not in known:
             raise ConfigError(f"flower run-config: {key!r} is not a field of the fedlora config")
         if value != known[key]:
-            *parents, leaf = key.split(".")
-            node = tree
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+            set_path(tree, key.split("."), value)
     return config_from_dict(tree)
 
 
@@ -334,7 +335,7 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, cli
         num_supernodes=num_nodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": share},
-            "init_args": {"logging_level": os.environ.get("FEDLORA_FLOWER_LOG", "WARNING").upper()},
+            "init_args": {"logging_level": flower_log_level()},
         },
     )
     if not (run_dir / "global").exists():
