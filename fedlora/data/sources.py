@@ -90,22 +90,11 @@ def _text_field(path: Path, line: int, record: dict[str, Any], key: str, require
     return str(value)
 
 
-def load_instruction_file(
-    path: str | Path,
-    instruction_field: str = "instruction",
-    input_field: str = "input",
-    output_field: str = "output",
-    category_field: str | None = "category",
-    label_names: list[str] | None = None,
-) -> list[Example]:
-    """Read an instruction file into examples.
-
-    For classification (``label_names`` given), ``output_field`` holds the label (its name or index) and
-    ``input_field`` the text.
-    """
+def load_instruction_file(path: str | Path, *fields: Any, **named: Any) -> list[Example]:
+    """Read an instruction file (.json / .jsonl(.gz)) into examples; ``fields`` / ``named`` are those of
+    :func:`instruction_examples` (field names, ``label_names``)."""
     path = Path(path)
-    fields = (instruction_field, input_field, output_field, category_field)
-    return instruction_examples(iter_json_records(path), path, *fields, label_names=label_names)
+    return instruction_examples(iter_json_records(path), path, *fields, **named)
 
 
 def instruction_examples(
@@ -118,7 +107,11 @@ def instruction_examples(
     label_names: list[str] | None = None,
 ) -> list[Example]:
     """Examples from (line or row number, record) pairs: a file's lines or a dataset's rows (``path`` names
-    where they come from in errors)."""
+    where they come from in errors).
+
+    For classification (``label_names`` given), ``output_field`` holds the label (its name or index) and
+    ``input_field`` the text.
+    """
     examples = []
     for line, record in records:
         output = _text_field(path, line, record, output_field, required=True)
