@@ -199,7 +199,14 @@ class LoraAdapters:
         if self.model is None:
             self.activate(self.cfg.rank)
         assert self.model is not None
-        return [(n, p) for n, p in self.model.get_base_model().named_parameters() if "lora_" not in n]
+        named = [(n, p) for n, p in self.model.get_base_model().named_parameters() if "lora_" not in n]
+        quantized = [n for n, p in named if not p.dtype.is_floating_point]
+        if quantized:
+            raise ValueError(
+                f"model.quantization: this strategy trains the base model's own weights, but {quantized[0]} is "
+                f"quantized ({len(quantized)} such tensors); set model.quantization: null for it"
+            )
+        return named
 
     def is_full_state(self, state: AdapterState) -> bool:
         """Whether ``state`` holds base-model weights (full-parameter training) rather than an adapter."""

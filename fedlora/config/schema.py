@@ -51,6 +51,9 @@ class ModelConfig(Section):
     # Model-heterogeneous federations: each client runs one of these (seeded by federation.seed). Empty:
     # every client runs ``name`` (one shared base model).
     variants: list[ModelVariant] = Field(default_factory=list)
+    #: QLoRA-style: load the frozen base model's linear layers in 4-bit NF4 (double-quantised) or 8-bit
+    #: (bitsandbytes, ``pip install 'fedlora[qlora]'``); LoRA factors and what travels stay float32
+    quantization: Literal[4, 8] | None = None
 
 
 class DataConfig(Section):
@@ -431,6 +434,19 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "client.gradient_accumulation_steps must be 1 with privacy.enabled (a DP-SGD step takes one "
                 "sampled batch: raise client.batch_size instead)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_base_stays_frozen(self) -> ExperimentConfig:
+        if self.model.quantization is not None and self.model.variants:
+            raise ValueError(
+                "model.quantization cannot be combined with model.variants (each client's own model trains its "
+                "base weights, which a quantized model cannot): remove one of them"
+            )
+        if self.model.quantization is not None and self.compute.device == "mps":
+            raise ValueError(
+                "model.quantization needs a CUDA GPU or the CPU (bitsandbytes has no MPS kernels)"
             )
         return self
 

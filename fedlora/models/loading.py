@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from fedlora.compute import resolve_device
-from fedlora.config.loader import HUB_ID
+from fedlora.config.loader import HUB_ID, ConfigError
 from fedlora.config.schema import ComputeConfig, ModelConfig
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
@@ -103,6 +103,32 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
     )
 
 
+def quantization_settings(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, object]:
+    """``from_pretrained`` keyword arguments for ``model.quantization`` (empty without it): QLoRA's recipe for
+    4 bits (NF4 weights, double quantisation of the scales, matmuls at the model's ``dtype``) or LLM.int8()."""
+    if cfg.quantization is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"model.quantization: {cfg.quantization} needs the bitsandbytes package: pip install 'fedlora[qlora]' "
+            "(or set model.quantization: null)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == 4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": quantization}
+
+
 def load_base_model(
     cfg: ModelConfig,
     num_labels: int | None = None,
@@ -114,6 +140,10 @@ def load_base_model(
     checkpointing if asked for."""
     folder = resolve_model_folder(cfg)
     dtype = getattr(torch, cfg.dtype)
+    quantized = quantization_settings(cfg, dtype)
+    device = resolve_device(compute.device if compute is not None else "cpu")
+    if quantized:  # bitsandbytes places the weights as it quantizes them; they cannot be moved afterwards
+        quantized["device_map"] = {"": device}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -123,15 +153,16 @@ def load_base_model(
         with torch.random.fork_rng():
             torch.manual_seed(head_seed)
             model = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=num_labels, dtype=dtype
+                folder, num_labels=num_labels, dtype=dtype, **quantized
             )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **quantized)
     for param in model.parameters():
         param.requires_grad_(False)
     if compute is not None:
-        model.to(resolve_device(compute.device))
+        if not quantized:
+            model.to(device)
         if compute.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
