@@ -74,7 +74,7 @@ def test_gradient_accumulation_is_one_step_on_the_mean_of_the_micro_batch_losses
     pad = bundle.tokenizer.pad_token_id
     loss_of = lambda batch: batch_loss(model, batch, "causal-lm")  # noqa: E731
     optimizer = torch.optim.SGD(params, lr=0.5)
-    run_steps(model, params, micro, optimizer, loss_of, None, 0, pad, accumulation=2)
+    run_steps(model, params, micro, optimizer, loss_of, None, 0, encoder.training_batch, accumulation=2)
     accumulated = adapters.state()
     adapters.load(start)
     model.train()

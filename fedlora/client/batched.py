@@ -65,13 +65,15 @@ class BatchedJob:
     client_id: int
 
 
-def batch_refusal(task: str, jobs: Sequence[BatchedJob]) -> str | None:
+def batch_refusal(encoder: Encoder, jobs: Sequence[BatchedJob]) -> str | None:
     """Why these clients cannot train in one pass (None: they can)."""
-    if task != "causal-lm":
+    if encoder.task != "causal-lm":
         return "only causal-LM tasks are batched"
     first = jobs[0].settings
     if first.gradient_accumulation_steps > 1:
         return "gradient accumulation is per client"
+    if encoder.packing:
+        return "packed rows are per client"
     steps = {
         steps_for(len(j.client.train), first.batch_size, first.local_steps, first.local_epochs) for j in jobs
     }

@@ -32,13 +32,17 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch: ids, the (2-D padding or 4-D packed) attention mask, and
+    position ids when the batch is packed."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
 def _fast_token_losses(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lm = _causal_lm(model)
-    hidden = lm.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
+    hidden = lm.base_model(**model_inputs(batch)).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     head = lm.get_output_embeddings()
@@ -51,7 +55,7 @@ def _fast_token_losses(
 def _standard_token_losses(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(**model_inputs(batch)).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     return F.cross_entropy(logits[mask].float(), targets[mask], reduction="none"), mask.nonzero()[:, 0]
@@ -102,7 +106,7 @@ def example_losses(
     batch = to_device(batch, model_device(model))
     if task == "classification":
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(**model_inputs(batch)).logits.float()
         return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
     losses, rows = token_losses(model, batch)
     n = batch["input_ids"].shape[0]

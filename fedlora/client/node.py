@@ -103,7 +103,7 @@ class ClientNode:
         ]
         refusal = "model-heterogeneous clients have a model each" if self.client_models is not None else None
         if refusal is None and jobs:
-            refusal = batch_refusal(self.encoder.task, jobs)
+            refusal = batch_refusal(self.encoder, jobs)
         if refusal is not None or len(jobs) < 2:
             if refusal is not None and refusal not in self._batch_notes:
                 self._batch_notes.add(refusal)

@@ -141,13 +141,15 @@ def run_steps(
     loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     grad_clip: float | None,
     seed: int,
-    pad_token_id: int,
+    make_batch: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     precision: str = "fp32",
     accumulation: int = 1,
     scheduler: Any = None,
 ) -> tuple[list[float], int]:
     """Plain first-order steps (train mode, dropout seeded); returns the micro-batch losses and the token count.
 
+    ``make_batch`` turns a micro-batch's encoded examples into tensors (``Encoder.training_batch``: padded or
+    packed rows).
     Every ``accumulation`` consecutive micro-batches make one optimizer step on the mean of their losses
     (each backward gets loss / accumulation); ``scheduler`` steps after each optimizer step. The forward runs
     under ``precision``'s autocast on the model's device; with fp16 the loss is scaled before backward and the
@@ -162,8 +164,8 @@ def run_steps(
     model.train()
     with seeded(seed, device):  # dropout masks
         for index, items in enumerate(batches, start=1):
-            batch = collate(items, pad_token_id)
-            tokens += int(batch["attention_mask"].sum())
+            batch = make_batch(items)
+            tokens += sum(len(item["input_ids"]) for item in items)
             with autocast(precision, device):
                 loss = loss_of(batch)
             losses.append(float(loss.detach()))
@@ -278,7 +280,6 @@ def train_locally(
         return loss
 
     if dp is None:
-        pad = encoder.tokenizer.pad_token_id
         losses, tokens = run_steps(
             model,
             params,
@@ -287,7 +288,7 @@ def train_locally(
             loss_of,
             settings.grad_clip,
             seed,
-            pad,
+            encoder.training_batch,
             settings.precision,
             settings.gradient_accumulation_steps,
             make_scheduler(optimizer, settings, steps),
@@ -381,7 +382,7 @@ def train_locally_zeroth_order(
     device, precision = model_device(model), settings.precision
 
     def loss_of(items: list[dict[str, Any]]) -> Callable[[], float]:
-        batch = to_device(collate(items, ctx.encoder.tokenizer.pad_token_id), device)
+        batch = to_device(ctx.encoder.training_batch(items), device)
 
         def loss() -> float:
             with torch.no_grad(), autocast(precision, device):

@@ -87,6 +87,9 @@ class DataConfig(Section):
     template: Literal["auto", "chat", "alpaca"] = "auto"
     train_on_inputs: bool = False
     max_seq_len: int = Field(256, ge=8)
+    #: causal LM: pack each training batch's examples into rows of max_seq_len tokens (block-diagonal
+    #: attention, positions restarting per example: no cross-example attention, the same loss, less padding)
+    packing: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -434,6 +437,17 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "client.gradient_accumulation_steps must be 1 with privacy.enabled (a DP-SGD step takes one "
                 "sampled batch: raise client.batch_size instead)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_fits(self) -> ExperimentConfig:
+        if self.data.packing and self.model.task != "causal-lm":
+            raise ValueError("data.packing is for model.task causal-lm (a classification row is one example)")
+        if self.data.packing and self.privacy.enabled:
+            raise ValueError(
+                "data.packing cannot be used with privacy.enabled: DP-SGD clips per example, and a packed row "
+                "holds several examples; set data.packing: false"
             )
         return self
 

@@ -7,6 +7,14 @@ is kept), then the response from the right, so that at most ``max_seq_len`` toke
 response keeps at least half of them when it is that long.
 
 Classification: the text is tokenised (truncated to ``max_seq_len``) and ``labels`` is the class index.
+
+Packing (``data.packing``, causal LM, training batches only): the examples of a batch are placed into as few
+rows of at most ``max_seq_len`` tokens as first-fit-decreasing finds, instead of one right-padded row each.
+No example sees another: the attention mask is 4-D and block-diagonal-causal (token t of segment s attends
+to tokens <= t of s only), position ids restart at 0 in every segment, and each segment's first label is
+-100 (its first token is never a target, as in an unpacked row). The batch's loss, the mean over its target
+tokens, is therefore the unpacked one; packing only removes padding. A batch still holds ``batch_size``
+examples (unlike TRL's dataset-level packing, where a batch is a number of packed rows).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class Encoder:
     max_seq_len: int
     template: str = "auto"
     train_on_inputs: bool = False
+    packing: bool = False
 
     def encode(self, example: Example) -> dict[str, list[int] | int]:
         if self.task == "classification":
@@ -78,6 +87,12 @@ class Encoder:
 
     def encode_all(self, examples: list[Example]) -> list[dict[str, Any]]:
         return [self.encode(e) for e in examples]
+
+    def training_batch(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A training batch of encoded examples: packed into rows of ``max_seq_len`` with ``packing``, else
+        right-padded (:func:`collate`)."""
+        pad = self.tokenizer.pad_token_id
+        return pack(items, pad, self.max_seq_len) if self.packing else collate(items, pad)
 
 
 class EncodedOnDemand(Sequence[dict[str, Any]]):
@@ -121,6 +136,45 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.T
         else:
             labels[row] = item["labels"]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pack(items: list[dict[str, Any]], pad_token_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Causal-LM examples packed first-fit-decreasing into rows of at most ``capacity`` tokens.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (rows x W) and ``attention_mask`` (rows x 1 x W x W,
+    bool): position (q, k) is True iff q and k are in the same segment and k <= q. Padding forms its own
+    segment (so no row of the mask is empty) and has label -100.
+    """
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        n = len(items[index]["input_ids"])
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        room[slot] -= n
+    width = max(capacity - free for free in room)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members):
+            ids, target = items[index]["input_ids"], items[index]["labels"]
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids)
+            labels[row, start + 1 : end] = torch.tensor(target[1:])
+            positions[row, start:end] = torch.arange(len(ids))
+            segments[row, start:end] = segment
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": positions, "labels": labels}
 
 
 def batches_for_steps(

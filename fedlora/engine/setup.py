@@ -60,7 +60,12 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
     profiles = [adapters.canonical(p) for p in profiles]
     encoder = Encoder(
-        bundle.tokenizer, cfg.model.task, cfg.data.max_seq_len, cfg.data.template, cfg.data.train_on_inputs
+        bundle.tokenizer,
+        cfg.model.task,
+        cfg.data.max_seq_len,
+        cfg.data.template,
+        cfg.data.train_on_inputs,
+        cfg.data.packing,
     )
     return ClientSide(bundle, adapters, encoder, client_models, profiles)
 

@@ -81,7 +81,7 @@ class LocalModelPhase(ClientHooks):
                 lambda batch: batch_loss(model, batch, task),
                 settings.grad_clip,
                 ctx.seed ^ 0x10CA1,
-                ctx.encoder.tokenizer.pad_token_id,
+                ctx.encoder.training_batch,
                 settings.precision,
             )
         return {
