@@ -174,7 +174,12 @@ def pack(items: list[dict[str, Any]], pad_token_id: int, capacity: int) -> dict[
             start = end
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & causal
-    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": positions, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask[:, None],
+        "position_ids": positions,
+        "labels": labels,
+    }
 
 
 def batches_for_steps(
