@@ -65,7 +65,7 @@ from fedlora.engine.workers import PaddedTokenCost, WorkerPoolTransport, paralle
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress, plot_curves, summary_table
-from fedlora.tracking.tensorboard import TensorBoardLog
+from fedlora.tracking.trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,9 @@ def run(
             console.print(f"resuming {run_dir} after round {checkpoint.round}")
         write_run_info(run_dir, sim, bundle, changes, start_round)
 
-        board = TensorBoardLog(run_dir / "tensorboard") if cfg.output.tensorboard else None
+        trackers = open_trackers(cfg, run_dir)
+        for tracker in trackers:
+            stack.callback(tracker.close)
         progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
         stop = StopFlag()
         if transport_factory is not None:
@@ -191,8 +193,8 @@ def run(
 
             def on_round(record: dict[str, Any]) -> bool:
                 metrics.append(record)
-                if board is not None:
-                    board.append(record)
+                for tracker in trackers:
+                    tracker.log_round(record)
                 records.append(record)
                 progress.advance(record)
                 save_every = cfg.output.save_every
@@ -215,10 +217,10 @@ def run(
                     f"checkpointed. Resume with: fedlora run --resume {run_dir}"
                 )
                 raise
-            finally:
-                if board is not None:
-                    board.close()
         final_state = finalize(run_dir, sim, bundle, records, console)
+        files = [p for p in (run_dir / "curves.png", metrics.path) if p.exists()]
+        for tracker in trackers:
+            tracker.finish(records, files)
     return RunResult(run_dir, records, final_state)
 
 

@@ -403,7 +403,12 @@ class OutputConfig(Section):
     root: str = "runs"
     keep_checkpoints: int = Field(2, ge=1)
     plot: bool = True
-    tensorboard: bool = False  # event files in <run>/tensorboard/ (needs tensorboardX)
+    #: experiment trackers beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE), mlflow (a
+    #: file store in the run folder unless MLFLOW_TRACKING_URI), or one registered by a plugin
+    trackers: list[str] = Field(default_factory=list)
+    #: the W&B project / MLflow experiment the run goes into
+    tracking_project: str = "fedlora"
+    tensorboard: bool = False  # the same as listing tensorboard in trackers
     #: also export the global adapter every N rounds, as RUN/adapters/round_N/ (plain PEFT folders)
     save_every: int | None = Field(None, ge=1)
 

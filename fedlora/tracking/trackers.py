@@ -1,0 +1,209 @@
+"""Experiment trackers next to ``metrics.jsonl`` (``output.trackers: [tensorboard, wandb, mlflow]``; each one
+an optional package, each one local unless the user points it elsewhere).
+
+What every tracker receives: the run's whole config (once, when the run is created), each round's record as
+it ends (every numeric field at step = round: ``train_loss``, ``eval_*``, ``bytes_up``, ...), and at the end
+the last record's numbers as the run's summary plus ``curves.png`` and ``metrics.jsonl`` where the tracker
+keeps files.
+
+- ``tensorboard``: event files in ``RUN/tensorboard/`` (tensorboardX).
+- ``wandb``: Weights & Biases, offline by default (``RUN/wandb/offline-run-*``; ``wandb sync`` uploads it
+  later); ``WANDB_MODE=online`` logs live. The run id is kept in ``RUN/trackers.json``, so a ``--resume``
+  continues the same W&B run (W&B ignores steps it has already seen: the replayed rounds keep their first
+  values there, while ``metrics.jsonl`` holds the replayed ones).
+- ``mlflow``: an MLflow run in a local file store ``RUN/mlruns`` (or ``MLFLOW_TRACKING_URI``), params = the
+  config's dotted keys; a resume continues the same MLflow run.
+
+A tracker of your own: ``@TRACKERS.register("name")`` on ``fn(cfg, run_dir) -> Tracker``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlora.config.loader import ConfigError
+from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.run_folder import atomic_write_text
+from fedlora.registry import Registry, UnknownName
+
+
+class Tracker(Protocol):
+    """Receives a run's rounds as they end, then its summary."""
+
+    def log_round(self, record: dict[str, Any]) -> None: ...
+
+    def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+TrackerFactory = Callable[[ExperimentConfig, Path], Tracker]
+TRACKERS: Registry[TrackerFactory] = Registry("tracker", "output.trackers")
+
+
+def numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a round record (no ``round``, no booleans, no NaN written as null)."""
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def flat_config(cfg: ExperimentConfig) -> dict[str, str]:
+    """The config as dotted keys -> JSON text of each leaf (``client.lr`` -> ``0.0003``)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = json.dumps(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def needs(package: str, tracker: str) -> Any:
+    """Import ``package`` for ``tracker`` or fail with one line saying what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(
+            f"config field 'output.trackers': {tracker} needs the {package} package "
+            f"(pip install 'fedlora[{tracker}]'), or remove it from output.trackers"
+        ) from None
+
+
+class TrackerIds:
+    """``RUN/trackers.json``: each tracker's own run id, so that a resume continues the same tracker run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "trackers.json"
+
+    def get(self, name: str) -> str | None:
+        if not self.path.exists():
+            return None
+        return json.loads(self.path.read_text(encoding="utf-8")).get(name)
+
+    def set(self, name: str, run_id: str) -> None:
+        ids = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        ids[name] = run_id
+        atomic_write_text(self.path, json.dumps(ids, indent=2) + "\n")
+
+
+@TRACKERS.register("tensorboard")
+class TensorBoardTracker:
+    """Every numeric field of a round's record as a TensorBoard scalar at step = round."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        writer = needs("tensorboardX", "tensorboard").SummaryWriter
+        self.writer = writer(logdir=str(run_dir / "tensorboard"))
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        for key, value in numbers(record).items():
+            self.writer.add_scalar(key, value, int(record["round"]))
+        self.writer.flush()
+
+    def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
+        pass  # the curves are the scalars already
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@TRACKERS.register("wandb")
+class WandbTracker:
+    """A Weights & Biases run (offline unless ``WANDB_MODE`` says otherwise) holding config, rounds, summary."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        wandb = needs("wandb", "wandb")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        ids = TrackerIds(run_dir)
+        run_id = ids.get("wandb") or uuid.uuid4().hex[:16]
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=cfg.output.tracking_project,
+            name=cfg.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            config=cfg.model_dump(mode="json"),
+        )
+        ids.set("wandb", run_id)
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self.run.log(numbers(record), step=int(record["round"]))
+
+    def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
+        if records:
+            self.run.summary.update(numbers(records[-1]))
+        for path in files:
+            if path.suffix == ".png":
+                self.run.log({path.stem: self.wandb.Image(str(path))})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@TRACKERS.register("mlflow")
+class MlflowTracker:
+    """An MLflow run (local file store ``RUN/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set): the config as
+    params, each round's numbers as metrics at step = round, the curves and metrics.jsonl as artifacts."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        needs("mlflow", "mlflow")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store on request
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        ids = TrackerIds(run_dir)
+        run_id = ids.get("mlflow")
+        if run_id is None:
+            project = cfg.output.tracking_project
+            experiment = self.client.get_experiment_by_name(project)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+            run_id = self.client.create_run(experiment_id, run_name=cfg.name).info.run_id
+            params = [Param(k, v[:6000]) for k, v in flat_config(cfg).items()]  # MLflow's value limit
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=params[start : start + 100])
+            ids.set("mlflow", run_id)
+        self.run_id = run_id
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        step = int(record["round"])
+        metrics = [Metric(k, v, now, step) for k, v in numbers(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id)
+
+    def close(self) -> None:
+        pass
+
+
+def open_trackers(cfg: ExperimentConfig, run_dir: Path) -> list[Tracker]:
+    """The trackers named in ``output.trackers`` (plus ``tensorboard`` for ``output.tensorboard: true``)."""
+    names = list(dict.fromkeys([*cfg.output.trackers, *(["tensorboard"] if cfg.output.tensorboard else [])]))
+    try:
+        factories = [TRACKERS.get(name) for name in names]
+    except UnknownName as err:
+        raise ConfigError(str(err)) from None
+    return [factory(cfg, run_dir) for factory in factories]
