@@ -23,6 +23,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fedlora.adapters.merged import MergedBase, split_merged
 from fedlora.adapters.ranks import RankProfile, module_kind, profile_of_state
 from fedlora.adapters.state import AdapterState
 from fedlora.compute import to_cpu
@@ -68,6 +69,8 @@ class LoraAdapters:
         self._initial: dict[RankProfile, AdapterState] = {}
         self._active: RankProfile | None = None
         self._kinds: set[str] = set()
+        #: the base weights' offset of a merging method (FLoRA, FedEx-LoRA): see fedlora.adapters.merged
+        self.merged_base = MergedBase()
 
     def lora_config(self, profile: RankProfile) -> LoraConfig:
         return LoraConfig(
@@ -243,14 +246,34 @@ class LoraAdapters:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return folder
 
+    def export_merged(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
+        """A plain Hugging Face model folder of W0 + D + s B A on every target module (the base offset and
+        the adapter of ``state`` merged in), every other weight the base model's."""
+        self.load(state)
+        prefix = "base_model.model."
+        weights = dict(self.base_parameters())
+        with torch.no_grad():
+            slot = self._slots[self.active_profile].name
+            for path, (layer, _, _) in self.lora_modules().items():
+                A, B = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+                rank = A.shape[0]
+                key = path.removeprefix(prefix) + ".base_layer.weight"
+                weights[key] = weights[key] + self.scaling_for(rank) * (B @ A)
+        return self.export_full(to_cpu(weights), folder, base_model_path)
+
     def load(self, state: AdapterState, partial: bool = False) -> RankProfile:
         """Write ``state`` into the slot of its rank profile and activate it; returns the profile.
 
         ``partial``: ``state`` may hold a subset of the slot's tensors (e.g. FFA-LoRA's B-only payloads);
         the others keep their values. Raises ValueError if keys or shapes do not match the slot.
+        ``merged.*`` tensors set the base weights' offset (:mod:`fedlora.adapters.merged`); a state without
+        them leaves the base weights pristine.
         """
+        state, merged = split_merged(state)
         profile = self.canonical(profile_of_state(state))
         self.activate(profile)
+        if merged or self.merged_base.original:
+            self.merged_base.apply(self.base_weights(), merged)
         profile = self.active_profile
         expected = self._slots[profile].tensors
         if partial:
@@ -267,6 +290,15 @@ class LoraAdapters:
             for key, param in expected.items():
                 param.copy_(state[key])
         return profile
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """Each target module's frozen base weight W0 (d x k), by module path (the state keys' prefix)."""
+        assert self.model is not None
+        return {
+            name: module.get_base_layer().weight
+            for name, module in self.model.named_modules()
+            if isinstance(module, LoraLayer)
+        }
 
     def lora_modules(self) -> dict[str, tuple[LoraLayer, str, str]]:
         """The active slot's target modules: path -> (PEFT LoRA layer, state key of A, state key of B)."""
@@ -291,8 +323,13 @@ class LoraAdapters:
         """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
         The adapter config is the slot's own PEFT config (so task heads PEFT saves, e.g. ``score``, match).
+        A state with a merged base offset (:mod:`fedlora.adapters.merged`) is written as a whole merged model
+        folder instead (:meth:`export_merged`).
         """
         import copy
+
+        if split_merged(state)[1]:
+            return self.export_merged(state, folder, base_model_path)
 
         profile = self.load(state)
         assert self.model is not None

@@ -61,18 +61,24 @@ class ProximalTerm(ClientHooks):
         return None
 
 
+def require_one_rank(strategy_name: str, setup: ServerSetup) -> None:
+    """ConfigError unless every client has the same rank profile (methods that average A and B apart)."""
+    profiles = sorted({p.name for p in setup.client_profiles.values()})
+    if len(profiles) > 1:
+        raise ConfigError(
+            f"strategy {strategy_name} averages A and B separately and needs one rank for every client, but "
+            f"resources give {', '.join(profiles)}: use flexlora, hetlora or flora, or set resources.force to min "
+            "or max"
+        )
+
+
 class FactorAverage(Strategy):
     """Average each adapter tensor with example weights (every client must have the same rank profile)."""
 
     linear_aggregate = True
 
     def initialize(self, setup: ServerSetup) -> None:
-        profiles = sorted({p.name for p in setup.client_profiles.values()})
-        if len(profiles) > 1:
-            raise ConfigError(
-                f"strategy {self.name} averages A and B separately and needs one rank for every client, but "
-                f"resources give {', '.join(profiles)}: use flexlora or hetlora, or set resources.force to min or max"
-            )
+        require_one_rank(self.name, setup)
         super().initialize(setup)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:

@@ -1,0 +1,88 @@
+"""What FLoRA and FedEx-LoRA share: each round part of the aggregate is merged into the frozen base weights.
+
+The server keeps the merged offset as a :class:`~fedlora.adapters.merged.MergeHistory` (a dense snapshot and
+the factored increments since) and sends it with every payload, so any client rebuilds W0 + D exactly; the
+clients train an ordinary LoRA on top and send only the adapter. Evaluation and export see the same merged
+base: ``global/`` is a whole merged model folder (W0 + D + s B A), loadable with plain transformers, not a
+PEFT adapter (a merged base cannot be expressed as a rank-r adapter). Causal-LM only, full-precision base
+only (a quantized weight cannot take an exact offset).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.adapters.merged import MergeHistory, split_merged
+from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.config.schema import ExperimentConfig
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    Strategy,
+    StrategyOptions,
+    check_example_count,
+    check_same_layout,
+)
+
+
+class MergingStrategy(Strategy):
+    """Base of methods that merge into the base weights: the offset travels and is checkpointed with the
+    adapter; replies are checked against the adapter part of the payload."""
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        super().__init__(options)
+        self.history = MergeHistory()
+
+    @classmethod
+    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
+        if cfg.model.task != "causal-lm":
+            return (
+                f"config field 'model.task': strategy {cls.name} merges into the base weights and exports a "
+                "merged causal LM; use it with model.task: causal-lm"
+            )
+        if cfg.model.quantization is not None:
+            return (
+                f"config field 'model.quantization': strategy {cls.name} adds its merged updates to the base "
+                "weights, which a quantized base cannot hold exactly; set model.quantization: null"
+            )
+        return super().refusal(cfg, options)
+
+    def client_payload(self, server_round: int, client_id: int) -> AdapterState:
+        """The adapter client ``client_id`` starts from (default: the global adapter)."""
+        return self.global_state
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks()
+        merged = self.history.payload()
+        return {
+            cid: ClientInstruction({**self.client_payload(server_round, cid), **merged}, hooks=hooks)
+            for cid in client_ids
+        }
+
+    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        adapter, _ = split_merged(instruction.payload)
+        return check_example_count(self, reply) or check_same_layout(adapter, reply.payload)
+
+    def evaluation_state(self) -> AdapterState:
+        return {**self.global_state, **self.history.payload()}
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return {**clone_state(self.global_state), **self.history.tensors()}
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        adapter, _ = split_merged(tensors)
+        self.global_state = clone_state(adapter)
+        self.history = MergeHistory.from_tensors(tensors)
+
+    def round_metrics(self) -> dict[str, float]:
+        """The merged offset's size: increments kept in factored form and the round of the last fold."""
+        return {
+            "merged_increments": float(len(self.history.increments)),
+            "merged_snapshot_round": float(self.history.snapshot_round),
+        }
+
+    def report(self) -> list[str]:
+        return [
+            f"{self.name}: global/ is a merged model folder (base weights + merged updates + the adapter); "
+            "load it with AutoModelForCausalLM.from_pretrained, not as a PEFT adapter"
+        ]
