@@ -2,7 +2,7 @@
 # last checkpoint if an earlier attempt was interrupted; a finished run is skipped.
 run() {
   local name=$1; shift
-  if [ -f "$OUT/$name/global/adapter_model.safetensors" ]; then return; fi
+  if [ -d "$OUT/$name/global" ]; then return; fi  # written last, atomically: the run is finished
   if [ -f "$OUT/$name/config.yaml" ]; then
     "$FEDLORA" run --resume "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
   else

@@ -108,7 +108,7 @@ def run_sweep(
     for cell, cfg in zip(cells, configs, strict=True):
         run_dir = output / cell.name
         run_dirs.append(run_dir)
-        if (run_dir / "global" / "adapter_model.safetensors").exists():
+        if (run_dir / "global").is_dir():  # written last, atomically: the run is finished
             continue
         resume = (run_dir / "metrics.jsonl").exists()
         run_experiment(cfg, run_dir, resume=resume, show_progress=show_progress)
