@@ -1,7 +1,7 @@
 """The anchor of the FlexLoRA table: the base model with no adapter training (B = 0) on the same held-out
 clients, with the same metrics. Prints one JSON line.
 
-    python experiments/base_model_eval.py [configs/flexlora-ni-bucket.yaml]
+    python experiments/base_model_eval.py [configs/flexlora-ni-bucket.yaml] [key=value ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fedlora.runner import build_simulation
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/flexlora-ni-bucket.yaml")
+    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/flexlora-ni-bucket.yaml", sys.argv[2:])
     sim, _ = build_simulation(cfg)
     clients = evaluation_clients(cfg, sim.federation, final=True)
     metrics = evaluate_state(sim, sim.strategy.evaluation_state(), clients, ["loss", *cfg.eval.final_metrics])
