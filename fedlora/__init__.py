@@ -20,9 +20,14 @@ messages), ``strategies`` (server methods and their wrappers), ``engine`` (round
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (installed for model.quantization) warns at import, in every process that imports peft, that an
+# optional CPU kernel package is missing; it only matters for a quantized model on the CPU (docs/benchmarks.md)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # name -> module; imported on first use so that ``import fedlora`` stays light (torch loads when needed)
 _EXPORTS = {

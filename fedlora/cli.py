@@ -27,9 +27,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes (installed for model.quantization) warns at import, in every run, that an optional CPU
-    # kernel package is missing; it only matters for a quantized model on the CPU (docs/benchmarks.md)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:

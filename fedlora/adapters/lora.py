@@ -174,6 +174,11 @@ class LoraAdapters:
         return self._active
 
     @property
+    def active_slot_name(self) -> str:
+        """The PEFT adapter name of the active slot (the key of each LoRA layer's ``lora_A`` / ``lora_B``)."""
+        return self._slots[self.active_profile].name
+
+    @property
     def module_kinds(self) -> set[str]:
         """Which module kinds (attention, mlp) the target modules cover (known once a slot exists)."""
         if not self._kinds:
@@ -253,7 +258,7 @@ class LoraAdapters:
         prefix = "base_model.model."
         weights = dict(self.base_parameters())
         with torch.no_grad():
-            slot = self._slots[self.active_profile].name
+            slot = self.active_slot_name
             for path, (layer, _, _) in self.lora_modules().items():
                 A, B = layer.lora_A[slot].weight, layer.lora_B[slot].weight
                 rank = A.shape[0]

@@ -252,7 +252,6 @@ def train_locally(
     for key, param in named:
         param.requires_grad_(not frozen(key))
     ctx.trainable = [(k, p) for k, p in named if not frozen(k)]
-    params = [p for _, p in ctx.trainable]
     dp = settings.privacy
     steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
     if dp is not None and dp.sampling == "poisson":
@@ -265,6 +264,7 @@ def train_locally(
     metrics: dict[str, Any] = {}
     for hook in hooks:
         metrics.update(hook.before_training(ctx))
+    params = [p for _, p in ctx.trainable]  # after the hooks: one may train tensors of its own (Fed-SB's R)
     optimizer = make_optimizer(params, settings)
     started = time.perf_counter()
 

@@ -119,7 +119,7 @@ def build_simulation(
             f"strategy {strategy.name} trains each client's own model: give model.variants "
             "(e.g. model.variants='[{num_layers: 6}, {num_layers: 2}]'), one in-memory model per architecture"
         )
-    initial = adapters.initial_state(largest_profile(side.profiles))
+    initial = strategy.initial_adapter(adapters, largest_profile(side.profiles))
     if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
         initial = to_cpu(dict(adapters.base_parameters()))
     if client_models is not None:

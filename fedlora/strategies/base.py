@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -31,6 +31,9 @@ from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
 from fedlora.config.schema import ExperimentConfig
 from fedlora.protocol import ClientInstruction, ClientReply
+
+if TYPE_CHECKING:
+    from fedlora.adapters.lora import LoraAdapters
 
 
 @dataclass
@@ -171,6 +174,12 @@ class Strategy(ABC):
         self.seed = setup.seed
         self.client_sizes = dict(setup.client_sizes or {})
         self.server_device = torch.device(setup.device)
+
+    def initial_adapter(self, adapters: LoraAdapters, profile: RankProfile) -> AdapterState:
+        """The adapter the run starts from, at the federation's largest rank ``profile`` (default: PEFT's seeded
+        initialisation, B = 0); a method with its own initialisation (Fed-SB's SVD of the base weights)
+        overrides it. Called by the engine before :meth:`initialize`."""
+        return adapters.initial_state(profile)
 
     def client_hooks(self) -> list[ClientHooks]:
         """The method's client-side behaviour (default: none, plain local training)."""
