@@ -139,7 +139,9 @@ class FedSB(Strategy):
         std = self.options.init_std  # type: ignore[attr-defined]
         for module, (a_key, b_key) in module_factors(state).items():
             r = state[a_key].shape[0]
-            U, S, Vh = torch.linalg.svd(weights[module].detach().to("cpu", torch.float64), full_matrices=False)
+            U, S, Vh = torch.linalg.svd(
+                weights[module].detach().to("cpu", torch.float64), full_matrices=False
+            )
             state[b_key] = U[:, :r].to(state[b_key].dtype).contiguous()
             state[a_key] = (S[:r, None] * Vh[:r]).to(state[a_key].dtype).contiguous()
             state[latent_key(module)] = (torch.randn(r, r, generator=gen, dtype=torch.float64) * std).float()
