@@ -13,7 +13,7 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 "$FEDLORA" sweep "$CONFIG" "$@" --set strategy.name=fedit,ffa-lora,flexlora,hetlora,rolora --seeds "$SEEDS" \
   --output "$OUT/part1" --no-progress > "$OUT/part1.log" 2>&1 &
-"$FEDLORA" sweep "$CONFIG" "$@" --set strategy.name=fedsvd,lora-fair,fedex-lora,flora --seeds "$SEEDS" \
+"$FEDLORA" sweep "$CONFIG" "$@" --set strategy.name=fedsvd,lora-fair,fedex-lora,flora,fed-sb --seeds "$SEEDS" \
   --output "$OUT/part2" --no-progress > "$OUT/part2.log" 2>&1 &
 wait
 for seed in ${SEEDS//,/ }; do
