@@ -41,10 +41,14 @@ def test_compare_table_groups_seeds_and_labels_differences(tmp_path: Path) -> No
     ]
     table = compare_runs(runs, tmp_path / "out")
     lines = table.splitlines()
-    assert lines[0] == "| method | runs (seeds) | held-out loss | ROUGE-L | examples | MB up | s / round |"
+    assert lines[0] == (
+        "| method | runs (seeds) | held-out loss | ROUGE-L | held-out loss 95% CI | examples | MB up | MB down "
+        "| s / round | server s / round |"
+    )
     flex = next(line for line in lines if line.startswith("| flexlora"))
     # mean of 2.0 and 2.4 = 2.2, sample std = 0.2828; ROUGE-L mean 0.35, std 0.0707
-    assert "| 2 (1,2) | 2.2000 ± 0.2828 | 0.3500 ± 0.0707 | 30 | 2.0 | 2.0 ± 0.0 |" in flex
+    # 95% CI: 2.2 -+ t(0.975, 1) 0.2828 / sqrt(2) = 2.2 -+ 12.7062 x 0.2
+    assert "| 2 (1,2) | 2.2000 ± 0.2828 | 0.3500 ± 0.0707 | [-0.3412, 4.7412] | 30 | 2.0 |" in flex
     assert flex.startswith("| flexlora resources.force=null")
     fedit = next(line for line in lines if line.startswith("| fedit resources.force=min"))
     assert "| 1 (1) | 2.5000 | 0.2000 |" in fedit

@@ -405,8 +405,11 @@ class EmbeddedEngine:
                 fed.min_replies,
             )
         status = "aggregated" if len(replies) >= fed.min_replies else "skipped"
+        aggregate_seconds = 0.0
         if status == "aggregated":
+            aggregating = time.perf_counter()
             sim.strategy.aggregate(server_round, replies)
+            aggregate_seconds = time.perf_counter() - aggregating
         else:
             log.warning("round %d skipped: the global adapter is unchanged", server_round)
             replies = []
@@ -424,6 +427,7 @@ class EmbeddedEngine:
             "bytes_down": totals["bytes_down"],
             "status": status,
             "attempts": attempt + 1,
+            "aggregate_seconds": aggregate_seconds,  # the server rule's own time (wrappers included)
         }
         if any(faults.values()):
             record["faults"] = faults

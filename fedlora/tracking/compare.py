@@ -73,9 +73,11 @@ class RunSummary:
             summary.final = {k: float(v) for k, v in last.items() if k.startswith("eval_") and v is not None}
         summary.final["rounds"] = float(len(records))
         summary.final["bytes_up"] = float(sum(r.get("bytes_up", 0) for r in records))
-        seconds = [r["seconds"] for r in records if r.get("seconds") is not None]
-        if seconds:
-            summary.final["seconds_per_round"] = sum(seconds) / len(seconds)
+        summary.final["bytes_down"] = float(sum(r.get("bytes_down", 0) for r in records))
+        for key, name in (("seconds", "seconds_per_round"), ("aggregate_seconds", "aggregate_seconds")):
+            seconds = [r[key] for r in records if r.get(key) is not None]
+            if seconds:
+                summary.final[name] = sum(seconds) / len(seconds)
         return summary
 
     def seed(self) -> str:
@@ -115,6 +117,17 @@ class Group:
     def values(self, key: str) -> list[float]:
         return [r.final[key] for r in self.runs if key in r.final]
 
+    def interval(self, key: str, digits: int = 4) -> str:
+        """The 95% confidence interval of the mean over the seeds (Student's t, n - 1 degrees of freedom)."""
+        values = self.values(key)
+        if len(values) < 2:
+            return "-"
+        from scipy.stats import t
+
+        mean = statistics.fmean(values)
+        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return f"[{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+
     def cell(self, key: str, digits: int = 4) -> str:
         values = self.values(key)
         if not values:
@@ -140,9 +153,12 @@ def markdown_table(groups: list[Group]) -> str:
         "method",
         "runs (seeds)",
         *(FINAL_METRICS[m][0] for m in metrics),
+        *([f"{FINAL_METRICS[metrics[0]][0]} 95% CI"] if metrics else []),
         "examples",
         "MB up",
+        "MB down",
         "s / round",
+        "server s / round",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
@@ -156,13 +172,17 @@ def markdown_table(groups: list[Group]) -> str:
             }
         )
         mb = [r.final["bytes_up"] / 1e6 for r in g.runs]
+        mb_down = [r.final.get("bytes_down", 0) / 1e6 for r in g.runs]
         row = [
             g.label,
             f"{len(g.runs)} ({seeds})",
             *(g.cell(m) for m in metrics),
+            *([g.interval(metrics[0])] if metrics else []),
             "/".join(examples) or "-",
             f"{statistics.fmean(mb):.1f}",
+            f"{statistics.fmean(mb_down):.1f}",
             g.cell("seconds_per_round", 1),
+            g.cell("aggregate_seconds", 3),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
