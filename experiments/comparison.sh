@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/comparison-ni.yaml}
 OUT=${OUT:-runs/comparison}
 SEEDS=${SEEDS:-0,1,2}
+SEEDS_HETERO=${SEEDS_HETERO:-0}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
@@ -16,9 +17,18 @@ mkdir -p "$OUT"
 "$FEDLORA" sweep "$CONFIG" "$@" --set strategy.name=fedsvd,lora-fair,fedex-lora,flora,fed-sb --seeds "$SEEDS" \
   --output "$OUT/part2" --no-progress > "$OUT/part2.log" 2>&1 &
 wait
+# heterogeneous ranks (FlexLoRA's setting): the paper's four client types scaled by 0.25 (r2, r8, r8, r50 on
+# these attention-only targets), 25% each; the methods that take any rank, and FedIT at the smallest and
+# largest rank for everyone (the bucket-effect baselines)
+HETERO="resources.distribution=uniform resources.rank_scale=0.25"
+"$FEDLORA" sweep "$CONFIG" "$@" $HETERO --set strategy.name=flexlora,hetlora,flora --seeds "$SEEDS_HETERO" \
+  --output "$OUT/hetero" --no-progress > "$OUT/hetero.log" 2>&1
+"$FEDLORA" sweep "$CONFIG" "$@" $HETERO strategy.name=fedit --set resources.force=min,max --seeds "$SEEDS_HETERO" \
+  --output "$OUT/hetero" --no-progress >> "$OUT/hetero.log" 2>&1
 for seed in ${SEEDS//,/ }; do
   target="$OUT/base-model_seed-$seed.json"
   [ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "$@" eval.final_metrics=[] \
     "federation.seed=$seed" "data.seed=$seed" "adapter.init_seed=$seed" "faults.seed=$seed" > "$target"
 done
 "$FEDLORA" compare "$OUT"/part1/*_seed-* "$OUT"/part2/*_seed-* --output "$OUT/compare"
+"$FEDLORA" compare "$OUT"/hetero/*_seed-* --output "$OUT/compare-hetero"
