@@ -1,0 +1,111 @@
+"""The tables of docs/comparison.md from the runs of experiments/comparison.sh: per method the held-out loss
+(mean, sample std and 95% interval over the seeds), ROUGE-L of the seed-0 run where `fedlora eval` added it
+(eval/test.json), MB up and down per run, and the base model's row (experiments/base_model_eval.py per seed).
+
+    python experiments/comparison_table.py [runs/comparison]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from scipy.stats import t
+
+
+def interval(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    mean = statistics.fmean(values)
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"[{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def final_loss(run: Path) -> float:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("eval_loss") is not None][-1]["eval_loss"]
+
+
+def paired(dirs: list[Path], anchor: list[Path]) -> str:
+    """Loss minus the anchor's on the same seed (the same held-out clients, split and sampling), mean and 95%
+    interval over the seeds both have: the differences the seeds' spread would otherwise hide."""
+    theirs = {d.name.rsplit("_seed-", 1)[1]: final_loss(d) for d in anchor}
+    diffs = [
+        final_loss(d) - theirs[d.name.rsplit("_seed-", 1)[1]]
+        for d in dirs
+        if d.name.rsplit("_seed-", 1)[1] in theirs
+    ]
+    if not diffs or all(x == 0 for x in diffs):
+        return "-"
+    return f"{statistics.fmean(diffs):+.3f} {interval(diffs)}"
+
+
+def table(runs: dict[str, list[Path]], base: list[float] | None, anchor: str) -> str:
+    lines = [
+        f"| method | seeds | held-out loss | 95% interval | minus {anchor}, same seed (95% interval) | ROUGE-L (seed 0) "
+        "| MB up / run | MB down / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, dirs in runs.items():
+        losses, up, down, rouge, examples = [], [], [], "-", set()
+        for d in dirs:
+            records = [
+                json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()
+            ]
+            last = [r for r in records if r.get("eval_loss") is not None][-1]
+            losses.append(last["eval_loss"])
+            examples.add(int(last["eval_examples"]))
+            up.append(sum(r["bytes_up"] for r in records) / 1e6)
+            down.append(sum(r["bytes_down"] for r in records) / 1e6)
+            test = d / "eval" / "test.json"
+            if d.name.endswith("seed-0") and test.exists():
+                figures = json.loads(test.read_text())
+                rouge = f"{figures['eval_rouge_l']:.3f} ({figures['eval_generated']} ex.)"
+        lines.append(
+            f"| {label} | {len(dirs)} | {mean_std(losses)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
+            f"{interval(losses)} | {paired(dirs, runs[anchor])} | {rouge} | {statistics.fmean(up):.1f} | "
+            f"{statistics.fmean(down):.1f} |"
+        )
+    if base:
+        lines.append(
+            f"| base model (no training) | {len(base)} | {mean_std(base)} | {interval(base)} | - | - | 0 | 0 |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/comparison")
+    homogeneous: dict[str, list[Path]] = {}
+    for d in sorted([*root.glob("part*/name-*_seed-*")]):
+        if (d / "global").is_dir():
+            homogeneous.setdefault(d.name.split("_seed-")[0].removeprefix("name-"), []).append(d)
+    base = [json.loads(p.read_text())["eval_loss"] for p in sorted(root.glob("base-model_seed-*.json"))]
+    print("## Homogeneous rank (r8 for every client)\n")
+    print(table(homogeneous, base, "fedit"))
+    hetero: dict[str, list[Path]] = {}
+    for d in sorted(root.glob("hetero/*_seed-*")):
+        if (d / "global").is_dir():
+            hetero.setdefault(d.name.split("_seed-")[0], []).append(d)
+    if hetero:
+        print("\n## Heterogeneous ranks (r2 / r8 / r8 / r50, 25% each)\n")
+        print(
+            table(
+                hetero,
+                base[:1],
+                "name-fedit_force-max" if "name-fedit_force-max" in hetero else next(iter(hetero)),
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
