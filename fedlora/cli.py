@@ -127,6 +127,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.runner import export_merged
 
     run_dir = Path(args.run_dir)
+    if (run_dir / "global" / "model.safetensors").exists():  # merging or full-parameter methods
+        print(
+            f"whole model: {run_dir / 'global'}  (AutoModelForCausalLM.from_pretrained(that folder)); it is "
+            "already merged, so --merged has nothing to do"
+        )
+        return 0
     print(f"PEFT adapter: {run_dir / 'global'}  (peft.PeftModel.from_pretrained(base_model, that folder))")
     if args.merged:
         out = export_merged(run_dir, Path(args.merged))

@@ -394,6 +394,9 @@ def test_merging_methods_run_resume_exactly_and_export_a_merged_model(tmp_path: 
     records = rounds(straight)
     assert all(r["status"] == "aggregated" for r in records)
     assert records[1]["bytes_down"] > records[0]["bytes_down"]  # the merged offset travels from round 2
+    from fedlora.cli import main
+
+    assert main(["export", str(straight), "--merged", str(tmp_path / "m")]) == 0  # already merged: says so
     cfg = load_config(None, tiny_overrides(tmp_path, **base))
     bundle = load_base_model(cfg.model)
     exported = AutoModelForCausalLM.from_pretrained(straight / "global")  # plain transformers
