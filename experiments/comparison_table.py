@@ -95,16 +95,13 @@ def main() -> None:
     hetero: dict[str, list[Path]] = {}
     for d in sorted(root.glob("hetero/*_seed-*")):
         if (d / "global").is_dir():
-            hetero.setdefault(d.name.split("_seed-")[0], []).append(d)
+            name = d.name.split("_seed-")[0].removeprefix("name-")
+            label = f"fedit, every client at the {name[6:]} rank" if name.startswith("force-") else name
+            hetero.setdefault(label, []).append(d)
     if hetero:
         print("\n## Heterogeneous ranks (r2 / r8 / r8 / r50, 25% each)\n")
-        print(
-            table(
-                hetero,
-                base[:1],
-                "name-fedit_force-max" if "name-fedit_force-max" in hetero else next(iter(hetero)),
-            )
-        )
+        anchor = "fedit, every client at the max rank"
+        print(table(hetero, base[:1], anchor if anchor in hetero else next(iter(hetero))))
 
 
 if __name__ == "__main__":
