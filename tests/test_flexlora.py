@@ -211,7 +211,7 @@ def test_fedit_refuses_heterogeneous_ranks() -> None:
     from fedlora.strategies.fedavg import FedIT
 
     gen = torch.Generator().manual_seed(9)
-    with pytest.raises(ConfigError, match="flexlora or hetlora, or set resources.force"):
+    with pytest.raises(ConfigError, match="flexlora, hetlora or flora, or set resources.force"):
         started(FedIT(), PROFILES, gen)
 
 
