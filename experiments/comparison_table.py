@@ -12,15 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from scipy.stats import t
-
-
-def interval(values: list[float]) -> str:
-    if len(values) < 2:
-        return "-"
-    mean = statistics.fmean(values)
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"[{mean - half:.3f}, {mean + half:.3f}]"
+from fedlora.tracking.compare import format_interval
 
 
 def mean_std(values: list[float]) -> str:
@@ -47,7 +39,7 @@ def paired(dirs: list[Path], anchor: list[Path]) -> str:
     ]
     if not diffs or all(x == 0 for x in diffs):
         return "-"
-    return f"{statistics.fmean(diffs):+.3f} {interval(diffs)}"
+    return f"{statistics.fmean(diffs):+.3f} {format_interval(diffs, 3)}"
 
 
 def table(runs: dict[str, list[Path]], base: list[float] | None, anchor: str) -> str:
@@ -73,12 +65,12 @@ def table(runs: dict[str, list[Path]], base: list[float] | None, anchor: str) ->
                 rouge = f"{figures['eval_rouge_l']:.3f} ({figures['eval_generated']} ex.)"
         lines.append(
             f"| {label} | {len(dirs)} | {mean_std(losses)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
-            f"{interval(losses)} | {paired(dirs, runs[anchor])} | {rouge} | {statistics.fmean(up):.1f} | "
+            f"{format_interval(losses, 3)} | {paired(dirs, runs[anchor])} | {rouge} | {statistics.fmean(up):.1f} | "
             f"{statistics.fmean(down):.1f} |"
         )
     if base:
         lines.append(
-            f"| base model (no training) | {len(base)} | {mean_std(base)} | {interval(base)} | - | - | 0 | 0 |"
+            f"| base model (no training) | {len(base)} | {mean_std(base)} | {format_interval(base, 3)} | - | - | 0 | 0 |"
         )
     return "\n".join(lines)
 

@@ -71,6 +71,7 @@ class LoraAdapters:
         self._kinds: set[str] = set()
         #: the base weights' offset of a merging method (FLoRA, FedEx-LoRA): see fedlora.adapters.merged
         self.merged_base = MergedBase()
+        self._base_weights: dict[str, torch.Tensor] = {}
 
     def lora_config(self, profile: RankProfile) -> LoraConfig:
         return LoraConfig(
@@ -297,13 +298,16 @@ class LoraAdapters:
         return profile
 
     def base_weights(self) -> dict[str, torch.Tensor]:
-        """Each target module's frozen base weight W0 (d x k), by module path (the state keys' prefix)."""
+        """Each target module's frozen base weight W0 (d x k), by module path (the state keys' prefix). Found
+        once: every slot shares the same PEFT LoRA layers, so the mapping never changes after the first."""
         assert self.model is not None
-        return {
-            name: module.get_base_layer().weight
-            for name, module in self.model.named_modules()
-            if isinstance(module, LoraLayer)
-        }
+        if not self._base_weights:
+            self._base_weights = {
+                name: module.get_base_layer().weight
+                for name, module in self.model.named_modules()
+                if isinstance(module, LoraLayer)
+            }
+        return self._base_weights
 
     def lora_modules(self) -> dict[str, tuple[LoraLayer, str, str]]:
         """The active slot's target modules: path -> (PEFT LoRA layer, state key of A, state key of B)."""

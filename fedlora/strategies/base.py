@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from fedlora.adapters.merged import split_merged
 from fedlora.adapters.ranks import RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
@@ -191,9 +192,17 @@ class Strategy(ABC):
         return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        """Default: the reply must have the payload's tensor names and shapes, finite values, and a number of
-        examples above 0 and at most what the client holds."""
-        return check_example_count(self, reply) or check_same_layout(instruction.payload, reply.payload)
+        """Default: the reply must have the tensor names and shapes of :meth:`expected_reply`, finite values,
+        and a number of examples above 0 and at most what the client holds."""
+        return check_example_count(self, reply) or check_same_layout(
+            self.expected_reply(instruction), reply.payload
+        )
+
+    def expected_reply(self, instruction: ClientInstruction) -> AdapterState:
+        """What a client sends back for ``instruction`` (the trainer's own rule): the payload's tensors minus
+        a merged base offset (``merged.*``) and minus those the instruction's hooks freeze."""
+        adapter, _ = split_merged(instruction.payload)
+        return {k: v for k, v in adapter.items() if not any(h.frozen(k) for h in instruction.hooks)}
 
     @abstractmethod
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:

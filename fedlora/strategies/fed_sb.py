@@ -35,13 +35,10 @@ from fedlora.adapters.ranks import RankProfile, lora_key_parts, module_factors
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.strategies.base import (
-    ClientInstruction,
     ClientReply,
     ServerSetup,
     Strategy,
     StrategyOptions,
-    check_example_count,
-    check_same_layout,
     example_weights,
     weighted_average,
 )
@@ -111,12 +108,10 @@ def restore(adapters: LoraAdapters) -> None:
     """Put every lora_B back where a :class:`TrainLatent` round replaced it (idempotent)."""
     if adapters.model is None:
         return
-    for module in adapters.model.modules():
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, torch.nn.ModuleDict):
-            for name, entry in list(lora_b.items()):
-                if isinstance(entry, _Latent):
-                    lora_b[name] = entry[1]
+    for layer, _, _ in adapters.lora_modules().values():  # every slot lives on these same LoRA layers
+        for name, entry in list(layer.lora_B.items()):
+            if isinstance(entry, _Latent):
+                layer.lora_B[name] = entry[1]
 
 
 class FedSBOptions(StrategyOptions):
@@ -153,10 +148,6 @@ class FedSB(Strategy):
 
     def client_hooks(self) -> list[ClientHooks]:
         return [TrainLatent()]
-
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        expected = {k: v for k, v in instruction.payload.items() if lora_key_parts(k) is None}
-        return check_example_count(self, reply) or check_same_layout(expected, reply.payload)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         averaged = weighted_average([r.payload for r in replies], example_weights(replies))

@@ -24,8 +24,6 @@ from fedlora.strategies.base import (
     ServerSetup,
     Strategy,
     StrategyOptions,
-    check_example_count,
-    check_same_layout,
     example_weights,
     weighted_average,
 )
@@ -133,11 +131,6 @@ class OneFactorAverage(FactorAverage):
         frozen = "A" if self.trained_factor(server_round) == "B" else "B"
         hooks: list[ClientHooks] = [FreezeFactor(factor=frozen)]
         return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
-
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        frozen = instruction.hooks[0]
-        expected = {k: v for k, v in instruction.payload.items() if not frozen.frozen(k)}
-        return check_example_count(self, reply) or check_same_layout(expected, reply.payload)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         trained = weighted_average([r.payload for r in replies], example_weights(replies))

@@ -17,11 +17,8 @@ from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.config.schema import ExperimentConfig
 from fedlora.strategies.base import (
     ClientInstruction,
-    ClientReply,
     Strategy,
     StrategyOptions,
-    check_example_count,
-    check_same_layout,
 )
 
 
@@ -58,10 +55,6 @@ class MergingStrategy(Strategy):
             cid: ClientInstruction({**self.client_payload(server_round, cid), **merged}, hooks=hooks)
             for cid in client_ids
         }
-
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        adapter, _ = split_merged(instruction.payload)
-        return check_example_count(self, reply) or check_same_layout(adapter, reply.payload)
 
     def evaluation_state(self) -> AdapterState:
         return {**self.global_state, **self.history.payload()}

@@ -109,6 +109,24 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` confidence interval of the mean of ``values`` (Student's t, n - 1 degrees of freedom):
+    mean -+ t_{(1 + level) / 2, n - 1} s / sqrt(n); None below two values."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    half = t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
+
+
+def format_interval(values: list[float], digits: int = 4) -> str:
+    """``[lo, hi]`` of :func:`mean_interval`, or ``-`` below two values."""
+    bounds = mean_interval(values)
+    return "-" if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
 @dataclass
 class Group:
     label: str
@@ -118,15 +136,8 @@ class Group:
         return [r.final[key] for r in self.runs if key in r.final]
 
     def interval(self, key: str, digits: int = 4) -> str:
-        """The 95% confidence interval of the mean over the seeds (Student's t, n - 1 degrees of freedom)."""
-        values = self.values(key)
-        if len(values) < 2:
-            return "-"
-        from scipy.stats import t
-
-        mean = statistics.fmean(values)
-        half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-        return f"[{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+        """The 95% confidence interval of the mean over the seeds (:func:`mean_interval`)."""
+        return format_interval(self.values(key), digits)
 
     def cell(self, key: str, digits: int = 4) -> str:
         values = self.values(key)
