@@ -1,6 +1,7 @@
 """FedMeZO: the MeZO step by hand, bit-exact replay of seed uploads, personalised learning rates."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from conftest import assert_rel_close, tiny_overrides
 from fedlora.adapters.ranks import RankProfile
-from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.client.trainer import LocalTrainingSettings, round_settings, train_locally
 from fedlora.client.zeroth_order import GRADS_KEY, ZerothOrder, perturb, replay, zo_step
 from fedlora.config import load_config
 from fedlora.engine.embedded import EmbeddedEngine
@@ -97,9 +98,14 @@ def strategy_with(kind: str, clients: int = 6) -> FedMeZO:
     return s
 
 
+def scales(s: FedMeZO, server_round: int, clients: list[int]) -> dict[int, float]:
+    """eta_i / eta under the relative spread."""
+    return {c: 1.0 + s.options.lr_spread * u for c, u in s.lr_directions(server_round, clients).items()}
+
+
 def test_personalised_learning_rates_any_number_of_clients_and_partial_participation() -> None:
     s = strategy_with("round-wise")
-    assert s.lr_scales(1, [0, 1, 2]) == {0: 1.0, 1: 1.0, 2: 1.0}  # no history yet
+    assert scales(s, 1, [0, 1, 2]) == {0: 1.0, 1: 1.0, 2: 1.0}  # no history yet
     s.history = {
         0: [(1, 2.0, 0.1)],
         1: [(1, 4.0, 0.3)],
@@ -107,25 +113,73 @@ def test_personalised_learning_rates_any_number_of_clients_and_partial_participa
         3: [(1, 9.0, 0.2), (2, 1.0, 0.5)],
     }
     # sampled 0, 1, 3, 5: losses 2, 4, 1 (client 3's last), none for 5 -> mean 7/3; d = -1/3, 5/3, -4/3
-    scales = s.lr_scales(3, [0, 1, 3, 5])
-    assert scales[1] == pytest.approx(1.5) and scales[3] == pytest.approx(1 - 0.5 * 4 / 5)
-    assert scales[0] == pytest.approx(1 - 0.5 * 1 / 5) and scales[5] == 1.0
-    s.options = FedMeZOOptions(lr_strategy="five-round", lr_spread=0.5)
+    round_wise = scales(s, 3, [0, 1, 3, 5])
+    assert round_wise[1] == pytest.approx(1.5) and round_wise[3] == pytest.approx(1 - 0.5 * 4 / 5)
+    assert round_wise[0] == pytest.approx(1 - 0.5 * 1 / 5) and round_wise[5] == 1.0
+    s.options = FedMeZOOptions(lr_strategy="five-round", lr_spread=0.5, lr_rules="fedlora")
     # client 3 over the last five rounds: mean(9, 1) = 5; client 0: 2 -> d = -1.5, +1.5
-    five = s.lr_scales(3, [0, 3])
+    five = scales(s, 3, [0, 3])
     assert five == {0: pytest.approx(0.5), 3: pytest.approx(1.5)}
+    s.options = FedMeZOOptions(
+        lr_strategy="five-round", lr_spread=0.5
+    )  # reference: 5 rounds of history first
+    assert scales(s, 3, [0, 3]) == {0: 1.0, 3: 1.0}
     s.options = FedMeZOOptions(lr_strategy="model-diff", lr_spread=0.5)
-    drift = s.lr_scales(3, [0, 1, 2])  # drifts 0.1, 0.3, 0.9 -> d = -0.333, -0.133, 0.467
+    drift = scales(s, 3, [0, 1, 2])  # drifts 0.1, 0.3, 0.9 -> d = -0.333, -0.133, 0.467
     assert drift[2] == pytest.approx(1.5) and drift[0] < drift[1] < 1.0
     s.options = FedMeZOOptions(lr_strategy="random", lr_spread=0.5)
-    r = s.lr_scales(4, list(range(6)))
-    assert (
-        r == s.lr_scales(4, list(range(6)))
-        and all(0.5 <= v <= 1.5 for v in r.values())
-        and len(set(r.values())) == 6
-    )
+    r = scales(s, 4, list(range(6)))
+    assert r == scales(s, 4, list(range(6))) and all(0.5 <= v <= 1.5 for v in r.values())
+    assert len(set(r.values())) == 6
     s.options = FedMeZOOptions(lr_strategy="frozen", lr_spread=0.5)
-    assert set(s.lr_scales(4, [0, 1]).values()) == {1.0}
+    assert set(scales(s, 4, [0, 1]).values()) == {1.0}
+
+
+def test_reference_five_round_rule_waits_for_five_rounds_then_averages_the_last_five() -> None:
+    s = strategy_with("five-round")
+    assert s.options.lr_rules == "reference"  # the reference code's rules are the default
+    s.history = {
+        0: [(r, 1.0 + r, 0.0) for r in range(1, 5)],  # 4 rounds: no signal yet
+        1: [(r, 10.0 * r, 0.0) for r in range(1, 7)],  # 6 rounds: mean of rounds 2..6 = 40
+        2: [(r, 2.0, 0.0) for r in range(1, 6)],  # 5 rounds: mean 2
+    }
+    assert s.signal(0, 7) is None and s.signal(1, 7) == pytest.approx(40.0) and s.signal(2, 7) == 2.0
+    # signals 40 and 2 -> d = +19, -19; client 0 keeps the base rate
+    assert s.lr_directions(7, [0, 1, 2]) == {0: 0.0, 1: pytest.approx(1.0), 2: pytest.approx(-1.0)}
+
+
+def test_model_diff_drifts_against_a_direct_computation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)}
+    states = [
+        {k: v + torch.randn(v.shape, generator=gen) * (i + 1) for k, v in start.items()} for i in range(3)
+    ]
+    weights = [0.5, 0.3, 0.2]
+    u = [{k: (st[k] - start[k]).double() for k in start} for st in states]
+    s = strategy_with("model-diff")
+    reference = s.drifts(start, states, weights)  # per tensor, against the unweighted mean, summed
+    for i in range(3):
+        direct = sum(float(torch.linalg.norm(u[i][k] - (u[0][k] + u[1][k] + u[2][k]) / 3)) for k in start)
+        assert reference[i] == pytest.approx(direct, rel=1e-9)
+    s.options = FedMeZOOptions(lr_strategy="model-diff", lr_rules="fedlora")
+    whole = s.drifts(start, states, weights)  # one vector, against the example-weighted mean
+    flat = [torch.cat([x[k].flatten() for k in start]) for x in u]
+    mean = sum(w * f for w, f in zip(weights, flat, strict=True))
+    assert whole == pytest.approx([float(torch.linalg.norm(f - mean)) for f in flat], rel=1e-9)
+    assert reference != pytest.approx(whole, rel=1e-3)
+
+
+def test_absolute_spread_travels_as_an_offset_and_a_negative_rate_is_refused() -> None:
+    s = strategy_with("round-wise")
+    s.options = FedMeZOOptions(lr_strategy="round-wise", lr_delta=2e-4)
+    s.history = {0: [(1, 1.0, 0.0)], 1: [(1, 3.0, 0.0)]}
+    settings = s.lr_settings(2, [0, 1, 2])
+    assert settings == {0: {"lr_offset": pytest.approx(-2e-4)}, 1: {"lr_offset": pytest.approx(2e-4)}, 2: {}}
+    base = LocalTrainingSettings(optimizer="sgd", lr=5e-4, lr_decay=0.5)
+    # eta decays, Delta stays absolute: round 2 -> 5e-4 * 0.5 + 2e-4
+    assert round_settings(replace(base, lr_offset=2e-4), 2).lr == pytest.approx(4.5e-4)
+    with pytest.raises(ValueError, match="lr_delta"):
+        round_settings(replace(base, lr_offset=-3e-4), 2)
 
 
 def test_seed_uploads_are_tiny_and_a_bad_record_is_rejected(tmp_path: Path) -> None:

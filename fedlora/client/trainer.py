@@ -67,8 +67,10 @@ class LocalTrainingSettings:
     local_epochs: float | None = None
     batch_size: int = 4
     grad_clip: float | None = 1.0
-    #: multiplies lr (e.g. FedMeZO's personalised client learning rates)
+    #: multiplies lr (e.g. FedMeZO's personalised client learning rates, relative spread)
     lr_scale: float = 1.0
+    #: added to the round's lr (e.g. FedMeZO's personalised client learning rates, absolute spread)
+    lr_offset: float = 0.0
     privacy: DPSettings | None = None
     #: autocast of the forward pass (``compute.precision``): fp32, bf16 or fp16 (with a gradient scaler)
     precision: str = "fp32"
@@ -82,7 +84,7 @@ class LocalTrainingSettings:
 
 #: the generic settings a strategy may override per client in ``ClientInstruction.settings``
 OVERRIDABLE = ("optimizer", "lr", "weight_decay", "momentum", "local_steps", "local_epochs", "batch_size")
-OVERRIDABLE += ("grad_clip", "lr_scale")
+OVERRIDABLE += ("grad_clip", "lr_scale", "lr_offset")
 
 
 @dataclass
@@ -95,11 +97,17 @@ class LocalResult:
 
 
 def round_settings(settings: LocalTrainingSettings, server_round: int) -> LocalTrainingSettings:
-    """The round's learning rate folded in: lr * lr_scale * lr_decay^(round - 1)."""
+    """The round's learning rate folded in: lr * lr_scale * lr_decay^(round - 1) + lr_offset."""
     factor = settings.lr_scale * settings.lr_decay ** max(server_round - 1, 0)
-    if factor == 1.0:
+    if factor == 1.0 and settings.lr_offset == 0.0:
         return settings
-    return replace(settings, lr=settings.lr * factor, lr_scale=1.0, lr_decay=1.0)
+    lr = settings.lr * factor + settings.lr_offset
+    if lr <= 0:
+        raise ValueError(
+            f"round {server_round}: learning rate {settings.lr:g} x {factor:g} + offset {settings.lr_offset:g}"
+            f" = {lr:g} <= 0; lower the strategy's learning-rate spread (e.g. strategy.options.lr_delta)"
+        )
+    return replace(settings, lr=lr, lr_scale=1.0, lr_decay=1.0, lr_offset=0.0)
 
 
 def round_seed(run_seed: int, server_round: int, client_id: int) -> int:
