@@ -1,5 +1,6 @@
 import gzip
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,32 @@ def test_lazy_clients_read_only_their_own_line(tmp_path: Path) -> None:
     ] == [1, 2, 3]
     assert clients[2].train[0].instruction == "do 2" and clients[2].with_id(7).client_id == 7
     assert lazy_natural_instructions(path, max_clients=2)[1].train[0].input == "1"  # the index is reused
+
+
+def _build_index_in_process(path: str, folder: str) -> None:
+    from fedlora.data.lazy import build_index
+
+    build_index(Path(path), Path(folder))
+
+
+def test_processes_building_one_index_at_once_do_not_collide(tmp_path: Path) -> None:
+    """Two sweeps started together on a fresh cache both build the index (each with its own temporary
+    files): both succeed and the index is whole."""
+    path = tmp_path / "ni.jsonl"
+    record = {"instruction": "copy", "train": [{"input": "x" * 200, "output": "y"}] * 20}
+    path.write_text("".join(json.dumps({"client_id": i, **record}) + "\n" for i in range(3000)))
+    folder = tmp_path / "index"
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_build_index_in_process, args=(str(path), str(folder))) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert sorted(p.name for p in folder.iterdir()) == ["clients.jsonl", "index.json"]
+    assert len(json.loads((folder / "index.json").read_text())["clients"]) == 3000
 
 
 def test_natural_instructions_bad_record_names_line(tmp_path: Path) -> None:

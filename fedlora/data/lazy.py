@@ -39,9 +39,10 @@ def index_folder(path: Path) -> Path:
 
 
 def build_index(path: Path, folder: Path) -> None:
-    """Stream ``path`` once: write each client line to the copy and record where it is (atomic rename)."""
+    """Stream ``path`` once: write each client line to the copy and record where it is (atomic rename; each
+    process writes its own temporary files, so processes that build the same index at once do not collide)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_lines, tmp_index = folder / f".{CLIENTS}.tmp", folder / f".{INDEX}.tmp"
+    tmp_lines, tmp_index = (folder / f".{name}.{os.getpid()}.tmp" for name in (CLIENTS, INDEX))
     entries: list[dict[str, Any]] = []
     opener = gzip.open if path.name.endswith(".gz") else open
     offset = 0
