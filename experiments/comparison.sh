@@ -34,7 +34,5 @@ for seed in ${SEEDS//,/ }; do
 done
 "$FEDLORA" compare "$OUT"/part1/*_seed-* "$OUT"/part2/*_seed-* --output "$OUT/compare"
 "$FEDLORA" compare "$OUT"/hetero/*_seed-* --output "$OUT/compare-hetero"
-for run in "$OUT"/part*/*_seed-0; do  # ROUGE-L of the seed-0 runs (generation is the slow part)
-  [ -f "$run/eval/test.json" ] || "$FEDLORA" eval "$run" --split test "eval.metrics=[loss, rouge-l]" > "$run/rouge.log" 2>&1
-done
+bash experiments/comparison_rouge.sh  # ROUGE-L of the seed-0 runs and of the base model (generation is slow)
 "$PY" experiments/comparison_table.py "$OUT"

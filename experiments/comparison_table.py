@@ -1,6 +1,8 @@
 """The tables of docs/comparison.md from the runs of experiments/comparison.sh: per method the held-out loss
-(mean, sample std and 95% interval over the seeds), ROUGE-L of the seed-0 run where `fedlora eval` added it
-(eval/test.json), MB up and down per run, and the base model's row (experiments/base_model_eval.py per seed).
+(mean, sample std and 95% interval over the seeds, and minus the anchor's on the same seed), ROUGE-L of the
+seed-0 run where `fedlora eval` added it (eval/test.json) and minus the anchor's paired example by example
+(eval/test.predictions.jsonl), MB up and down per run, server seconds per round, and the base model's row
+(experiments/base_model_eval.py per seed; ROUGE-L from experiments/comparison_rouge.sh).
 
     python experiments/comparison_table.py [runs/comparison]
 """
@@ -42,14 +44,39 @@ def paired(dirs: list[Path], anchor: list[Path]) -> str:
     return f"{statistics.fmean(diffs):+.3f} {format_interval(diffs, 3)}"
 
 
-def table(runs: dict[str, list[Path]], base: list[float] | None, anchor: str) -> str:
+def example_scores(run: Path) -> list[tuple[tuple[int, str], float]] | None:
+    """((client, input), ROUGE-L) of each generated example of the run's test evaluation, in order."""
+    path = run / "eval" / "test.predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [((int(r["client"]), str(r["input"])), float(r["rouge_l"])) for r in rows]
+
+
+def paired_rouge(run: Path | None, anchor: Path | None) -> str:
+    """ROUGE-L minus the anchor's on the same examples (same seed-0 held-out clients), mean and 95% interval
+    over the examples."""
+    mine, theirs = (example_scores(r) if r is not None else None for r in (run, anchor))
+    if not mine or not theirs or run == anchor:
+        return "-"
+    if [key for key, _ in mine] != [key for key, _ in theirs]:
+        raise SystemExit(f"{run} and {anchor} generated for different examples; re-run comparison_rouge.sh")
+    diffs = [a - b for (_, a), (_, b) in zip(mine, theirs, strict=True)]
+    return f"{statistics.fmean(diffs):+.3f} {format_interval(diffs, 3)}"
+
+
+def seed0(dirs: list[Path]) -> Path | None:
+    return next((d for d in dirs if d.name.endswith("_seed-0")), None)
+
+
+def table(runs: dict[str, list[Path]], base: list[float] | None, base_rouge: str, anchor: str) -> str:
     lines = [
         f"| method | seeds | held-out loss | 95% interval | minus {anchor}, same seed (95% interval) | ROUGE-L (seed 0) "
-        "| MB up / run | MB down / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| ROUGE-L minus {anchor}, same examples (95% interval) | MB up / run | MB down / run | server s / round |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, dirs in runs.items():
-        losses, up, down, rouge, examples = [], [], [], "-", set()
+        losses, up, down, rouge, examples, server = [], [], [], "-", set(), []
         for d in dirs:
             records = [
                 json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()
@@ -59,18 +86,21 @@ def table(runs: dict[str, list[Path]], base: list[float] | None, anchor: str) ->
             examples.add(int(last["eval_examples"]))
             up.append(sum(r["bytes_up"] for r in records) / 1e6)
             down.append(sum(r["bytes_down"] for r in records) / 1e6)
+            server += [r["aggregate_seconds"] for r in records if r.get("aggregate_seconds") is not None]
             test = d / "eval" / "test.json"
             if d.name.endswith("seed-0") and test.exists():
                 figures = json.loads(test.read_text())
                 rouge = f"{figures['eval_rouge_l']:.3f} ({figures['eval_generated']} ex.)"
         lines.append(
             f"| {label} | {len(dirs)} | {mean_std(losses)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
-            f"{format_interval(losses, 3)} | {paired(dirs, runs[anchor])} | {rouge} | {statistics.fmean(up):.1f} | "
-            f"{statistics.fmean(down):.1f} |"
+            f"{format_interval(losses, 3)} | {paired(dirs, runs[anchor])} | {rouge} | "
+            f"{paired_rouge(seed0(dirs), seed0(runs[anchor]))} | {statistics.fmean(up):.1f} | "
+            f"{statistics.fmean(down):.1f} | {f'{statistics.fmean(server):.3f}' if server else '-'} |"
         )
     if base:
         lines.append(
-            f"| base model (no training) | {len(base)} | {mean_std(base)} | {format_interval(base, 3)} | - | - | 0 | 0 |"
+            f"| base model (no training) | {len(base)} | {mean_std(base)} | {format_interval(base, 3)} | - | "
+            f"{base_rouge} | - | 0 | 0 | - |"
         )
     return "\n".join(lines)
 
@@ -81,9 +111,13 @@ def main() -> None:
     for d in sorted([*root.glob("part*/name-*_seed-*")]):
         if (d / "global").is_dir():
             homogeneous.setdefault(d.name.split("_seed-")[0].removeprefix("name-"), []).append(d)
-    base = [json.loads(p.read_text())["eval_loss"] for p in sorted(root.glob("base-model_seed-*.json"))]
+    base = [json.loads(p.read_text())["eval_loss"] for p in sorted(root.glob("base-model_seed-[0-9].json"))]
+    base_rouge = "-"
+    if (root / "base-model_seed-0_rouge.json").exists():
+        figures = json.loads((root / "base-model_seed-0_rouge.json").read_text())
+        base_rouge = f"{figures['eval_rouge_l']:.3f} ({figures['eval_generated']} ex.)"
     print("## Homogeneous rank (r8 for every client)\n")
-    print(table(homogeneous, base, "fedit"))
+    print(table(homogeneous, base, base_rouge, "fedit"))
     hetero: dict[str, list[Path]] = {}
     for d in sorted(root.glob("hetero/*_seed-*")):
         if (d / "global").is_dir():
@@ -93,7 +127,7 @@ def main() -> None:
     if hetero:
         print("\n## Heterogeneous ranks (r2 / r8 / r8 / r50, 25% each)\n")
         anchor = "fedit, every client at the max rank"
-        print(table(hetero, base[:1], anchor if anchor in hetero else next(iter(hetero))))
+        print(table(hetero, base[:1], base_rouge, anchor if anchor in hetero else next(iter(hetero))))
 
 
 if __name__ == "__main__":
