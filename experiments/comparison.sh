@@ -19,6 +19,10 @@ for seed in ${SEEDS//,/ }; do  # seed by seed: every method gets its first seeds
     --output "$OUT/part2" --no-progress >> "$OUT/part2.log" 2>&1 &
   wait
 done
+# FedKSeed (zeroth-order) at about the first-order runs' forward compute: 5 two-point steps (2 forward passes
+# each) against 3 backpropagation steps (about 3 forward passes each)
+"$FEDLORA" sweep "$CONFIG" "$@" client.local_steps=5 --set strategy.name=fedkseed --seeds "$SEEDS" \
+  --output "$OUT/part3" --no-progress >> "$OUT/part3.log" 2>&1
 # heterogeneous ranks (FlexLoRA's setting): the paper's four client types scaled by 0.25 (r2, r8, r8, r50 on
 # these attention-only targets), 25% each; the methods that take any rank, and FedIT at the smallest and
 # largest rank for everyone (the bucket-effect baselines)
