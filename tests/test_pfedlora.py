@@ -3,11 +3,13 @@ personal weights on disk; personalised evaluation; the standalone baseline."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_engine
 from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.config.loader import ConfigError
 from fedlora.strategies.pfedlora import LocalModelPhase
 
 VARIANTS = {
@@ -149,3 +151,87 @@ def test_pfedlora_without_client_models_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="give model.variants"):
         build_simulation(load_config(None, tiny_overrides(tmp_path, **{"strategy.name": "pfedlora"})))
+
+
+WIDTHS = {
+    "strategy.name": "pfedlora",
+    "model.task": "classification",
+    "data.source": "bbc-news",
+    "data.max_seq_len": 32,
+    "partition.method": "iid",
+    "data.max_train_examples_per_client": 16,
+    "data.max_eval_examples_per_client": 8,
+    "federation.num_clients": 6,
+    "federation.clients_per_round": 6,
+    "model.shared_adapter": "representation",
+    "model.shared_dim": 16,
+    # three widths (64, 32 and MiniLM's 384), two architectures and two tokenizers
+    "model.variants": "[{tiny_hidden_size: 64}, {tiny_hidden_size: 32}, {name: all-minilm-l6-v2, num_layers: 1}]",
+    "adapter.dropout": 0.0,
+    "strategy.options": "{local_model_steps: 1}",
+}
+
+
+def test_clients_of_different_widths_share_a_representation_adapter(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path, **WIDTHS)
+    models = engine.sim.client_models
+    widths = [b.model.config.hidden_size for b in models.bundles]
+    assert widths == [64, 32, 384] and models.head_name == ["score", "score", "classifier"]
+    assert type(models.encoder_of(models.variant_of.index(2)).tokenizer).__name__.startswith("Bert")
+    payloads = []
+    original = engine.run_client
+
+    def spy(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        payloads.append(reply.payload)
+        return reply
+
+    engine.run_client = spy
+    record = engine.run_round(1)
+    assert record["num_clients"] == 6 and record["rejected"] == []
+    # the same tensor set from every architecture: rank x shared_dim and shared_dim x rank
+    shapes = {k: tuple(v.shape) for k, v in payloads[0].items()}
+    wire = "base_model.model.shared.bridge"
+    assert shapes == {f"{wire}.lora_A.weight": (4, 16), f"{wire}.lora_B.weight": (16, 4)}
+    assert all({k: tuple(v.shape) for k, v in p.items()} == shapes for p in payloads)
+    # the server's average is the example-weighted mean of what the clients sent
+    replies = [(p, c["num_examples"]) for p, c in zip(payloads, record["clients"], strict=True)]
+    total = sum(n for _, n in replies)
+    for key in shapes:
+        dense = sum(p[key].double() * n / total for p, n in replies)
+        assert torch.linalg.norm(
+            engine.sim.strategy.global_state[key].double() - dense
+        ) <= 1e-6 * torch.linalg.norm(dense)
+    # on each architecture the shared adapter is a residual low-rank map of the common space: with the
+    # bridge at the identity, head(h) = C(gelu(P h) + s B A gelu(P h))
+    for variant, adapters in enumerate(models.adapters):
+        adapters.load(models.to_variant(engine.sim.strategy.global_state, variant))
+        model = adapters.model.get_base_model()
+        head = getattr(model, models.head_name[variant])
+        h = torch.randn(3, widths[variant])
+        u = torch.nn.functional.gelu(head.project(h))
+        a, b = (engine.sim.strategy.global_state[f"{wire}.lora_{f}.weight"] for f in "AB")
+        scale = engine.sim.cfg.adapter.alpha / engine.sim.cfg.adapter.rank
+        expected = head.classifier(u @ head.bridge.base_layer.weight.T + scale * u @ a.T @ b.T)
+        assert torch.allclose(head(h), expected, atol=1e-5)
+    assert "eval_accuracy" in record and "eval_accuracy_no_adapter" in record
+
+
+def test_different_widths_on_the_last_layer_are_refused_with_the_way_out(tmp_path: Path) -> None:
+    from conftest import tiny_overrides
+    from fedlora.config import load_config
+    from fedlora.runner import build_simulation
+
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            **WIDTHS,
+            "model.shared_adapter": "last-layer",
+            "adapter.target_modules": "[q_proj, v_proj]",
+            "model.variants": "[{tiny_hidden_size: 64}, {tiny_hidden_size: 32}]",
+        },
+    )
+    with pytest.raises(ValueError, match="set model.shared_adapter: representation"):
+        build_simulation(load_config(None, overrides))
+    with pytest.raises(ConfigError, match="shared_adapter 'representation' sits before a classifier"):
+        load_config(None, tiny_overrides(tmp_path, **{"model.shared_adapter": "representation"}))

@@ -118,12 +118,13 @@ class ClientNode:
     def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local round from its instruction."""
         settings = resolve_settings(self.client, instruction.settings, self.precision)
-        adapters, payload = self.adapters, instruction.payload
-        if self.client_models is not None:  # its own architecture, with its own weights
+        adapters, payload, encoder = self.adapters, instruction.payload, self.encoder
+        if self.client_models is not None:  # its own architecture, with its own weights and tokenizer
             adapters, payload = self.client_models.install(client_id, server_round, payload)
+            encoder = self.client_models.encoder_of(client_id)
         result = train_locally(
             adapters,
-            self.encoder,
+            encoder,
             self.clients[client_id],
             payload,
             settings,

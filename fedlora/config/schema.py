@@ -24,13 +24,15 @@ class Section(BaseModel):
 class ModelVariant(Section):
     """One client model architecture of a model-heterogeneous federation (pFedLoRA).
 
-    ``name``: a model like ``model.name`` (None = ``model.name``); ``num_layers``: keep only its first N
-    transformer layers (None = all); ``share``: the fraction of clients that run it (normalised).
+    ``name``: a model like ``model.name`` (None = ``model.name``), with its own tokenizer; ``num_layers``: keep
+    only its first N transformer layers (None = all); ``share``: the fraction of clients that run it
+    (normalised); ``tiny_hidden_size``: the width of a ``tiny-llama`` variant (None = ``model.tiny_hidden_size``).
     """
 
     name: str | None = None
     num_layers: int | None = Field(None, ge=1)
     share: float = Field(1.0, gt=0.0)
+    tiny_hidden_size: int | None = Field(None, ge=8)
 
 
 class ModelConfig(Section):
@@ -51,6 +53,12 @@ class ModelConfig(Section):
     # Model-heterogeneous federations: each client runs one of these (seeded by federation.seed). Empty:
     # every client runs ``name`` (one shared base model).
     variants: list[ModelVariant] = Field(default_factory=list)
+    #: where the shared adapter of model-heterogeneous clients sits: ``last-layer``, LoRA on the attention
+    #: projections of each model's last layer (one hidden size on every client); ``representation``
+    #: (classification), a rank-r residual adapter in a ``shared_dim``-wide space between each client's own
+    #: projection of its pooled representation and its own classifier (any widths, any architectures)
+    shared_adapter: Literal["last-layer", "representation"] = "last-layer"
+    shared_dim: int = Field(64, ge=1)
     #: QLoRA-style: load the frozen base model's linear layers in 4-bit NF4 (double-quantised) or 8-bit
     #: (bitsandbytes, ``pip install 'fedlora[qlora]'``); LoRA factors and what travels stay float32
     quantization: Literal[4, 8] | None = None
@@ -453,6 +461,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "data.packing cannot be used with privacy.enabled: DP-SGD clips per example, and a packed row "
                 "holds several examples; set data.packing: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _representation_adapter_fits(self) -> ExperimentConfig:
+        if self.model.shared_adapter == "representation" and self.model.task != "classification":
+            raise ValueError(
+                "model.shared_adapter 'representation' sits before a classifier: set model.task to "
+                "'classification', or use shared_adapter 'last-layer'"
             )
         return self
 

@@ -187,10 +187,12 @@ def evaluate_model(
     clients: list[ClientData],
     names: list[str],
     predictions: list[dict[str, Any]] | None = None,
+    encoder: Encoder | None = None,
 ) -> dict[str, float]:
-    """``run_evaluators`` on ``model`` under the run's ``compute.precision``."""
+    """``run_evaluators`` on ``model`` under the run's ``compute.precision`` (``encoder``: the model's own,
+    default the run's)."""
     with autocast(sim.cfg.compute.precision, model_device(model)):
-        return run_evaluators(names, model, sim.encoder, clients, sim.cfg.eval, predictions)
+        return run_evaluators(names, model, encoder or sim.encoder, clients, sim.cfg.eval, predictions)
 
 
 def evaluate_personal(
@@ -215,7 +217,8 @@ def evaluate_personal(
         assert adapters.model is not None
         for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):
             adapters.load(adapter_state)
-            bucket.append(evaluate_model(sim, adapters.model, [client], names))
+            encoder = sim.client_models.encoder_of(client.client_id)
+            bucket.append(evaluate_model(sim, adapters.model, [client], names, encoder=encoder))
     out: dict[str, float] = {}
     total = sum(m.get("eval_examples", 0) for m in per_client)
     key = "eval_accuracy" if any("eval_accuracy" in m for m in per_client) else "eval_loss"

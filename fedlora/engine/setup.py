@@ -59,13 +59,17 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
     for profile in sorted(set(profiles)):
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
     profiles = [adapters.canonical(p) for p in profiles]
-    encoder = Encoder(
-        bundle.tokenizer,
-        cfg.model.task,
-        cfg.data.max_seq_len,
-        cfg.data.template,
-        cfg.data.train_on_inputs,
-        cfg.data.packing,
+    encoder = (
+        client_models.encoders[0]
+        if client_models is not None
+        else Encoder(
+            bundle.tokenizer,
+            cfg.model.task,
+            cfg.data.max_seq_len,
+            cfg.data.template,
+            cfg.data.train_on_inputs,
+            cfg.data.packing,
+        )
     )
     return ClientSide(bundle, adapters, encoder, client_models, profiles)
 

@@ -1,13 +1,23 @@
 """Model-heterogeneous clients (pFedLoRA): one base model per architecture, each client's own weights on disk.
 
-Where the shared adapter attaches (the design decision): LoRA on the attention projections named in
-``adapter.target_modules`` (e.g. query/value, q_proj/v_proj) of each client model's LAST transformer layer.
-Client architectures differ in depth (and may differ in anything below the last layer), but the last layer's
-projections have the same shape whenever the hidden size and attention layout agree, so the adapter tensors
-have the same shape on every client. On the wire its keys are architecture-free: the layer index is written
-``last`` (``...encoder.layer.last.attention.self.query.lora_A.weight``) and each client maps them to its own
-last layer. The task head (classifier or LM head) and every other weight belong to the client's local
-model: they never leave the client.
+Where the shared adapter attaches (``model.shared_adapter``):
+
+- ``last-layer`` (default): LoRA on the attention projections named in ``adapter.target_modules`` (e.g.
+  query/value, q_proj/v_proj) of each client model's LAST transformer layer. Client architectures differ in
+  depth (and may differ in anything below the last layer), but the last layer's projections have the same
+  shape whenever the hidden size and attention layout agree, so the adapter tensors have the same shape on
+  every client. On the wire the layer index is written ``last``
+  (``...encoder.layer.last.attention.self.query.lora_A.weight``) and each client maps them to its own last layer.
+- ``representation`` (classification, any widths and architectures): each model's classifier is replaced by
+  :class:`RepresentationHead`, ``logits = C(bridge(gelu(P h)))`` with h (d_model) the model's pooled
+  representation, P (shared_dim x d_model) the client's own projection into a common ``shared_dim``-wide
+  space, C (num_labels x shared_dim) its own classifier, and bridge (shared_dim x shared_dim, starting as the
+  identity) carrying the shared rank-r LoRA: ``bridge(u) = W u + s B A u``. A and B have the same shape on every
+  client whatever its width; on the wire they are ``shared.bridge.lora_A.weight`` / ``..lora_B..``.
+
+Every weight outside the adapter (the task head, the projection, the rest of the model) belongs to the
+client's local model and never leaves it. Each architecture has its own tokenizer (its own
+:class:`~fedlora.data.encoding.Encoder`).
 
 Personal state: the weights of a client's local model live in the generic per-client store
 (:class:`fedlora.client.store.PersonalStore`, ``personal/client_<id>.r<round>.safetensors``), written after
@@ -27,10 +37,53 @@ from fedlora.adapters.state import AdapterState
 from fedlora.client.store import PersonalStore
 from fedlora.compute import to_cpu
 from fedlora.config.schema import ExperimentConfig
+from fedlora.data.encoding import Encoder
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.variants import assign_variants, layer_stack, truncate_layers, variant_label
 
 _LAYER_INDEX = re.compile(r"\.(layers?|h)\.(\d+|last)\.")
+#: the classifier attribute of the sequence-classification models fedlora loads (BERT-like, LLaMA-like)
+HEAD_NAMES = ("classifier", "score")
+SHARED_BRIDGE = "shared.bridge."
+
+
+class RepresentationHead(torch.nn.Module):
+    """``logits = classifier(bridge(gelu(project(h))))``: h (..., d_model) -> (..., num_labels).
+
+    ``project`` (shared_dim x d_model, bias) and ``classifier`` (num_labels x shared_dim, bias) are the
+    client's own; ``bridge`` (shared_dim x shared_dim, no bias) starts as the identity and carries the shared
+    LoRA, so the shared adapter is a residual low-rank map of the common space, ``u + s B A u`` at the start.
+    """
+
+    def __init__(self, d_model: int, shared_dim: int, num_labels: int) -> None:
+        super().__init__()
+        self.project = torch.nn.Linear(d_model, shared_dim)
+        self.bridge = torch.nn.Linear(shared_dim, shared_dim, bias=False)
+        self.classifier = torch.nn.Linear(shared_dim, num_labels)
+        with torch.no_grad():
+            self.bridge.weight.copy_(torch.eye(shared_dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.bridge(torch.nn.functional.gelu(self.project(hidden))))
+
+
+def attach_representation_head(model: torch.nn.Module, shared_dim: int, seed: int) -> str:
+    """Replace the model's classifier (a Linear named in :data:`HEAD_NAMES`) by a :class:`RepresentationHead`
+    of the same input width and labels, initialised from ``seed``, frozen like the rest of the base model;
+    returns the head's attribute name."""
+    for name in HEAD_NAMES:
+        old = getattr(model, name, None)
+        if isinstance(old, torch.nn.Linear):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                head = RepresentationHead(old.in_features, shared_dim, old.out_features)
+            head.to(device=old.weight.device, dtype=old.weight.dtype).requires_grad_(False)
+            setattr(model, name, head)
+            return name
+    raise ValueError(
+        f"model.shared_adapter 'representation': {type(model).__name__} has no linear classifier "
+        f"named {' or '.join(HEAD_NAMES)}"
+    )
 
 
 class ClientModels:
@@ -42,46 +95,85 @@ class ClientModels:
         self.labels = [variant_label(cfg.model, v) for v in cfg.model.variants]
         self.bundles: list[ModelBundle] = []
         self.adapters: list[LoraAdapters] = []
+        self.encoders: list[Encoder] = []
         self.pristine: list[AdapterState] = []
         self.last_layer: list[int] = []
+        self.head_name: list[str] = []  # representation placement: the classifier attribute of each model
         self.store: PersonalStore | None = None  # set by whoever runs the clients (RUN_DIR/personal)
+        representation = cfg.model.shared_adapter == "representation"
+        names = cfg.adapter.target_modules
+        if not representation and names == "all-linear":
+            raise ValueError(
+                "model.variants: adapter.target_modules must name the attention projections to share"
+            )
         hidden = set()
-        for variant in cfg.model.variants:
-            mcfg = cfg.model.model_copy(update={"name": variant.name or cfg.model.name, "variants": []})
+        for index, variant in enumerate(cfg.model.variants):
+            mcfg = cfg.model.model_copy(
+                update={
+                    "name": variant.name or cfg.model.name,
+                    "variants": [],
+                    "tiny_hidden_size": variant.tiny_hidden_size or cfg.model.tiny_hidden_size,
+                }
+            )
             bundle = load_base_model(mcfg, num_labels, cfg.adapter.init_seed, cfg.compute)
             if variant.num_layers:
                 truncate_layers(bundle.model, variant.num_layers)
             path, layers = layer_stack(bundle.model)
             last = len(layers) - 1
-            names = cfg.adapter.target_modules
-            if names == "all-linear":
-                raise ValueError(
-                    "model.variants: adapter.target_modules must name the attention projections to share"
+            if representation:
+                head = attach_representation_head(
+                    bundle.model, cfg.model.shared_dim, cfg.adapter.init_seed * 7919 + index
                 )
-            target = rf"{re.escape(path)}\.{last}\.(.*\.)?({'|'.join(map(re.escape, names))})"
+                target = rf"{re.escape(head)}\.bridge"
+                self.head_name.append(head)
+            else:
+                target = rf"{re.escape(path)}\.{last}\.(.*\.)?({'|'.join(map(re.escape, names))})"
             adapter_cfg = cfg.adapter.model_copy(update={"target_modules": target})
             adapters = LoraAdapters(bundle.model, adapter_cfg, cfg.model.task, head_in_adapter=False)
             adapters.activate(cfg.adapter.rank)
             hidden.add(bundle.model.config.hidden_size)
             self.bundles.append(bundle)
             self.adapters.append(adapters)
+            self.encoders.append(
+                Encoder(
+                    bundle.tokenizer,
+                    cfg.model.task,
+                    cfg.data.max_seq_len,
+                    cfg.data.template,
+                    cfg.data.train_on_inputs,
+                    cfg.data.packing,
+                )
+            )
             self.last_layer.append(last)
             self.pristine.append(to_cpu(dict(adapters.base_parameters())))
-        if len(hidden) > 1:
+        if len(hidden) > 1 and not representation:
             raise ValueError(
-                f"model.variants: the shared adapter needs one hidden size on every client model, got {sorted(hidden)}"
+                f"model.variants: the shared last-layer adapter needs one hidden size on every client model, got "
+                f"{sorted(hidden)}; set model.shared_adapter: representation (classification) for other widths"
             )
 
+    def encoder_of(self, client_id: int) -> Encoder:
+        """The tokenizer and encoding of the client's architecture."""
+        return self.encoders[self.variant_of[client_id]]
+
     # --- the shared adapter's wire keys ---------------------------------------------------------------
-    @staticmethod
-    def to_shared(state: AdapterState) -> AdapterState:
-        """Adapter keys with the layer index written ``last``; other keys (local weights) unchanged."""
+    def to_shared(self, state: AdapterState) -> AdapterState:
+        """Adapter keys in their architecture-free wire form (layer index ``last``, or ``shared.bridge.``);
+        other keys (local weights) unchanged."""
+        if self.head_name:
+            bridges = re.compile(rf"(^|\.)({'|'.join(map(re.escape, set(self.head_name)))})\.bridge\.")
+            return {
+                (bridges.sub(rf"\1{SHARED_BRIDGE}", k) if ".lora_" in k else k): v for k, v in state.items()
+            }
         return {(_LAYER_INDEX.sub(r".\1.last.", k) if ".lora_" in k else k): v for k, v in state.items()}
 
     def to_local(self, state: AdapterState, client_id: int) -> AdapterState:
         return self.to_variant(state, self.variant_of[client_id])
 
     def to_variant(self, state: AdapterState, variant: int) -> AdapterState:
+        if self.head_name:
+            mine = f"{self.head_name[variant]}.bridge."
+            return {(k.replace(SHARED_BRIDGE, mine) if ".lora_" in k else k): v for k, v in state.items()}
         last = self.last_layer[variant]
         return {
             (_LAYER_INDEX.sub(rf".\g<1>.{last}.", k) if ".lora_" in k else k): v for k, v in state.items()
