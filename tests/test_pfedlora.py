@@ -235,3 +235,119 @@ def test_different_widths_on_the_last_layer_are_refused_with_the_way_out(tmp_pat
         build_simulation(load_config(None, overrides))
     with pytest.raises(ConfigError, match="shared_adapter 'representation' sits before a classifier"):
         load_config(None, tiny_overrides(tmp_path, **{"model.shared_adapter": "representation"}))
+
+
+def wire_size(state) -> int:
+    from fedlora.adapters.state import wire_size as size
+
+    return size(state)
+
+
+def spy_payloads(engine) -> list:
+    payloads = []
+    original = engine.run_client
+
+    def spy(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        payloads.append((client_id, reply.payload, reply.num_examples))
+        return reply
+
+    engine.run_client = spy
+    return payloads
+
+
+def test_lg_fedavg_trains_each_own_model_and_averages_the_head_on_the_common_space(tmp_path: Path) -> None:
+    engine = tiny_engine(tmp_path, **{**WIDTHS, "strategy.name": "lg-fedavg", "strategy.options": "{}"})
+    models = engine.sim.client_models
+    payloads = spy_payloads(engine)
+    pristine = {c: {k: v.clone() for k, v in models.prepare(c, 1).base_parameters()} for c in range(6)}
+    record = engine.run_round(1)
+    assert record["rejected"] == [] and len(payloads) == 6
+    labels = engine.sim.federation.num_labels
+    shapes = {"shared.classifier.weight": (labels, 16), "shared.classifier.bias": (labels,)}
+    assert all({k: tuple(v.shape) for k, v in p.items()} == shapes for _, p, _ in payloads)
+    total = sum(n for _, _, n in payloads)
+    for key in shapes:
+        dense = sum(p[key].double() * n / total for _, p, n in payloads)
+        got = engine.sim.strategy.global_state[key].double()
+        assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
+    # every client trained its own model end to end (encoder included), and keeps it
+    for client in range(6):
+        own = dict(models.prepare(client, 2).base_parameters())
+        moved = [k for k in own if not torch.equal(own[k], pristine[client][k])]
+        assert any("project" in k for k in moved) and any("layer" in k for k in moved)
+    assert record["bytes_up"] == sum(wire_size(p) for _, p, _ in payloads)  # the head only: a few KB
+    assert "eval_accuracy" in record
+
+
+def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) -> None:
+    from fedlora.strategies.base import ClientReply
+    from fedlora.strategies.fedproto import COUNTS, PROTOTYPES, PrototypeRegularised, SharedRepresentation
+
+    engine = tiny_engine(
+        tmp_path, **{**WIDTHS, "strategy.name": "fedproto", "strategy.options": "{weight: 0.5}"}
+    )
+    models, strategy = engine.sim.client_models, engine.sim.strategy
+    payloads = spy_payloads(engine)
+    record = engine.run_round(1)
+    labels = engine.sim.federation.num_labels
+    assert record["rejected"] == [] and record["bytes_up"] == sum(wire_size(p) for _, p, _ in payloads)
+    assert all(
+        p.keys() == {PROTOTYPES, COUNTS} and p[PROTOTYPES].shape == (labels, 16) for _, p, _ in payloads
+    )
+    # a client's prototypes are the class means of z = gelu(P h) over its training examples, with its model
+    client, payload, _ = payloads[0]
+    adapters = models.prepare(client, 2)
+    encoder = models.encoder_of(client)
+    data = next(c for c in engine.sim.federation.clients if c.client_id == client)
+    tap = SharedRepresentation(adapters.model, encoder.tokenizer.pad_token_id)
+    zs, ys = [], []
+    with torch.no_grad():
+        for example in data.train:
+            adapters.model(**encoder.training_batch([encoder.encode(example)]))
+            zs.append(tap.z[0].double())
+            ys.append(int(tap.labels[0]))
+    tap.remove()
+    for k in range(labels):
+        rows = [z for z, y in zip(zs, ys, strict=True) if y == k]
+        assert payload[COUNTS][k] == len(rows)
+        if rows:
+            mean = torch.stack(rows).mean(0)
+            assert torch.linalg.norm(payload[PROTOTYPES][k].double() - mean) <= 1e-5 * torch.linalg.norm(mean)
+    # the server's prototypes: per class, the count-weighted mean of the clients' (dense check)
+    counts = sum(p[COUNTS] for _, p, _ in payloads)
+    for k in range(labels):
+        if counts[k] > 0:
+            dense = sum(p[PROTOTYPES][k].double() * p[COUNTS][k] for _, p, _ in payloads) / counts[k]
+            got = strategy.global_state[PROTOTYPES][k].double()
+            assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
+    # a class absent from a round keeps its prototype
+    before = strategy.global_state[PROTOTYPES].clone()
+    only_zero = {
+        PROTOTYPES: torch.ones(labels, 16),
+        COUNTS: torch.tensor([3.0] + [0.0] * (labels - 1), dtype=torch.float64),
+    }
+    strategy.aggregate(2, [ClientReply(0, only_zero, 3, {})])
+    assert torch.equal(strategy.global_state[PROTOTYPES][1:], before[1:])
+    assert torch.equal(strategy.global_state[PROTOTYPES][0], torch.ones(16))
+
+    # the client's loss term: lambda * mean ||z - c_y||^2 over the examples whose class has a prototype
+    class Ctx:
+        scratch = {
+            "tap": type("Tap", (), {"z": torch.ones(2, 16), "labels": torch.tensor([0, 1])})(),
+            "global": (torch.zeros(labels, 16), torch.tensor([1.0] + [0.0] * (labels - 1))),
+        }
+
+    assert float(PrototypeRegularised(weight=0.5).extra_loss(Ctx())) == 0.5 * 16.0
+    record2 = engine.run_round(2)
+    assert record2["rejected"] == [] and "eval_accuracy" in record2
+
+
+def test_head_and_prototype_baselines_need_the_representation_space(tmp_path: Path) -> None:
+    from conftest import tiny_overrides
+    from fedlora.config import load_config
+
+    for name in ("lg-fedavg", "fedproto"):
+        overrides = tiny_overrides(tmp_path, **{**VARIANTS, "strategy.name": name, "strategy.options": "{}"})
+        with pytest.raises(ConfigError, match="model.shared_adapter: representation"):
+            load_config(None, overrides)

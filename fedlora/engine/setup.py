@@ -127,13 +127,7 @@ def build_simulation(
     if strategy.trains_full_model:  # the pretrained weights themselves are what the clients tune
         initial = to_cpu(dict(adapters.base_parameters()))
     if client_models is not None:
-        initial = client_models.initial_shared_state()
-        if strategy.shares_local_model:  # whole-model FedAvg: one architecture, its weights travel too
-            if len(cfg.model.variants) != 1:
-                raise ConfigError(
-                    "strategy.options.share 'model' needs one architecture (one model.variants entry)"
-                )
-            initial.update(to_cpu(dict(client_models.adapters[0].base_parameters())))
+        initial = strategy.initial_personal_state(client_models)
     strategy.initialize(
         ServerSetup(
             initial_state=initial,

@@ -13,7 +13,8 @@ Where the shared adapter attaches (``model.shared_adapter``):
   representation, P (shared_dim x d_model) the client's own projection into a common ``shared_dim``-wide
   space, C (num_labels x shared_dim) its own classifier, and bridge (shared_dim x shared_dim, starting as the
   identity) carrying the shared rank-r LoRA: ``bridge(u) = W u + s B A u``. A and B have the same shape on every
-  client whatever its width; on the wire they are ``shared.bridge.lora_A.weight`` / ``..lora_B..``.
+  client whatever its width; on the wire they are ``shared.bridge.lora_A.weight`` / ``..lora_B..``
+  (and the head's own tensors, for the baselines that share them, ``shared.classifier.*`` / ``shared.project.*``).
 
 Every weight outside the adapter (the task head, the projection, the rest of the model) belongs to the
 client's local model and never leaves it. Each architecture has its own tokenizer (its own
@@ -44,7 +45,15 @@ from fedlora.models.variants import assign_variants, layer_stack, truncate_layer
 _LAYER_INDEX = re.compile(r"\.(layers?|h)\.(\d+|last)\.")
 #: the classifier attribute of the sequence-classification models fedlora loads (BERT-like, LLaMA-like)
 HEAD_NAMES = ("classifier", "score")
-SHARED_BRIDGE = "shared.bridge."
+#: the wire prefix of the representation head's tensors (each model names its head differently)
+SHARED = "shared."
+
+
+def head_part(key: str) -> str:
+    """The name inside a model's representation head (``score.classifier.weight`` -> ``classifier.weight``;
+    empty for a tensor outside the head)."""
+    head, _, rest = key.partition(".")
+    return rest if head in HEAD_NAMES else ""
 
 
 class RepresentationHead(torch.nn.Module):
@@ -158,13 +167,13 @@ class ClientModels:
 
     # --- the shared adapter's wire keys ---------------------------------------------------------------
     def to_shared(self, state: AdapterState) -> AdapterState:
-        """Adapter keys in their architecture-free wire form (layer index ``last``, or ``shared.bridge.``);
-        other keys (local weights) unchanged."""
+        """Keys in their architecture-free wire form: the last-layer adapter's layer index written ``last``;
+        with the representation placement, every tensor of the head (the adapter on its bridge, and its
+        projection and classifier for methods that share those) under ``shared.``; other keys unchanged."""
         if self.head_name:
-            bridges = re.compile(rf"(^|\.)({'|'.join(map(re.escape, set(self.head_name)))})\.bridge\.")
-            return {
-                (bridges.sub(rf"\1{SHARED_BRIDGE}", k) if ".lora_" in k else k): v for k, v in state.items()
-            }
+            heads = "|".join(map(re.escape, sorted(set(self.head_name))))
+            inside = re.compile(rf"(^|\.)({heads})\.(?=(project|bridge|classifier)\.)")
+            return {inside.sub(rf"\1{SHARED}", k): v for k, v in state.items()}
         return {(_LAYER_INDEX.sub(r".\1.last.", k) if ".lora_" in k else k): v for k, v in state.items()}
 
     def to_local(self, state: AdapterState, client_id: int) -> AdapterState:
@@ -172,8 +181,8 @@ class ClientModels:
 
     def to_variant(self, state: AdapterState, variant: int) -> AdapterState:
         if self.head_name:
-            mine = f"{self.head_name[variant]}.bridge."
-            return {(k.replace(SHARED_BRIDGE, mine) if ".lora_" in k else k): v for k, v in state.items()}
+            shared = re.compile(rf"(^|\.){re.escape(SHARED)}")
+            return {shared.sub(rf"\1{self.head_name[variant]}.", k): v for k, v in state.items()}
         last = self.last_layer[variant]
         return {
             (_LAYER_INDEX.sub(rf".\g<1>.{last}.", k) if ".lora_" in k else k): v for k, v in state.items()

@@ -35,6 +35,7 @@ from fedlora.protocol import ClientInstruction, ClientReply
 
 if TYPE_CHECKING:
     from fedlora.adapters.lora import LoraAdapters
+    from fedlora.models.personal import ClientModels
 
 
 @dataclass
@@ -181,6 +182,12 @@ class Strategy(ABC):
         initialisation, B = 0); a method with its own initialisation (Fed-SB's SVD of the base weights)
         overrides it. Called by the engine before :meth:`initialize`."""
         return adapters.initial_state(profile)
+
+    def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
+        """The first global state of a model-heterogeneous federation (``model.variants``), in its wire form
+        (default: the shared adapter); a method that shares something else (a head, class prototypes, the
+        whole model) overrides it. Called by the engine before :meth:`initialize`."""
+        return client_models.initial_shared_state()
 
     def client_hooks(self) -> list[ClientHooks]:
         """The method's client-side behaviour (default: none, plain local training)."""

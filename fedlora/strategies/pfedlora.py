@@ -19,7 +19,7 @@ baseline for a homogeneous federation: the local model's weights travel and are 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -31,6 +31,9 @@ from fedlora.client.trainer import run_steps, training
 from fedlora.compute import to_cpu
 from fedlora.data.encoding import batches_for_steps
 from fedlora.strategies.base import ClientInstruction, ClientReply, StrategyOptions
+
+if TYPE_CHECKING:
+    from fedlora.models.personal import ClientModels
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -114,6 +117,19 @@ class PFedLoRA(FactorAverage):
         self.communicates = self.options.federate  # type: ignore[attr-defined]
         self.shares_local_model = self.options.share == "model"  # type: ignore[attr-defined]
         self.own: dict[int, AdapterState] = {}
+
+    @classmethod
+    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
+        if options.share == "model" and len(cfg.model.variants) != 1:
+            return "strategy.options.share 'model' needs one architecture (one model.variants entry)"
+        return super().refusal(cfg, options)
+
+    def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
+        """The shared adapter; with ``share: model`` the one architecture's weights too (they travel)."""
+        state = client_models.initial_shared_state()
+        if self.shares_local_model:
+            state.update(client_models.to_shared(to_cpu(dict(client_models.adapters[0].base_parameters()))))
+        return state
 
     def client_hooks(self) -> list[ClientHooks]:
         opts = self.options

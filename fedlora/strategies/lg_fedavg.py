@@ -1,0 +1,120 @@
+"""LG-FedAvg (Liang et al., 2020, "Think Locally, Act Globally"): local representations, one global head.
+
+A model-heterogeneous baseline for pFedLoRA (``model.variants`` with ``model.shared_adapter: representation``):
+each client trains its own model end to end (its encoder, its projection P into the common ``shared_dim``-wide
+space and the classifier C on it), and only C (num_labels x shared_dim, and its bias) travels. Server:
+C = sum_i p_i C_i, p_i = n_i / sum_j n_j. The shared LoRA adapter of the representation head is not used
+(B stays 0). With clients of different widths the head is the only part of the model they can share, which is
+why it sits on the common space.
+
+Client side (:class:`TrainOwnModel`): the generic trainer's ``client.local_steps`` steps train every weight of
+the client's own model (the adapter frozen), with ``client.optimizer`` at ``client.lr``; the client's weights
+stay on it between rounds (``personal/``), the global head is loaded over its own at the start of a round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.compute import to_cpu
+from fedlora.config.schema import ExperimentConfig
+from fedlora.models.personal import head_part
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    Strategy,
+    StrategyOptions,
+    example_weights,
+    weighted_average,
+)
+from fedlora.strategies.registry import register_strategy
+
+if TYPE_CHECKING:
+    from fedlora.models.personal import ClientModels
+
+#: the global head's tensors on the wire (the representation head's classifier, see fedlora.models.personal)
+HEAD_PREFIX = "shared.classifier."
+
+
+def representation_refusal(cfg: ExperimentConfig, name: str) -> str | None:
+    """Why ``name`` (a baseline that works on the common representation space) cannot run on ``cfg``."""
+    if not cfg.model.variants or cfg.model.shared_adapter != "representation":
+        return (
+            f"strategy {name} shares what sits on the common representation space: give model.variants and "
+            "model.shared_adapter: representation (model.task: classification)"
+        )
+    return None
+
+
+@register_client_hooks
+class TrainOwnModel(ClientHooks):
+    """The trainer's steps train the client's own model weights (every weight outside the LoRA adapter), not
+    the adapter; the reply holds the representation head's tensors whose names inside the head start with one
+    of ``send`` (e.g. ``classifier.``), nothing of the adapter."""
+
+    kind = "own-model"
+    partial_payload: ClassVar[bool] = True
+    send: tuple[str, ...] = ()
+
+    def frozen(self, key: str) -> bool:
+        return ".lora_" in key  # the adapter is neither trained nor sent
+
+    def start_state(self, ctx: ClientContext, payload: AdapterState) -> AdapterState:
+        return ctx.adapters.initial_state()  # the unused adapter at B = 0 (its payload part is empty)
+
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        own = ctx.adapters.base_parameters()
+        for _, param in own:
+            param.requires_grad_(True)
+        ctx.trainable = list(own)
+        return {}
+
+    def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
+        own = ctx.adapters.base_parameters()
+        for _, param in own:
+            param.requires_grad_(False)
+        sent = {k: p for k, p in own if any(head_part(k).startswith(s) for s in self.send)}
+        return {**state, **to_cpu(sent)}
+
+    def dp_refusal(self) -> str | None:
+        return "the client's own model trains on the private examples outside DP-SGD's adapter accounting"
+
+
+@register_strategy
+class LGFedAvg(Strategy):
+    """LG-FedAvg: every client trains its own model; the classifier on the common space is averaged."""
+
+    name = "lg-fedavg"
+    default_optimizer = "adamw"
+    personal_models = True
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+
+    @classmethod
+    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
+        return representation_refusal(cfg, cls.name) or super().refusal(cfg, options)
+
+    def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
+        """The unused shared adapter (B = 0, for evaluation) and the first architecture's initial head."""
+        head = client_models.to_shared(to_cpu(dict(client_models.adapters[0].base_parameters())))
+        return {
+            **client_models.initial_shared_state(),
+            **{k: v for k, v in head.items() if k.startswith(HEAD_PREFIX)},
+        }
+
+    def client_hooks(self) -> list[ClientHooks]:
+        return [TrainOwnModel(send=("classifier.",))]
+
+    def head(self) -> AdapterState:
+        return {k: v for k, v in self.global_state.items() if k.startswith(HEAD_PREFIX)}
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        """Each client gets the global head only (it is loaded over the client's own)."""
+        hooks = self.client_hooks()
+        return {c: ClientInstruction(self.head(), hooks=hooks) for c in client_ids}
+
+    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        head = weighted_average([r.payload for r in replies], example_weights(replies))
+        self.global_state = {**clone_state(self.global_state), **head}
+        return self.global_state
