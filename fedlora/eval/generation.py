@@ -9,7 +9,8 @@
   [0, 1], partial credit where the task gives it), averaged (``eval_task_score``); reasoning-gym data only.
 
 Generations: the prompt exactly as in training (:func:`fedlora.data.encoding.render_prompt`), cut from the
-left to ``max_seq_len`` tokens, left-padded in batches, greedy decoding of at most ``max_new_tokens``,
+left to ``max_seq_len`` tokens, left-padded in batches (all clients' examples in one pass, sorted by prompt
+length, so batches are full and padding short), greedy decoding of at most ``max_new_tokens``,
 stopped at EOS. Both metrics share one generation pass. Client figures are averaged over examples
 (sum over clients of n_c * metric_c / sum n_c) and reported with ``eval_generated`` (how many examples).
 """
@@ -125,31 +126,32 @@ def evaluate_generation(
     if encoder.task != "causal-lm":
         raise ValueError(f"eval.metrics {metrics}: generation metrics need model.task causal-lm")
     totals = dict.fromkeys(metrics, 0.0)
-    count = 0
-    for client in clients:
-        examples = client.split(split)
-        if not examples:
-            continue
-        generated = generate(model, encoder, examples, batch_size, max_new_tokens)
-        scores = {
-            name: [SCORERS[name][1](p, e) for p, e in zip(generated, examples, strict=True)]
-            for name in metrics
-        }
+    pairs = [(client, example) for client in clients for example in client.split(split)]
+    # one generation pass over every client's examples, longest prompts together (less padding; a client's
+    # few examples alone would make small batches)
+    order = sorted(
+        range(len(pairs)), key=lambda i: len(render_prompt(pairs[i][1], encoder.tokenizer, encoder.template))
+    )
+    texts = generate(model, encoder, [pairs[i][1] for i in order], batch_size, max_new_tokens)
+    generated = [""] * len(pairs)
+    for i, text in zip(order, texts, strict=True):
+        generated[i] = text
+    for (client, example), text in zip(pairs, generated, strict=True):
+        scores = {name: SCORERS[name][1](text, example) for name in metrics}
         for name in metrics:
-            totals[name] += sum(scores[name])
+            totals[name] += scores[name]
         if predictions is not None:
-            for i, (text, example) in enumerate(zip(generated, examples, strict=True)):
-                predictions.append(
-                    {
-                        "client": client.client_id,
-                        "instruction": example.instruction,
-                        "input": example.input,
-                        "reference": example.output,
-                        "generation": text,
-                        **{SCORERS[name][0].removeprefix("eval_"): scores[name][i] for name in metrics},
-                    }
-                )
-        count += len(examples)
+            predictions.append(
+                {
+                    "client": client.client_id,
+                    "instruction": example.instruction,
+                    "input": example.input,
+                    "reference": example.output,
+                    "generation": text,
+                    **{SCORERS[name][0].removeprefix("eval_"): scores[name] for name in metrics},
+                }
+            )
+    count = len(pairs)
     out: dict[str, float] = {"eval_generated": count}
     for name in metrics:
         out[SCORERS[name][0]] = totals[name] / count if count else float("nan")
