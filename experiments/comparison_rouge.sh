@@ -18,5 +18,5 @@ for run in "$OUT"/part*/*_seed-0 "$OUT"/hetero/*_seed-0; do
   rmdir "$run/eval.lock"
 done
 target="$OUT/base-model_seed-0_rouge.json"
-[ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "eval.final_metrics=[rouge-l]" federation.seed=0 \
+[ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "eval.final_metrics=[rouge-l]" eval.batch_size=24 federation.seed=0 \
   data.seed=0 adapter.init_seed=0 faults.seed=0 > "$target.tmp" && mv "$target.tmp" "$target"
