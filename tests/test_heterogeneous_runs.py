@@ -136,3 +136,42 @@ def test_hetlora_self_pruning_lowers_a_clients_rank(tmp_path: Path) -> None:
     assert record["rejected"] == [] and record["num_clients"] == 4
     for cid, profile in before.items():
         assert sim.strategy.client_profiles[cid] == profile.pruned(0.5)
+
+
+def test_flexlora_final_evaluation_also_measures_the_untruncated_delta(tmp_path: Path) -> None:
+    from conftest import tiny_engine
+    from fedlora.engine.embedded import evaluate_model
+
+    engine = tiny_engine(
+        tmp_path, **HETERO, **{"strategy.name": "flexlora", "strategy.options": "{evaluate_full_delta: true}"}
+    )
+    replies = []
+    original = engine.run_client
+
+    def spy(server_round, client_id, instruction):
+        reply = original(server_round, client_id, instruction)
+        replies.append(reply)
+        return reply
+
+    engine.run_client = spy
+    engine.run_round(1)
+    figures = engine.evaluate(final=True)
+    # the direct computation: W0 + sum_i p_i (alpha / r_i) B_i A_i on a fresh copy of the base model
+    base = AutoModelForCausalLM.from_pretrained(engine.sim.adapters.model.get_base_model().name_or_path)
+    modules = dict(base.named_modules())
+    total = sum(r.num_examples for r in replies)
+    alpha = engine.sim.cfg.adapter.alpha
+    with torch.no_grad():
+        for reply in replies:
+            for key, A in reply.payload.items():
+                if ".lora_A." in key:
+                    path = key.split(".lora_A.", 1)[0].removeprefix("base_model.model.")
+                    B = reply.payload[key.replace("lora_A", "lora_B")]
+                    modules[path].weight += reply.num_examples / total * alpha / A.shape[0] * B @ A
+    clients = engine.final_eval_clients
+    direct = evaluate_model(engine.sim, base.eval(), clients, ["loss"])["eval_loss"]
+    assert abs(figures["eval_loss_full_delta"] - direct) <= 1e-5 * abs(direct)
+    ranks = sorted(r.payload[next(k for k in r.payload if ".lora_A." in k)].shape[0] for r in replies)
+    assert sum(ranks) > ranks[-1]  # Delta's rank can pass r_max: the truncation is an approximation here
+    # the shared model is the truncated global model again, its base weights pristine
+    assert engine.evaluate(final=True)["eval_loss"] == figures["eval_loss"]

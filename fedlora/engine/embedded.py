@@ -162,6 +162,14 @@ class InProcessTransport:
         return replies
 
 
+def evaluate_state_load(sim: Simulation, state: AdapterState) -> None:
+    """Put ``state`` into the shared model (a whole model's weights, or an adapter)."""
+    if sim.adapters.is_full_state(state):
+        sim.adapters.load_base(state)
+    else:
+        sim.adapters.load(state)
+
+
 def evaluate_state(
     sim: Simulation,
     state: AdapterState,
@@ -171,10 +179,7 @@ def evaluate_state(
 ) -> dict[str, float]:
     """Load ``state`` into the shared model and run ``metrics`` (default ``eval.metrics``) on ``clients``
     (generation metrics append one record per example to ``predictions`` when given)."""
-    if sim.adapters.is_full_state(state):
-        sim.adapters.load_base(state)
-    else:
-        sim.adapters.load(state)
+    evaluate_state_load(sim, state)
     assert sim.adapters.model is not None
     cfg = sim.cfg.eval
     names = cfg.metrics if metrics is None else metrics
@@ -308,6 +313,13 @@ class EmbeddedEngine:
         figures = evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names, predictions)
         if final and predictions:  # what the final model said, kept for reading
             write_predictions(self.run_dir / "eval" / "final.predictions.jsonl", predictions)
+        extras = self.sim.strategy.extra_evaluation_states() if final else {}
+        for label, state in extras.items():  # other global models the method defines (FlexLoRA's full Delta)
+            extra = evaluate_state(self.sim, state, clients, names)
+            counts = ("eval_examples", "eval_clients", "eval_generated")
+            figures.update({f"{k}_{label}": v for k, v in extra.items() if k not in counts})
+        if extras:  # the shared model back as the global model (base weights pristine)
+            evaluate_state_load(self.sim, self.sim.strategy.evaluation_state())
         return figures
 
     def collect_replies(self, server_round: int, attempt: int, sampled: list[int]) -> dict[str, Any]:

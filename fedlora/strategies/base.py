@@ -231,6 +231,11 @@ class Strategy(ABC):
         """The adapter used to evaluate and export the global model."""
         return self.global_state
 
+    def extra_evaluation_states(self) -> dict[str, AdapterState]:
+        """Other global models the final evaluation also measures, by name (default: none); their figures
+        are recorded as ``eval_<metric>_<name>`` next to those of :meth:`evaluation_state`."""
+        return {}
+
     def personal_state(self, client_id: int) -> AdapterState:
         """The adapter a client is evaluated with under the personalised protocol (default: the global one)."""
         return self.evaluation_state()

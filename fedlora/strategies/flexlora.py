@@ -14,7 +14,10 @@ serves the whole federation. When Delta has rank below r_max (few or small clien
 rows of A are a seeded orthonormal completion and B is zero there, so every rank direction stays trainable.
 
 The global model used for evaluation and export is W0 + (the rank-r_max truncation of Delta), r_max per
-module kind being the largest rank any client has. Round 1: every client gets the seeded initial adapter
+module kind being the largest rank any client has. With ``evaluate_full_delta`` the final evaluation also
+measures W0 + Delta itself (rank up to sum r_i, applied to the base weights in factored form through the
+merged-offset channel, :mod:`fedlora.adapters.merged`), recorded as ``eval_<metric>_full_delta``: what the
+truncation to r_max costs. Round 1: every client gets the seeded initial adapter
 (PEFT init, B = 0) at r_max truncated to its rank. Task heads (classification) are averaged with p_i.
 Local training is that of fedit (AdamW), fedavg (SGD) or fedprox (SGD + mu): ``options.local``.
 The SVD runs on ``compute.server_device`` (float64 there; what travels is CPU float32).
@@ -28,6 +31,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from fedlora.adapters.merged import MergeHistory
 from fedlora.adapters.ranks import module_factors
 from fedlora.adapters.state import AdapterState
 from fedlora.linalg import lowrank_svd, orthonormal_completion
@@ -40,6 +44,9 @@ class FlexLoRAOptions(HeterogeneousRankOptions):
     factor_split: Literal["b", "sqrt"] = Field(
         "b", description="b: B = U S / s, A = V^T (the reference); sqrt: S^1/2 on each side"
     )
+    evaluate_full_delta: bool = Field(
+        False, description="the final evaluation also measures W0 + Delta untruncated (eval_*_full_delta)"
+    )
 
 
 @register_strategy
@@ -48,6 +55,11 @@ class FlexLoRA(HeterogeneousRankStrategy):
 
     name = "flexlora"
     Options: ClassVar[type[StrategyOptions]] = FlexLoRAOptions
+
+    def __init__(self, options: StrategyOptions | None = None) -> None:
+        super().__init__(options)
+        self.full_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (U S, V^T), last round
+        self.full_delta_round = 0
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         p = example_weights(replies)
@@ -61,6 +73,8 @@ class FlexLoRA(HeterogeneousRankStrategy):
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
             weights = [p_i * alpha / A.shape[0] for p_i, A in zip(p, As, strict=True)]
             U, S, Vh = lowrank_svd(Bs, As, weights)
+            if self.options.evaluate_full_delta:  # type: ignore[attr-defined]
+                self.full_delta[module] = (U * S, Vh)
             r = min(r_out, S.shape[0])
             s_out = alpha / r_out
             A_new = torch.zeros(A_old.shape, dtype=torch.float64, device=device)
@@ -78,4 +92,15 @@ class FlexLoRA(HeterogeneousRankStrategy):
             out[a_key], out[b_key] = A_new.to("cpu", dtype), B_new.to("cpu", dtype)
         self.average_extra_tensors(replies, out)
         self.global_state = {k: out[k] for k in self.global_state}
+        self.full_delta_round = server_round
         return self.global_state
+
+    def extra_evaluation_states(self) -> dict[str, AdapterState]:
+        """``full_delta``: W0 + Delta of the last round untruncated (the adapter at B = 0, Delta merged into the
+        base weights in factored form); none before a round of this process has aggregated."""
+        if not self.full_delta:
+            return {}
+        history = MergeHistory()
+        history.add(self.full_delta_round, self.full_delta)
+        zero_b = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in self.global_state.items()}
+        return {"full_delta": {**zero_b, **history.payload()}}

@@ -74,6 +74,9 @@ class StrategyWrapper(Strategy):
     def evaluation_state(self) -> AdapterState:
         return self.inner.evaluation_state()
 
+    def extra_evaluation_states(self) -> dict[str, AdapterState]:
+        return self.inner.extra_evaluation_states()
+
     def personal_state(self, client_id: int) -> AdapterState:
         return self.inner.personal_state(client_id)
 
