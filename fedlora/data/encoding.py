@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.examples import Example
+
+if TYPE_CHECKING:
+    from fedlora.config.schema import DataConfig
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
@@ -63,6 +66,11 @@ class Encoder:
     template: str = "auto"
     train_on_inputs: bool = False
     packing: bool = False
+
+    @classmethod
+    def for_data(cls, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig) -> Encoder:
+        """The encoder of ``task`` with the ``data`` section's length, template and packing settings."""
+        return cls(tokenizer, task, data.max_seq_len, data.template, data.train_on_inputs, data.packing)
 
     def encode(self, example: Example) -> dict[str, list[int] | int]:
         if self.task == "classification":

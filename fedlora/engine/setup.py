@@ -62,14 +62,7 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
     encoder = (
         client_models.encoders[0]
         if client_models is not None
-        else Encoder(
-            bundle.tokenizer,
-            cfg.model.task,
-            cfg.data.max_seq_len,
-            cfg.data.template,
-            cfg.data.train_on_inputs,
-            cfg.data.packing,
-        )
+        else Encoder.for_data(bundle.tokenizer, cfg.model.task, cfg.data)
     )
     return ClientSide(bundle, adapters, encoder, client_models, profiles)
 

@@ -143,16 +143,7 @@ class ClientModels:
             hidden.add(bundle.model.config.hidden_size)
             self.bundles.append(bundle)
             self.adapters.append(adapters)
-            self.encoders.append(
-                Encoder(
-                    bundle.tokenizer,
-                    cfg.model.task,
-                    cfg.data.max_seq_len,
-                    cfg.data.template,
-                    cfg.data.train_on_inputs,
-                    cfg.data.packing,
-                )
-            )
+            self.encoders.append(Encoder.for_data(bundle.tokenizer, cfg.model.task, cfg.data))
             self.last_layer.append(last)
             self.pristine.append(to_cpu(dict(adapters.base_parameters())))
         if len(hidden) > 1 and not representation:

@@ -30,8 +30,8 @@ from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import model_device
 from fedlora.models.personal import HEAD_NAMES, RepresentationHead
-from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy, StrategyOptions
-from fedlora.strategies.lg_fedavg import TrainOwnModel, representation_refusal
+from fedlora.strategies.base import ClientReply, StrategyOptions
+from fedlora.strategies.lg_fedavg import OwnModelBaseline, TrainOwnModel
 from fedlora.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
@@ -140,18 +140,12 @@ class PrototypeRegularised(TrainOwnModel):
 
 
 @register_strategy
-class FedProto(Strategy):
+class FedProto(OwnModelBaseline):
     """FedProto: each client trains its own model with a pull towards the global class prototypes; the
     server averages the clients' prototypes class by class, weighted by their example counts."""
 
     name = "fedproto"
-    default_optimizer = "adamw"
-    personal_models = True
     Options: ClassVar[type[StrategyOptions]] = FedProtoOptions
-
-    @classmethod
-    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
-        return representation_refusal(cfg, cls.name) or super().refusal(cfg, options)
 
     def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
         """The unused shared adapter (B = 0, for evaluation) and empty prototypes (no class has one yet)."""
@@ -166,12 +160,9 @@ class FedProto(Strategy):
     def client_hooks(self) -> list[ClientHooks]:
         return [PrototypeRegularised(weight=self.options.weight)]  # type: ignore[attr-defined]
 
-    def prototypes(self) -> AdapterState:
+    def shared_part(self) -> AdapterState:
+        """The global prototypes and their counts."""
         return {k: self.global_state[k] for k in (PROTOTYPES, COUNTS)}
-
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        hooks = self.client_hooks()
-        return {c: ClientInstruction(self.prototypes(), hooks=hooks) for c in client_ids}
 
     def personal_state(self, client_id: int) -> AdapterState:
         """For evaluation: the client's own model with the unused adapter (the prototypes are not weights)."""

@@ -25,7 +25,6 @@ from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
     Strategy,
-    StrategyOptions,
     example_weights,
     weighted_average,
 )
@@ -82,18 +81,32 @@ class TrainOwnModel(ClientHooks):
         return "the client's own model trains on the private examples outside DP-SGD's adapter accounting"
 
 
-@register_strategy
-class LGFedAvg(Strategy):
-    """LG-FedAvg: every client trains its own model; the classifier on the common space is averaged."""
+class OwnModelBaseline(Strategy):
+    """Base of the model-heterogeneous baselines on the common representation space: every client trains its
+    own model end to end (:class:`TrainOwnModel`); each round's payload is :meth:`shared_part` (what the
+    method shares), and the global state also keeps the unused shared adapter (B = 0) for evaluation."""
 
-    name = "lg-fedavg"
     default_optimizer = "adamw"
     personal_models = True
-    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
 
     @classmethod
     def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
         return representation_refusal(cfg, cls.name) or super().refusal(cfg, options)
+
+    def shared_part(self) -> AdapterState:
+        """What travels to the clients (default: the whole global state)."""
+        return self.global_state
+
+    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks()
+        return {c: ClientInstruction(self.shared_part(), hooks=hooks) for c in client_ids}
+
+
+@register_strategy
+class LGFedAvg(OwnModelBaseline):
+    """LG-FedAvg: every client trains its own model; the classifier on the common space is averaged."""
+
+    name = "lg-fedavg"
 
     def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
         """The unused shared adapter (B = 0, for evaluation) and the first architecture's initial head."""
@@ -106,13 +119,9 @@ class LGFedAvg(Strategy):
     def client_hooks(self) -> list[ClientHooks]:
         return [TrainOwnModel(send=("classifier.",))]
 
-    def head(self) -> AdapterState:
+    def shared_part(self) -> AdapterState:
+        """The global head only (each client loads it over its own)."""
         return {k: v for k, v in self.global_state.items() if k.startswith(HEAD_PREFIX)}
-
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        """Each client gets the global head only (it is loaded over the client's own)."""
-        hooks = self.client_hooks()
-        return {c: ClientInstruction(self.head(), hooks=hooks) for c in client_ids}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         head = weighted_average([r.payload for r in replies], example_weights(replies))
