@@ -446,8 +446,13 @@ def evaluate_run(
     sim, _ = build_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
     clients = evaluation_clients(cfg, sim.federation, final=True)
-    if sim.client_models is not None:  # personalised: each client's newest weights with the final adapter
+    if sim.client_models is not None:  # personalised: each client's newest weights with what is shared
         sim.client_models.folder = run_dir / "personal"
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is not None:  # the whole server state: a head, prototypes, each client's own adapter...
+            sim.strategy.load_server_state(checkpoint.tensors)
+            sim.strategy.load_server_meta(checkpoint.meta)
+            return evaluate_personal(sim, clients, names, before_round=checkpoint.round + 1)
         sim.strategy.load_server_state(load_file(str(adapter_file)))
         sim.strategy.global_state = sim.client_models.to_shared(sim.strategy.global_state)
         return evaluate_personal(sim, clients, names, before_round=cfg.federation.rounds + 1)

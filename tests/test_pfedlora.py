@@ -351,3 +351,30 @@ def test_head_and_prototype_baselines_need_the_representation_space(tmp_path: Pa
         overrides = tiny_overrides(tmp_path, **{**VARIANTS, "strategy.name": name, "strategy.options": "{}"})
         with pytest.raises(ConfigError, match="model.shared_adapter: representation"):
             load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {
+            **VARIANTS,
+            "strategy.options": "{local_model_steps: 1, federate: false}",
+        },  # each client's own adapter
+        {**WIDTHS, "strategy.name": "lg-fedavg", "strategy.options": "{}"},  # a shared head, not an adapter
+    ],
+    ids=["standalone", "lg-fedavg"],
+)
+def test_fedlora_eval_gives_the_runs_own_final_figures(tmp_path: Path, capsys, setting: dict) -> None:
+    import json
+
+    from conftest import tiny_overrides
+    from fedlora.cli import main
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, **{**setting, "federation.rounds": 1})
+    assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["eval_loss"] == last["eval_loss"]
