@@ -331,14 +331,14 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
     assert torch.equal(strategy.global_state[PROTOTYPES][1:], before[1:])
     assert torch.equal(strategy.global_state[PROTOTYPES][0], torch.ones(16))
 
-    # the client's loss term: lambda * mean ||z - c_y||^2 over the examples whose class has a prototype
+    # the client's loss term: lambda * mean (1/d) ||z - c_y||^2 over the examples whose class has a prototype
     class Ctx:
         scratch = {
             "tap": type("Tap", (), {"z": torch.ones(2, 16), "labels": torch.tensor([0, 1])})(),
             "global": (torch.zeros(labels, 16), torch.tensor([1.0] + [0.0] * (labels - 1))),
         }
 
-    assert float(PrototypeRegularised(weight=0.5).extra_loss(Ctx())) == 0.5 * 16.0
+    assert float(PrototypeRegularised(weight=0.5).extra_loss(Ctx())) == 0.5  # only class 0's example: 16/16
     record2 = engine.run_round(2)
     assert record2["rejected"] == [] and "eval_accuracy" in record2
 

@@ -5,7 +5,7 @@ A client's representation of an example is z = gelu(P h) in the common ``shared_
 pooled representation, P its own projection; see :class:`fedlora.models.personal.RepresentationHead`). Each
 client trains its own model end to end on
 
-    L = CE(C z, y) + lambda * mean_batch ||z - c_y||^2
+    L = CE(C z, y) + lambda * mean_batch (1 / shared_dim) ||z - c_y||^2     (the reference's MSELoss)
 
 where c_y is the global prototype of class y (the term is left out for a class with no prototype yet), then
 sends its local prototypes c_{i,k} = mean of z over its training examples of class k, and how many there are,
@@ -113,7 +113,7 @@ class PrototypeRegularised(TrainOwnModel):
         if not known.any():
             return None
         target = prototypes.to(tap.z.device, tap.z.dtype)[tap.labels[known]]
-        return self.weight * ((tap.z[known] - target) ** 2).sum(-1).mean()
+        return self.weight * torch.nn.functional.mse_loss(tap.z[known], target)
 
     def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
         super().reply_state(ctx, state, metrics)  # freezes the own model again
