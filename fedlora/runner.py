@@ -178,10 +178,15 @@ def run(
                 transport.start()  # each worker loads its model now, not inside round 1's time
         engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
         engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
+        models = (
+            f"models {' / '.join(sim.client_models.labels)}"
+            if sim.client_models
+            else f"model {cfg.model.name}"
+        )
         console.print(
             f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
             f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-            f"model {cfg.model.name}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
+            f"{models}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
         )
         ev = cfg.eval
         early = (
