@@ -25,6 +25,11 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def megabytes(value: float) -> str:
+    """One decimal, or three significant digits below 1 MB (FedKSeed's kilobytes do not read as 0.0)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
 def final_loss(run: Path) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("eval_loss") is not None][-1]["eval_loss"]
@@ -94,8 +99,8 @@ def table(runs: dict[str, list[Path]], base: list[float] | None, base_rouge: str
         lines.append(
             f"| {label} | {len(dirs)} | {mean_std(losses)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
             f"{format_interval(losses, 3)} | {paired(dirs, runs[anchor])} | {rouge} | "
-            f"{paired_rouge(seed0(dirs), seed0(runs[anchor]))} | {statistics.fmean(up):.1f} | "
-            f"{statistics.fmean(down):.1f} | {f'{statistics.fmean(server):.3f}' if server else '-'} |"
+            f"{paired_rouge(seed0(dirs), seed0(runs[anchor]))} | {megabytes(statistics.fmean(up))} | "
+            f"{megabytes(statistics.fmean(down))} | {f'{statistics.fmean(server):.3f}' if server else '-'} |"
         )
     if base:
         lines.append(
