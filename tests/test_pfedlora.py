@@ -178,16 +178,9 @@ def test_clients_of_different_widths_share_a_representation_adapter(tmp_path: Pa
     widths = [b.model.config.hidden_size for b in models.bundles]
     assert widths == [64, 32, 384] and models.head_name == ["score", "score", "classifier"]
     assert type(models.encoder_of(models.variant_of.index(2)).tokenizer).__name__.startswith("Bert")
-    payloads = []
-    original = engine.run_client
-
-    def spy(server_round, client_id, instruction):
-        reply = original(server_round, client_id, instruction)
-        payloads.append(reply.payload)
-        return reply
-
-    engine.run_client = spy
+    spied = spy_payloads(engine)
     record = engine.run_round(1)
+    payloads = [payload for _, payload, _ in spied]
     assert record["num_clients"] == 6 and record["rejected"] == []
     # the same tensor set from every architecture: rank x shared_dim and shared_dim x rank
     shapes = {k: tuple(v.shape) for k, v in payloads[0].items()}
