@@ -18,6 +18,8 @@ sweep heterogeneous --set 'strategy.options={local_model_steps: 5, local_model_l
 sweep baselines $BASELINE --set strategy.name=lg-fedavg,fedproto &
 wait
 HOMO='model.variants=[{num_layers: 6}]'
-sweep homogeneous "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: adapter},{local_model_steps: 5, local_model_lr: 3.0e-4, share: model}'
+sweep homogeneous "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: adapter}' &
+sweep homogeneous-fedavg "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: model}' &
+wait
 "$FEDLORA" compare "$OUT"/heterogeneous/*seed-* "$OUT"/baselines/*seed-* --output "$OUT/compare"
-"$FEDLORA" compare "$OUT"/homogeneous/*seed-* --output "$OUT/compare-homogeneous"
+"$FEDLORA" compare "$OUT"/homogeneous/*seed-* "$OUT"/homogeneous-fedavg/*seed-* --output "$OUT/compare-homogeneous"

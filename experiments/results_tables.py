@@ -1,0 +1,281 @@
+"""The tables of docs/results.md from the runs of the claim experiments, one section per claim:
+
+    python experiments/results_tables.py pfedlora [runs/pfedlora-widths]
+    python experiments/results_tables.py fedmezo [runs/fedmezo]
+    python experiments/results_tables.py flexlora [runs/flexlora-distributions]
+
+Every row is a group of runs that differ only in their seed: the final figure's mean ± sample std and its 95%
+Student-t interval over the seeds, and the difference from the claim's method on the same seed (the same split,
+initialisation and sampling) with its 95% interval, which is what decides a claim when the seeds' spread is
+larger than the difference. Unfinished runs count as far as they got and are marked. Each section also writes
+the mean curve per round of every group as a PNG next to the runs (``results-<claim>.png``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fedlora.tracking.compare import RunSummary, format_interval
+
+Metric = Callable[[RunSummary], float | None]
+
+
+def seed_of(run: RunSummary) -> str:
+    return run.path.name.rsplit("_seed-", 1)[-1] if "_seed-" in run.path.name else run.seed()
+
+
+def load(pattern_root: Path, pattern: str) -> list[RunSummary]:
+    return [RunSummary.load(p) for p in sorted(pattern_root.glob(pattern)) if (p / "metrics.jsonl").exists()]
+
+
+def last(key: str) -> Metric:
+    """The last recorded value of ``key`` (the final evaluation)."""
+
+    def value(run: RunSummary) -> float | None:
+        found = [r[key] for r in run.records if r.get(key) is not None]
+        return float(found[-1]) if found else None
+
+    return value
+
+
+def total(key: str, scale: float = 1.0) -> Metric:
+    """``key`` summed over every round, times ``scale``."""
+    return lambda run: scale * sum(float(r.get(key) or 0) for r in run.records)
+
+
+def client_total(key: str, scale: float = 1.0) -> Metric:
+    """``key`` of every client's record summed over every round, times ``scale`` (client compute)."""
+    return lambda run: scale * sum(float(c.get(key) or 0) for r in run.records for c in r.get("clients", []))
+
+
+def forward_equivalents(run: RunSummary) -> float:
+    """Client compute in forward passes of one batch, x1e-3: a zeroth-order client's recorded forward passes,
+    3 per first-order step (forward + backward, the backward about twice a forward)."""
+    return 1e-3 * sum(
+        float(c["forward_passes"])
+        if c.get("forward_passes") is not None
+        else 3.0 * float(c.get("steps") or 0)
+        for r in run.records
+        for c in r.get("clients", [])
+    )
+
+
+def client_seconds(run: RunSummary) -> float:
+    """Every client's training seconds summed over the run: the adapter steps and, where a method trains its
+    own model first (pFedLoRA's phase 1), those too."""
+    return sum(
+        float(c.get("train_seconds") or 0) + float(c.get("local_model_seconds") or 0)
+        for r in run.records
+        for c in r.get("clients", [])
+    )
+
+
+def peak(key: str) -> Metric:
+    return lambda run: max((float(r[key]) for r in run.records if r.get(key) is not None), default=None)
+
+
+def cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
+    """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the common seeds."""
+    theirs = {seed_of(r): metric(r) for r in anchor}
+    diffs = []
+    for run in runs:
+        mine, other = metric(run), theirs.get(seed_of(run))
+        if mine is not None and other is not None:
+            diffs.append(mine - other)
+    if not diffs or all(d == 0 for d in diffs):
+        return "-"
+    return f"{statistics.fmean(diffs):+.{digits}f} {format_interval(diffs, digits)}"
+
+
+def rounds_done(runs: list[RunSummary]) -> str:
+    done = [len(r.records) for r in runs]
+    planned = max(int(r.settings.get("federation.rounds", 0)) for r in runs)
+    finished = sum(1 for r in runs if (r.path / "global").is_dir())
+    text = f"{finished}/{len(runs)}"
+    return text if finished == len(runs) else f"{text} ({min(done)}-{max(done)} of {planned} rounds)"
+
+
+def table(
+    groups: dict[str, list[RunSummary]],
+    anchor: str,
+    columns: list[tuple[str, Metric, int]],
+    paired_columns: list[tuple[str, Metric, int]],
+) -> str:
+    """One markdown row per group: seeds finished, each column's mean ± std [95% interval], and each paired
+    column's difference from ``anchor`` on the same seed."""
+    head = ["run", "seeds done"]
+    for name, _, _ in columns:
+        head += [name, "95% interval"]
+    head += [f"{name} minus {anchor}, same seed (95% interval)" for name, _, _ in paired_columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, runs in groups.items():
+        if not runs:
+            continue
+        row = [label, rounds_done(runs)]
+        for _, metric, digits in columns:
+            values = [v for v in (metric(r) for r in runs) if v is not None]
+            row += [cell(values, digits), format_interval(values, digits)]
+        for _, metric, digits in paired_columns:
+            row.append("-" if label == anchor else paired(runs, groups.get(anchor, []), metric, digits))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def curves(groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: str) -> Path:
+    """Mean of ``key`` per round over each group's seeds (rounds that every seed of the group reached)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(groups.values()):
+        return path
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, runs in groups.items():
+        series = [[r.get(key) for r in run.records] for run in runs if run.records]
+        if not series:
+            continue
+        length = min(len(s) for s in series)
+        points = [
+            (i + 1, statistics.fmean(s[i] for s in series))
+            for i in range(length)
+            if all(s[i] is not None for s in series)
+        ]
+        if points:
+            axes.plot(
+                *zip(*points, strict=True), marker="o", markersize=3, label=f"{label} ({len(series)} seeds)"
+            )
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def flattening(runs: list[RunSummary], key: str, window: int = 3) -> str:
+    """Mean over seeds of ``key`` at the last round minus ``window`` rounds earlier: how much it still moves."""
+    moves = []
+    for run in runs:
+        values = [r.get(key) for r in run.records if r.get(key) is not None]
+        if len(values) > window:
+            moves.append(values[-1] - values[-1 - window])
+    return f"{statistics.fmean(moves):+.3f}" if moves else "-"
+
+
+def pfedlora(root: Path) -> str:
+    groups = {
+        "pFedLoRA": load(root, "heterogeneous/*federate-true*_seed-*"),
+        "standalone": load(root, "heterogeneous/*federate-false*_seed-*"),
+        "LG-FedAvg": load(root, "baselines/name-lg-fedavg_seed-*"),
+        "FedProto": load(root, "baselines/name-fedproto_seed-*"),
+    }
+    homogeneous = {
+        "pFedLoRA": load(root, "homogeneous/*_seed-*"),
+        "FedAvg, whole model": load(root, "homogeneous-fedavg/*_seed-*"),
+    }
+    accuracy = last("eval_client_accuracy_mean")
+    columns = [
+        ("accuracy, mean over clients", accuracy, 3),
+        ("held-out loss", last("eval_loss"), 3),
+        ("client train s / run", client_seconds, 0),
+        ("MB up+down / run", lambda r: (total("bytes_up")(r) + total("bytes_down")(r)) / 1e6, 3),
+    ]
+    paired_columns = [("accuracy", accuracy, 3), ("loss", last("eval_loss"), 3)]
+    curves(groups, "eval_client_accuracy_mean", root / "results-pfedlora.png", "accuracy, mean over clients")
+    text = [
+        "Clients of three models (MiniLM-6, MiniLM-2, SmolLM2-135M[:6]):",
+        "",
+        table(groups, "pFedLoRA", columns, paired_columns),
+        "",
+        "Held-out loss change over the last 3 rounds (mean over seeds): "
+        + ", ".join(f"{k} {flattening(v, 'eval_loss')}" for k, v in groups.items() if v),
+        "",
+        "Every client MiniLM-6 (whole-model FedAvg is possible):",
+        "",
+        table(homogeneous, "pFedLoRA", columns, paired_columns),
+    ]
+    return "\n".join(text)
+
+
+def fedmezo(root: Path) -> str:
+    groups: dict[str, list[RunSummary]] = {}
+    for rule in ("frozen", "random", "round-wise", "five-round", "model-diff"):
+        groups[f"FedMeZO {rule}"] = load(root, f"fedmezo/*lr_strategy-{rule}*_seed-*")
+    groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*_seed-*")
+    groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*_seed-*")
+    loss = last("eval_loss")
+    columns = [
+        ("held-out loss", loss, 3),
+        ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
+        ("peak RSS MB", peak("peak_rss_mb"), 0),
+    ]
+    curves(groups, "eval_loss", root / "results-fedmezo.png", "held-out loss")
+    return "\n".join(
+        [
+            table(groups, "FedMeZO frozen", columns, [("loss", loss, 3)]),
+            "",
+            "Held-out loss change over the last 3 rounds (mean over seeds): "
+            + ", ".join(f"{k} {flattening(v, 'eval_loss')}" for k, v in groups.items() if v),
+        ]
+    )
+
+
+def flexlora(root: Path) -> str:
+    sections = []
+    bucket = {
+        "FedIT, every client at the smallest rank (bucket)": load(root, "fedit-min/*seed-*"),
+        "FedIT, every client at the largest rank (upper bound)": load(root, "fedit-max/*seed-*"),
+    }
+    loss, rouge = last("eval_loss"), last("eval_rouge_l")
+    columns = [("held-out loss", loss, 3), ("ROUGE-L", rouge, 3)]
+    paired_columns = [("loss", loss, 3), ("ROUGE-L", rouge, 3)]
+    for distribution in ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal"):
+        groups = {
+            "FlexLoRA": load(root, f"flexlora/distribution-{distribution}_seed-*"),
+            "HetLoRA": load(root, f"hetlora/distribution-{distribution}_seed-*"),
+            **bucket,
+        }
+        if not any(groups.values()):
+            continue
+        full = [
+            ("FlexLoRA, untruncated Delta: loss", last("eval_loss_full_delta"), 3),
+        ]
+        sections += [
+            f"`{distribution}`:",
+            "",
+            table(groups, "FedIT, every client at the smallest rank (bucket)", columns, paired_columns),
+            "",
+            table({"FlexLoRA": groups["FlexLoRA"]}, "-", full, []),
+            "",
+        ]
+    return "\n".join(sections)
+
+
+if __name__ == "__main__":
+    claims = {
+        "pfedlora": (pfedlora, "runs/pfedlora-widths"),
+        "fedmezo": (fedmezo, "runs/fedmezo"),
+        "flexlora": (flexlora, "runs/flexlora-distributions"),
+    }
+    if len(sys.argv) < 2 or sys.argv[1] not in claims:
+        raise SystemExit(f"usage: python experiments/results_tables.py {{{'|'.join(claims)}}} [RUNS]")
+    build, default = claims[sys.argv[1]]
+    if not Path(sys.argv[2] if len(sys.argv) > 2 else default).is_dir():
+        raise SystemExit(
+            f"no runs folder {sys.argv[2] if len(sys.argv) > 2 else default}: run its experiments/ script first"
+        )
+    print(build(Path(sys.argv[2] if len(sys.argv) > 2 else default)))
