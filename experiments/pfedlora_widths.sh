@@ -14,12 +14,13 @@ FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 mkdir -p "$OUT"
 BASELINE="strategy.options={} client.local_steps=10 client.lr=3.0e-4"
 sweep() { local out=$1; shift; "$FEDLORA" sweep "$CONFIG" "$@" --seeds "$SEEDS" --output "$OUT/$out" --no-progress >> "$OUT/$out.log" 2>&1; }
-sweep heterogeneous --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, federate: true},{local_model_steps: 5, local_model_lr: 3.0e-4, federate: false}' &
-sweep baselines $BASELINE --set strategy.name=lg-fedavg,fedproto &
-wait
 HOMO='model.variants=[{num_layers: 6}]'
-sweep homogeneous "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: adapter}' &
-sweep homogeneous-fedavg "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: model}' &
+# two lanes of about equal length: the heterogeneous pair and then the homogeneous pair (cheaper models) in one,
+# the two baselines (10 own-model steps per client and round, the longer runs) in the other
+{ sweep heterogeneous --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, federate: true},{local_model_steps: 5, local_model_lr: 3.0e-4, federate: false}'
+  sweep homogeneous "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: adapter}'
+  sweep homogeneous-fedavg "$HOMO" --set 'strategy.options={local_model_steps: 5, local_model_lr: 3.0e-4, share: model}'; } &
+sweep baselines $BASELINE --set strategy.name=lg-fedavg,fedproto &
 wait
 "$FEDLORA" compare "$OUT"/heterogeneous/*seed-* "$OUT"/baselines/*seed-* --output "$OUT/compare"
 "$FEDLORA" compare "$OUT"/homogeneous/*seed-* "$OUT"/homogeneous-fedavg/*seed-* --output "$OUT/compare-homogeneous"

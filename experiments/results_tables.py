@@ -176,6 +176,24 @@ def flattening(runs: list[RunSummary], key: str, window: int = 3) -> str:
     return f"{statistics.fmean(moves):+.3f}" if moves else "-"
 
 
+def majority_baseline(run: RunSummary) -> float:
+    """Accuracy, unweighted mean over clients, when every client predicts its own most frequent training label
+    on its test split: what label skew alone gives a personalised model (the row a classifier's base model
+    stands in for; an untrained head is at chance)."""
+    from collections import Counter
+
+    from fedlora.config import load_config
+    from fedlora.data.federation import build_federation
+
+    federation = build_federation(load_config(str(run.path / "config.yaml")))
+    scores = []
+    for client in federation.clients:
+        majority = Counter(e.label for e in client.train).most_common(1)[0][0]
+        if client.test:
+            scores.append(sum(e.label == majority for e in client.test) / len(client.test))
+    return statistics.fmean(scores)
+
+
 def pfedlora(root: Path) -> str:
     groups = {
         "pFedLoRA": load(root, "heterogeneous/*federate-true*_seed-*"),
@@ -196,6 +214,8 @@ def pfedlora(root: Path) -> str:
     ]
     paired_columns = [("accuracy", accuracy, 3), ("loss", last("eval_loss"), 3)]
     curves(groups, "eval_client_accuracy_mean", root / "results-pfedlora.png", "accuracy, mean over clients")
+    seeds = {seed_of(r): r for runs in groups.values() for r in runs}
+    majority = [majority_baseline(seeds[s]) for s in sorted(seeds)]
     text = [
         "Clients of three models (MiniLM-6, MiniLM-2, SmolLM2-135M[:6]):",
         "",
@@ -203,6 +223,9 @@ def pfedlora(root: Path) -> str:
         "",
         "Held-out loss change over the last 3 rounds (mean over seeds): "
         + ", ".join(f"{k} {flattening(v, 'eval_loss')}" for k, v in groups.items() if v),
+        "",
+        f"Each client predicting its most frequent training label ({len(majority)} seeds): accuracy, mean over "
+        f"clients, {cell(majority, 3)} {format_interval(majority, 3)}",
         "",
         "Every client MiniLM-6 (whole-model FedAvg is possible):",
         "",
