@@ -41,6 +41,16 @@ def last(key: str) -> Metric:
     return value
 
 
+def difference(key: str, minus: str) -> Metric:
+    """last(key) - last(minus) within one run (e.g. two evaluations of the same final model)."""
+
+    def value(run: RunSummary) -> float | None:
+        a, b = last(key)(run), last(minus)(run)
+        return None if a is None or b is None else a - b
+
+    return value
+
+
 def total(key: str, scale: float = 1.0) -> Metric:
     """``key`` summed over every round, times ``scale``."""
     return lambda run: scale * sum(float(r.get(key) or 0) for r in run.records)
@@ -276,6 +286,12 @@ def flexlora(root: Path) -> str:
             continue
         full = [
             ("FlexLoRA, untruncated Delta: loss", last("eval_loss_full_delta"), 3),
+            ("ROUGE-L", last("eval_rouge_l_full_delta"), 3),
+            (
+                "loss, untruncated minus rank-r_max truncation",
+                difference("eval_loss_full_delta", "eval_loss"),
+                4,
+            ),
         ]
         sections += [
             f"`{distribution}`:",
