@@ -175,3 +175,24 @@ def test_flexlora_final_evaluation_also_measures_the_untruncated_delta(tmp_path:
     assert sum(ranks) > ranks[-1]  # Delta's rank can pass r_max: the truncation is an approximation here
     # the shared model is the truncated global model again, its base weights pristine
     assert engine.evaluate(final=True)["eval_loss"] == figures["eval_loss"]
+
+
+def test_flexlora_untruncated_delta_survives_a_checkpoint(tmp_path: Path) -> None:
+    """A run resumed after its last round (a crash during the final evaluation) still measures W0 + Delta:
+    the untruncated factors travel in the server state, the round in its metadata."""
+    from conftest import tiny_engine
+
+    options = {"strategy.name": "flexlora", "strategy.options": "{evaluate_full_delta: true}"}
+    first = tiny_engine(tmp_path / "a", **HETERO, **options)
+    first.run_round(1)
+    figures = first.evaluate(final=True)
+    tensors, meta = first.sim.strategy.server_state(), first.sim.strategy.server_meta()
+    assert any(k.startswith("full_delta/") for k in tensors) and meta["full_delta_round"] == 1
+
+    resumed = tiny_engine(tmp_path / "b", **HETERO, **options)
+    assert resumed.sim.strategy.extra_evaluation_states() == {}  # nothing aggregated in this process
+    resumed.sim.strategy.load_server_state(tensors)
+    resumed.sim.strategy.load_server_meta(meta)
+    again = resumed.evaluate(final=True)
+    assert again["eval_loss_full_delta"] == figures["eval_loss_full_delta"]
+    assert again["eval_loss"] == figures["eval_loss"]

@@ -26,7 +26,7 @@ The SVD runs on ``compute.server_device`` (float64 there; what travels is CPU fl
 from __future__ import annotations
 
 import zlib
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -94,6 +94,28 @@ class FlexLoRA(HeterogeneousRankStrategy):
         self.global_state = {k: out[k] for k in self.global_state}
         self.full_delta_round = server_round
         return self.global_state
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """The global adapter and, with ``evaluate_full_delta``, the last round's untruncated factors
+        (``full_delta/<module>/US`` and ``.../Vh``, float64), so that a run resumed after its last round
+        still evaluates W0 + Delta."""
+        state = super().server_state()
+        for module, (us, vh) in self.full_delta.items():
+            state[f"full_delta/{module}/US"], state[f"full_delta/{module}/Vh"] = us.cpu(), vh.cpu()
+        return state
+
+    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        full = {k: v for k, v in tensors.items() if k.startswith("full_delta/")}
+        super().load_server_state({k: v for k, v in tensors.items() if k not in full})
+        modules = {k.split("/")[1] for k in full}
+        self.full_delta = {m: (full[f"full_delta/{m}/US"], full[f"full_delta/{m}/Vh"]) for m in modules}
+
+    def server_meta(self) -> dict[str, Any]:
+        return {**super().server_meta(), "full_delta_round": self.full_delta_round}
+
+    def load_server_meta(self, meta: dict[str, Any]) -> None:
+        super().load_server_meta(meta)
+        self.full_delta_round = int(meta.get("full_delta_round", 0))
 
     def extra_evaluation_states(self) -> dict[str, AdapterState]:
         """``full_delta``: W0 + Delta of the last round untruncated (the adapter at B = 0, Delta merged into the
