@@ -45,7 +45,9 @@ class FlexLoRAOptions(HeterogeneousRankOptions):
         "b", description="b: B = U S / s, A = V^T (the reference); sqrt: S^1/2 on each side"
     )
     evaluate_full_delta: bool = Field(
-        False, description="the final evaluation also measures W0 + Delta untruncated (eval_*_full_delta)"
+        False,
+        description="the final evaluation also measures W0 + Delta untruncated (eval_*_full_delta); each "
+        "checkpoint then also holds Delta's factors, d x (sum of the round's client ranks) per module, float64",
     )
 
 
