@@ -51,14 +51,9 @@ def difference(key: str, minus: str) -> Metric:
     return value
 
 
-def total(key: str, scale: float = 1.0) -> Metric:
-    """``key`` summed over every round, times ``scale``."""
-    return lambda run: scale * sum(float(r.get(key) or 0) for r in run.records)
-
-
-def client_total(key: str, scale: float = 1.0) -> Metric:
-    """``key`` of every client's record summed over every round, times ``scale`` (client compute)."""
-    return lambda run: scale * sum(float(c.get(key) or 0) for r in run.records for c in r.get("clients", []))
+def megabytes_moved(run: RunSummary) -> float:
+    """Bytes up plus down over every round, in MB."""
+    return sum(float(r.get("bytes_up") or 0) + float(r.get("bytes_down") or 0) for r in run.records) / 1e6
 
 
 def forward_equivalents(run: RunSummary) -> float:
@@ -220,7 +215,7 @@ def pfedlora(root: Path) -> str:
         ("accuracy, mean over clients", accuracy, 3),
         ("held-out loss", last("eval_loss"), 3),
         ("client train s / run", client_seconds, 0),
-        ("MB up+down / run", lambda r: (total("bytes_up")(r) + total("bytes_down")(r)) / 1e6, 3),
+        ("MB up+down / run", megabytes_moved, 3),
     ]
     paired_columns = [("accuracy", accuracy, 3), ("loss", last("eval_loss"), 3)]
     curves(groups, "eval_client_accuracy_mean", root / "results-pfedlora.png", "accuracy, mean over clients")
