@@ -14,15 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fedlora.tracking.compare import format_interval
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+from fedlora.tracking.compare import format_interval, format_mean_std
 
 
 def megabytes(value: float) -> str:
@@ -97,14 +89,14 @@ def table(runs: dict[str, list[Path]], base: list[float] | None, base_rouge: str
                 figures = json.loads(test.read_text())
                 rouge = f"{figures['eval_rouge_l']:.3f} ({figures['eval_generated']} ex.)"
         lines.append(
-            f"| {label} | {len(dirs)} | {mean_std(losses)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
+            f"| {label} | {len(dirs)} | {format_mean_std(losses, 3)} ({'/'.join(map(str, sorted(examples)))} ex.) | "
             f"{format_interval(losses, 3)} | {paired(dirs, runs[anchor])} | {rouge} | "
             f"{paired_rouge(seed0(dirs), seed0(runs[anchor]))} | {megabytes(statistics.fmean(up))} | "
             f"{megabytes(statistics.fmean(down))} | {f'{statistics.fmean(server):.3f}' if server else '-'} |"
         )
     if base:
         lines.append(
-            f"| base model (no training) | {len(base)} | {mean_std(base)} | {format_interval(base, 3)} | - | "
+            f"| base model (no training) | {len(base)} | {format_mean_std(base, 3)} | {format_interval(base, 3)} | - | "
             f"{base_rouge} | - | 0 | 0 | - |"
         )
     return "\n".join(lines)

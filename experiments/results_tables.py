@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.tracking.compare import RunSummary, format_interval
+from fedlora.tracking.compare import RunSummary, format_interval, format_mean_std
 
 Metric = Callable[[RunSummary], float | None]
 
@@ -82,14 +82,6 @@ def peak(key: str) -> Metric:
     return lambda run: max((float(r[key]) for r in run.records if r.get(key) is not None), default=None)
 
 
-def cell(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
     """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the common seeds."""
     theirs = {seed_of(r): metric(r) for r in anchor}
@@ -130,7 +122,7 @@ def table(
         row = [label, rounds_done(runs)]
         for _, metric, digits in columns:
             values = [v for v in (metric(r) for r in runs) if v is not None]
-            row += [cell(values, digits), format_interval(values, digits)]
+            row += [format_mean_std(values, digits), format_interval(values, digits)]
         for _, metric, digits in paired_columns:
             row.append("-" if label == anchor else paired(runs, groups.get(anchor, []), metric, digits))
         lines.append("| " + " | ".join(row) + " |")
@@ -181,6 +173,12 @@ def flattening(runs: list[RunSummary], key: str, window: int = 3) -> str:
     return f"{statistics.fmean(moves):+.3f}" if moves else "-"
 
 
+def flattening_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") -> str:
+    return "Held-out loss change over the last 3 rounds (mean over seeds): " + ", ".join(
+        f"{label} {flattening(runs, key)}" for label, runs in groups.items() if runs
+    )
+
+
 def majority_baseline(run: RunSummary) -> float:
     """Accuracy, unweighted mean over clients, when every client predicts its own most frequent training label
     on its test split: what label skew alone gives a personalised model (the row a classifier's base model
@@ -226,11 +224,10 @@ def pfedlora(root: Path) -> str:
         "",
         table(groups, "pFedLoRA", columns, paired_columns),
         "",
-        "Held-out loss change over the last 3 rounds (mean over seeds): "
-        + ", ".join(f"{k} {flattening(v, 'eval_loss')}" for k, v in groups.items() if v),
+        flattening_line(groups),
         "",
         f"Each client predicting its most frequent training label ({len(majority)} seeds): accuracy, mean over "
-        f"clients, {cell(majority, 3)} {format_interval(majority, 3)}",
+        f"clients, {format_mean_std(majority, 3)} {format_interval(majority, 3)}",
         "",
         "Every client MiniLM-6 (whole-model FedAvg is possible):",
         "",
@@ -256,8 +253,7 @@ def fedmezo(root: Path) -> str:
         [
             table(groups, "FedMeZO frozen", columns, [("loss", loss, 3)]),
             "",
-            "Held-out loss change over the last 3 rounds (mean over seeds): "
-            + ", ".join(f"{k} {flattening(v, 'eval_loss')}" for k, v in groups.items() if v),
+            flattening_line(groups),
         ]
     )
 
@@ -308,8 +304,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in claims:
         raise SystemExit(f"usage: python experiments/results_tables.py {{{'|'.join(claims)}}} [RUNS]")
     build, default = claims[sys.argv[1]]
-    if not Path(sys.argv[2] if len(sys.argv) > 2 else default).is_dir():
-        raise SystemExit(
-            f"no runs folder {sys.argv[2] if len(sys.argv) > 2 else default}: run its experiments/ script first"
-        )
-    print(build(Path(sys.argv[2] if len(sys.argv) > 2 else default)))
+    root = Path(sys.argv[2] if len(sys.argv) > 2 else default)
+    if not root.is_dir():
+        raise SystemExit(f"no runs folder {root}: run its experiments/ script first")
+    print(build(root))

@@ -127,6 +127,16 @@ def format_interval(values: list[float], digits: int = 4) -> str:
     return "-" if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
 
 
+def format_mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± sample std`` over seeds, the value alone for one, ``-`` for none."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) > 1:
+        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
 @dataclass
 class Group:
     label: str
@@ -140,13 +150,7 @@ class Group:
         return format_interval(self.values(key), digits)
 
     def cell(self, key: str, digits: int = 4) -> str:
-        values = self.values(key)
-        if not values:
-            return "-"
-        mean = statistics.fmean(values)
-        if len(values) > 1:
-            return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-        return f"{mean:.{digits}f}"
+        return format_mean_std(self.values(key), digits)
 
 
 def group_runs(runs: list[RunSummary]) -> list[Group]:
