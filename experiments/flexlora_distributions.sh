@@ -6,13 +6,16 @@
 # heavy-tail-strong, normal as FlexLoRA's released code draws it): FlexLoRA (with the untruncated Delta evaluated
 # next to its rank-r_max truncation) and HetLoRA; FedIT with every client at the smallest rank (the bucket) and
 # at the largest (the upper bound), which do not depend on the distribution; and the base model. Seed by seed
-# (each: split, held-out clients, rank assignment, initialisation, sampling), two runs at a time (one torch
-# thread each). Finished runs are skipped and interrupted ones resumed: re-run until it completes.
+# (each: split, held-out clients, rank assignment, initialisation, sampling), two lanes of about equal length
+# (one torch thread each). Then one longer FlexLoRA run (uniform, seed 0, ROUNDS_LONG rounds, held-out loss every
+# round) for the rounds until its held-out loss flattens. Finished runs are skipped and interrupted ones
+# resumed: re-run until it completes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/comparison-ni.yaml}
 OUT=${OUT:-runs/flexlora-distributions}
 SEEDS=${SEEDS:-0,1,2}
+ROUNDS_LONG=${ROUNDS_LONG:-20}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
@@ -20,15 +23,20 @@ HETERO="resources.rank_scale=0.25 eval.final_metrics=[rouge-l] eval.batch_size=2
 DISTRIBUTIONS="resources.distribution=uniform,heavy-tail-light,heavy-tail-strong,normal"
 sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" $HETERO "$@" --seeds "$seed" \
   --output "$OUT/$out" --no-progress >> "$OUT/$out.log" 2>&1; }
+base_model() {
+  local target="$OUT/base-model_seed-$1.json"
+  [ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "eval.final_metrics=[rouge-l]" eval.batch_size=24 \
+    "federation.seed=$1" "data.seed=$1" "adapter.init_seed=$1" "faults.seed=$1" > "$target.tmp" 2>> "$OUT/base-model.log" \
+    && mv "$target.tmp" "$target"
+}
 for seed in ${SEEDS//,/ }; do
   { sweep flexlora "$seed" strategy.name=flexlora 'strategy.options={evaluate_full_delta: true}' --set "$DISTRIBUTIONS"
     sweep fedit-min "$seed" strategy.name=fedit resources.distribution=uniform resources.force=min; } &
   { sweep hetlora "$seed" strategy.name=hetlora --set "$DISTRIBUTIONS"
-    sweep fedit-max "$seed" strategy.name=fedit resources.distribution=uniform resources.force=max; } &
+    sweep fedit-max "$seed" strategy.name=fedit resources.distribution=uniform resources.force=max
+    base_model "$seed"; } &
   wait
-  target="$OUT/base-model_seed-$seed.json"
-  [ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "eval.final_metrics=[rouge-l]" eval.batch_size=24 \
-    "federation.seed=$seed" "data.seed=$seed" "adapter.init_seed=$seed" "faults.seed=$seed" > "$target.tmp" \
-    && mv "$target.tmp" "$target"
 done
+sweep flexlora-rounds 0 strategy.name=flexlora resources.distribution=uniform "federation.rounds=$ROUNDS_LONG" \
+  eval.every=1 "eval.final_metrics=[]"
 "$PY" experiments/results_tables.py flexlora "$OUT"

@@ -13,6 +13,8 @@ the mean curve per round of every group as a PNG next to the runs (``results-<cl
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -258,23 +260,145 @@ def fedmezo(root: Path) -> str:
     )
 
 
+# in increasing mean client rank (7.4, 17, 26.2, 41.3 with the scaled paper types r2, r8, r8, r50)
+DISTRIBUTIONS = ("heavy-tail-light", "uniform", "normal", "heavy-tail-strong")
+
+
+def mean_client_rank(run: RunSummary) -> float:
+    """Mean attention-module rank over the run's clients (``clients.json``; ``r8`` or ``a30-m200`` names), the
+    x-axis of FlexLoRA's "gains more as more clients have high ranks"."""
+    clients = json.loads((run.path / "clients.json").read_text())
+    ranks = [int(re.match(r"[ra](\d+)", c["rank"]).group(1)) for c in clients if c.get("rank")]  # type: ignore[union-attr]
+    return statistics.fmean(ranks)
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs: sum((x - x̄)(y - ȳ)) / sum((x - x̄)²)."""
+    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - x_mean) ** 2 for x in xs
+    )
+
+
+def gain_trend(
+    flexlora_runs: dict[str, list[RunSummary]], anchor: list[RunSummary], metric: Metric
+) -> list[float]:
+    """Per seed, the slope over distributions of metric(FlexLoRA) - metric(anchor, same seed) against the
+    distribution's mean client rank: negative for a loss (positive for ROUGE-L) when FlexLoRA gains more as more
+    clients have high ranks. Seeds with fewer than two finished distributions are left out."""
+    theirs = {seed_of(r): metric(r) for r in anchor}
+    points: dict[str, list[tuple[float, float]]] = {}
+    for runs in flexlora_runs.values():
+        for run in runs:
+            mine, other = metric(run), theirs.get(seed_of(run))
+            if mine is not None and other is not None and (run.path / "global").is_dir():
+                points.setdefault(seed_of(run), []).append((mean_client_rank(run), mine - other))
+    return [slope(*map(list, zip(*p, strict=True))) for p in points.values() if len({x for x, _ in p}) > 1]
+
+
+def base_model_line(root: Path, bucket: list[RunSummary]) -> str:
+    """The base model (no training) on each seed's held-out clients (experiments/base_model_eval.py), and the
+    bucket baseline minus it on the same seed: whether federated training moved the model at all."""
+    base = {
+        p.stem.rsplit("-", 1)[-1]: json.loads(p.read_text())
+        for p in sorted(root.glob("base-model_seed-*.json"))
+    }
+    if not base:
+        return "Base model: not run yet."
+    losses = [b["eval_loss"] for b in base.values()]
+    rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
+    moved = [
+        loss - base[seed_of(r)]["eval_loss"]
+        for r in bucket
+        if seed_of(r) in base and (r.path / "global").is_dir() and (loss := last("eval_loss")(r)) is not None
+    ]
+    text = (
+        f"Base model, no training ({len(base)} seeds): held-out loss {format_mean_std(losses, 3)} "
+        f"{format_interval(losses, 3)}, ROUGE-L {format_mean_std(rouges, 3)} {format_interval(rouges, 3)}"
+    )
+    if moved:
+        text += (
+            f"; FedIT at the smallest rank minus base model, same seed: {statistics.fmean(moved):+.3f} "
+            f"{format_interval(moved, 3)}"
+        )
+    return text
+
+
+def rounds_to_flatten(losses: list[float], tolerance: float = 0.01) -> int | None:
+    """The first round from which the held-out loss never falls more than ``tolerance`` (relative) below its
+    value at that round; None when even the last rounds still fall that much (not flat yet)."""
+    for i, value in enumerate(losses[:-1]):
+        if min(losses[i:]) >= value * (1 - tolerance) and i < len(losses) - 3:
+            return i + 1
+    return None
+
+
+def flexlora_rounds_line(root: Path) -> str:
+    runs = load(root, "flexlora-rounds/seed-*")
+    if not runs:
+        return "Rounds until FlexLoRA's held-out loss flattens: not run yet."
+    run = runs[0]
+    losses = [float(r["eval_loss"]) for r in run.records if r.get("eval_loss") is not None]
+    curves(
+        {"FlexLoRA, uniform, seed 0": runs},
+        "eval_loss",
+        root / "results-flexlora-rounds.png",
+        "held-out loss",
+    )
+    flat = rounds_to_flatten(losses)
+    return (
+        f"FlexLoRA (`uniform`, seed {seed_of(run)}), held-out loss per round over {len(losses)} rounds: "
+        + ", ".join(f"{v:.3f}" for v in losses)
+        + ". "
+        + (
+            f"Flat (never more than 1% lower later) from round {flat}."
+            if flat
+            else "Not flat: it still falls more than 1% within the last 3 rounds."
+        )
+    )
+
+
 def flexlora(root: Path) -> str:
     sections = []
-    bucket = {
-        "FedIT, every client at the smallest rank (bucket)": load(root, "fedit-min/*seed-*"),
-        "FedIT, every client at the largest rank (upper bound)": load(root, "fedit-max/*seed-*"),
-    }
+    bucket_label, upper_label = (
+        "FedIT, every client at the smallest rank (bucket)",
+        "FedIT, every client at the largest rank (upper bound)",
+    )
+    bucket = {bucket_label: load(root, "fedit-min/*seed-*"), upper_label: load(root, "fedit-max/*seed-*")}
     loss, rouge = last("eval_loss"), last("eval_rouge_l")
     columns = [("held-out loss", loss, 3), ("ROUGE-L", rouge, 3)]
     paired_columns = [("loss", loss, 3), ("ROUGE-L", rouge, 3)]
-    for distribution in ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal"):
+    flexlora_runs: dict[str, list[RunSummary]] = {}
+    summary = [
+        "| distribution | mean client rank | FlexLoRA minus bucket: loss | ROUGE-L | FlexLoRA minus HetLoRA: loss "
+        "| ROUGE-L | FlexLoRA minus upper bound: loss |",
+        "|" + "---|" * 7,
+    ]
+    for distribution in DISTRIBUTIONS:
         groups = {
             "FlexLoRA": load(root, f"flexlora/distribution-{distribution}_seed-*"),
             "HetLoRA": load(root, f"hetlora/distribution-{distribution}_seed-*"),
             **bucket,
         }
-        if not any(groups.values()):
+        if not groups["FlexLoRA"] and not groups["HetLoRA"]:
             continue
+        flexlora_runs[distribution] = groups["FlexLoRA"]
+        if groups["FlexLoRA"]:
+            mine = groups["FlexLoRA"]
+            summary.append(
+                f"| `{distribution}` | {statistics.fmean(mean_client_rank(r) for r in mine):.1f} | "
+                + " | ".join(
+                    paired(mine, groups[other], metric, 3)
+                    for other, metric in (
+                        (bucket_label, loss),
+                        (bucket_label, rouge),
+                        ("HetLoRA", loss),
+                        ("HetLoRA", rouge),
+                        (upper_label, loss),
+                    )
+                )
+                + " |"
+            )
         full = [
             ("FlexLoRA, untruncated Delta: loss", last("eval_loss_full_delta"), 3),
             ("ROUGE-L", last("eval_rouge_l_full_delta"), 3),
@@ -287,12 +411,34 @@ def flexlora(root: Path) -> str:
         sections += [
             f"`{distribution}`:",
             "",
-            table(groups, "FedIT, every client at the smallest rank (bucket)", columns, paired_columns),
+            table(groups, bucket_label, columns, paired_columns),
             "",
             table({"FlexLoRA": groups["FlexLoRA"]}, "-", full, []),
             "",
         ]
-    return "\n".join(sections)
+    trend = [
+        f"{name} {statistics.fmean(s):+.4f} {format_interval(s, 4)} ({len(s)} seeds)" if s else f"{name} -"
+        for name, s in (
+            ("loss", gain_trend(flexlora_runs, bucket[bucket_label], loss)),
+            ("ROUGE-L", gain_trend(flexlora_runs, bucket[bucket_label], rouge)),
+        )
+    ]
+    return "\n".join(
+        [
+            "FlexLoRA against the others on the same seed, by distribution, in increasing mean client rank:",
+            "",
+            *summary,
+            "",
+            "Slope of (FlexLoRA minus bucket) per unit of mean client rank, per seed over the distributions: "
+            + ", ".join(trend),
+            "",
+            base_model_line(root, bucket[bucket_label]),
+            "",
+            flexlora_rounds_line(root),
+            "",
+            *sections,
+        ]
+    )
 
 
 if __name__ == "__main__":

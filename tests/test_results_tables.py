@@ -83,3 +83,65 @@ def test_pfedlora_table_pairs_seeds_and_reports_t_intervals(tables, tmp_path: Pa
     # client compute: the adapter's and the local model's seconds, summed over rounds
     assert rows["pFedLoRA"][6].startswith("9 ")
     assert (tmp_path / "results-pfedlora.png").stat().st_size > 0
+
+
+def write_flexlora_run(path: Path, seed: int, loss: float, rouge: float, ranks: list[int]) -> None:
+    write_run(path, seed, [0.0], 1.0)
+    record = {"round": 1, "eval_loss": loss, "eval_rouge_l": rouge}
+    (path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (path / "clients.json").write_text(
+        json.dumps([{"client": i, "rank": f"r{r}"} for i, r in enumerate(ranks)])
+    )
+
+
+def test_flexlora_gain_trend_is_the_per_seed_least_squares_slope(tables, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ranks = {
+        "heavy-tail-light": [2, 2, 2, 50],
+        "uniform": [2, 8, 8, 50],
+        "heavy-tail-strong": [8, 50, 50, 50],
+    }
+    gains = {  # FlexLoRA minus bucket loss, per seed and distribution
+        0: {"heavy-tail-light": -0.01, "uniform": -0.03, "heavy-tail-strong": -0.08},
+        1: {"heavy-tail-light": 0.00, "uniform": -0.05, "heavy-tail-strong": -0.06},
+        2: {"heavy-tail-light": -0.02, "uniform": -0.02, "heavy-tail-strong": -0.09},
+    }
+    bucket = {0: 2.70, 1: 2.60, 2: 2.65}
+    for seed in bucket:
+        write_flexlora_run(tmp_path / "fedit-min" / f"seed-{seed}", seed, bucket[seed], 0.1, [2] * 4)
+        (tmp_path / f"base-model_seed-{seed}.json").write_text(
+            json.dumps({"eval_loss": 3.3 + seed / 100, "eval_rouge_l": 0.06})
+        )
+        for distribution, gain in gains[seed].items():
+            write_flexlora_run(
+                tmp_path / "flexlora" / f"distribution-{distribution}_seed-{seed}",
+                seed,
+                bucket[seed] + gain,
+                0.2,
+                ranks[distribution],
+            )
+    runs = {d: tables.load(tmp_path, f"flexlora/distribution-{d}_seed-*") for d in ranks}
+    slopes = tables.gain_trend(runs, tables.load(tmp_path, "fedit-min/*"), tables.last("eval_loss"))
+
+    xs = [statistics.fmean(ranks[d]) for d in ranks]
+    x_mean = statistics.fmean(xs)
+    expected = []
+    for seed in sorted(gains):
+        ys = [gains[seed][d] for d in ranks]
+        y_mean = statistics.fmean(ys)
+        expected.append(
+            sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True))
+            / sum((x - x_mean) ** 2 for x in xs)
+        )
+    assert sorted(slopes) == pytest.approx(sorted(expected), rel=1e-9)
+    assert all(s < 0 for s in slopes)  # these gains grow with the mean rank
+
+    text = tables.flexlora(tmp_path)
+    # the base model's row, and the bucket minus it on the same seed (2.70 - 3.30, 2.60 - 3.31, 2.65 - 3.32)
+    moved = [bucket[s] - (3.3 + s / 100) for s in bucket]
+    assert f"same seed: {statistics.fmean(moved):+.3f}" in text
+    assert "| `heavy-tail-strong` | 39.5 |" in text
+
+
+def test_rounds_to_flatten(tables) -> None:  # type: ignore[no-untyped-def]
+    assert tables.rounds_to_flatten([3.0, 2.8, 2.6, 2.59, 2.585, 2.588, 2.583, 2.584]) == 3
+    assert tables.rounds_to_flatten([3.0, 2.8, 2.6, 2.4, 2.2, 2.0]) is None
