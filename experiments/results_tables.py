@@ -345,6 +345,12 @@ def flexlora_rounds_line(root: Path) -> str:
         root / "results-flexlora-rounds.png",
         "held-out loss",
     )
+    planned = int(run.settings.get("federation.rounds", 0))
+    if not (run.path / "global").is_dir():
+        return (
+            f"Rounds until FlexLoRA's held-out loss flattens: in progress, {len(losses)} of {planned} rounds "
+            f"(re-run experiments/flexlora_distributions.sh to resume)."
+        )
     flat = rounds_to_flatten(losses)
     return (
         f"FlexLoRA (`uniform`, seed {seed_of(run)}), held-out loss per round over {len(losses)} rounds: "
