@@ -84,14 +84,22 @@ def peak(key: str) -> Metric:
     return lambda run: max((float(r[key]) for r in run.records if r.get(key) is not None), default=None)
 
 
-def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
-    """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the common seeds."""
+def same_seed_differences(
+    runs: list[RunSummary], anchor: list[RunSummary], metric: Metric
+) -> list[tuple[RunSummary, float]]:
+    """(run, metric(run) - metric(anchor run of the same seed)) for every run where both are known."""
     theirs = {seed_of(r): metric(r) for r in anchor}
-    diffs = []
+    pairs = []
     for run in runs:
         mine, other = metric(run), theirs.get(seed_of(run))
         if mine is not None and other is not None:
-            diffs.append(mine - other)
+            pairs.append((run, mine - other))
+    return pairs
+
+
+def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
+    """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the common seeds."""
+    diffs = [d for _, d in same_seed_differences(runs, anchor, metric)]
     if not diffs or all(d == 0 for d in diffs):
         return "-"
     return f"{statistics.fmean(diffs):+.{digits}f} {format_interval(diffs, digits)}"
@@ -286,13 +294,11 @@ def gain_trend(
     """Per seed, the slope over distributions of metric(FlexLoRA) - metric(anchor, same seed) against the
     distribution's mean client rank: negative for a loss (positive for ROUGE-L) when FlexLoRA gains more as more
     clients have high ranks. Seeds with fewer than two finished distributions are left out."""
-    theirs = {seed_of(r): metric(r) for r in anchor}
     points: dict[str, list[tuple[float, float]]] = {}
     for runs in flexlora_runs.values():
-        for run in runs:
-            mine, other = metric(run), theirs.get(seed_of(run))
-            if mine is not None and other is not None and (run.path / "global").is_dir():
-                points.setdefault(seed_of(run), []).append((mean_client_rank(run), mine - other))
+        for run, gain in same_seed_differences(runs, anchor, metric):
+            if (run.path / "global").is_dir():
+                points.setdefault(seed_of(run), []).append((mean_client_rank(run), gain))
     return [slope(*map(list, zip(*p, strict=True))) for p in points.values() if len({x for x, _ in p}) > 1]
 
 
