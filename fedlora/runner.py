@@ -186,7 +186,7 @@ def run(
         console.print(
             f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
             f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-            f"{models}, LoRA {rank_summary(sim)} alpha={cfg.adapter.alpha}"
+            f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} alpha={cfg.adapter.alpha}"
         )
         ev = cfg.eval
         early = (

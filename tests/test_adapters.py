@@ -1,5 +1,7 @@
+import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -51,11 +53,14 @@ def test_initial_state_is_seeded() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_peft_export_loads_with_plain_peft_and_gives_same_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_export_loads_with_plain_peft_and_gives_same_logits(tmp_path: Path, use_rslora: bool) -> None:
     bundle = load_base_model(ModelConfig(name="tiny-llama"))
-    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, alpha=8), "causal-lm")
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, alpha=8, use_rslora=use_rslora), "causal-lm")
     state = perturbed(adapters.initial_state(), seed=3)
     adapters.export(state, tmp_path / "global", str(bundle.folder))
+    config = json.loads((tmp_path / "global" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is use_rslora  # plain PEFT then scales by alpha / sqrt(r), as fedlora did
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         ours = adapters.model(input_ids=ids).logits

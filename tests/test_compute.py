@@ -235,8 +235,14 @@ HETEROGENEOUS = {
 
 @pytest.mark.parametrize(
     ("strategy", "sections"),
-    [("fedit", {}), ("flexlora", HETEROGENEOUS), ("ffa-lora", {}), ("fedavg", {"client": {"momentum": 0.9}})],
-    ids=["fedit", "flexlora-4-ranks", "ffa-lora-frozen-a", "fedavg-sgd-momentum"],
+    [
+        ("fedit", {}),
+        ("flexlora", HETEROGENEOUS),
+        ("flexlora", {**HETEROGENEOUS, "adapter": {**HETEROGENEOUS["adapter"], "use_rslora": True}}),
+        ("ffa-lora", {}),
+        ("fedavg", {"client": {"momentum": 0.9}}),
+    ],
+    ids=["fedit", "flexlora-4-ranks", "flexlora-4-ranks-rslora", "ffa-lora-frozen-a", "fedavg-sgd-momentum"],
 )
 def test_batched_clients_equal_per_client_training(tmp_path, strategy, sections):
     devices = ["cuda"] if CUDA else []

@@ -1,4 +1,5 @@
-"""FlexLoRA and HetLoRA aggregation against direct dense computations; rank profiles; alpha/r convention."""
+"""FlexLoRA and HetLoRA aggregation against direct dense computations; rank profiles; the alpha/r (and rsLoRA's
+alpha/sqrt(r)) convention."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 from conftest import assert_rel_close
 from fedlora.adapters.ranks import (
+    LoraScaling,
     RankProfile,
     assign_profiles,
     client_profiles,
@@ -23,6 +25,7 @@ from fedlora.strategies.flexlora import FlexLoRA, FlexLoRAOptions
 from fedlora.strategies.hetlora import HetLoRA, HetLoRAOptions
 
 ALPHA = 16.0
+LORA, RSLORA = LoraScaling(ALPHA), LoraScaling(ALPHA, rank_stabilized=True)
 # module path -> (d, k): one attention and one MLP module, PEFT-style keys
 MODULES = {
     "base_model.model.model.layers.0.self_attn.q_proj": (24, 24),
@@ -39,10 +42,12 @@ def state_at(profile: RankProfile, gen: torch.Generator, zero_b: bool = False) -
     return out
 
 
-def delta(state: dict[str, torch.Tensor], path: str) -> np.ndarray:
+def delta(state: dict[str, torch.Tensor], path: str, scaling: LoraScaling = LORA) -> np.ndarray:
+    """s_r B A in float64, with s_r written out: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     A = state[f"{path}.lora_A.weight"].double().numpy()
     B = state[f"{path}.lora_B.weight"].double().numpy()
-    return ALPHA / A.shape[0] * B @ A
+    r = A.shape[0]
+    return (ALPHA / np.sqrt(r) if scaling.rank_stabilized else ALPHA / r) * B @ A
 
 
 def best_rank(M: np.ndarray, r: int) -> np.ndarray:
@@ -53,30 +58,39 @@ def best_rank(M: np.ndarray, r: int) -> np.ndarray:
 PROFILES = [RankProfile(2, 2), RankProfile(4, 4), RankProfile(4, 12), RankProfile(8, 12)]
 
 
-def started(strategy, profiles: list[RankProfile], gen: torch.Generator):
+def started(strategy, profiles: list[RankProfile], gen: torch.Generator, scaling: LoraScaling = LORA):
     rmax = RankProfile(max(p.attention for p in profiles), max(p.mlp for p in profiles))
     strategy.initialize(
-        ServerSetup(state_at(rmax, gen, zero_b=True), dict(enumerate(profiles)), ALPHA, seed=3)
+        ServerSetup(
+            state_at(rmax, gen, zero_b=True),
+            dict(enumerate(profiles)),
+            ALPHA,
+            seed=3,
+            rank_stabilized=scaling.rank_stabilized,
+        )
     )
     return strategy
 
 
+@pytest.mark.parametrize("scaling", [LORA, RSLORA], ids=["lora", "rslora"])
 @pytest.mark.parametrize("split", ["b", "sqrt"])
-def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighted_sum(split: str) -> None:
+def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighted_sum(
+    split: str, scaling: LoraScaling
+) -> None:
     gen = torch.Generator().manual_seed(0)
-    strategy = started(FlexLoRA(FlexLoRAOptions(factor_split=split)), PROFILES, gen)
+    strategy = started(FlexLoRA(FlexLoRAOptions(factor_split=split)), PROFILES, gen, scaling)
     sizes = [5, 1, 3, 7]
     replies = [ClientReply(i, state_at(p, gen), n) for i, (p, n) in enumerate(zip(PROFILES, sizes))]
     strategy.aggregate(1, replies)
     payloads = strategy.configure(2, [0, 1, 2, 3])
     for path in MODULES:
-        dense = sum(n / sum(sizes) * delta(r.payload, path) for r, n in zip(replies, sizes))
+        dense = sum(n / sum(sizes) * delta(r.payload, path, scaling) for r, n in zip(replies, sizes))
         for cid, profile in enumerate(PROFILES):
-            got = delta(payloads[cid].payload, path)
+            got = delta(payloads[cid].payload, path, scaling)
             assert_rel_close(got, best_rank(dense, profile.rank_for(path)), 1e-5)
         # the global (evaluation/export) adapter is the rank-r_max truncation
         r_max = max(p.rank_for(path) for p in PROFILES)
-        assert_rel_close(delta(strategy.global_state, path), best_rank(dense, r_max), 1e-5)
+        assert_rel_close(delta(strategy.global_state, path, scaling), best_rank(dense, r_max), 1e-5)
     assert {profile_of_state(payloads[c].payload) for c in range(4)} == set(PROFILES)
 
 
@@ -113,16 +127,17 @@ def test_flexlora_completes_a_at_large_ranks_when_the_round_was_small() -> None:
     assert_rel_close(delta(big, path), dense, 1e-5)
 
 
-def test_hetlora_matches_zero_padding_rule_by_hand() -> None:
+@pytest.mark.parametrize("scaling", [LORA, RSLORA], ids=["lora", "rslora"])
+def test_hetlora_matches_zero_padding_rule_by_hand(scaling: LoraScaling) -> None:
     gen = torch.Generator().manual_seed(4)
-    strategy = started(HetLoRA(), PROFILES, gen)
+    strategy = started(HetLoRA(), PROFILES, gen, scaling)
     old = {k: v.clone() for k, v in strategy.global_state.items()}
     chosen = [0, 2]  # ranks (2,2) and (4,12); the rank-8 attention positions 4..7 stay as they were
     replies = [ClientReply(i, state_at(PROFILES[i], gen), 3) for i in chosen]
     out = strategy.aggregate(1, replies)
     for path, (d, k) in MODULES.items():
         r_max = max(p.rank_for(path) for p in PROFILES)
-        norms = [np.linalg.norm(delta(r.payload, path)) for r in replies]
+        norms = [np.linalg.norm(delta(r.payload, path, scaling)) for r in replies]
         w = [n / sum(norms) for n in norms]
         A = np.zeros((r_max, k))
         B = np.zeros((d, r_max))
@@ -131,7 +146,8 @@ def test_hetlora_matches_zero_padding_rule_by_hand() -> None:
             b = reply.payload[f"{path}.lora_B.weight"].double().numpy()
             r = a.shape[0]
             A[:r] += wi * a
-            B[:, :r] += wi * b * r_max / r  # B expressed at r_max's scaling: s_r / s_rmax = r_max / r
+            # B expressed at r_max's scaling: s_r / s_rmax = r_max / r, or sqrt(r_max / r) for rsLoRA
+            B[:, :r] += wi * b * (np.sqrt(r_max / r) if scaling.rank_stabilized else r_max / r)
         covered = max(PROFILES[i].rank_for(path) for i in chosen)
         A[covered:] = old[f"{path}.lora_A.weight"][covered:].double().numpy()
         B[:, covered:] = old[f"{path}.lora_B.weight"][:, covered:].double().numpy()
@@ -150,16 +166,17 @@ def test_padding_then_truncation_keeps_a_lone_clients_update() -> None:
         assert_rel_close(delta(back, path), delta(reply.payload, path), 1e-6)
 
 
-def test_truncation_rescales_b_so_the_update_is_the_leading_part() -> None:
+@pytest.mark.parametrize("scaling", [LORA, RSLORA], ids=["lora", "rslora"])
+def test_truncation_rescales_b_so_the_update_is_the_leading_part(scaling: LoraScaling) -> None:
     gen = torch.Generator().manual_seed(6)
     full = state_at(RankProfile(8, 8), gen)
-    small = truncate_state(full, RankProfile(3, 5), ALPHA)
+    small = truncate_state(full, RankProfile(3, 5), scaling)
     for path in MODULES:
         r = RankProfile(3, 5).rank_for(path)
         A = full[f"{path}.lora_A.weight"].double()
         B = full[f"{path}.lora_B.weight"].double()
-        lead = (ALPHA / 8 * B[:, :r] @ A[:r]).numpy()
-        assert_rel_close(delta(small, path), lead, 1e-6)
+        lead = (B[:, :r] @ A[:r]).numpy() * (ALPHA / np.sqrt(8) if scaling.rank_stabilized else ALPHA / 8)
+        assert_rel_close(delta(small, path, scaling), lead, 1e-6)
 
 
 def test_wrong_rank_reply_is_rejected_and_hetlora_accepts_only_the_pruned_rank() -> None:
@@ -215,8 +232,10 @@ def test_fedit_refuses_heterogeneous_ranks() -> None:
         started(FedIT(), PROFILES, gen)
 
 
-def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -> None:
-    """A PEFT client at rank r computes W0 x + s_r B_r A_r x equal to the server's truncated update."""
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path, use_rslora: bool) -> None:
+    """A PEFT client at rank r computes W0 x + s_r B_r A_r x equal to the server's truncated update
+    (s_r = alpha / r, or alpha / sqrt(r) under rsLoRA, PEFT's own layer scaling in both cases)."""
     from transformers import AutoModelForCausalLM
 
     from fedlora.adapters.lora import LoraAdapters
@@ -226,7 +245,7 @@ def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -
     bundle = load_base_model(ModelConfig(name="tiny-llama"))
     adapters = LoraAdapters(
         bundle.model,
-        AdapterConfig(rank=8, alpha=ALPHA, dropout=0.0, target_modules="all-linear"),
+        AdapterConfig(rank=8, alpha=ALPHA, dropout=0.0, target_modules="all-linear", use_rslora=use_rslora),
         "causal-lm",
     )
     gen = torch.Generator().manual_seed(10)
@@ -236,7 +255,7 @@ def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -
     }
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     for profile in (RankProfile(8, 16), RankProfile(2, 5)):
-        small = truncate_state(full, profile, ALPHA)
+        small = truncate_state(full, profile, RSLORA if use_rslora else LORA)
         adapters.load(small)
         with torch.no_grad():
             ours = adapters.model(input_ids=ids).logits
@@ -249,7 +268,8 @@ def test_alpha_over_r_is_consistent_between_server_and_clients(tmp_path: Path) -
                 path = key.split(".lora_A.", 1)[0]
                 r_full = full[key].shape[0]
                 r = profile.rank_for(path)
-                lead = ALPHA / r_full * full[key.replace("lora_A", "lora_B")][:, :r] @ full[key][:r]
+                s_full = ALPHA / r_full**0.5 if use_rslora else ALPHA / r_full
+                lead = s_full * full[key.replace("lora_A", "lora_B")][:, :r] @ full[key][:r]
                 modules[path.removeprefix("base_model.model.")].weight += lead
             merged = plain(input_ids=ids).logits
         assert_rel_close(ours, merged, 1e-5)

@@ -25,10 +25,16 @@ HETERO = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["flexlora", "hetlora"])
-def test_heterogeneous_run_exports_a_plain_peft_adapter(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "use_rslora"), [("flexlora", False), ("hetlora", False), ("flexlora", True)]
+)
+def test_heterogeneous_run_exports_a_plain_peft_adapter(
+    tmp_path: Path, strategy: str, use_rslora: bool
+) -> None:
     run_dir = tmp_path / strategy
-    overrides = tiny_overrides(tmp_path, **HETERO, **{"strategy.name": strategy})
+    overrides = tiny_overrides(
+        tmp_path, **HETERO, **{"strategy.name": strategy, "adapter.use_rslora": str(use_rslora).lower()}
+    )
     assert main(["run", *overrides, "--output", str(run_dir), "--no-progress"]) == 0
     clients = json.loads((run_dir / "clients.json").read_text())
     assert sorted(c["rank"] for c in clients) == ["a3-m20", "r1", "r20", "r3"]
@@ -52,11 +58,13 @@ def test_heterogeneous_run_exports_a_plain_peft_adapter(tmp_path: Path, strategy
         theirs = plain.eval()(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(folder)
         modules = dict(base.named_modules())
-        for key, A in exported.items():  # W0 + (alpha / r) B A merged by hand
+        assert config["use_rslora"] is use_rslora
+        for key, A in exported.items():  # W0 + s_r B A merged by hand: s_r = alpha / r, or alpha / sqrt(r)
             if ".lora_A." in key:
                 path = key.split(".lora_A.", 1)[0].removeprefix("base_model.model.")
                 B = exported[key.replace("lora_A", "lora_B")]
-                modules[path].weight += config["lora_alpha"] / A.shape[0] * B @ A
+                rank = A.shape[0] ** 0.5 if use_rslora else A.shape[0]
+                modules[path].weight += config["lora_alpha"] / rank * B @ A
         ours = base(input_ids=ids).logits
     assert_rel_close(theirs, ours, 1e-5)
 

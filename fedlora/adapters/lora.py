@@ -1,9 +1,10 @@
 """LoRA on the shared base model through PEFT.
 
 Convention (PEFT's, used by server and every client whatever their rank): a target module computes
-``y = W0 x + (alpha / r) * B (A x)`` with ``A``: r x k (``lora_A.weight``), ``B``: d x r (``lora_B.weight``),
-``s = alpha / r`` and r that module's own rank. ``alpha`` is one number for the whole federation; a state
-carries only A and B (see :mod:`fedlora.adapters.ranks` for how rank changes keep ``s B A``).
+``y = W0 x + s_r * B (A x)`` with ``A``: r x k (``lora_A.weight``), ``B``: d x r (``lora_B.weight``),
+``s_r = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``) and r that module's own rank. ``alpha`` is one
+number for the whole federation; a state carries only A and B (see :mod:`fedlora.adapters.ranks` for how
+rank changes keep ``s_r B A``).
 
 One base model is shared by all simulated clients: each distinct :class:`RankProfile` (rank on attention
 modules, rank on MLP modules) gets its own PEFT adapter slot (``r8``, ``a30-m200``) on that one model, and
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedlora.adapters.merged import MergedBase, split_merged
-from fedlora.adapters.ranks import RankProfile, module_kind, profile_of_state
+from fedlora.adapters.ranks import LoraScaling, RankProfile, module_kind, profile_of_state
 from fedlora.adapters.state import AdapterState
 from fedlora.compute import to_cpu
 from fedlora.config.schema import AdapterConfig
@@ -78,6 +79,7 @@ class LoraAdapters:
             r=profile.attention,
             rank_pattern={} if profile.mlp == profile.attention else {MLP_MODULES_PATTERN: profile.mlp},
             lora_alpha=self.cfg.alpha,
+            use_rslora=self.cfg.use_rslora,
             lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules,
             task_type=self.task_type,
@@ -264,7 +266,7 @@ class LoraAdapters:
                 A, B = layer.lora_A[slot].weight, layer.lora_B[slot].weight
                 rank = A.shape[0]
                 key = path.removeprefix(prefix) + ".base_layer.weight"
-                weights[key] = weights[key] + self.scaling_for(rank) * (B @ A)
+                weights[key] = weights[key] + self.scaling(rank) * (B @ A)
         return self.export_full(to_cpu(weights), folder, base_model_path)
 
     def load(self, state: AdapterState, partial: bool = False) -> RankProfile:
@@ -320,9 +322,10 @@ class LoraAdapters:
             out[path] = (layer, a_key, b_key)
         return out
 
-    def scaling_for(self, rank: int) -> float:
-        """s = alpha / r, PEFT's LoRA scaling at rank ``r``."""
-        return self.cfg.alpha / rank
+    @property
+    def scaling(self) -> LoraScaling:
+        """s_r, PEFT's LoRA scaling at rank r: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
+        return LoraScaling(self.cfg.alpha, self.cfg.use_rslora)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""

@@ -5,15 +5,17 @@ path contains ``attn`` or ``attention`` (LLaMA ``self_attn.q_proj``, BERT ``atte
 ``attention.output.dense``), otherwise *mlp* (``mlp.gate_proj``, BERT ``intermediate.dense``, ``output.dense``).
 
 Scaling convention, the same on the server and on every client whatever its rank (PEFT's): a module of
-rank r computes ``W0 x + s_r B A x`` with ``s_r = alpha / r`` and one ``alpha`` for the whole federation.
-So a client's full-size update is ``Delta = s_r B A``, and moving factors from rank r to rank r' while
-keeping ``Delta`` multiplies B by ``s_r / s_r'`` (:func:`rescale_b`). Every rank change in fedlora (padding,
+rank r computes ``W0 x + s_r B A x`` with one ``alpha`` for the whole federation and ``s_r = alpha / r``
+(LoRA), or ``s_r = alpha / sqrt(r)`` with ``adapter.use_rslora`` (rank-stabilised LoRA, PEFT's
+``use_rslora``): :class:`LoraScaling`. So a client's full-size update is ``Delta = s_r B A``, and moving
+factors from rank r to rank r' while keeping ``Delta`` multiplies B by ``s_r / s_r'`` (:func:`rescale_b`). Every rank change in fedlora (padding,
 truncation, SVD redistribution) goes through that rule, so a client's effective update never depends on
 the rank it is expressed at.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -141,17 +143,29 @@ def profile_of_state(state: AdapterState) -> RankProfile:
     return RankProfile(attention, mlp)
 
 
-def scaling(alpha: float, rank: int) -> float:
-    """s_r = alpha / r."""
-    return alpha / rank
+@dataclass(frozen=True)
+class LoraScaling:
+    """The LoRA scaling s_r at rank r, one rule for the whole federation (server and every client).
+
+    ``s_r = alpha / r`` (LoRA, PEFT's default), or ``s_r = alpha / sqrt(r)`` when ``rank_stabilized``
+    (rsLoRA, Kalajdzievski 2023; PEFT's ``use_rslora``), which keeps the update's scale from shrinking as r
+    grows: with one alpha, an r50 client's update under alpha / r is scaled 25x less than an r2 client's,
+    under alpha / sqrt(r) 5x less.
+    """
+
+    alpha: float
+    rank_stabilized: bool = False
+
+    def __call__(self, rank: int) -> float:
+        return self.alpha / math.sqrt(rank) if self.rank_stabilized else self.alpha / rank
 
 
-def rescale_b(B: torch.Tensor, alpha: float, from_rank: int, to_rank: int) -> torch.Tensor:
+def rescale_b(B: torch.Tensor, scaling: LoraScaling, from_rank: int, to_rank: int) -> torch.Tensor:
     """B expressed at ``to_rank`` so that s_to * B' A = s_from * B A: B' = B * s_from / s_to."""
-    return B * (scaling(alpha, from_rank) / scaling(alpha, to_rank))
+    return B * (scaling(from_rank) / scaling(to_rank))
 
 
-def truncate_state(state: AdapterState, profile: RankProfile, alpha: float) -> AdapterState:
+def truncate_state(state: AdapterState, profile: RankProfile, scaling: LoraScaling) -> AdapterState:
     """Keep the first r rows of every A and the first r columns of every B (r from ``profile``), with B
     rescaled to the new rank (:func:`rescale_b`); other tensors (task heads) are copied."""
     out: AdapterState = {}
@@ -171,7 +185,7 @@ def truncate_state(state: AdapterState, profile: RankProfile, alpha: float) -> A
             full = tensor.shape[1]
             if rank > full:
                 raise ValueError(f"{key}: cannot truncate rank {full} to {rank}")
-            out[key] = rescale_b(tensor[:, :rank], alpha, full, rank).contiguous()
+            out[key] = rescale_b(tensor[:, :rank], scaling, full, rank).contiguous()
     return out
 
 

@@ -146,7 +146,7 @@ def _stack(adapters: LoraAdapters, states: list[AdapterState], device: torch.dev
         for k, state in enumerate(states):
             A[k, : ranks[k]] = state[a_key]
             B[k, :, : ranks[k]] = state[b_key]
-        scales = torch.tensor([adapters.scaling_for(rank) for rank in ranks], device=device)
+        scales = torch.tensor([adapters.scaling(rank) for rank in ranks], device=device)
         modules.append(
             _StackedModule(layer, a_key, b_key, torch.nn.Parameter(A), torch.nn.Parameter(B), scales)
         )

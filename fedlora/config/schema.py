@@ -264,10 +264,15 @@ class ComputeConfig(Section):
 
 
 class AdapterConfig(Section):
-    """LoRA: W = W0 + (alpha / r) B A on each target module (PEFT's convention, s = alpha / r)."""
+    """LoRA: W = W0 + s_r B A on each target module, s_r = alpha / r (PEFT's convention).
+
+    ``use_rslora``: rank-stabilised LoRA, s_r = alpha / sqrt(r) (PEFT's ``use_rslora``), so that clients at
+    high ranks are not scaled down by 1 / r; the exported adapter carries the flag.
+    """
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
+    use_rslora: bool = False
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -126,6 +126,7 @@ def build_simulation(
             initial_state=initial,
             client_profiles=dict(enumerate(side.profiles)),
             lora_alpha=cfg.adapter.alpha,
+            rank_stabilized=cfg.adapter.use_rslora,
             seed=cfg.federation.seed,
             client_sizes={c.client_id: c.size("train") for c in federation.clients},
             device=str(server_device(cfg)),

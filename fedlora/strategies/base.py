@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from fedlora.adapters.merged import split_merged
-from fedlora.adapters.ranks import RankProfile, lora_key_parts
+from fedlora.adapters.ranks import LoraScaling, RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
 from fedlora.config.schema import ExperimentConfig
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 class ServerSetup:
     """What a strategy starts from: the seeded initial adapter at the federation's largest rank profile,
     each client's rank profile (from the config, or in deployment from the clients themselves), the
-    federation-wide LoRA alpha (s_r = alpha / r on every client) and the run seed."""
+    federation-wide LoRA alpha (s_r = alpha / r on every client, alpha / sqrt(r) when ``rank_stabilized``)
+    and the run seed."""
 
     initial_state: AdapterState
     client_profiles: dict[int, RankProfile]
@@ -52,6 +53,8 @@ class ServerSetup:
     client_sizes: dict[int, int] | None = None
     #: where the aggregation arithmetic may run (``compute.server_device``); states stay on the CPU
     device: str = "cpu"
+    #: rsLoRA's s_r = alpha / sqrt(r) (``adapter.use_rslora``) instead of alpha / r
+    rank_stabilized: bool = False
 
 
 class StrategyOptions(BaseModel):
@@ -164,7 +167,7 @@ class Strategy(ABC):
         self.options = options if options is not None else self.Options()
         self.global_state: AdapterState = {}
         self.client_profiles: dict[int, RankProfile] = {}
-        self.lora_alpha = 1.0
+        self.lora_scaling = LoraScaling(1.0)
         self.seed = 0
         self.client_sizes: dict[int, int] = {}
 
@@ -172,7 +175,7 @@ class Strategy(ABC):
         """Start from the seeded initial adapter (round 1's payload) and learn each client's rank profile."""
         self.global_state = clone_state(setup.initial_state)
         self.client_profiles = dict(setup.client_profiles)
-        self.lora_alpha = setup.lora_alpha
+        self.lora_scaling = LoraScaling(setup.lora_alpha, setup.rank_stabilized)
         self.seed = setup.seed
         self.client_sizes = dict(setup.client_sizes or {})
         self.server_device = torch.device(setup.device)

@@ -60,7 +60,7 @@ class FedExLoRA(MergingStrategy):
         for module, (a_key, b_key) in module_factors(averaged).items():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            increment[module] = exact_residual(Bs, As, p, self.lora_alpha / As[0].shape[0])
+            increment[module] = exact_residual(Bs, As, p, self.lora_scaling(As[0].shape[0]))
         self.history.add(server_round, increment)
         self.global_state = averaged
         return averaged

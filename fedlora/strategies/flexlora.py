@@ -65,7 +65,7 @@ class FlexLoRA(HeterogeneousRankStrategy):
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         p = example_weights(replies)
-        alpha = self.lora_alpha
+        scaling = self.lora_scaling
         out: AdapterState = {}
         for module, (a_key, b_key) in module_factors(self.global_state).items():
             A_old, B_old = self.global_state[a_key], self.global_state[b_key]
@@ -73,12 +73,12 @@ class FlexLoRA(HeterogeneousRankStrategy):
             device = self.server_device
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            weights = [p_i * alpha / A.shape[0] for p_i, A in zip(p, As, strict=True)]
+            weights = [p_i * scaling(A.shape[0]) for p_i, A in zip(p, As, strict=True)]
             U, S, Vh = lowrank_svd(Bs, As, weights)
             if self.options.evaluate_full_delta:  # type: ignore[attr-defined]
                 self.full_delta[module] = (U * S, Vh)
             r = min(r_out, S.shape[0])
-            s_out = alpha / r_out
+            s_out = scaling(r_out)
             A_new = torch.zeros(A_old.shape, dtype=torch.float64, device=device)
             B_new = torch.zeros(B_old.shape, dtype=torch.float64, device=device)
             if self.options.factor_split == "b":  # type: ignore[attr-defined]

@@ -69,7 +69,7 @@ class FLoRA(MergingStrategy):
         if server_round not in self._fresh:
             fresh = self.fresh_adapter(server_round) if server_round > 1 else self.global_state
             self._fresh = {server_round: fresh}
-        return truncate_state(self._fresh[server_round], self.client_profiles[client_id], self.lora_alpha)
+        return truncate_state(self._fresh[server_round], self.client_profiles[client_id], self.lora_scaling)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         p = example_weights(replies)
@@ -78,7 +78,7 @@ class FLoRA(MergingStrategy):
         for module, (a_key, b_key) in module_factors(self.global_state).items():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            scales = [self.lora_alpha / A.shape[0] for A in As]
+            scales = [self.lora_scaling(A.shape[0]) for A in As]
             increment[module] = stacked_factors(Bs, As, p, scales)
         self.history.add(server_round, increment)
         # the global adapter stays a zero update (B = 0): the model is the merged base alone

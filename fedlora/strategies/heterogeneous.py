@@ -57,7 +57,7 @@ class HeterogeneousRankStrategy(Strategy):
         for cid in client_ids:
             profile = self.client_profiles[cid]
             if profile not in payloads:
-                payloads[profile] = truncate_state(self.global_state, profile, self.lora_alpha)
+                payloads[profile] = truncate_state(self.global_state, profile, self.lora_scaling)
             out[cid] = ClientInstruction(payloads[profile], hooks=hooks)
         return out
 

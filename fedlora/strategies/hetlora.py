@@ -83,7 +83,7 @@ class SelfPruning(ClientHooks):
         metrics["trailing_rank_norm"] = trailing
         if trailing < self.threshold:
             profile = ctx.adapters.active_profile.pruned(self.gamma)
-            state = truncate_state(state, profile, ctx.adapters.cfg.alpha)
+            state = truncate_state(state, profile, ctx.adapters.scaling)
         return state
 
     def dp_refusal(self) -> str | None:
@@ -127,11 +127,11 @@ class HetLoRA(HeterogeneousRankStrategy):
                 return reason
         except ValueError:
             return reason
-        expected = truncate_state(instruction.payload, pruned, self.lora_alpha)
+        expected = truncate_state(instruction.payload, pruned, self.lora_scaling)
         return check_same_layout(expected, reply.payload)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        alpha = self.lora_alpha
+        scaling = self.lora_scaling
         out: AdapterState = {}
         for a_key, b_key in module_factors(self.global_state).values():
             A_old, B_old = self.global_state[a_key], self.global_state[b_key]
@@ -143,11 +143,11 @@ class HetLoRA(HeterogeneousRankStrategy):
                 B = reply.payload[b_key].to(torch.float64)
                 r = A.shape[0]
                 covered = max(covered, r)
-                norms.append(alpha / r * float(product_frobenius_norm(B, A)))
+                norms.append(scaling(r) * float(product_frobenius_norm(B, A)))
                 pA = torch.zeros(A_old.shape, dtype=torch.float64)
                 pB = torch.zeros(B_old.shape, dtype=torch.float64)
                 pA[:r] = A
-                pB[:, :r] = rescale_b(B, alpha, r, r_out)
+                pB[:, :r] = rescale_b(B, scaling, r, r_out)
                 padded_A.append(pA)
                 padded_B.append(pB)
             total = sum(norms)
