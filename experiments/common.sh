@@ -9,3 +9,12 @@ run() {
     "$FEDLORA" run "$CONFIG" "$@" --output "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
   fi
 }
+
+# base_model SEED [KEY=VALUE...]: the base model (no adapter training, B = 0) evaluated on the seed's held-out
+# examples, one JSON line in $OUT/base-model_seed-SEED.json (written once, atomically): a claim table's anchor row.
+base_model() {
+  local seed=$1; shift
+  local target="$OUT/base-model_seed-$seed.json"
+  [ -f "$target" ] || "${PY:-.venv/bin/python}" experiments/base_model_eval.py "$CONFIG" --seed "$seed" "$@" \
+    > "$target.tmp" 2>> "$OUT/base-model.log" && mv "$target.tmp" "$target"
+}

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # FedMeZO's claims (docs/fedmezo.md, docs/results.md): the five client learning-rate rules as the reference code
 # defines them, against first-order FedAvg matched to the reference (SGD at the same rate, steps and batch) and
-# against AdamW; 3 seeds (split, initialisation, sampling); 30 rounds with a held-out loss every round; each
-# client's forward passes and every run's peak memory are in its metrics.jsonl. Seed by seed, two lanes of about
-# equal length (one torch thread each; on the 2-core CPU a first-order run is about 75 minutes, a zeroth-order
-# one about 18): SGD then two rules, AdamW then three. Finished runs are skipped and interrupted ones resumed:
-# re-run until it completes.
+# against AdamW; 3 seeds (split, initialisation, sampling); 30 rounds with a held-out loss every round, and the
+# base model on the same held-out examples; each client's forward passes and every run's peak memory (its
+# training processes' too) are in its metrics.jsonl. Seed by seed, two lanes (2 worker processes each on the
+# 2-core CPU; a first-order run there is about 110 minutes, a zeroth-order one about 18): SGD, two rules and the
+# base model; AdamW, three rules. Finished runs are skipped and interrupted ones resumed: re-run until it completes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/common.sh
 OUT=${OUT:-runs/fedmezo}
 SEEDS=${SEEDS:-0,1,2}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
@@ -20,7 +21,8 @@ sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" "$@" --seeds
   --no-progress >> "$OUT/$out.log" 2>&1; }
 for seed in ${SEEDS//,/ }; do
   { sweep fedavg-sgd "$seed" $FIRST_ORDER client.optimizer=sgd
-    sweep fedmezo "$seed" --set "strategy.options=$(rules frozen random)"; } &
+    sweep fedmezo "$seed" --set "strategy.options=$(rules frozen random)"
+    base_model "$seed"; } &
   { sweep fedavg-adamw "$seed" $FIRST_ORDER client.optimizer=adamw client.lr=3.0e-4
     sweep fedmezo "$seed" --set "strategy.options=$(rules round-wise five-round model-diff)"; } &
   wait

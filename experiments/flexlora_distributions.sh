@@ -12,6 +12,7 @@
 # resumed: re-run until it completes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/common.sh
 CONFIG=${CONFIG:-configs/comparison-ni.yaml}
 OUT=${OUT:-runs/flexlora-distributions}
 SEEDS=${SEEDS:-0,1,2}
@@ -23,18 +24,12 @@ HETERO="resources.rank_scale=0.25 eval.final_metrics=[rouge-l] eval.batch_size=2
 DISTRIBUTIONS="resources.distribution=uniform,heavy-tail-light,heavy-tail-strong,normal"
 sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" $HETERO "$@" --seeds "$seed" \
   --output "$OUT/$out" --no-progress >> "$OUT/$out.log" 2>&1; }
-base_model() {
-  local target="$OUT/base-model_seed-$1.json"
-  [ -f "$target" ] || "$PY" experiments/base_model_eval.py "$CONFIG" "eval.final_metrics=[rouge-l]" eval.batch_size=24 \
-    "federation.seed=$1" "data.seed=$1" "adapter.init_seed=$1" "faults.seed=$1" > "$target.tmp" 2>> "$OUT/base-model.log" \
-    && mv "$target.tmp" "$target"
-}
 for seed in ${SEEDS//,/ }; do
   { sweep flexlora "$seed" strategy.name=flexlora 'strategy.options={evaluate_full_delta: true}' --set "$DISTRIBUTIONS"
     sweep fedit-min "$seed" strategy.name=fedit resources.distribution=uniform resources.force=min; } &
   { sweep hetlora "$seed" strategy.name=hetlora --set "$DISTRIBUTIONS"
     sweep fedit-max "$seed" strategy.name=fedit resources.distribution=uniform resources.force=max
-    base_model "$seed"; } &
+    base_model "$seed" "eval.final_metrics=[rouge-l]" eval.batch_size=24; } &
   wait
 done
 sweep flexlora-rounds 0 strategy.name=flexlora resources.distribution=uniform "federation.rounds=$ROUNDS_LONG" \

@@ -58,16 +58,48 @@ def megabytes_moved(run: RunSummary) -> float:
     return sum(float(r.get("bytes_up") or 0) + float(r.get("bytes_down") or 0) for r in run.records) / 1e6
 
 
-def forward_equivalents(run: RunSummary) -> float:
-    """Client compute in forward passes of one batch, x1e-3: a zeroth-order client's recorded forward passes,
-    3 per first-order step (forward + backward, the backward about twice a forward)."""
+def round_forward_equivalents(record: dict) -> float:
+    """One round's client compute in forward passes of one batch, x1e-3: a zeroth-order client's recorded
+    forward passes, 3 per first-order step (forward + backward, the backward about twice a forward)."""
     return 1e-3 * sum(
         float(c["forward_passes"])
         if c.get("forward_passes") is not None
         else 3.0 * float(c.get("steps") or 0)
-        for r in run.records
-        for c in r.get("clients", [])
+        for c in record.get("clients", [])
     )
+
+
+def forward_equivalents(run: RunSummary) -> float:
+    """The whole run's client compute (:func:`round_forward_equivalents` summed over rounds), x1e-3."""
+    return sum(round_forward_equivalents(r) for r in run.records)
+
+
+def at_compute(key: str, budget: float) -> Metric:
+    """``key`` at the last evaluated round whose cumulative client compute is at most ``budget`` forward-pass
+    equivalents (x1e-3): methods of different cost per round compared at equal client compute."""
+
+    def value(run: RunSummary) -> float | None:
+        spent, found = 0.0, None
+        for record in run.records:
+            spent += round_forward_equivalents(record)
+            if spent > budget * (1 + 1e-9):
+                break
+            if record.get(key) is not None:
+                found = float(record[key])
+        return found
+
+    return value
+
+
+def rises(key: str) -> Metric:
+    """Sum over rounds of max(0, value_t - value_{t-1}) of ``key``: how much a loss curve goes back up (0 for a
+    curve that never rises), the instability the personalised learning rates are claimed to remove."""
+
+    def value(run: RunSummary) -> float | None:
+        values = [float(r[key]) for r in run.records if r.get(key) is not None]
+        return sum(max(0.0, b - a) for a, b in zip(values, values[1:], strict=False)) if values else None
+
+    return value
 
 
 def client_seconds(run: RunSummary) -> float:
@@ -139,8 +171,11 @@ def table(
     return "\n".join(lines)
 
 
-def curves(groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: str) -> Path:
-    """Mean of ``key`` per round over each group's seeds (rounds that every seed of the group reached)."""
+def curves(
+    groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: str, by_compute: bool = False
+) -> Path:
+    """Mean of ``key`` per round over each group's seeds (rounds that every seed of the group reached);
+    ``by_compute``: against the cumulative client compute (forward-pass equivalents) instead of the round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,8 +189,12 @@ def curves(groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: st
         if not series:
             continue
         length = min(len(s) for s in series)
+        spent = [0.0]
+        first = next(run for run in runs if run.records)
+        for record in first.records[:length]:  # the same compute per round on every seed of a group
+            spent.append(spent[-1] + round_forward_equivalents(record))
         points = [
-            (i + 1, statistics.fmean(s[i] for s in series))
+            (spent[i + 1] if by_compute else i + 1, statistics.fmean(s[i] for s in series))
             for i in range(length)
             if all(s[i] is not None for s in series)
         ]
@@ -163,7 +202,7 @@ def curves(groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: st
             axes.plot(
                 *zip(*points, strict=True), marker="o", markersize=3, label=f"{label} ({len(series)} seeds)"
             )
-    axes.set_xlabel("round")
+    axes.set_xlabel("client compute, forward-pass equivalents (x1e3)" if by_compute else "round")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -246,24 +285,58 @@ def pfedlora(root: Path) -> str:
     return "\n".join(text)
 
 
+def flat_from_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") -> str:
+    """Per group and finished seed, the round from which ``key`` is flat (:func:`rounds_to_flatten`)."""
+    parts = []
+    for label, runs in groups.items():
+        done = [r for r in runs if (r.path / "global").is_dir()]
+        if done:
+            flat = [
+                rounds_to_flatten([float(x[key]) for x in r.records if x.get(key) is not None]) for r in done
+            ]
+            parts.append(f"{label} " + ", ".join("not flat" if f is None else str(f) for f in flat))
+    return "Round from which the held-out loss is flat (never 1% lower later), per seed: " + "; ".join(parts)
+
+
 def fedmezo(root: Path) -> str:
     groups: dict[str, list[RunSummary]] = {}
     for rule in ("frozen", "random", "round-wise", "five-round", "model-diff"):
         groups[f"FedMeZO {rule}"] = load(root, f"fedmezo/*lr_strategy-{rule}*_seed-*")
-    groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*_seed-*")
-    groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*_seed-*")
+    groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")
+    groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")
+    finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
+    # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
+    budget = min((forward_equivalents(r) for r in finished), default=0.0)
     loss = last("eval_loss")
+    at_budget = at_compute("eval_loss", budget)
     columns = [
         ("held-out loss", loss, 3),
+        ("held-out loss at equal client compute", at_budget, 3),
+        ("loss rises, summed over rounds", rises("eval_loss"), 3),
         ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
         ("peak RSS MB", peak("peak_rss_mb"), 0),
     ]
     curves(groups, "eval_loss", root / "results-fedmezo.png", "held-out loss")
+    curves(groups, "eval_loss", root / "results-fedmezo-compute.png", "held-out loss", by_compute=True)
     return "\n".join(
         [
-            table(groups, "FedMeZO frozen", columns, [("loss", loss, 3)]),
+            table(
+                groups,
+                "FedMeZO frozen",
+                columns,
+                [
+                    ("loss", loss, 3),
+                    ("loss at equal compute", at_budget, 3),
+                    ("rises", rises("eval_loss"), 3),
+                ],
+            ),
             "",
-            flattening_line(groups),
+            f"Equal client compute: {budget:.2f}e3 forward-pass equivalents, the smallest whole-run compute of any "
+            "finished run (a first-order step counts 3).",
+            "",
+            base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen", rouge=False),
+            "",
+            flat_from_line(groups),
         ]
     )
 
@@ -302,9 +375,9 @@ def gain_trend(
     return [slope(*map(list, zip(*p, strict=True))) for p in points.values() if len({x for x, _ in p}) > 1]
 
 
-def base_model_line(root: Path, bucket: list[RunSummary]) -> str:
-    """The base model (no training) on each seed's held-out clients (experiments/base_model_eval.py), and the
-    bucket baseline minus it on the same seed: whether federated training moved the model at all."""
+def base_model_line(root: Path, anchor: list[RunSummary], label: str, rouge: bool = True) -> str:
+    """The base model (no training) on each seed's held-out examples (experiments/base_model_eval.py), and
+    the ``anchor`` runs minus it on the same seed: whether federated training moved the model at all."""
     base = {
         p.stem.rsplit("-", 1)[-1]: json.loads(p.read_text())
         for p in sorted(root.glob("base-model_seed-*.json"))
@@ -312,21 +385,17 @@ def base_model_line(root: Path, bucket: list[RunSummary]) -> str:
     if not base:
         return "Base model: not run yet."
     losses = [b["eval_loss"] for b in base.values()]
-    rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
     moved = [
         loss - base[seed_of(r)]["eval_loss"]
-        for r in bucket
+        for r in anchor
         if seed_of(r) in base and (r.path / "global").is_dir() and (loss := last("eval_loss")(r)) is not None
     ]
-    text = (
-        f"Base model, no training ({len(base)} seeds): held-out loss {format_mean_std(losses, 3)} "
-        f"{format_interval(losses, 3)}, ROUGE-L {format_mean_std(rouges, 3)} {format_interval(rouges, 3)}"
-    )
+    text = f"Base model, no training ({len(base)} seeds): held-out loss {format_mean_std(losses, 3)} {format_interval(losses, 3)}"
+    if rouge:
+        rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
+        text += f", ROUGE-L {format_mean_std(rouges, 3)} {format_interval(rouges, 3)}"
     if moved:
-        text += (
-            f"; FedIT at the smallest rank minus base model, same seed: {statistics.fmean(moved):+.3f} "
-            f"{format_interval(moved, 3)}"
-        )
+        text += f"; {label} minus base model, same seed: {statistics.fmean(moved):+.3f} {format_interval(moved, 3)}"
     return text
 
 
@@ -444,7 +513,7 @@ def flexlora(root: Path) -> str:
             "Slope of (FlexLoRA minus bucket) per unit of mean client rank, per seed over the distributions: "
             + ", ".join(trend),
             "",
-            base_model_line(root, bucket[bucket_label]),
+            base_model_line(root, bucket[bucket_label], "FedIT at the smallest rank"),
             "",
             flexlora_rounds_line(root),
             "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,16 @@ def grad_scaler(precision: str, device: torch.device | str) -> Any:
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(device).type)
+
+
+def process_peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MB: ``peak_rss_mb`` (resident, ``ru_maxrss``) and, where CUDA is
+    in use, ``peak_gpu_mb`` (``torch.cuda.max_memory_allocated``). Each client reports it for the process that
+    trained it (a worker's own peak), so a run's peak covers its training, not only its server."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 def available_memory_bytes() -> int | None:

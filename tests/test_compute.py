@@ -164,10 +164,16 @@ def test_two_workers_end_with_the_same_adapter_bit_for_bit(tmp_path, strategy, s
     two = run_cfg(tmp_path, "two", tiny(tmp_path, strategy, compute={"workers": 2}, **sections))
     assert one.final_state.keys() == two.final_state.keys()
     assert all(torch.equal(one.final_state[k], two.final_state[k]) for k in one.final_state)
-    timing = ("seconds", "aggregate_seconds", "peak_rss_mb", "clients")
+    timing = ("seconds", "aggregate_seconds", "peak_rss_mb", "peak_gpu_mb", "clients")
     assert [{k: v for k, v in r.items() if k not in timing} for r in one.records] == [
         {k: v for k, v in r.items() if k not in timing} for r in two.records
     ]
+    # the run's peak memory covers the worker processes that trained, not only the server's
+    for record in two.records:
+        peaks = [c["peak_rss_mb"] for c in record["clients"] if "peak_rss_mb" in c]
+        # each worker reports its own peak; DP-SGD replies (ffa-lora-dp) release none (test_trust)
+        assert len(peaks) == (0 if "privacy" in sections else len(record["clients"]))
+        assert record["peak_rss_mb"] >= max(peaks, default=0.0)
 
 
 def test_personal_state_and_resume_with_workers(tmp_path):

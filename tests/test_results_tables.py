@@ -145,3 +145,43 @@ def test_flexlora_gain_trend_is_the_per_seed_least_squares_slope(tables, tmp_pat
 def test_rounds_to_flatten(tables) -> None:  # type: ignore[no-untyped-def]
     assert tables.rounds_to_flatten([3.0, 2.8, 2.6, 2.59, 2.585, 2.588, 2.583, 2.584]) == 3
     assert tables.rounds_to_flatten([3.0, 2.8, 2.6, 2.4, 2.2, 2.0]) is None
+
+
+def write_rounds(path: Path, seed: int, losses: list[float], clients: list[dict]) -> None:
+    """A finished run: one record per round with ``eval_loss`` and the same ``clients`` entries every round."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"federation": {"seed": seed, "rounds": len(losses)}}))
+    records = [{"round": i + 1, "eval_loss": loss, "clients": clients} for i, loss in enumerate(losses)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "global").mkdir()
+
+
+def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    zeroth = [{"client": c, "forward_passes": 40} for c in range(4)]  # 0.16e3 forward passes a round
+    first = [{"client": c, "steps": 20} for c in range(4)]  # 3 per step: 0.24e3 a round
+    mezo = {s: [3.0, 2.5, 2.7 + s / 100, 2.4, 2.6] for s in range(3)}  # rises 0.2 + s/100 and 0.2
+    sgd = {s: [3.0, 2.8, 2.6 - s / 100, 2.2, 2.0] for s in range(3)}
+    for s in range(3):
+        write_rounds(tmp_path / "fedmezo" / f"options-lr_strategy-frozen_seed-{s}", s, mezo[s], zeroth)
+        write_rounds(tmp_path / "fedavg-sgd" / f"seed-{s}", s, sgd[s], first)
+        (tmp_path / f"base-model_seed-{s}.json").write_text(json.dumps({"eval_loss": 3.5}))
+    text = tables.fedmezo(tmp_path)
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+    # the budget is the MeZO runs' whole compute, 5 x 0.16 = 0.8e3: SGD has spent 0.72e3 after round 3, 0.96e3
+    # after round 4, so it is compared at round 3
+    assert "Equal client compute: 0.80e3" in text
+    at_budget = [sgd[s][2] for s in range(3)]
+    assert rows["FedAvg SGD (matched)"][4] == tables.format_mean_std(at_budget, 3)
+    diffs = [sgd[s][2] - mezo[s][4] for s in range(3)]
+    assert rows["FedAvg SGD (matched)"][13].startswith(f"{statistics.fmean(diffs):+.3f} [")
+    # how much each curve goes back up, summed over rounds
+    rises = [0.2 + s / 100 + 0.2 for s in range(3)]
+    assert rows["FedMeZO frozen"][6] == tables.format_mean_std(rises, 3)
+    assert rows["FedAvg SGD (matched)"][6].startswith("0.000")
+    assert f"FedMeZO frozen minus base model, same seed: {2.6 - 3.5:+.3f}" in text
+    assert "FedAvg SGD (matched) not flat, not flat, not flat" in text
+    assert (tmp_path / "results-fedmezo-compute.png").stat().st_size > 0

@@ -66,4 +66,5 @@ def test_dp_replies_release_no_loss_or_token_counts(tmp_path: Path) -> None:
     assert record["train_loss"] is None and record["num_clients"] == 2
     for client in record["clients"]:
         assert "train_loss" not in client and "tokens" not in client and "train_seconds" not in client
+        assert "peak_rss_mb" not in client  # memory, like time, depends on the private batches' lengths
         assert client["steps"] == 2 and client["epsilon"] > 0

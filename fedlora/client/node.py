@@ -22,6 +22,7 @@ from fedlora.client.trainer import (
     round_seed,
     train_locally,
 )
+from fedlora.compute import process_peak_memory
 from fedlora.config.schema import ClientConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData
@@ -54,6 +55,13 @@ def resolve_settings(
     privacy = overrides.get("privacy")
     dp = DPSettings(**privacy) if privacy else None
     return LocalTrainingSettings(**values, privacy=dp, precision=precision)
+
+
+def with_peak_memory(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A reply's metrics plus the training process's peak memory (:func:`fedlora.compute.process_peak_memory`),
+    released exactly where the training time is: a DP-SGD reply releases neither (both depend on the private
+    batches' lengths)."""
+    return {**metrics, **process_peak_memory()} if "train_seconds" in metrics else metrics
 
 
 class ClientNode:
@@ -111,7 +119,9 @@ class ClientNode:
             return {c: self.train(server_round, c, i) for c, i in instructions.items()}
         results = train_clients_together(self.adapters, self.encoder, jobs, server_round)
         return {
-            job.client_id: ClientReply(job.client_id, result.state, result.num_examples, result.metrics)
+            job.client_id: ClientReply(
+                job.client_id, result.state, result.num_examples, with_peak_memory(result.metrics)
+            )
             for job, result in zip(jobs, results, strict=True)
         }
 
@@ -137,4 +147,4 @@ class ClientNode:
         if self.client_models is not None:
             result.state = self.client_models.to_shared(result.state)
             self.client_models.save(client_id, server_round)
-        return ClientReply(client_id, result.state, result.num_examples, result.metrics)
+        return ClientReply(client_id, result.state, result.num_examples, with_peak_memory(result.metrics))

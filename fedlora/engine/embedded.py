@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
 from fedlora.client.node import ClientNode
-from fedlora.compute import autocast, model_device
+from fedlora.compute import autocast, model_device, process_peak_memory
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData, Federation
@@ -453,9 +452,11 @@ class EmbeddedEngine:
             self.status(f"round {server_round}: evaluating on {count} clients")
             record.update(self.evaluate(final, server_round))
         record["seconds"] = time.perf_counter() - started
-        record["peak_rss_mb"] = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        )  # process peak so far
+        # the run's peak so far: the largest of the server process's and of each process that trained a client
+        # this round (a worker's own peak; in process, the same process)
+        for key, value in process_peak_memory().items():
+            peaks = [value, *(float(c[key]) for c in totals["clients"] if c.get(key) is not None)]
+            record[key] = max(peaks)
         record["clients"] = totals["clients"]
         record["rejected"] = totals["rejected"]
         return record
