@@ -10,17 +10,25 @@
 # (one torch thread each). Then one longer FlexLoRA run (uniform, seed 0, ROUNDS_LONG rounds, held-out loss every
 # round) for the rounds until its held-out loss flattens. Finished runs are skipped and interrupted ones
 # resumed: re-run until it completes.
+# SCALING=rslora: the same grid with rsLoRA's s_r = alpha / sqrt(r) (adapter.use_rslora) in runs/flexlora-rslora,
+# to test whether alpha / r, which scales an r50 client's update 25x below an r2 client's, is why high-rank
+# clients do not help (docs/results.md, claim 1); ROUNDS_LONG=0 skips the longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/common.sh
 CONFIG=${CONFIG:-configs/comparison-ni.yaml}
-OUT=${OUT:-runs/flexlora-distributions}
+SCALING=${SCALING:-lora}
+case $SCALING in
+  lora) OUT=${OUT:-runs/flexlora-distributions}; SCALING_SET="" ;;
+  rslora) OUT=${OUT:-runs/flexlora-rslora}; SCALING_SET="adapter.use_rslora=true" ;;
+  *) echo "SCALING must be lora or rslora, not $SCALING" >&2; exit 2 ;;
+esac
 SEEDS=${SEEDS:-0,1,2}
 ROUNDS_LONG=${ROUNDS_LONG:-20}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
-HETERO="resources.rank_scale=0.25 eval.final_metrics=[rouge-l] eval.batch_size=24"
+HETERO="resources.rank_scale=0.25 eval.final_metrics=[rouge-l] eval.batch_size=24 $SCALING_SET"
 DISTRIBUTIONS="resources.distribution=uniform,heavy-tail-light,heavy-tail-strong,normal"
 sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" $HETERO "$@" --seeds "$seed" \
   --output "$OUT/$out" --no-progress >> "$OUT/$out.log" 2>&1; }
@@ -32,6 +40,8 @@ for seed in ${SEEDS//,/ }; do
     base_model "$seed" "eval.final_metrics=[rouge-l]" eval.batch_size=24; } &
   wait
 done
-sweep flexlora-rounds 0 strategy.name=flexlora resources.distribution=uniform "federation.rounds=$ROUNDS_LONG" \
-  eval.every=1 "eval.final_metrics=[]"
+if [ "$ROUNDS_LONG" -gt 0 ]; then
+  sweep flexlora-rounds 0 strategy.name=flexlora resources.distribution=uniform "federation.rounds=$ROUNDS_LONG" \
+    eval.every=1 "eval.final_metrics=[]"
+fi
 "$PY" experiments/results_tables.py flexlora "$OUT"
