@@ -169,3 +169,25 @@ def test_a_flower_simulation_keeps_the_console_quiet(tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     assert "round 1/1: train" in output
     assert "INFO" not in output and "DEBUG" not in output and "FutureWarning" not in output
+
+
+def test_flower_sim_refuses_a_disk_too_full_for_ray(tmp_path: Path, monkeypatch) -> None:
+    """Above Ray's disk limit a simulation would hang without an error: it stops before starting, saying so."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from fedlora.engine.flower import check_ray_disk
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(100 * 2**30, 97 * 2**30, 3 * 2**30))
+    with pytest.raises(
+        OSError, match=r"97.0% full, above Ray's limit of 95%.*free at least 2.0 GiB"
+    ) as caught:
+        check_ray_disk(str(tmp_path))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0.99")  # Ray's own override is honoured
+    check_ray_disk(str(tmp_path))
+    monkeypatch.delenv("RAY_local_fs_capacity_threshold")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(100 * 2**30, 90 * 2**30, 10 * 2**30))
+    check_ray_disk(str(tmp_path))

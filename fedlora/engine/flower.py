@@ -16,8 +16,11 @@ strategies; this module knows nothing of the runner (the runner passes in what t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -316,9 +319,30 @@ def server_app(
     return app
 
 
+def check_ray_disk(folder: str | None = None) -> None:
+    """Refuse to start Ray where it would hang: Ray creates no objects once the disk holding its session folder
+    (``RAY_TMPDIR`` or the system temp folder) is fuller than ``local_fs_capacity_threshold`` (0.95 unless
+    ``RAY_local_fs_capacity_threshold`` says otherwise; used = 1 - available / capacity, as Ray measures it),
+    and a Flower simulation then waits forever without an error. Raises OSError(ENOSPC) naming the folder."""
+    folder = folder or os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    usage = shutil.disk_usage(folder)
+    threshold = float(os.environ.get("RAY_local_fs_capacity_threshold", "0.95"))  # noqa: SIM112 (Ray's name)
+    used = 1.0 - usage.free / usage.total
+    if used > threshold:
+        need = (used - threshold) * usage.total / 2**30
+        raise OSError(
+            errno.ENOSPC,
+            f"engine flower-sim: the disk is {used:.1%} full, above Ray's limit of {threshold:.0%}, where Ray "
+            f"creates no objects and the simulation would hang; free at least {need:.1f} GiB (or set "
+            "RAY_TMPDIR to a folder on another disk, or use engine=embedded)",
+            folder,
+        )
+
+
 def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, client: Any) -> Path:
     """``engine: flower-sim``: the given apps on Flower's simulation runtime, one SuperNode per client."""
     quiet_flower()
+    check_ray_disk()
     from flwr.simulation import run_simulation
 
     from fedlora.compute import resolve_device
