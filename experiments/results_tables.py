@@ -390,7 +390,7 @@ def base_model_line(root: Path, anchor: list[RunSummary], label: str, rouge: boo
         for r in anchor
         if seed_of(r) in base and (r.path / "global").is_dir() and (loss := last("eval_loss")(r)) is not None
     ]
-    text = f"Base model, no training ({len(base)} seeds): held-out loss {format_mean_std(losses, 3)} {format_interval(losses, 3)}"
+    text = f"Base model, no training ({len(base)} seed{'s' if len(base) != 1 else ''}): held-out loss {format_mean_std(losses, 3)} {format_interval(losses, 3)}"
     if rouge:
         rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
         text += f", ROUGE-L {format_mean_std(rouges, 3)} {format_interval(rouges, 3)}"
