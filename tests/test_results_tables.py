@@ -162,7 +162,14 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
     mezo = {s: [3.0, 2.5, 2.7 + s / 100, 2.4, 2.6] for s in range(3)}  # rises 0.2 + s/100 and 0.2
     sgd = {s: [3.0, 2.8, 2.6 - s / 100, 2.2, 2.0] for s in range(3)}
     for s in range(3):
-        write_rounds(tmp_path / "fedmezo" / f"options-lr_strategy-frozen_seed-{s}", s, mezo[s], zeroth)
+        write_rounds(
+            tmp_path
+            / "fedmezo"
+            / f"options--eps-1.0e-3-lr-strategy-frozen-lr-rules-reference-upload-seeds-_seed-{s}",
+            s,
+            mezo[s],
+            zeroth,
+        )
         write_rounds(tmp_path / "fedavg-sgd" / f"seed-{s}", s, sgd[s], first)
         (tmp_path / f"base-model_seed-{s}.json").write_text(json.dumps({"eval_loss": 3.5}))
     text = tables.fedmezo(tmp_path)
