@@ -301,9 +301,8 @@ def flat_from_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") 
 def fedmezo(root: Path) -> str:
     groups: dict[str, list[RunSummary]] = {}
     for rule in ("frozen", "random", "round-wise", "five-round", "model-diff"):
-        groups[f"FedMeZO {rule}"] = load(
-            root, f"fedmezo/*strategy-{rule}-*seed-*"
-        )  # cell names: lr-strategy-<rule>-
+        # the sweep's cell names: options--eps-1.0e-3-lr-strategy-<rule>-lr-rules-..._seed-<n>
+        groups[f"FedMeZO {rule}"] = load(root, f"fedmezo/*strategy-{rule}-*seed-*")
     groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")
     groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")
     finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
