@@ -315,6 +315,7 @@ def fedmezo(root: Path) -> str:
         ("held-out loss at equal client compute", at_budget, 3),
         ("loss rises, summed over rounds", rises("eval_loss"), 3),
         ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
+        ("client training seconds / run (measured)", client_seconds, 0),
         ("peak RSS MB", peak("peak_rss_mb"), 0),
     ]
     curves(groups, "eval_loss", root / "results-fedmezo.png", "held-out loss")
