@@ -4,7 +4,7 @@
 # against AdamW; 3 seeds (split, initialisation, sampling); 30 rounds with a held-out loss every round, and the
 # base model on the same held-out examples; each client's forward passes and every run's peak memory (its
 # training processes' too) are in its metrics.jsonl. Seed by seed, two lanes (2 worker processes each on the
-# 2-core CPU; a first-order run there is about 110 minutes, a zeroth-order one about 18): SGD, two rules and the
+# 2-core CPU; a 30-round run there is about 110 minutes, first-order or zeroth-order alike): SGD, two rules and the
 # base model; AdamW, three rules. Finished runs are skipped and interrupted ones resumed: re-run until it completes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
