@@ -8,9 +8,9 @@ Scaling convention, the same on the server and on every client whatever its rank
 rank r computes ``W0 x + s_r B A x`` with one ``alpha`` for the whole federation and ``s_r = alpha / r``
 (LoRA), or ``s_r = alpha / sqrt(r)`` with ``adapter.use_rslora`` (rank-stabilised LoRA, PEFT's
 ``use_rslora``): :class:`LoraScaling`. So a client's full-size update is ``Delta = s_r B A``, and moving
-factors from rank r to rank r' while keeping ``Delta`` multiplies B by ``s_r / s_r'`` (:func:`rescale_b`). Every rank change in fedlora (padding,
-truncation, SVD redistribution) goes through that rule, so a client's effective update never depends on
-the rank it is expressed at.
+factors from rank r to rank r' while keeping ``Delta`` multiplies B by ``s_r / s_r'`` (:func:`rescale_b`).
+Every rank change in fedlora (padding, truncation, SVD redistribution) goes through that rule, so a client's
+effective update never depends on the rank it is expressed at.
 """
 
 from __future__ import annotations
