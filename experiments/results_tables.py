@@ -33,12 +33,17 @@ def load(pattern_root: Path, pattern: str) -> list[RunSummary]:
     return [RunSummary.load(p) for p in sorted(pattern_root.glob(pattern)) if (p / "metrics.jsonl").exists()]
 
 
+def series(run: RunSummary, key: str) -> list[float]:
+    """The recorded values of ``key``, round by round (rounds without it left out)."""
+    return [float(r[key]) for r in run.records if r.get(key) is not None]
+
+
 def last(key: str) -> Metric:
     """The last recorded value of ``key`` (the final evaluation)."""
 
     def value(run: RunSummary) -> float | None:
-        found = [r[key] for r in run.records if r.get(key) is not None]
-        return float(found[-1]) if found else None
+        found = series(run, key)
+        return found[-1] if found else None
 
     return value
 
@@ -96,7 +101,7 @@ def rises(key: str) -> Metric:
     curve that never rises), the instability the personalised learning rates are claimed to remove."""
 
     def value(run: RunSummary) -> float | None:
-        values = [float(r[key]) for r in run.records if r.get(key) is not None]
+        values = series(run, key)
         return sum(max(0.0, b - a) for a, b in zip(values, values[1:], strict=False)) if values else None
 
     return value
@@ -113,7 +118,7 @@ def client_seconds(run: RunSummary) -> float:
 
 
 def peak(key: str) -> Metric:
-    return lambda run: max((float(r[key]) for r in run.records if r.get(key) is not None), default=None)
+    return lambda run: max(series(run, key), default=None)
 
 
 def same_seed_differences(
@@ -216,7 +221,7 @@ def flattening(runs: list[RunSummary], key: str, window: int = 3) -> str:
     """Mean over seeds of ``key`` at the last round minus ``window`` rounds earlier: how much it still moves."""
     moves = []
     for run in runs:
-        values = [r.get(key) for r in run.records if r.get(key) is not None]
+        values = series(run, key)
         if len(values) > window:
             moves.append(values[-1] - values[-1 - window])
     return f"{statistics.fmean(moves):+.3f}" if moves else "-"
@@ -291,9 +296,7 @@ def flat_from_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") 
     for label, runs in groups.items():
         done = [r for r in runs if (r.path / "global").is_dir()]
         if done:
-            flat = [
-                rounds_to_flatten([float(x[key]) for x in r.records if x.get(key) is not None]) for r in done
-            ]
+            flat = [rounds_to_flatten(series(r, key)) for r in done]
             parts.append(f"{label} " + ", ".join("not flat" if f is None else str(f) for f in flat))
     return "Round from which the held-out loss is flat (never 1% lower later), per seed: " + "; ".join(parts)
 
@@ -309,11 +312,11 @@ def fedmezo(root: Path) -> str:
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
     budget = min((forward_equivalents(r) for r in finished), default=0.0)
     loss = last("eval_loss")
-    at_budget = at_compute("eval_loss", budget)
+    at_budget, loss_rises = at_compute("eval_loss", budget), rises("eval_loss")
     columns = [
         ("held-out loss", loss, 3),
         ("held-out loss at equal client compute", at_budget, 3),
-        ("loss rises, summed over rounds", rises("eval_loss"), 3),
+        ("loss rises, summed over rounds", loss_rises, 3),
         ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
         ("client training seconds / run (measured)", client_seconds, 0),
         ("peak RSS MB", peak("peak_rss_mb"), 0),
@@ -329,14 +332,14 @@ def fedmezo(root: Path) -> str:
                 [
                     ("loss", loss, 3),
                     ("loss at equal compute", at_budget, 3),
-                    ("rises", rises("eval_loss"), 3),
+                    ("rises", loss_rises, 3),
                 ],
             ),
             "",
             f"Equal client compute: {budget:.2f}e3 forward-pass equivalents, the smallest whole-run compute of any "
             "finished run (a first-order step counts 3).",
             "",
-            base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen", rouge=False),
+            base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen"),
             "",
             flat_from_line(groups),
         ]
@@ -377,7 +380,7 @@ def gain_trend(
     return [slope(*map(list, zip(*p, strict=True))) for p in points.values() if len({x for x, _ in p}) > 1]
 
 
-def base_model_line(root: Path, anchor: list[RunSummary], label: str, rouge: bool = True) -> str:
+def base_model_line(root: Path, anchor: list[RunSummary], label: str) -> str:
     """The base model (no training) on each seed's held-out examples (experiments/base_model_eval.py), and
     the ``anchor`` runs minus it on the same seed: whether federated training moved the model at all."""
     base = {
@@ -393,8 +396,8 @@ def base_model_line(root: Path, anchor: list[RunSummary], label: str, rouge: boo
         if seed_of(r) in base and (r.path / "global").is_dir() and (loss := last("eval_loss")(r)) is not None
     ]
     text = f"Base model, no training ({len(base)} seed{'s' if len(base) != 1 else ''}): held-out loss {format_mean_std(losses, 3)} {format_interval(losses, 3)}"
-    if rouge:
-        rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
+    rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
+    if rouges:
         text += f", ROUGE-L {format_mean_std(rouges, 3)} {format_interval(rouges, 3)}"
     if moved:
         text += f"; {label} minus base model, same seed: {statistics.fmean(moved):+.3f} {format_interval(moved, 3)}"
@@ -415,7 +418,7 @@ def flexlora_rounds_line(root: Path) -> str:
     if not runs:
         return "Rounds until FlexLoRA's held-out loss flattens: not run yet."
     run = runs[0]
-    losses = [float(r["eval_loss"]) for r in run.records if r.get("eval_loss") is not None]
+    losses = series(run, "eval_loss")
     curves(
         {"FlexLoRA, uniform, seed 0": runs},
         "eval_loss",
