@@ -17,10 +17,13 @@ mkdir -p "$OUT"
 rule() { echo "{eps: 1.0e-3, lr_strategy: $1, lr_rules: reference, lr_spread: 0.5, upload: seeds}"; }
 rules() { local joined="" r; for r in "$@"; do joined+="${joined:+,}$(rule "$r")"; done; echo "$joined"; }
 FIRST_ORDER="strategy.name=fedavg strategy.options={}"
+# matched to the reference (FederatedScope-LLM's first-order trainer): plain SGD, no momentum and no gradient
+# clipping (its grad.grad_clip defaults to -1, off); fedlora's default clip of 1.0 binds 5-12x on some clients here
+MATCHED_SGD="client.optimizer=sgd client.grad_clip=null"
 sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" "$@" --seeds "$seed" --output "$OUT/$out" \
   --no-progress >> "$OUT/$out.log" 2>&1; }
 for seed in ${SEEDS//,/ }; do
-  { sweep fedavg-sgd "$seed" $FIRST_ORDER client.optimizer=sgd
+  { sweep fedavg-sgd "$seed" $FIRST_ORDER $MATCHED_SGD
     sweep fedmezo "$seed" --set "strategy.options=$(rules frozen random)"
     base_model "$seed"; } &
   { sweep fedavg-adamw "$seed" $FIRST_ORDER client.optimizer=adamw client.lr=3.0e-4

@@ -306,7 +306,8 @@ def fedmezo(root: Path) -> str:
     for rule in ("frozen", "random", "round-wise", "five-round", "model-diff"):
         # the sweep's cell names: options--eps-1.0e-3-lr-strategy-<rule>-lr-rules-..._seed-<n>
         groups[f"FedMeZO {rule}"] = load(root, f"fedmezo/*strategy-{rule}-*seed-*")
-    groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")
+    groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")  # no clipping, as the reference
+    groups["FedAvg SGD, clipped at 1"] = load(root, "fedavg-sgd-clip1/*seed-*")  # fedlora's default grad_clip
     groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")
     finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
