@@ -145,3 +145,42 @@ def test_batched_clients_fall_back_under_gradient_accumulation(tmp_path: Path) -
         load_config(None, tiny_overrides(tmp_path, **together)), tmp_path / "b", show_progress=False
     )
     assert all(torch.equal(batched.final_state[k], per.final_state[k]) for k in per.final_state)
+
+
+def test_each_step_reports_its_gradient_norm_before_clipping(tmp_path: Path) -> None:
+    """One plain SGD step from B = 0 moves only B (A's gradient s B^T (dL/dh) x^T is 0) by -lr g, so the
+    reported pre-clipping norm is ||B after|| / lr; under a clip below it the reported norm is the same and the
+    step shrinks to lr x clip; batched clients report each client's own norms, as the per-client path does."""
+    lr = 1e-2
+    one_step = {
+        "client.optimizer": "sgd",
+        "client.lr": lr,
+        "client.local_steps": 1,
+        "client.grad_clip": "null",
+        "federation.rounds": 1,
+        "federation.clients_per_round": 1,
+        "adapter.dropout": 0.0,
+    }
+
+    def b_norm(state: dict[str, torch.Tensor]) -> float:
+        return math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in state.items() if "lora_B" in k))
+
+    free = run(load_config(None, tiny_overrides(tmp_path, **one_step)), tmp_path / "free", show_progress=False)
+    (client,) = free.records[0]["clients"]
+    assert client["grad_norm"] == pytest.approx(b_norm(free.final_state) / lr, rel=1e-4)
+    assert client["grad_norm_max"] == client["grad_norm"]
+    clip = client["grad_norm"] / 4
+    clipped_cfg = load_config(None, tiny_overrides(tmp_path, **{**one_step, "client.grad_clip": clip}))
+    clipped = run(clipped_cfg, tmp_path / "clipped", show_progress=False)
+    assert clipped.records[0]["clients"][0]["grad_norm"] == pytest.approx(client["grad_norm"], rel=1e-5)
+    assert b_norm(clipped.final_state) / lr == pytest.approx(clip, rel=1e-4)
+
+    two = {**one_step, "federation.clients_per_round": 2, "client.local_steps": 2, "client.grad_clip": 0.5}
+    per = run(load_config(None, tiny_overrides(tmp_path, **two)), tmp_path / "per", show_progress=False)
+    together = {**two, "compute.batch_clients": "true"}
+    batched = run(load_config(None, tiny_overrides(tmp_path, **together)), tmp_path / "b", show_progress=False)
+    norms = {c["client"]: (c["grad_norm"], c["grad_norm_max"]) for c in per.records[0]["clients"]}
+    for c in batched.records[0]["clients"]:
+        assert c["batched_clients"] == 2
+        assert c["grad_norm"] == pytest.approx(norms[c["client"]][0], rel=1e-4)
+        assert c["grad_norm_max"] == pytest.approx(norms[c["client"]][1], rel=1e-4)

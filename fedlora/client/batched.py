@@ -42,6 +42,7 @@ from fedlora.client.trainer import (
     LocalResult,
     LocalTrainingSettings,
     backward,
+    gradient_norm_metrics,
     make_optimizer,
     make_scheduler,
     optimizer_step,
@@ -208,12 +209,11 @@ def train_clients_together(
     optimizer = make_optimizer(params, settings)
     scheduler = make_scheduler(optimizer, settings, len(client_batches[0]))  # one schedule: equal steps
     scaler = grad_scaler(settings.precision, device)
-    clip = (
-        None if settings.grad_clip is None else functools.partial(clip_per_client, params, settings.grad_clip)
-    )
+    clip = functools.partial(per_client_gradient_norms, params, settings.grad_clip)
     K = len(jobs)
     rows = max(len(b) for batches in client_batches for b in batches)
     losses: list[list[float]] = [[] for _ in jobs]
+    norms: list[torch.Tensor] = []  # (K,) per step
     tokens = [0] * K
     started = time.perf_counter()
     model.train()
@@ -238,8 +238,10 @@ def train_clients_together(
             for k, value in enumerate(client_loss.detach().cpu().tolist()):
                 losses[k].append(value)
             backward(total, scaler)
-            optimizer_step(optimizer, scaler, clip, scheduler)
+            norms.append(optimizer_step(optimizer, scaler, clip, scheduler))
     model.eval()
+    measured = norms and norms[0].numel() == K  # K x steps, one device sync
+    client_norms = torch.stack(norms, dim=1).tolist() if measured else [[] for _ in jobs]
     seconds = (time.perf_counter() - started) / K
     results = []
     for k, (job, ctx) in enumerate(zip(jobs, contexts, strict=True)):
@@ -257,6 +259,7 @@ def train_clients_together(
                 "tokens": tokens[k],
                 "train_seconds": seconds,
                 "batched_clients": K,
+                **gradient_norm_metrics(client_norms[k]),
             }
         )
         for hook in job.hooks:
@@ -265,13 +268,16 @@ def train_clients_together(
     return results
 
 
-def clip_per_client(params: list[torch.nn.Parameter], max_norm: float) -> None:
-    """Clip each client's gradient (its slice k of every stacked tensor, as one vector) to ``max_norm``,
-    with torch's rule: g_k *= min(1, max_norm / (||g_k|| + 1e-6))."""
+def per_client_gradient_norms(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Each client's gradient norm ||g_k||_2 (its slice k of every stacked tensor, as one vector), shape (K,),
+    measured before clipping; with ``max_norm``, each g_k is then clipped with torch's rule
+    g_k *= min(1, max_norm / (||g_k|| + 1e-6)), as the per-client path clips its own gradient."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return
-    squares = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0)  # (K,)
-    coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
+        return torch.zeros(0)
+    norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
+    if max_norm is not None:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
+    return norms

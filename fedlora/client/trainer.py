@@ -153,8 +153,9 @@ def run_steps(
     precision: str = "fp32",
     accumulation: int = 1,
     scheduler: Any = None,
-) -> tuple[list[float], int]:
-    """Plain first-order steps (train mode, dropout seeded); returns the micro-batch losses and the token count.
+) -> tuple[list[float], int, list[float]]:
+    """Plain first-order steps (train mode, dropout seeded); returns the micro-batch losses, the token count and
+    each optimizer step's global gradient norm before clipping (:func:`gradient_norm`).
 
     ``make_batch`` turns a micro-batch's encoded examples into tensors (``Encoder.training_batch``: padded or
     packed rows).
@@ -165,10 +166,11 @@ def run_steps(
     and hooks that train something else first (pFedLoRA's local-model phase).
     """
     losses: list[float] = []
+    norms: list[torch.Tensor] = []
     tokens = 0
     device = model_device(model)
     scaler = grad_scaler(precision, device)
-    clip = None if grad_clip is None else functools.partial(torch.nn.utils.clip_grad_norm_, params, grad_clip)
+    clip = functools.partial(gradient_norm, params, grad_clip)
     model.train()
     with seeded(seed, device):  # dropout masks
         for index, items in enumerate(batches, start=1):
@@ -179,9 +181,26 @@ def run_steps(
             losses.append(float(loss.detach()))
             backward(loss / accumulation if accumulation > 1 else loss, scaler)
             if index % accumulation == 0 or index == len(batches):
-                optimizer_step(optimizer, scaler, clip, scheduler)
+                norms.append(optimizer_step(optimizer, scaler, clip, scheduler))
     model.eval()
-    return losses, tokens
+    return losses, tokens, torch.stack(norms).tolist() if norms else []  # one device sync, at the end
+
+
+def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The step's global gradient norm ||g||_2 over ``params`` (all gradients as one vector), measured before
+    clipping; with ``max_norm``, g is then clipped with torch's rule g *= min(1, max_norm / (||g|| + 1e-6))."""
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def gradient_norm_metrics(norms: Sequence[float]) -> dict[str, float]:
+    """``grad_norm`` (the mean over the round's optimizer steps of the pre-clipping gradient norm) and
+    ``grad_norm_max``; steps with a non-finite norm (fp16 overflow: the step was skipped) are left out."""
+    finite = [n for n in norms if math.isfinite(n)]
+    if not finite:
+        return {}
+    return {"grad_norm": sum(finite) / len(finite), "grad_norm_max": max(finite)}
 
 
 def backward(loss: torch.Tensor, scaler: Any) -> None:
@@ -191,13 +210,13 @@ def backward(loss: torch.Tensor, scaler: Any) -> None:
 
 def optimizer_step(
     optimizer: torch.optim.Optimizer, scaler: Any, clip: Callable[[], Any] | None, scheduler: Any = None
-) -> None:
-    """clip, step, advance the schedule, zero the gradients; with an fp16 ``scaler``: gradients unscaled
-    before ``clip``, the step skipped if any gradient is inf/NaN, then the scale updated."""
+) -> Any:
+    """clip, step, advance the schedule, zero the gradients; returns what ``clip`` returned (the gradient norm
+    before clipping, as a tensor: no device sync here). With an fp16 ``scaler``: gradients unscaled before
+    ``clip``, the step skipped if any gradient is inf/NaN, then the scale updated."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if clip is not None:
-        clip()
+    norm = clip() if clip is not None else None
     if scaler is None:
         optimizer.step()
     else:
@@ -206,6 +225,7 @@ def optimizer_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 @contextlib.contextmanager
@@ -287,8 +307,9 @@ def train_locally(
                 loss = loss + extra
         return loss
 
+    norms: list[float] = []
     if dp is None:
-        losses, tokens = run_steps(
+        losses, tokens, norms = run_steps(
             model,
             params,
             batches,
@@ -324,6 +345,7 @@ def train_locally(
             "steps": steps,
             "tokens": tokens,
             "train_seconds": time.perf_counter() - started,
+            **gradient_norm_metrics(norms),
         }
     )
     if dp is not None:  # computed on raw private batches: not released (only the public step count leaves)

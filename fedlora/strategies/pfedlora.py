@@ -76,7 +76,7 @@ class LocalModelPhase(ClientHooks):
                 local, lr=self.lr or settings.lr, weight_decay=settings.weight_decay
             )
             task = ctx.encoder.task
-            losses, _ = run_steps(
+            losses, _, _ = run_steps(
                 model,
                 local,
                 batches,
