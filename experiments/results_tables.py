@@ -79,14 +79,15 @@ def forward_equivalents(run: RunSummary) -> float:
     return sum(round_forward_equivalents(r) for r in run.records)
 
 
-def at_compute(key: str, budget: float) -> Metric:
-    """``key`` at the last evaluated round whose cumulative client compute is at most ``budget`` forward-pass
-    equivalents (x1e-3): methods of different cost per round compared at equal client compute."""
+def at_compute(key: str, budget: float, cost: Callable[[dict], float] = round_forward_equivalents) -> Metric:
+    """``key`` at the last evaluated round whose cumulative client compute (``cost`` per round: forward-pass
+    equivalents x1e-3, or :func:`round_client_seconds`) is at most ``budget``: methods of different cost per
+    round compared at equal client compute."""
 
     def value(run: RunSummary) -> float | None:
         spent, found = 0.0, None
         for record in run.records:
-            spent += round_forward_equivalents(record)
+            spent += cost(record)
             if spent > budget * (1 + 1e-9):
                 break
             if record.get(key) is not None:
@@ -107,14 +108,18 @@ def rises(key: str) -> Metric:
     return value
 
 
-def client_seconds(run: RunSummary) -> float:
-    """Every client's training seconds summed over the run: the adapter steps and, where a method trains its
-    own model first (pFedLoRA's phase 1), those too."""
+def round_client_seconds(record: dict) -> float:
+    """One round's client training seconds, summed over its clients: the adapter steps and, where a method
+    trains its own model first (pFedLoRA's phase 1), those too."""
     return sum(
         float(c.get("train_seconds") or 0) + float(c.get("local_model_seconds") or 0)
-        for r in run.records
-        for c in r.get("clients", [])
+        for c in record.get("clients", [])
     )
+
+
+def client_seconds(run: RunSummary) -> float:
+    """Every client's training seconds summed over the run (:func:`round_client_seconds` over rounds)."""
+    return sum(round_client_seconds(r) for r in run.records)
 
 
 def peak(key: str) -> Metric:
@@ -312,11 +317,14 @@ def fedmezo(root: Path) -> str:
     finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
     budget = min((forward_equivalents(r) for r in finished), default=0.0)
+    seconds_budget = min((client_seconds(r) for r in finished), default=0.0)
     loss = last("eval_loss")
     at_budget, loss_rises = at_compute("eval_loss", budget), rises("eval_loss")
+    at_seconds = at_compute("eval_loss", seconds_budget, round_client_seconds)
     columns = [
         ("held-out loss", loss, 3),
         ("held-out loss at equal client compute", at_budget, 3),
+        ("held-out loss at equal measured client seconds", at_seconds, 3),
         ("loss rises, summed over rounds", loss_rises, 3),
         ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
         ("client training seconds / run (measured)", client_seconds, 0),
@@ -333,12 +341,14 @@ def fedmezo(root: Path) -> str:
                 [
                     ("loss", loss, 3),
                     ("loss at equal compute", at_budget, 3),
+                    ("loss at equal seconds", at_seconds, 3),
                     ("rises", loss_rises, 3),
                 ],
             ),
             "",
             f"Equal client compute: {budget:.2f}e3 forward-pass equivalents, the smallest whole-run compute of any "
-            "finished run (a first-order step counts 3).",
+            f"finished run (a first-order step counts 3); equal measured client seconds: {seconds_budget:.0f} s, "
+            "the smallest of any finished run's client training seconds.",
             "",
             base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen"),
             "",

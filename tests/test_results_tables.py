@@ -158,7 +158,7 @@ def write_rounds(path: Path, seed: int, losses: list[float], clients: list[dict]
 
 def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     zeroth = [{"client": c, "forward_passes": 40, "train_seconds": 2.0} for c in range(4)]  # 0.16e3 a round
-    first = [{"client": c, "steps": 20, "train_seconds": 3.0} for c in range(4)]  # 3 per step: 0.24e3 a round
+    first = [{"client": c, "steps": 20, "train_seconds": 2.5} for c in range(4)]  # 3 per step: 0.24e3 a round
     mezo = {s: [3.0, 2.5, 2.7 + s / 100, 2.4, 2.6] for s in range(3)}  # rises 0.2 + s/100 and 0.2
     sgd = {s: [3.0, 2.8, 2.6 - s / 100, 2.2, 2.0] for s in range(3)}
     for s in range(3):
@@ -184,12 +184,17 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
     at_budget = [sgd[s][2] for s in range(3)]
     assert rows["FedAvg SGD (matched)"][4] == tables.format_mean_std(at_budget, 3)
     diffs = [sgd[s][2] - mezo[s][4] for s in range(3)]
-    assert rows["FedAvg SGD (matched)"][15].startswith(f"{statistics.fmean(diffs):+.3f} [")
+    assert rows["FedAvg SGD (matched)"][17].startswith(f"{statistics.fmean(diffs):+.3f} [")
+    # equal measured seconds: MeZO's 5 x 4 x 2 s = 40 s; SGD spends 10 s a round, so it is read at round 4
+    assert "equal measured client seconds: 40 s" in text
+    assert rows["FedAvg SGD (matched)"][6] == tables.format_mean_std([sgd[s][3] for s in range(3)], 3)
+    seconds_diffs = [sgd[s][3] - mezo[s][4] for s in range(3)]
+    assert rows["FedAvg SGD (matched)"][18].startswith(f"{statistics.fmean(seconds_diffs):+.3f} [")
     # how much each curve goes back up, summed over rounds
     rises = [0.2 + s / 100 + 0.2 for s in range(3)]
-    assert rows["FedMeZO frozen"][6] == tables.format_mean_std(rises, 3)
-    assert rows["FedAvg SGD (matched)"][6].startswith("0.000")
-    assert rows["FedMeZO frozen"][10].startswith("40 ")  # measured client seconds: 5 rounds x 4 clients x 2 s
+    assert rows["FedMeZO frozen"][8] == tables.format_mean_std(rises, 3)
+    assert rows["FedAvg SGD (matched)"][8].startswith("0.000")
+    assert rows["FedMeZO frozen"][12].startswith("40 ")  # measured client seconds: 5 rounds x 4 clients x 2 s
     assert f"FedMeZO frozen minus base model, same seed: {2.6 - 3.5:+.3f}" in text
     assert "FedAvg SGD (matched) not flat, not flat, not flat" in text
     assert (tmp_path / "results-fedmezo-compute.png").stat().st_size > 0

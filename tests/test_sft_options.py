@@ -165,7 +165,9 @@ def test_each_step_reports_its_gradient_norm_before_clipping(tmp_path: Path) -> 
     def b_norm(state: dict[str, torch.Tensor]) -> float:
         return math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in state.items() if "lora_B" in k))
 
-    free = run(load_config(None, tiny_overrides(tmp_path, **one_step)), tmp_path / "free", show_progress=False)
+    free = run(
+        load_config(None, tiny_overrides(tmp_path, **one_step)), tmp_path / "free", show_progress=False
+    )
     (client,) = free.records[0]["clients"]
     assert client["grad_norm"] == pytest.approx(b_norm(free.final_state) / lr, rel=1e-4)
     assert client["grad_norm_max"] == client["grad_norm"]
@@ -178,7 +180,9 @@ def test_each_step_reports_its_gradient_norm_before_clipping(tmp_path: Path) -> 
     two = {**one_step, "federation.clients_per_round": 2, "client.local_steps": 2, "client.grad_clip": 0.5}
     per = run(load_config(None, tiny_overrides(tmp_path, **two)), tmp_path / "per", show_progress=False)
     together = {**two, "compute.batch_clients": "true"}
-    batched = run(load_config(None, tiny_overrides(tmp_path, **together)), tmp_path / "b", show_progress=False)
+    batched = run(
+        load_config(None, tiny_overrides(tmp_path, **together)), tmp_path / "b", show_progress=False
+    )
     norms = {c["client"]: (c["grad_norm"], c["grad_norm_max"]) for c in per.records[0]["clients"]}
     for c in batched.records[0]["clients"]:
         assert c["batched_clients"] == 2
