@@ -15,6 +15,8 @@ run() {
 base_model() {
   local seed=$1; shift
   local target="$OUT/base-model_seed-$seed.json"
-  [ -f "$target" ] || "${PY:-.venv/bin/python}" experiments/base_model_eval.py "$CONFIG" --seed "$seed" "$@" \
-    > "$target.tmp" 2>> "$OUT/base-model.log" && mv "$target.tmp" "$target"
+  if [ ! -f "$target" ]; then
+    "${PY:-.venv/bin/python}" experiments/base_model_eval.py "$CONFIG" --seed "$seed" "$@" \
+      > "$target.tmp" 2>> "$OUT/base-model.log" && mv "$target.tmp" "$target"
+  fi
 }
