@@ -74,11 +74,6 @@ def round_forward_equivalents(record: dict) -> float:
     )
 
 
-def forward_equivalents(run: RunSummary) -> float:
-    """The whole run's client compute (:func:`round_forward_equivalents` summed over rounds), x1e-3."""
-    return sum(round_forward_equivalents(r) for r in run.records)
-
-
 def at_compute(key: str, budget: float, cost: Callable[[dict], float] = round_forward_equivalents) -> Metric:
     """``key`` at the last evaluated round whose cumulative client compute (``cost`` per round: forward-pass
     equivalents x1e-3, or :func:`round_client_seconds`) is at most ``budget``: methods of different cost per
@@ -117,9 +112,19 @@ def round_client_seconds(record: dict) -> float:
     )
 
 
-def client_seconds(run: RunSummary) -> float:
-    """Every client's training seconds summed over the run (:func:`round_client_seconds` over rounds)."""
-    return sum(round_client_seconds(r) for r in run.records)
+def run_total(cost: Callable[[dict], float]) -> Metric:
+    """A per-round ``cost`` summed over the run's rounds: sum_t cost(record_t)."""
+    return lambda run: sum(cost(record) for record in run.records)
+
+
+def smallest_total(runs: list[RunSummary], cost: Callable[[dict], float]) -> float:
+    """The smallest whole-run ``cost`` among ``runs`` (0 for none): the budget at which every run is compared."""
+    return min((run_total(cost)(run) for run in runs), default=0.0)
+
+
+# the whole run's client compute in forward-pass equivalents x1e-3, and its clients' training seconds
+forward_equivalents = run_total(round_forward_equivalents)
+client_seconds = run_total(round_client_seconds)
 
 
 def peak(key: str) -> Metric:
@@ -316,8 +321,8 @@ def fedmezo(root: Path) -> str:
     groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")
     finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
-    budget = min((forward_equivalents(r) for r in finished), default=0.0)
-    seconds_budget = min((client_seconds(r) for r in finished), default=0.0)
+    budget = smallest_total(finished, round_forward_equivalents)
+    seconds_budget = smallest_total(finished, round_client_seconds)
     loss = last("eval_loss")
     at_budget, loss_rises = at_compute("eval_loss", budget), rises("eval_loss")
     at_seconds = at_compute("eval_loss", seconds_budget, round_client_seconds)
