@@ -10,7 +10,8 @@
 # model, FedMeZO `frozen` against matched SGD (faster convergence than first-order FedAvg), then the other rules
 # (do the personalised rates help), then AdamW. ORDER and SEEDS change the queue. Finished runs are skipped and
 # interrupted ones resumed: re-run until it completes; stop it with `kill -- -<its process group>` (each run
-# checkpoints its last round and stops).
+# checkpoints its last round and stops). Keep the runs across machines with `python experiments/records.py save`
+# and a commit of experiments/records/ (done here at the start: restore).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/common.sh
@@ -43,6 +44,8 @@ job() {
 }
 if [ "${1:-}" = --job ]; then job "$2" "$3"; exit; fi
 
+# a new machine starts without runs/: bring back what earlier sessions kept (experiments/records.py)
+"${PY:-.venv/bin/python}" experiments/records.py restore experiments/records "${OUT%/*}"
 for what in $ORDER; do for seed in ${SEEDS//,/ }; do echo "$what $seed"; done; done |
   xargs -P 2 -L 1 bash "$0" --job
 "${PY:-.venv/bin/python}" experiments/results_tables.py fedmezo "$OUT"
