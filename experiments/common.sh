@@ -20,3 +20,9 @@ base_model() {
       > "$target.tmp" 2>> "$OUT/base-model.log" && mv "$target.tmp" "$target"
   fi
 }
+
+# restore_records: bring back into runs/ what earlier machines kept in experiments/records/ (a new machine starts
+# without runs/; experiments/records.py save, then a commit, keeps them): finished runs are skipped, the rest resume.
+restore_records() {
+  "${PY:-.venv/bin/python}" experiments/records.py restore experiments/records runs
+}

@@ -44,8 +44,7 @@ job() {
 }
 if [ "${1:-}" = --job ]; then job "$2" "$3"; exit; fi
 
-# a new machine starts without runs/: bring back what earlier sessions kept (experiments/records.py)
-"${PY:-.venv/bin/python}" experiments/records.py restore experiments/records "${OUT%/*}"
+restore_records
 for what in $ORDER; do for seed in ${SEEDS//,/ }; do echo "$what $seed"; done; done |
   xargs -P 2 -L 1 bash "$0" --job
 "${PY:-.venv/bin/python}" experiments/results_tables.py fedmezo "$OUT"

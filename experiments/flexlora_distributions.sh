@@ -28,6 +28,7 @@ ROUNDS_LONG=${ROUNDS_LONG:-20}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
+restore_records
 HETERO="resources.rank_scale=0.25 eval.final_metrics=[rouge-l] eval.batch_size=24 $SCALING_SET"
 DISTRIBUTIONS="resources.distribution=uniform,heavy-tail-light,heavy-tail-strong,normal"
 sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" $HETERO "$@" --seeds "$seed" \

@@ -7,11 +7,13 @@
 # pFedLoRA against FedAvg of the whole model. Finished runs are skipped, interrupted ones resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/common.sh
 CONFIG=configs/pfedlora-widths.yaml
 OUT=${OUT:-runs/pfedlora-widths}
 SEEDS=${SEEDS:-0,1,2}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 mkdir -p "$OUT"
+restore_records
 BASELINE="strategy.options={} client.local_steps=10 client.lr=3.0e-4"
 sweep() { local out=$1; shift; "$FEDLORA" sweep "$CONFIG" "$@" --seeds "$SEEDS" --output "$OUT/$out" --no-progress >> "$OUT/$out.log" 2>&1; }
 HOMO='model.variants=[{num_layers: 6}]'

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl")
+# a folder larger than this (a whole-model FedAvg's global model, say) is not put in the repository
+MAX_KEPT_MB = 20.0
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -47,8 +49,13 @@ def replace_tree(source: Path, target: Path) -> None:
     partial.rename(target)
 
 
-def save_run(run: Path, record: Path) -> None:
-    """Copy one run folder's records into ``record`` (see the module docstring), built aside then swapped in."""
+def megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def save_run(run: Path, record: Path) -> str:
+    """Copy one run folder's records into ``record`` (see the module docstring), built aside then swapped in;
+    returns what was left out, if anything."""
     staged = record.with_name(record.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
@@ -56,12 +63,21 @@ def save_run(run: Path, record: Path) -> None:
         if (run / name).exists():
             shutil.copy2(run / name, staged / name)
     checkpoint = newest_checkpoint(run)
-    if (run / "global").is_dir():
-        shutil.copytree(run / "global", staged / "global")
-    elif checkpoint is not None:
-        shutil.copytree(checkpoint, staged / "checkpoints" / checkpoint.name)
+    folder, target = (
+        (run / "global", staged / "global")
+        if (run / "global").is_dir()
+        else (checkpoint, None if checkpoint is None else staged / "checkpoints" / checkpoint.name)
+    )
+    left_out = ""
+    if folder is not None and target is not None:
+        size = megabytes(folder)
+        if size <= MAX_KEPT_MB:
+            shutil.copytree(folder, target)
+        else:
+            left_out = f" ({folder.name}, {size:.0f} MB, not kept: over {MAX_KEPT_MB:.0f} MB; this record cannot resume)"
     shutil.rmtree(record, ignore_errors=True)
     staged.rename(record)
+    return left_out
 
 
 def save(runs: Path, records: Path) -> list[str]:
@@ -74,8 +90,8 @@ def save(runs: Path, records: Path) -> list[str]:
             not finished and rounds_logged(record) >= rounds_logged(run) and record.exists()
         ):
             continue
-        save_run(run, record)
-        done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if finished else ''}")
+        left_out = save_run(run, record)
+        done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if finished else ''}{left_out}")
     for base in runs.rglob("base-model_seed-*.json"):
         target = records / base.relative_to(runs)
         if not target.exists():

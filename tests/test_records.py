@@ -77,3 +77,17 @@ def test_saved_then_restored_run_resumes_to_the_uninterrupted_adapter(tmp_path: 
     assert records.save(elsewhere, kept) == [f"saved {resumed}: {ROUNDS} rounds, finished"]
     assert (kept / "claim" / "unfinished_seed-0" / "global").is_dir()
     assert not (kept / "claim" / "unfinished_seed-0" / "checkpoints").exists()
+
+
+def test_a_folder_too_large_for_the_repository_is_left_out_and_said(tmp_path: Path) -> None:
+    records = load_records_module()
+    run = tmp_path / "runs" / "claim" / "whole-model_seed-0"
+    (run / "global").mkdir(parents=True)
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        (run / name).write_text("{}\n")
+    (run / "global" / "model.safetensors").write_bytes(bytes(2 * 2**20))
+    records.MAX_KEPT_MB = 1.0
+    [line] = records.save(tmp_path / "runs", tmp_path / "kept")
+    assert "global, 2 MB, not kept: over 1 MB" in line
+    kept = tmp_path / "kept" / "claim" / "whole-model_seed-0"
+    assert (kept / "metrics.jsonl").read_text() == "{}\n" and not (kept / "global").exists()
