@@ -80,6 +80,18 @@ def save_run(run: Path, record: Path) -> str:
     return left_out
 
 
+def copy_base_models(source: Path, destination: Path) -> list[Path]:
+    """Copy the base-model evaluations (``base-model_seed-*.json``, written once) that ``destination`` lacks."""
+    copied = []
+    for base in source.rglob("base-model_seed-*.json"):
+        target = destination / base.relative_to(source)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(base, target)
+            copied.append(target)
+    return copied
+
+
 def save(runs: Path, records: Path) -> list[str]:
     """Save every run under ``runs`` whose record is missing or older; returns one line per saved run."""
     done = []
@@ -92,13 +104,7 @@ def save(runs: Path, records: Path) -> list[str]:
             continue
         left_out = save_run(run, record)
         done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if finished else ''}{left_out}")
-    for base in runs.rglob("base-model_seed-*.json"):
-        target = records / base.relative_to(runs)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(base, target)
-            done.append(f"saved {base}")
-    return done
+    return done + [f"saved {target}" for target in copy_base_models(runs, records)]
 
 
 def restore(records: Path, runs: Path) -> list[str]:
@@ -110,13 +116,7 @@ def restore(records: Path, runs: Path) -> list[str]:
             continue
         replace_tree(record, run)
         done.append(f"restored {run}: {rounds_logged(record)} rounds")
-    for base in records.rglob("base-model_seed-*.json"):
-        target = runs / base.relative_to(records)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(base, target)
-            done.append(f"restored {target}")
-    return done
+    return done + [f"restored {target}" for target in copy_base_models(records, runs)]
 
 
 def main(argv: list[str]) -> int:
