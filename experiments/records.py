@@ -19,6 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedlora.engine.checkpoint import list_rounds
+
 RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl")
 # a folder larger than this (a whole-model FedAvg's global model, say) is not put in the repository
 MAX_KEPT_MB = 20.0
@@ -36,8 +38,9 @@ def rounds_logged(run: Path) -> int:
 
 
 def newest_checkpoint(run: Path) -> Path | None:
-    rounds = [p for p in (run / "checkpoints").glob("round_*") if p.name.removeprefix("round_").isdigit()]
-    return max(rounds, key=lambda p: int(p.name.removeprefix("round_")), default=None)
+    """The newest complete checkpoint folder (``checkpoints/round_N`` with its state file), if any."""
+    rounds = list_rounds(run / "checkpoints")
+    return run / "checkpoints" / f"round_{rounds[-1]}" if rounds else None
 
 
 def replace_tree(source: Path, target: Path) -> None:
