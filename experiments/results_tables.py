@@ -7,7 +7,8 @@
 Every row is a group of runs that differ only in their seed: the final figure's mean ± sample std and its 95%
 Student-t interval over the seeds, and the difference from the claim's method on the same seed (the same split,
 initialisation and sampling) with its 95% interval, which is what decides a claim when the seeds' spread is
-larger than the difference. Unfinished runs count as far as they got and are marked. Each section also writes
+larger than the difference. Unfinished runs count as far as they got and are marked; a same-seed difference
+pairs two runs only at the same round. Each section also writes
 the mean curve per round of every group as a PNG next to the runs (``results-<claim>.png``).
 """
 
@@ -131,31 +132,45 @@ def peak(key: str) -> Metric:
     return lambda run: max(series(run, key), default=None)
 
 
+def is_finished(run: RunSummary) -> bool:
+    """The run wrote its final adapter (all its rounds, or early stopping's last)."""
+    return (run.path / "global").is_dir()
+
+
 def same_seed_differences(
     runs: list[RunSummary], anchor: list[RunSummary], metric: Metric
 ) -> list[tuple[RunSummary, float]]:
-    """(run, metric(run) - metric(anchor run of the same seed)) for every run where both are known."""
-    theirs = {seed_of(r): metric(r) for r in anchor}
+    """(run, metric(run) - metric(anchor run of the same seed)) for every run where both are known and both
+    runs are finished or have reached the same round (an unfinished run is not paired with one that went
+    further: a difference at two different rounds measures the rounds, not the methods)."""
+    theirs = {seed_of(r): r for r in anchor}
     pairs = []
     for run in runs:
-        mine, other = metric(run), theirs.get(seed_of(run))
-        if mine is not None and other is not None:
-            pairs.append((run, mine - other))
+        other = theirs.get(seed_of(run))
+        if other is None:
+            continue
+        if not (is_finished(run) and is_finished(other)) and len(other.records) != len(run.records):
+            continue
+        mine, reference = metric(run), metric(other)
+        if mine is not None and reference is not None:
+            pairs.append((run, mine - reference))
     return pairs
 
 
 def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
-    """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the common seeds."""
+    """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the seeds paired by
+    :func:`same_seed_differences`, with their number when some of the group's seeds could not be paired."""
     diffs = [d for _, d in same_seed_differences(runs, anchor, metric)]
     if not diffs or all(d == 0 for d in diffs):
         return "-"
-    return f"{statistics.fmean(diffs):+.{digits}f} {format_interval(diffs, digits)}"
+    text = f"{statistics.fmean(diffs):+.{digits}f} {format_interval(diffs, digits)}"
+    return text if len(diffs) == len(runs) else f"{text}, {len(diffs)} seeds"
 
 
 def rounds_done(runs: list[RunSummary]) -> str:
     done = [len(r.records) for r in runs]
     planned = max(int(r.settings.get("federation.rounds", 0)) for r in runs)
-    finished = sum(1 for r in runs if (r.path / "global").is_dir())
+    finished = sum(1 for r in runs if is_finished(r))
     text = f"{finished}/{len(runs)}"
     return text if finished == len(runs) else f"{text} ({min(done)}-{max(done)} of {planned} rounds)"
 
@@ -304,7 +319,7 @@ def flat_from_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") 
     """Per group and finished seed, the round from which ``key`` is flat (:func:`rounds_to_flatten`)."""
     parts = []
     for label, runs in groups.items():
-        done = [r for r in runs if (r.path / "global").is_dir()]
+        done = [r for r in runs if is_finished(r)]
         if done:
             flat = [rounds_to_flatten(series(r, key)) for r in done]
             parts.append(f"{label} " + ", ".join("not flat" if f is None else str(f) for f in flat))
@@ -319,7 +334,7 @@ def fedmezo(root: Path) -> str:
     groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")  # no clipping, as the reference
     groups["FedAvg SGD, clipped at 1"] = load(root, "fedavg-sgd-clip1/*seed-*")  # fedlora's default grad_clip
     groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")
-    finished = [r for runs in groups.values() for r in runs if (r.path / "global").is_dir()]
+    finished = [r for runs in groups.values() for r in runs if is_finished(r)]
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
     budget = smallest_total(finished, round_forward_equivalents)
     seconds_budget = smallest_total(finished, round_client_seconds)
@@ -391,7 +406,7 @@ def gain_trend(
     points: dict[str, list[tuple[float, float]]] = {}
     for runs in flexlora_runs.values():
         for run, gain in same_seed_differences(runs, anchor, metric):
-            if (run.path / "global").is_dir():
+            if is_finished(run):
                 points.setdefault(seed_of(run), []).append((mean_client_rank(run), gain))
     return [slope(*map(list, zip(*p, strict=True))) for p in points.values() if len({x for x, _ in p}) > 1]
 
@@ -409,7 +424,7 @@ def base_model_line(root: Path, anchor: list[RunSummary], label: str) -> str:
     moved = [
         loss - base[seed_of(r)]["eval_loss"]
         for r in anchor
-        if seed_of(r) in base and (r.path / "global").is_dir() and (loss := last("eval_loss")(r)) is not None
+        if seed_of(r) in base and is_finished(r) and (loss := last("eval_loss")(r)) is not None
     ]
     text = f"Base model, no training ({len(base)} seed{'s' if len(base) != 1 else ''}): held-out loss {format_mean_std(losses, 3)} {format_interval(losses, 3)}"
     rouges = [b["eval_rouge_l"] for b in base.values() if b.get("eval_rouge_l") is not None]
@@ -442,7 +457,7 @@ def flexlora_rounds_line(root: Path) -> str:
         "held-out loss",
     )
     planned = int(run.settings.get("federation.rounds", 0))
-    if not (run.path / "global").is_dir():
+    if not is_finished(run):
         return (
             f"Rounds until FlexLoRA's held-out loss flattens: in progress, {len(losses)} of {planned} rounds "
             f"(re-run experiments/flexlora_distributions.sh to resume)."
