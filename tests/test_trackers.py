@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,21 @@ pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
 
-def wandb_records(path: Path) -> list:
+def wandb_records(path: Path, wait_s: float = 60.0) -> list:
     """The protobuf records of an offline W&B run file (a LevelDB-style log: 7-byte file header, 32 KiB
-    blocks, each chunk = crc32 (4) + length (2) + type (1: full, 2: first, 3: middle, 4: last))."""
+    blocks, each chunk = crc32 (4) + length (2) + type (1: full, 2: first, 3: middle, 4: last)), once the file
+    holds the run's ``exit`` record: W&B's service writes the file on its own and can still be flushing it when
+    ``run.finish()`` has returned (seen once in CI: a file read at that moment had no history yet)."""
+    deadline = time.monotonic() + wait_s
+    records = parse_wandb_file(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = parse_wandb_file(path)
+    return records
+
+
+def parse_wandb_file(path: Path) -> list:
+    """Every complete record in the file as it is now."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, block = path.read_bytes(), 7, 32768
@@ -31,6 +44,8 @@ def wandb_records(path: Path) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
