@@ -8,8 +8,8 @@ Every row is a group of runs that differ only in their seed: the final figure's 
 Student-t interval over the seeds, and the difference from the claim's method on the same seed (the same split,
 initialisation and sampling) with its 95% interval, which is what decides a claim when the seeds' spread is
 larger than the difference. Unfinished runs count as far as they got and are marked; a same-seed difference
-pairs two runs only at the same round. Each section also writes
-the mean curve per round of every group as a PNG next to the runs (``results-<claim>.png``).
+pairs two finished runs, or two runs at the same round. Each section also writes the mean curve per round of
+every group as a PNG next to the runs (``results-<claim>.png``).
 """
 
 from __future__ import annotations
