@@ -20,10 +20,18 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from fedlora.tracking.compare import RunSummary, format_interval, format_mean_std
 
 Metric = Callable[[RunSummary], float | None]
+
+
+class PerPair(NamedTuple):
+    """A metric whose reading depends on the same-seed pair it is compared in: ``make(run, anchor_run)``
+    returns the :data:`Metric` both runs of that pair are read with (e.g. at a budget both of them spent)."""
+
+    make: Callable[[RunSummary, RunSummary], Metric]
 
 
 def seed_of(run: RunSummary) -> str:
@@ -93,6 +101,14 @@ def at_compute(key: str, budget: float, cost: Callable[[dict], float] = round_fo
     return value
 
 
+def at_pair_budget(key: str, cost: Callable[[dict], float]) -> PerPair:
+    """``key`` of both runs of a same-seed pair read by :func:`at_compute` at the pair's own budget, the smaller
+    of the two runs' whole-run ``cost``: min(sum_t cost(run_t), sum_t cost(anchor_t)). A budget per pair, not
+    one for the whole table, so that a run measured on a faster machine moves only its own pair's budget."""
+    total = run_total(cost)
+    return PerPair(lambda run, other: at_compute(key, min(total(run), total(other)), cost))
+
+
 def rises(key: str) -> Metric:
     """Sum over rounds of max(0, value_t - value_{t-1}) of ``key``: how much a loss curve goes back up (0 for a
     curve that never rises), the instability the personalised learning rates are claimed to remove."""
@@ -138,7 +154,7 @@ def is_finished(run: RunSummary) -> bool:
 
 
 def same_seed_differences(
-    runs: list[RunSummary], anchor: list[RunSummary], metric: Metric
+    runs: list[RunSummary], anchor: list[RunSummary], metric: Metric | PerPair
 ) -> list[tuple[RunSummary, float]]:
     """(run, metric(run) - metric(anchor run of the same seed)) for every run where both are known and both
     runs are finished or have reached the same round (an unfinished run is not paired with one that went
@@ -151,13 +167,14 @@ def same_seed_differences(
             continue
         if not (is_finished(run) and is_finished(other)) and len(other.records) != len(run.records):
             continue
-        mine, reference = metric(run), metric(other)
+        read = metric.make(run, other) if isinstance(metric, PerPair) else metric
+        mine, reference = read(run), read(other)
         if mine is not None and reference is not None:
             pairs.append((run, mine - reference))
     return pairs
 
 
-def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric, digits: int) -> str:
+def paired(runs: list[RunSummary], anchor: list[RunSummary], metric: Metric | PerPair, digits: int) -> str:
     """metric(run) - metric(anchor run of the same seed): mean and 95% interval over the seeds paired by
     :func:`same_seed_differences`, with their number when some of the group's seeds could not be paired."""
     diffs = [d for _, d in same_seed_differences(runs, anchor, metric)]
@@ -179,7 +196,7 @@ def table(
     groups: dict[str, list[RunSummary]],
     anchor: str,
     columns: list[tuple[str, Metric, int]],
-    paired_columns: list[tuple[str, Metric, int]],
+    paired_columns: list[tuple[str, Metric | PerPair, int]],
 ) -> str:
     """One markdown row per group: seeds finished, each column's mean ± std [95% interval], and each paired
     column's difference from ``anchor`` on the same seed."""
@@ -337,14 +354,14 @@ def fedmezo(root: Path) -> str:
     finished = [r for runs in groups.values() for r in runs if is_finished(r)]
     # equal client compute: the smallest whole-run compute of any finished run (a zeroth-order run's)
     budget = smallest_total(finished, round_forward_equivalents)
-    seconds_budget = smallest_total(finished, round_client_seconds)
     loss = last("eval_loss")
     at_budget, loss_rises = at_compute("eval_loss", budget), rises("eval_loss")
-    at_seconds = at_compute("eval_loss", seconds_budget, round_client_seconds)
+    # measured seconds differ between the machines runs were made on (several sessions' machines), so they are
+    # compared only within a same-seed pair, at the seconds both runs spent
+    at_seconds = at_pair_budget("eval_loss", round_client_seconds)
     columns = [
         ("held-out loss", loss, 3),
         ("held-out loss at equal client compute", at_budget, 3),
-        ("held-out loss at equal measured client seconds", at_seconds, 3),
         ("loss rises, summed over rounds", loss_rises, 3),
         ("client forward-pass equivalents / run (x1e3)", forward_equivalents, 1),
         ("client training seconds / run (measured)", client_seconds, 0),
@@ -367,8 +384,9 @@ def fedmezo(root: Path) -> str:
             ),
             "",
             f"Equal client compute: {budget:.2f}e3 forward-pass equivalents, the smallest whole-run compute of any "
-            f"finished run (a first-order step counts 3); equal measured client seconds: {seconds_budget:.0f} s, "
-            "the smallest of any finished run's client training seconds.",
+            "finished run (a first-order step counts 3); equal measured client seconds: per same-seed pair, the "
+            "smaller of the two runs' client training seconds (seconds are machine-dependent, so no budget is "
+            "shared across pairs).",
             "",
             base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen"),
             "",

@@ -176,6 +176,17 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
         )
         write_rounds(tmp_path / "fedavg-sgd" / f"seed-{s}", s, sgd[s], first)
         (tmp_path / f"base-model_seed-{s}.json").write_text(json.dumps({"eval_loss": 3.5}))
+    # another rule's run on seed 0, made on a machine twice as fast: the same forward passes in half the seconds
+    faster = [{**c, "train_seconds": 1.0} for c in zeroth]
+    five_round = [3.0, 2.45, 2.35, 2.3, 2.25]
+    write_rounds(
+        tmp_path
+        / "fedmezo"
+        / "options--eps-1.0e-3-lr-strategy-five-round-lr-rules-reference-upload-seeds-_seed-0",
+        0,
+        five_round,
+        faster,
+    )
     text = tables.fedmezo(tmp_path)
     rows = {
         line.split(" | ")[0].strip("| "): line.split(" | ")
@@ -188,17 +199,18 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
     at_budget = [sgd[s][2] for s in range(3)]
     assert rows["FedAvg SGD (matched)"][4] == tables.format_mean_std(at_budget, 3)
     diffs = [sgd[s][2] - mezo[s][4] for s in range(3)]
-    assert rows["FedAvg SGD (matched)"][17].startswith(f"{statistics.fmean(diffs):+.3f} [")
-    # equal measured seconds: MeZO's 5 x 4 x 2 s = 40 s; SGD spends 10 s a round, so it is read at round 4
-    assert "equal measured client seconds: 40 s" in text
-    assert rows["FedAvg SGD (matched)"][6] == tables.format_mean_std([sgd[s][3] for s in range(3)], 3)
+    assert rows["FedAvg SGD (matched)"][15].startswith(f"{statistics.fmean(diffs):+.3f} [")
+    # equal measured seconds, a budget per same-seed pair: MeZO's 5 x 4 x 2 s = 40 s against SGD's 50 s, so SGD
+    # is read at round 4 (10 s a round); the faster machine's five-round run (20 s) does not move that budget
     seconds_diffs = [sgd[s][3] - mezo[s][4] for s in range(3)]
-    assert rows["FedAvg SGD (matched)"][18].startswith(f"{statistics.fmean(seconds_diffs):+.3f} [")
+    assert rows["FedAvg SGD (matched)"][16].startswith(f"{statistics.fmean(seconds_diffs):+.3f} [")
+    # five-round against frozen on seed 0: the pair's budget is five-round's 20 s, frozen's round 2 (16 s)
+    assert rows["FedMeZO five-round"][16] == f"{five_round[4] - mezo[0][1]:+.3f} -"
     # how much each curve goes back up, summed over rounds
     rises = [0.2 + s / 100 + 0.2 for s in range(3)]
-    assert rows["FedMeZO frozen"][8] == tables.format_mean_std(rises, 3)
-    assert rows["FedAvg SGD (matched)"][8].startswith("0.000")
-    assert rows["FedMeZO frozen"][12].startswith("40 ")  # measured client seconds: 5 rounds x 4 clients x 2 s
+    assert rows["FedMeZO frozen"][6] == tables.format_mean_std(rises, 3)
+    assert rows["FedAvg SGD (matched)"][6].startswith("0.000")
+    assert rows["FedMeZO frozen"][10].startswith("40 ")  # measured client seconds: 5 rounds x 4 clients x 2 s
     assert f"FedMeZO frozen minus base model, same seed: {2.6 - 3.5:+.3f}" in text
     assert "FedAvg SGD (matched) not flat, not flat, not flat" in text
     assert (tmp_path / "results-fedmezo-compute.png").stat().st_size > 0
