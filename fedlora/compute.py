@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 from collections.abc import Iterator
 from typing import Any
@@ -115,6 +116,43 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name with its family and model numbers, which tell apart the generations that a
+    virtual machine's generic name hides: ``Intel(R) Xeon(R) Processor (family 6, model 207)`` from the first
+    processor of /proc/cpuinfo; ``platform.processor()`` where there is none."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What a run's measured figures (seconds, memory) come from: ``{"cpu", "cores", "memory_gib", "device",
+    "torch"}``, with the GPU's name as ``device`` when the run trains on one. JSON-serialisable."""
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        memory_gib = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {
+        "cpu": cpu_model_name(),
+        "cores": usable_cores(),
+        "memory_gib": memory_gib,
+        "device": name,
+        "torch": torch.__version__,
+    }
 
 
 def auto_workers(num_parameters: int, per_round: int, device: torch.device) -> int:

@@ -33,6 +33,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fedlora import __version__
+from fedlora.compute import describe_machine, model_device
 from fedlora.config.loader import ConfigError, apply_overrides, config_from_dict, config_text
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
@@ -371,6 +372,11 @@ def write_run_info(
     info["resumes"] = previous.get("resumes", [])
     if changes:
         info["resumes"].append({"from_round": start_round, "changes": changes})
+    # the machine of every start and resume: a run resumed elsewhere measured its rounds' seconds on several
+    info["machines"] = [
+        *(m for m in previous.get("machines", []) if m.get("from_round", 0) < start_round),
+        {"from_round": start_round, **describe_machine(model_device(bundle.model))},
+    ]
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
 
 

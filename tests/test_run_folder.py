@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from fedlora.cli import main
+from fedlora.compute import describe_machine
 from fedlora.config.loader import ConfigError
 from fedlora.engine.run_folder import run_lock
 
@@ -57,6 +59,12 @@ def test_resume_allows_more_rounds_and_records_it(tmp_path: Path) -> None:
     assert rounds == [1, 2, 3] and (run_dir / "config.yaml").read_bytes() == before
     info = json.loads((run_dir / "run.json").read_text())
     assert info["resumes"] == [{"from_round": 3, "changes": {"federation.rounds": 3}}]
+    # the machine of the first start and of the resume, so that each round's seconds can be traced to one
+    assert info["machines"] == [
+        {"from_round": 1, **describe_machine(torch.device("cpu"))},
+        {"from_round": 3, **describe_machine(torch.device("cpu"))},
+    ]
+    assert info["machines"][0]["cpu"] and info["machines"][0]["cores"] >= 1
 
 
 def test_damaged_or_edited_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
