@@ -6,13 +6,18 @@ Everything here runs on the CPU; the tests marked ``cuda`` also run on a CUDA de
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import assert_rel_close
 from fedlora.compute import auto_workers, resolve_device, to_cpu
@@ -230,6 +235,83 @@ def test_a_worker_crash_is_a_dropped_client_not_a_dead_run(tmp_path, monkeypatch
     assert "worker crashed" in first["rejected"][0]["reason"]
     assert first["status"] == "aggregated" and first["num_clients"] == 3
     assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
+
+
+STOP_PLUGIN = """
+import os
+import signal
+import time
+
+from fedlora import ClientHooks, register_client_hooks, register_strategy
+from fedlora.strategies.fedavg import FedIT
+
+
+@register_client_hooks
+class StopTheGroupMidRound(ClientHooks):
+    kind = "stop-the-group-mid-round"
+
+    def before_training(self, ctx):
+        marker = os.environ.get("FEDLORA_TEST_STOP_MARKER")
+        if ctx.server_round == 2 and marker:
+            try:  # the first client of round 2 to get here, in whichever worker
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return {}
+            time.sleep(3)  # the round's other clients finish on the other worker: this one is the last
+            os.killpg(0, signal.SIGTERM)  # what `kill -- -<group>` (or Ctrl-C's SIGINT) does
+        return {}
+
+
+@register_strategy
+class FedITStoppedMidRound(FedIT):
+    name = "fedit-stopped"
+
+    def client_hooks(self):
+        return [StopTheGroupMidRound()]
+"""
+
+
+def test_a_stop_sent_to_the_whole_process_group_abandons_the_round(tmp_path, monkeypatch):
+    """`kill -- -<group>` reaches the workers too. It used to kill the worker of the round's last client,
+    which the parent took for a crash: the round was written with 3 of its 4 clients, then the run stopped
+    (seen in two 30-round experiment runs). Now no round is written short of a client, and the resumed run
+    equals an uninterrupted one bit for bit."""
+    (tmp_path / "stop_plugin.py").write_text(textwrap.dedent(STOP_PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = tiny(tmp_path, "fedit-stopped", compute={"workers": 2})
+    cfg["plugins"] = ["stop_plugin"]
+    cfg["federation"]["rounds"] = 3
+    config_file = tmp_path / "stop.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "stopped"
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedlora.cli",
+            "run",
+            str(config_file),
+            "--output",
+            str(run_dir),
+            "--no-progress",
+        ],
+        env={**os.environ, "FEDLORA_TEST_STOP_MARKER": str(tmp_path / "stop-sent")},
+        start_new_session=True,  # its own process group, which the plugin signals
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 128 + signal.SIGTERM, process.stderr[-2000:]
+    assert "worker crashed" not in process.stderr and "Traceback" not in process.stderr
+    # round 2 is abandoned, or complete if its last reply came in before the stop was seen; never short
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] in ([1], [1, 2])
+    assert all(r["num_clients"] == 4 and not r["rejected"] for r in records), records
+    resumed = run_cfg(tmp_path, "stopped", cfg, resume=True)
+    whole = run_cfg(tmp_path, "whole", cfg)
+    assert [r["num_clients"] for r in resumed.records] == [4, 4, 4]
+    assert all(torch.equal(whole.final_state[k], resumed.final_state[k]) for k in whole.final_state)
 
 
 # --- many clients in one pass --------------------------------------------------------------------------

@@ -15,7 +15,9 @@ threads like the in-process path, and replies are collected by client id, not by
 lives in files under the run folder (:class:`~fedlora.client.store.PersonalStore`), which every worker reads
 and writes. A worker that dies (killed, out of memory, a crash in native code) costs its current client
 that round: the client is reported as having no reply (the engine logs it as dropped) and a fresh worker
-takes the dead one's place.
+takes the dead one's place. A stop (SIGINT / SIGTERM, often sent to the whole process group) is the
+parent's to act on: workers ignore both signals, and the parent abandons the round (the last checkpoint
+stands), so that a stop never writes a round short of a client.
 """
 
 from __future__ import annotations
@@ -62,9 +64,12 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     from fedlora.engine.setup import build_client_node
     from fedlora.registry import import_plugins
 
-    # Ctrl-C reaches the whole process group: the parent decides (it stops after the current round's
-    # clients are abandoned and closes its workers); a worker left alone ends when its pipe closes
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, and `kill -- -<group>`, reach the whole process group: the parent decides (it abandons the
+    # round, keeps the last checkpoint and closes its workers). A worker killed by the same signal would
+    # look like a crashed client, and a round whose last client it was would be written without that
+    # client. A worker left alone (its parent killed) ends when its pipe closes.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     # the parent already showed the model's loading warnings once; N workers would repeat them N times
     warnings.filterwarnings("ignore", category=FutureWarning)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
@@ -97,7 +102,10 @@ def worker_main(read_fd: int, write_fd: int) -> None:
             continue
         metrics = {k: v for k, v in reply.metrics.items() if isinstance(v, (int, float))}
         header = {"client": client, "num_examples": reply.num_examples, "metrics": metrics}
-        _send(outbox, header, to_bytes(reply.payload))
+        try:
+            _send(outbox, header, to_bytes(reply.payload))
+        except BrokenPipeError:  # the parent went away while this client trained
+            return
 
 
 class _Worker:
@@ -218,6 +226,9 @@ class WorkerPoolTransport:
                 try:
                     header, payload = _receive(worker.inbox)
                 except (EOFError, OSError):  # the process died with this client
+                    if self.stop:  # died of the stop asked for (a signal to the whole group): not a crash
+                        self.close()
+                        raise RunInterrupted(self.stop.signum or 0, server_round - 1) from None
                     code = worker.process.wait()
                     reason = f"worker crashed (exit code {code}): no reply"
                     log.warning(
