@@ -359,6 +359,9 @@ def fedmezo(root: Path) -> str:
     # measured seconds differ between the machines runs were made on (several sessions' machines), so they are
     # compared only within a same-seed pair, at the seconds both runs spent
     at_seconds = at_pair_budget("eval_loss", round_client_seconds)
+    # the same-seed differences at equal compute also use their pair's budget, so that a run short of some
+    # client-rounds (a dropped client) moves only its own pair's, not every pair's
+    at_pair_compute = at_pair_budget("eval_loss", round_forward_equivalents)
     columns = [
         ("held-out loss", loss, 3),
         ("held-out loss at equal client compute", at_budget, 3),
@@ -377,16 +380,17 @@ def fedmezo(root: Path) -> str:
                 columns,
                 [
                     ("loss", loss, 3),
-                    ("loss at equal compute", at_budget, 3),
+                    ("loss at equal compute", at_pair_compute, 3),
                     ("loss at equal seconds", at_seconds, 3),
                     ("rises", loss_rises, 3),
                 ],
             ),
             "",
             f"Equal client compute: {budget:.2f}e3 forward-pass equivalents, the smallest whole-run compute of any "
-            "finished run (a first-order step counts 3); equal measured client seconds: per same-seed pair, the "
-            "smaller of the two runs' client training seconds (seconds are machine-dependent, so no budget is "
-            "shared across pairs).",
+            "finished run (a first-order step counts 3), for the held-out loss column; the same-seed differences "
+            "at equal compute and at equal measured client seconds use a budget per pair, the smaller of the two "
+            "runs' compute or seconds (seconds are machine-dependent, and a run short of some client-rounds "
+            "should move only its own pair).",
             "",
             base_model_line(root, groups["FedMeZO frozen"], "FedMeZO frozen"),
             "",

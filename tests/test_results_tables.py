@@ -151,11 +151,17 @@ def test_rounds_to_flatten(tables) -> None:  # type: ignore[no-untyped-def]
     assert tables.rounds_to_flatten([3.0, 2.8, 2.6, 2.4, 2.2, 2.0]) is None
 
 
-def write_rounds(path: Path, seed: int, losses: list[float], clients: list[dict]) -> None:
-    """A finished run: one record per round with ``eval_loss`` and the same ``clients`` entries every round."""
+def write_rounds(
+    path: Path, seed: int, losses: list[float], clients: list[dict], per_round: list[list[dict]] | None = None
+) -> None:
+    """A finished run: one record per round with ``eval_loss`` and the same ``clients`` entries every round
+    (or round t's ``per_round[t - 1]``)."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"federation": {"seed": seed, "rounds": len(losses)}}))
-    records = [{"round": i + 1, "eval_loss": loss, "clients": clients} for i, loss in enumerate(losses)]
+    records = [
+        {"round": i + 1, "eval_loss": loss, "clients": per_round[i] if per_round else clients}
+        for i, loss in enumerate(losses)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "global").mkdir()
 
@@ -187,19 +193,35 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
         five_round,
         faster,
     )
+    # a run on seed 1 that lost 3 of round 2's clients (a stop or a crash): 0.68e3 in all. It moves the shared
+    # budget of the held-out loss column, not the other pairs' differences
+    short = [[*zeroth] for _ in range(5)]
+    short[1] = zeroth[:1]
+    write_rounds(
+        tmp_path
+        / "fedmezo"
+        / "options--eps-1.0e-3-lr-strategy-random-lr-rules-reference-upload-seeds-_seed-1",
+        1,
+        [3.0, 2.9, 2.8, 2.7, 2.6],
+        zeroth,
+        per_round=short,
+    )
     text = tables.fedmezo(tmp_path)
     rows = {
         line.split(" | ")[0].strip("| "): line.split(" | ")
         for line in text.splitlines()
         if line.startswith("| ")
     }
-    # the budget is the MeZO runs' whole compute, 5 x 0.16 = 0.8e3: SGD has spent 0.72e3 after round 3, 0.96e3
-    # after round 4, so it is compared at round 3
-    assert "Equal client compute: 0.80e3" in text
-    at_budget = [sgd[s][2] for s in range(3)]
+    # the shared budget is the short run's 0.68e3: SGD (0.24e3 a round) is read there at round 2
+    assert "Equal client compute: 0.68e3" in text
+    at_budget = [sgd[s][1] for s in range(3)]
     assert rows["FedAvg SGD (matched)"][4] == tables.format_mean_std(at_budget, 3)
+    # the pair's budget is frozen's whole compute, 5 x 0.16 = 0.8e3: SGD has spent 0.72e3 after round 3, 0.96e3
+    # after round 4, so it is compared at round 3
     diffs = [sgd[s][2] - mezo[s][4] for s in range(3)]
     assert rows["FedAvg SGD (matched)"][15].startswith(f"{statistics.fmean(diffs):+.3f} [")
+    # the short run against frozen on seed 1: its own 0.68e3, frozen read after round 4 (0.64e3)
+    assert rows["FedMeZO random"][15] == f"{2.6 - mezo[1][3]:+.3f} -"
     # equal measured seconds, a budget per same-seed pair: MeZO's 5 x 4 x 2 s = 40 s against SGD's 50 s, so SGD
     # is read at round 4 (10 s a round); the faster machine's five-round run (20 s) does not move that budget
     seconds_diffs = [sgd[s][3] - mezo[s][4] for s in range(3)]
