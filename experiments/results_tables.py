@@ -14,6 +14,7 @@ every group as a PNG next to the runs (``results-<claim>.png``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import statistics
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from fedlora.tracking.compare import RunSummary, format_interval, format_mean_std
+from fedlora.tracking.compare import RunSummary, format_interval, format_mean_std, plot_seed_curves
 
 Metric = Callable[[RunSummary], float | None]
 
@@ -219,10 +220,18 @@ def table(
 
 
 def curves(
-    groups: dict[str, list[RunSummary]], key: str, path: Path, ylabel: str, by_compute: bool = False
+    groups: dict[str, list[RunSummary]],
+    key: str,
+    path: Path,
+    ylabel: str,
+    by_compute: bool = False,
+    clip_at_start: bool = False,
 ) -> Path:
-    """Mean of ``key`` per round over each group's seeds (rounds that every seed of the group reached);
-    ``by_compute``: against the cumulative client compute (forward-pass equivalents) instead of the round."""
+    """``key`` per round, each seed's run as a thin line and the median over a group's seeds as a thick one
+    (:func:`~fedlora.tracking.compare.plot_seed_curves`). ``by_compute``: against the run's cumulative client
+    compute (forward-pass equivalents) instead of the round. ``clip_at_start``: the y axis spans the lowest
+    value to the highest first value (and 10% of that span above it), so that a run that diverges leaves the
+    plot at the top instead of squashing every other curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,25 +239,22 @@ def curves(
 
     if not any(groups.values()):
         return path
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, runs in groups.items():
-        series = [[r.get(key) for r in run.records] for run in runs if run.records]
-        if not series:
-            continue
-        length = min(len(s) for s in series)
-        spent = [0.0]
-        first = next(run for run in runs if run.records)
-        for record in first.records[:length]:  # the same compute per round on every seed of a group
-            spent.append(spent[-1] + round_forward_equivalents(record))
-        points = [
-            (spent[i + 1] if by_compute else i + 1, statistics.fmean(s[i] for s in series))
-            for i in range(length)
-            if all(s[i] is not None for s in series)
-        ]
-        if points:
-            axes.plot(
-                *zip(*points, strict=True), marker="o", markersize=3, label=f"{label} ({len(series)} seeds)"
-            )
+    starts, lowest = [], []
+    for index, (label, runs) in enumerate(groups.items()):
+        group_curves = []
+        for run in runs:
+            spent = itertools.accumulate(round_forward_equivalents(r) for r in run.records)
+            xs = spent if by_compute else (float(r["round"]) for r in run.records)
+            curve = [(x, r[key]) for x, r in zip(xs, run.records, strict=True) if r.get(key) is not None]
+            group_curves.append(curve)
+            starts += curve[:1]
+            lowest += [min(y for _, y in curve)] if curve else []
+        plot_seed_curves(axes, group_curves, label, colours[index % len(colours)])
+    if clip_at_start and starts:
+        low, high = min(lowest), max(y for _, y in starts)
+        axes.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     axes.set_xlabel("client compute, forward-pass equivalents (x1e3)" if by_compute else "round")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -370,8 +376,15 @@ def fedmezo(root: Path) -> str:
         ("client training seconds / run (measured)", client_seconds, 0),
         ("peak RSS MB", peak("peak_rss_mb"), 0),
     ]
-    curves(groups, "eval_loss", root / "results-fedmezo.png", "held-out loss")
-    curves(groups, "eval_loss", root / "results-fedmezo-compute.png", "held-out loss", by_compute=True)
+    curves(groups, "eval_loss", root / "results-fedmezo.png", "held-out loss", clip_at_start=True)
+    curves(
+        groups,
+        "eval_loss",
+        root / "results-fedmezo-compute.png",
+        "held-out loss",
+        by_compute=True,
+        clip_at_start=True,
+    )
     return "\n".join(
         [
             table(

@@ -112,3 +112,16 @@ def test_tensorboard_event_files_hold_the_round_metrics(tmp_path: Path) -> None:
     for record in records:
         assert scalars["eval_loss"][record["round"]] == pytest.approx(record["eval_loss"], rel=1e-6)
         assert scalars["bytes_up"][record["round"]] == pytest.approx(record["bytes_up"])
+
+
+def test_median_curve_follows_the_middle_seed_not_a_diverged_one() -> None:
+    from fedlora.tracking.compare import median_curve
+
+    steady, diverged, other = (
+        [(1.0, 3.0), (2.0, 2.5), (3.0, 2.0)],
+        [(1.0, 3.1), (2.0, 20.0), (3.0, 25.0)],
+        [(1.0, 2.9), (2.0, 2.6), (3.0, 2.2)],
+    )
+    assert median_curve([steady, diverged, other]) == [(1.0, 3.0), (2.0, 2.6), (3.0, 2.2)]
+    # a run that stopped early: only the points that every run reached
+    assert median_curve([steady, other[:2], []]) == [(1.0, pytest.approx(2.95)), (2.0, pytest.approx(2.55))]

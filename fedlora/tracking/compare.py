@@ -203,9 +203,37 @@ def markdown_table(groups: list[Group]) -> str:
     return "\n".join(lines)
 
 
+Curve = list[tuple[float, float]]  # one run's (x, value) points, x increasing (the round, or compute spent)
+
+
+def median_curve(curves: list[Curve]) -> Curve:
+    """The median over runs at each point index that every run reached: (x of the first run, median_j
+    y_j[i]) for i < min_j len(curve_j). A median, not a mean: with one seed of three diverged, the group's
+    line follows the middle seed instead of jumping with the diverged one."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    length = min(len(c) for c in curves)
+    return [(curves[0][i][0], statistics.median(c[i][1] for c in curves)) for i in range(length)]
+
+
+def plot_seed_curves(ax: Any, curves: list[Curve], label: str, colour: str | None = None) -> None:
+    """One group on ``ax``: each run (seed) as a thin faint line and :func:`median_curve` as a thick line with
+    markers, labelled with the number of seeds behind it."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return
+    if len(curves) > 1:
+        for curve in curves:
+            ax.plot(*zip(*curve, strict=True), color=colour, linewidth=0.7, alpha=0.35)
+    median = median_curve(curves)
+    seeds = f"median of {len(curves)} seeds" if len(curves) > 1 else "1 seed"
+    ax.plot(*zip(*median, strict=True), color=colour, marker="o", markersize=3, label=f"{label} ({seeds})")
+
+
 def plot_comparison(groups: list[Group], path: Path) -> Path:
-    """Held-out loss, the generation/accuracy metric and cumulative MB up per round, one line per group
-    (the mean over its seeds)."""
+    """Held-out loss, the generation/accuracy metric and cumulative MB up per round: per group each seed's
+    run as a thin line and the median over its seeds as a thick one (:func:`plot_seed_curves`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,20 +245,20 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
         if any(r.get(key) is not None for g in groups for run in g.runs for r in run.records):
             panels.append((key, FINAL_METRICS[key][0]))
     panels.append(("cumulative_mb_up", "cumulative MB up"))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=110)
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for g in groups:
-            per_round: dict[int, list[float]] = {}
+        for index, g in enumerate(groups):
+            curves = []
             for run in g.runs:
-                total = 0.0
+                total, curve = 0.0, []
                 for r in run.records:
                     total += r.get("bytes_up", 0) / 1e6
                     value = total if key == "cumulative_mb_up" else r.get(key)
                     if value is not None:
-                        per_round.setdefault(int(r["round"]), []).append(float(value))
-            if per_round:
-                xs = sorted(per_round)
-                ax.plot(xs, [statistics.fmean(per_round[x]) for x in xs], marker="o", label=g.label)
+                        curve.append((float(r["round"]), float(value)))
+                curves.append(curve)
+            plot_seed_curves(ax, curves, g.label, colours[index % len(colours)])
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
