@@ -6,12 +6,14 @@
 #   main   LoRA (fedit) and FFA-LoRA x {no DP; epsilon 6, 3, 1 x clipping C 1, 2, 5}: 2 x 10 x 3 = 60 runs
 #   alpha  LoRA's (and FFA-LoRA's) scaling alpha in {4, 16, 64}, without DP and at epsilon 3 (C 1), so that the
 #          sensitivity is measured both ways: 2 x 3 x 2 x 3 = 36 runs (the alpha-16 cells repeat main's)
+# The base model's row (no adapter training: a new head, so about the class prior) is base-model_seed-N.json.
 # Finished cells are skipped and interrupted ones resumed: re-run until it completes. Each sweep writes its
 # compare.md (mean ± std over seeds per setting); `fedlora compare` at the end puts each grid in one table.
 # EXTRA adds overrides to every run (e.g. EXTRA="federation.rounds=1 client.local_steps=1" for a smoke run),
 # SEEDS changes the seeds, OUT the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source experiments/common.sh
 OUT=${OUT:-runs/ffa-boolq}
 SEEDS=${SEEDS:-0,1,2}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
@@ -33,6 +35,9 @@ sweep() {  # sweep OUTPUT-NAME STRATEGY --set ... : one grid into $OUT/OUTPUT-NA
 
 mkdir -p "$OUT"
 "$PY" experiments/boolq_data.py > /dev/null
+for seed in ${SEEDS//,/ }; do  # the anchor row: the untrained adapter and head on each seed's test examples
+  base_model "$seed" "${EXTRA_OVERRIDES[@]}"
+done
 for strategy in fedit ffa-lora; do
   sweep "main-$strategy" "$strategy" --set "privacy=$PRIVACY"
 done
