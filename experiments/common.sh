@@ -10,6 +10,13 @@ run() {
   fi
 }
 
+# sweep_into NAME SEEDS [OVERRIDES / --set AXIS ...]: one `fedlora sweep` grid of $CONFIG over SEEDS into $OUT/NAME,
+# its output appended to $OUT/NAME.log; finished cells are skipped and interrupted ones resumed.
+sweep_into() {
+  local name=$1 seeds=$2; shift 2
+  "$FEDLORA" sweep "$CONFIG" "$@" --seeds "$seeds" --output "$OUT/$name" --no-progress >> "$OUT/$name.log" 2>&1
+}
+
 # base_model SEED [KEY=VALUE...]: the base model (no adapter training, B = 0) evaluated on the seed's held-out
 # examples, one JSON line in $OUT/base-model_seed-SEED.json (written once, atomically): a claim table's anchor row.
 base_model() {

@@ -25,18 +25,16 @@ FIRST_ORDER="strategy.name=fedavg strategy.options={}"
 # matched to the reference (FederatedScope-LLM's first-order trainer): plain SGD, no momentum and no gradient
 # clipping (its grad.grad_clip defaults to -1, off); fedlora's default clip of 1.0 binds 5-12x on some clients here
 MATCHED_SGD="client.optimizer=sgd client.grad_clip=null"
-sweep() { local out=$1 seed=$2; shift 2; "$FEDLORA" sweep "$CONFIG" "$@" --seeds "$seed" --output "$OUT/$out" \
-  --no-progress >> "$OUT/$out.log" 2>&1; }
 
 # job WHAT SEED: one run of the grid (WHAT: base, sgd, adamw or a FedMeZO rule)
 job() {
   local what=$1 seed=$2
   case $what in
     base) base_model "$seed" ;;
-    sgd) sweep fedavg-sgd "$seed" $FIRST_ORDER $MATCHED_SGD ;;
-    adamw) sweep fedavg-adamw "$seed" $FIRST_ORDER client.optimizer=adamw client.lr=3.0e-4 ;;
+    sgd) sweep_into fedavg-sgd "$seed" $FIRST_ORDER $MATCHED_SGD ;;
+    adamw) sweep_into fedavg-adamw "$seed" $FIRST_ORDER client.optimizer=adamw client.lr=3.0e-4 ;;
     frozen | random | round-wise | five-round | model-diff)
-      sweep fedmezo "$seed" --set \
+      sweep_into fedmezo "$seed" --set \
         "strategy.options={eps: 1.0e-3, lr_strategy: $what, lr_rules: reference, lr_spread: 0.5, upload: seeds}" ;;
     *) echo "fedmezo.sh: unknown run '$what' in ORDER (base, sgd, adamw, frozen, random, round-wise, five-round, model-diff)" >&2
        return 1 ;;

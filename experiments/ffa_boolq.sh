@@ -27,22 +27,17 @@ for epsilon in 6 3 1; do for clip in 1.0 2.0 5.0; do
 done; done
 ALPHA_PRIVACY="{enabled: false},{enabled: true, target_epsilon: 3, max_grad_norm: 1.0}"
 
-sweep() {  # sweep OUTPUT-NAME STRATEGY --set ... : one grid into $OUT/OUTPUT-NAME
-  local out=$1 strategy=$2; shift 2
-  "$FEDLORA" sweep "$CONFIG" "strategy.name=$strategy" "${EXTRA_OVERRIDES[@]}" --seeds "$SEEDS" \
-    --output "$OUT/$out" --no-progress "$@" >> "$OUT/$out.log" 2>&1
-}
-
 mkdir -p "$OUT"
 "$PY" experiments/boolq_data.py > /dev/null
 for seed in ${SEEDS//,/ }; do  # the anchor row: the untrained adapter and head on each seed's test examples
   base_model "$seed" "${EXTRA_OVERRIDES[@]}"
 done
 for strategy in fedit ffa-lora; do
-  sweep "main-$strategy" "$strategy" --set "privacy=$PRIVACY"
+  sweep_into "main-$strategy" "$SEEDS" "strategy.name=$strategy" "${EXTRA_OVERRIDES[@]}" --set "privacy=$PRIVACY"
 done
 for strategy in fedit ffa-lora; do
-  sweep "alpha-$strategy" "$strategy" --set "adapter.alpha=4,16,64" --set "privacy=$ALPHA_PRIVACY"
+  sweep_into "alpha-$strategy" "$SEEDS" "strategy.name=$strategy" "${EXTRA_OVERRIDES[@]}" \
+    --set "adapter.alpha=4,16,64" --set "privacy=$ALPHA_PRIVACY"
 done
 "$FEDLORA" compare "$OUT"/main-fedit/*seed-* "$OUT"/main-ffa-lora/*seed-* --output "$OUT/compare-main"
 "$FEDLORA" compare "$OUT"/alpha-fedit/*seed-* "$OUT"/alpha-ffa-lora/*seed-* --output "$OUT/compare-alpha"
