@@ -1,29 +1,36 @@
-"""Keep the claim experiments' runs in the repository, so that they survive the machine they ran on.
+"""Keep the claim experiments' records (configs, metrics, small JSON figures) in the repository; never their weights.
 
     python experiments/records.py save [runs] [experiments/records]
     python experiments/records.py restore [experiments/records] [runs]
+    python experiments/records.py verify RUN [experiments/records]
 
-``runs/`` is ignored by git and a fresh machine starts without it, while a 30-round run here takes hours and a
-grid takes several sessions. ``save`` copies what the tables and a resume need from every run folder under
-``runs/`` into ``experiments/records/`` (tracked): ``config.yaml``, ``clients.json``, ``run.json`` and
-``metrics.jsonl``; the final adapter ``global/`` of a finished run, or the newest checkpoint
-``checkpoints/round_N/`` of an unfinished one (so that ``fedlora run --resume`` continues it exactly on another
-machine); and the base-model evaluations (``base-model_seed-*.json``). Logs, plots and older checkpoints are
-left out. ``restore`` copies the records back into ``runs/`` for every run that is missing there or has fewer
-logged rounds than its record, so that the experiment scripts skip what has finished and resume the rest.
+``runs/`` is ignored by git and a fresh machine starts without it. ``save`` copies from every run folder under
+``runs/`` what the tables read: ``config.yaml``, ``clients.json``, ``run.json``, ``metrics.jsonl`` and the
+base-model evaluations (``base-model_seed-*.json``), and writes ``weights.json``: a manifest of the weights the
+run holds (the final adapter ``global/`` of a finished run, else its newest checkpoint), each file with its size
+and SHA-256, and the command that regenerates them. Adapters and checkpoints never enter git (``.gitignore``
+refuses ``*.safetensors`` under ``experiments/records/``).
+
+``restore`` brings back every finished record whose run is missing under ``runs/``: its files and, in place of
+the weights, ``global/weights.json`` (so the experiment scripts and ``fedlora sweep`` see a finished run and
+skip it; ``fedlora eval`` on it says the adapter is not there). An unfinished record is not restored: with no
+checkpoint kept, the script runs it again from round 1. ``verify`` compares a regenerated run's weights with
+its record's checksums (equal bit for bit on the same kind of machine; BLAS kernels differ between machines).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedlora.engine.checkpoint import list_rounds
 
 RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl")
-# a folder larger than this (a whole-model FedAvg's global model, say) is not put in the repository
-MAX_KEPT_MB = 20.0
+MANIFEST = "weights.json"
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -43,44 +50,69 @@ def newest_checkpoint(run: Path) -> Path | None:
     return run / "checkpoints" / f"round_{rounds[-1]}" if rounds else None
 
 
-def replace_tree(source: Path, target: Path) -> None:
-    """Copy the folder ``source`` to ``target`` through a temporary sibling, so ``target`` is whole or old."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def megabytes(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+def is_finished(run: Path) -> bool:
+    """A run whose final adapter folder ``global/`` was written (last, atomically)."""
+    return (run / "global").is_dir()
 
 
-def save_run(run: Path, record: Path) -> str:
-    """Copy one run folder's records into ``record`` (see the module docstring), built aside then swapped in;
-    returns what was left out, if anything."""
+def weights_manifest(run: Path, relative: Path) -> dict[str, Any]:
+    """What weights ``run`` holds (``global/`` when finished, else the newest checkpoint), each file with its
+    size and SHA-256, and the command that regenerates them from the record (``relative``: its path under
+    ``runs/``)."""
+    finished = is_finished(run)
+    folder = run / "global" if finished else newest_checkpoint(run)
+    files = []
+    if folder is not None and not (folder / MANIFEST).exists():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            files.append(
+                {
+                    "path": str(path.relative_to(run)),
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                }
+            )
+    elif folder is not None:  # a restored record: its manifest stands for the weights
+        return json.loads((folder / MANIFEST).read_text())
+    return {
+        "finished": finished,
+        "rounds": rounds_logged(run),
+        "files": files,
+        "regenerate": f"fedlora run experiments/records/{relative}/config.yaml --output runs/{relative}",
+    }
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, written aside then renamed (whole or old)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    partial.replace(path)
+
+
+def save_run(run: Path, record: Path, relative: Path) -> None:
+    """Copy one run folder's records and its weights manifest into ``record``, built aside then swapped in."""
     staged = record.with_name(record.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     for name in RECORD_FILES:
         if (run / name).exists():
             shutil.copy2(run / name, staged / name)
-    checkpoint = newest_checkpoint(run)
-    folder, target = (
-        (run / "global", staged / "global")
-        if (run / "global").is_dir()
-        else (checkpoint, None if checkpoint is None else staged / "checkpoints" / checkpoint.name)
-    )
-    left_out = ""
-    if folder is not None and target is not None:
-        size = megabytes(folder)
-        if size <= MAX_KEPT_MB:
-            shutil.copytree(folder, target)
-        else:
-            left_out = f" ({folder.name}, {size:.0f} MB, not kept: over {MAX_KEPT_MB:.0f} MB; this record cannot resume)"
+    write_json(staged / MANIFEST, weights_manifest(run, relative))
     shutil.rmtree(record, ignore_errors=True)
     staged.rename(record)
-    return left_out
+
+
+def recorded(record: Path) -> dict[str, Any]:
+    """The record's manifest (empty without one)."""
+    path = record / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def copy_base_models(source: Path, destination: Path) -> list[Path]:
@@ -99,33 +131,72 @@ def save(runs: Path, records: Path) -> list[str]:
     """Save every run under ``runs`` whose record is missing or older; returns one line per saved run."""
     done = []
     for run in run_folders(runs):
-        record = records / run.relative_to(runs)
-        finished = (run / "global").is_dir()
-        if (record / "global").is_dir() or (
-            not finished and rounds_logged(record) >= rounds_logged(run) and record.exists()
+        relative = run.relative_to(runs)
+        record = records / relative
+        kept = recorded(record)
+        if kept.get("finished") or (
+            not is_finished(run) and kept and kept.get("rounds", 0) >= rounds_logged(run)
         ):
             continue
-        left_out = save_run(run, record)
-        done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if finished else ''}{left_out}")
+        save_run(run, record, relative)
+        done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if is_finished(run) else ''}")
     return done + [f"saved {target}" for target in copy_base_models(runs, records)]
 
 
 def restore(records: Path, runs: Path) -> list[str]:
-    """Copy back every record whose run is missing under ``runs`` or has fewer logged rounds there."""
+    """Bring back every finished record whose run is missing under ``runs`` (see the module docstring)."""
     done = []
     for record in run_folders(records):
         run = runs / record.relative_to(records)
-        if (run / "global").is_dir() or (run.exists() and rounds_logged(run) >= rounds_logged(record)):
+        if run.exists():
             continue
-        replace_tree(record, run)
-        done.append(f"restored {run}: {rounds_logged(record)} rounds")
+        manifest = recorded(record)
+        if not manifest.get("finished"):
+            done.append(
+                f"not restored {run}: unfinished, and no checkpoint is kept; it runs again from round 1"
+            )
+            continue
+        partial = run.with_name(run.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(record, partial)
+        (partial / "global").mkdir()
+        shutil.copy2(record / MANIFEST, partial / "global" / MANIFEST)
+        partial.rename(run)
+        done.append(
+            f"restored {run}: {rounds_logged(record)} rounds (weights not kept: {manifest['regenerate']})"
+        )
     return done + [f"restored {target}" for target in copy_base_models(records, runs)]
 
 
+def verify(run: Path, record: Path) -> list[str]:
+    """The files of the record's manifest that ``run`` lacks or holds with another checksum (empty: all equal)."""
+    wrong = []
+    for entry in recorded(record).get("files", []):
+        path = run / entry["path"]
+        if not path.exists():
+            wrong.append(f"{path}: missing")
+        elif sha256_file(path) != entry["sha256"]:
+            wrong.append(f"{path}: sha256 differs from the record's")
+    return wrong
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("save", "restore"):
-        print("usage: records.py save [runs] [experiments/records] | restore [experiments/records] [runs]")
+    usage = (
+        "usage: records.py save [runs] [experiments/records] | restore [experiments/records] [runs] | "
+        "verify RUN [RECORD]"
+    )
+    if not argv or argv[0] not in ("save", "restore", "verify"):
+        print(usage)
         return 2
+    if argv[0] == "verify":
+        if len(argv) < 2:
+            print(usage)
+            return 2
+        run = Path(argv[1])
+        record = Path(argv[2]) if len(argv) > 2 else Path("experiments/records") / run.relative_to("runs")
+        wrong = verify(run, record)
+        print("\n".join(wrong) or f"{run}: every file matches {record / MANIFEST}")
+        return 1 if wrong else 0
     if argv[0] == "save":
         lines = save(
             Path(argv[1] if len(argv) > 1 else "runs"),
