@@ -28,9 +28,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
+from fedlora import load_config  # noqa: E402
 from fedlora.client import loss as loss_module
-from fedlora.client.trainer import round_seed  # noqa: E402
-from fedlora.config import load_config  # noqa: E402
+from fedlora.client.steps import round_seed  # noqa: E402
 from fedlora.data.encoding import batches_for_steps, collate  # noqa: E402
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients  # noqa: E402
 from fedlora.models.registry import cache_root  # noqa: E402

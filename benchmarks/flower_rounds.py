@@ -68,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     work = (args.local_steps, args.batch_size, args.max_seq_len)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fedlora.config import load_config
-    from fedlora.engine.flower_deploy import LoopbackDeployment, free_port, write_app
+    from fedlora import load_config
+    from fedlora.engine.flower.deploy import LoopbackDeployment, free_port, write_app
     from fedlora.runner import run_experiment
 
     rows = []

@@ -46,7 +46,8 @@ def measure(mode: str, model_name: str, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.client.loss import batch_loss
-    from fedlora.client.trainer import LocalTrainingSettings, train_locally
+    from fedlora.client.settings import LocalTrainingSettings
+    from fedlora.client.trainer import train_locally
     from fedlora.client.zeroth_order import ZerothOrder
     from fedlora.config.schema import AdapterConfig, ModelConfig
     from fedlora.data.encoding import Encoder, collate

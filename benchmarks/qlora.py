@@ -34,7 +34,8 @@ def measure(bits: int | None, model_name: str, steps: int, queue: mp.Queue) -> N
     torch.set_num_threads(1)
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.client.loss import batch_loss
-    from fedlora.client.trainer import LocalTrainingSettings, train_locally
+    from fedlora.client.settings import LocalTrainingSettings
+    from fedlora.client.trainer import train_locally
     from fedlora.config.schema import AdapterConfig, ModelConfig
     from fedlora.data.encoding import Encoder, collate
     from fedlora.data.examples import ClientData

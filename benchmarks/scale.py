@@ -50,7 +50,7 @@ def run_one(num_clients: int, rounds: int, queue: mp.Queue) -> None:
 
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.runner import run_experiment
 
     cfg = load_config(None, overrides(num_clients, rounds))

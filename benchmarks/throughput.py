@@ -47,7 +47,7 @@ def run_one(variant: str, rounds: int, clients: int, device: str, extra: list[st
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.runner import run
 
     overrides = [

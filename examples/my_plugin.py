@@ -53,8 +53,8 @@ class FedAvgM(fedlora.Strategy):
 
 # --- a data source: a CSV file with instruction, output and (optional) category columns ------------------
 @fedlora.register_data_source("csv")
-def csv_source(cfg):
-    with open(cfg.data.path, newline="", encoding="utf-8") as handle:
+def csv_source(request):
+    with open(request.data.path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     examples = [
         fedlora.Example(
@@ -62,7 +62,7 @@ def csv_source(cfg):
         )
         for row in rows
     ]
-    return fedlora.SourceData(f"{cfg.data.path} ({len(examples)} CSV rows)", examples)
+    return fedlora.SourceData(f"{request.data.path} ({len(examples)} CSV rows)", examples)
 
 
 # --- a metric: the worst client's held-out loss (how the global adapter serves its least-served client) ---

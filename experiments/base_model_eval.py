@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.engine.embedded import evaluate_state, evaluation_clients
 from fedlora.runner import build_simulation
 from fedlora.sweep import SEED_KEYS

@@ -287,7 +287,7 @@ def majority_baseline(run: RunSummary) -> float:
     stands in for; an untrained head is at chance)."""
     from collections import Counter
 
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.data.federation import build_federation
 
     federation = build_federation(load_config(str(run.path / "config.yaml")))

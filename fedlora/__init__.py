@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fedlora.version import __version__
 
 # bitsandbytes (installed for model.quantization) warns at import, in every process that imports peft, that an
 # optional CPU kernel package is missing; it only matters for a quantized model on the CPU (docs/benchmarks.md)
@@ -32,8 +32,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # name -> module; imported on first use so that ``import fedlora`` stays light (torch loads when needed)
 _EXPORTS = {
     "ExperimentConfig": "fedlora.config.schema",
-    "load_config": "fedlora.config.loader",
-    "ConfigError": "fedlora.config.loader",
+    "load_config": "fedlora.preflight",
+    "ConfigError": "fedlora.errors",
     "run": "fedlora.runner",
     "RunResult": "fedlora.runner",
     "Strategy": "fedlora.strategies.base",
@@ -49,6 +49,7 @@ _EXPORTS = {
     "register_strategy": "fedlora.strategies.registry",
     "register_data_source": "fedlora.data.federation",
     "SourceData": "fedlora.data.federation",
+    "SourceRequest": "fedlora.data.federation",
     "register_partitioner": "fedlora.data.partition",
     "register_metric": "fedlora.eval.registry",
     "register_model": "fedlora.models.loading",
@@ -81,13 +82,14 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks  # noqa: F401
-    from fedlora.config.loader import ConfigError, load_config  # noqa: F401
     from fedlora.config.schema import ExperimentConfig  # noqa: F401
     from fedlora.data.examples import ClientData, Example, Federation  # noqa: F401
-    from fedlora.data.federation import SourceData, register_data_source  # noqa: F401
+    from fedlora.data.federation import SourceData, SourceRequest, register_data_source  # noqa: F401
     from fedlora.data.partition import register_partitioner  # noqa: F401
+    from fedlora.errors import ConfigError  # noqa: F401
     from fedlora.eval.registry import register_metric  # noqa: F401
     from fedlora.models.loading import register_model  # noqa: F401
+    from fedlora.preflight import load_config  # noqa: F401
     from fedlora.protocol import ClientInstruction, ClientReply  # noqa: F401
     from fedlora.runner import RunResult, run  # noqa: F401
     from fedlora.strategies.base import (  # noqa: F401

@@ -37,7 +37,7 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.config.loader import config_from_overrides, load_config
+    from fedlora.preflight import config_from_overrides, load_config
     from fedlora.runner import load_run_config, run_experiment
 
     if args.resume:
@@ -76,7 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedlora.config.loader import ConfigError
+    from fedlora.errors import ConfigError
     from fedlora.sweep import run_sweep
 
     config_path, overrides = _split_config_and_overrides(args.items)
@@ -99,9 +99,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from fedlora.config.loader import load_config
     from fedlora.data.federation import build_federation
-    from fedlora.engine.flower_deploy import commands, write_app
+    from fedlora.engine.flower.deploy import commands, write_app
+    from fedlora.preflight import load_config
 
     config_path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(config_path, overrides)
@@ -109,7 +109,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     clients = len(build_federation(cfg).clients)
     credentials = None
     if args.tls:
-        from fedlora.engine.flower_tls import make_credentials
+        from fedlora.engine.flower.tls import make_credentials
 
         hosts = tuple(args.host or ["127.0.0.1", "localhost"])
         credentials = make_credentials(Path(args.tls), clients, hosts)
@@ -277,9 +277,9 @@ def _main(argv: list[str] | None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
-    from fedlora.config.loader import ConfigError
     from fedlora.data.errors import DataError
-    from fedlora.engine.embedded import RunFailed, RunInterrupted
+    from fedlora.engine.transport import RunFailed, RunInterrupted
+    from fedlora.errors import ConfigError
 
     try:
         return args.func(args)

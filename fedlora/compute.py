@@ -31,7 +31,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda:0 or cpu; a named device is checked to exist (one clear line if it does not)."""
-    from fedlora.config.loader import ConfigError
+    from fedlora.errors import ConfigError
 
     if name == "auto":
         return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")

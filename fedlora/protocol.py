@@ -9,6 +9,7 @@ pickle.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,3 +49,35 @@ def plan_from_json(text: str, payload: AdapterState) -> ClientInstruction:
     """Rebuild an instruction from :func:`plan_to_json` and its tensors (unknown hook kinds are errors)."""
     plan = json.loads(text)
     return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]))
+
+
+# The wire codec every transport that crosses a process boundary uses (worker processes, Flower messages):
+# tensors travel as the transport's own tensor container (safetensors bytes, Flower's ArrayRecord), the rest
+# as these flat JSON-able headers.
+
+
+def request_header(server_round: int, client_id: int, instruction: ClientInstruction) -> dict[str, Any]:
+    """The scalar side of a train request: round, client and the plan (:func:`plan_to_json`)."""
+    return {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+
+
+def read_request(header: Mapping[str, Any], payload: AdapterState) -> tuple[int, int, ClientInstruction]:
+    """(round, client, instruction) from :func:`request_header` and the request's tensors."""
+    return int(header["round"]), int(header["client"]), plan_from_json(str(header["plan"]), payload)
+
+
+def wire_metrics(metrics: Mapping[str, Any]) -> dict[str, int | float]:
+    """The metrics a reply carries over the wire: numbers only (no booleans, text or lists)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def reply_header(reply: ClientReply) -> dict[str, int]:
+    """The scalar side of a reply besides its metrics: the number of examples it trained on."""
+    return {"num-examples": reply.num_examples}
+
+
+def read_reply(
+    client_id: int, header: Mapping[str, Any], payload: AdapterState, metrics: Mapping[str, Any]
+) -> ClientReply:
+    """A :class:`ClientReply` from :func:`reply_header`, its tensors and its :func:`wire_metrics`."""
+    return ClientReply(client_id, payload, int(header["num-examples"]), dict(metrics))

@@ -26,11 +26,10 @@ class UnknownName(LookupError):
 class Registry(Generic[T]):
     """Name -> object, filled by ``register`` (a decorator) and, lazily, by entry points."""
 
-    def __init__(self, kind: str, field: str, builtins: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, field: str) -> None:
         self.kind = kind  # "strategy", "data source", ...
         self.field = field  # the config field that names one, for error messages
         self._items: dict[str, T] = {}
-        self._builtins = builtins  # modules whose import registers the built-ins (imported on first lookup)
         self._entry_points_loaded = False
         self.entry_point_group = "fedlora." + {"strategy": "strategies"}.get(
             kind, kind.replace(" ", "_") + "s"
@@ -49,10 +48,6 @@ class Registry(Generic[T]):
         return add(item) if item is not None else add
 
     def _load(self) -> None:
-        if self._builtins:
-            modules, self._builtins = self._builtins, ()
-            for module in modules:
-                importlib.import_module(module)
         if not self._entry_points_loaded:
             self._entry_points_loaded = True
             for point in entry_points(group=self.entry_point_group):

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.config.loader import ConfigError, load_config
+from fedlora.errors import ConfigError
+from fedlora.preflight import load_config
 
 
 def split_values(text: str) -> list[str]:

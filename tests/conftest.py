@@ -56,7 +56,7 @@ def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
 
 def tiny_engine(tmp_path: Path, **extra: object):
     """An embedded engine on a fresh tiny-llama simulation (see :func:`tiny_overrides`)."""
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.engine.embedded import EmbeddedEngine
     from fedlora.runner import build_simulation
 

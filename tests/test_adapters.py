@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import assert_rel_close, relative_error
 from fedlora.adapters import LoraAdapters, from_bytes, lora_ranks, to_bytes, wire_size
+from fedlora.adapters.export import export_peft_adapter
 from fedlora.adapters.ranks import RankProfile
 from fedlora.config.schema import AdapterConfig, ModelConfig
 from fedlora.models import load_base_model
@@ -58,7 +59,7 @@ def test_peft_export_loads_with_plain_peft_and_gives_same_logits(tmp_path: Path,
     bundle = load_base_model(ModelConfig(name="tiny-llama"))
     adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, alpha=8, use_rslora=use_rslora), "causal-lm")
     state = perturbed(adapters.initial_state(), seed=3)
-    adapters.export(state, tmp_path / "global", str(bundle.folder))
+    export_peft_adapter(adapters, state, tmp_path / "global", str(bundle.folder))
     config = json.loads((tmp_path / "global" / "adapter_config.json").read_text())
     assert config["use_rslora"] is use_rslora  # plain PEFT then scales by alpha / sqrt(r), as fedlora did
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
@@ -79,7 +80,7 @@ def test_classification_export_includes_head(tmp_path: Path) -> None:
     adapters = LoraAdapters(bundle.model, AdapterConfig(rank=2), "classification")
     state = perturbed(adapters.initial_state(), seed=1)
     assert any("score" in k for k in state)
-    adapters.export(state, tmp_path / "g", str(bundle.folder))
+    export_peft_adapter(adapters, state, tmp_path / "g", str(bundle.folder))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         ours = adapters.model(input_ids=ids).logits

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.data.federation import build_federation
 

@@ -21,7 +21,8 @@ import yaml
 
 from conftest import assert_rel_close
 from fedlora.compute import auto_workers, resolve_device, to_cpu
-from fedlora.config.loader import ConfigError, config_from_dict, load_config
+from fedlora.errors import ConfigError
+from fedlora.preflight import config_from_dict, load_config
 from fedlora.runner import run
 
 CUDA = torch.cuda.is_available()

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import ConfigError, load_config
-from fedlora.config.loader import apply_overrides, config_from_dict, parse_override
+from fedlora import ConfigError, load_config
+from fedlora.config.loader import apply_overrides, parse_override
+from fedlora.preflight import config_from_dict
 
 
 def test_builtin_default_is_valid() -> None:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.engine.early_stopping import EarlyStopping
 from fedlora.runner import run
 

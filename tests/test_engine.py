@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.state import wire_size
-from fedlora.config import load_config
 from fedlora.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.runner import build_simulation

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_engine
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.engine import embedded
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.engine.faults import Fault, plan_faults

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NI_DIR
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.data.federation import build_federation
 
 

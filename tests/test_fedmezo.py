@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import assert_rel_close, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
-from fedlora.client.trainer import LocalTrainingSettings, round_settings, train_locally
+from fedlora.client.settings import LocalTrainingSettings, round_settings
+from fedlora.client.trainer import train_locally
 from fedlora.client.zeroth_order import GRADS_KEY, ZerothOrder, perturb, replay, zo_step
-from fedlora.config import load_config
 from fedlora.engine.embedded import EmbeddedEngine
 from fedlora.runner import build_simulation
 from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_rel_close, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
-from fedlora.config import load_config
 from fedlora.engine.embedded import EmbeddedEngine
 from fedlora.runner import build_simulation, run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup

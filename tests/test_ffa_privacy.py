@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import assert_rel_close, tiny_engine, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
 from fedlora.adapters.state import state_digest
-from fedlora.client.trainer import DPSettings, LocalTrainingSettings, train_locally
-from fedlora.config import load_config
+from fedlora.client.settings import DPSettings, LocalTrainingSettings
+from fedlora.client.trainer import train_locally
 from fedlora.config.loader import ConfigError
 from fedlora.engine.embedded import EmbeddedEngine
 from fedlora.runner import build_simulation

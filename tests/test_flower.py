@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import assert_rel_close, tiny_overrides
-from fedlora.config import load_config
-from fedlora.engine.flower_deploy import LoopbackDeployment, free_port, write_app
+from fedlora import load_config
+from fedlora.engine.flower.deploy import LoopbackDeployment, free_port, write_app
 from fedlora.runner import run_experiment
 
 TWO_RANKS = {
@@ -88,7 +88,7 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> 
 def test_tls_deployment_with_supernode_authentication(tmp_path: Path) -> None:
     """TLS SuperLink with SuperNode authentication on loopback: the two registered nodes run 2 rounds; a
     third node, whose key was never registered, is refused (and never gets to claim a partition)."""
-    from fedlora.engine.flower_tls import make_credentials
+    from fedlora.engine.flower.tls import make_credentials
 
     overrides = tiny_overrides(
         tmp_path,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Example
@@ -60,7 +60,7 @@ def test_held_out_clients_never_train_and_are_evaluated(tmp_path: Path) -> None:
     fed = sim.federation
     assert len(fed.clients) == 3 and len(fed.held_out) == 1
     assert fed.held_out[0].client_id == 3 and fed.held_out[0].name not in {c.name for c in fed.clients}
-    assert evaluation_clients(cfg, fed) == fed.held_out
+    assert evaluation_clients(cfg.eval, cfg.federation.seed, fed) == fed.held_out
     engine = EmbeddedEngine(sim, tmp_path)
     record = engine.run_round(1)
     assert {c["client"] for c in record["clients"]} == {0, 1, 2}

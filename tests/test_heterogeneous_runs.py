@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_rel_close, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.cli import main
-from fedlora.config import load_config
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.runner import build_simulation
 

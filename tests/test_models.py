@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.config.schema import ModelConfig
 from fedlora.models import fetch_builtin, load_base_model, resolve_model_folder
 from fedlora.runner import build_simulation
@@ -122,7 +122,7 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(tmp_path, monkeypatch)
 
     import huggingface_hub.constants
 
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.models.loading import resolve_model_folder
 
     source = resolve_model_folder(ModelConfig(name="tiny-llama"))

@@ -12,9 +12,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from conftest import assert_rel_close, relative_error, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
 from fedlora.client.frozen import FreezeFactor
-from fedlora.config import load_config
 from fedlora.models.loading import load_base_model
 from fedlora.runner import run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_rel_close, relative_error, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters import LoraAdapters
 from fedlora.client.loss import batch_loss
-from fedlora.config import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import AdapterConfig, ModelConfig
 from fedlora.data.encoding import Encoder, collate, pack

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_engine
-from fedlora.client.trainer import LocalTrainingSettings, train_locally
+from fedlora.client.settings import LocalTrainingSettings
+from fedlora.client.trainer import train_locally
 from fedlora.config.loader import ConfigError
 from fedlora.strategies.pfedlora import LocalModelPhase
 
@@ -145,7 +146,7 @@ def test_pfedlora_without_client_models_is_refused(tmp_path: Path) -> None:
     import pytest
 
     from conftest import tiny_overrides
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.config.loader import ConfigError
     from fedlora.runner import build_simulation
 
@@ -212,7 +213,7 @@ def test_clients_of_different_widths_share_a_representation_adapter(tmp_path: Pa
 
 def test_different_widths_on_the_last_layer_are_refused_with_the_way_out(tmp_path: Path) -> None:
     from conftest import tiny_overrides
-    from fedlora.config import load_config
+    from fedlora import load_config
     from fedlora.runner import build_simulation
 
     overrides = tiny_overrides(
@@ -338,7 +339,7 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
 
 def test_head_and_prototype_baselines_need_the_representation_space(tmp_path: Path) -> None:
     from conftest import tiny_overrides
-    from fedlora.config import load_config
+    from fedlora import load_config
 
     for name in ("lg-fedavg", "fedproto"):
         overrides = tiny_overrides(tmp_path, **{**VARIANTS, "strategy.name": name, "strategy.options": "{}"})

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from conftest import assert_rel_close, relative_error, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters import LoraAdapters
-from fedlora.config import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.models.loading import load_base_model
 from fedlora.runner import run_experiment

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import assert_rel_close, tiny_engine, tiny_overrides
+from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
 from fedlora.cli import main
-from fedlora.config import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.engine.faults import corrupt
 from fedlora.protocol import ClientInstruction, ClientReply

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import assert_rel_close, tiny_overrides
-from fedlora.client.trainer import LocalTrainingSettings, make_scheduler, round_settings, run_steps
-from fedlora.config import load_config
+from fedlora import load_config
+from fedlora.client.settings import LocalTrainingSettings, round_settings
+from fedlora.client.steps import make_scheduler, run_steps
 from fedlora.config.loader import ConfigError
 from fedlora.data.encoding import Encoder, collate
 from fedlora.runner import run

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.runner import run_experiment
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from fedlora.config import load_config
+from fedlora import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.runner import run_experiment

@@ -15,13 +15,11 @@ go through PEFT's ``rank_pattern``, so an exported adapter loads with plain PEFT
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedlora.adapters.merged import MergedBase, split_merged
@@ -237,38 +235,6 @@ class LoraAdapters:
                     )
                 params[key].copy_(value)
 
-    def export_full(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
-        """Write full-parameter weights as a plain Hugging Face model folder (config, tokenizer, safetensors)."""
-        import shutil
-
-        folder.mkdir(parents=True, exist_ok=True)
-        base = Path(base_model_path)
-        for item in base.iterdir():
-            if (
-                item.is_file()
-                and not item.name.endswith((".safetensors", ".bin"))
-                and item.name != "model.safetensors.index.json"
-            ):
-                shutil.copy2(item, folder / item.name)
-        tensors = {k.replace(".base_layer", ""): v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return folder
-
-    def export_merged(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
-        """A plain Hugging Face model folder of W0 + D + s B A on every target module (the base offset and
-        the adapter of ``state`` merged in), every other weight the base model's."""
-        self.load(state)
-        prefix = "base_model.model."
-        weights = dict(self.base_parameters())
-        with torch.no_grad():
-            slot = self.active_slot_name
-            for path, (layer, _, _) in self.lora_modules().items():
-                A, B = layer.lora_A[slot].weight, layer.lora_B[slot].weight
-                rank = A.shape[0]
-                key = path.removeprefix(prefix) + ".base_layer.weight"
-                weights[key] = weights[key] + self.scaling(rank) * (B @ A)
-        return self.export_full(to_cpu(weights), folder, base_model_path)
-
     def load(self, state: AdapterState, partial: bool = False) -> RankProfile:
         """Write ``state`` into the slot of its rank profile and activate it; returns the profile.
 
@@ -330,26 +296,3 @@ class LoraAdapters:
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""
         return list(self._slots[self.active_profile].tensors.items())
-
-    def export(self, state: AdapterState, folder: Path, base_model_path: str) -> Path:
-        """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
-
-        The adapter config is the slot's own PEFT config (so task heads PEFT saves, e.g. ``score``, match).
-        A state with a merged base offset (:mod:`fedlora.adapters.merged`) is written as a whole merged model
-        folder instead (:meth:`export_merged`).
-        """
-        import copy
-
-        if split_merged(state)[1]:
-            return self.export_merged(state, folder, base_model_path)
-
-        profile = self.load(state)
-        assert self.model is not None
-        config = copy.deepcopy(self.model.peft_config[self._slots[profile].name])
-        config.base_model_name_or_path = base_model_path
-        config.inference_mode = True
-        folder.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(folder))
-        tensors = {k: v.detach().contiguous() for k, v in state.items()}
-        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return folder

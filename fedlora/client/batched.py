@@ -38,15 +38,14 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks
 from fedlora.client.loss import token_losses
-from fedlora.client.trainer import (
+from fedlora.client.settings import LocalTrainingSettings, round_settings
+from fedlora.client.steps import (
     LocalResult,
-    LocalTrainingSettings,
     backward,
     gradient_norm_metrics,
     make_optimizer,
     make_scheduler,
     optimizer_step,
-    round_settings,
     seeded,
 )
 from fedlora.compute import autocast, grad_scaler, model_device, to_device

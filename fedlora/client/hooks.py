@@ -31,17 +31,14 @@ from fedlora.registry import Registry
 
 if TYPE_CHECKING:
     from fedlora.adapters.lora import LoraAdapters
+    from fedlora.client.settings import LocalTrainingSettings
     from fedlora.client.store import PersonalStore
-    from fedlora.client.trainer import LocalTrainingSettings
     from fedlora.data.encoding import EncodedOnDemand, Encoder
     from fedlora.data.examples import ClientData
 
-# built-in hooks register where their method is defined (imported by name: no client -> strategy import)
-CLIENT_HOOKS: Registry[type[ClientHooks]] = Registry(
-    "client hook",
-    "strategy.name",
-    builtins=("fedlora.client.zeroth_order", "fedlora.client.frozen", "fedlora.strategies"),
-)
+#: hooks by kind; each registers where its method is defined, and every process entry imports them all
+#: first (:func:`fedlora.preflight.load_builtins`), so the client layer never imports a method
+CLIENT_HOOKS: Registry[type[ClientHooks]] = Registry("client hook", "strategy.name")
 
 
 @dataclass

@@ -14,14 +14,10 @@ from typing import Any
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.client.batched import BatchedJob, batch_refusal, train_clients_together
+from fedlora.client.settings import OVERRIDABLE, DPSettings, LocalTrainingSettings
+from fedlora.client.steps import round_seed
 from fedlora.client.store import PersonalStore
-from fedlora.client.trainer import (
-    OVERRIDABLE,
-    DPSettings,
-    LocalTrainingSettings,
-    round_seed,
-    train_locally,
-)
+from fedlora.client.trainer import train_locally
 from fedlora.compute import process_peak_memory
 from fedlora.config.schema import ClientConfig
 from fedlora.data.encoding import Encoder

@@ -16,14 +16,9 @@ client), so a round replays identically after a resume.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,205 +33,25 @@ from fedlora.client.privacy import (
     poisson_batches,
     zero_grad_samples,
 )
+from fedlora.client.settings import (
+    DPSettings,
+    LocalTrainingSettings,
+    round_settings,
+)
+from fedlora.client.steps import (
+    LocalResult,
+    gradient_norm_metrics,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    run_steps,
+    seeded,
+)
 from fedlora.client.store import PersonalStore
 from fedlora.client.zeroth_order import ZerothOrder, train_zeroth_order
-from fedlora.compute import autocast, grad_scaler, model_device, to_cpu, to_device
+from fedlora.compute import autocast, model_device, to_cpu, to_device
 from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
-
-
-@dataclass(frozen=True)
-class DPSettings:
-    """One client's DP-SGD plan for a round (set by the privacy wrapper from its ledger)."""
-
-    noise_multiplier: float
-    max_grad_norm: float = 1.0
-    sampling: Literal["poisson", "shuffle"] = "poisson"
-    sample_rate: float | None = None
-
-
-@dataclass(frozen=True)
-class LocalTrainingSettings:
-    """Resolved generic local-training settings of one client for one round (no method-specific fields)."""
-
-    optimizer: str
-    lr: float
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    local_steps: int | None = 10
-    local_epochs: float | None = None
-    batch_size: int = 4
-    grad_clip: float | None = 1.0
-    #: multiplies lr (e.g. FedMeZO's personalised client learning rates, relative spread)
-    lr_scale: float = 1.0
-    #: added to the round's lr (e.g. FedMeZO's personalised client learning rates, absolute spread)
-    lr_offset: float = 0.0
-    privacy: DPSettings | None = None
-    #: autocast of the forward pass (``compute.precision``): fp32, bf16 or fp16 (with a gradient scaler)
-    precision: str = "fp32"
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    #: round t trains at lr * lr_decay^(t - 1)
-    lr_decay: float = 1.0
-    gradient_accumulation_steps: int = 1
-
-
-#: the generic settings a strategy may override per client in ``ClientInstruction.settings``
-OVERRIDABLE = ("optimizer", "lr", "weight_decay", "momentum", "local_steps", "local_epochs", "batch_size")
-OVERRIDABLE += ("grad_clip", "lr_scale", "lr_offset")
-
-
-@dataclass
-class LocalResult:
-    """What local training produced: the state to send back and its numbers."""
-
-    state: AdapterState
-    num_examples: int
-    metrics: dict[str, float]
-
-
-def round_settings(settings: LocalTrainingSettings, server_round: int) -> LocalTrainingSettings:
-    """The round's learning rate folded in: lr * lr_scale * lr_decay^(round - 1) + lr_offset."""
-    factor = settings.lr_scale * settings.lr_decay ** max(server_round - 1, 0)
-    if factor == 1.0 and settings.lr_offset == 0.0:
-        return settings
-    lr = settings.lr * factor + settings.lr_offset
-    if lr <= 0:
-        raise ValueError(
-            f"round {server_round}: learning rate {settings.lr:g} x {factor:g} + offset {settings.lr_offset:g}"
-            f" = {lr:g} <= 0; lower the strategy's learning-rate spread (e.g. strategy.options.lr_delta)"
-        )
-    return replace(settings, lr=lr, lr_scale=1.0, lr_decay=1.0, lr_offset=0.0)
-
-
-def round_seed(run_seed: int, server_round: int, client_id: int) -> int:
-    """A 63-bit seed that depends only on (run seed, round, client): sha256 of the three, truncated."""
-    digest = hashlib.sha256(f"{run_seed}/{server_round}/{client_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def make_optimizer(
-    params: list[torch.nn.Parameter], settings: LocalTrainingSettings
-) -> torch.optim.Optimizer:
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-        )
-    raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: adamw, sgd")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, settings: LocalTrainingSettings, steps: int) -> Any:
-    """The round's learning-rate schedule over its ``steps`` optimizer steps (``transformers.get_scheduler``;
-    warmup = ``warmup_steps`` or ceil(``warmup_ratio`` x steps)); None for a constant rate."""
-    if settings.lr_scheduler == "constant":
-        return None
-    from transformers import get_scheduler
-
-    warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * steps)
-    return get_scheduler(
-        settings.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(steps, 1)
-    )
-
-
-def run_steps(
-    model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
-    batches: list[list[dict[str, Any]]],
-    optimizer: torch.optim.Optimizer,
-    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    grad_clip: float | None,
-    seed: int,
-    make_batch: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    precision: str = "fp32",
-    accumulation: int = 1,
-    scheduler: Any = None,
-) -> tuple[list[float], int, list[float]]:
-    """Plain first-order steps (train mode, dropout seeded); returns the micro-batch losses, the token count and
-    each optimizer step's global gradient norm before clipping (:func:`gradient_norm`).
-
-    ``make_batch`` turns a micro-batch's encoded examples into tensors (``Encoder.training_batch``: padded or
-    packed rows).
-    Every ``accumulation`` consecutive micro-batches make one optimizer step on the mean of their losses
-    (each backward gets loss / accumulation); ``scheduler`` steps after each optimizer step. The forward runs
-    under ``precision``'s autocast on the model's device; with fp16 the loss is scaled before backward and the
-    gradients unscaled before clipping (a step with inf/NaN gradients is skipped). Shared by the main phase
-    and hooks that train something else first (pFedLoRA's local-model phase).
-    """
-    losses: list[float] = []
-    norms: list[torch.Tensor] = []
-    tokens = 0
-    device = model_device(model)
-    scaler = grad_scaler(precision, device)
-    clip = functools.partial(gradient_norm, params, grad_clip)
-    model.train()
-    with seeded(seed, device):  # dropout masks
-        for index, items in enumerate(batches, start=1):
-            batch = make_batch(items)
-            tokens += sum(len(item["input_ids"]) for item in items)
-            with autocast(precision, device):
-                loss = loss_of(batch)
-            losses.append(float(loss.detach()))
-            backward(loss / accumulation if accumulation > 1 else loss, scaler)
-            if index % accumulation == 0 or index == len(batches):
-                norms.append(optimizer_step(optimizer, scaler, clip, scheduler))
-    model.eval()
-    return losses, tokens, torch.stack(norms).tolist() if norms else []  # one device sync, at the end
-
-
-def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The step's global gradient norm ||g||_2 over ``params`` (all gradients as one vector), measured before
-    clipping; with ``max_norm``, g is then clipped with torch's rule g *= min(1, max_norm / (||g|| + 1e-6))."""
-    if max_norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def gradient_norm_metrics(norms: Sequence[float]) -> dict[str, float]:
-    """``grad_norm`` (the mean over the round's optimizer steps of the pre-clipping gradient norm) and
-    ``grad_norm_max``; steps with a non-finite norm (fp16 overflow: the step was skipped) are left out."""
-    finite = [n for n in norms if math.isfinite(n)]
-    if not finite:
-        return {}
-    return {"grad_norm": sum(finite) / len(finite), "grad_norm_max": max(finite)}
-
-
-def backward(loss: torch.Tensor, scaler: Any) -> None:
-    """loss.backward(), scaled first with an fp16 gradient ``scaler``."""
-    (loss if scaler is None else scaler.scale(loss)).backward()
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer, scaler: Any, clip: Callable[[], Any] | None, scheduler: Any = None
-) -> Any:
-    """clip, step, advance the schedule, zero the gradients; returns what ``clip`` returned (the gradient norm
-    before clipping, as a tensor: no device sync here). With an fp16 ``scaler``: gradients unscaled before
-    ``clip``, the step skipped if any gradient is inf/NaN, then the scale updated."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    norm = clip() if clip is not None else None
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Inside: the global generators seeded with ``seed`` (the CPU's and, on CUDA, the device's, where dropout
-    masks are drawn); outside: their states as before."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        yield
 
 
 def train_locally(
@@ -441,19 +256,3 @@ def train_locally_zeroth_order(
     for hook in hooks:
         state = hook.reply_state(ctx, state, metrics)
     return LocalResult(state=state, num_examples=len(ctx.encoded), metrics=metrics)
-
-
-@contextlib.contextmanager
-def training(params: list[torch.nn.Parameter], others: list[torch.nn.Parameter]):
-    """Make ``params`` trainable and ``others`` frozen for the duration, then swap back."""
-    for p in others:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-        for p in others:
-            p.requires_grad_(True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import re
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fedlora.config.schema import ExperimentConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run; the message says which field, what was given and what is allowed."""
+from fedlora.errors import ConfigError
 
 
 def builtin_config_path(name: str = "default") -> Path:
     """Path of a config shipped inside the package (``fedlora/config/builtin/<name>.yaml``)."""
-    path = Path(str(resources.files("fedlora.config") / "builtin" / f"{name}.yaml"))
+    path = Path(__file__).resolve().parent / "builtin" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"no built-in config named {name!r}")
     return path
@@ -120,42 +116,12 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
-    """Validate a nested dict, including the strategy name and its options, raising ConfigError."""
+    """Validate a nested dict against the schema, raising ConfigError (registry names are checked by
+    :func:`fedlora.preflight.check_experiment`)."""
     try:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    from fedlora.data.federation import DATA_SOURCES
-    from fedlora.data.partition import PARTITIONERS
-    from fedlora.eval.registry import METRICS
-    from fedlora.strategies.registry import check_experiment
-
-    check_experiment(
-        cfg
-    )  # plugins first, then the strategy; again when the run starts (Python-built configs)
-    for registry, value in ((DATA_SOURCES, cfg.data.source), (PARTITIONERS, cfg.partition.method)):
-        if value not in registry:
-            raise ConfigError(
-                f"config field '{registry.field}': unknown {registry.kind} {value!r} (allowed: {', '.join(registry.names())})"
-            )
-    for field in ("metrics", "final_metrics"):
-        unknown = [m for m in getattr(cfg.eval, field) if m not in METRICS]
-        if unknown:
-            raise ConfigError(
-                f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
-            )
-    wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
-    if "task-score" in wanted and cfg.data.source != "reasoning-gym":
-        raise ConfigError(
-            f"config field 'eval.metrics': task-score uses reasoning-gym's scorers; data.source is {cfg.data.source!r}"
-        )
-    from fedlora.eval.generation import SCORERS
-
-    generation = [m for m in wanted if m in SCORERS]
-    if generation and cfg.model.task != "causal-lm":
-        raise ConfigError(
-            f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"
-        )
     return cfg
 
 

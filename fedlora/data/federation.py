@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config.schema import ExperimentConfig
+from fedlora.config.schema import DataConfig, ExperimentConfig
 from fedlora.data.examples import ClientData, Example, Federation
 from fedlora.data.lazy import lazy_natural_instructions
 from fedlora.data.partition import partition_examples, split_client
@@ -37,37 +37,56 @@ class SourceData:
     label_names: list[str] | None = None
 
 
-DataSource = Callable[[ExperimentConfig], SourceData]
-#: data.source -> fn(config) -> SourceData
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a data source is given: the ``data`` section (its own fields, and ``data.options`` for a plugin
+    source's own options) and the three facts from other sections that shape what a source yields."""
+
+    data: DataConfig
+    #: ``model.task``: a classification source yields label names
+    task: str = "causal-lm"
+    #: ``partition.method``: a source already federated (one client per task) needs ``natural``
+    partition_method: str = "natural"
+    #: ``federation.num_clients``: how many clients a pre-federated source yields at most
+    num_clients: int | None = None
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> SourceRequest:
+        return cls(cfg.data, cfg.model.task, cfg.partition.method, cfg.federation.num_clients)
+
+
+DataSource = Callable[[SourceRequest], SourceData]
+#: data.source -> fn(request) -> SourceData
 DATA_SOURCES: Registry[DataSource] = Registry("data source", "data.source")
 
 
 def register_data_source(name: str) -> Callable[[DataSource], DataSource]:
-    """Decorator: ``fn(config) -> SourceData`` (read ``config.data`` for your own fields' values)."""
+    """Decorator: ``fn(request) -> SourceData``, ``request`` a :class:`SourceRequest` (``request.data``: the
+    data section; a plugin source's own settings are ``request.data.options``)."""
     return DATA_SOURCES.register(name)  # type: ignore[return-value]
 
 
 @register_data_source("natural-instructions")
-def natural_instructions_source(cfg: ExperimentConfig) -> SourceData:
-    if cfg.partition.method != "natural":
+def natural_instructions_source(request: SourceRequest) -> SourceData:
+    if request.partition_method != "natural":
         raise ValueError(
             "natural-instructions is federated by task already: partition.method must be 'natural'"
         )
-    path = find_natural_instructions(cfg.data.path, cfg.data.variant)
-    limit = cfg.federation.num_clients or cfg.data.max_clients
+    path = find_natural_instructions(request.data.path, request.data.variant)
+    limit = request.num_clients or request.data.max_clients
     clients = lazy_natural_instructions(path, max_clients=limit)  # examples stay on disk until used
     return SourceData(f"Natural Instructions ({path.name}, {len(clients)} task clients)", clients=clients)
 
 
 @register_data_source("reasoning-gym")
-def reasoning_gym_source(cfg: ExperimentConfig) -> SourceData:
-    data = cfg.data
+def reasoning_gym_source(request: SourceRequest) -> SourceData:
+    data = request.data
     examples = reasoning_gym_examples(data.tasks, data.examples_per_task, data.seed)
     return SourceData(f"reasoning-gym ({len(data.tasks)} tasks x {data.examples_per_task})", examples)
 
 
 @register_data_source("bbc-news")
-def bbc_news_source(cfg: ExperimentConfig) -> SourceData:
+def bbc_news_source(request: SourceRequest) -> SourceData:
     examples, label_names = bbc_news_examples()
     return SourceData(
         f"BBC News ({len(examples)} articles, {len(label_names)} topics)", examples, None, label_names
@@ -75,8 +94,8 @@ def bbc_news_source(cfg: ExperimentConfig) -> SourceData:
 
 
 @register_data_source("json")
-def json_source(cfg: ExperimentConfig) -> SourceData:
-    data = cfg.data
+def json_source(request: SourceRequest) -> SourceData:
+    data = request.data
     if not data.path:
         raise ValueError("data.source 'json' needs data.path")
     if Path(data.path).is_dir() or Path(data.path).suffix in (".parquet", ".arrow", ".csv"):
@@ -84,7 +103,7 @@ def json_source(cfg: ExperimentConfig) -> SourceData:
             f"data.path {data.path!r} is not a JSON/JSONL file: read it with data.source: hf (datasets folders "
             "made by save_to_disk, parquet, CSV and Arrow files)"
         )
-    label_names = labels_in_file(data.path, data.output_field) if cfg.model.task == "classification" else None
+    label_names = labels_in_file(data.path, data.output_field) if request.task == "classification" else None
     examples = load_instruction_file(
         data.path,
         data.instruction_field,
@@ -97,34 +116,34 @@ def json_source(cfg: ExperimentConfig) -> SourceData:
 
 
 @register_data_source("hf")
-def hf_source(cfg: ExperimentConfig) -> SourceData:
+def hf_source(request: SourceRequest) -> SourceData:
     """Rows read through Hugging Face ``datasets`` (:func:`fedlora.data.hf.load_rows`), then as
     :func:`rows_source` (field names, ``messages_field``, partitioning)."""
     from fedlora.data.hf import load_rows
 
-    data = cfg.data
+    data = request.data
     if not data.path:
         raise ValueError(
             "data.source 'hf' needs data.path: a save_to_disk folder, a .parquet/.csv/.json(l)/.arrow file or a "
             "hub dataset id in the local Hugging Face cache"
         )
     rows, description = load_rows(data.path, data.hf_split)
-    source = rows_source(cfg, rows)
+    source = rows_source(request, rows)
     source.description = f"{description} ({len(source.examples or [])} rows)"
     return source
 
 
-def rows_source(cfg: ExperimentConfig, rows: Iterable[dict[str, Any]]) -> SourceData:
+def rows_source(request: SourceRequest, rows: Iterable[dict[str, Any]]) -> SourceData:
     """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
     the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
-    data = cfg.data
+    data = request.data
     records = list(enumerate(rows, start=1))
     if data.messages_field:
         from fedlora.data.hf import messages_to_record
 
         records = [(n, messages_to_record(r, data, n)) for n, r in records]
     label_names = None
-    if cfg.model.task == "classification":
+    if request.task == "classification":
         label_names = sorted({str(r[data.output_field]) for _, r in records})
     fields = (data.instruction_field, data.input_field, data.output_field, data.category_field)
     examples = instruction_examples(records, "dataset row", *fields, label_names=label_names)
@@ -137,7 +156,7 @@ def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) ->
     data, part, fed = cfg.data, cfg.partition, cfg.federation
     if source is None:
         try:
-            source = DATA_SOURCES.get(data.source)(cfg)
+            source = DATA_SOURCES.get(data.source)(SourceRequest.of(cfg))
         except UnknownName as err:
             raise ValueError(str(err)) from None
     label_names, description = source.label_names, source.description

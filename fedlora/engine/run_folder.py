@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import fsync_path
+from fedlora.errors import ConfigError
 
 #: dotted prefixes a resume may change: more (or fewer, not below the done) rounds, evaluation, output,
 #: the run's name and how it is run (threads, engine): none of them changes what the clients train

@@ -15,17 +15,18 @@ from fedlora.adapters.ranks import RankProfile, client_profiles, largest_profile
 from fedlora.client.node import ClientNode
 from fedlora.client.privacy import check_dp_support
 from fedlora.compute import resolve_device, to_cpu
-from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
 from fedlora.data.federation import build_federation
-from fedlora.engine.embedded import Simulation, clients_per_round
+from fedlora.engine.sampling import clients_per_round
+from fedlora.engine.transport import Simulation
+from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.personal import ClientModels
 from fedlora.strategies.base import ServerSetup, Strategy
 from fedlora.strategies.privacy import DifferentialPrivacy, PrivacyLedger
-from fedlora.strategies.registry import build_strategy, check_experiment
+from fedlora.strategies.registry import build_strategy
 from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen
 
 
@@ -50,7 +51,9 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
     client_models = None
     if cfg.model.variants:  # model-heterogeneous clients: one model per architecture, the shared adapter
         total = len(federation.clients) + len(federation.held_out)
-        client_models = ClientModels(cfg, total, federation.num_labels)
+        client_models = ClientModels(
+            cfg.model, cfg.adapter, cfg.data, cfg.compute, cfg.federation.seed, total, federation.num_labels
+        )
         bundle, adapters = client_models.bundles[0], client_models.adapters[0]
     else:
         bundle = load_base_model(cfg.model, federation.num_labels, cfg.adapter.init_seed, cfg.compute)
@@ -68,8 +71,8 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
 
 
 def build_client_node(cfg: ExperimentConfig) -> ClientNode:
-    """The clients of ``cfg`` in this process, without any server part (Flower ClientApps, workers)."""
-    check_experiment(cfg)
+    """The clients of ``cfg`` in this process, without any server part (Flower ClientApps, workers; each
+    preflights ``cfg`` at its entry)."""
     federation = build_federation(cfg)
     side = load_client_side(cfg, federation)
     return ClientNode(
@@ -93,24 +96,25 @@ def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federat
         wrapped = RobustAggregation(wrapped, fed.aggregation, fed.trim_fraction)
     wrapped = UpdateNormScreen(wrapped, fed)
     if cfg.privacy.enabled:
-        wrapped = DifferentialPrivacy(wrapped, PrivacyLedger.for_experiment(cfg, federation))
+        wrapped = DifferentialPrivacy(
+            wrapped, PrivacyLedger.plan_for(cfg.privacy, cfg.client, fed.rounds, federation.clients)
+        )
     return wrapped
 
 
 def build_simulation(
     cfg: ExperimentConfig, for_training: bool = True, federation: Federation | None = None
 ) -> tuple[Simulation, ModelBundle]:
-    """Check the method can honour the config, load data (cheap, fails fast on bad files; or use the given
+    """For a preflighted ``cfg`` (:func:`fedlora.preflight.check_experiment`): load data (cheap, fails fast on bad files; or use the given
     ``federation``), then the model, adapters and the wrapped strategy."""
-    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
     federation = federation if federation is not None else build_federation(cfg)
     if for_training:
         clients_per_round(
-            cfg, len(federation.clients)
+            cfg.federation, len(federation.clients)
         )  # fails before the model loads if sampling cannot work
     side = load_client_side(cfg, federation)
     adapters, client_models = side.adapters, side.client_models
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg.strategy)
     if strategy.personal_models and client_models is None:
         raise ConfigError(
             f"strategy {strategy.name} trains each client's own model: give model.variants "

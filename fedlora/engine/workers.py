@@ -39,8 +39,16 @@ from fedlora.adapters.state import from_bytes, to_bytes
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder, steps_for
 from fedlora.data.examples import Federation
-from fedlora.engine.embedded import RunInterrupted, StopFlag
-from fedlora.protocol import ClientInstruction, ClientReply, plan_from_json, plan_to_json
+from fedlora.engine.transport import RunInterrupted, StopFlag
+from fedlora.protocol import (
+    ClientInstruction,
+    ClientReply,
+    read_reply,
+    read_request,
+    reply_header,
+    request_header,
+    wire_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ def worker_main(read_fd: int, write_fd: int) -> None:
 
     from fedlora.config.loader import config_from_dict
     from fedlora.engine.setup import build_client_node
-    from fedlora.registry import import_plugins
+    from fedlora.preflight import check_experiment
 
     # Ctrl-C, and `kill -- -<group>`, reach the whole process group: the parent decides (it abandons the
     # round, keeps the last checkpoint and closes its workers). A worker killed by the same signal would
@@ -77,7 +85,7 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     cfg = config_from_dict(json.loads(setup["config"]))
     cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"device": setup["device"]})})
     try:
-        import_plugins(cfg.plugins)
+        check_experiment(cfg)  # this process's entry: plugins, built-in methods, refusals
         torch.set_num_threads(cfg.client.num_threads)
         node = build_client_node(cfg)
     except Exception as err:  # tell the parent why, then end
@@ -94,14 +102,13 @@ def worker_main(read_fd: int, write_fd: int) -> None:
             return
         client = int(header["client"])
         try:
-            instruction = plan_from_json(header["plan"], from_bytes(payload))
-            reply = node.train(int(header["round"]), client, instruction)
+            server_round, _, instruction = read_request(header, from_bytes(payload))
+            reply = node.train(server_round, client, instruction)
         except Exception as err:  # the client's failure, not the worker's: report it, keep serving
             log.exception("client %d failed", client)
             _send(outbox, {"client": client, "error": f"client error: {type(err).__name__}: {err}"})
             continue
-        metrics = {k: v for k, v in reply.metrics.items() if isinstance(v, (int, float))}
-        header = {"client": client, "num_examples": reply.num_examples, "metrics": metrics}
+        header = {"client": client, **reply_header(reply), "metrics": wire_metrics(reply.metrics)}
         try:
             _send(outbox, header, to_bytes(reply.payload))
         except BrokenPipeError:  # the parent went away while this client trained
@@ -206,7 +213,7 @@ class WorkerPoolTransport:
             for worker in self.workers:
                 if worker.busy is None and pending:
                     client_id, instruction = pending.pop(0)
-                    header = {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+                    header = request_header(server_round, client_id, instruction)
                     payload = instruction.payload
                     if id(payload) not in wire:
                         wire[id(payload)] = to_bytes(payload)
@@ -241,9 +248,7 @@ class WorkerPoolTransport:
                 if "error" in header:
                     replies[client_id] = str(header["error"])
                 else:
-                    replies[client_id] = ClientReply(
-                        client_id, from_bytes(payload), int(header["num_examples"]), dict(header["metrics"])
-                    )
+                    replies[client_id] = read_reply(client_id, header, from_bytes(payload), header["metrics"])
                 self.status(
                     f"round {server_round}: {len(replies)}/{len(instructions)} clients done ({len(self.workers)} workers)"
                 )

@@ -17,8 +17,9 @@ from transformers import (
 )
 
 from fedlora.compute import resolve_device
-from fedlora.config.loader import HUB_ID, ConfigError
+from fedlora.config.loader import HUB_ID
 from fedlora.config.schema import ComputeConfig, ModelConfig
+from fedlora.errors import ConfigError
 from fedlora.models.convert import convert_gguf_to_folder
 from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
 from fedlora.models.tiny import tiny_llama_folder

@@ -37,7 +37,7 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
 from fedlora.client.store import PersonalStore
 from fedlora.compute import to_cpu
-from fedlora.config.schema import ExperimentConfig
+from fedlora.config.schema import AdapterConfig, ComputeConfig, DataConfig, ModelConfig
 from fedlora.data.encoding import Encoder
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.variants import assign_variants, layer_stack, truncate_layers, variant_label
@@ -98,10 +98,22 @@ def attach_representation_head(model: torch.nn.Module, shared_dim: int, seed: in
 class ClientModels:
     """Per-architecture models with the shared last-layer adapter, and every client's own weights."""
 
-    def __init__(self, cfg: ExperimentConfig, num_clients: int, num_labels: int | None) -> None:
-        self.cfg = cfg
-        self.variant_of = assign_variants(cfg.model, num_clients, cfg.federation.seed)
-        self.labels = [variant_label(cfg.model, v) for v in cfg.model.variants]
+    def __init__(
+        self,
+        model: ModelConfig,
+        adapter: AdapterConfig,
+        data: DataConfig,
+        compute: ComputeConfig,
+        seed: int,
+        num_clients: int,
+        num_labels: int | None,
+    ) -> None:
+        """``model.variants`` architectures, ``seed`` (``federation.seed``) assigning them to ``num_clients``
+        clients; each gets ``adapter``'s shared adapter, an encoder for ``data`` and ``compute``'s device."""
+        #: the width of the common representation space (``model.shared_dim``)
+        self.shared_dim = model.shared_dim
+        self.variant_of = assign_variants(model, num_clients, seed)
+        self.labels = [variant_label(model, v) for v in model.variants]
         self.bundles: list[ModelBundle] = []
         self.adapters: list[LoraAdapters] = []
         self.encoders: list[Encoder] = []
@@ -109,41 +121,41 @@ class ClientModels:
         self.last_layer: list[int] = []
         self.head_name: list[str] = []  # representation placement: the classifier attribute of each model
         self.store: PersonalStore | None = None  # set by whoever runs the clients (RUN_DIR/personal)
-        representation = cfg.model.shared_adapter == "representation"
-        names = cfg.adapter.target_modules
+        representation = model.shared_adapter == "representation"
+        names = adapter.target_modules
         if not representation and names == "all-linear":
             raise ValueError(
                 "model.variants: adapter.target_modules must name the attention projections to share"
             )
         hidden = set()
-        for index, variant in enumerate(cfg.model.variants):
-            mcfg = cfg.model.model_copy(
+        for index, variant in enumerate(model.variants):
+            mcfg = model.model_copy(
                 update={
-                    "name": variant.name or cfg.model.name,
+                    "name": variant.name or model.name,
                     "variants": [],
-                    "tiny_hidden_size": variant.tiny_hidden_size or cfg.model.tiny_hidden_size,
+                    "tiny_hidden_size": variant.tiny_hidden_size or model.tiny_hidden_size,
                 }
             )
-            bundle = load_base_model(mcfg, num_labels, cfg.adapter.init_seed, cfg.compute)
+            bundle = load_base_model(mcfg, num_labels, adapter.init_seed, compute)
             if variant.num_layers:
                 truncate_layers(bundle.model, variant.num_layers)
             path, layers = layer_stack(bundle.model)
             last = len(layers) - 1
             if representation:
                 head = attach_representation_head(
-                    bundle.model, cfg.model.shared_dim, cfg.adapter.init_seed * 7919 + index
+                    bundle.model, model.shared_dim, adapter.init_seed * 7919 + index
                 )
                 target = rf"{re.escape(head)}\.bridge"
                 self.head_name.append(head)
             else:
                 target = rf"{re.escape(path)}\.{last}\.(.*\.)?({'|'.join(map(re.escape, names))})"
-            adapter_cfg = cfg.adapter.model_copy(update={"target_modules": target})
-            adapters = LoraAdapters(bundle.model, adapter_cfg, cfg.model.task, head_in_adapter=False)
-            adapters.activate(cfg.adapter.rank)
+            adapter_cfg = adapter.model_copy(update={"target_modules": target})
+            adapters = LoraAdapters(bundle.model, adapter_cfg, model.task, head_in_adapter=False)
+            adapters.activate(adapter.rank)
             hidden.add(bundle.model.config.hidden_size)
             self.bundles.append(bundle)
             self.adapters.append(adapters)
-            self.encoders.append(Encoder.for_data(bundle.tokenizer, cfg.model.task, cfg.data))
+            self.encoders.append(Encoder.for_data(bundle.tokenizer, model.task, data))
             self.last_layer.append(last)
             self.pristine.append(to_cpu(dict(adapters.base_parameters())))
         if len(hidden) > 1 and not representation:

@@ -4,6 +4,9 @@ Importing this package imports every method module in it, and each registers its
 open registry (user methods: :func:`register_strategy`, entry points, or ``plugins:`` in a config).
 """
 
+import importlib
+import pkgutil
+
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -11,9 +14,10 @@ from fedlora.strategies.base import (
     StrategyOptions,
     weighted_average,
 )
-from fedlora.strategies.registry import STRATEGIES, build_strategy, import_builtin_methods, register_strategy
+from fedlora.strategies.registry import STRATEGIES, build_strategy, register_strategy
 
-import_builtin_methods()
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "STRATEGIES",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -30,7 +30,6 @@ from fedlora.adapters.merged import split_merged
 from fedlora.adapters.ranks import LoraScaling, RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
-from fedlora.config.schema import ExperimentConfig
 from fedlora.protocol import ClientInstruction, ClientReply
 
 if TYPE_CHECKING:
@@ -61,6 +60,32 @@ class StrategyOptions(BaseModel):
     """Base of each strategy's own options (``strategy.options`` in the config); unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+OptionsT = TypeVar("OptionsT", bound=StrategyOptions)
+
+
+@dataclass(frozen=True)
+class ExperimentFacts:
+    """What a method may refuse an experiment for, and nothing else of the config (built by the preflight,
+    :func:`fedlora.preflight.experiment_facts`)."""
+
+    #: ``model.task``: causal-lm or classification
+    task: str = "causal-lm"
+    #: ``model.quantization`` is set (a 4/8-bit base model)
+    quantized: bool = False
+    #: ``len(model.variants)``: the client architectures (0: one shared base model)
+    num_variants: int = 0
+    #: ``model.shared_adapter``: what model-heterogeneous clients share
+    shared_adapter: str = "adapter"
+    #: ``privacy.enabled``: the clients train with DP-SGD
+    privacy: bool = False
+    #: ``client.gradient_accumulation_steps``
+    gradient_accumulation_steps: int = 1
+    #: ``client.lr_scheduler``
+    lr_scheduler: str = "constant"
+    #: ``client.weight_decay``
+    weight_decay: float = 0.0
 
 
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
@@ -112,8 +137,11 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
     return out
 
 
-class Strategy(ABC):
-    """Base class: holds the global adapter state and default hooks; a method overrides what differs."""
+class Strategy(ABC, Generic[OptionsT]):
+    """Base class: holds the global adapter state and default hooks; a method overrides what differs.
+
+    ``Strategy[MyOptions]`` types ``self.options`` as ``MyOptions``; ``Options = MyOptions`` is what the config's
+    ``strategy.options`` are validated against."""
 
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
@@ -131,20 +159,19 @@ class Strategy(ABC):
     linear_aggregate: ClassVar[bool] = False
 
     @classmethod
-    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
+    def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
         """Why this method cannot honour the experiment as configured (None: it can).
 
         Checked wherever a run starts (config file, Python-built config, resume, Flower), before any work.
         The default refuses privacy when one of the method's client hooks cannot run under DP-SGD, and
         optimizer-step settings (schedule, accumulation) when a hook replaces the optimizer's steps.
         """
-        client = cfg.client
-        if client.gradient_accumulation_steps > 1 or client.lr_scheduler != "constant":
+        if facts.gradient_accumulation_steps > 1 or facts.lr_scheduler != "constant":
             for hook in cls(options).client_hooks():
                 if hook.replaces_optimizer:
                     field = (
                         "gradient_accumulation_steps"
-                        if client.gradient_accumulation_steps > 1
+                        if facts.gradient_accumulation_steps > 1
                         else "lr_scheduler"
                     )
                     return (
@@ -152,7 +179,7 @@ class Strategy(ABC):
                         f"({hook.kind}), not optimizer steps; set client.gradient_accumulation_steps: 1 and "
                         "client.lr_scheduler: constant"
                     )
-        if cfg.privacy.enabled:
+        if facts.privacy:
             for hook in cls(options).client_hooks():
                 reason = hook.dp_refusal()
                 if reason is not None:
@@ -163,8 +190,8 @@ class Strategy(ABC):
                     )
         return None
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
-        self.options = options if options is not None else self.Options()
+    def __init__(self, options: OptionsT | None = None) -> None:
+        self.options: OptionsT = options if options is not None else cast(OptionsT, self.Options())
         self.global_state: AdapterState = {}
         self.client_profiles: dict[int, RankProfile] = {}
         self.lora_scaling = LoraScaling(1.0)
@@ -179,6 +206,16 @@ class Strategy(ABC):
         self.seed = setup.seed
         self.client_sizes = dict(setup.client_sizes or {})
         self.server_device = torch.device(setup.device)
+
+    def register_client(
+        self, client_id: int, num_examples: int | None = None, profile: RankProfile | None = None
+    ) -> None:
+        """Learn a client after :meth:`initialize` (a Flower node's registration): its number of training
+        examples (fixed from then on: later replies cannot claim more) and its own rank profile."""
+        if num_examples is not None:
+            self.client_sizes[client_id] = num_examples
+        if profile is not None:
+            self.client_profiles[client_id] = profile
 
     def initial_adapter(self, adapters: LoraAdapters, profile: RankProfile) -> AdapterState:
         """The adapter the run starts from, at the federation's largest rank ``profile`` (default: PEFT's seeded

@@ -119,7 +119,7 @@ class FedSBOptions(StrategyOptions):
 
 
 @register_strategy
-class FedSB(Strategy):
+class FedSB(Strategy[FedSBOptions]):
     """Fed-SB: frozen SVD factors, a trained r x r core per module, exact averaging of the cores."""
 
     name = "fed-sb"
@@ -131,7 +131,7 @@ class FedSB(Strategy):
         state = adapters.initial_state(profile)
         weights = adapters.base_weights()
         gen = torch.Generator().manual_seed(adapters.cfg.init_seed)
-        std = self.options.init_std  # type: ignore[attr-defined]
+        std = self.options.init_std
         for module, (a_key, b_key) in module_factors(state).items():
             r = state[a_key].shape[0]
             U, S, Vh = torch.linalg.svd(

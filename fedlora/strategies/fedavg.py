@@ -17,10 +17,11 @@ from pydantic import Field
 from fedlora.adapters.state import AdapterState
 from fedlora.client.frozen import FreezeFactor
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
-from fedlora.config.loader import ConfigError
+from fedlora.errors import ConfigError
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
+    OptionsT,
     ServerSetup,
     Strategy,
     StrategyOptions,
@@ -70,7 +71,7 @@ def require_one_rank(strategy_name: str, setup: ServerSetup) -> None:
         )
 
 
-class FactorAverage(Strategy):
+class FactorAverage(Strategy[OptionsT]):
     """Average each adapter tensor with example weights (every client must have the same rank profile)."""
 
     linear_aggregate = True
@@ -85,7 +86,7 @@ class FactorAverage(Strategy):
 
 
 @register_strategy
-class FedIT(FactorAverage):
+class FedIT(FactorAverage[StrategyOptions]):
     """FedIT (Zhang et al., 2024): federated instruction tuning, FedAvg of LoRA factors, AdamW locally."""
 
     name = "fedit"
@@ -93,7 +94,7 @@ class FedIT(FactorAverage):
 
 
 @register_strategy
-class FedAvg(FactorAverage):
+class FedAvg(FactorAverage[StrategyOptions]):
     """FedAvg (McMahan et al., 2017) on the LoRA factors with local SGD."""
 
     name = "fedavg"
@@ -105,7 +106,7 @@ class FedProxOptions(StrategyOptions):
 
 
 @register_strategy
-class FedProx(FactorAverage):
+class FedProx(FactorAverage[FedProxOptions]):
     """FedProx (Li et al., 2020): local SGD on L(theta) + mu/2 ||theta - theta_global||^2, then FedAvg."""
 
     name = "fedprox"
@@ -113,10 +114,10 @@ class FedProx(FactorAverage):
     Options: ClassVar[type[StrategyOptions]] = FedProxOptions
 
     def client_hooks(self) -> list[ClientHooks]:
-        return [ProximalTerm(mu=self.options.mu)]  # type: ignore[attr-defined]
+        return [ProximalTerm(mu=self.options.mu)]
 
 
-class OneFactorAverage(FactorAverage):
+class OneFactorAverage(FactorAverage[OptionsT]):
     """Clients receive the whole adapter, train one factor (``trained_factor`` of the round) with the other
     frozen, and send that factor only; the server averages it with example weights. Exact for the product,
     since the frozen factor is common: sum_i p_i s B_i A = s (sum_i p_i B_i) A (and likewise for A)."""

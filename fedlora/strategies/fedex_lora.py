@@ -24,7 +24,13 @@ import torch
 
 from fedlora.adapters.ranks import module_factors
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.base import ClientReply, ServerSetup, example_weights, weighted_average
+from fedlora.strategies.base import (
+    ClientReply,
+    ServerSetup,
+    StrategyOptions,
+    example_weights,
+    weighted_average,
+)
 from fedlora.strategies.fedavg import require_one_rank
 from fedlora.strategies.merging import MergingStrategy
 from fedlora.strategies.registry import register_strategy
@@ -42,7 +48,7 @@ def exact_residual(
 
 
 @register_strategy
-class FedExLoRA(MergingStrategy):
+class FedExLoRA(MergingStrategy[StrategyOptions]):
     """FedEx-LoRA: FedIT's averages plus the exact residual merged into the base weights."""
 
     name = "fedex-lora"

@@ -42,10 +42,11 @@ from fedlora.client.zeroth_order import (
     check_steps_record,
     perturb,
 )
-from fedlora.config.loader import ConfigError
+from fedlora.errors import ConfigError
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
+    ExperimentFacts,
     ServerSetup,
     Strategy,
     StrategyOptions,
@@ -113,7 +114,7 @@ class FedKSeedOptions(StrategyOptions):
 
 
 @register_strategy
-class FedKSeed(Strategy):
+class FedKSeed(Strategy[FedKSeedOptions]):
     """FedKSeed: zeroth-order steps from K shared seeds; the global state is K coefficients."""
 
     name = "fedkseed"
@@ -121,13 +122,13 @@ class FedKSeed(Strategy):
     Options: ClassVar[type[StrategyOptions]] = FedKSeedOptions
 
     @classmethod
-    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
-        if cfg.client.weight_decay:
+    def refusal(cls, facts: ExperimentFacts, options: FedKSeedOptions) -> str | None:
+        if facts.weight_decay:
             return (
                 "config field 'client.weight_decay': fedkseed keeps the model as theta_0 - sum_k c_k z_k, which "
                 "needs client.weight_decay: 0"
             )
-        return super().refusal(cfg, options)
+        return super().refusal(facts, options)
 
     def initialize(self, setup: ServerSetup) -> None:
         profiles = sorted({p.name for p in setup.client_profiles.values()})
@@ -137,7 +138,7 @@ class FedKSeed(Strategy):
             )
         super().initialize(setup)
         self.start = clone_state(setup.initial_state)
-        self.pool = seed_pool(self.seed, self.options.pool_size)  # type: ignore[attr-defined]
+        self.pool = seed_pool(self.seed, self.options.pool_size)
         self.index = {s: k for k, s in enumerate(self.pool)}
         self.coefficients = torch.zeros(len(self.pool), dtype=torch.float64)
         self.global_state = {COEFFICIENTS_KEY: self.coefficients.clone()}
@@ -147,10 +148,10 @@ class FedKSeed(Strategy):
         o = self.options
         return [
             SeedPoolSteps(
-                eps=o.eps,  # type: ignore[attr-defined]
-                perturbations=o.perturbations,  # type: ignore[attr-defined]
+                eps=o.eps,
+                perturbations=o.perturbations,
                 pool_seed=self.seed,
-                pool_size=o.pool_size,  # type: ignore[attr-defined]
+                pool_size=o.pool_size,
                 init_digest=state_digest(self.start),
             )
         ]
@@ -162,7 +163,7 @@ class FedKSeed(Strategy):
 
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         record = reply.payload
-        n = self.options.perturbations  # type: ignore[attr-defined]
+        n = self.options.perturbations
         reason = check_example_count(self, reply) or check_steps_record(record, n)
         if reason is not None:
             return reason

@@ -81,15 +81,15 @@ class FedMeZOOptions(StrategyOptions):
 
 
 @register_strategy
-class FedMeZO(Strategy):
+class FedMeZO(Strategy[FedMeZOOptions]):
     """FedAvg of zeroth-order-trained adapters with personalised client learning rates."""
 
     name = "fedmezo"
     Options: ClassVar[type[StrategyOptions]] = FedMeZOOptions
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
+    def __init__(self, options: FedMeZOOptions | None = None) -> None:
         super().__init__(options)
-        self.trains_full_model = self.options.full_parameters  # type: ignore[attr-defined]
+        self.trains_full_model = self.options.full_parameters
         # client -> [(round, train loss, drift or nan)]
         self.history: dict[int, list[tuple[int, float, float]]] = {}
         self._replayed: dict[int, AdapterState] = {}
@@ -98,13 +98,13 @@ class FedMeZO(Strategy):
     def signal(self, client_id: int, server_round: int) -> float | None:
         """The client's d-signal input for the configured strategy (None = no history)."""
         entries = self.history.get(client_id, [])
-        kind = self.options.lr_strategy  # type: ignore[attr-defined]
+        kind = self.options.lr_strategy
         if not entries:
             return None
         if kind == "round-wise":
             return entries[-1][1]
         if kind == "five-round":
-            if self.options.lr_rules == "reference":  # type: ignore[attr-defined]
+            if self.options.lr_rules == "reference":
                 recent = [loss for _, loss, _ in entries[-5:]] if len(entries) >= 5 else []
             else:
                 recent = [loss for r, loss, _ in entries if server_round - 5 <= r < server_round]
@@ -116,7 +116,7 @@ class FedMeZO(Strategy):
 
     def lr_directions(self, server_round: int, client_ids: list[int]) -> dict[int, float]:
         """u_i in [-1, 1] for each sampled client (see the module docstring); 0 = the base rate."""
-        kind = self.options.lr_strategy  # type: ignore[attr-defined]
+        kind = self.options.lr_strategy
         if kind == "frozen":
             return dict.fromkeys(client_ids, 0.0)
         if kind == "random":
@@ -138,17 +138,17 @@ class FedMeZO(Strategy):
         ``lr_scale`` = 1 + spread u_i (relative); empty for a client at the base rate."""
         opts = self.options
         directions = self.lr_directions(server_round, client_ids)
-        if opts.lr_delta is not None:  # type: ignore[attr-defined]
-            return {c: {"lr_offset": opts.lr_delta * u} if u else {} for c, u in directions.items()}  # type: ignore[attr-defined]
-        return {c: {"lr_scale": 1.0 + opts.lr_spread * u} if u else {} for c, u in directions.items()}  # type: ignore[attr-defined]
+        if opts.lr_delta is not None:
+            return {c: {"lr_offset": opts.lr_delta * u} if u else {} for c, u in directions.items()}
+        return {c: {"lr_scale": 1.0 + opts.lr_spread * u} if u else {} for c, u in directions.items()}
 
     def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
         return [
             ZerothOrder(
-                eps=opts.eps,  # type: ignore[attr-defined]
-                perturbations=opts.perturbations,  # type: ignore[attr-defined]
-                upload=opts.upload,  # type: ignore[attr-defined]
+                eps=opts.eps,
+                perturbations=opts.perturbations,
+                upload=opts.upload,
                 full_model=self.trains_full_model,
             )
         ]
@@ -161,17 +161,17 @@ class FedMeZO(Strategy):
 
     # --- replies --------------------------------------------------------------------------------------
     def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        if self.options.upload == "weights":  # type: ignore[attr-defined]
+        if self.options.upload == "weights":
             return super().validate_reply(instruction, reply)
         record = reply.payload
-        n = self.options.perturbations  # type: ignore[attr-defined]
+        n = self.options.perturbations
         reason = check_example_count(self, reply) or check_steps_record(record, n)
         if reason is not None:
             return reason
         state = replay(
             instruction.payload,
             record,
-            self.options.eps,  # type: ignore[attr-defined]
+            self.options.eps,
             float(record[WEIGHT_DECAY_KEY]),
         )
         reason = check_same_layout(instruction.payload, state)
@@ -182,8 +182,7 @@ class FedMeZO(Strategy):
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         start = self.global_state
         states = [
-            self._replayed.pop(r.client_id) if self.options.upload == "seeds" else r.payload  # type: ignore[attr-defined]
-            for r in replies
+            self._replayed.pop(r.client_id) if self.options.upload == "seeds" else r.payload for r in replies
         ]
         self._replayed.clear()
         weights = example_weights(replies)
@@ -196,7 +195,7 @@ class FedMeZO(Strategy):
     def drifts(self, start: AdapterState, states: list[AdapterState], weights: list[float]) -> list[float]:
         """Each client's D_i for ``model-diff`` (module docstring), from the updates u_i = state_i - start."""
         updates = [{k: (s[k] - start[k]).double() for k in start} for s in states]
-        if self.options.lr_rules == "reference":  # type: ignore[attr-defined]
+        if self.options.lr_rules == "reference":
             mean = {k: sum(u[k] for u in updates) / len(updates) for k in start}
             return [sum(float((u[k] - mean[k]).norm()) for k in start) for u in updates]
         flat = [torch.cat([u[k].flatten() for k in start]) for u in updates]

@@ -140,7 +140,7 @@ class PrototypeRegularised(TrainOwnModel):
 
 
 @register_strategy
-class FedProto(OwnModelBaseline):
+class FedProto(OwnModelBaseline[FedProtoOptions]):
     """FedProto: each client trains its own model with a pull towards the global class prototypes; the
     server averages the clients' prototypes class by class, weighted by their example counts."""
 
@@ -149,16 +149,15 @@ class FedProto(OwnModelBaseline):
 
     def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
         """The unused shared adapter (B = 0, for evaluation) and empty prototypes (no class has one yet)."""
-        cfg = client_models.cfg
         labels = client_models.bundles[0].num_labels or 0
         return {
             **client_models.initial_shared_state(),
-            PROTOTYPES: torch.zeros(labels, cfg.model.shared_dim),
+            PROTOTYPES: torch.zeros(labels, client_models.shared_dim),
             COUNTS: torch.zeros(labels, dtype=torch.float64),
         }
 
     def client_hooks(self) -> list[ClientHooks]:
-        return [PrototypeRegularised(weight=self.options.weight)]  # type: ignore[attr-defined]
+        return [PrototypeRegularised(weight=self.options.weight)]
 
     def shared_part(self) -> AdapterState:
         """The global prototypes and their counts."""

@@ -28,7 +28,7 @@ import torch
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.eval.loss import evaluate_loss
-from fedlora.strategies.base import ClientInstruction, ServerSetup
+from fedlora.strategies.base import ClientInstruction, ServerSetup, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -75,7 +75,7 @@ class PrivateB(ClientHooks):
 
 
 @register_strategy
-class FedSALoRA(FactorAverage):
+class FedSALoRA(FactorAverage[StrategyOptions]):
     """FedSA-LoRA: A (and heads) averaged with example weights; each client's B private."""
 
     name = "fedsa-lora"

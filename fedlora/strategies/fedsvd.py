@@ -25,13 +25,13 @@ import torch
 from fedlora.adapters.ranks import module_factors
 from fedlora.adapters.state import AdapterState
 from fedlora.linalg import lowrank_svd, orthonormal_completion
-from fedlora.strategies.base import ClientReply
+from fedlora.strategies.base import ClientReply, StrategyOptions
 from fedlora.strategies.fedavg import OneFactorAverage
 from fedlora.strategies.registry import register_strategy
 
 
 @register_strategy
-class FedSVD(OneFactorAverage):
+class FedSVD(OneFactorAverage[StrategyOptions]):
     """FedSVD: B-only training and upload; the server re-bases (B, A) by an SVD of B_bar A each round."""
 
     name = "fedsvd"

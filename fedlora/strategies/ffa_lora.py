@@ -18,7 +18,7 @@ import torch
 from fedlora.adapters.ranks import lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state, state_digest
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
-from fedlora.strategies.base import ServerSetup
+from fedlora.strategies.base import ServerSetup, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -52,7 +52,7 @@ class FrozenA(ClientHooks):
 
 
 @register_strategy
-class FFALoRA(FactorAverage):
+class FFALoRA(FactorAverage[StrategyOptions]):
     """FFA-LoRA: B-only payloads, exact averaging, A frozen at its seeded initialisation."""
 
     name = "ffa-lora"

@@ -52,13 +52,13 @@ class FlexLoRAOptions(HeterogeneousRankOptions):
 
 
 @register_strategy
-class FlexLoRA(HeterogeneousRankStrategy):
+class FlexLoRA(HeterogeneousRankStrategy[FlexLoRAOptions]):
     """FlexLoRA: weighted sum of full-size updates, best rank-r approximation for each client."""
 
     name = "flexlora"
     Options: ClassVar[type[StrategyOptions]] = FlexLoRAOptions
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
+    def __init__(self, options: FlexLoRAOptions | None = None) -> None:
         super().__init__(options)
         self.full_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (U S, V^T), last round
         self.full_delta_round = 0
@@ -75,13 +75,13 @@ class FlexLoRA(HeterogeneousRankStrategy):
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
             weights = [p_i * scaling(A.shape[0]) for p_i, A in zip(p, As, strict=True)]
             U, S, Vh = lowrank_svd(Bs, As, weights)
-            if self.options.evaluate_full_delta:  # type: ignore[attr-defined]
+            if self.options.evaluate_full_delta:
                 self.full_delta[module] = (U * S, Vh)
             r = min(r_out, S.shape[0])
             s_out = scaling(r_out)
             A_new = torch.zeros(A_old.shape, dtype=torch.float64, device=device)
             B_new = torch.zeros(B_old.shape, dtype=torch.float64, device=device)
-            if self.options.factor_split == "b":  # type: ignore[attr-defined]
+            if self.options.factor_split == "b":
                 B_new[:, :r] = U[:, :r] * (S[:r] / s_out)
                 A_new[:r] = Vh[:r]
             else:

@@ -40,7 +40,7 @@ def stacked_factors(
 
 
 @register_strategy
-class FLoRA(MergingStrategy):
+class FLoRA(MergingStrategy[StrategyOptions]):
     """FLoRA: exact stacking aggregation merged into the base; a fresh LoRA for every client each round."""
 
     name = "flora"

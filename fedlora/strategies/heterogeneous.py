@@ -8,7 +8,7 @@ s_rmax / s_r (s_r = alpha / r), so ``s_r B_r A_r`` is exactly the leading part o
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
@@ -35,19 +35,22 @@ class HeterogeneousRankOptions(StrategyOptions):
     mu: float = Field(0.01, ge=0.0, description="FedProx mu (only with local: fedprox)")
 
 
-class HeterogeneousRankStrategy(Strategy):
+HetOptionsT = TypeVar("HetOptionsT", bound=HeterogeneousRankOptions)
+
+
+class HeterogeneousRankStrategy(Strategy[HetOptionsT]):
     """Shared by FlexLoRA and HetLoRA: a global adapter at r_max, each client served its own truncation."""
 
     Options: ClassVar[type[StrategyOptions]] = HeterogeneousRankOptions
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
+    def __init__(self, options: HetOptionsT | None = None) -> None:
         super().__init__(options)
-        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[attr-defined,misc]
+        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[misc]
 
     def client_hooks(self) -> list[ClientHooks]:
         """FedProx's term with ``local: fedprox``; nothing else (subclasses add theirs)."""
         opts = self.options
-        return [ProximalTerm(mu=opts.mu)] if opts.local == "fedprox" else []  # type: ignore[attr-defined]
+        return [ProximalTerm(mu=opts.mu)] if opts.local == "fedprox" else []
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         """Each client: the global adapter truncated to its own profile (one payload per distinct profile)."""

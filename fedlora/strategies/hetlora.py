@@ -93,7 +93,7 @@ class SelfPruning(ClientHooks):
 
 
 @register_strategy
-class HetLoRA(HeterogeneousRankStrategy):
+class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
     """HetLoRA: zero-pad to r_max, sparsity-weighted average, truncate per client; optional self-pruning."""
 
     name = "hetlora"
@@ -102,12 +102,12 @@ class HetLoRA(HeterogeneousRankStrategy):
     def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
         hooks = super().client_hooks()
-        if opts.prune_penalty > 0 or opts.prune_threshold is not None:  # type: ignore[attr-defined]
+        if opts.prune_penalty > 0 or opts.prune_threshold is not None:
             hooks.append(
                 SelfPruning(
-                    penalty=opts.prune_penalty,  # type: ignore[attr-defined]
-                    gamma=opts.prune_gamma,  # type: ignore[attr-defined]
-                    threshold=opts.prune_threshold,  # type: ignore[attr-defined]
+                    penalty=opts.prune_penalty,
+                    gamma=opts.prune_gamma,
+                    threshold=opts.prune_threshold,
                 )
             )
         return hooks
@@ -118,10 +118,10 @@ class HetLoRA(HeterogeneousRankStrategy):
         if reason is not None:
             return reason
         reason = super().validate_reply(instruction, reply)
-        if reason is None or self.options.prune_threshold is None:  # type: ignore[attr-defined]
+        if reason is None or self.options.prune_threshold is None:
             return reason
         given = self.client_profiles[reply.client_id]
-        pruned = given.pruned(self.options.prune_gamma)  # type: ignore[attr-defined]
+        pruned = given.pruned(self.options.prune_gamma)
         try:
             if profile_of_state(reply.payload) != pruned:
                 return reason

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import to_cpu
-from fedlora.config.schema import ExperimentConfig
 from fedlora.models.personal import head_part
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
+    ExperimentFacts,
+    OptionsT,
     Strategy,
+    StrategyOptions,
     example_weights,
     weighted_average,
 )
@@ -37,9 +39,9 @@ if TYPE_CHECKING:
 HEAD_PREFIX = "shared.classifier."
 
 
-def representation_refusal(cfg: ExperimentConfig, name: str) -> str | None:
+def representation_refusal(facts: ExperimentFacts, name: str) -> str | None:
     """Why ``name`` (a baseline that works on the common representation space) cannot run on ``cfg``."""
-    if not cfg.model.variants or cfg.model.shared_adapter != "representation":
+    if not facts.num_variants or facts.shared_adapter != "representation":
         return (
             f"strategy {name} shares what sits on the common representation space: give model.variants and "
             "model.shared_adapter: representation (model.task: classification)"
@@ -81,7 +83,7 @@ class TrainOwnModel(ClientHooks):
         return "the client's own model trains on the private examples outside DP-SGD's adapter accounting"
 
 
-class OwnModelBaseline(Strategy):
+class OwnModelBaseline(Strategy[OptionsT]):
     """Base of the model-heterogeneous baselines on the common representation space: every client trains its
     own model end to end (:class:`TrainOwnModel`); each round's payload is :meth:`shared_part` (what the
     method shares), and the global state also keeps the unused shared adapter (B = 0) for evaluation."""
@@ -90,8 +92,8 @@ class OwnModelBaseline(Strategy):
     personal_models = True
 
     @classmethod
-    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
-        return representation_refusal(cfg, cls.name) or super().refusal(cfg, options)
+    def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
+        return representation_refusal(facts, cls.name) or super().refusal(facts, options)
 
     def shared_part(self) -> AdapterState:
         """What travels to the clients (default: the whole global state)."""
@@ -103,7 +105,7 @@ class OwnModelBaseline(Strategy):
 
 
 @register_strategy
-class LGFedAvg(OwnModelBaseline):
+class LGFedAvg(OwnModelBaseline[StrategyOptions]):
     """LG-FedAvg: every client trains its own model; the classifier on the common space is averaged."""
 
     name = "lg-fedavg"

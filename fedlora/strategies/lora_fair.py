@@ -53,7 +53,7 @@ def corrected_b(
 
 
 @register_strategy
-class LoRAFAIR(FactorAverage):
+class LoRAFAIR(FactorAverage[LoRAFAIROptions]):
     """LoRA-FAIR: mean A, least-squares-corrected mean B (closest product to the ideal update)."""
 
     name = "lora-fair"
@@ -68,7 +68,7 @@ class LoRAFAIR(FactorAverage):
         for a_key, b_key in module_factors(out).values():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            B_new, A_bar = corrected_b(Bs, As, p, self.options.correction_reg)  # type: ignore[attr-defined]
+            B_new, A_bar = corrected_b(Bs, As, p, self.options.correction_reg)
             out[b_key] = B_new.to("cpu", out[b_key].dtype)
             out[a_key] = A_bar.to("cpu", out[a_key].dtype)
         self.global_state = out

@@ -14,35 +14,35 @@ import torch
 
 from fedlora.adapters.merged import MergeHistory, split_merged
 from fedlora.adapters.state import AdapterState, clone_state
-from fedlora.config.schema import ExperimentConfig
 from fedlora.strategies.base import (
     ClientInstruction,
+    ExperimentFacts,
+    OptionsT,
     Strategy,
-    StrategyOptions,
 )
 
 
-class MergingStrategy(Strategy):
+class MergingStrategy(Strategy[OptionsT]):
     """Base of methods that merge into the base weights: the offset travels and is checkpointed with the
     adapter; replies are checked against the adapter part of the payload."""
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
+    def __init__(self, options: OptionsT | None = None) -> None:
         super().__init__(options)
         self.history = MergeHistory()
 
     @classmethod
-    def refusal(cls, cfg: ExperimentConfig, options: StrategyOptions) -> str | None:
-        if cfg.model.task != "causal-lm":
+    def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
+        if facts.task != "causal-lm":
             return (
                 f"config field 'model.task': strategy {cls.name} merges into the base weights and exports a "
                 "merged causal LM; use it with model.task: causal-lm"
             )
-        if cfg.model.quantization is not None:
+        if facts.quantized:
             return (
                 f"config field 'model.quantization': strategy {cls.name} adds its merged updates to the base "
                 "weights, which a quantized base cannot hold exactly; set model.quantization: null"
             )
-        return super().refusal(cfg, options)
+        return super().refusal(facts, options)
 
     def client_payload(self, server_round: int, client_id: int) -> AdapterState:
         """The adapter client ``client_id`` starts from (default: the global adapter)."""

@@ -27,10 +27,10 @@ from pydantic import Field
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.client.loss import batch_loss
-from fedlora.client.trainer import run_steps, training
+from fedlora.client.steps import run_steps, training
 from fedlora.compute import to_cpu
 from fedlora.data.encoding import batches_for_steps
-from fedlora.strategies.base import ClientInstruction, ClientReply, StrategyOptions
+from fedlora.strategies.base import ClientInstruction, ClientReply, ExperimentFacts, StrategyOptions
 
 if TYPE_CHECKING:
     from fedlora.models.personal import ClientModels
@@ -104,7 +104,7 @@ class LocalModelPhase(ClientHooks):
 
 
 @register_strategy
-class PFedLoRA(FactorAverage):
+class PFedLoRA(FactorAverage[PFedLoRAOptions]):
     """pFedLoRA: alternating local-model / adapter training; FedAvg of the homogeneous adapter."""
 
     name = "pfedlora"
@@ -112,17 +112,17 @@ class PFedLoRA(FactorAverage):
     personal_models = True
     Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions
 
-    def __init__(self, options: StrategyOptions | None = None) -> None:
+    def __init__(self, options: PFedLoRAOptions | None = None) -> None:
         super().__init__(options)
-        self.communicates = self.options.federate  # type: ignore[attr-defined]
-        self.shares_local_model = self.options.share == "model"  # type: ignore[attr-defined]
+        self.communicates = self.options.federate
+        self.shares_local_model = self.options.share == "model"
         self.own: dict[int, AdapterState] = {}
 
     @classmethod
-    def refusal(cls, cfg, options):  # type: ignore[no-untyped-def]
-        if options.share == "model" and len(cfg.model.variants) != 1:
+    def refusal(cls, facts: ExperimentFacts, options: PFedLoRAOptions) -> str | None:
+        if options.share == "model" and facts.num_variants != 1:
             return "strategy.options.share 'model' needs one architecture (one model.variants entry)"
-        return super().refusal(cfg, options)
+        return super().refusal(facts, options)
 
     def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
         """The shared adapter; with ``share: model`` the one architecture's weights too (they travel)."""
@@ -135,8 +135,8 @@ class PFedLoRA(FactorAverage):
         opts = self.options
         return [
             LocalModelPhase(
-                steps=opts.local_model_steps,  # type: ignore[attr-defined]
-                lr=opts.local_model_lr,  # type: ignore[attr-defined]
+                steps=opts.local_model_steps,
+                lr=opts.local_model_lr,
                 share_model=self.shares_local_model,
             )
         ]
@@ -146,14 +146,14 @@ class PFedLoRA(FactorAverage):
         return {c: ClientInstruction(self.personal_state(c), hooks=hooks) for c in client_ids}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        if self.options.federate:  # type: ignore[attr-defined]
+        if self.options.federate:
             return super().aggregate(server_round, replies)
         for reply in replies:
             self.own[reply.client_id] = clone_state(reply.payload)
         return self.global_state
 
     def personal_state(self, client_id: int) -> AdapterState:
-        if self.options.federate:  # type: ignore[attr-defined]
+        if self.options.federate:
             return self.global_state
         return self.own.get(client_id, self.global_state)
 

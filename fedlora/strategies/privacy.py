@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from fedlora.config.loader import ConfigError
-from fedlora.config.schema import ExperimentConfig, PrivacyConfig
+from fedlora.config.schema import ClientConfig, PrivacyConfig
 from fedlora.data.encoding import steps_for
-from fedlora.data.examples import Federation
+from fedlora.data.examples import ClientData
+from fedlora.errors import ConfigError
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
 
@@ -67,10 +67,14 @@ class PrivacyLedger:
         self.history: dict[int, list[tuple[float, float, int]]] = {}
 
     @classmethod
-    def for_experiment(cls, cfg: ExperimentConfig, federation: Federation) -> PrivacyLedger:
-        priv, client = cfg.privacy, cfg.client
+    def plan_for(
+        cls, priv: PrivacyConfig, client: ClientConfig, rounds: int, clients: list[ClientData]
+    ) -> PrivacyLedger:
+        """Each client's noise plan: ``privacy.noise_multiplier``, or the smallest sigma that keeps its
+        epsilon at ``privacy.target_epsilon`` over ``rounds`` rounds of its local steps at sampling rate
+        q = batch_size / n; refuses a budget no sigma <= ``privacy.max_noise_multiplier`` meets."""
         plan: dict[int, ClientNoise] = {}
-        for c in federation.clients:
+        for c in clients:
             n = c.size("train")
             rate = min(1.0, client.batch_size / n)
             per_round = steps_for(n, client.batch_size, client.local_steps, client.local_epochs)
@@ -78,7 +82,7 @@ class PrivacyLedger:
                 sigma = priv.noise_multiplier
             else:
                 assert priv.target_epsilon is not None
-                total = per_round * cfg.federation.rounds
+                total = per_round * rounds
                 try:
                     sigma = _noise_for(priv.target_epsilon, priv.delta, rate, total, priv.accountant)
                 except ValueError:
@@ -87,7 +91,7 @@ class PrivacyLedger:
                     raise ConfigError(
                         f"config field 'privacy.target_epsilon': epsilon={priv.target_epsilon} at delta={priv.delta} "
                         f"cannot be met for client {c.client_id} ({c.name}: {n} examples, sampling rate {rate:.3g}, "
-                        f"up to {total} steps over {cfg.federation.rounds} rounds) with a noise multiplier <= "
+                        f"up to {total} steps over {rounds} rounds) with a noise multiplier <= "
                         f"privacy.max_noise_multiplier ({priv.max_noise_multiplier}); needs {sigma:.3g}. Raise "
                         f"target_epsilon, take fewer rounds or local steps, or raise max_noise_multiplier."
                     )

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from fedlora.adapters.state import AdapterState
-from fedlora.config.loader import ConfigError
 from fedlora.config.schema import FederationConfig
+from fedlora.errors import ConfigError
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
 

@@ -16,12 +16,13 @@ a round's local steps); local training is FedIT's AdamW steps.
 
 from __future__ import annotations
 
+from fedlora.strategies.base import StrategyOptions
 from fedlora.strategies.fedavg import OneFactorAverage
 from fedlora.strategies.registry import register_strategy
 
 
 @register_strategy
-class RoLoRA(OneFactorAverage):
+class RoLoRA(OneFactorAverage[StrategyOptions]):
     """RoLoRA: B in odd rounds, A in even rounds; exact averages of the trained factor."""
 
     name = "rolora"

@@ -14,12 +14,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedlora.adapters.ranks import RankProfile
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientHooks
-from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup, Strategy
+from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup, Strategy, StrategyOptions
 
 
-class StrategyWrapper(Strategy):
+class StrategyWrapper(Strategy[StrategyOptions]):
     """Forwards every hook to ``inner``; subclasses override what their feature changes."""
 
     _own: ClassVar[frozenset[str]] = frozenset({"inner"})
@@ -49,6 +50,11 @@ class StrategyWrapper(Strategy):
 
     def initialize(self, setup: ServerSetup) -> None:
         self.inner.initialize(setup)
+
+    def register_client(
+        self, client_id: int, num_examples: int | None = None, profile: RankProfile | None = None
+    ) -> None:
+        self.inner.register_client(client_id, num_examples, profile)
 
     def client_hooks(self) -> list[ClientHooks]:
         return self.inner.client_hooks()

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedlora.config.loader import ConfigError
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.run_folder import atomic_write_text
+from fedlora.errors import ConfigError
 from fedlora.registry import Registry, UnknownName
 
 

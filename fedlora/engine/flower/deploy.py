@@ -10,7 +10,7 @@
 
 and prints how to start one SuperLink, one SuperNode per client (each with its own ``partition-id`` and
 optionally ``rank-budget``) and the run. Insecure mode is only for loopback; with ``--tls DIR`` fedlora makes
-a CA, the SuperLink's certificate and one key pair per SuperNode (:mod:`fedlora.engine.flower_tls`) and
+a CA, the SuperLink's certificate and one key pair per SuperNode (:mod:`fedlora.engine.flower.tls`) and
 prints the secure commands: TLS (``--ssl-*`` on the SuperLink, ``--root-certificates`` on SuperNodes and in
 the ``flwr`` connection) and SuperNode authentication (``--enable-supernode-auth``; each node's public key
 registered with ``flwr supernode register``; ``--auth-supernode-private-key`` on each SuperNode).
@@ -24,7 +24,7 @@ from pathlib import Path
 from fedlora.config.loader import dump_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower import scalar_fields
-from fedlora.engine.flower_tls import Credentials
+from fedlora.engine.flower.tls import Credentials
 
 APP_MODULE = "fedlora_flower_app"
 

@@ -1,0 +1,1 @@
+"""The config's sections, one module per concern; :mod:`fedlora.config.schema` puts them together."""

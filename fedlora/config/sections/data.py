@@ -1,0 +1,70 @@
+"""Where the examples come from, how they become prompts, and how pooled examples are split into clients."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedlora.config.sections.base import Section
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they are shaped into prompts and targets."""
+
+    #: a registered data source: reasoning-gym, natural-instructions, json, hf, bbc-news, or your own
+    source: str = "reasoning-gym"
+    #: json: a .json/.jsonl file; hf: a save_to_disk folder, a .parquet/.csv/.json(l)/.arrow file or a hub
+    #: dataset id in the local Hugging Face cache; natural-instructions: file or folder
+    path: str | None = None
+    # reasoning-gym: one client per task (natural partition) unless partition.method says otherwise.
+    tasks: list[str] = Field(default_factory=lambda: ["basic_arithmetic", "chain_sum", "gcd", "lcm"])
+    examples_per_task: int = Field(64, ge=1)
+    # natural-instructions: which file and how many of its clients (first N in file order; None = all).
+    variant: Literal["mini", "full"] = "mini"
+    max_clients: int | None = Field(None, ge=1)
+    # json: field names of the instruction/input/output form, and the category used for natural splits.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    category_field: str | None = "category"
+    # hf: which split of a dataset with several (a DatasetDict folder, a hub dataset), and a chat column
+    # (a list of {role, content} messages) to read instead of instruction/input/output
+    hf_split: str = "train"
+    messages_field: str | None = None
+    # Per-client split of pooled data (json, reasoning-gym, bbc-news); natural-instructions ships its own.
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_examples_per_client: int | None = Field(None, ge=1)
+    max_eval_examples_per_client: int | None = Field(None, ge=1)
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    train_on_inputs: bool = False
+    max_seq_len: int = Field(256, ge=8)
+    #: causal LM: pack each training batch's examples into rows of max_seq_len tokens (block-diagonal
+    #: attention, positions restarting per example: no cross-example attention, the same loss, less padding)
+    packing: bool = False
+    seed: int = 0
+    #: a plugin data source's own settings (``data.options.sheet=2``), read as ``request.data.options``
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.eval_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"eval_fraction + test_fraction must be < 1 (got {self.eval_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class PartitionConfig(Section):
+    """How pooled examples are split into clients.
+
+    ``natural``: one client per category (task) value; ``iid``: uniform random shards;
+    ``dirichlet``: per-client label/category proportions drawn from Dir(alpha) (small alpha = skewed).
+    """
+
+    #: a registered partitioner: natural, iid, dirichlet, or your own
+    method: str = "natural"
+    alpha: float = Field(0.5, gt=0.0)
+    by: Literal["category", "label"] = "category"
+    min_partition_size: int = Field(2, ge=0)

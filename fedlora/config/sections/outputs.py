@@ -1,0 +1,53 @@
+"""What a run measures and what it writes: evaluation and the run folder's outputs and trackers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedlora.config.sections.base import Section
+
+
+class EvalConfig(Section):
+    """Evaluation of the global adapter after a round (``every`` rounds and after the last).
+
+    Protocols: with ``held_out_clients: N > 0``, N seeded clients never train and the global model is
+    evaluated on them (zero-shot generalisation, FlexLoRA's protocol); otherwise on the training clients'
+    own ``split``. ``max_clients``: a fixed seeded sample of the evaluation clients (None = all) so
+    evaluation does not dominate run time. ``metrics`` run at every evaluation; ``final_metrics`` only after
+    the last round (e.g. the slower generation metrics). Evaluators: ``loss``, ``rouge-l``, ``exact-match``.
+    """
+
+    every: int = Field(1, ge=1)
+    split: Literal["eval", "test"] = "eval"
+    max_clients: int | None = Field(None, ge=1)
+    final_max_clients: int | None = Field(None, ge=1)
+    held_out_clients: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    metrics: list[str] = Field(default_factory=lambda: ["loss"])
+    final_metrics: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(64, ge=1)
+    #: stop when ``early_stopping_metric`` has not improved for this many evaluated rounds (None: never);
+    #: the best round's adapter is kept in RUN/best/
+    early_stopping_patience: int | None = Field(None, ge=1)
+    #: a per-round figure (``eval_loss``, ``eval_accuracy``, ``eval_rouge_l``...): losses and perplexities are
+    #: better lower, everything else higher
+    early_stopping_metric: str = "eval_loss"
+
+
+class OutputConfig(Section):
+    """Where the run directory goes and how many round checkpoints to keep (the newest ones)."""
+
+    dir: str | None = None
+    root: str = "runs"
+    keep_checkpoints: int = Field(2, ge=1)
+    plot: bool = True
+    #: experiment trackers beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE), mlflow (a
+    #: file store in the run folder unless MLFLOW_TRACKING_URI), or one registered by a plugin
+    trackers: list[str] = Field(default_factory=list)
+    #: the W&B project / MLflow experiment the run goes into
+    tracking_project: str = "fedlora"
+    tensorboard: bool = False  # the same as listing tensorboard in trackers
+    #: also export the global adapter every N rounds, as RUN/adapters/round_N/ (plain PEFT folders)
+    save_every: int | None = Field(None, ge=1)

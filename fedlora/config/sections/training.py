@@ -1,0 +1,186 @@
+"""How the federation trains: who takes part each round, injected faults, local training, compute, privacy,
+the strategy."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from fedlora.config.sections.base import Section
+
+
+class FederationConfig(Section):
+    """Who takes part: ``num_clients`` (None = as many as the data yields), sampling per round, rounds.
+
+    Robustness: a round with fewer than ``min_replies`` valid replies is skipped (the global adapter stays)
+    or retried with a fresh sample up to ``max_retries`` times (``on_too_few``); ``max_skipped_rounds`` in a
+    row end the run with an error. A reply whose update (reply - what the client was sent, all tensors as one
+    vector) has a norm above ``max_update_norm``, or above ``max_update_norm_ratio`` times a reference, is
+    rejected: the median of the last ``update_norm_history`` accepted update norms, the norm of what the
+    client was sent, and (with 3 or more replies, or when there is no other reference) the round's median.
+    With ``clip_update_norm`` the accepted updates are scaled down to that norm before aggregation
+    (norm-bounded averaging). A reply claiming more examples than the client holds is rejected.
+    ``aggregation``: ``mean`` (the method's own rule), or a robust rule for methods that average
+    (``median``: coordinate-wise median; ``trimmed-mean``: drop ``trim_fraction`` of the values at each end).
+    """
+
+    num_clients: int | None = Field(None, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: int = Field(3, ge=1, le=1_000_000)
+    seed: int = 0
+    min_replies: int = Field(1, ge=1)
+    on_too_few: Literal["skip", "retry"] = "skip"
+    max_retries: int = Field(2, ge=0)
+    max_update_norm: float | None = Field(None, gt=0.0)
+    max_update_norm_ratio: float | None = Field(100.0, gt=1.0)
+    update_norm_history: int = Field(50, ge=1)
+    clip_update_norm: float | None = Field(None, gt=0.0)
+    max_skipped_rounds: int | None = Field(3, ge=1)
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give clients_per_round or fraction, not both")
+        if (
+            self.num_clients is not None
+            and self.clients_per_round is not None
+            and self.clients_per_round > self.num_clients
+        ):
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) is above num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class FaultsConfig(Section):
+    """Failure injection (embedded engine): fractions of the sampled clients that drop out (no reply),
+    straggle past the round deadline (reply discarded) or return a corrupted update of one of ``kinds``."""
+
+    dropout: float = Field(0.0, ge=0.0, le=1.0)
+    straggler: float = Field(0.0, ge=0.0, le=1.0)
+    corrupt: float = Field(0.0, ge=0.0, le=1.0)
+    kinds: list[Literal["nan", "inf", "shape", "rank", "norm"]] = Field(
+        default_factory=lambda: ["nan", "inf", "shape", "rank", "norm"], min_length=1
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> FaultsConfig:
+        if self.dropout + self.straggler + self.corrupt > 1.0:
+            raise ValueError("dropout + straggler + corrupt must be <= 1")
+        return self
+
+
+class ClientConfig(Section):
+    """Local training of one client in one round.
+
+    ``optimizer: null`` takes the strategy's own choice (fedit: AdamW, fedavg/fedprox: SGD).
+    Exactly one of ``local_steps`` / ``local_epochs`` decides the length of local training.
+    """
+
+    optimizer: Literal["adamw", "sgd"] | None = None
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    local_steps: int | None = Field(10, ge=1)
+    local_epochs: float | None = Field(None, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    #: global-norm gradient clipping of each optimizer step (``max_grad_norm`` is accepted as its other name)
+    grad_clip: float | None = Field(1.0, gt=0.0, validation_alias=AliasChoices("grad_clip", "max_grad_norm"))
+    #: the learning-rate schedule over a client's optimizer steps in a round (``transformers.get_scheduler``)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    #: round-level decay: round t trains at lr * lr_decay^(t - 1) (FedIT / FlowerTune's schedule across rounds)
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0)
+    #: micro-batches of ``batch_size`` per optimizer step (``local_steps`` counts optimizer steps)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    num_threads: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> ClientConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("give exactly one of local_steps and local_epochs (set the other to null)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class ComputeConfig(Section):
+    """Where and how the arithmetic runs (results do not depend on ``workers``; see docs/compute.md).
+
+    ``device``: ``auto`` (the first CUDA GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: the
+    base model, batches, evaluation and generation live there. ``server_device``: where the server's
+    aggregation arithmetic runs (FlexLoRA's SVD...; ``auto`` = ``device``). ``precision``: autocast of the
+    base model's forward and backward (``bf16``/``fp16``; ``fp16`` with a gradient scaler); LoRA factors,
+    optimizer state, aggregation and everything that travels stay float32. ``gradient_checkpointing``:
+    recompute activations in the backward pass (memory for time, for large models).
+    ``workers``: clients of a round trained in parallel worker processes, each with its own model copy
+    (``auto``: one per core the machine's memory allows when the model is large enough to pay for the
+    processes, else 1; 1 = in this process). ``devices``: one worker per listed device (GPUs).
+    ``batch_clients``: all sampled clients' local steps in one forward/backward over the shared base model
+    (first-order strategies whose hooks allow it; others fall back to one client at a time with a note).
+    """
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    server_device: str = Field("cpu", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    workers: int | Literal["auto"] = "auto"
+    devices: list[str] = Field(default_factory=list)
+    batch_clients: bool = False
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("workers must be 'auto' or between 1 and 256")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+                raise ValueError(f"devices: {name!r} is not cpu, mps, cuda or cuda:N")
+        return value
+
+
+class PrivacyConfig(Section):
+    """Differential privacy on each client: DP-SGD through Opacus on the trainable adapter parameters.
+
+    Each local step clips every example's gradient to ``max_grad_norm`` (C) and adds Gaussian noise of
+    standard deviation ``noise_multiplier * C`` to their sum. Give the noise multiplier directly, or a
+    ``target_epsilon``: then each client gets the smallest noise multiplier for which (epsilon, ``delta``)
+    holds after ALL the steps it could take (every round, its local steps per round, sampling rate
+    batch_size / n_i), so the budget holds whichever rounds it is sampled in. ``sampling: poisson`` (what
+    the accountant assumes) or ``shuffle`` (fixed-size batches; the accountant's figure is then the usual
+    approximation). The spent epsilon of each client is tracked by the accountant across rounds.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_noise_multiplier: float = Field(50.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_noise_rule(self) -> PrivacyConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("with enabled: true give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
+class StrategyConfig(Section):
+    """The federated method: ``name`` is a registered strategy; ``options`` are its own settings."""
+
+    name: str = "fedit"
+    options: dict[str, float | int | str | bool | None] = Field(default_factory=dict)

@@ -1,0 +1,145 @@
+"""Flower's ServerApp and ClientApp running fedlora: the server runs fedlora's rounds with a
+:class:`~fedlora.engine.flower.transport.FlowerTransport`; each client process keeps one ClientNode."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.client.node import ClientNode
+from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.flower.environment import quiet_flower
+from fedlora.engine.flower.transport import FlowerTransport, from_arrays, metrics_record, to_arrays
+from fedlora.engine.transport import Simulation
+from fedlora.errors import ConfigError
+from fedlora.preflight import check_experiment
+from fedlora.protocol import read_request, reply_header
+
+#: run-config keys of a fedlora Flower app that are not config fields
+APP_KEYS = ("fedlora-config", "run-dir")
+
+
+def scalar_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config's scalar leaves as dotted keys (``federation.rounds``): what a Flower app exposes as
+    run-config keys, one by one (lists and nulls stay in the whole-config text)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalar_fields(value, f"{path}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[path] = value
+    return out
+
+
+def config_from_run_config(run_config: Any) -> ExperimentConfig:
+    """The app's config (``fedlora-config``) with the run-config's single keys applied over it, so that
+    ``flwr run . --run-config "federation.rounds=3"`` changes that one field."""
+    import yaml
+
+    from fedlora.config.loader import config_from_dict, set_path
+
+    tree = yaml.safe_load(str(run_config["fedlora-config"]))
+    known = scalar_fields(tree)
+    for key, value in dict(run_config).items():
+        if key in APP_KEYS:
+            continue
+        if key not in known:
+            raise ConfigError(f"flower run-config: {key!r} is not a field of the fedlora config")
+        if value != known[key]:
+            set_path(tree, key.split("."), value)
+    return check_experiment(config_from_dict(tree))
+
+
+# One ClientNode per process and config, kept across messages and across ClientApp objects (the simulation
+# runtime may build the app more than once in a worker process).
+_NODES: dict[str, ClientNode] = {}
+
+
+def client_app(
+    build_node: Callable[[ExperimentConfig], ClientNode], config: ExperimentConfig | None = None
+) -> Any:
+    """A Flower ClientApp running fedlora clients (config given, or from the run config's
+    ``fedlora-config``); ``build_node`` makes the node the first time a config is seen in this process."""
+    quiet_flower()
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def node_for(context: Any) -> ClientNode:
+        cfg = config or config_from_run_config(context.run_config)
+        key = cfg.model_dump_json()
+        if key not in _NODES:
+            check_experiment(cfg)  # this process's entry (a Flower node): plugins, methods, refusals
+            import warnings
+
+            warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
+            torch.set_num_threads(cfg.client.num_threads)
+            node = build_node(cfg)
+            node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
+            _NODES[key] = node
+        return _NODES[key]
+
+    def partition(context: Any) -> int:
+        return int(context.node_config["partition-id"])
+
+    @app.query()
+    def query(msg: Any, context: Any) -> Any:
+        node = node_for(context)
+        client = partition(context)
+        info: dict[str, Any] = {"partition-id": client}
+        budget = context.node_config.get("rank-budget")
+        if budget is not None:
+            info["rank-attention"] = int(budget)
+            info["rank-mlp"] = int(context.node_config.get("rank-budget-mlp", budget))
+        info["num-examples"] = node.clients[client].size("train")
+        return Message(content=RecordDict({"profile": ConfigRecord(info)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Any, context: Any) -> Any:
+        node = node_for(context)
+        client = partition(context)
+        server_round, _, instruction = read_request(msg.content["meta"], from_arrays(msg.content["payload"]))
+        reply = node.train(server_round, client, instruction)
+        content = RecordDict(
+            {
+                "payload": to_arrays(reply.payload),
+                "metrics": metrics_record(reply.metrics),
+                "meta": ConfigRecord(reply_header(reply)),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+#: what the server app runs: (config, run folder, resume, transport factory) -> None (the runner's rounds)
+RunFunction = Callable[
+    [ExperimentConfig, Path, bool, Callable[[Simulation, Callable[[str], None]], Any]], None
+]
+
+
+def server_app(
+    run: RunFunction,
+    config: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+) -> Any:
+    """A Flower ServerApp that runs ``run`` (fedlora's rounds) with the clients behind the Grid."""
+    quiet_flower()
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        cfg = config or config_from_run_config(context.run_config)
+        folder = run_dir or Path(str(context.run_config["run-dir"]))
+        run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status))
+
+    return app

@@ -1,0 +1,61 @@
+"""Flower's simulation runtime (Ray) running a fedlora experiment in this machine's processes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.flower.environment import flower_log_level, quiet_flower
+
+
+def check_ray_disk(folder: str | None = None) -> None:
+    """Refuse to start Ray where it would hang: Ray creates no objects once the disk holding its session folder
+    (``RAY_TMPDIR`` or the system temp folder) is fuller than ``local_fs_capacity_threshold`` (0.95 unless
+    ``RAY_local_fs_capacity_threshold`` says otherwise; used = 1 - available / capacity, as Ray measures it),
+    and a Flower simulation then waits forever without an error. Raises OSError(ENOSPC) naming the folder."""
+    folder = folder or os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    usage = shutil.disk_usage(folder)
+    threshold = float(os.environ.get("RAY_local_fs_capacity_threshold", "0.95"))  # noqa: SIM112 (Ray's name)
+    used = 1.0 - usage.free / usage.total
+    if used > threshold:
+        need = (used - threshold) * usage.total / 2**30
+        raise OSError(
+            errno.ENOSPC,
+            f"engine flower-sim: the disk is {used:.1%} full, above Ray's limit of {threshold:.0%}, where Ray "
+            f"creates no objects and the simulation would hang; free at least {need:.1f} GiB (or set "
+            "RAY_TMPDIR to a folder on another disk, or use engine=embedded)",
+            folder,
+        )
+
+
+def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, client: Any) -> Path:
+    """``engine: flower-sim``: the given apps on Flower's simulation runtime, one SuperNode per client."""
+    quiet_flower()
+    check_ray_disk()
+    from flwr.simulation import run_simulation
+
+    from fedlora.compute import resolve_device
+    from fedlora.data.federation import build_federation
+    from fedlora.engine.sampling import clients_per_round
+
+    num_nodes = len(build_federation(cfg).clients)
+    # on a GPU the round's clients share it: each ClientApp asks for 1 / (clients per round) of it
+    gpu = resolve_device(cfg.compute.device).type == "cuda"
+    share = 1.0 / clients_per_round(cfg.federation, num_nodes) if gpu else 0.0
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=num_nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": share},
+            "init_args": {"logging_level": flower_log_level()},
+        },
+    )
+    if not (run_dir / "global").exists():
+        raise RuntimeError(f"the Flower simulation ended without finishing the run in {run_dir}")
+    return run_dir

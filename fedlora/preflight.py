@@ -1,0 +1,113 @@
+"""Preflight: every check a config must pass before any model or data is touched.
+
+``fedlora/config`` reads and validates the schema alone (it imports no registry); this module checks what
+needs the registries: the plugins import, the strategy and its options exist, the method can honour the
+experiment (:meth:`Strategy.refusal`), the data source, partitioner and evaluators are known. Each process
+entry calls :func:`check_experiment` once (the runner, the CLI, a worker process, a Flower node); a config of
+the same content is checked once per process however many entries it passes.
+
+:func:`load_config` is the public ``fedlora.load_config``: read (YAML + dotted overrides) and preflight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.config import loader
+from fedlora.config.schema import ExperimentConfig
+from fedlora.errors import ConfigError
+from fedlora.registry import UnknownName, import_plugins
+
+if TYPE_CHECKING:
+    from fedlora.strategies.base import ExperimentFacts
+
+#: the content (JSON) of every config this process has checked
+_CHECKED: set[str] = set()
+
+
+def load_builtins() -> None:
+    """Import every built-in method and generic client hook (each registers itself by name), so that hook
+    objects arriving as JSON decode in any process."""
+    import fedlora.client.frozen  # noqa: F401
+    import fedlora.client.zeroth_order  # noqa: F401
+    import fedlora.strategies  # noqa: F401
+
+
+def experiment_facts(cfg: ExperimentConfig) -> ExperimentFacts:
+    """The facts of ``cfg`` a method may refuse it for (:meth:`Strategy.refusal`)."""
+    from fedlora.strategies.base import ExperimentFacts
+
+    return ExperimentFacts(
+        task=cfg.model.task,
+        quantized=cfg.model.quantization is not None,
+        num_variants=len(cfg.model.variants),
+        shared_adapter=cfg.model.shared_adapter,
+        privacy=cfg.privacy.enabled,
+        gradient_accumulation_steps=cfg.client.gradient_accumulation_steps,
+        lr_scheduler=cfg.client.lr_scheduler,
+        weight_decay=cfg.client.weight_decay,
+    )
+
+
+def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Raise :class:`ConfigError`, naming the field, unless every registry knows what ``cfg`` names and its
+    strategy can run it; returns ``cfg``. Plugins are imported first, so their names count."""
+    content = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    if content in _CHECKED:
+        return cfg
+    try:
+        import_plugins(cfg.plugins)
+    except UnknownName as err:
+        raise ConfigError(str(err)) from None
+    load_builtins()
+    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.generation import SCORERS
+    from fedlora.eval.registry import METRICS
+    from fedlora.strategies.registry import strategy_class, validate_strategy_options
+
+    options = validate_strategy_options(cfg.strategy)
+    reason = strategy_class(cfg.strategy.name).refusal(experiment_facts(cfg), options)
+    if reason is not None:
+        raise ConfigError(reason)
+    for registry, value in ((DATA_SOURCES, cfg.data.source), (PARTITIONERS, cfg.partition.method)):
+        if value not in registry:
+            raise ConfigError(
+                f"config field '{registry.field}': unknown {registry.kind} {value!r} "
+                f"(allowed: {', '.join(registry.names())})"
+            )
+    for field in ("metrics", "final_metrics"):
+        unknown = [m for m in getattr(cfg.eval, field) if m not in METRICS]
+        if unknown:
+            raise ConfigError(
+                f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
+            )
+    wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
+    if "task-score" in wanted and cfg.data.source != "reasoning-gym":
+        raise ConfigError(
+            f"config field 'eval.metrics': task-score uses reasoning-gym's scorers; data.source is {cfg.data.source!r}"
+        )
+    generation = [m for m in wanted if m in SCORERS]
+    if generation and cfg.model.task != "causal-lm":
+        raise ConfigError(
+            f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"
+        )
+    _CHECKED.add(content)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (schema, then preflight), raising :class:`ConfigError`."""
+    return check_experiment(loader.config_from_dict(tree))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (None = the built-in default) with dotted overrides, validate it and preflight it."""
+    return check_experiment(loader.load_config(path, overrides))
+
+
+def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
+    """A config from command-line overrides alone (the schema's defaults), preflighted."""
+    return check_experiment(loader.config_from_overrides(overrides))

@@ -1,0 +1,76 @@
+"""A run's adapters out as plain PEFT folders (or a whole model folder), and the end of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from fedlora.adapters.export import export_full_model, export_peft_adapter
+from fedlora.engine.run_folder import (
+    replace_folder,
+)
+from fedlora.engine.transport import Simulation
+from fedlora.models.loading import ModelBundle, load_base_model
+from fedlora.session.resume import load_run_config
+from fedlora.tracking.report import plot_curves, summary_table
+
+
+def export_adapter(folder: Path, sim: Simulation, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The strategy's current evaluation adapter as a plain PEFT folder (full-parameter runs: a whole model
+    folder) at ``folder``, built aside and then renamed (never half written); returns what was exported."""
+    state = sim.strategy.evaluation_state()
+    if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
+        state = sim.client_models.to_variant(state, 0)
+        state = {k: v for k, v in state.items() if ".lora_" in k}  # the adapter, not local weights
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(building, ignore_errors=True)
+    if sim.adapters.is_full_state(state):
+        export_full_model(state, building, str(bundle.folder.resolve()))
+    else:
+        export_peft_adapter(sim.adapters, state, building, str(bundle.folder.resolve()))
+    replace_folder(building, folder)
+    return state
+
+
+def finalize(
+    run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
+) -> dict[str, torch.Tensor]:
+    """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
+    curves, print the summary."""
+    final_state = export_adapter(run_dir / "global", sim, bundle)
+    if sim.cfg.output.plot:
+        plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
+    console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
+    for line in sim.strategy.report():
+        console.print(line)
+    up = sum(r.get("bytes_up", 0) for r in records)
+    down = sum(r.get("bytes_down", 0) for r in records)
+    console.print(
+        f"total bytes up {up:,}  down {down:,}; run directory: [bold]{run_dir}[/] (global adapter in global/)"
+    )
+    return final_state
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Load the base model with plain PEFT, merge the global adapter into it, save full weights to ``out``."""
+    from peft import PeftModel
+
+    cfg = load_run_config(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    bundle = load_base_model(
+        cfg.model,
+        num_labels=len(info["label_names"]) if info["label_names"] else None,
+        head_seed=cfg.adapter.init_seed,
+    )
+    merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    bundle.tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,278 @@
+"""The run lifecycle: start or resume a run into its folder, stop cleanly on signals, and the Flower apps
+that run the same rounds behind Flower messages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from fedlora.config.loader import config_text
+from fedlora.config.schema import ExperimentConfig
+from fedlora.data.examples import Federation
+from fedlora.data.federation import SourceRequest, build_federation, rows_source
+from fedlora.engine import setup
+from fedlora.engine.early_stopping import EarlyStopping
+from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.engine.run_folder import (
+    atomic_write_text,
+    run_lock,
+    sha256_bytes,
+)
+from fedlora.engine.sampling import clients_per_round
+from fedlora.engine.setup import build_client_node
+from fedlora.engine.transport import RunInterrupted, Simulation, StopFlag, Transport
+from fedlora.engine.workers import PaddedTokenCost, WorkerPoolTransport, parallel_workers, worker_devices
+from fedlora.errors import ConfigError
+from fedlora.models.loading import ModelBundle
+from fedlora.preflight import check_experiment
+from fedlora.session.export import export_adapter, finalize
+from fedlora.session.resume import resume_point
+from fedlora.session.run_info import rank_summary, write_run_info
+from fedlora.tracking.metrics import MetricsLog
+from fedlora.tracking.report import RoundProgress
+from fedlora.tracking.trackers import open_trackers
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output.root) / f"{stamp}-{cfg.name}"
+
+
+@dataclass
+class RunResult:
+    """What a run produced, without reading its files: the run directory, one record per round (as in
+    ``metrics.jsonl``), the final global state (the adapter, or the whole model for full-parameter methods)
+    and the last round's figures."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    final_state: dict[str, torch.Tensor]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The last round's record without its per-client details."""
+        last = self.records[-1] if self.records else {}
+        return {k: v for k, v in last.items() if k not in ("clients", "rejected", "faults")}
+
+
+TransportFactory = Callable[[Simulation, Callable[[str], None]], Transport]
+
+
+def build_simulation(
+    cfg: ExperimentConfig, for_training: bool = True, federation: Federation | None = None
+) -> tuple[Simulation, ModelBundle]:
+    """Preflight ``cfg``, then build its simulation (:func:`fedlora.engine.setup.build_simulation`)."""
+    check_experiment(cfg)
+    return setup.build_simulation(cfg, for_training, federation)
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, **options: Any) -> Path:
+    """:func:`run`, returning only the run directory (``options``: those of :func:`run`)."""
+    return run(cfg, run_dir, **options).run_dir
+
+
+def run(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+    transport_factory: TransportFactory | None = None,
+    federation: Federation | None = None,
+    dataset: Iterable[dict[str, Any]] | None = None,
+) -> RunResult:
+    """Run (or resume) an experiment into ``run_dir``.
+
+    ``federation``: the clients' data given directly (a :class:`~fedlora.data.examples.Federation`) instead of
+    the config's ``data`` section; ``dataset``: rows (a ``datasets.Dataset``, a list of dicts) read with the
+    config's field names and partitioned by its ``partition`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
+    ServerApp runs these same rounds with the clients behind Flower messages (``transport_factory``).
+    """
+    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
+    if dataset is not None:
+        if federation is not None:
+            raise ConfigError("give federation or dataset, not both")
+        federation = build_federation(cfg, rows_source(SourceRequest.of(cfg), dataset))
+    if cfg.engine == "flower-sim" and transport_factory is None:
+        target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+        if not resume and (target / "metrics.jsonl").exists():
+            raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
+        from fedlora.engine.flower import run_flower_simulation
+
+        run_flower_simulation(cfg, target, flower_server_app(cfg, target, resume), flower_client_app(cfg))
+        records = MetricsLog(target / "metrics.jsonl").read()
+        adapter = target / "global" / "adapter_model.safetensors"
+        state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
+        return RunResult(target, records, state)
+    if console is None:
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=140)
+    run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if not resume and metrics.path.exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
+    if resume and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): nothing to resume")
+    with contextlib.ExitStack() as stack:
+        if resume:  # check everything about the folder before loading any model
+            stack.enter_context(run_lock(run_dir))
+            checkpoint, changes = resume_point(run_dir, cfg, metrics)
+        # data and model errors surface before the run directory is made
+        sim, bundle = setup.build_simulation(cfg, federation=federation)
+        if not resume:
+            stack.enter_context(run_lock(run_dir))
+            if metrics.path.exists():
+                raise ConfigError(
+                    f"{run_dir} already holds a run; use --resume {run_dir} or another --output"
+                )
+            checkpoint, changes = None, {}
+            atomic_write_text(run_dir / "config.yaml", config_text(cfg))
+        start_round = checkpoint.round + 1 if checkpoint else 1
+        records = metrics.truncate_after(start_round - 1) if resume else []
+        if checkpoint:
+            sim.strategy.load_server_state(checkpoint.tensors)
+            sim.strategy.load_server_meta(checkpoint.meta)
+            console.print(f"resuming {run_dir} after round {checkpoint.round}")
+        write_run_info(run_dir, sim, bundle, changes, start_round)
+
+        trackers = open_trackers(cfg, run_dir)
+        for tracker in trackers:
+            stack.callback(tracker.close)
+        progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
+        stop = StopFlag()
+        if transport_factory is not None:
+            transport = transport_factory(sim, progress.status)
+        else:
+            transport = local_transport(sim, run_dir, progress.status, stop, console)
+            if isinstance(transport, WorkerPoolTransport):
+                stack.callback(transport.close)
+                transport.start()  # each worker loads its model now, not inside round 1's time
+        engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
+        engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
+        models = (
+            f"models {' / '.join(sim.client_models.labels)}"
+            if sim.client_models
+            else f"model {cfg.model.name}"
+        )
+        console.print(
+            f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
+            f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
+            f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} alpha={cfg.adapter.alpha}"
+        )
+        ev = cfg.eval
+        early = (
+            EarlyStopping.from_records(ev.early_stopping_metric, ev.early_stopping_patience, records)
+            if ev.early_stopping_patience
+            else None
+        )
+        with progress, stop_on_signals(stop, console):
+
+            def on_round(record: dict[str, Any]) -> bool:
+                metrics.append(record)
+                for tracker in trackers:
+                    tracker.log_round(record)
+                records.append(record)
+                progress.advance(record)
+                save_every = cfg.output.save_every
+                if save_every and record["round"] % save_every == 0:
+                    export_adapter(run_dir / "adapters" / f"round_{record['round']}", sim, bundle)
+                if early is None:
+                    return True
+                if early.update(record):  # the best round so far: its adapter is kept as best/
+                    export_adapter(run_dir / "best", sim, bundle)
+                return not early.should_stop
+
+            try:
+                if early is not None and early.should_stop:  # a resumed run that had already stopped
+                    console.print(f"early stopping: no improvement since round {early.best_round}")
+                else:
+                    engine.run(start_round, on_round)
+            except RunInterrupted as stopped:
+                console.print(
+                    f"stopped by signal {stopped.signum}: rounds 1..{stopped.last_round} are complete and "
+                    f"checkpointed. Resume with: fedlora run --resume {run_dir}"
+                )
+                raise
+        final_state = finalize(run_dir, sim, bundle, records, console)
+        files = [p for p in (run_dir / "curves.png", metrics.path) if p.exists()]
+        for tracker in trackers:
+            tracker.finish(records, files)
+    return RunResult(run_dir, records, final_state)
+
+
+def local_transport(
+    sim: Simulation, run_dir: Path, status: Callable[[str], None], stop: StopFlag, console: Console
+) -> Transport | None:
+    """How this process reaches its clients (``compute``): worker processes, or None (in this process)."""
+    cfg = sim.cfg
+    assert sim.adapters.model is not None
+    size = sum(p.numel() for p in sim.adapters.model.parameters())
+    per_round = clients_per_round(cfg.federation, len(sim.federation.clients))
+    workers = parallel_workers(cfg, size, per_round)
+    if cfg.compute.batch_clients and workers > 1:
+        console.print(
+            "compute.batch_clients: the round's clients train together in this process (no workers)"
+        )
+        return None
+    if workers <= 1:
+        return None
+    devices = worker_devices(cfg, workers)
+    console.print(
+        f"{len(devices)} worker processes ({', '.join(devices)}), {cfg.client.num_threads} thread(s) each"
+    )
+    cost = PaddedTokenCost(cfg, sim.federation, sim.encoder)
+    return WorkerPoolTransport(cfg, devices, run_dir / "personal", status, stop, cost)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopFlag, console: Console) -> Iterator[None]:
+    """The first SIGINT / SIGTERM asks the engine to stop cleanly (the current round is abandoned, the last
+    checkpoint stands); a second one ends the process at once. Only in the main thread (Flower's simulation
+    runs the server in another)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop:
+            os._exit(128 + signum)
+        stop.signum = signum
+        console.print(f"signal {signum}: stopping after the current client (again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def flower_server_app(
+    config: ExperimentConfig | None = None, run_dir: Path | None = None, resume: bool = False
+):
+    """A Flower ServerApp running fedlora's rounds (config given, or from the Flower run config)."""
+    from fedlora.engine.flower import server_app
+
+    def start(cfg: ExperimentConfig, folder: Path, resume: bool, factory: TransportFactory) -> None:
+        run_experiment(cfg, folder, resume=resume, show_progress=False, transport_factory=factory)
+
+    return server_app(start, config, run_dir, resume)
+
+
+def flower_client_app(config: ExperimentConfig | None = None):
+    """A Flower ClientApp whose nodes keep their model and data across messages."""
+    from fedlora.engine.flower import client_app
+
+    return client_app(build_client_node, config)

@@ -1,0 +1,80 @@
+"""What a run folder records about itself: ``clients.json`` and ``run.json``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fedlora.compute import describe_machine, model_device
+from fedlora.engine.run_folder import (
+    atomic_write_text,
+    read_run_info,
+    sha256_bytes,
+)
+from fedlora.engine.transport import Simulation
+from fedlora.models.loading import ModelBundle
+from fedlora.version import __version__
+
+
+def rank_summary(sim: Simulation) -> str:
+    """``r8`` (one profile) or ``ranks a30-m200 x3, r8 x12`` (clients per rank profile)."""
+    counts = Counter(p.name for p in sim.strategy.client_profiles.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "ranks " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
+def write_run_info(
+    run_dir: Path, sim: Simulation, bundle: ModelBundle, changes: dict[str, Any], start_round: int
+) -> None:
+    """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs, the
+    config's checksum, and the changes each resume made), both written atomically."""
+    clients = [
+        {
+            "client": c.client_id,
+            "name": c.name,
+            "train": c.size("train"),
+            "eval": c.size("eval"),
+            "test": c.size("test"),
+            "rank": sim.strategy.client_profiles[c.client_id].name,
+            **(
+                {"model": sim.client_models.labels[sim.client_models.variant_of[c.client_id]]}
+                if sim.client_models is not None
+                else {}
+            ),
+        }
+        for c in sim.federation.clients
+    ] + [
+        {
+            "client": c.client_id,
+            "name": c.name,
+            "test": c.size("test"),
+            "eval": c.size("eval"),
+            "held_out": True,
+        }
+        for c in sim.federation.held_out
+    ]
+    atomic_write_text(run_dir / "clients.json", json.dumps(clients, indent=0))
+    info = {
+        "fedlora_version": __version__,
+        "base_model": str(bundle.folder.resolve()),
+        "task": bundle.task,
+        "label_names": sim.federation.label_names,
+        "data": sim.federation.description,
+        "dropped_empty_clients": sim.federation.dropped_empty,
+    }
+    previous = read_run_info(run_dir)
+    info["config_sha256"] = previous.get("config_sha256") or sha256_bytes(
+        (run_dir / "config.yaml").read_bytes()
+    )
+    info["resumes"] = previous.get("resumes", [])
+    if changes:
+        info["resumes"].append({"from_round": start_round, "changes": changes})
+    # the machine of every start and resume: a run resumed elsewhere measured its rounds' seconds on several
+    info["machines"] = [
+        *(m for m in previous.get("machines", []) if m.get("from_round", 0) < start_round),
+        {"from_round": start_round, **describe_machine(model_device(bundle.model))},
+    ]
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
