@@ -17,7 +17,7 @@ PY
 set -o pipefail
 case "$1" in
 tests)
-  timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_compute.py 2>&1 | tee $OUT/gpu_tests.log | tail -40 ;;
+  timeout 540 python3 -m pytest -q -p no:cacheprovider tests/unit/test_compute.py 2>&1 | tee $OUT/gpu_tests.log | tail -40 ;;
 bench)
   timeout 560 python3 benchmarks/throughput.py --device cuda --clients 8 --rounds 3 \
     --variants per-client,batched,per-client-bf16,batched-bf16 \

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy.stats import t
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "results_tables.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "results_tables.py"
 
 
 @pytest.fixture(scope="module")

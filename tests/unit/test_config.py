@@ -92,7 +92,7 @@ def test_classification_needs_labelled_data() -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
         load_config(path)

@@ -10,7 +10,7 @@ from fedlora import load_config
 from fedlora.config.loader import ConfigError
 from fedlora.data.federation import build_federation
 
-PACKAGE = Path(__file__).resolve().parents[1] / "fedlora"
+PACKAGE = Path(__file__).resolve().parents[2] / "fedlora"
 
 
 def test_empty_clients_are_dropped_with_a_warning_and_counted(

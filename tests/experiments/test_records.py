@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import tiny_overrides
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "records.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "records.py"
 ROUNDS = 3
 
 
