@@ -35,6 +35,17 @@ def load_builtins() -> None:
     import fedlora.strategies  # noqa: F401
 
 
+def prepare_node(plugins: list[str]) -> None:
+    """The entry of a process that only runs clients (a worker, a Flower node): the plugins and every
+    built-in method imported, so that the hook objects of any instruction decode (the experiment itself was
+    preflighted where it started)."""
+    try:
+        import_plugins(plugins)
+    except UnknownName as err:
+        raise ConfigError(str(err)) from None
+    load_builtins()
+
+
 def experiment_facts(cfg: ExperimentConfig) -> ExperimentFacts:
     """The facts of ``cfg`` a method may refuse it for (:meth:`Strategy.refusal`)."""
     from fedlora.strategies.base import ExperimentFacts

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config.schema import DataConfig, ExperimentConfig
+from fedlora.config.schema import DataConfig, ExperimentConfig, FederationConfig, PartitionConfig
 from fedlora.data.examples import ClientData, Example, Federation
 from fedlora.data.lazy import lazy_natural_instructions
 from fedlora.data.partition import partition_examples, split_client
@@ -153,14 +153,30 @@ def rows_source(request: SourceRequest, rows: Iterable[dict[str, Any]]) -> Sourc
 def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) -> Federation:
     """Build every client's train/eval/test data as the config says (``source``: data given directly,
     instead of ``data.source``)."""
-    data, part, fed = cfg.data, cfg.partition, cfg.federation
+    return federate(
+        cfg.data, cfg.partition, cfg.federation, cfg.model.task, cfg.eval.held_out_clients, source
+    )
+
+
+def federate(
+    data: DataConfig,
+    part: PartitionConfig,
+    fed: FederationConfig,
+    task: str,
+    held_out_clients: int = 0,
+    source: SourceData | None = None,
+) -> Federation:
+    """The clients: ``data.source`` read (or ``source``), partitioned by ``part`` into ``fed.num_clients``,
+    each split into train/eval/test and capped, empty ones dropped, ``held_out_clients`` seeded clients set
+    apart (they never train), ids given in order."""
     if source is None:
         try:
-            source = DATA_SOURCES.get(data.source)(SourceRequest.of(cfg))
+            request = SourceRequest(data, task, part.method, fed.num_clients)
+            source = DATA_SOURCES.get(data.source)(request)
         except UnknownName as err:
             raise ValueError(str(err)) from None
     label_names, description = source.label_names, source.description
-    if cfg.model.task == "classification" and not label_names:
+    if task == "classification" and not label_names:
         raise ValueError(
             f"model.task 'classification' needs labelled data; data.source {data.source!r} has no labels"
         )
@@ -214,7 +230,7 @@ def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) ->
         description += f"; {len(clients) - len(kept)} empty clients dropped"
     if not kept:
         raise ValueError("no client has training examples")
-    kept, held_out = hold_out(kept, cfg.eval.held_out_clients, cfg.federation.seed)
+    kept, held_out = hold_out(kept, held_out_clients, fed.seed)
     kept = [c.with_id(i) for i, c in enumerate(kept)]
     held_out = [c.with_id(len(kept) + i) for i, c in enumerate(held_out)]
     if held_out:

@@ -18,7 +18,8 @@ from fedlora.compute import resolve_device, to_cpu
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
-from fedlora.data.federation import build_federation
+from fedlora.data.federation import build_federation, federate
+from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
@@ -47,7 +48,8 @@ class ClientSide:
     profiles: list[RankProfile]
 
 
-def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSide:
+def load_client_side(cfg: NodeSpec, federation: Federation) -> ClientSide:
+    """The clients' model(s), adapters and encoder for ``federation``, as ``cfg`` (a node's spec) says."""
     client_models = None
     if cfg.model.variants:  # model-heterogeneous clients: one model per architecture, the shared adapter
         total = len(federation.clients) + len(federation.held_out)
@@ -70,10 +72,10 @@ def load_client_side(cfg: ExperimentConfig, federation: Federation) -> ClientSid
     return ClientSide(bundle, adapters, encoder, client_models, profiles)
 
 
-def build_client_node(cfg: ExperimentConfig) -> ClientNode:
-    """The clients of ``cfg`` in this process, without any server part (Flower ClientApps, workers; each
-    preflights ``cfg`` at its entry)."""
-    federation = build_federation(cfg)
+def build_client_node(cfg: NodeSpec) -> ClientNode:
+    """The clients of a node's spec in this process, without any server part (Flower ClientApps, workers;
+    each prepares its process first: :func:`fedlora.preflight.prepare_node`)."""
+    federation = federate(cfg.data, cfg.partition, cfg.federation, cfg.model.task, cfg.held_out_clients)
     side = load_client_side(cfg, federation)
     return ClientNode(
         cfg.client,
@@ -112,7 +114,7 @@ def build_simulation(
         clients_per_round(
             cfg.federation, len(federation.clients)
         )  # fails before the model loads if sampling cannot work
-    side = load_client_side(cfg, federation)
+    side = load_client_side(NodeSpec.of(cfg), federation)
     adapters, client_models = side.adapters, side.client_models
     strategy = build_strategy(cfg.strategy)
     if strategy.personal_models and client_models is None:

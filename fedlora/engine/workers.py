@@ -39,6 +39,7 @@ from fedlora.adapters.state import from_bytes, to_bytes
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder, steps_for
 from fedlora.data.examples import Federation
+from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import RunInterrupted, StopFlag
 from fedlora.protocol import (
     ClientInstruction,
@@ -68,9 +69,8 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     answer train requests until told to stop or the parent goes away."""
     import torch
 
-    from fedlora.config.loader import config_from_dict
     from fedlora.engine.setup import build_client_node
-    from fedlora.preflight import check_experiment
+    from fedlora.preflight import prepare_node
 
     # Ctrl-C, and `kill -- -<group>`, reach the whole process group: the parent decides (it abandons the
     # round, keeps the last checkpoint and closes its workers). A worker killed by the same signal would
@@ -82,12 +82,12 @@ def worker_main(read_fd: int, write_fd: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     setup, _ = _receive(inbox)
-    cfg = config_from_dict(json.loads(setup["config"]))
-    cfg = cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"device": setup["device"]})})
+    spec = NodeSpec.model_validate_json(setup["node"])
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"device": setup["device"]})})
     try:
-        check_experiment(cfg)  # this process's entry: plugins, built-in methods, refusals
-        torch.set_num_threads(cfg.client.num_threads)
-        node = build_client_node(cfg)
+        prepare_node(spec.plugins)  # this process's entry: plugins and built-in methods
+        torch.set_num_threads(spec.client.num_threads)
+        node = build_client_node(spec)
     except Exception as err:  # tell the parent why, then end
         _send(outbox, {"ready": False, "error": f"{type(err).__name__}: {err}"})
         return
@@ -119,7 +119,7 @@ class _Worker:
     """One worker process (``python -m fedlora.engine.workers``: a fresh interpreter that imports nothing
     of the caller's script) and the parent's ends of its two pipes."""
 
-    def __init__(self, config_json: str, device: str, store_folder: Path) -> None:
+    def __init__(self, node_json: str, device: str, store_folder: Path) -> None:
         self.device = device
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -132,7 +132,7 @@ class _Worker:
         os.close(from_child_w)
         self.outbox = Connection(to_child_w, readable=False)
         self.inbox = Connection(from_child_r, writable=False)
-        _send(self.outbox, {"config": config_json, "device": device, "store": str(store_folder)})
+        _send(self.outbox, {"node": node_json, "device": device, "store": str(store_folder)})
         self.busy: int | None = None  # the client in progress
 
     def stop(self) -> None:
@@ -164,7 +164,7 @@ class WorkerPoolTransport:
         stop: StopFlag | None = None,
         cost_of: Callable[[int], float] | None = None,
     ) -> None:
-        self.config_json = cfg.model_dump_json()
+        self.node_json = NodeSpec.of(cfg).model_dump_json()
         self.cost_of = cost_of  # expected work of a client (longest first: less waiting at the round's end)
         self.devices = devices
         self.store_folder = store_folder
@@ -181,7 +181,7 @@ class WorkerPoolTransport:
             self._await_ready(worker)
 
     def _spawn(self, device: str) -> _Worker:
-        return _Worker(self.config_json, device, self.store_folder)
+        return _Worker(self.node_json, device, self.store_folder)
 
     def _await_ready(self, worker: _Worker) -> None:
         try:

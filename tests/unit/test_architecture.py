@@ -76,8 +76,10 @@ def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 full = f"{base}.{alias.name}"
                 found.add(full if full in known else resolve(base))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
-            found.add(node.value)
+        elif (
+            isinstance(node, ast.Constant) and str(node.value).startswith("fedlora.") and node.value in known
+        ):
+            found.add(str(node.value))
     return {name for name in found if name and name.startswith("fedlora") and name != module}
 
 

@@ -14,9 +14,10 @@ from fedlora.client.node import ClientNode
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower.environment import quiet_flower
 from fedlora.engine.flower.transport import FlowerTransport, from_arrays, metrics_record, to_arrays
+from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
-from fedlora.preflight import check_experiment
+from fedlora.preflight import check_experiment, prepare_node
 from fedlora.protocol import read_request, reply_header
 
 #: run-config keys of a fedlora Flower app that are not config fields
@@ -60,11 +61,10 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
 _NODES: dict[str, ClientNode] = {}
 
 
-def client_app(
-    build_node: Callable[[ExperimentConfig], ClientNode], config: ExperimentConfig | None = None
-) -> Any:
+def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentConfig | None = None) -> Any:
     """A Flower ClientApp running fedlora clients (config given, or from the run config's
-    ``fedlora-config``); ``build_node`` makes the node the first time a config is seen in this process."""
+    ``fedlora-config``); ``build_node`` makes the node from the config's :class:`NodeSpec` the first time
+    a spec is seen in this process."""
     quiet_flower()
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
@@ -72,15 +72,15 @@ def client_app(
     app = ClientApp()
 
     def node_for(context: Any) -> ClientNode:
-        cfg = config or config_from_run_config(context.run_config)
-        key = cfg.model_dump_json()
+        spec = NodeSpec.of(config or config_from_run_config(context.run_config))
+        key = spec.model_dump_json()
         if key not in _NODES:
-            check_experiment(cfg)  # this process's entry (a Flower node): plugins, methods, refusals
+            prepare_node(spec.plugins)  # this process's entry (a Flower node): plugins and methods
             import warnings
 
             warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
-            torch.set_num_threads(cfg.client.num_threads)
-            node = build_node(cfg)
+            torch.set_num_threads(spec.client.num_threads)
+            node = build_node(spec)
             node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
             _NODES[key] = node
         return _NODES[key]
