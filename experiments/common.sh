@@ -28,8 +28,9 @@ base_model() {
   fi
 }
 
-# restore_records: bring back into runs/ what earlier machines kept in experiments/records/ (a new machine starts
-# without runs/; experiments/records.py save, then a commit, keeps them): finished runs are skipped, the rest resume.
+# restore_records: bring back into runs/ the finished runs that earlier machines kept in experiments/records/ (their
+# configs and metrics; weights are never kept, only their checksums in weights.json), so they are skipped; an
+# unfinished record is not restored (no checkpoint is kept) and runs again from round 1.
 restore_records() {
   "${PY:-.venv/bin/python}" experiments/records.py restore experiments/records runs
 }
