@@ -73,10 +73,15 @@ class LoraAdapters:
         self._base_weights: dict[str, torch.Tensor] = {}
 
     def lora_config(self, profile: RankProfile) -> LoraConfig:
+        scaling = self.scaling
+        mixed = profile.mlp != profile.attention
         return LoraConfig(
             r=profile.attention,
-            rank_pattern={} if profile.mlp == profile.attention else {MLP_MODULES_PATTERN: profile.mlp},
-            lora_alpha=self.cfg.alpha,
+            rank_pattern={MLP_MODULES_PATTERN: profile.mlp} if mixed else {},
+            lora_alpha=scaling.alpha_at(profile.attention),
+            alpha_pattern={MLP_MODULES_PATTERN: scaling.alpha_at(profile.mlp)}
+            if mixed and scaling.constant is not None
+            else {},
             use_rslora=self.cfg.use_rslora,
             lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules,
@@ -291,7 +296,7 @@ class LoraAdapters:
     @property
     def scaling(self) -> LoraScaling:
         """s_r, PEFT's LoRA scaling at rank r: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
-        return LoraScaling(self.cfg.alpha, self.cfg.use_rslora)
+        return LoraScaling(self.cfg.alpha, self.cfg.use_rslora, self.cfg.scale)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The active slot's trainable tensors (LoRA factors and task heads), in PEFT's key order."""

@@ -155,9 +155,17 @@ class LoraScaling:
 
     alpha: float
     rank_stabilized: bool = False
+    #: one constant s at every rank (``adapter.scale``: alpha = s r per module); None: the rules above
+    constant: float | None = None
 
     def __call__(self, rank: int) -> float:
+        if self.constant is not None:
+            return self.constant
         return self.alpha / math.sqrt(rank) if self.rank_stabilized else self.alpha / rank
+
+    def alpha_at(self, rank: int) -> float:
+        """The PEFT ``lora_alpha`` that gives s_r at ``rank`` (alpha itself unless the scale is constant)."""
+        return self.constant * rank if self.constant is not None else self.alpha
 
 
 def rescale_b(B: torch.Tensor, scaling: LoraScaling, from_rank: int, to_rank: int) -> torch.Tensor:

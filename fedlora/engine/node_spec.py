@@ -18,6 +18,16 @@ from fedlora.config.schema import (
 )
 
 
+def effective_adapter(cfg: ExperimentConfig) -> AdapterConfig:
+    """``cfg.adapter`` as the method trains with it (:meth:`Strategy.adapter_config`: e.g. the reference LoRA
+    scale of Fed-SB or FLoRA), for the server and every node alike."""
+    from fedlora.strategies.registry import strategy_class, validate_strategy_options
+
+    return strategy_class(cfg.strategy.name).adapter_config(
+        cfg.adapter, validate_strategy_options(cfg.strategy)
+    )
+
+
 class NodeSpec(Section):
     """What the clients of an experiment are made of, and nothing of the server's business (strategy,
     privacy plan, faults, evaluation, outputs): the plugins to import, the base model and adapter, the data
@@ -40,10 +50,11 @@ class NodeSpec(Section):
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> NodeSpec:
+        """The clients of ``cfg``, with the adapter section its method trains with (:func:`effective_adapter`)."""
         return cls(
             plugins=list(cfg.plugins),
             model=cfg.model,
-            adapter=cfg.adapter,
+            adapter=effective_adapter(cfg),
             data=cfg.data,
             partition=cfg.partition,
             federation=cfg.federation,

@@ -131,8 +131,9 @@ def build_simulation(
         ServerSetup(
             initial_state=initial,
             client_profiles=dict(enumerate(side.profiles)),
-            lora_alpha=cfg.adapter.alpha,
-            rank_stabilized=cfg.adapter.use_rslora,
+            lora_alpha=adapters.cfg.alpha,
+            rank_stabilized=adapters.cfg.use_rslora,
+            lora_scale=adapters.cfg.scale,
             seed=cfg.federation.seed,
             client_sizes={c.client_id: c.size("train") for c in federation.clients},
             device=str(server_device(cfg)),

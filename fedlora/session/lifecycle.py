@@ -38,7 +38,7 @@ from fedlora.models.loading import ModelBundle
 from fedlora.preflight import check_experiment
 from fedlora.session.export import export_adapter, finalize
 from fedlora.session.resume import resume_point
-from fedlora.session.run_info import rank_summary, write_run_info
+from fedlora.session.run_info import rank_summary, scaling_summary, write_run_info
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress
 from fedlora.tracking.trackers import open_trackers
@@ -169,7 +169,7 @@ def run(
         console.print(
             f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
             f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-            f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} alpha={cfg.adapter.alpha}"
+            f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} {scaling_summary(sim)}"
         )
         ev = cfg.eval
         early = (

@@ -26,6 +26,12 @@ def rank_summary(sim: Simulation) -> str:
     return "ranks " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
+def scaling_summary(sim: Simulation) -> str:
+    """``alpha=16`` (s_r = alpha / r, or alpha / sqrt(r)), or ``scale=2`` (one constant at every rank)."""
+    adapter = sim.adapters.cfg
+    return f"scale={adapter.scale:g}" if adapter.scale is not None else f"alpha={adapter.alpha:g}"
+
+
 def write_run_info(
     run_dir: Path, sim: Simulation, bundle: ModelBundle, changes: dict[str, Any], start_round: int
 ) -> None:

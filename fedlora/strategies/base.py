@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +30,7 @@ from fedlora.adapters.merged import split_merged
 from fedlora.adapters.ranks import LoraScaling, RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
+from fedlora.config.schema import AdapterConfig
 from fedlora.protocol import ClientInstruction, ClientReply
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class ServerSetup:
     device: str = "cpu"
     #: rsLoRA's s_r = alpha / sqrt(r) (``adapter.use_rslora``) instead of alpha / r
     rank_stabilized: bool = False
+    #: one constant s at every rank (``adapter.scale``) instead of either rule
+    lora_scale: float | None = None
 
 
 class StrategyOptions(BaseModel):
@@ -126,6 +129,17 @@ def example_weights(replies: list[ClientReply]) -> list[float]:
     return [r.num_examples / total for r in replies]
 
 
+#: how a method weights the round's replies: ``examples`` p_i = n_i / sum_j n_j, ``uniform`` 1 / K
+ReplyWeighting = Literal["examples", "uniform"]
+
+
+def reply_weights(replies: list[ClientReply], weighting: ReplyWeighting) -> list[float]:
+    """The aggregation weights of ``replies``: :func:`example_weights`, or 1 / K for each of the K replies."""
+    if weighting == "uniform":
+        return [1.0 / len(replies)] * len(replies)
+    return example_weights(replies)
+
+
 def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState:
     """sum_i w_i * state_i, tensor by tensor, accumulated in float64 and cast back to each tensor's dtype."""
     out: AdapterState = {}
@@ -190,6 +204,13 @@ class Strategy(ABC, Generic[OptionsT]):
                     )
         return None
 
+    @classmethod
+    def adapter_config(cls, adapter: AdapterConfig, options: OptionsT) -> AdapterConfig:
+        """The adapter section the federation trains with under this method (default: the config's). A method
+        whose reference code fixes the LoRA scale returns it with ``scale`` set (Fed-SB: 1, FLoRA: 2), unless
+        the config sets one; every node and the server use the result (:class:`~fedlora.engine.node_spec.NodeSpec`)."""
+        return adapter
+
     def __init__(self, options: OptionsT | None = None) -> None:
         self.options: OptionsT = options if options is not None else cast(OptionsT, self.Options())
         self.global_state: AdapterState = {}
@@ -202,7 +223,7 @@ class Strategy(ABC, Generic[OptionsT]):
         """Start from the seeded initial adapter (round 1's payload) and learn each client's rank profile."""
         self.global_state = clone_state(setup.initial_state)
         self.client_profiles = dict(setup.client_profiles)
-        self.lora_scaling = LoraScaling(setup.lora_alpha, setup.rank_stabilized)
+        self.lora_scaling = LoraScaling(setup.lora_alpha, setup.rank_stabilized, setup.lora_scale)
         self.seed = setup.seed
         self.client_sizes = dict(setup.client_sizes or {})
         self.server_device = torch.device(setup.device)

@@ -1,7 +1,8 @@
 """Fed-SB (Singhal et al., 2025): LoRA-SB on every client, only an r x r matrix trained and averaged.
 
-Per target module the update is s B R A (s = alpha / r) with B (d x r) and A (r x k) frozen for the whole run
-and R (r x r) trained. B and A come from the truncated SVD of the pretrained weight, W0 = U S V^T:
+Per target module the update is s B R A with B (d x r) and A (r x k) frozen for the whole run and R (r x r)
+trained, s = 1 (``scale: reference``: the reference scripts set ``lora_alpha = lora_r``, e.g.
+``fed_sb/fed/ARITHMETIC/train_it_fed.py`` of the Fed-SB code) or the adapter's alpha / r (``scale: adapter``). B and A come from the truncated SVD of the pretrained weight, W0 = U S V^T:
 
     B = U[:, :r],   A = S[:r] V[:, :r]^T,   R_0 ~ N(0, sigma^2)   (sigma = ``options.init_std``)
 
@@ -9,7 +10,10 @@ and R (r x r) trained. B and A come from the truncated SVD of the pretrained wei
 Each round the clients train R (a bias-free r x r linear layer put between PEFT's lora_A and lora_B) and
 send only R; the server averages it,
 
-    R <- sum_i p_i R_i,      exact: sum_i p_i s B R_i A = s B (sum_i p_i R_i) A,
+    R <- sum_i w_i R_i,      exact: sum_i w_i s B R_i A = s B (sum_i w_i R_i) A,
+
+with w_i = 1 / K (``weighting: uniform``, the reference's ``aggregate_models_fed_sb``, ``fed_sb/fed/fed_agg.py``:
+``torch.stack(...).mean(0)``) or n_i / sum_j n_j (``weighting: examples``),
 
 so a client's upload is r^2 numbers per module, whatever d and k. DP-SGD clips and noises R only (it is an
 ordinary linear layer for Opacus). The exported adapter is plain PEFT LoRA: (A, B R) at rank r.
@@ -19,13 +23,12 @@ clients kept A and B after their first round would download R alone). Needs one 
 
 Differences from the paper's code: its default initialisation is from the SVD of a full-gradient estimate on
 training data (LoRA-SB); fedlora uses the weight-SVD variant the same code provides, because the gradient
-would need private client data on the server. The reference averages with equal weights (1/K); fedlora
-weights by examples, as its other methods do.
+would need private client data on the server.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -34,12 +37,14 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import RankProfile, lora_key_parts, module_factors
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.config.schema import AdapterConfig
 from fedlora.strategies.base import (
     ClientReply,
+    ReplyWeighting,
     ServerSetup,
     Strategy,
     StrategyOptions,
-    example_weights,
+    reply_weights,
     weighted_average,
 )
 from fedlora.strategies.fedavg import require_one_rank
@@ -116,6 +121,13 @@ def restore(adapters: LoraAdapters) -> None:
 
 class FedSBOptions(StrategyOptions):
     init_std: float = Field(1e-5, ge=0.0, description="standard deviation of the initial R (seeded)")
+    scale: Literal["reference", "adapter"] = Field(
+        "reference",
+        description="reference: s = 1 (lora_alpha = r, the reference scripts); adapter: alpha / r",
+    )
+    weighting: ReplyWeighting = Field(
+        "uniform", description="uniform: R = mean of the R_i (the reference); examples: n_i / sum n_j"
+    )
 
 
 @register_strategy
@@ -142,6 +154,13 @@ class FedSB(Strategy[FedSBOptions]):
             state[latent_key(module)] = (torch.randn(r, r, generator=gen, dtype=torch.float64) * std).float()
         return state
 
+    @classmethod
+    def adapter_config(cls, adapter: AdapterConfig, options: FedSBOptions) -> AdapterConfig:
+        """s = 1 at every rank under ``scale: reference`` (unless ``adapter.scale`` is set)."""
+        if options.scale == "reference" and adapter.scale is None and not adapter.use_rslora:
+            return adapter.model_copy(update={"scale": 1.0})
+        return adapter
+
     def initialize(self, setup: ServerSetup) -> None:
         require_one_rank(self.name, setup)
         super().initialize(setup)
@@ -150,7 +169,9 @@ class FedSB(Strategy[FedSBOptions]):
         return [TrainLatent()]
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        averaged = weighted_average([r.payload for r in replies], example_weights(replies))
+        averaged = weighted_average(
+            [r.payload for r in replies], reply_weights(replies, self.options.weighting)
+        )
         self.global_state = {**self.global_state, **averaged}
         return self.global_state
 

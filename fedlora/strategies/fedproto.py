@@ -5,11 +5,16 @@ A client's representation of an example is z = gelu(P h) in the common ``shared_
 pooled representation, P its own projection; see :class:`fedlora.models.personal.RepresentationHead`). Each
 client trains its own model end to end on
 
-    L = CE(C z, y) + lambda * mean_batch (1 / shared_dim) ||z - c_y||^2     (the reference's MSELoss)
+    L = CE(C z, y) + lambda * (1 / (B shared_dim)) sum_{b: y_b known} ||z_b - c_{y_b}||^2
 
-where c_y is the global prototype of class y (the term is left out for a class with no prototype yet), then
-sends its local prototypes c_{i,k} = mean of z over its training examples of class k, and how many there are,
-n_{i,k}. Server, per class: c_k = sum_i n_{i,k} c_{i,k} / sum_i n_{i,k}. Nothing else travels: a few
+over a batch of B examples, c_y the global prototype of class y. ``distance: batch`` (the default, the
+reference's ``nn.MSELoss()(proto_new, protos)`` in ``lib/update.py`` of yuetan031/FedProto, where a row of a
+class with no global prototype yet is its own detached z, so it adds 0 but counts in the mean) divides by the
+whole batch; ``distance: known`` averages over the rows whose class has a prototype. The client then sends its
+local prototypes c_{i,k} = mean of z over its training examples of class k, and how many there are, n_{i,k}.
+Server, per class k, over the clients S_k that hold it: ``prototype_weighting: uniform`` (the default, the
+reference's ``proto_aggregation`` in ``lib/utils.py``) c_k = (1 / |S_k|) sum_{i in S_k} c_{i,k};
+``prototype_weighting: examples`` c_k = sum_i n_{i,k} c_{i,k} / sum_i n_{i,k}. Nothing else travels: a few
 kilobytes per client and round (num_labels x shared_dim floats and num_labels counts).
 
 Evaluation (as every personalised method here): each client's own model and classifier on its own test split.
@@ -21,7 +26,7 @@ pass over the client's training examples (the reference averages the features se
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -43,6 +48,14 @@ COUNTS = "prototypes.count"  # num_labels (float64)
 
 class FedProtoOptions(StrategyOptions):
     weight: float = Field(1.0, ge=0.0, description="lambda, the weight of the prototype distance term")
+    prototype_weighting: Literal["uniform", "examples"] = Field(
+        "uniform",
+        description="uniform: mean over the clients holding a class (the reference); examples: n_{i,k}",
+    )
+    distance: Literal["batch", "known"] = Field(
+        "batch",
+        description="batch: the MSE over the whole batch (the reference); known: over known-class rows",
+    )
 
 
 def representation_head(model: torch.nn.Module) -> RepresentationHead:
@@ -94,6 +107,7 @@ class PrototypeRegularised(TrainOwnModel):
 
     kind = "fedproto"
     weight: float = Field(1.0, ge=0.0)
+    distance: Literal["batch", "known"] = "batch"
 
     def start_state(self, ctx: ClientContext, payload: AdapterState) -> AdapterState:
         ctx.scratch["global"] = (payload[PROTOTYPES], payload[COUNTS])
@@ -113,7 +127,9 @@ class PrototypeRegularised(TrainOwnModel):
         if not known.any():
             return None
         target = prototypes.to(tap.z.device, tap.z.dtype)[tap.labels[known]]
-        return self.weight * torch.nn.functional.mse_loss(tap.z[known], target)
+        squared = torch.nn.functional.mse_loss(tap.z[known], target, reduction="sum")
+        rows = tap.z.shape[0] if self.distance == "batch" else int(known.sum())
+        return self.weight * squared / (rows * tap.z.shape[1])
 
     def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
         super().reply_state(ctx, state, metrics)  # freezes the own model again
@@ -157,7 +173,7 @@ class FedProto(OwnModelBaseline[FedProtoOptions]):
         }
 
     def client_hooks(self) -> list[ClientHooks]:
-        return [PrototypeRegularised(weight=self.options.weight)]
+        return [PrototypeRegularised(weight=self.options.weight, distance=self.options.distance)]
 
     def shared_part(self) -> AdapterState:
         """The global prototypes and their counts."""
@@ -168,13 +184,19 @@ class FedProto(OwnModelBaseline[FedProtoOptions]):
         return {k: v for k, v in self.global_state.items() if k not in (PROTOTYPES, COUNTS)}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        """c_k = sum_i n_{i,k} c_{i,k} / sum_i n_{i,k}, per class; a class none of this round's clients holds
-        keeps its prototype (and count, the examples behind it)."""
-        sums = sum(r.payload[PROTOTYPES].double() * r.payload[COUNTS].unsqueeze(1) for r in replies)
+        """Per class, over the clients that hold it: the mean of their prototypes (``uniform``) or the
+        example-weighted mean (``examples``); a class none of this round's clients holds keeps its prototype
+        (and count, the examples behind it)."""
+        uniform = self.options.prototype_weighting == "uniform"
+        weights = [(r.payload[COUNTS] > 0).double() if uniform else r.payload[COUNTS] for r in replies]
+        sums = sum(
+            r.payload[PROTOTYPES].double() * w.unsqueeze(1) for r, w in zip(replies, weights, strict=True)
+        )
+        mass = sum(weights)
         counts = sum(r.payload[COUNTS] for r in replies)
         old, old_counts = self.global_state[PROTOTYPES], self.global_state[COUNTS]
         present = counts > 0
-        new = torch.where(present.unsqueeze(1), sums / counts.clamp(min=1).unsqueeze(1), old.double())
+        new = torch.where(present.unsqueeze(1), sums / mass.clamp(min=1e-300).unsqueeze(1), old.double())
         self.global_state = {
             **clone_state(self.global_state),
             PROTOTYPES: new.to(old.dtype),

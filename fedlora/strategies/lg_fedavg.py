@@ -3,7 +3,9 @@
 A model-heterogeneous baseline for pFedLoRA (``model.variants`` with ``model.shared_adapter: representation``):
 each client trains its own model end to end (its encoder, its projection P into the common ``shared_dim``-wide
 space and the classifier C on it), and only C (num_labels x shared_dim, and its bias) travels. Server:
-C = sum_i p_i C_i, p_i = n_i / sum_j n_j. The shared LoRA adapter of the representation head is not used
+C = (1 / K) sum_i C_i over the round's K clients (``weighting: uniform``, the reference: ``main_lg.py`` of
+pliang279/LG-FedAvg divides the summed global layers by the number of sampled users), or
+C = sum_i p_i C_i, p_i = n_i / sum_j n_j (``weighting: examples``). The shared LoRA adapter of the representation head is not used
 (B stays 0). With clients of different widths the head is the only part of the model they can share, which is
 why it sits on the common space.
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import Field
+
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import to_cpu
@@ -25,9 +29,10 @@ from fedlora.strategies.base import (
     ClientReply,
     ExperimentFacts,
     OptionsT,
+    ReplyWeighting,
     Strategy,
     StrategyOptions,
-    example_weights,
+    reply_weights,
     weighted_average,
 )
 from fedlora.strategies.registry import register_strategy
@@ -104,11 +109,18 @@ class OwnModelBaseline(Strategy[OptionsT]):
         return {c: ClientInstruction(self.shared_part(), hooks=hooks) for c in client_ids}
 
 
+class LGFedAvgOptions(StrategyOptions):
+    weighting: ReplyWeighting = Field(
+        "uniform", description="uniform: 1/K per client (the reference); examples: n_i / sum n_j"
+    )
+
+
 @register_strategy
-class LGFedAvg(OwnModelBaseline[StrategyOptions]):
+class LGFedAvg(OwnModelBaseline[LGFedAvgOptions]):
     """LG-FedAvg: every client trains its own model; the classifier on the common space is averaged."""
 
     name = "lg-fedavg"
+    Options: ClassVar[type[StrategyOptions]] = LGFedAvgOptions
 
     def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
         """The unused shared adapter (B = 0, for evaluation) and the first architecture's initial head."""
@@ -126,6 +138,6 @@ class LGFedAvg(OwnModelBaseline[StrategyOptions]):
         return {k: v for k, v in self.global_state.items() if k.startswith(HEAD_PREFIX)}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        head = weighted_average([r.payload for r in replies], example_weights(replies))
+        head = weighted_average([r.payload for r in replies], reply_weights(replies, self.options.weighting))
         self.global_state = {**clone_state(self.global_state), **head}
         return self.global_state

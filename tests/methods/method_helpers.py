@@ -75,3 +75,38 @@ def merged_offset(payload: dict[str, torch.Tensor], module: str = "m.q_proj") ->
         P, Q = increment(payload, t)[module]
         offset = offset + P.double() @ Q.double()
     return offset
+
+
+def dp_replies(tmp_path: Path, extra: dict) -> tuple[dict, dict, dict, dict]:
+    """One client's round under the DP plan of ``extra`` (a DP config), trained three times from the same
+    instruction and seed: at the plan's noise multiplier, and twice without noise. Returns (the payload it
+    started from, the noisy reply's tensors, the two noise-free replies' tensors) and the trainable-state
+    tensors the client held after the noisy round (what moved and what did not)."""
+    import copy
+
+    from fedlora.engine.embedded import EmbeddedEngine
+    from fedlora.runner import build_simulation
+
+    sim, _ = build_simulation(load_config(None, tiny_overrides(tmp_path, **extra)))
+    engine = EmbeddedEngine(sim, tmp_path / "dp-run")
+    instruction = sim.strategy.configure(1, [0])[0]
+    engine.complete(instruction)
+    assert instruction.settings["privacy"]["noise_multiplier"] > 0
+    quiet = copy.deepcopy(instruction)
+    quiet.settings["privacy"] = {**quiet.settings["privacy"], "noise_multiplier": 0.0}
+    noisy = sim.node.train(1, 0, instruction).payload
+    held = sim.adapters.state()
+    plain = [sim.node.train(1, 0, copy.deepcopy(quiet)).payload for _ in range(2)]
+    return instruction.payload, noisy, held, {"first": plain[0], "second": plain[1]}
+
+
+def assert_noise_reaches_only(trained: set[str], payload: dict, noisy: dict, held: dict, plain: dict) -> None:
+    """The reply holds exactly the ``trained`` tensors; without noise two trainings agree bit for bit, with
+    noise every trained tensor differs from them; every other tensor the client held kept the payload's value."""
+    assert set(noisy) == trained == set(plain["first"])
+    assert all(torch.equal(plain["first"][k], plain["second"][k]) for k in trained)  # deterministic
+    for key in trained:
+        moved = torch.linalg.norm((noisy[key] - plain["first"][key]).double())
+        assert moved > 1e-3 * torch.linalg.norm(plain["first"][key].double()), key
+    frozen = [k for k in payload if k in held and k not in trained]
+    assert frozen and all(torch.equal(held[k], payload[k]) for k in frozen)

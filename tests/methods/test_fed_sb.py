@@ -12,6 +12,8 @@ from method_helpers import (
     D,
     K,
     R,
+    assert_noise_reaches_only,
+    dp_replies,
     rounds,
     run_and_resume_exactly,
     weights,
@@ -28,7 +30,7 @@ from fedlora.strategies.base import ClientReply, ServerSetup
 
 # --- Fed-SB ---------------------------------------------------------------------------------------------
 def test_fed_sb_averages_the_cores_exactly_and_exports_b_times_r() -> None:
-    from fedlora.strategies.fed_sb import FedSB, latent_key
+    from fedlora.strategies.fed_sb import FedSB, FedSBOptions, latent_key
 
     gen = torch.Generator().manual_seed(9)
     strategy = FedSB()
@@ -48,12 +50,21 @@ def test_fed_sb_averages_the_cores_exactly_and_exports_b_times_r() -> None:
     assert "unexpected" in (strategy.validate_reply(instruction, with_factors) or "")  # B is frozen, unsent
     strategy.aggregate(1, replies)
     B, A = init[B_KEY].double(), init[A_KEY].double()
-    dense = sum(
-        p * (B @ r.payload[latent_key("m.q_proj")].double() @ A) for p, r in zip(weights(replies), replies)
-    )
+    # the reference's rule (aggregate_models_fed_sb: torch.stack(...).mean(0)): R = (1/K) sum R_i
+    dense = sum(B @ r.payload[latent_key("m.q_proj")].double() @ A for r in replies) / len(replies)
     exported = strategy.evaluation_state()
     assert set(exported) == {A_KEY, B_KEY}  # a plain LoRA state: (A, B R)
     assert_rel_close(exported[B_KEY].double() @ exported[A_KEY].double(), dense, 1e-6)
+    # weighting: examples, p_i = n_i / sum n_j
+    weighted = FedSB(FedSBOptions(weighting="examples"))
+    weighted.initialize(ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0))
+    weighted.aggregate(1, replies)
+    by_examples = sum(
+        p * (B @ r.payload[latent_key("m.q_proj")].double() @ A) for p, r in zip(weights(replies), replies)
+    )
+    got = weighted.evaluation_state()
+    assert_rel_close(got[B_KEY].double() @ got[A_KEY].double(), by_examples, 1e-6)
+    assert relative_error(by_examples, dense) > 1e-2  # the two rules are told apart
     assert torch.equal(strategy.global_state[B_KEY], init[B_KEY]) and torch.equal(
         strategy.global_state[A_KEY], init[A_KEY]
     )
@@ -92,7 +103,11 @@ def test_fed_sb_runs_uploads_only_the_cores_resumes_exactly_and_exports_plain_pe
 
     server = latest_checkpoint(straight / "checkpoints").tensors
     assert all(float(R.abs().max()) > 1e-3 for R in latents(server).values())  # the cores left R_0 ~ 0
-    ours_adapters = LoraAdapters(load_base_model(cfg.model).model, cfg.adapter, "causal-lm")
+    from fedlora.engine.node_spec import effective_adapter
+
+    # the federation trained at the reference scale s = 1, and the exported PEFT config says so
+    assert json.loads((straight / "global" / "adapter_config.json").read_text())["lora_alpha"] == 4
+    ours_adapters = LoraAdapters(load_base_model(cfg.model).model, effective_adapter(cfg), "causal-lm")
     ours_adapters.load(merged_adapter(server))
     plain = PeftModel.from_pretrained(load_base_model(cfg.model).model, str(straight / "global")).eval()
     ids = torch.tensor([[1, 5, 9, 13, 70, 200]])
@@ -112,3 +127,29 @@ def test_fed_sb_under_dp_noises_the_cores(tmp_path: Path) -> None:
     )
     records = rounds(run_dir)
     assert all(r["status"] == "aggregated" for r in records) and "epsilon" in json.dumps(records[-1])
+    # the noise lands on the r x r cores, and nothing else moves: A and B keep the payload's values
+    from fedlora.strategies.fed_sb import latents
+
+    payload, noisy, held, plain = dp_replies(tmp_path / "pair", extra)
+    assert_noise_reaches_only(set(latents(payload)), payload, noisy, held, plain)
+
+
+def test_fed_sb_and_flora_train_at_their_reference_lora_scale(tmp_path: Path) -> None:
+    """Fed-SB's scripts set lora_alpha = r (s = 1), FLoRA's give a client of rank r_i lora_alpha = 2 r_i (s = 2):
+    the federation's adapter section is that, for the server and every node; ``scale: adapter`` or an explicit
+    ``adapter.scale`` keeps the config's."""
+    from fedlora.engine.node_spec import NodeSpec, effective_adapter
+    from fedlora.runner import build_simulation
+
+    def adapter_of(**extra: object):
+        return effective_adapter(load_config(None, tiny_overrides(tmp_path, **extra)))
+
+    assert adapter_of(**{"strategy.name": "fed-sb"}).scale == 1.0
+    assert adapter_of(**{"strategy.name": "flora"}).scale == 2.0
+    assert adapter_of(**{"strategy.name": "flora", "strategy.options": "{scale: adapter}"}).scale is None
+    assert adapter_of(**{"strategy.name": "fed-sb", "adapter.scale": 0.5}).scale == 0.5
+    assert adapter_of(**{"strategy.name": "fedit"}).scale is None
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"strategy.name": "fed-sb", "adapter.alpha": 16}))
+    assert NodeSpec.of(cfg).adapter.scale == 1.0
+    sim, _ = build_simulation(cfg)
+    assert sim.adapters.scaling(4) == 1.0 and sim.strategy.lora_scaling(4) == 1.0  # not 16 / 4

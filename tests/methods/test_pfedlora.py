@@ -260,11 +260,25 @@ def test_lg_fedavg_trains_each_own_model_and_averages_the_head_on_the_common_spa
     labels = engine.sim.federation.num_labels
     shapes = {"shared.classifier.weight": (labels, 16), "shared.classifier.bias": (labels,)}
     assert all({k: tuple(v.shape) for k, v in p.items()} == shapes for _, p, _ in payloads)
-    total = sum(n for _, _, n in payloads)
+    # the reference's rule (main_lg.py): the unweighted mean over the round's clients
     for key in shapes:
-        dense = sum(p[key].double() * n / total for _, p, n in payloads)
+        dense = sum(p[key].double() for _, p, _ in payloads) / len(payloads)
         got = engine.sim.strategy.global_state[key].double()
         assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
+    # weighting: examples, p_i = n_i / sum n_j, on the same replies
+    from fedlora.strategies.base import ClientReply
+    from fedlora.strategies.lg_fedavg import LGFedAvg, LGFedAvgOptions
+
+    sizes = [2 + 3 * i for i in range(len(payloads))]  # unequal counts, so that the two rules differ
+    weighted = LGFedAvg(LGFedAvgOptions(weighting="examples"))
+    weighted.global_state = dict(engine.sim.strategy.global_state)
+    weighted.aggregate(1, [ClientReply(c, p, n, {}) for (c, p, _), n in zip(payloads, sizes, strict=True)])
+    for key in shapes:
+        dense = sum(p[key].double() * n / sum(sizes) for (_, p, _), n in zip(payloads, sizes, strict=True))
+        got = weighted.global_state[key].double()
+        assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
+        uniform = engine.sim.strategy.global_state[key].double()
+        assert torch.linalg.norm(got - uniform) > 1e-3 * torch.linalg.norm(uniform)
     # every client trained its own model end to end (encoder included), and keeps it
     for client in range(6):
         own = dict(models.prepare(client, 2).base_parameters())
@@ -308,13 +322,26 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
         if rows:
             mean = torch.stack(rows).mean(0)
             assert torch.linalg.norm(payload[PROTOTYPES][k].double() - mean) <= 1e-5 * torch.linalg.norm(mean)
-    # the server's prototypes: per class, the count-weighted mean of the clients' (dense check)
+    # the server's prototypes (the reference's proto_aggregation): per class, the unweighted mean over the
+    # clients that hold it; with prototype_weighting: examples, the count-weighted mean (dense checks)
+    from fedlora.strategies.fedproto import FedProto, FedProtoOptions
+
     counts = sum(p[COUNTS] for _, p, _ in payloads)
+    weighted = FedProto(FedProtoOptions(prototype_weighting="examples"))
+    weighted.global_state = {k: v.clone() for k, v in strategy.global_state.items()}
+    weighted.aggregate(1, [ClientReply(c, p, n, {}) for c, p, n in payloads])
+    differ = 0
     for k in range(labels):
         if counts[k] > 0:
-            dense = sum(p[PROTOTYPES][k].double() * p[COUNTS][k] for _, p, _ in payloads) / counts[k]
+            holders = [p for _, p, _ in payloads if p[COUNTS][k] > 0]
+            dense = sum(p[PROTOTYPES][k].double() for p in holders) / len(holders)
             got = strategy.global_state[PROTOTYPES][k].double()
             assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
+            by_count = sum(p[PROTOTYPES][k].double() * p[COUNTS][k] for _, p, _ in payloads) / counts[k]
+            got = weighted.global_state[PROTOTYPES][k].double()
+            assert torch.linalg.norm(got - by_count) <= 1e-6 * torch.linalg.norm(by_count)
+            differ += int(torch.linalg.norm(dense - by_count) > 1e-4 * torch.linalg.norm(dense))
+    assert differ > 0  # the two rules are told apart on these clients
     # a class absent from a round keeps its prototype
     before = strategy.global_state[PROTOTYPES].clone()
     only_zero = {
@@ -332,7 +359,10 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
             "global": (torch.zeros(labels, 16), torch.tensor([1.0] + [0.0] * (labels - 1))),
         }
 
-    assert float(PrototypeRegularised(weight=0.5).extra_loss(Ctx())) == 0.5  # only class 0's example: 16/16
+    # the reference's MSELoss over the whole batch: class 0's row adds 16 (z = 1, c = 0), class 1's row (no
+    # prototype yet) adds 0 but counts: 0.5 * 16 / (2 x 16); over the known rows only: 0.5 * 16 / 16
+    assert float(PrototypeRegularised(weight=0.5).extra_loss(Ctx())) == 0.25
+    assert float(PrototypeRegularised(weight=0.5, distance="known").extra_loss(Ctx())) == 0.5
     record2 = engine.run_round(2)
     assert record2["rejected"] == [] and "eval_accuracy" in record2
 

@@ -15,6 +15,8 @@ from method_helpers import (
     D,
     K,
     R,
+    assert_noise_reaches_only,
+    dp_replies,
     replies_for,
     rounds,
     run_and_resume_exactly,
@@ -171,3 +173,8 @@ def test_dp_sgd_on_the_trained_factor_and_a_plain_peft_export(tmp_path: Path, me
     model = PeftModel.from_pretrained(bundle.model, str(run_dir / "global"))
     ids = torch.tensor([[1, 5, 9, 13]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
+    # round 1 trains one factor (RoLoRA: B, FedSVD: B on its orthonormal A): the noise is on it alone, the
+    # other factor keeps the payload's value
+    payload, noisy, held, plain = dp_replies(tmp_path / "pair", extra)
+    trained = {k for k in payload if ".lora_B." in k}
+    assert_noise_reaches_only(trained, payload, noisy, held, plain)

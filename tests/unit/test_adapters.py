@@ -88,3 +88,41 @@ def test_classification_export_includes_head(tmp_path: Path) -> None:
         base.config.pad_token_id = 0
         theirs = PeftModel.from_pretrained(base, str(tmp_path / "g")).eval()(input_ids=ids).logits
     assert_rel_close(ours, theirs, 1e-5)
+
+
+def test_a_constant_scale_holds_at_every_rank_and_exports_to_plain_peft(tmp_path: Path) -> None:
+    """adapter.scale = 2 (FLoRA's reference): s = 2 on attention (rank 4) and MLP (rank 2) modules alike, the
+    forward equals W0 x + 2 B A x computed by hand, and plain PEFT loads the export to the same logits."""
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    cfg = AdapterConfig(rank=4, alpha=16, scale=2.0, dropout=0.0, target_modules=["q_proj", "up_proj"])
+    adapters = LoraAdapters(bundle.model, cfg, "causal-lm")
+    profile = RankProfile(4, 2)
+    adapters.activate(profile)
+    state = perturbed(adapters.initial_state(profile), seed=5)
+    adapters.load(state)
+    scales = {
+        name: layer.scaling[adapters.active_slot_name]
+        for name, (layer, _, _) in adapters.lora_modules().items()
+    }
+    assert (
+        set(scales.values()) == {2.0}
+        and any("up_proj" in n for n in scales)
+        and any("q_proj" in n for n in scales)
+    )
+    name, (layer, a_key, b_key) = next((n, v) for n, v in adapters.lora_modules().items() if "up_proj" in n)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        by_hand = layer.base_layer(x) + 2.0 * x @ state[a_key].T @ state[b_key].T
+        assert_rel_close(layer(x), by_hand, 1e-5)
+    export_peft_adapter(adapters, state, tmp_path / "g", str(bundle.folder))
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8.0 and list(config["alpha_pattern"].values()) == [4.0]
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        ours = adapters.model(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(bundle.folder), str(tmp_path / "g")
+        )
+        assert_rel_close(ours, plain.eval()(input_ids=ids).logits, 1e-5)
+    with pytest.raises(ValueError, match="exclude each other"):
+        AdapterConfig(scale=1.0, use_rslora=True)

@@ -57,16 +57,29 @@ class AdapterConfig(Section):
 
     ``use_rslora``: rank-stabilised LoRA, s_r = alpha / sqrt(r) (PEFT's ``use_rslora``), so that clients at
     high ranks are not scaled down by 1 / r; the exported adapter carries the flag.
+    ``scale``: one constant s at every rank, alpha = s r on each module (what FLoRA's reference code does for
+    clients of different ranks, ``lora_alpha = 2 r_i``, and Fed-SB's, ``lora_alpha = r``); the exported adapter
+    carries the per-module alphas.
     """
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     use_rslora: bool = False
+    #: a constant LoRA scale s at every rank (alpha = s r per module) instead of alpha / r; None: alpha / r
+    scale: float | None = Field(None, gt=0.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_scaling_rule(self) -> AdapterConfig:
+        if self.scale is not None and self.use_rslora:
+            raise ValueError(
+                "adapter.scale (a constant s at every rank) and adapter.use_rslora exclude each other"
+            )
+        return self
 
     @field_validator("target_modules")
     @classmethod
