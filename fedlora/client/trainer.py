@@ -245,6 +245,7 @@ def train_locally_zeroth_order(
         settings.weight_decay,
         zo.perturbations,
         seeds_of=lambda step: zo.step_seeds(ctx.seed, step),
+        skip_nonfinite=zo.skip_nonfinite,
     )
     metrics["tokens"] = tokens
     if zo.upload == "seeds":

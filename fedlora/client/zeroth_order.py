@@ -18,6 +18,7 @@ the very same :func:`perturb` / :func:`apply_update` code on tensors in the same
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -49,6 +50,8 @@ class ZerothOrder(ClientHooks):
     perturbations: int = Field(1, ge=1)
     upload: Literal["weights", "seeds"] = "weights"
     full_model: bool = False
+    #: a step whose L+ or L- is not finite moves nothing (recorded with lr 0 and g 0), as FedKSeed's code does
+    skip_nonfinite: bool = False
     replaces_optimizer: ClassVar[bool] = True
 
     def dp_refusal(self) -> str | None:
@@ -108,8 +111,10 @@ def zo_step(
     eps: float,
     lr: float,
     weight_decay: float,
+    skip_nonfinite: bool = False,
 ) -> tuple[list[float], float]:
-    """One MeZO step in place; returns the projected gradients g_j and the mean of L+ and L-."""
+    """One MeZO step in place; returns the projected gradients g_j and the mean of L+ and L-. With
+    ``skip_nonfinite``, a step with a non-finite loss is skipped: nothing moves, g_j = 0, the loss is NaN."""
     tensors = [t for _, t in named]
     grads, losses = [], []
     for seed in seeds:
@@ -120,6 +125,8 @@ def zo_step(
         perturb(tensors, seed, eps)
         grads.append((loss_plus - loss_minus) / (2 * eps))
         losses += [loss_plus, loss_minus]
+    if skip_nonfinite and not all(math.isfinite(loss) for loss in losses):
+        return [0.0] * len(seeds), math.nan
     apply_update(named, seeds, grads, lr, weight_decay)
     return grads, sum(losses) / len(losses)
 
@@ -178,6 +185,7 @@ def train_zeroth_order(
     weight_decay: float,
     perturbations: int,
     seeds_of: Callable[[int], list[int]] | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[AdapterState, dict[str, Any]]:
     """Run one MeZO step per batch loss function; returns the steps record and the metrics.
 
@@ -193,14 +201,16 @@ def train_zeroth_order(
             if seeds_of is not None
             else [step_seed(round_seed, step, j) for j in range(perturbations)]
         )
-        g, loss = zo_step(named, loss_fn, step_seeds, eps, lr, weight_decay)
+        g, loss = zo_step(named, loss_fn, step_seeds, eps, lr, weight_decay, skip_nonfinite)
         seeds.append(step_seeds)
         grads.append(g)
-        lrs.append(lr)
+        lrs.append(lr if math.isfinite(loss) or not skip_nonfinite else 0.0)  # a skipped step: lr 0
         losses.append(loss)
+    kept = [loss for loss in losses if math.isfinite(loss)] if skip_nonfinite else losses
     metrics = {
-        "train_loss": sum(losses) / len(losses),
+        **({"train_loss": sum(kept) / len(kept)} if kept else {}),
         "steps": len(losses),
+        "skipped_steps": len(losses) - len(kept),
         "forward_passes": 2 * perturbations * len(losses),
         "train_seconds": time.perf_counter() - started,
         "lr": lr,

@@ -111,6 +111,9 @@ class FedKSeedOptions(StrategyOptions):
     pool_size: int = Field(4096, ge=1, le=1_000_000, description="K, the number of shared seeds")
     eps: float = Field(1e-3, gt=0.0, description="perturbation scale of the two-point estimate")
     perturbations: int = Field(1, ge=1, description="perturbations per step")
+    skip_nan_steps: bool = Field(
+        True, description="a step whose loss is not finite moves nothing (the reference's trainer skips it)"
+    )
 
 
 @register_strategy
@@ -150,6 +153,7 @@ class FedKSeed(Strategy[FedKSeedOptions]):
             SeedPoolSteps(
                 eps=o.eps,
                 perturbations=o.perturbations,
+                skip_nonfinite=o.skip_nan_steps,
                 pool_seed=self.seed,
                 pool_size=o.pool_size,
                 init_digest=state_digest(self.start),

@@ -87,3 +87,35 @@ def test_fedkseed_runs_downloads_bytes_not_megabytes_and_resumes_exactly(tmp_pat
         assert_rel_close(flower[key], embedded[key], 1e-5)
     with pytest.raises(Exception, match="client.weight_decay"):
         load_config(None, tiny_overrides(tmp_path, **{**base, "client.weight_decay": 0.01}))
+
+
+def test_a_step_with_a_non_finite_loss_moves_nothing_under_fedkseed() -> None:
+    """The reference trainer skips a step whose loss is NaN: with skip_nonfinite the step is recorded with
+    g = 0 and lr 0 and leaves theta as it was, and the replay (what the server rebuilds) agrees; without it
+    the NaN reaches the weights. FedKSeed's client hook skips by default."""
+    from fedlora.client.zeroth_order import GRADS_KEY, LRS_KEY, replay, train_zeroth_order
+    from fedlora.strategies.fedkseed import FedKSeed
+
+    gen = torch.Generator().manual_seed(3)
+    start = {"w": torch.randn(4, 3, generator=gen)}
+
+    def run(skip: bool):
+        state = {k: v.clone() for k, v in start.items()}
+        calls = iter(range(100))
+
+        def loss_fn() -> float:  # step 1's two evaluations are NaN, the others a smooth loss
+            n = next(calls)
+            return float("nan") if n in (2, 3) else float((state["w"] ** 2).sum())
+
+        record, metrics = train_zeroth_order(
+            list(state.items()), [loss_fn] * 3, 11, 1e-3, 0.1, 0.0, 1, skip_nonfinite=skip
+        )
+        return state, record, metrics
+
+    state, record, metrics = run(skip=True)
+    assert record[LRS_KEY].tolist() == [0.1, 0.0, 0.1] and record[GRADS_KEY][1].tolist() == [0.0]
+    assert metrics["skipped_steps"] == 1 and torch.isfinite(state["w"]).all()
+    assert torch.equal(replay(start, record, 1e-3, 0.0)["w"], state["w"])  # the server rebuilds the same
+    unskipped, _, _ = run(skip=False)
+    assert torch.isnan(unskipped["w"]).all()
+    assert FedKSeed.Options().skip_nan_steps  # FedKSeed's default: skip, as the reference
