@@ -1,10 +1,12 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): share A, keep each client's B private on the client.
 
-Both factors train on the client; only the A factors (and any task head) are sent and averaged:
+Both factors train on the client; only the A factors are sent and averaged:
 
-    A = sum_i p_i A_i,    p_i = n_i / sum_j n_j        (heads likewise)
+    A = sum_i p_i A_i,    p_i = n_i / sum_j n_j
 
-B_i never leaves client i: it is kept in the client's personal store (``RUN_DIR/personal/`` in simulation,
+A task head (a classifier) stays on its client too (``head: local``, the default and the reference's
+``personalization.local_param: ['lora_B', 'classifier']`` in its FederatedScope configs), or is averaged with A
+(``head: shared``). B_i never leaves client i: it is kept in the client's personal store (``RUN_DIR/personal/`` in simulation,
 the node's own folder under Flower) and loaded over the payload the next time the client is sampled (a new
 client starts from PEFT's B = 0). The A factors learn what is general across clients, the B factors what is
 client-specific, so the model a client uses is W0 + (alpha / r) B_i A.
@@ -13,17 +15,17 @@ What travels: A (and heads) both ways, about half of FedIT's bytes on square mod
 so the global adapter it evaluates and exports is A with B = 0 (the base model's outputs); the figure that
 means something is personalised: each client reports ``personal_eval_loss``, the loss of its own
 W0 + s B_i A_global on its eval split, measured when the round starts (before local training). Needs one rank
-for every client.
+for every client. With a local head the server's evaluated and exported adapter carries the initial head.
 
-Differences from the reference code (FederatedScope-based, GLUE): task heads are averaged here with A; the
-personalised figure is fedlora's.
+Differences from the reference code (FederatedScope-based, GLUE): the personalised figure is fedlora's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
@@ -39,15 +41,28 @@ def is_lora_b(key: str) -> bool:
     return ".lora_B." in key
 
 
+def is_private(key: str, local_head: bool) -> bool:
+    """What stays on the client: every B, and (``local_head``) every tensor that is not a LoRA factor."""
+    return is_lora_b(key) or (local_head and ".lora_" not in key)
+
+
+class FedSALoRAOptions(StrategyOptions):
+    head: Literal["local", "shared"] = Field(
+        "local", description="local: a task head stays on its client, as B (the reference); shared: averaged"
+    )
+
+
 @register_client_hooks
 class PrivateB(ClientHooks):
-    """FedSA-LoRA's client side: B (and, unless shared, heads) stays home, in the personal store."""
+    """FedSA-LoRA's client side: B (and, with ``local_head``, a task head) stays home, in the personal store."""
 
     kind = "fedsa-lora"
     partial_payload = True
+    local_head: bool = False
 
     def before_training(self, ctx: ClientContext) -> dict[str, float]:
-        """Put the client's own B back (B = 0 the first time), then measure the personalised model."""
+        """Put the client's own B (and head) back (the seeded initial ones the first time: B = 0), then
+        measure the personalised model."""
         if ctx.store is None:
             raise ValueError(
                 "fedsa-lora keeps each client's B on the client: this client has no personal store"
@@ -55,7 +70,8 @@ class PrivateB(ClientHooks):
         current = ctx.adapters.state()
         own = ctx.store.load(ctx.client_id, STORE_NAME, ctx.server_round)
         if own is None:
-            own = {k: torch.zeros_like(v) for k, v in current.items() if is_lora_b(k)}
+            initial = ctx.adapters.initial_state(ctx.adapters.active_profile)
+            own = {k: v.clone() for k, v in initial.items() if is_private(k, self.local_head)}
         ctx.adapters.load({**current, **own})
         metrics: dict[str, float] = {}
         if ctx.data is not None and ctx.data.size("eval") > 0:
@@ -66,47 +82,51 @@ class PrivateB(ClientHooks):
         return metrics
 
     def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
-        """Keep B for the client's next round; send A (and heads)."""
+        """Keep B (and a local head) for the client's next round; send the rest."""
         assert ctx.store is not None
-        ctx.store.save(
-            ctx.client_id, STORE_NAME, ctx.server_round, {k: v for k, v in state.items() if is_lora_b(k)}
-        )
-        return {k: v for k, v in state.items() if not is_lora_b(k)}
+        private = {k: v for k, v in state.items() if is_private(k, self.local_head)}
+        ctx.store.save(ctx.client_id, STORE_NAME, ctx.server_round, private)
+        return {k: v for k, v in state.items() if k not in private}
 
 
 @register_strategy
-class FedSALoRA(FactorAverage[StrategyOptions]):
-    """FedSA-LoRA: A (and heads) averaged with example weights; each client's B private."""
+class FedSALoRA(FactorAverage[FedSALoRAOptions]):
+    """FedSA-LoRA: A averaged with example weights; each client's B (and, by default, head) private."""
 
     name = "fedsa-lora"
     default_optimizer = "adamw"
+    Options: ClassVar[type[StrategyOptions]] = FedSALoRAOptions
+
+    @property
+    def local_head(self) -> bool:
+        return self.options.head == "local"
 
     def initialize(self, setup: ServerSetup) -> None:
         super().initialize(setup)  # refuses heterogeneous ranks
-        self.order = list(self.global_state)  # PEFT's key order, for the evaluated and exported adapter
-        self._b_shapes = {k: (v.shape, v.dtype) for k, v in self.global_state.items() if is_lora_b(k)}
-        self.global_state = {k: v for k, v in self.global_state.items() if not is_lora_b(k)}
+        self._split(self.global_state)
+
+    def _split(self, state: AdapterState) -> None:
+        """Keep what travels as the global state; what stays on the clients only as its initial value (B = 0,
+        the seeded head), for the evaluated and exported adapter, in PEFT's key order."""
+        self.order = list(state)
+        private = {k for k in state if is_private(k, self.local_head)}
+        self._held = {k: v.clone() for k, v in state.items() if k in private}
+        self.global_state = {k: v.clone() for k, v in state.items() if k not in private}
 
     def client_hooks(self) -> list[ClientHooks]:
-        return [PrivateB()]
+        return [PrivateB(local_head=self.local_head)]
 
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         hooks = self.client_hooks()
         return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
 
     def evaluation_state(self) -> AdapterState:
-        """The server holds no B: the shared A (and heads) with B = 0, in PEFT's key order."""
-        shapes = self._b_shapes  # B's shapes and dtypes, from the initial adapter
-        full = {
-            **{k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()},
-            **self.global_state,
-        }
+        """The server holds no B (nor a local head): the shared A with B = 0 (and the initial head)."""
+        full = {**self._held, **self.global_state}
         return {k: full[k] for k in self.order}
 
     def server_state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.evaluation_state().items()}
 
     def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.order = list(tensors)
-        self._b_shapes = {k: (v.shape, v.dtype) for k, v in tensors.items() if is_lora_b(k)}
-        self.global_state = {k: v.clone() for k, v in tensors.items() if not is_lora_b(k)}
+        self._split(tensors)
