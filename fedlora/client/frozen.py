@@ -3,7 +3,8 @@
 ``FreezeFactor(factor="A")``: every ``lora_A`` tensor is neither trained nor sent back (the reply holds the B
 factors and any task head); ``factor="B"`` the other way round. Unlike FFA-LoRA's frozen A (fixed at its
 seeded initialisation for the whole run), the frozen factor here is whatever the payload holds this round,
-so a method can alternate (RoLoRA) or re-base it between rounds (FedSVD).
+so a method can alternate (RoLoRA) or re-base it between rounds (FedSVD). ``freeze_heads``: a task head (every
+tensor that is not a LoRA factor) is frozen and unsent too (FedSVD's reference freezes its classifier).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class FreezeFactor(ClientHooks):
     kind = "freeze-factor"
     batchable = True  # no loss term, no phase of its own
     factor: Literal["A", "B"]
+    freeze_heads: bool = False
 
     def frozen(self, key: str) -> bool:
-        return is_factor(key, self.factor)
+        return is_factor(key, self.factor) or (self.freeze_heads and lora_key_parts(key) is None)

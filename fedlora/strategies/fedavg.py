@@ -128,9 +128,13 @@ class OneFactorAverage(FactorAverage[OptionsT]):
         """``"A"`` or ``"B"``: the factor the clients train and send in ``server_round``."""
         return "B"
 
+    def frozen_heads(self) -> bool:
+        """Whether a task head is frozen (neither trained nor sent) too (default: it trains)."""
+        return False
+
     def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
         frozen = "A" if self.trained_factor(server_round) == "B" else "B"
-        hooks: list[ClientHooks] = [FreezeFactor(factor=frozen)]
+        hooks: list[ClientHooks] = [FreezeFactor(factor=frozen, freeze_heads=self.frozen_heads())]
         return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:

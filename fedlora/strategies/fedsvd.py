@@ -11,16 +11,28 @@ matrix: its rows are the right singular vectors of the current update (orthonorm
 training well conditioned). When B_bar A has rank below r (round 1 from B = 0 with few clients), the missing
 rows of A are a seeded orthonormal completion and B is zero there. DP-SGD noise goes on B only (A is
 computed by the server from released B's). What travels: the whole adapter down, B up. Needs one rank for
-every client. Task heads are averaged. The SVD runs on ``compute.server_device`` in float64.
+every client. The SVD runs on ``compute.server_device`` in float64.
 
-Differences from the paper's code: none known in the rule; the paper's experiments use other models and data.
+A classification head is frozen at its initialisation (``head: frozen``, the default: the reference's
+``freeze_target_layers`` in ``misc/utils.py`` of seanie12/fed-svd freezes ``classifier`` for its RoBERTa and
+ViT runs), or trained and averaged with B (``head: trained``). The local optimizer: the reference uses SGD for
+RoBERTa / ViT and AdamW otherwise (``get_optimizer`` in ``fedmm/fedavg/client.py``); fedlora's default is
+AdamW (its models are decoder LMs), ``client.optimizer: sgd`` for the encoder setting.
+
+The re-basing runs every round, the reference's default (``--recalculate-svd-period 1``, ``parser.py``).
+
+Differences from the paper's code: the reference clients send the change of B in the round (``theta_diff``),
+which the server adds to its B (``Server.aggregate``, ``fedmm/fedavg/server.py``); fedlora's clients send B
+itself (the same average, since they all start from the same B).
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from fedlora.adapters.ranks import module_factors
 from fedlora.adapters.state import AdapterState
@@ -30,12 +42,23 @@ from fedlora.strategies.fedavg import OneFactorAverage
 from fedlora.strategies.registry import register_strategy
 
 
+class FedSVDOptions(StrategyOptions):
+    head: Literal["frozen", "trained"] = Field(
+        "frozen",
+        description="frozen: a classification head keeps its initialisation (the reference); trained",
+    )
+
+
 @register_strategy
-class FedSVD(OneFactorAverage[StrategyOptions]):
+class FedSVD(OneFactorAverage[FedSVDOptions]):
     """FedSVD: B-only training and upload; the server re-bases (B, A) by an SVD of B_bar A each round."""
 
     name = "fedsvd"
     default_optimizer = "adamw"
+    Options: ClassVar[type[StrategyOptions]] = FedSVDOptions
+
+    def frozen_heads(self) -> bool:
+        return self.options.head == "frozen"
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
         averaged = super().aggregate(server_round, replies)  # B_bar (and heads), A as sent

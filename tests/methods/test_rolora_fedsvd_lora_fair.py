@@ -178,3 +178,43 @@ def test_dp_sgd_on_the_trained_factor_and_a_plain_peft_export(tmp_path: Path, me
     payload, noisy, held, plain = dp_replies(tmp_path / "pair", extra)
     trained = {k for k in payload if ".lora_B." in k}
     assert_noise_reaches_only(trained, payload, noisy, held, plain)
+
+
+def test_fedsvd_keeps_a_classification_head_frozen_as_the_reference_does(tmp_path: Path) -> None:
+    """head: frozen (the default; the reference's freeze_target_layers): the classifier neither trains nor
+    travels and the global head stays the initial one; head: trained sends it and averages it."""
+    from conftest import tiny_engine
+
+    rows = [
+        {
+            "instruction": "",
+            "input": f"item {i} " * (i % 5 + 1),
+            "output": f"c{i % 3}",
+            "category": f"k{i % 4}",
+        }
+        for i in range(64)
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = {
+        "model.task": "classification",
+        "data.source": "json",
+        "data.path": str(data),
+        "strategy.name": "fedsvd",
+    }
+    for head in ("frozen", "trained"):
+        engine = tiny_engine(tmp_path / head, **extra, **{"strategy.options": f"{{head: {head}}}"})
+        initial = {k: v.clone() for k, v in engine.sim.strategy.global_state.items() if ".lora_" not in k}
+        assert initial
+        sent = []
+
+        def spy(r, c, i, original=engine.run_client, sent=sent):  # type: ignore[no-untyped-def]
+            sent.append(original(r, c, i))
+            return sent[-1]
+
+        engine.run_client = spy
+        assert engine.run_round(1)["rejected"] == []
+        state = engine.sim.strategy.global_state
+        travelled = any(set(initial) & set(r.payload) for r in sent)
+        unchanged = all(torch.equal(state[k], initial[k]) for k in initial)
+        assert (travelled, unchanged) == ((False, True) if head == "frozen" else (True, False))
