@@ -13,18 +13,26 @@ client of the round covers keep their previous global value (plain zero-padding 
 those directions untrainable for larger clients). Each client then receives the first r_i rows / columns
 (truncation). Task heads are averaged with p_i = n_i / sum n_j.
 
-Self-pruning (optional): a client adds ``lambda * sum_modules ||B[:, g:]||_F ||A[g:, :]||_F`` to its loss,
-g = floor(gamma r), and when the mean of that product falls below ``prune_threshold`` after local training it
-drops the trailing ranks, replying at rank floor(gamma r) (max 1); the server keeps the smaller rank for that
-client from then on (and in its checkpoints).
+Self-pruning: a client may add ``lambda * sum_modules ||B[:, g:]||_F ||A[g:, :]||_F`` to its loss
+(``prune_penalty``, g = floor(gamma r)), and after local training it drops the trailing ranks, replying at rank
+floor(gamma r) (max 1), when the mean of that tail product is
+
+- below the same measure of the adapter it received this round (``prune_rule: received``, the default: the
+  paper's rule as its re-implementations state it: the client's trained tail has become smaller than the
+  global one it started from);
+- below ``prune_threshold`` (``prune_rule: threshold``);
+- never (``prune_rule: off``).
+
+The server keeps the smaller rank for that client from then on (and in its checkpoints). The paper publishes
+no code; lambda is tuned per task there (fedlora's default 0: no penalty).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedlora.adapters.ranks import (
     RankProfile,
@@ -54,42 +62,68 @@ PROFILES_KEY = "__client_profiles__"
 class HetLoRAOptions(HeterogeneousRankOptions):
     prune_penalty: float = Field(0.0, ge=0.0, description="lambda of the trailing-rank penalty (0 = off)")
     prune_gamma: float = Field(0.99, gt=0.0, lt=1.0, description="keep floor(gamma r) ranks when pruning")
-    prune_threshold: float | None = Field(
-        None, gt=0.0, description="prune when the mean trailing norm product falls below this (None = never)"
+    prune_rule: Literal["received", "threshold", "off"] = Field(
+        "received",
+        description="prune when the trained tail is below the received one's (the paper), below "
+        "prune_threshold, or never",
     )
+    prune_threshold: float | None = Field(
+        None, gt=0.0, description="with prune_rule: threshold, prune below this mean trailing norm product"
+    )
+
+    @model_validator(mode="after")
+    def _threshold_rule_has_a_threshold(self) -> HetLoRAOptions:
+        if (self.prune_rule == "threshold") != (self.prune_threshold is not None):
+            raise ValueError("prune_rule: threshold goes with prune_threshold (and prune_threshold with it)")
+        return self
+
+
+@register_client_hooks
+class TrailingRankPenalty(ClientHooks):
+    """HetLoRA's regulariser: lambda * sum_modules ||B[:, g:]||_F ||A[g:, :]||_F on every step, g = floor(gamma r)."""
+
+    kind = "hetlora-penalty"
+    penalty: float = Field(gt=0.0)
+    gamma: float = Field(0.99, gt=0.0, lt=1.0)
+
+    def extra_loss(self, ctx: ClientContext) -> torch.Tensor | None:
+        return self.penalty * trailing_rank_norms(ctx.adapters.trainable_parameters(), self.gamma).sum()
+
+    def dp_refusal(self) -> str | None:
+        return "DP-SGD clips per-example gradients and cannot carry HetLoRA's rank penalty"
 
 
 @register_client_hooks
 class SelfPruning(ClientHooks):
-    """HetLoRA's client side: the trailing-rank penalty lambda * sum ||B[:, g:]|| ||A[g:, :]|| on every step
-    (g = floor(gamma r)); after training, when the mean of that product is below ``threshold``, reply at the
-    pruned rank floor(gamma r) (B rescaled so s B A keeps its leading part)."""
+    """HetLoRA's self-pruning: after training, reply at the pruned rank floor(gamma r) (B rescaled so s B A
+    keeps its leading part) when the mean tail product ||B[:, g:]||_F ||A[g:, :]||_F is below the received
+    adapter's (``rule: received``) or below ``threshold`` (``rule: threshold``). No loss term, no phase of its
+    own: clients may train batched."""
 
     kind = "hetlora-pruning"
-    penalty: float = Field(0.0, ge=0.0)
+    batchable: ClassVar[bool] = True
     gamma: float = Field(0.99, gt=0.0, lt=1.0)
+    rule: Literal["received", "threshold"] = "received"
     threshold: float | None = None
 
-    def extra_loss(self, ctx: ClientContext) -> torch.Tensor | None:
-        if self.penalty <= 0:
-            return None
-        return self.penalty * trailing_rank_norms(ctx.adapters.trainable_parameters(), self.gamma).sum()
+    def before_training(self, ctx: ClientContext) -> dict[str, float]:
+        """Measure the tail of the adapter as received (the ``received`` rule compares against it)."""
+        if self.rule == "received":
+            with torch.no_grad():
+                received = float(trailing_rank_norms(list(ctx.adapters.state().items()), self.gamma).mean())
+            ctx.scratch["received_trailing_norm"] = received
+        return {}
 
     def reply_state(self, ctx: ClientContext, state: AdapterState, metrics: dict[str, Any]) -> AdapterState:
-        if self.threshold is None:
-            return state
         with torch.no_grad():
             trailing = float(trailing_rank_norms(list(state.items()), self.gamma).mean())
         metrics["trailing_rank_norm"] = trailing
-        if trailing < self.threshold:
+        limit = self.threshold if self.rule == "threshold" else ctx.scratch["received_trailing_norm"]
+        assert limit is not None
+        if trailing < limit:
             profile = ctx.adapters.active_profile.pruned(self.gamma)
             state = truncate_state(state, profile, ctx.adapters.scaling)
         return state
-
-    def dp_refusal(self) -> str | None:
-        if self.penalty > 0:
-            return "DP-SGD clips per-example gradients and cannot carry HetLoRA's rank penalty"
-        return None
 
 
 @register_strategy
@@ -102,13 +136,11 @@ class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
     def client_hooks(self) -> list[ClientHooks]:
         opts = self.options
         hooks = super().client_hooks()
-        if opts.prune_penalty > 0 or opts.prune_threshold is not None:
+        if opts.prune_penalty > 0:
+            hooks.append(TrailingRankPenalty(penalty=opts.prune_penalty, gamma=opts.prune_gamma))
+        if opts.prune_rule != "off":
             hooks.append(
-                SelfPruning(
-                    penalty=opts.prune_penalty,
-                    gamma=opts.prune_gamma,
-                    threshold=opts.prune_threshold,
-                )
+                SelfPruning(gamma=opts.prune_gamma, rule=opts.prune_rule, threshold=opts.prune_threshold)
             )
         return hooks
 
@@ -118,7 +150,7 @@ class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
         if reason is not None:
             return reason
         reason = super().validate_reply(instruction, reply)
-        if reason is None or self.options.prune_threshold is None:
+        if reason is None or self.options.prune_rule == "off":
             return reason
         given = self.client_profiles[reply.client_id]
         pruned = given.pruned(self.options.prune_gamma)

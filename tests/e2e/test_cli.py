@@ -93,7 +93,7 @@ HETERO_RANKS = {
         {
             **HETERO_RANKS,
             "strategy.name": "hetlora",
-            "strategy.options": "{prune_threshold: 1.0e+6, prune_gamma: 0.5}",
+            "strategy.options": "{prune_rule: threshold, prune_threshold: 1.0e+6, prune_gamma: 0.5}",
         },
         {"strategy.name": "ffa-lora", "privacy.enabled": "true", "privacy.target_epsilon": 4.0},
         {"strategy.name": "fedmezo", "strategy.options": "{upload: seeds, lr_strategy: round-wise}"},

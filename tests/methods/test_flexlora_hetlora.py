@@ -67,6 +67,7 @@ def started(strategy, profiles: list[RankProfile], gen: torch.Generator, scaling
             ALPHA,
             seed=3,
             rank_stabilized=scaling.rank_stabilized,
+            lora_scale=scaling.constant,
         )
     )
     return strategy
@@ -181,7 +182,9 @@ def test_truncation_rescales_b_so_the_update_is_the_leading_part(scaling: LoraSc
 
 def test_wrong_rank_reply_is_rejected_and_hetlora_accepts_only_the_pruned_rank() -> None:
     gen = torch.Generator().manual_seed(7)
-    strategy = started(HetLoRA(HetLoRAOptions(prune_threshold=1.0, prune_gamma=0.5)), PROFILES, gen)
+    strategy = started(
+        HetLoRA(HetLoRAOptions(prune_rule="threshold", prune_threshold=1.0, prune_gamma=0.5)), PROFILES, gen
+    )
     instruction = strategy.configure(1, [3])[3]
     wrong = ClientReply(3, state_at(RankProfile(8, 8), gen), 4)
     assert "rank 8, but the client was given rank 12" in strategy.validate_reply(instruction, wrong)
@@ -301,3 +304,70 @@ def test_named_distributions_follow_the_released_flexlora_code() -> None:
     total = sum(pdf.values())
     expected = shares({t: v / total for t, v in pdf.items()})
     assert all(abs(a - b) < 5e-4 for a, b in zip(NAMED_DISTRIBUTIONS["normal"], expected))
+
+
+def test_hetlora_is_the_papers_zero_padding_rule_when_the_scale_is_one_number() -> None:
+    """With one LoRA scale at every rank (adapter.scale), HetLoRA's aggregation is the paper's rule literally:
+    zero-pad every client to r_max and average A and B with w_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F (no
+    rescaling of B is needed); computed here from the paper's formula, not from fedlora's code."""
+    gen = torch.Generator().manual_seed(14)
+    constant = LoraScaling(ALPHA, constant=2.0)
+    strategy = started(HetLoRA(), PROFILES, gen, constant)
+    old = {k: v.clone() for k, v in strategy.global_state.items()}
+    replies = [ClientReply(i, state_at(PROFILES[i], gen), 3 + i) for i in range(4)]
+    out = strategy.aggregate(1, replies)
+    for path, (d, k) in MODULES.items():
+        r_max = max(p.rank_for(path) for p in PROFILES)
+        factors = [
+            (
+                r.payload[f"{path}.lora_B.weight"].double().numpy(),
+                r.payload[f"{path}.lora_A.weight"].double().numpy(),
+            )
+            for r in replies
+        ]
+        norms = [np.linalg.norm(b @ a) for b, a in factors]
+        A, B = np.zeros((r_max, k)), np.zeros((d, r_max))
+        for (b, a), n in zip(factors, norms, strict=True):
+            A[: a.shape[0]] += n / sum(norms) * a
+            B[:, : b.shape[1]] += n / sum(norms) * b
+        assert_rel_close(out[f"{path}.lora_A.weight"], A, 1e-6)
+        assert_rel_close(out[f"{path}.lora_B.weight"], B, 1e-6)
+    assert old.keys() == out.keys()
+
+
+def test_self_pruning_compares_the_trained_tail_with_the_received_one() -> None:
+    """The paper's rule: a client prunes to floor(gamma r) when its trained adapter's tail ||B[:, g:]|| ||A[g:]||
+    is smaller than that of the adapter it received; otherwise it replies at its rank."""
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.config.schema import AdapterConfig, ModelConfig
+    from fedlora.models.loading import load_base_model
+    from fedlora.strategies.hetlora import SelfPruning
+
+    adapters = LoraAdapters(
+        load_base_model(ModelConfig(name="tiny-llama")).model,
+        AdapterConfig(rank=4, target_modules=["q_proj"]),
+        "causal-lm",
+    )
+    gen = torch.Generator().manual_seed(2)
+    received = {k: torch.randn(v.shape, generator=gen) for k, v in adapters.initial_state().items()}
+    hook = SelfPruning(gamma=0.5)
+
+    class Ctx:
+        scratch: dict = {}
+
+    Ctx.adapters = adapters
+    for shrink, prunes in ((0.5, True), (2.0, False)):
+        adapters.load(received)
+        Ctx.scratch = {}
+        hook.before_training(Ctx)
+        trained = {k: v.clone() for k, v in received.items()}
+        for k in trained:  # scale the tail rows g: of A only: the leading part is the received one
+            if ".lora_A." in k:
+                trained[k][2:] *= shrink
+        metrics: dict = {}
+        reply = hook.reply_state(Ctx, trained, metrics)
+        ranks = {v.shape[0] for k, v in reply.items() if ".lora_A." in k}
+        assert ranks == ({2} if prunes else {4}), (shrink, metrics)
+        assert metrics["trailing_rank_norm"] == pytest.approx(
+            shrink * Ctx.scratch["received_trailing_norm"], rel=1e-5
+        )

@@ -133,7 +133,7 @@ def test_hetlora_self_pruning_lowers_a_clients_rank(tmp_path: Path) -> None:
         **HETERO,
         **{
             "strategy.name": "hetlora",
-            "strategy.options": "{prune_penalty: 0.1, prune_gamma: 0.5, prune_threshold: 1.0e+6}",
+            "strategy.options": "{prune_penalty: 0.1, prune_gamma: 0.5, prune_rule: threshold, prune_threshold: 1.0e+6}",
             "federation.rounds": 1,
         },
     )
