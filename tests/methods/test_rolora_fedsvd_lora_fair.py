@@ -69,7 +69,7 @@ def test_fedsvd_rebases_exactly_with_orthonormal_a() -> None:
     strategy = FedSVD()
     init = setup_strategy(strategy, gen)
     instruction = strategy.configure(1, [0])[0]
-    assert instruction.hooks == [FreezeFactor(factor="A")]
+    assert instruction.hooks == [FreezeFactor(factor="A", freeze_heads=True)]
     replies = replies_for([B_KEY], gen)
     strategy.aggregate(1, replies)
     dense = sum(
@@ -114,18 +114,43 @@ def test_lora_fair_correction_is_the_regularised_least_squares_solution() -> Non
         assert float((delta - B_new @ A_bar).norm()) <= plain + 1e-9  # never further from the ideal update
 
 
-def test_lora_fair_strategy_applies_the_rule_per_module() -> None:
+def test_lora_fair_strategy_applies_each_objective_per_module() -> None:
+    """Default (the paper's cosine objective): at the server's B' the dense objective 1 - cos(Delta, B' A_bar) +
+    0.01 ||B' - B_bar||_F, computed here from the d x k matrices, is stationary (its autograd gradient ~ 0) and
+    below the plain average's; ``correction: least-squares``: B' is the dense stacked least-squares solve."""
+    from fedlora.strategies.lora_fair import LoRAFAIROptions
+
     gen = torch.Generator().manual_seed(4)
     strategy = LoRAFAIR()
     setup_strategy(strategy, gen)
     replies = replies_for([A_KEY, B_KEY], gen)
     strategy.aggregate(1, replies)
     p = weights(replies)
-    B_new, A_bar = corrected_b(
-        [r.payload[B_KEY].double() for r in replies], [r.payload[A_KEY].double() for r in replies], p, 1e-3
-    )
-    assert_rel_close(strategy.global_state[B_KEY], B_new, 1e-6)
+    Bs = [r.payload[B_KEY].double() for r in replies]
+    As = [r.payload[A_KEY].double() for r in replies]
+    delta = sum(w * B @ A for w, B, A in zip(p, Bs, As))
+    A_bar, B_bar = sum(w * A for w, A in zip(p, As)), sum(w * B for w, B in zip(p, Bs))
     assert_rel_close(strategy.global_state[A_KEY], A_bar, 1e-6)
+
+    def dense(B: torch.Tensor) -> torch.Tensor:
+        pred = B @ A_bar
+        cos = (delta * pred).sum() / (delta.norm() * pred.norm())
+        return 1 - cos + 0.01 * (B - B_bar).norm()
+
+    found = strategy.global_state[B_KEY].double().clone().requires_grad_(True)
+    value = dense(found)
+    (grad,) = torch.autograd.grad(value, found)
+    assert float(grad.norm()) < 1e-4 and float(value) < float(dense(B_bar)) - 1e-3
+    assert float((found.detach() - B_bar).norm()) > 1e-3  # it did correct B
+
+    squares = LoRAFAIR(LoRAFAIROptions(correction="least-squares"))
+    setup_strategy(squares, torch.Generator().manual_seed(4))
+    squares.aggregate(1, replies)
+    lam = 1e-3 * float(torch.trace(A_bar @ A_bar.T)) / R
+    stacked_a = torch.cat([A_bar, (lam**0.5) * torch.eye(R, dtype=torch.float64)], dim=1)
+    stacked_t = torch.cat([delta, (lam**0.5) * B_bar], dim=1)
+    solve = torch.linalg.lstsq(stacked_a.T, stacked_t.T).solution.T  # independent of corrected_b
+    assert_rel_close(squares.global_state[B_KEY], solve, 1e-6)
 
 
 @pytest.mark.parametrize("method", ["rolora", "fedsvd", "lora-fair", "fed-sb"])
