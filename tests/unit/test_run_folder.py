@@ -114,14 +114,14 @@ def test_a_failed_export_leaves_the_previous_global_adapter(tmp_path: Path, monk
     run_dir = finished_run(tmp_path, rounds=1)
     adapter = run_dir / "global" / "adapter_model.safetensors"
     before = adapter.read_bytes()
-    from fedlora.adapters import lora
+    from fedlora.session import export
 
-    def half_export(self, state, folder, base):  # writes part of the folder, then the disk fills up
+    def half_export(adapters, state, folder, base):  # writes part of the folder, then the disk fills up
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_model.safetensors").write_bytes(b"\0" * 10)
         raise OSError(28, "No space left on device", str(folder))
 
-    monkeypatch.setattr(lora.LoraAdapters, "export", half_export)
+    monkeypatch.setattr(export, "export_peft_adapter", half_export)
     assert main(["run", "--resume", str(run_dir), "federation.rounds=2", "--no-progress"]) == 2
     assert adapter.read_bytes() == before  # the finished export is still whole
 
