@@ -112,7 +112,8 @@ class FedKSeedOptions(StrategyOptions):
     eps: float = Field(1e-3, gt=0.0, description="perturbation scale of the two-point estimate")
     perturbations: int = Field(1, ge=1, description="perturbations per step")
     skip_nan_steps: bool = Field(
-        True, description="a step whose loss is not finite moves nothing (the reference's trainer skips it)"
+        True,
+        description="a step whose loss is not finite moves nothing (FederatedScope's MeZOTrainer skips the batch)",
     )
 
 

@@ -75,6 +75,10 @@ class FedMeZOOptions(StrategyOptions):
         None, ge=0.0, description="absolute Delta: client rates in eta +- Delta (the reference's spread)"
     )
     upload: Literal["weights", "seeds"] = "weights"
+    skip_nan_steps: bool = Field(
+        True,
+        description="a step whose loss is not finite moves nothing (the reference MeZOTrainer skips such a batch)",
+    )
     full_parameters: bool = Field(
         False, description="tune every weight of the base model (small models), not a LoRA adapter"
     )
@@ -150,6 +154,7 @@ class FedMeZO(Strategy[FedMeZOOptions]):
                 perturbations=opts.perturbations,
                 upload=opts.upload,
                 full_model=self.trains_full_model,
+                skip_nonfinite=opts.skip_nan_steps,
             )
         ]
 
