@@ -20,14 +20,13 @@ its record's checksums (equal bit for bit on the same kind of machine; BLAS kern
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.engine.checkpoint import list_rounds
+from fedlora.engine.checkpoint import list_rounds, sha256_file
 
 RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl")
 MANIFEST = "weights.json"
@@ -48,14 +47,6 @@ def newest_checkpoint(run: Path) -> Path | None:
     """The newest complete checkpoint folder (``checkpoints/round_N`` with its state file), if any."""
     rounds = list_rounds(run / "checkpoints")
     return run / "checkpoints" / f"round_{rounds[-1]}" if rounds else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_finished(run: Path) -> bool:

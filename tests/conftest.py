@@ -85,3 +85,35 @@ def assert_rel_close(actual: object, reference: object, rtol: float = 1e-5) -> N
     """Fail unless ``relative_error(actual, reference) <= rtol``."""
     err = relative_error(actual, reference)
     assert err <= rtol, f"relative error {err:.3g} above {rtol:.3g}"
+
+
+def labelled_rows(tmp_path: Path, count: int = 64) -> Path:
+    """A JSONL file of ``count`` short labelled rows (3 labels, 4 categories) for classification runs."""
+    import json
+
+    rows = [
+        {
+            "instruction": "",
+            "input": f"item {i} " * (i % 5 + 1),
+            "output": f"c{i % 3}",
+            "category": f"k{i % 4}",
+        }
+        for i in range(count)
+    ]
+    path = tmp_path / "labelled.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def record_replies(engine) -> list:  # type: ignore[no-untyped-def]
+    """Make ``engine`` keep every reply its in-process clients send; returns the (growing) list."""
+    sent: list = []
+    original = engine.run_client
+
+    def spy(server_round, client_id, instruction):  # type: ignore[no-untyped-def]
+        sent.append(original(server_round, client_id, instruction))
+        return sent[-1]
+
+    engine.run_client = spy
+    return sent

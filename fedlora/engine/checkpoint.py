@@ -34,7 +34,8 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -67,7 +68,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-    record = {**meta, "round": server_round, "sha256": _sha256(tmp / TENSORS)}
+    record = {**meta, "round": server_round, "sha256": sha256_file(tmp / TENSORS)}
     record["meta_sha256"] = _meta_digest(record)
     (tmp / META).write_text(json.dumps(record, indent=1))
     for name in (TENSORS, META):
@@ -113,7 +114,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     if folder.name != f"round_{meta.get('round')}":
         raise CheckpointError(f"{folder}: {META} says round {meta.get('round')}, the folder another")
     tensors_path = folder / TENSORS
-    if not tensors_path.exists() or _sha256(tensors_path) != meta.get("sha256"):
+    if not tensors_path.exists() or sha256_file(tensors_path) != meta.get("sha256"):
         raise CheckpointError(f"{folder}: {TENSORS} is missing or fails its SHA-256 check")
     return Checkpoint(round=int(meta["round"]), tensors=load_file(str(tensors_path)), meta=meta)
 

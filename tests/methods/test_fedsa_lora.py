@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_rel_close, tiny_overrides
+from conftest import assert_rel_close, labelled_rows, record_replies, tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
 from fedlora.engine.embedded import EmbeddedEngine
@@ -111,19 +111,7 @@ def test_a_task_head_stays_on_its_client_as_the_reference_does(tmp_path: Path) -
     """head: local (the default; the reference's local_param: ['lora_B', 'classifier']): the classifier never
     travels, each client keeps its own, and the server's head stays the initial one; head: shared averages it
     with A."""
-    import json
-
-    rows = [
-        {
-            "instruction": "",
-            "input": f"item {i} " * (i % 5 + 1),
-            "output": f"c{i % 3}",
-            "category": f"k{i % 4}",
-        }
-        for i in range(64)
-    ]
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = labelled_rows(tmp_path)
     extra = {
         **SQUARE,
         "model.task": "classification",
@@ -139,13 +127,7 @@ def test_a_task_head_stays_on_its_client_as_the_reference_does(tmp_path: Path) -
         engine = EmbeddedEngine(sim, tmp_path / head)
         initial = {k: v.clone() for k, v in sim.strategy.evaluation_state().items() if ".lora_" not in k}
         assert initial  # the classifier (PEFT's modules_to_save)
-        sent: list[ClientReply] = []
-
-        def spy(r, c, i, original=engine.run_client, sent=sent):  # type: ignore[no-untyped-def]
-            sent.append(original(r, c, i))
-            return sent[-1]
-
-        engine.run_client = spy
+        sent = record_replies(engine)
         engine.run_round(1)
         head_keys = set(initial)
         exported = sim.strategy.evaluation_state()

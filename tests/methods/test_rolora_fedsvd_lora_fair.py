@@ -208,19 +208,9 @@ def test_dp_sgd_on_the_trained_factor_and_a_plain_peft_export(tmp_path: Path, me
 def test_fedsvd_keeps_a_classification_head_frozen_as_the_reference_does(tmp_path: Path) -> None:
     """head: frozen (the default; the reference's freeze_target_layers): the classifier neither trains nor
     travels and the global head stays the initial one; head: trained sends it and averages it."""
-    from conftest import tiny_engine
+    from conftest import labelled_rows, record_replies, tiny_engine
 
-    rows = [
-        {
-            "instruction": "",
-            "input": f"item {i} " * (i % 5 + 1),
-            "output": f"c{i % 3}",
-            "category": f"k{i % 4}",
-        }
-        for i in range(64)
-    ]
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = labelled_rows(tmp_path)
     extra = {
         "model.task": "classification",
         "data.source": "json",
@@ -231,13 +221,7 @@ def test_fedsvd_keeps_a_classification_head_frozen_as_the_reference_does(tmp_pat
         engine = tiny_engine(tmp_path / head, **extra, **{"strategy.options": f"{{head: {head}}}"})
         initial = {k: v.clone() for k, v in engine.sim.strategy.global_state.items() if ".lora_" not in k}
         assert initial
-        sent = []
-
-        def spy(r, c, i, original=engine.run_client, sent=sent):  # type: ignore[no-untyped-def]
-            sent.append(original(r, c, i))
-            return sent[-1]
-
-        engine.run_client = spy
+        sent = record_replies(engine)
         assert engine.run_round(1)["rejected"] == []
         state = engine.sim.strategy.global_state
         travelled = any(set(initial) & set(r.payload) for r in sent)
