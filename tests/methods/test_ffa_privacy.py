@@ -181,6 +181,28 @@ def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
     assert record["num_clients"] == 4 and record["rejected"] == []
     # attention-only targets: a3-m20 is r3 here, so three distinct ranks
     assert len({c["rank"] for c in record["clients"]}) == 3 and 0 < record["epsilon_max"] <= 5.0
+    # each client's plan and spent epsilon, recomputed independently with Opacus' own accountant API: sigma_i
+    # meets the target over all rounds of its steps (and is not larger than needed), the round's epsilon is
+    # the accountant's for the steps it took
+    from opacus.accountants import RDPAccountant
+
+    cfg = engine.sim.cfg
+    ledger = engine.sim.strategy.ledger
+    for client in record["clients"]:
+        noise = ledger.plan[client["client"]]
+        total = noise.steps_per_round * cfg.federation.rounds
+
+        def spent(sigma: float, steps: int, rate: float = noise.sample_rate) -> float:
+            accountant = RDPAccountant()
+            for _ in range(steps):
+                accountant.step(noise_multiplier=sigma, sample_rate=rate)
+            return accountant.get_epsilon(delta=cfg.privacy.delta)
+
+        assert noise.noise_multiplier > 0 and spent(noise.noise_multiplier, total) <= 5.0 + 1e-6
+        assert spent(noise.noise_multiplier * 0.95, total) > 5.0  # 5% less noise would overspend
+        assert ledger.epsilon(client["client"]) == pytest.approx(
+            spent(noise.noise_multiplier, noise.steps_per_round), rel=1e-6
+        )
 
 
 def test_a_client_with_another_frozen_a_refuses_to_train(tmp_path: Path) -> None:
