@@ -14,18 +14,17 @@ EPILOG = "Overrides are dotted key=value pairs, e.g. federation.rounds=3 adapter
 
 
 def _quiet_libraries() -> None:
+    """Quiet the libraries before any of them is imported (environment variables they read at import), so
+    that a command that fails on its config never pays for importing torch or transformers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' partitioners draw their own bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
     import warnings
-
-    import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -37,10 +36,12 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.preflight import config_from_overrides, load_config
-    from fedlora.runner import load_run_config, run_experiment
+    from fedlora.config import loader
+    from fedlora.preflight import check_experiment
 
     if args.resume:
+        from fedlora.runner import load_run_config, run_experiment
+
         run_dir = Path(args.resume)
         config_path, overrides = _split_config_and_overrides(args.items)
         if config_path:
@@ -49,10 +50,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_experiment(cfg, run_dir, resume=True, show_progress=not args.no_progress)
         return 0
     config_path, overrides = _split_config_and_overrides(args.items)
+    # the schema first (no torch, no registry: a typo is reported at once), then the registries' checks
     if config_path is None and overrides:  # overrides alone: schema defaults, not the demo's caps and data
-        cfg = config_from_overrides(overrides)
+        cfg = loader.config_from_overrides(overrides)
     else:  # a config file, or nothing at all: the built-in demo experiment
-        cfg = load_config(config_path, overrides)
+        cfg = loader.load_config(config_path, overrides)
+    check_experiment(cfg)
+    from fedlora.runner import run_experiment
+
     run_experiment(cfg, Path(args.output) if args.output else None, show_progress=not args.no_progress)
     return 0
 
@@ -277,9 +282,7 @@ def _main(argv: list[str] | None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
-    from fedlora.data.errors import DataError
-    from fedlora.engine.transport import RunFailed, RunInterrupted
-    from fedlora.errors import ConfigError
+    from fedlora.errors import ConfigError, DataError, RunFailed, RunInterrupted
 
     try:
         return args.func(args)

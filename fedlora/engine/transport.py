@@ -12,6 +12,7 @@ from fedlora.client.node import ClientNode
 from fedlora.config.schema import EvalConfig, ExperimentConfig, FaultsConfig, FederationConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
+from fedlora.errors import RunFailed, RunInterrupted
 from fedlora.models.personal import ClientModels
 from fedlora.protocol import ClientInstruction, ClientReply
 from fedlora.strategies.base import Strategy
@@ -64,19 +65,6 @@ class Simulation:
         return RoundPlan.of(self.cfg)
 
 
-class RunInterrupted(Exception):
-    """A stop was asked for (SIGINT / SIGTERM): the current round was abandoned, the last checkpoint stands."""
-
-    def __init__(self, signum: int, last_round: int) -> None:
-        super().__init__(f"interrupted by signal {signum} after round {last_round}")
-        self.signum = signum
-        self.last_round = last_round
-
-
-class RunFailed(RuntimeError):
-    """The run cannot make progress (``federation.max_skipped_rounds`` rounds in a row were skipped)."""
-
-
 class StopFlag:
     """Set by a signal handler; checked by the engine between clients and between rounds."""
 
@@ -127,3 +115,14 @@ class InProcessTransport:
             self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
             replies[client_id] = self.run_client(server_round, client_id, instruction)
         return replies
+
+
+__all__ = [
+    "InProcessTransport",
+    "RoundPlan",
+    "RunFailed",
+    "RunInterrupted",
+    "Simulation",
+    "StopFlag",
+    "Transport",
+]

@@ -55,3 +55,14 @@ def test_the_method_is_checked_once_however_many_entries_a_config_passes(
     cfg.federation.rounds += 1  # another content: checked
     build_simulation(cfg, for_training=False)
     assert calls == ["fedit", "fedit"]
+
+
+def test_a_bad_key_is_reported_before_torch_or_transformers_is_imported() -> None:
+    """`fedlora run badkey=1` fails on the schema alone: no heavy library is imported on that path."""
+    code = (
+        "import sys, fedlora.cli as cli; rc = cli._main(['run', 'badkey=1']); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'peft', 'flwr', 'datasets') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "2 []"
+    assert "config field 'badkey': unknown key" in done.stderr
