@@ -51,11 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     config_path, overrides = _split_config_and_overrides(args.items)
     # the schema first (no torch, no registry: a typo is reported at once), then the registries' checks
-    if config_path is None and overrides:  # overrides alone: schema defaults, not the demo's caps and data
-        cfg = loader.config_from_overrides(overrides)
-    else:  # a config file, or nothing at all: the built-in demo experiment
-        cfg = loader.load_config(config_path, overrides)
-    check_experiment(cfg)
+    cfg = check_experiment(loader.load_config(config_path, overrides))
     from fedlora.runner import run_experiment
 
     run_experiment(cfg, Path(args.output) if args.output else None, show_progress=not args.no_progress)

@@ -115,7 +115,8 @@ def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read ``path`` (None = the built-in default) with dotted overrides, validate it and preflight it."""
+    """Read ``path`` with dotted overrides (no path: the schema's defaults; nothing at all: the built-in demo
+    experiment, :func:`fedlora.config.loader.load_config`), validate it and preflight it."""
     return check_experiment(loader.load_config(path, overrides))
 
 

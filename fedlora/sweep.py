@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.config.loader import builtin_config_path
+from fedlora.config.schema import ExperimentConfig
 from fedlora.errors import ConfigError
 from fedlora.preflight import load_config
 
@@ -90,6 +92,21 @@ def grid(
     return cells
 
 
+def sweep_configs(
+    config: str | None,
+    sets: list[str],
+    seeds: list[int],
+    overrides: list[str] | None = None,
+    seed_keys: tuple[str, ...] = SEED_KEYS,
+) -> list[tuple[Cell, ExperimentConfig]]:
+    """Every cell with its validated config. The base is what ``fedlora run`` would run with the same
+    config file and overrides (:func:`fedlora.config.loader.load_config`); the cell's own settings apply
+    on top of it."""
+    base = config if config is not None or overrides else str(builtin_config_path())
+    cells = grid(parse_axes(sets), seeds, seed_keys)
+    return [(cell, load_config(base, [*(overrides or []), *cell.overrides])) for cell in cells]
+
+
 def run_sweep(
     config: str | None,
     sets: list[str],
@@ -103,10 +120,8 @@ def run_sweep(
     from fedlora.runner import run_experiment
     from fedlora.tracking.compare import compare_runs
 
-    cells = grid(parse_axes(sets), seeds, seed_keys)
-    configs = [load_config(config, [*(overrides or []), *cell.overrides]) for cell in cells]  # fail early
     run_dirs = []
-    for cell, cfg in zip(cells, configs, strict=True):
+    for cell, cfg in sweep_configs(config, sets, seeds, overrides, seed_keys):
         run_dir = output / cell.name
         run_dirs.append(run_dir)
         if (run_dir / "global").is_dir():  # written last, atomically: the run is finished

@@ -194,10 +194,14 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read ``path`` (None = the built-in default), apply dotted overrides, validate.
+    """Read ``path``, apply dotted overrides, validate. The one rule of ``run``, ``sweep``, ``flower`` and
+    ``fedlora.load_config``: overrides apply to the file given; with no file, to the schema's defaults
+    (:func:`config_from_overrides`); with neither, the built-in demo experiment (``builtin/default.yaml``).
 
     Relative paths in the file are read against the file's folder, those in overrides against the current
     directory; both are stored absolute, so the run's ``config.yaml`` works from anywhere."""
+    if path is None and overrides:
+        return config_from_overrides(overrides)
     builtin = path is None
     path = Path(path) if path is not None else builtin_config_path("default")
     tree = read_yaml(path) or {}

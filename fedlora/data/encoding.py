@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.data.chat import chat_prompt, encode_conversation
 from fedlora.data.examples import Example
 
 if TYPE_CHECKING:
@@ -38,22 +39,32 @@ ALPACA_PROMPT = (
 )
 
 
-def render_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: str) -> str:
-    """The prompt text the model sees before its response (``auto`` = chat template if the tokenizer has one)."""
+def resolved_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    """``chat`` or ``alpaca``: ``auto`` is ``chat`` when the tokenizer has a chat template."""
     if template == "auto":
-        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template not in ("chat", "alpaca"):
+        raise ValueError(f"unknown template {template!r}; allowed: auto, chat, alpaca")
+    return template
+
+
+def render_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    """The prompt text the model sees before its response (``auto`` = chat template if the tokenizer has
+    one). A conversation (``example.messages``) is rendered whole by the chat template up to its final
+    answer (:func:`fedlora.data.chat.chat_prompt`)."""
+    template = resolved_template(tokenizer, template)
     if template == "chat":
+        if example.messages:
+            return chat_prompt(tokenizer, example.messages)
         content = example.instruction + (f"\n\n{example.input}" if example.input else "")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-    if template == "alpaca":
-        return ALPACA_PROMPT.format(
-            with_input=", paired with an input that provides further context" if example.input else "",
-            instruction=example.instruction,
-            input_block=f"### Input:\n{example.input}\n\n" if example.input else "",
-        )
-    raise ValueError(f"unknown template {template!r}; allowed: auto, chat, alpaca")
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if example.input else "",
+        instruction=example.instruction,
+        input_block=f"### Input:\n{example.input}\n\n" if example.input else "",
+    )
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,21 @@ class Encoder:
     template: str = "auto"
     train_on_inputs: bool = False
     packing: bool = False
+    #: conversations: the targets are ``all`` assistant turns or the ``last`` (:mod:`fedlora.data.chat`)
+    assistant_loss: str = "all"
 
     @classmethod
     def for_data(cls, tokenizer: PreTrainedTokenizerBase, task: str, data: DataConfig) -> Encoder:
         """The encoder of ``task`` with the ``data`` section's length, template and packing settings."""
-        return cls(tokenizer, task, data.max_seq_len, data.template, data.train_on_inputs, data.packing)
+        return cls(
+            tokenizer,
+            task,
+            data.max_seq_len,
+            data.template,
+            data.train_on_inputs,
+            data.packing,
+            data.assistant_loss,
+        )
 
     def encode(self, example: Example) -> dict[str, list[int] | int]:
         if self.task == "classification":
@@ -78,19 +99,34 @@ class Encoder:
             if example.label is None:
                 raise ValueError("classification example without a label")
             return {"input_ids": ids, "labels": int(example.label)}
-        prompt = self.tokenizer(
+        if example.messages and resolved_template(self.tokenizer, self.template) == "chat":
+            ids, labels, answer = encode_conversation(self.tokenizer, example.messages, self.assistant_loss)
+            if self.train_on_inputs:
+                labels = list(ids)
+            return self._fit(ids[:answer], labels[:answer], ids[answer:], labels[answer:])
+        prompt_ids = self.tokenizer(
             render_prompt(example, self.tokenizer, self.template), add_special_tokens=False
-        )
+        )["input_ids"]
         response = self.tokenizer(example.output, add_special_tokens=False)["input_ids"] + [
             self.tokenizer.eos_token_id
         ]
-        prompt_ids = prompt["input_ids"]
+        prompt_labels = list(prompt_ids) if self.train_on_inputs else [-100] * len(prompt_ids)
+        return self._fit(prompt_ids, prompt_labels, response, list(response))
+
+    def _fit(
+        self,
+        prompt_ids: list[int],
+        prompt_labels: list[int],
+        response_ids: list[int],
+        response_labels: list[int],
+    ) -> dict[str, list[int] | int]:
+        """At most ``max_seq_len`` tokens: the prompt cut from the left first, then the response from the
+        right, the response keeping at least half the budget when it is that long."""
         budget = self.max_seq_len
-        keep_response = min(len(response), max(budget - len(prompt_ids), budget // 2))
-        response = response[:keep_response]
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) - (budget - len(response))) :]
-        ids = prompt_ids + response
-        labels = list(ids) if self.train_on_inputs else [-100] * len(prompt_ids) + response
+        keep_response = min(len(response_ids), max(budget - len(prompt_ids), budget // 2))
+        cut = max(0, len(prompt_ids) - (budget - keep_response))
+        ids = prompt_ids[cut:] + response_ids[:keep_response]
+        labels = prompt_labels[cut:] + response_labels[:keep_response]
         return {"input_ids": ids, "labels": labels}
 
     def encode_all(self, examples: list[Example]) -> list[dict[str, Any]]:

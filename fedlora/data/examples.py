@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+#: a conversation: (role, content) pairs, ending with the assistant answer that is the example's target
+Conversation = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True)
 class Example:
@@ -12,7 +15,9 @@ class Example:
     Instruction data: ``instruction`` (+ optional ``input``) is the prompt, ``output`` the target.
     Classification: ``input`` is the text, ``label`` the class index; ``output`` is unused.
     ``category`` is the natural grouping (task, topic) used for per-client splits. ``meta``: a JSON string
-    the source keeps for scoring (reasoning-gym's entry metadata), else None.
+    the source keeps for scoring (reasoning-gym's entry metadata), else None. ``messages``: chat data, the
+    whole conversation (rendered with the tokenizer's chat template, :mod:`fedlora.data.chat`); then
+    ``instruction`` is its last user message and ``output`` its final answer, for reading and scoring.
     """
 
     instruction: str = ""
@@ -21,6 +26,7 @@ class Example:
     category: str | None = None
     label: int | None = None
     meta: str | None = None
+    messages: Conversation | None = None
 
 
 @dataclass

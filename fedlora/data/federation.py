@@ -17,8 +17,7 @@ from fedlora.data.sources import (
     bbc_news_examples,
     find_natural_instructions,
     instruction_examples,
-    labels_in_file,
-    load_instruction_file,
+    iter_json_records,
     reasoning_gym_examples,
 )
 from fedlora.registry import Registry, UnknownName
@@ -45,8 +44,8 @@ class SourceRequest:
     data: DataConfig
     #: ``model.task``: a classification source yields label names
     task: str = "causal-lm"
-    #: ``partition.method``: a source already federated (one client per task) needs ``natural``
-    partition_method: str = "natural"
+    #: ``partition.method``: a source already federated (one client per task) needs ``natural`` / ``auto``
+    partition_method: str = "auto"
     #: ``federation.num_clients``: how many clients a pre-federated source yields at most
     num_clients: int | None = None
 
@@ -68,9 +67,9 @@ def register_data_source(name: str) -> Callable[[DataSource], DataSource]:
 
 @register_data_source("natural-instructions")
 def natural_instructions_source(request: SourceRequest) -> SourceData:
-    if request.partition_method != "natural":
+    if request.partition_method not in ("natural", "auto"):
         raise ValueError(
-            "natural-instructions is federated by task already: partition.method must be 'natural'"
+            "natural-instructions is federated by task already: partition.method must be 'natural' (or 'auto')"
         )
     path = find_natural_instructions(request.data.path, request.data.variant)
     limit = request.num_clients or request.data.max_clients
@@ -103,16 +102,10 @@ def json_source(request: SourceRequest) -> SourceData:
             f"data.path {data.path!r} is not a JSON/JSONL file: read it with data.source: hf (datasets folders "
             "made by save_to_disk, parquet, CSV and Arrow files)"
         )
-    label_names = labels_in_file(data.path, data.output_field) if request.task == "classification" else None
-    examples = load_instruction_file(
-        data.path,
-        data.instruction_field,
-        data.input_field,
-        data.output_field,
-        data.category_field,
-        label_names,
-    )
-    return SourceData(f"{data.path} ({len(examples)} examples)", examples, None, label_names)
+    records = list(iter_json_records(data.path))
+    source = records_source(request, records, data.path)
+    source.description = f"{data.path} ({len(source.examples or [])} examples)"
+    return source
 
 
 @register_data_source("hf")
@@ -136,18 +129,26 @@ def hf_source(request: SourceRequest) -> SourceData:
 def rows_source(request: SourceRequest, rows: Iterable[dict[str, Any]]) -> SourceData:
     """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
     the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
-    data = request.data
-    records = list(enumerate(rows, start=1))
-    if data.messages_field:
-        from fedlora.data.hf import messages_to_record
+    source = records_source(request, list(enumerate(rows, start=1)), "dataset row")
+    source.description = f"a dataset given in Python ({len(source.examples or [])} rows)"
+    return source
 
-        records = [(n, messages_to_record(r, data, n)) for n, r in records]
+
+def records_source(
+    request: SourceRequest, records: list[tuple[int, dict[str, Any]]], where: str
+) -> SourceData:
+    """Numbered records (a file's lines, a dataset's rows; ``where`` names them in errors) read with the
+    config's field names: instruction / input / output, or the chat column ``data.messages_field``
+    (found when it is named ``messages`` or ``conversations``); labels for classification."""
+    data = request.data
     label_names = None
     if request.task == "classification":
-        label_names = sorted({str(r[data.output_field]) for _, r in records})
+        label_names = sorted({str(r.get(data.output_field)) for _, r in records})
     fields = (data.instruction_field, data.input_field, data.output_field, data.category_field)
-    examples = instruction_examples(records, "dataset row", *fields, label_names=label_names)
-    return SourceData(f"a dataset given in Python ({len(examples)} rows)", examples, None, label_names)
+    examples = instruction_examples(
+        records, where, *fields, label_names=label_names, messages_field=data.messages_field
+    )
+    return SourceData(f"{where} ({len(examples)} records)", examples, None, label_names)
 
 
 def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) -> Federation:
@@ -254,7 +255,8 @@ def hold_out(clients: list[ClientData], count: int, seed: int) -> tuple[list[Cli
 
 
 def _client_name(index: int, shard: list, method: str) -> str:
-    """Natural clients are named by their category (task); others by their index."""
-    if method == "natural" and shard[0].category:
-        return shard[0].category
+    """Natural clients (one category each) are named by their category (task); others by their index."""
+    first = shard[0].category
+    if method in ("natural", "auto") and first and all(e.category == first for e in shard):
+        return first
     return f"client-{index}"

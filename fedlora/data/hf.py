@@ -8,7 +8,7 @@
 - a hub dataset id (``organisation/name``) already in the local Hugging Face cache (read with the hub offline).
 
 Rows are then read like any dataset given in Python (:func:`fedlora.data.federation.rows_source`): the
-``data.*_field`` names, or ``data.messages_field`` for a chat column (:func:`messages_to_record`).
+``data.*_field`` names, or ``data.messages_field`` for a chat column (:mod:`fedlora.data.chat`).
 """
 
 from __future__ import annotations
@@ -67,31 +67,3 @@ def _hub_dataset(repo_id: str, split: str) -> Any:
             f"on a machine with network load it once (datasets.load_dataset({repo_id!r})) and copy the cache here, "
             "or save it with save_to_disk and give that folder",
         ) from None
-
-
-def messages_to_record(row: dict[str, Any], data: Any, number: int) -> dict[str, Any]:
-    """A chat row (``data.messages_field``: a list of ``{"role", "content"}``) as instruction / input / output:
-    the last assistant message is the output, the user message before it the instruction, and any earlier
-    turns (system prompt, previous exchanges) the input, one ``role: content`` line each. The category field,
-    if any, is kept."""
-    messages = row.get(data.messages_field)
-    where = f"dataset row {number}"
-    if not isinstance(messages, list) or not messages:
-        raise DataError(where, f"field {data.messages_field!r} must be a non-empty list of messages")
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(where, f"field {data.messages_field!r}: every message needs 'role' and 'content'")
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0 or messages[last - 1]["role"] != "user":
-        raise DataError(
-            where, "the conversation must end with a user message answered by an assistant message"
-        )
-    earlier = "\n".join(f"{m['role']}: {m['content']}" for m in messages[: last - 1])
-    record = {
-        data.instruction_field: str(messages[last - 1]["content"]),
-        data.input_field: earlier,
-        data.output_field: str(messages[last]["content"]),
-    }
-    if data.category_field and data.category_field in row:
-        record[data.category_field] = row[data.category_field]
-    return record

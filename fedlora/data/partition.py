@@ -5,7 +5,9 @@ train / eval / test.
 - ``dirichlet``: ``DirichletPartitioner`` over the label or category column: client j's share of class c is
   drawn from Dir(alpha) (alpha -> 0: one class per client; alpha -> inf: IID), at least
   ``min_partition_size`` examples per client;
-- ``natural``: ``NaturalIdPartitioner``, one client per distinct category (task), in sorted order.
+- ``natural``: ``NaturalIdPartitioner``, one client per distinct category (task), in sorted order;
+- ``auto`` (the default): ``natural`` when every example has its group (``partition.by``), else ``iid`` into
+  ``federation.num_clients`` clients (:data:`AUTO_IID_CLIENTS` when unset), so a plain Alpaca file runs.
 
 Each is registered in ``PARTITIONERS``; user partitioners register with ``fedlora.register_partitioner``.
 """
@@ -86,6 +88,24 @@ def natural_partition(
             )
         shards = shards[:num_clients]
     return [[examples[i] for i in shard["idx"]] for shard in shards]
+
+
+#: clients of an ``auto`` partition of data without groups when ``federation.num_clients`` is unset
+AUTO_IID_CLIENTS = 8
+
+
+@register_partitioner("auto")
+def auto_partition(
+    examples: list[Example], num_clients: int | None, seed: int, *, by: str = "category", **_: object
+) -> list[list[Example]]:
+    """``natural`` when every example has its ``by`` group, else ``iid`` into ``num_clients`` (or
+    :data:`AUTO_IID_CLIENTS`, at most one client per example)."""
+    grouped = all((e.label if by == "label" else e.category) is not None for e in examples)
+    if grouped:
+        return natural_partition(examples, num_clients, seed, by=by)
+    count = min(num_clients or AUTO_IID_CLIENTS, len(examples))
+    log.info("partition.method auto: the examples have no %s, so an iid split into %d clients", by, count)
+    return iid_partition(examples, count, seed)
 
 
 def _client_count(examples: list[Example], num_clients: int | None, method: str) -> int:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedlora.data.chat import conversation_example, find_chat_column, read_conversation
 from fedlora.data.errors import DataError
 from fedlora.data.examples import Example
+
+log = logging.getLogger(__name__)
 
 NI_FILES = {"mini": "ni1613-mini.jsonl.gz", "full": "ni1613-full.jsonl.gz"}
 
@@ -105,17 +109,34 @@ def instruction_examples(
     output_field: str = "output",
     category_field: str | None = "category",
     label_names: list[str] | None = None,
+    messages_field: str | None = None,
 ) -> list[Example]:
     """Examples from (line or row number, record) pairs: a file's lines or a dataset's rows (``path`` names
     where they come from in errors).
 
     For classification (``label_names`` given), ``output_field`` holds the label (its name or index) and
-    ``input_field`` the text.
+    ``input_field`` the text. Chat data (``messages_field``, or a ``messages`` / ``conversations`` column
+    found in records without ``instruction_field``) becomes conversation examples
+    (:func:`fedlora.data.chat.conversation_example`).
     """
     examples = []
     for line, record in records:
-        output = _text_field(path, line, record, output_field, required=True)
         category = _text_field(path, line, record, category_field, False) if category_field else ""
+        if messages_field is None and label_names is None and not examples:
+            messages_field = find_chat_column(record, instruction_field)
+            if messages_field:
+                log.info("%s: reading the chat column %r (data.messages_field)", path, messages_field)
+        if messages_field and label_names is None:
+            if messages_field not in record:
+                raise DataError(
+                    path,
+                    f"missing field {messages_field!r} (fields present: {', '.join(sorted(record))})",
+                    line,
+                )
+            conversation = read_conversation(record[messages_field], messages_field, path, line)
+            examples.append(conversation_example(conversation, category or None))
+            continue
+        output = _text_field(path, line, record, output_field, required=True)
         label = None
         if label_names is not None:
             label = _parse_label(path, line, output, label_names)
@@ -139,11 +160,6 @@ def _parse_label(path: Path, line: int, value: str, label_names: list[str]) -> i
     if value.isdigit() and int(value) < len(label_names):
         return int(value)
     raise DataError(path, f"label {value!r} is not one of {label_names}", line)
-
-
-def labels_in_file(path: str | Path, output_field: str) -> list[str]:
-    """The sorted set of label values in a classification file (the class order is sorted)."""
-    return sorted({str(record.get(output_field)) for _, record in iter_json_records(path)})
 
 
 def find_natural_instructions(path: str | None, variant: str) -> Path:

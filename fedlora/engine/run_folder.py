@@ -6,11 +6,13 @@ change what was trained.
   the other process's PID.
 - **Atomic records**: every record is written to a temporary file, fsynced, then renamed over the old one,
   so a crash or a full disk leaves the previous version or the new one, never a truncated file.
-- **Config checksum**: ``run.json`` keeps the SHA-256 of ``config.yaml`` as first written; every checkpoint
-  carries it too. A damaged or edited ``config.yaml`` is refused instead of being read as defaults.
+- **Config checksum**: ``run.json`` keeps the SHA-256 of ``config.yaml`` and of every version a resume
+  wrote; every checkpoint carries the one it was made with. A damaged or edited ``config.yaml`` is refused
+  instead of being read as defaults.
 - **Resume**: the config a resume asks for is compared with the run's own; changes to anything that was or
   will be trained are refused, listing the fields; only ``SAFE_ON_RESUME`` may change (recorded in
-  ``run.json`` with the round they took effect); ``config.yaml`` is never rewritten.
+  ``run.json`` with the round they took effect). ``config.yaml`` is then the effective config (what a later
+  resume, ``eval``, ``compare`` and a rerun read); the first one is kept as ``config.original.yaml``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from fedlora.errors import ConfigError
 SAFE_ON_RESUME = ("federation.rounds", "eval.", "output.", "name", "engine", "client.num_threads", "compute.")
 
 LOCK_NAME = ".lock"
+#: the config a run started with, kept when a resume rewrites ``config.yaml``
+ORIGINAL_CONFIG = "config.original.yaml"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -146,16 +150,34 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is damaged ({err}); the run cannot be trusted to resume") from None
 
 
+def known_config_sha256(info: dict[str, Any]) -> set[str]:
+    """The checksums of every ``config.yaml`` the run has had (``run.json``: the first, each resume's)."""
+    shas = {info.get("config_sha256"), info.get("original_config_sha256")}
+    shas |= {r.get("config_sha256") for r in info.get("resumes", [])}
+    return {s for s in shas if s}
+
+
+def write_effective_config(run_dir: Path, text: str) -> None:
+    """``config.yaml`` becomes ``text`` (the config after a resume's changes); the run's first config is
+    kept as :data:`ORIGINAL_CONFIG`. ``run.json`` must already list ``text``'s checksum (a crash between
+    the two writes leaves a config the run knows)."""
+    original = run_dir / ORIGINAL_CONFIG
+    if not original.exists():
+        atomic_write_bytes(original, (run_dir / "config.yaml").read_bytes())
+    atomic_write_text(run_dir / "config.yaml", text)
+
+
 def verified_config_text(run_dir: Path) -> str:
-    """``config.yaml`` as written when the run started, or ConfigError if it is missing, empty or changed."""
+    """``config.yaml`` (as the run started, or as its last resume wrote it), or ConfigError if it is
+    missing, empty or changed by hand."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     data = path.read_bytes()
-    recorded = read_run_info(run_dir).get("config_sha256")
+    known = known_config_sha256(read_run_info(run_dir))
     if not data.strip():
         raise ConfigError(f"{path} is empty (damaged): the run's settings are lost; it cannot resume")
-    if recorded is not None and sha256_bytes(data) != recorded:
+    if known and sha256_bytes(data) not in known:
         raise ConfigError(
             f"{path} does not match the checksum recorded when the run started (damaged or edited by hand); "
             "restore it, or start a new run with the settings you want"

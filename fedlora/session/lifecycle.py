@@ -28,6 +28,7 @@ from fedlora.engine.run_folder import (
     atomic_write_text,
     run_lock,
     sha256_bytes,
+    write_effective_config,
 )
 from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.setup import build_client_node
@@ -145,7 +146,10 @@ def run(
             sim.strategy.load_server_state(checkpoint.tensors)
             sim.strategy.load_server_meta(checkpoint.meta)
             console.print(f"resuming {run_dir} after round {checkpoint.round}")
-        write_run_info(run_dir, sim, bundle, changes, start_round)
+        effective = config_text(cfg) if changes else None
+        write_run_info(run_dir, sim, bundle, changes, start_round, effective)
+        if effective is not None:
+            write_effective_config(run_dir, effective)
 
         trackers = open_trackers(cfg, run_dir)
         for tracker in trackers:

@@ -14,7 +14,8 @@ from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from fedlora.engine.run_folder import (
     check_resume,
-    sha256_bytes,
+    known_config_sha256,
+    read_run_info,
     verified_config_text,
 )
 from fedlora.errors import ConfigError
@@ -38,7 +39,7 @@ def resume_point(
         )
     if checkpoint is not None:
         recorded = checkpoint.meta.get("config_sha256")
-        if recorded is not None and recorded != sha256_bytes((run_dir / "config.yaml").read_bytes()):
+        if recorded is not None and recorded not in known_config_sha256(read_run_info(run_dir)):
             raise ConfigError(f"{run_dir}/config.yaml is not the config its checkpoints were made with")
     changes = check_resume(stored, cfg, checkpoint.round if checkpoint else 0)
     return checkpoint, changes

@@ -33,10 +33,16 @@ def scaling_summary(sim: Simulation) -> str:
 
 
 def write_run_info(
-    run_dir: Path, sim: Simulation, bundle: ModelBundle, changes: dict[str, Any], start_round: int
+    run_dir: Path,
+    sim: Simulation,
+    bundle: ModelBundle,
+    changes: dict[str, Any],
+    start_round: int,
+    effective_config: str | None = None,
 ) -> None:
     """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs, the
-    config's checksum, and the changes each resume made), both written atomically."""
+    config's checksum, and the changes each resume made, with the checksum of ``effective_config``, the
+    config text a resume with changes writes to ``config.yaml``), both written atomically."""
     clients = [
         {
             "client": c.client_id,
@@ -77,7 +83,10 @@ def write_run_info(
     )
     info["resumes"] = previous.get("resumes", [])
     if changes:
-        info["resumes"].append({"from_round": start_round, "changes": changes})
+        resume: dict[str, Any] = {"from_round": start_round, "changes": changes}
+        if effective_config is not None:  # config.yaml is rewritten to it next (write_effective_config)
+            resume["config_sha256"] = sha256_bytes(effective_config.encode("utf-8"))
+        info["resumes"].append(resume)
     # the machine of every start and resume: a run resumed elsewhere measured its rounds' seconds on several
     info["machines"] = [
         *(m for m in previous.get("machines", []) if m.get("from_round", 0) < start_round),

@@ -115,3 +115,41 @@ def test_relative_paths_are_read_against_the_config_file_and_stored_absolute(
     assert override.data.path == str(elsewhere / "local.jsonl")
     assert load_config(None, ["model.name=./my-model"]).model.name == str(elsewhere / "my-model")
     assert load_config(None, ["model.name=tiny-llama"]).model.name == "tiny-llama"  # a name stays a name
+
+
+def test_one_override_rule_for_run_sweep_flower_and_the_api() -> None:
+    """Overrides alone start from the schema's defaults in every entry point: the CLI's run, sweep and
+    flower, and ``fedlora.load_config(None, ...)``; nothing at all is the built-in demo."""
+    from fedlora.config import loader
+    from fedlora.sweep import sweep_configs
+
+    overrides = ["strategy.name=fedprox", "federation.rounds=2"]
+    reference = loader.config_from_overrides(overrides)
+    assert load_config(None, overrides) == reference
+    assert load_config(None, overrides).federation.clients_per_round is None  # not the demo's 4
+    assert load_config().name == "default-fedit-reasoning-gym"
+    [(_, cfg)] = sweep_configs(None, [], [0], overrides)
+    assert cfg.federation.clients_per_round is None and cfg.strategy.name == "fedprox"
+    [(_, cfg)] = sweep_configs(None, ["strategy.name=fedprox"], [0])  # nothing given: the demo's grid
+    assert cfg.federation.clients_per_round == 4 and cfg.federation.rounds == 5
+
+
+def test_a_plain_alpaca_file_runs_with_no_extra_keys(tmp_path: Path) -> None:
+    """No category field: partition.method auto splits it iid into 8 clients (or federation.num_clients)."""
+    import json
+
+    from fedlora.data.federation import build_federation
+
+    path = tmp_path / "alpaca.json"
+    rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(40)]
+    path.write_text(json.dumps(rows))
+    fed = build_federation(load_config(None, ["data.source=json", f"data.path={path}"]))
+    assert len(fed.clients) == 8 and sum(fed.sizes()) + sum(fed.sizes("eval")) + sum(fed.sizes("test")) == 40
+    fed = build_federation(
+        load_config(None, ["data.source=json", f"data.path={path}", "federation.num_clients=3"])
+    )
+    assert len(fed.clients) == 3
+    categorised = [{**r, "category": f"c{i % 2}"} for i, r in enumerate(rows)]
+    path.write_text(json.dumps(categorised))
+    fed = build_federation(load_config(None, ["data.source=json", f"data.path={path}"]))
+    assert [c.name for c in fed.clients] == ["c0", "c1"]  # categories present: one client per category

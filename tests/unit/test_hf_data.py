@@ -84,7 +84,7 @@ def test_clear_errors(tmp_path: Path, rows) -> None:
         federation(tmp_path / "broken.parquet")
     bad = [{"messages": [{"role": "user", "content": "hi"}], "category": "x"}]
     datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
-    with pytest.raises(ValueError, match="dataset row 1: the conversation must end"):
+    with pytest.raises(ValueError, match="dataset row:1: the conversation must end"):
         federation(tmp_path / "bad.parquet", messages_field="messages")
 
 

@@ -52,15 +52,26 @@ def test_resume_refuses_changes_to_what_is_trained(
 
 
 def test_resume_allows_more_rounds_and_records_it(tmp_path: Path) -> None:
+    """After ``--resume RUN federation.rounds=3``, config.yaml is the effective config (the first one kept
+    as config.original.yaml): a plain resume, eval and compare read 3 rounds."""
+    from fedlora.tracking.compare import RunSummary
+
     run_dir = finished_run(tmp_path)
     before = (run_dir / "config.yaml").read_bytes()
     assert main(["run", "--resume", str(run_dir), "federation.rounds=3", "--no-progress"]) == 0
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3] and (run_dir / "config.yaml").read_bytes() == before
+    assert rounds == [1, 2, 3] and (run_dir / "config.original.yaml").read_bytes() == before
+    assert "rounds: 3" in (run_dir / "config.yaml").read_text()
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["resumes"] == [{"from_round": 3, "changes": {"federation.rounds": 3}}]
+    [resume] = info["resumes"]
+    assert resume["from_round"] == 3 and resume["changes"] == {"federation.rounds": 3}
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0  # plain: nothing left to do
+    assert main(["run", "--resume", str(run_dir), "federation.rounds=4", "--no-progress"]) == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    assert RunSummary.load(run_dir).settings["federation.rounds"] == 4
+    info = json.loads((run_dir / "run.json").read_text())
     # the machine of the first start and of the resume, so that each round's seconds can be traced to one
-    assert info["machines"] == [
+    assert info["machines"][:2] == [
         {"from_round": 1, **describe_machine(torch.device("cpu"))},
         {"from_round": 3, **describe_machine(torch.device("cpu"))},
     ]

@@ -28,10 +28,14 @@ class DataConfig(Section):
     input_field: str = "input"
     output_field: str = "output"
     category_field: str | None = "category"
-    # hf: which split of a dataset with several (a DatasetDict folder, a hub dataset), and a chat column
-    # (a list of {role, content} messages) to read instead of instruction/input/output
+    #: hf: which split of a dataset with several (a DatasetDict folder, a hub dataset)
     hf_split: str = "train"
+    #: json, hf, rows: a chat column (a list of {role, content} messages, or ShareGPT's {from, value}) read
+    #: instead of instruction/input/output and rendered whole by the tokenizer's chat template; a column
+    #: named messages or conversations is found without it
     messages_field: str | None = None
+    #: chat data: the loss on every assistant turn ("all", TRL's assistant_only_loss) or the final one ("last")
+    assistant_loss: Literal["all", "last"] = "all"
     # Per-client split of pooled data (json, reasoning-gym, bbc-news); natural-instructions ships its own.
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -60,11 +64,13 @@ class PartitionConfig(Section):
     """How pooled examples are split into clients.
 
     ``natural``: one client per category (task) value; ``iid``: uniform random shards;
-    ``dirichlet``: per-client label/category proportions drawn from Dir(alpha) (small alpha = skewed).
+    ``dirichlet``: per-client label/category proportions drawn from Dir(alpha) (small alpha = skewed);
+    ``auto``: natural when every example has a category (label with ``by: label``), else iid into
+    ``federation.num_clients`` (8 when unset).
     """
 
-    #: a registered partitioner: natural, iid, dirichlet, or your own
-    method: str = "natural"
+    #: a registered partitioner: auto, natural, iid, dirichlet, or your own
+    method: str = "auto"
     alpha: float = Field(0.5, gt=0.0)
     by: Literal["category", "label"] = "category"
     min_partition_size: int = Field(2, ge=0)
