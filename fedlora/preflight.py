@@ -59,6 +59,7 @@ def experiment_facts(cfg: ExperimentConfig) -> ExperimentFacts:
         gradient_accumulation_steps=cfg.client.gradient_accumulation_steps,
         lr_scheduler=cfg.client.lr_scheduler,
         weight_decay=cfg.client.weight_decay,
+        use_dora=cfg.adapter.use_dora,
     )
 
 

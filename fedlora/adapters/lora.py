@@ -83,6 +83,7 @@ class LoraAdapters:
             if mixed and scaling.constant is not None
             else {},
             use_rslora=self.cfg.use_rslora,
+            use_dora=self.cfg.use_dora,
             lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules,
             task_type=self.task_type,

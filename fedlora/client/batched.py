@@ -40,6 +40,7 @@ from fedlora.client.hooks import ClientContext, ClientHooks
 from fedlora.client.loss import token_losses
 from fedlora.client.settings import LocalTrainingSettings, round_settings
 from fedlora.client.steps import (
+    EIGHT_BIT_OPTIMIZERS,
     LocalResult,
     backward,
     gradient_norm_metrics,
@@ -72,6 +73,10 @@ def batch_refusal(encoder: Encoder, jobs: Sequence[BatchedJob]) -> str | None:
     first = jobs[0].settings
     if first.gradient_accumulation_steps > 1:
         return "gradient accumulation is per client"
+    if first.optimizer in EIGHT_BIT_OPTIMIZERS:
+        return (
+            "8-bit optimizer state is quantised in blocks of each tensor, which stacked clients would share"
+        )
     if encoder.packing:
         return "packed rows are per client"
     steps = {

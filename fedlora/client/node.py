@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_settings(
-    client: ClientConfig, overrides: dict[str, Any], precision: str = "fp32"
+    client: ClientConfig, overrides: dict[str, Any], precision: str = "fp32", total_rounds: int = 1
 ) -> LocalTrainingSettings:
     """The config's client section + the instruction's generic overrides (``privacy`` as a dict) + the
-    node's ``compute.precision``."""
+    node's ``compute.precision`` and the run's length (``federation.rounds``, for a schedule across rounds)."""
     unknown = set(overrides) - set(OVERRIDABLE) - {"privacy"}
     if unknown:
         known = ", ".join([*OVERRIDABLE, "privacy"])
@@ -50,7 +50,7 @@ def resolve_settings(
         raise ValueError("the instruction names no optimizer and client.optimizer is unset")
     privacy = overrides.get("privacy")
     dp = DPSettings(**privacy) if privacy else None
-    return LocalTrainingSettings(**values, privacy=dp, precision=precision)
+    return LocalTrainingSettings(**values, privacy=dp, precision=precision, total_rounds=total_rounds)
 
 
 def with_peak_memory(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +72,7 @@ class ClientNode:
         encoder: Encoder,
         client_models: ClientModels | None = None,
         precision: str = "fp32",
+        total_rounds: int = 1,
     ) -> None:
         self.client = client
         self.run_seed = run_seed
@@ -80,6 +81,7 @@ class ClientNode:
         self.encoder = encoder
         self.client_models = client_models
         self.precision = precision
+        self.total_rounds = total_rounds
         self.store: PersonalStore | None = None  # set by whoever runs the node (use_store)
         self._batch_notes: set[str] = set()
 
@@ -98,7 +100,7 @@ class ClientNode:
             BatchedJob(
                 self.clients[client_id],
                 instruction.payload,
-                resolve_settings(self.client, instruction.settings, self.precision),
+                resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds),
                 round_seed(self.run_seed, server_round, client_id),
                 instruction.hooks,
                 client_id,
@@ -106,6 +108,8 @@ class ClientNode:
             for client_id, instruction in instructions.items()
         ]
         refusal = "model-heterogeneous clients have a model each" if self.client_models is not None else None
+        if refusal is None and self.adapters.cfg.use_dora:
+            refusal = "DoRA normalises each client's own weight"
         if refusal is None and jobs:
             refusal = batch_refusal(self.encoder, jobs)
         if refusal is not None or len(jobs) < 2:
@@ -123,7 +127,7 @@ class ClientNode:
 
     def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
         """One client's local round from its instruction."""
-        settings = resolve_settings(self.client, instruction.settings, self.precision)
+        settings = resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds)
         adapters, payload, encoder = self.adapters, instruction.payload, self.encoder
         if self.client_models is not None:  # its own architecture, with its own weights and tokenizer
             adapters, payload = self.client_models.install(client_id, server_round, payload)

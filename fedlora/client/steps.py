@@ -36,16 +36,34 @@ def round_seed(run_seed: int, server_round: int, client_id: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+#: ``client.optimizer`` names (TRL / transformers' ``optim`` names where they exist) -> how to build it
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd")
+#: optimizers whose state is quantised block-wise over each tensor (bitsandbytes)
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], settings: LocalTrainingSettings
 ) -> torch.optim.Optimizer:
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-        )
-    raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: adamw, sgd")
+    """The local optimizer: ``adamw`` / ``adamw_torch`` (torch's AdamW), ``adamw_torch_fused`` (its fused
+    kernel, the same update), ``adamw_8bit`` / ``paged_adamw_8bit`` (bitsandbytes' AdamW with 8-bit
+    block-wise state, paged on CUDA; tensors under 4,096 elements keep 32-bit state, bitsandbytes' rule),
+    ``sgd`` (with ``momentum``). Weight decay is AdamW's decoupled decay or SGD's L2 term."""
+    name, lr, decay = settings.optimizer, settings.lr, settings.weight_decay
+    if name in ("adamw", "adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=name == "adamw_torch_fused" or None)
+    if name in EIGHT_BIT_OPTIMIZERS:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(
+                f"client.optimizer {name!r} needs bitsandbytes: pip install 'fedlora[qlora]'"
+            ) from None
+        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=settings.momentum, weight_decay=decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, settings: LocalTrainingSettings, steps: int) -> Any:

@@ -85,6 +85,7 @@ def build_client_node(cfg: NodeSpec) -> ClientNode:
         side.encoder,
         side.client_models,
         cfg.compute.precision,
+        cfg.federation.rounds,
     )
 
 
@@ -153,6 +154,7 @@ def build_simulation(
         side.encoder,
         client_models,
         cfg.compute.precision,
+        cfg.federation.rounds,
     )
     sim = Simulation(cfg, federation, adapters, side.encoder, strategy, client_models, node)
     return sim, side.bundle

@@ -89,6 +89,8 @@ class ExperimentFacts:
     lr_scheduler: str = "constant"
     #: ``client.weight_decay``
     weight_decay: float = 0.0
+    #: ``adapter.use_dora``: DoRA's magnitude vectors travel beside A and B
+    use_dora: bool = False
 
 
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
@@ -171,6 +173,9 @@ class Strategy(ABC, Generic[OptionsT]):
     personal_models: ClassVar[bool] = False
     #: True when ``aggregate`` is an example-weighted average of the payloads (robust rules can replace it)
     linear_aggregate: ClassVar[bool] = False
+    #: True when the method's rule treats every tensor of the payload alike, so DoRA's magnitude vectors
+    #: (``adapter.use_dora``) are aggregated as A and B are; methods that read A/B pairs leave it False
+    supports_dora: ClassVar[bool] = False
 
     @classmethod
     def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
@@ -180,6 +185,11 @@ class Strategy(ABC, Generic[OptionsT]):
         The default refuses privacy when one of the method's client hooks cannot run under DP-SGD, and
         optimizer-step settings (schedule, accumulation) when a hook replaces the optimizer's steps.
         """
+        if facts.use_dora and not cls.supports_dora:
+            return (
+                f"config field 'adapter.use_dora': strategy {cls.name} aggregates LoRA's A/B pairs and has no "
+                "rule for DoRA's magnitude vectors; use fedit, fedavg or fedprox, or set adapter.use_dora: false"
+            )
         if facts.gradient_accumulation_steps > 1 or facts.lr_scheduler != "constant":
             for hook in cls(options).client_hooks():
                 if hook.replaces_optimizer:

@@ -90,6 +90,7 @@ class FedIT(FactorAverage[StrategyOptions]):
     """FedIT (Zhang et al., 2024): federated instruction tuning, FedAvg of LoRA factors, AdamW locally."""
 
     name = "fedit"
+    supports_dora = True  # every payload tensor is averaged alike, DoRA's magnitude vectors included
     default_optimizer = "adamw"
 
 
@@ -98,6 +99,7 @@ class FedAvg(FactorAverage[StrategyOptions]):
     """FedAvg (McMahan et al., 2017) on the LoRA factors with local SGD."""
 
     name = "fedavg"
+    supports_dora = True  # every payload tensor is averaged alike, DoRA's magnitude vectors included
     default_optimizer = "sgd"
 
 
@@ -110,6 +112,7 @@ class FedProx(FactorAverage[FedProxOptions]):
     """FedProx (Li et al., 2020): local SGD on L(theta) + mu/2 ||theta - theta_global||^2, then FedAvg."""
 
     name = "fedprox"
+    supports_dora = True  # every payload tensor is averaged alike, DoRA's magnitude vectors included
     default_optimizer = "sgd"
     Options: ClassVar[type[StrategyOptions]] = FedProxOptions
 

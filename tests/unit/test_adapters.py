@@ -54,14 +54,21 @@ def test_initial_state_is_seeded() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
-def test_peft_export_loads_with_plain_peft_and_gives_same_logits(tmp_path: Path, use_rslora: bool) -> None:
+@pytest.mark.parametrize(
+    ("use_rslora", "use_dora"), [(False, False), (True, False), (False, True)], ids=["lora", "rslora", "dora"]
+)
+def test_peft_export_loads_with_plain_peft_and_gives_same_logits(
+    tmp_path: Path, use_rslora: bool, use_dora: bool
+) -> None:
     bundle = load_base_model(ModelConfig(name="tiny-llama"))
-    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=4, alpha=8, use_rslora=use_rslora), "causal-lm")
+    cfg = AdapterConfig(rank=4, alpha=8, use_rslora=use_rslora, use_dora=use_dora)
+    adapters = LoraAdapters(bundle.model, cfg, "causal-lm")
     state = perturbed(adapters.initial_state(), seed=3)
+    assert any("lora_magnitude_vector" in k for k in state) is use_dora  # DoRA's m travels with A and B
     export_peft_adapter(adapters, state, tmp_path / "global", str(bundle.folder))
     config = json.loads((tmp_path / "global" / "adapter_config.json").read_text())
     assert config["use_rslora"] is use_rslora  # plain PEFT then scales by alpha / sqrt(r), as fedlora did
+    assert config["use_dora"] is use_dora
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         ours = adapters.model(input_ids=ids).logits

@@ -91,3 +91,45 @@ def test_missing_bitsandbytes_is_one_clear_line(tmp_path: Path, monkeypatch: pyt
     cfg = load_config(None, tiny_overrides(tmp_path, **{"model.quantization": 4}))
     with pytest.raises(ConfigError, match=r"needs the bitsandbytes package: pip install 'fedlora\[qlora\]'"):
         load_base_model(cfg.model)
+
+
+def test_a_4bit_cpu_base_gives_the_dequantised_weights_gradients_and_one_token_logits(tmp_path: Path) -> None:
+    """bitsandbytes warns on the CPU that its gemv_4bit kernel (one token at a time: generation) may be
+    "silently incorrect". Checked here against the same NF4 weights dequantised into a float32 model: the
+    LoRA gradients of a training batch and the logits of single-token steps agree to float32 rounding."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from fedlora.config.schema import AdapterConfig
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"model.quantization": 4}))
+    quantized = load_base_model(cfg.model).model
+    dense = load_base_model(cfg.model.model_copy(update={"quantization": None})).model
+    replaced = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            dense.get_submodule(name).weight.data.copy_(weights)
+            replaced += 1
+    assert replaced
+    results = []
+    for model in (quantized, dense):
+        adapters = LoraAdapters(model, AdapterConfig(rank=4, dropout=0.0), "causal-lm")
+        state = {
+            k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.05
+            for i, (k, v) in enumerate(sorted(adapters.initial_state().items()))
+        }
+        adapters.load(state)
+        peft_model = adapters.model
+        ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        params = [p for _, p in adapters.trainable_parameters()]
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            one_token = torch.cat([peft_model(input_ids=ids[:, i : i + 1]).logits for i in range(4)])
+        results.append((loss.detach(), grads, one_token))
+    (loss_q, grads_q, tok_q), (loss_d, grads_d, tok_d) = results
+    assert_rel_close(loss_q, loss_d, 1e-4)
+    for gq, gd in zip(grads_q, grads_d, strict=True):
+        assert_rel_close(gq, gd, 1e-3)
+    assert_rel_close(tok_q, tok_d, 1e-3)

@@ -50,6 +50,28 @@ def test_lr_decay_across_rounds() -> None:
     assert round_settings(settings, 3).lr == pytest.approx(2e-3 * 0.25)
 
 
+def test_cosine_annealing_across_rounds_is_flowertunes() -> None:
+    """``client.lr_min``: FlowerTune's cosine_annealing(current_round, num_rounds, lr_max, lr_min), with
+    rounds counted from 1 (the last round trains at lr_min)."""
+    from fedlora.client.node import resolve_settings
+    from fedlora.config.schema import ClientConfig
+
+    def flowertune(current_round: int, total_round: int, lrate_max: float, lrate_min: float) -> float:
+        cos_inner = math.pi * current_round / total_round
+        return lrate_min + 0.5 * (lrate_max - lrate_min) * (1 + math.cos(cos_inner))
+
+    settings = resolve_settings(ClientConfig(lr=5e-5, lr_min=1e-6, optimizer="adamw"), {}, total_rounds=10)
+    lrs = [round_settings(settings, t).lr for t in range(1, 11)]
+    assert lrs == pytest.approx([flowertune(t, 10, 5e-5, 1e-6) for t in range(1, 11)], rel=1e-12)
+    assert lrs[-1] == pytest.approx(1e-6) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    scaled = replace(settings, lr_scale=2.0)
+    assert round_settings(scaled, 3).lr == pytest.approx(2 * flowertune(3, 10, 5e-5, 1e-6))
+    with pytest.raises(ValueError, match="lr_min .* or lr_decay"):
+        ClientConfig(lr_min=1e-6, lr_decay=0.9)
+    with pytest.raises(ValueError, match="must not exceed lr"):
+        ClientConfig(lr=1e-4, lr_min=1e-3)
+
+
 def test_gradient_accumulation_is_one_step_on_the_mean_of_the_micro_batch_losses() -> None:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.client.loss import batch_loss
@@ -189,3 +211,50 @@ def test_each_step_reports_its_gradient_norm_before_clipping(tmp_path: Path) -> 
         assert c["batched_clients"] == 2
         assert c["grad_norm"] == pytest.approx(norms[c["client"]][0], rel=1e-4)
         assert c["grad_norm_max"] == pytest.approx(norms[c["client"]][1], rel=1e-4)
+
+
+def test_dora_trains_with_fedit_and_methods_that_read_ab_pairs_refuse_it(tmp_path: Path) -> None:
+    """``adapter.use_dora``: FedIT averages the magnitude vectors with A and B (they move in training);
+    a method whose rule reads A/B pairs (FlexLoRA's SVD) refuses it, naming the field."""
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"adapter.use_dora": "true", "federation.rounds": 1}))
+    result = run(cfg, tmp_path / "dora", show_progress=False)
+    magnitudes = [k for k in result.final_state if "lora_magnitude_vector" in k]
+    assert magnitudes
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.models.loading import load_base_model
+
+    initial = LoraAdapters(load_base_model(cfg.model).model, cfg.adapter, "causal-lm").initial_state()
+    assert any(not torch.equal(initial[k], result.final_state[k]) for k in magnitudes)
+    with pytest.raises(ConfigError, match="adapter.use_dora.*flexlora"):
+        load_config(
+            None, tiny_overrides(tmp_path, **{"adapter.use_dora": "true", "strategy.name": "flexlora"})
+        )
+
+
+def test_the_optimizers_trl_users_name() -> None:
+    """adamw_torch_fused is AdamW's update; the 8-bit AdamW (bitsandbytes) is close to it; unknown names
+    are refused with the list."""
+    from fedlora.client.steps import make_optimizer
+
+    torch.manual_seed(0)
+    start = torch.randn(64, 128, dtype=torch.float32)
+    grads = [torch.randn_like(start) for _ in range(3)]
+
+    def after(name: str) -> torch.Tensor:
+        param = torch.nn.Parameter(start.clone())
+        optimizer = make_optimizer([param], LocalTrainingSettings(optimizer=name, lr=1e-2, weight_decay=0.01))
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        return param.detach()
+
+    reference = after("adamw")
+    moved = reference - start
+    assert_rel_close(after("adamw_torch_fused"), reference, 1e-5)
+    assert torch.equal(after("adamw_torch"), reference)
+    pytest.importorskip("bitsandbytes")
+    for name in ("adamw_8bit", "paged_adamw_8bit"):
+        step = after(name) - start
+        assert (step - moved).norm() / moved.norm() < 0.05, name  # 8-bit state: close, not equal
+    with pytest.raises(ValueError, match="allowed: adamw, adamw_torch"):
+        make_optimizer([torch.nn.Parameter(start)], LocalTrainingSettings(optimizer="lion", lr=1e-3))

@@ -60,11 +60,17 @@ class AdapterConfig(Section):
     ``scale``: one constant s at every rank, alpha = s r on each module (what FLoRA's reference code does for
     clients of different ranks, ``lora_alpha = 2 r_i``, and Fed-SB's, ``lora_alpha = r``); the exported adapter
     carries the per-module alphas.
+    ``use_dora``: DoRA (Liu et al., 2024; PEFT's ``use_dora``): W = m (W0 + s_r B A) / ||W0 + s_r B A||_c,
+    a trainable magnitude m per output feature (``lora_magnitude_vector``) beside A and B; it travels and
+    is averaged like them, and the exported adapter loads with plain PEFT as DoRA. Methods whose rule
+    reads A/B pairs only (SVD, stacking, freezing) refuse it.
     """
 
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     use_rslora: bool = False
+    #: DoRA: a trainable magnitude vector per target module beside A and B (PEFT's use_dora)
+    use_dora: bool = False
     #: a constant LoRA scale s at every rank (alpha = s r per module) instead of alpha / r; None: alpha / r
     scale: float | None = Field(None, gt=0.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)

@@ -83,7 +83,10 @@ class ClientConfig(Section):
     Exactly one of ``local_steps`` / ``local_epochs`` decides the length of local training.
     """
 
-    optimizer: Literal["adamw", "sgd"] | None = None
+    #: adamw (= adamw_torch), adamw_torch_fused, adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd
+    optimizer: (
+        Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] | None
+    ) = None
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -96,8 +99,11 @@ class ClientConfig(Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    #: round-level decay: round t trains at lr * lr_decay^(t - 1) (FedIT / FlowerTune's schedule across rounds)
+    #: exponential decay across rounds: round t trains at lr * lr_decay^(t - 1)
     lr_decay: float = Field(1.0, gt=0.0, le=1.0)
+    #: cosine annealing across rounds, FlowerTune's learning-rate-max (``lr``) / learning-rate-min: round t of
+    #: T = federation.rounds trains at lr_min + (lr - lr_min) (1 + cos(pi t / T)) / 2 (the last at lr_min)
+    lr_min: float | None = Field(None, ge=0.0)
     #: micro-batches of ``batch_size`` per optimizer step (``local_steps`` counts optimizer steps)
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     num_threads: int = Field(1, ge=1, le=256)
@@ -108,6 +114,12 @@ class ClientConfig(Section):
             raise ValueError("give exactly one of local_steps and local_epochs (set the other to null)")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.lr_min is not None and self.lr_decay != 1.0:
+            raise ValueError("give lr_min (cosine across rounds) or lr_decay (exponential), not both")
+        if self.lr_min is not None and self.lr_min > self.lr:
+            raise ValueError(
+                f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}), the schedule's maximum"
+            )
         return self
 
 
