@@ -33,6 +33,11 @@ from fedlora.config.schema import AdapterConfig
 MLP_MODULES_PATTERN = r"(?<![\w.])(?!.*(?i:attn|attention))[\w.]+"
 
 
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the model's linear modules (what ``adapter.target_modules`` may name)."""
+    return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
 class RankTooLargeError(ValueError):
     """A requested rank is above min(d, k) of a target module."""
 
@@ -115,10 +120,18 @@ class LoraAdapters:
                 )
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.init_seed)
-            if self.model is None:
-                self.model = get_peft_model(self._base, self.lora_config(profile), adapter_name=name)
-            else:
-                self.model.add_adapter(name, self.lora_config(profile))
+            try:
+                if self.model is None:
+                    self.model = get_peft_model(self._base, self.lora_config(profile), adapter_name=name)
+                else:
+                    self.model.add_adapter(name, self.lora_config(profile))
+            except ValueError as err:
+                if "not found in the base model" not in str(err):
+                    raise
+                raise ValueError(
+                    f"adapter.target_modules {self.cfg.target_modules}: no such module in the model; its linear "
+                    f"modules are {', '.join(linear_module_names(base))} (or all-linear)"
+                ) from None
         self.model.eval()  # PEFT returns a model in train mode; training switches it on explicitly
         layers = self._lora_layers(name)
         self._kinds = {module_kind(path) for path in layers}

@@ -121,7 +121,7 @@ def hf_source(request: SourceRequest) -> SourceData:
             "hub dataset id in the local Hugging Face cache"
         )
     rows, description = load_rows(data.path, data.hf_split)
-    source = rows_source(request, rows)
+    source = records_source(request, list(enumerate(rows, start=1)), f"{data.path} row")
     source.description = f"{description} ({len(source.examples or [])} rows)"
     return source
 

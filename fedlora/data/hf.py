@@ -48,7 +48,7 @@ def load_rows(path_or_id: str, split: str) -> tuple[Any, str]:
         raise
     except Exception as err:  # pyarrow / datasets errors on a damaged or mistyped file
         raise DataError(path, f"cannot be read by datasets: {type(err).__name__}: {err}") from None
-    if path.exists() or "/" not in path_or_id or path_or_id.startswith((".", "/", "~")):
+    if path.exists() or path_or_id.startswith((".", "/", "~")) or path.suffix in (*FILE_BUILDERS, ".arrow"):
         raise DataError(path, "file or folder not found")
     return _hub_dataset(path_or_id, split), f"{path_or_id} (Hugging Face cache)"
 
@@ -63,7 +63,7 @@ def _hub_dataset(repo_id: str, split: str) -> Any:
     except Exception as err:
         raise DataError(
             repo_id,
-            f"not in the local Hugging Face cache ({HF_HUB_CACHE}) or not readable offline ({type(err).__name__}): "
+            f"no such file or folder here, and no such dataset in the local Hugging Face cache ({HF_HUB_CACHE}) or not readable offline ({type(err).__name__}): "
             f"on a machine with network load it once (datasets.load_dataset({repo_id!r})) and copy the cache here, "
             "or save it with save_to_disk and give that folder",
         ) from None

@@ -84,6 +84,8 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _text_field(path: Path, line: int, record: dict[str, Any], key: str, required: bool) -> str:
     value = record.get(key)
     if value is None:
+        if required and key in record:
+            raise DataError(path, f"field {key!r} is null: give it a value (text)", line)
         if required:
             raise DataError(
                 path, f"missing field {key!r} (fields present: {', '.join(sorted(record))})", line

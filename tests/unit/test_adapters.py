@@ -133,3 +133,10 @@ def test_a_constant_scale_holds_at_every_rank_and_exports_to_plain_peft(tmp_path
         assert_rel_close(ours, plain.eval()(input_ids=ids).logits, 1e-5)
     with pytest.raises(ValueError, match="exclude each other"):
         AdapterConfig(scale=1.0, use_rslora=True)
+
+
+def test_a_wrong_target_module_lists_the_models_linear_modules() -> None:
+    bundle = load_base_model(ModelConfig(name="tiny-llama"))
+    adapters = LoraAdapters(bundle.model, AdapterConfig(target_modules=["c_attn"]), "causal-lm")
+    with pytest.raises(ValueError, match=r"target_modules \['c_attn'\]: no such module.*down_proj, .*q_proj"):
+        adapters.initial_state()

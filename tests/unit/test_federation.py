@@ -11,7 +11,9 @@ from fedlora.data.federation import build_federation
 
 
 def test_reasoning_gym_one_client_per_task(tmp_path: Path) -> None:
-    cfg = load_config(None, ["data.tasks=[gcd, lcm, chain_sum]", "data.examples_per_task=20"])
+    cfg = load_config(
+        None, ["data.tasks=[gcd, lcm, chain_sum]", "data.examples_per_task=20", "data.eval_fraction=0.2"]
+    )
     fed = build_federation(cfg)
     assert [c.name for c in fed.clients] == ["chain_sum", "gcd", "lcm"]
     assert [c.client_id for c in fed.clients] == [0, 1, 2]

@@ -77,14 +77,21 @@ def test_clear_errors(tmp_path: Path, rows) -> None:
     with pytest.raises(ValueError, match="no split 'validation'"):
         datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "d"))
         federation(tmp_path / "d", hf_split="validation")
-    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ValueError, match="no such dataset in the local Hugging Face cache"):
         federation("no-such-org/no-such-dataset")
+    with pytest.raises(ValueError, match="squad: no such file or folder here, and no such dataset in the local"):
+        federation("squad")  # a hub id without an organisation is a hub id too
+    with pytest.raises(ValueError, match="missing.jsonl: file or folder not found"):
+        federation(tmp_path / "missing.jsonl")
+    (tmp_path / "nulls.jsonl").write_text('{"instruction": "a", "output": null}\n')
+    with pytest.raises(ValueError, match="nulls.jsonl row:1: field .output. is null"):
+        federation(tmp_path / "nulls.jsonl")
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="broken.parquet: cannot be read by datasets"):
         federation(tmp_path / "broken.parquet")
     bad = [{"messages": [{"role": "user", "content": "hi"}], "category": "x"}]
     datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
-    with pytest.raises(ValueError, match="dataset row:1: the conversation must end"):
+    with pytest.raises(ValueError, match="bad.parquet row:1: the conversation must end"):
         federation(tmp_path / "bad.parquet", messages_field="messages")
 
 
