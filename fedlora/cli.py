@@ -61,7 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedlora.runner import evaluate_run
 
-    metrics = evaluate_run(Path(args.run_dir), args.overrides, split=args.split, data_config=args.data)
+    metrics = evaluate_run(
+        Path(args.run_dir), args.overrides, split=args.split, data_config=args.data, base=args.base
+    )
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["eval", "test"],
         help="which split of each client (default: the config's eval.split)",
     )
+    ev.add_argument(
+        "--base", action="store_true", help="also evaluate the base model (the untrained adapter): base_* keys"
+    )
     ev.set_defaults(func=cmd_eval)
 
     co = sub.add_parser("compare", help="one table of final metrics and overlaid curves for several runs")
@@ -270,11 +275,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides after an option (`fedlora eval RUN --split test eval.metrics=[loss]`)
-        if isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in e and not e.startswith("-") for e in extra
-        ):
-            args.overrides = [*args.overrides, *extra]
+    if extra:  # key=value overrides after an option (`fedlora run a=1 --no-progress b=2`)
+        field = next((f for f in ("overrides", "items") if isinstance(getattr(args, f, None), list)), None)
+        if field is not None and all("=" in e and not e.startswith("-") for e in extra):
+            setattr(args, field, [*getattr(args, field), *extra])
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()

@@ -5,6 +5,7 @@ of a client's round."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import math
@@ -79,6 +80,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: LocalTrainingSett
     )
 
 
+#: who hears of each optimizer step of the main phase, as (steps done, steps in all): the in-process
+#: transport's progress line within a long round (:func:`reporting_steps`); None = nobody
+STEP_LISTENER: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "fedlora_step_listener", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_steps(listener: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, ``listener(done, total)`` is called after each local optimizer step."""
+    token = STEP_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        STEP_LISTENER.reset(token)
+
+
 def run_steps(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -109,6 +127,8 @@ def run_steps(
     device = model_device(model)
     scaler = grad_scaler(precision, device)
     clip = functools.partial(gradient_norm, params, grad_clip)
+    listener = STEP_LISTENER.get()
+    total_steps = -(-len(batches) // accumulation)
     model.train()
     with seeded(seed, device):  # dropout masks
         for index, items in enumerate(batches, start=1):
@@ -120,6 +140,8 @@ def run_steps(
             backward(loss / accumulation if accumulation > 1 else loss, scaler)
             if index % accumulation == 0 or index == len(batches):
                 norms.append(optimizer_step(optimizer, scaler, clip, scheduler))
+                if listener is not None:
+                    listener(len(norms), total_steps)
     model.eval()
     return losses, tokens, torch.stack(norms).tolist() if norms else []  # one device sync, at the end
 

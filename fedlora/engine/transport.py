@@ -9,6 +9,7 @@ from typing import Protocol
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.client.node import ClientNode
+from fedlora.client.steps import reporting_steps
 from fedlora.config.schema import EvalConfig, ExperimentConfig, FaultsConfig, FederationConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
@@ -112,8 +113,14 @@ class InProcessTransport:
         for position, (client_id, instruction) in enumerate(instructions.items(), start=1):
             if self.stop:  # abandon the round: nothing of it is written, the last checkpoint stands
                 raise RunInterrupted(self.stop.signum or 0, server_round - 1)
-            self.status(f"round {server_round}: client {client_id} ({position}/{len(instructions)})")
-            replies[client_id] = self.run_client(server_round, client_id, instruction)
+            where = f"round {server_round}: client {client_id} ({position}/{len(instructions)})"
+            self.status(where)
+
+            def on_step(done: int, total: int, where: str = where) -> None:
+                self.status(f"{where}, step {done}/{total}")
+
+            with reporting_steps(on_step):
+                replies[client_id] = self.run_client(server_round, client_id, instruction)
         return replies
 
 

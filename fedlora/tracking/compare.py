@@ -85,16 +85,43 @@ class RunSummary:
 
 
 def differing_keys(runs: list[RunSummary]) -> list[str]:
-    """Config keys (dotted) whose values are not the same in every run, seeds and output excluded.
+    """Config keys (dotted) whose values are not the same in every run, seeds and output excluded, and
+    a method's own options when they follow from ``strategy.name`` (each method's defaults).
 
-    Only keys every run has count (runs made by older fedlora versions lack newer sections)."""
-    keys = sorted(set.intersection(*(set(r.settings) for r in runs)))
+    Only keys every run has count (runs made by older fedlora versions lack newer sections), and the
+    method options any run has (another method has none of them)."""
+    keys = set.intersection(*(set(r.settings) for r in runs))
+    keys = sorted(keys | {k for r in runs for k in r.settings if k.startswith("strategy.options.")})
+
+    def shown(run: RunSummary, key: str) -> str:
+        return json.dumps(run.settings.get(key), sort_keys=True, default=str)
+
     out = []
     for key in keys:
         if key in SEED_KEYS or any(key == p or key.startswith(p) for p in IGNORED_KEYS):
             continue
-        if len({json.dumps(r.settings.get(key), sort_keys=True, default=str) for r in runs}) > 1:
-            out.append(key)
+        if len({shown(r, key) for r in runs}) < 2:
+            continue
+        if key.startswith("strategy.options"):
+            per_method: dict[str, set[str]] = {}
+            for run in runs:
+                per_method.setdefault(shown(run, "strategy.name"), set()).add(shown(run, key))
+            if all(len(values) == 1 for values in per_method.values()):
+                continue  # one value per method: the method's name says it
+        out.append(key)
+    return out
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories as given, with a folder of runs (a sweep's output) replaced by the runs in it."""
+    out: list[Path] = []
+    for path in paths:
+        if not (path / "config.yaml").exists() and path.is_dir():
+            inside = sorted(p.parent for p in path.glob("*/config.yaml") if (p.parent / "metrics.jsonl").exists())
+            if inside:
+                out += inside
+                continue
+        out.append(path)
     return out
 
 
@@ -272,9 +299,9 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
 
 
 def compare_runs(run_dirs: list[Path], output: Path | None = None) -> str:
-    """Markdown table of the runs' final metrics; with ``output`` also writes compare.md, compare.json and
-    compare.png there."""
-    runs = [RunSummary.load(Path(p)) for p in run_dirs]
+    """Markdown table of the runs' final metrics (a folder of runs, a sweep's, stands for the runs in it);
+    with ``output`` also writes compare.md, compare.json and compare.png there."""
+    runs = [RunSummary.load(p) for p in expand_run_dirs([Path(p) for p in run_dirs])]
     if not runs:
         raise ValueError("compare needs at least one run directory")
     groups = group_runs(runs)

@@ -71,6 +71,12 @@ def flat_config(cfg: ExperimentConfig) -> dict[str, str]:
     return flat
 
 
+def hparam_value(text: str) -> bool | int | float | str:
+    """A :func:`flat_config` leaf as what TensorBoard's hyperparameters take: a number, a bool or text."""
+    value = json.loads(text)
+    return value if isinstance(value, (bool, int, float, str)) else text
+
+
 def needs(package: str, tracker: str) -> Any:
     """Import ``package`` for ``tracker`` or fail with one line saying what to install."""
     import importlib
@@ -103,11 +109,16 @@ class TrackerIds:
 
 @TRACKERS.register("tensorboard")
 class TensorBoardTracker:
-    """Every numeric field of a round's record as a TensorBoard scalar at step = round."""
+    """Every numeric field of a round's record as a TensorBoard scalar at step = round; the config as text
+    (``config``, the YAML) and, when the run ends, as hyperparameters beside its final figures (HPARAMS tab)."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        from fedlora.config.loader import config_text
+
         writer = needs("tensorboardX", "tensorboard").SummaryWriter
         self.writer = writer(logdir=str(run_dir / "tensorboard"))
+        self.hparams = {k: hparam_value(v) for k, v in flat_config(cfg).items()}
+        self.writer.add_text("config", "```yaml\n" + config_text(cfg) + "```", 0)
 
     def log_round(self, record: dict[str, Any]) -> None:
         for key, value in numbers(record).items():
@@ -115,7 +126,11 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
-        pass  # the curves are the scalars already
+        final: dict[str, float] = {}
+        for record in records:  # the last value of each figure
+            final.update({f"final/{k}": v for k, v in numbers(record).items()})
+        self.writer.add_hparams(self.hparams, final, name="hparams")
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -238,3 +238,22 @@ def test_a_run_from_overrides_alone_starts_from_the_schema_defaults(tmp_path: Pa
     assert cfg["name"] == "fedit-reasoning-gym"
     assert cfg["data"]["max_eval_examples_per_client"] is None and cfg["data"]["examples_per_task"] == 16
     assert cfg["data"]["tasks"] == ["basic_arithmetic", "chain_sum", "gcd", "lcm"]
+
+
+def test_eval_refuses_training_keys_keeps_other_data_apart_and_has_a_base_row(tmp_path: Path, capsys) -> None:
+    """A training key is refused (not ignored); an evaluation on other data goes to its own file; --base
+    adds the base model's figures; flags may stand between overrides."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path)
+    assert main(["run", *overrides[:3], "--no-progress", *overrides[3:], "--output", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "client.lr=0.1"]) == 2
+    assert "client.lr is not an evaluation setting" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--base"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["base_eval_loss"] > own["eval_loss"] and (run_dir / "eval" / "eval.json").exists()
+    before = (run_dir / "eval" / "eval.json").read_bytes()
+    assert main(["eval", str(run_dir), "data.examples_per_task=8"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert json.loads((run_dir / "eval" / "eval@data.examples_per_task=8.json").read_text()) == other
+    assert (run_dir / "eval" / "eval.json").read_bytes() == before

@@ -77,3 +77,13 @@ def test_checkpoints_are_atomic_checked_and_pruned(tmp_path: Path) -> None:
     # a half-written temp folder is never taken for a checkpoint
     (root / ".round_4.tmp").mkdir()
     assert latest_checkpoint(root).round == 2
+
+
+def test_progress_within_a_round_names_the_client_and_its_step(tmp_path: Path) -> None:
+    sim, _ = build_simulation(load_config(None, tiny_overrides(tmp_path, **{"client.local_steps": 3})))
+    seen: list[str] = []
+    engine = EmbeddedEngine(sim, tmp_path, status=seen.append)
+    engine.run_round(1)
+    steps = [s for s in seen if ", step " in s]
+    assert steps and steps[-1].endswith("(2/2), step 3/3")
+    assert [s.rsplit("step ", 1)[1] for s in steps] == ["1/3", "2/3", "3/3"] * 2

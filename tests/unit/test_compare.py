@@ -57,6 +57,32 @@ def test_compare_table_groups_seeds_and_labels_differences(tmp_path: Path) -> No
     assert [g["method"].split()[0] for g in saved] == ["flexlora", "fedit"]
 
 
+def test_compare_takes_a_sweep_folder_and_labels_by_what_differs(tmp_path: Path) -> None:
+    """A folder of runs stands for its runs; a method's own options (one value per method) are not
+    repeated in the labels, an option that differs within a method is."""
+    sweep = tmp_path / "sweep"
+    for i, (strategy, options) in enumerate(
+        [("fedit", {}), ("flexlora", {"svd_rank": 8}), ("flexlora", {"svd_rank": 8}), ("fedprox", {"mu": 0.01})]
+    ):
+        run = fake_run(sweep, f"r{i}", strategy, i, [3.0, 2.0 + i / 10], 0.3)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["strategy"]["options"] = options
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    table = compare_runs([sweep])
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert rows == ["fedit", "flexlora", "fedprox"]
+    run = sweep / "r3"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["strategy"]["options"] = {"mu": 0.1}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fake_run(sweep, "r4", "fedprox", 4, [3.0, 2.0], 0.3)
+    (sweep / "r4" / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "strategy": {"name": "fedprox", "options": {"mu": 0.01}}})
+    )
+    labels = [line.split(" | ")[0].strip("| ") for line in compare_runs([sweep]).splitlines()[2:]]
+    assert "fedprox strategy.options.mu=0.1" in labels and "fedprox strategy.options.mu=0.01" in labels
+
+
 def test_compare_cli_rejects_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert main(["compare", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
@@ -109,6 +135,12 @@ def test_tensorboard_event_files_hold_the_round_metrics(tmp_path: Path) -> None:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    texts = []
+    for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*"):
+        texts.append(path.read_bytes())
+    everything = b"".join(texts)
+    assert b"client.lr" in everything and b"_hparams_/session_start_info" in everything  # HPARAMS tab
+    assert b"federation:" in everything  # the config as text
     for record in records:
         assert scalars["eval_loss"][record["round"]] == pytest.approx(record["eval_loss"], rel=1e-6)
         assert scalars["bytes_up"][record["round"]] == pytest.approx(record["bytes_up"])
