@@ -143,6 +143,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedlora.config import loader
+    from fedlora.config.reference import commented_yaml, markdown_reference
+
+    if args.markdown:
+        print(markdown_reference(), end="")
+        return 0
+    config_path, overrides = _split_config_and_overrides(args.items)
+    print(commented_yaml(loader.load_config(config_path, overrides)), end="")
+    return 0
+
+
+def registered_names() -> str:
+    """The strategies, data sources, partitioners and metrics registered now (built-ins and plugins), for
+    ``--help``."""
+    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.registry import METRICS
+    from fedlora.preflight import load_builtins
+    from fedlora.strategies.registry import STRATEGIES
+
+    load_builtins()
+    rows = [
+        ("strategy.name", STRATEGIES),
+        ("data.source", DATA_SOURCES),
+        ("partition.method", PARTITIONERS),
+        ("eval.metrics", METRICS),
+    ]
+    return "\n".join(f"  {field}: {', '.join(sorted(registry.names()))}" for field, registry in rows)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedlora.models.registry import fetch_builtin
 
@@ -151,13 +182,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
+    """The CLI; ``with_names``: the help lists the registered strategies, data sources... (imports them)."""
+    epilog = EPILOG
+    if with_names:
+        epilog = f"{EPILOG}\n\nregistered names:\n{registered_names()}\n\nevery key: fedlora config"
     parser = argparse.ArgumentParser(
-        prog="fedlora", description="Federated fine-tuning of language models with LoRA."
+        prog="fedlora",
+        description="Federated fine-tuning of language models with LoRA.",
+        epilog=epilog if with_names else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run an experiment (or resume one)", epilog=EPILOG)
+    raw = argparse.RawDescriptionHelpFormatter
+    run = sub.add_parser("run", help="run an experiment (or resume one)", epilog=epilog, formatter_class=raw)
     run.add_argument(
         "items",
         nargs="*",
@@ -169,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    ev = sub.add_parser("eval", help="evaluate a run's global adapter", epilog=EPILOG)
+    ev = sub.add_parser("eval", help="evaluate a run's global adapter", epilog=epilog, formatter_class=raw)
     ev.add_argument("run_dir")
     ev.add_argument(
         "overrides",
@@ -188,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="which split of each client (default: the config's eval.split)",
     )
     ev.add_argument(
-        "--base", action="store_true", help="also evaluate the base model (the untrained adapter): base_* keys"
+        "--base",
+        action="store_true",
+        help="also evaluate the base model (the untrained adapter): base_* keys",
     )
     ev.set_defaults(func=cmd_eval)
 
@@ -198,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_compare)
 
     sw = sub.add_parser(
-        "sweep", help="run a grid of settings x seeds into one folder, then compare", epilog=EPILOG
+        "sweep",
+        help="run a grid of settings x seeds into one folder, then compare",
+        epilog=epilog,
+        formatter_class=raw,
     )
     sw.add_argument(
         "items", nargs="*", metavar="[CONFIG] [key=value ...]", help="config YAML and fixed overrides"
@@ -238,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--merged", metavar="OUT", help="write base + adapter merged (merge_and_unload) to OUT")
     ex.set_defaults(func=cmd_export)
 
+    cf = sub.add_parser(
+        "config",
+        help="print a config with every key's help (the same arguments as run; nothing: the demo)",
+        epilog=epilog,
+        formatter_class=raw,
+    )
+    cf.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    cf.add_argument("--markdown", action="store_true", help="the reference of every key as markdown")
+    cf.set_defaults(func=cmd_config)
+
     fe = sub.add_parser("fetch", help="fetch and convert built-in models into the cache")
     fe.add_argument("names", nargs="+", help="tiny-llama, smollm2-135m-instruct, all-minilm-l6-v2")
     fe.add_argument("--cache-dir", help="cache folder (default $FEDLORA_CACHE or ~/.cache/fedlora)")
@@ -273,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    parser = build_parser(with_names=wants_help)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`fedlora run a=1 --no-progress b=2`)
         field = next((f for f in ("overrides", "items") if isinstance(getattr(args, f, None), list)), None)

@@ -35,7 +35,9 @@ MLP_MODULES_PATTERN = r"(?<![\w.])(?!.*(?i:attn|attention))[\w.]+"
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's linear modules (what ``adapter.target_modules`` may name)."""
-    return sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return sorted(
+        {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
 
 
 class RankTooLargeError(ValueError):

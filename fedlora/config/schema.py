@@ -35,6 +35,7 @@ class ExperimentConfig(Section):
 
     #: the run's name (also its folder's name under output.root): letters, digits, '.', '_', '-'
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    #: embedded (in this process, or worker processes) or flower-sim (Flower simulation)
     engine: Literal["embedded", "flower-sim"] = "embedded"
     #: importable modules with user strategies, data sources, metrics...; imported by every process that
     #: reads this config (run, --resume, eval, Flower nodes) before any name is looked up

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from fedlora.config.loader import apply_overrides
+from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import latest_checkpoint
 from fedlora.engine.evaluation import evaluate_personal, evaluate_state, write_predictions
-from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.run_folder import atomic_write_text, config_changes
 from fedlora.engine.sampling import evaluation_clients
 from fedlora.engine.setup import build_simulation
@@ -37,15 +37,23 @@ def check_eval_overrides(overrides: list[str]) -> None:
             )
 
 
-def evaluation_name(split: str, run: ExperimentConfig, cfg: ExperimentConfig, data_config: Path | None) -> str:
+def evaluation_name(
+    split: str, run: ExperimentConfig, cfg: ExperimentConfig, data_config: Path | None
+) -> str:
     """The file stem of an evaluation: ``split`` on the run's own data, ``split@<data>`` on other data
     (the ``--data`` file's stem, else the changed data settings), so that one never overwrites the other."""
     changed = {
-        k: v for k, v in config_changes(run, cfg).items() if k.split(".", 1)[0] in ("data", "partition", "federation")
+        k: v
+        for k, v in config_changes(run, cfg).items()
+        if k.split(".", 1)[0] in ("data", "partition", "federation")
     }
     if not changed and data_config is None:
         return split
-    tag = Path(data_config).stem if data_config is not None else "_".join(f"{k}={v[1]}" for k, v in changed.items())
+    tag = (
+        Path(data_config).stem
+        if data_config is not None
+        else "_".join(f"{k}={v[1]}" for k, v in changed.items())
+    )
     return f"{split}@{re.sub(r'[^A-Za-z0-9._=-]+', '-', tag).strip('-')[:80]}"
 
 

@@ -117,7 +117,9 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if not (path / "config.yaml").exists() and path.is_dir():
-            inside = sorted(p.parent for p in path.glob("*/config.yaml") if (p.parent / "metrics.jsonl").exists())
+            inside = sorted(
+                p.parent for p in path.glob("*/config.yaml") if (p.parent / "metrics.jsonl").exists()
+            )
             if inside:
                 out += inside
                 continue

@@ -62,7 +62,12 @@ def test_compare_takes_a_sweep_folder_and_labels_by_what_differs(tmp_path: Path)
     repeated in the labels, an option that differs within a method is."""
     sweep = tmp_path / "sweep"
     for i, (strategy, options) in enumerate(
-        [("fedit", {}), ("flexlora", {"svd_rank": 8}), ("flexlora", {"svd_rank": 8}), ("fedprox", {"mu": 0.01})]
+        [
+            ("fedit", {}),
+            ("flexlora", {"svd_rank": 8}),
+            ("flexlora", {"svd_rank": 8}),
+            ("fedprox", {"mu": 0.01}),
+        ]
     ):
         run = fake_run(sweep, f"r{i}", strategy, i, [3.0, 2.0 + i / 10], 0.3)
         cfg = yaml.safe_load((run / "config.yaml").read_text())

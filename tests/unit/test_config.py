@@ -153,3 +153,36 @@ def test_a_plain_alpaca_file_runs_with_no_extra_keys(tmp_path: Path) -> None:
     path.write_text(json.dumps(categorised))
     fed = build_federation(load_config(None, ["data.source=json", f"data.path={path}"]))
     assert [c.name for c in fed.clients] == ["c0", "c1"]  # categories present: one client per category
+
+
+def test_fedlora_config_prints_every_key_with_its_help_and_the_reference_is_current(capsys) -> None:
+    """``fedlora config`` prints the config run would run (the same arguments) with every key's help as a
+    comment; it reads back as the same config; docs/config-reference.md is what --markdown prints."""
+    import yaml
+
+    from fedlora.cli import main
+    from fedlora.config.reference import markdown_reference, reference
+
+    assert main(["config", "federation.rounds=7", "strategy.name=fedprox"]) == 0
+    text = capsys.readouterr().out
+    assert load_config(None, ["federation.rounds=7", "strategy.name=fedprox"]) == config_from_dict(
+        yaml.safe_load(text)
+    )
+    assert "# communication rounds" in text and "rounds: 7" in text
+    missing = [k.key for _, _, keys in reference() for k in keys if not k.help]
+    assert missing == [], f"keys without help (add a #: comment above the field): {missing}"
+    reference_file = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
+    assert reference_file.read_text() == markdown_reference(), (
+        "run: fedlora config --markdown > docs/config-reference.md"
+    )
+
+
+def test_help_lists_the_registered_names(capsys) -> None:
+    import pytest
+
+    from fedlora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "strategy.name: fed-sb, fedavg" in out and "data.source: bbc-news, hf, json" in out

@@ -79,7 +79,9 @@ def test_clear_errors(tmp_path: Path, rows) -> None:
         federation(tmp_path / "d", hf_split="validation")
     with pytest.raises(ValueError, match="no such dataset in the local Hugging Face cache"):
         federation("no-such-org/no-such-dataset")
-    with pytest.raises(ValueError, match="squad: no such file or folder here, and no such dataset in the local"):
+    with pytest.raises(
+        ValueError, match="squad: no such file or folder here, and no such dataset in the local"
+    ):
         federation("squad")  # a hub id without an organisation is a hub id too
     with pytest.raises(ValueError, match="missing.jsonl: file or folder not found"):
         federation(tmp_path / "missing.jsonl")

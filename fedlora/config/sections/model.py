@@ -31,12 +31,18 @@ class ModelConfig(Section):
     safetensors cache folder).
     """
 
+    #: a built-in (tiny-llama, smollm2-135m-instruct, all-minilm-l6-v2), a local Hugging Face folder, a .gguf
+    #: file or a hub id in the local cache
     name: str = "smollm2-135m-instruct"
+    #: causal-lm (instruction tuning) or classification (a sequence-classification head)
     task: Literal["causal-lm", "classification"] = "causal-lm"
+    #: the base model's weights: float32 or bfloat16
     dtype: Literal["float32", "bfloat16"] = "float32"
+    #: where built-in models are fetched and converted (None: $FEDLORA_CACHE or ~/.cache/fedlora)
     cache_dir: str | None = None
     # Size of the random model when name == "tiny-llama" (ignored otherwise).
     tiny_hidden_size: int = Field(64, ge=8)
+    #: layers of the random model when name == "tiny-llama"
     tiny_num_layers: int = Field(2, ge=1)
     # Model-heterogeneous federations: each client runs one of these (seeded by federation.seed). Empty:
     # every client runs ``name`` (one shared base model).
@@ -46,6 +52,7 @@ class ModelConfig(Section):
     #: (classification), a rank-r residual adapter in a ``shared_dim``-wide space between each client's own
     #: projection of its pooled representation and its own classifier (any widths, any architectures)
     shared_adapter: Literal["last-layer", "representation"] = "last-layer"
+    #: shared_adapter representation: the width of the shared space
     shared_dim: int = Field(64, ge=1)
     #: QLoRA-style: load the frozen base model's linear layers in 4-bit NF4 (double-quantised) or 8-bit
     #: (bitsandbytes, ``pip install 'fedlora[qlora]'``); LoRA factors and what travels stay float32
@@ -66,17 +73,23 @@ class AdapterConfig(Section):
     reads A/B pairs only (SVD, stacking, freezing) refuse it.
     """
 
+    #: r, the LoRA rank (every client, unless resources says otherwise)
     rank: int = Field(8, ge=1)
+    #: LoRA alpha: the scale is alpha / r (alpha / sqrt(r) with use_rslora)
     alpha: float = Field(16.0, gt=0.0)
+    #: rank-stabilised LoRA: scale alpha / sqrt(r)
     use_rslora: bool = False
     #: DoRA: a trainable magnitude vector per target module beside A and B (PEFT's use_dora)
     use_dora: bool = False
     #: a constant LoRA scale s at every rank (alpha = s r per module) instead of alpha / r; None: alpha / r
     scale: float | None = Field(None, gt=0.0)
+    #: LoRA dropout on the adapter input
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    #: module names LoRA is put on (a wrong name lists the model's linear modules), or all-linear
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    #: seeds the initial A factors (the same on every client)
     init_seed: int = 0
 
     @model_validator(mode="after")
@@ -125,12 +138,18 @@ class ResourcesConfig(Section):
     The assignment is seeded by ``federation.seed`` and saved in the run's clients.json.
     """
 
+    #: how clients are spread over rank_types: homogeneous, uniform, heavy-tail-light, heavy-tail-strong,
+    #: normal, custom
     distribution: Literal[
         "homogeneous", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "custom"
     ] = "homogeneous"
+    #: the client types, each a rank on attention and on MLP modules
     rank_types: list[RankType] = Field(default_factory=_paper_rank_types, min_length=1)
+    #: distribution custom: one share per rank type
     shares: list[float] | None = None
+    #: multiplies every rank type (rounded, at least 1) to fit smaller models
     rank_scale: float = Field(1.0, gt=0.0)
+    #: min / max: every client at the smallest / largest type in use
     force: Literal["min", "max"] | None = None
 
     @model_validator(mode="after")

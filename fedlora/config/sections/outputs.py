@@ -19,14 +19,24 @@ class EvalConfig(Section):
     the last round (e.g. the slower generation metrics). Evaluators: ``loss``, ``rouge-l``, ``exact-match``.
     """
 
+    #: evaluate the global adapter every N rounds (and after the last)
     every: int = Field(1, ge=1)
+    #: which split of each client's data: eval or test
     split: Literal["eval", "test"] = "eval"
+    #: a fixed seeded sample of the evaluation clients (None: all)
     max_clients: int | None = Field(None, ge=1)
+    #: the same for the final evaluation (None: all)
     final_max_clients: int | None = Field(None, ge=1)
+    #: N seeded clients never train; the global adapter is evaluated on them (zero-shot)
     held_out_clients: int = Field(0, ge=0)
+    #: examples per evaluation batch
     batch_size: int = Field(8, ge=1)
+    #: evaluators run at every evaluation: loss (held-out loss and perplexity; accuracy and macro-F1 for
+    #: classification), rouge-l, exact-match, task-score, or one registered by a plugin
     metrics: list[str] = Field(default_factory=lambda: ["loss"])
+    #: evaluators run only after the last round (e.g. the slower generation metrics)
     final_metrics: list[str] = Field(default_factory=list)
+    #: the length limit of greedy generations (generation metrics)
     max_new_tokens: int = Field(64, ge=1)
     #: stop when ``early_stopping_metric`` has not improved for this many evaluated rounds (None: never);
     #: the best round's adapter is kept in RUN/best/
@@ -39,15 +49,20 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     """Where the run directory goes and how many round checkpoints to keep (the newest ones)."""
 
+    #: the run directory (None: output.root/<timestamp>-<name>)
     dir: str | None = None
+    #: where run directories go when dir is not set
     root: str = "runs"
+    #: round checkpoints kept (the newest ones)
     keep_checkpoints: int = Field(2, ge=1)
+    #: write curves.png at the end of the run
     plot: bool = True
     #: experiment trackers beside metrics.jsonl: tensorboard, wandb (offline unless WANDB_MODE), mlflow (a
     #: file store in the run folder unless MLFLOW_TRACKING_URI), or one registered by a plugin
     trackers: list[str] = Field(default_factory=list)
     #: the W&B project / MLflow experiment the run goes into
     tracking_project: str = "fedlora"
-    tensorboard: bool = False  # the same as listing tensorboard in trackers
+    #: the same as listing tensorboard in trackers
+    tensorboard: bool = False
     #: also export the global adapter every N rounds, as RUN/adapters/round_N/ (plain PEFT folders)
     save_every: int | None = Field(None, ge=1)

@@ -26,20 +26,34 @@ class FederationConfig(Section):
     (``median``: coordinate-wise median; ``trimmed-mean``: drop ``trim_fraction`` of the values at each end).
     """
 
+    #: how many clients (None: as many as the data yields; auto/iid/dirichlet split into this many)
     num_clients: int | None = Field(None, ge=1)
+    #: clients sampled each round (None with fraction None: all of them)
     clients_per_round: int | None = Field(None, ge=1)
+    #: share of the clients sampled each round (FlowerTune's fraction-fit); or clients_per_round
     fraction: float | None = Field(None, gt=0.0, le=1.0)
+    #: communication rounds (FlowerTune's num-server-rounds)
     rounds: int = Field(3, ge=1, le=1_000_000)
+    #: seeds client sampling, resource assignment and the held-out clients
     seed: int = 0
+    #: a round with fewer valid replies than this is skipped or retried (on_too_few)
     min_replies: int = Field(1, ge=1)
+    #: skip the round (the global adapter stays) or retry it with a fresh sample
     on_too_few: Literal["skip", "retry"] = "skip"
+    #: retries of a round with too few replies (on_too_few: retry)
     max_retries: int = Field(2, ge=0)
+    #: reject a reply whose update norm is above this (None: no absolute limit)
     max_update_norm: float | None = Field(None, gt=0.0)
+    #: reject a reply whose update norm is above this many times the reference norm
     max_update_norm_ratio: float | None = Field(100.0, gt=1.0)
+    #: accepted update norms the reference median is taken over
     update_norm_history: int = Field(50, ge=1)
+    #: scale accepted updates down to this norm before aggregation (None: off)
     clip_update_norm: float | None = Field(None, gt=0.0)
+    #: end the run with an error after this many skipped rounds in a row (None: never)
     max_skipped_rounds: int | None = Field(3, ge=1)
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    #: aggregation trimmed-mean: the share of values dropped at each end of every coordinate
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
 
     @model_validator(mode="after")
@@ -61,12 +75,17 @@ class FaultsConfig(Section):
     """Failure injection (embedded engine): fractions of the sampled clients that drop out (no reply),
     straggle past the round deadline (reply discarded) or return a corrupted update of one of ``kinds``."""
 
+    #: share of the sampled clients that send no reply
     dropout: float = Field(0.0, ge=0.0, le=1.0)
+    #: share that reply after the round deadline (their reply is discarded)
     straggler: float = Field(0.0, ge=0.0, le=1.0)
+    #: share whose reply is corrupted (one of kinds)
     corrupt: float = Field(0.0, ge=0.0, le=1.0)
+    #: corruptions to draw from: nan, inf, shape, rank, norm
     kinds: list[Literal["nan", "inf", "shape", "rank", "norm"]] = Field(
         default_factory=lambda: ["nan", "inf", "shape", "rank", "norm"], min_length=1
     )
+    #: seeds which clients fail and how
     seed: int = 0
 
     @model_validator(mode="after")
@@ -87,17 +106,25 @@ class ClientConfig(Section):
     optimizer: (
         Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] | None
     ) = None
+    #: the local learning rate (with lr_min: the maximum, FlowerTune's learning-rate-max)
     lr: float = Field(3e-4, gt=0.0)
+    #: AdamW's decoupled weight decay, or SGD's L2 term
     weight_decay: float = Field(0.0, ge=0.0)
+    #: SGD momentum
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    #: optimizer steps per client per round (FlowerTune's max-steps); or local_epochs
     local_steps: int | None = Field(10, ge=1)
+    #: epochs over the client's training data per round, instead of local_steps
     local_epochs: float | None = Field(None, gt=0.0)
+    #: examples per micro-batch (TRL's per_device_train_batch_size)
     batch_size: int = Field(4, ge=1)
     #: global-norm gradient clipping of each optimizer step (``max_grad_norm`` is accepted as its other name)
     grad_clip: float | None = Field(1.0, gt=0.0, validation_alias=AliasChoices("grad_clip", "max_grad_norm"))
     #: the learning-rate schedule over a client's optimizer steps in a round (``transformers.get_scheduler``)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    #: lr_scheduler warmup, in optimizer steps of a round
     warmup_steps: int = Field(0, ge=0)
+    #: lr_scheduler warmup, as a share of a round's optimizer steps
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     #: exponential decay across rounds: round t trains at lr * lr_decay^(t - 1)
     lr_decay: float = Field(1.0, gt=0.0, le=1.0)
@@ -106,6 +133,7 @@ class ClientConfig(Section):
     lr_min: float | None = Field(None, ge=0.0)
     #: micro-batches of ``batch_size`` per optimizer step (``local_steps`` counts optimizer steps)
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    #: torch threads of the training process
     num_threads: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
@@ -175,13 +203,21 @@ class PrivacyConfig(Section):
     approximation). The spent epsilon of each client is tracked by the accountant across rounds.
     """
 
+    #: DP-SGD (Opacus) on every client
     enabled: bool = False
+    #: the epsilon every client must stay within over all its possible steps; or noise_multiplier
     target_epsilon: float | None = Field(None, gt=0.0)
+    #: the delta of (epsilon, delta)-DP
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    #: the noise standard deviation over max_grad_norm; or target_epsilon
     noise_multiplier: float | None = Field(None, gt=0.0)
+    #: C: every example's gradient is clipped to this norm
     max_grad_norm: float = Field(1.0, gt=0.0)
+    #: poisson (what the accountant assumes) or shuffle (fixed-size batches)
     sampling: Literal["poisson", "shuffle"] = "poisson"
+    #: Opacus' accountant: rdp or prv
     accountant: Literal["rdp", "prv"] = "rdp"
+    #: the largest noise multiplier target_epsilon may ask for before it is refused
     max_noise_multiplier: float = Field(50.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -194,5 +230,7 @@ class PrivacyConfig(Section):
 class StrategyConfig(Section):
     """The federated method: ``name`` is a registered strategy; ``options`` are its own settings."""
 
+    #: a registered strategy (fedlora --help lists them): fedit, flexlora, hetlora, ... or your own
     name: str = "fedit"
+    #: the strategy's own settings (strategy.options.mu=0.01); docs/methods.md lists each method's
     options: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
