@@ -65,9 +65,11 @@ def evaluate(run_dir: Any, overrides: list[str] | None = None, split: str | None
     """Evaluate ``run_dir``'s global adapter on the run's data (``fedlora eval``)."""
     from pathlib import Path
 
+    from fedlora.compute import quiet_libraries
     from fedlora.runner import evaluate_run
 
-    return evaluate_run(Path(run_dir), overrides, split)
+    with quiet_libraries():
+        return evaluate_run(Path(run_dir), overrides, split)
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,29 @@ from typing import Any
 
 import torch
 
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """For the duration of a library call (``fedlora.run``, ``fedlora.evaluate``): transformers' loading
+    bars and info logs off and the libraries' FutureWarnings (deprecations a user of fedlora cannot act
+    on) ignored; the previous settings come back afterwards. The CLI does the same before any import."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 #: below this many base-model parameters ``workers: auto`` stays in process (tiny test models)
 PARALLEL_MIN_PARAMETERS = 20_000_000
 

@@ -14,6 +14,7 @@ Each is registered in ``PARTITIONERS``; user partitioners register with ``fedlor
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -22,12 +23,16 @@ from typing import Any
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from flwr_datasets.partitioner import natural_id_partitioner as _natural_id
 
 from fedlora.data.examples import ClientData, Example
 from fedlora.registry import Registry, UnknownName
 
 log = logging.getLogger(__name__)
 disable_progress_bar()
+# flwr-datasets' NaturalIdPartitioner draws a tqdm bar over the examples of every natural split (TQDM_DISABLE
+# is read when tqdm is imported, too early for a library to set): off, as datasets' own bars are
+_natural_id.tqdm = functools.partial(_natural_id.tqdm, disable=True)
 
 
 def _group_key(example: Example, by: str) -> str:

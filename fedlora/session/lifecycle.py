@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from fedlora.compute import quiet_libraries
 from fedlora.config.loader import config_text
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
@@ -100,6 +101,20 @@ def run(
     config's field names and partitioned by its ``partition`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
     ServerApp runs these same rounds with the clients behind Flower messages (``transport_factory``).
     """
+    with quiet_libraries():
+        return _run(cfg, run_dir, resume, console, show_progress, transport_factory, federation, dataset)
+
+
+def _run(
+    cfg: ExperimentConfig,
+    run_dir: Path | None,
+    resume: bool,
+    console: Console | None,
+    show_progress: bool,
+    transport_factory: TransportFactory | None,
+    federation: Federation | None,
+    dataset: Iterable[dict[str, Any]] | None,
+) -> RunResult:
     check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
     if dataset is not None:
         if federation is not None:

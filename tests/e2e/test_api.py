@@ -175,3 +175,21 @@ def test_run_takes_a_datasets_dataset(tmp_path: Path) -> None:
     assert (
         "a dataset given in Python (30 rows)" in json.loads((result.run_dir / "run.json").read_text())["data"]
     )
+
+
+def test_the_library_api_is_quiet(tmp_path: Path) -> None:
+    """fedlora.run from Python shows fedlora's own lines only: no transformers loading bars, no
+    flwr-datasets partition bar, no library FutureWarnings (in a fresh process without the tests' quiet
+    environment)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")}
+    code = (
+        "import fedlora; cfg = fedlora.load_config(None, ['model.name=tiny-llama', 'data.examples_per_task=8', "
+        f"'federation.rounds=1', 'client.local_steps=1', 'output.plot=false', 'output.dir={tmp_path / 'r'}']); "
+        "fedlora.run(cfg, show_progress=False); fedlora.evaluate(cfg.output.dir)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    noise = [
+        s for s in ("Loading weights", "Generating partition", "FutureWarning", "it/s]") if s in done.stderr
+    ]
+    assert noise == [], done.stderr[-2000:]
