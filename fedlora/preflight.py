@@ -60,6 +60,7 @@ def experiment_facts(cfg: ExperimentConfig) -> ExperimentFacts:
         lr_scheduler=cfg.client.lr_scheduler,
         weight_decay=cfg.client.weight_decay,
         use_dora=cfg.adapter.use_dora,
+        base_dtype=cfg.compute.base_dtype,
     )
 
 

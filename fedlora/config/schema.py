@@ -64,6 +64,15 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _base_dtype_fits(self) -> ExperimentConfig:
+        if self.compute.base_dtype != "fp32" and self.model.quantization is not None:
+            raise ValueError(
+                "compute.base_dtype applies to a full-precision base; a quantized base (model.quantization) "
+                "already computes in its own dtype: set compute.base_dtype: fp32"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _packing_fits(self) -> ExperimentConfig:
         if self.data.packing and self.model.task != "causal-lm":
             raise ValueError("data.packing is for model.task causal-lm (a classification row is one example)")

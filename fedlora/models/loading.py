@@ -130,6 +130,32 @@ def quantization_settings(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, obj
     return {"quantization_config": quantization}
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: classification heads: trained (in the adapter state), so they stay float32
+HEAD_NAMES = ("score", "classifier")
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep every frozen linear weight of ``model`` in ``dtype`` (``compute.base_dtype``), once, so that an
+    autocast forward in ``dtype`` does not cast it again at every step. The input embedding stays float32:
+    an output layer tied to it gets its own ``dtype`` copy. Returns the number of weights cast."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            continue
+        weight = module.weight
+        if weight.requires_grad or weight.dtype == dtype:
+            continue
+        module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        if module.bias is not None:
+            module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        count += 1
+    if embedding is not None and embedding.dtype != dtype:
+        assert model.get_input_embeddings().weight is embedding  # untied from the output layer, not cast
+    return count
+
+
 def load_base_model(
     cfg: ModelConfig,
     num_labels: int | None = None,
@@ -164,6 +190,8 @@ def load_base_model(
     if compute is not None:
         if not quantized:
             model.to(device)
+        if compute.base_dtype != "fp32":
+            cast_frozen_linears(model, _DTYPES[compute.base_dtype])
         if compute.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()

@@ -91,6 +91,8 @@ class ExperimentFacts:
     weight_decay: float = 0.0
     #: ``adapter.use_dora``: DoRA's magnitude vectors travel beside A and B
     use_dora: bool = False
+    #: ``compute.base_dtype``: the frozen base's linear weights in fp32, bf16 or fp16
+    base_dtype: str = "fp32"
 
 
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
@@ -189,6 +191,11 @@ class Strategy(ABC, Generic[OptionsT]):
             return (
                 f"config field 'adapter.use_dora': strategy {cls.name} aggregates LoRA's A/B pairs and has no "
                 "rule for DoRA's magnitude vectors; use fedit, fedavg or fedprox, or set adapter.use_dora: false"
+            )
+        if facts.base_dtype != "fp32" and cls(options).trains_full_model:
+            return (
+                f"config field 'compute.base_dtype': strategy {cls.name} trains the base model's own weights, "
+                f"which stay float32; set compute.base_dtype: fp32"
             )
         if facts.gradient_accumulation_steps > 1 or facts.lr_scheduler != "constant":
             for hook in cls(options).client_hooks():

@@ -42,6 +42,11 @@ class MergingStrategy(Strategy[OptionsT]):
                 f"config field 'model.quantization': strategy {cls.name} adds its merged updates to the base "
                 "weights, which a quantized base cannot hold exactly; set model.quantization: null"
             )
+        if facts.base_dtype != "fp32":
+            return (
+                f"config field 'compute.base_dtype': strategy {cls.name} adds its merged updates to the base "
+                f"weights, which {facts.base_dtype} would round; set compute.base_dtype: fp32"
+            )
         return super().refusal(facts, options)
 
     def client_payload(self, server_round: int, client_id: int) -> AdapterState:

@@ -130,6 +130,36 @@ def test_mixed_precision_trains_float32_factors_close_to_fp32(tmp_path, precisio
     assert rel(mixed.final_state, base.final_state) < 5e-2
 
 
+def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
+    """compute.base_dtype bf16: the frozen linear weights are bf16 once (the embedding, a tied output layer's
+    own copy aside, stays float32; LoRA factors float32), and training follows bf16 autocast closely."""
+    from fedlora.models.loading import load_base_model
+
+    cfg = config_from_dict(tiny(tmp_path, compute={"precision": "bf16", "base_dtype": "bf16"}))
+    model = load_base_model(cfg.model, compute=cfg.compute).model
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    autocast = run_cfg(tmp_path, "autocast", tiny(tmp_path, compute={"precision": "bf16"}))
+    copied = run_cfg(tmp_path, "copy", cfg.model_dump(mode="json"))
+    assert all(v.dtype == torch.float32 for v in copied.final_state.values())
+    for a, b in zip(copied.records, autocast.records, strict=True):
+        assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-2
+    assert rel(copied.final_state, autocast.final_state) < 5e-2
+
+
+def test_a_bf16_base_copy_is_refused_where_it_would_be_wrong(tmp_path):
+    with pytest.raises(
+        ConfigError, match="base_dtype bf16 runs under autocast in that dtype: set precision: bf16"
+    ):
+        config_from_dict(tiny(tmp_path, compute={"base_dtype": "bf16"}))
+    bf16 = {"precision": "bf16", "base_dtype": "bf16"}
+    with pytest.raises(ConfigError, match="compute.base_dtype.*flora.*would round"):
+        load_config(None, ["strategy.name=flora", "compute.precision=bf16", "compute.base_dtype=bf16"])
+    with pytest.raises(ConfigError, match="compute.base_dtype applies to a full-precision base"):
+        config_from_dict(tiny(tmp_path, compute=bf16, model={"name": "tiny-llama", "quantization": 4}))
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     base = run_cfg(tmp_path, "plain", tiny(tmp_path))
     ckpt = run_cfg(tmp_path, "ckpt", tiny(tmp_path, compute={"gradient_checkpointing": True}))

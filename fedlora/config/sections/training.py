@@ -170,10 +170,22 @@ class ComputeConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     server_device: str = Field("cpu", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: the frozen base model's linear weights kept in this dtype, cast once when the model loads instead of
+    #: at every autocast forward (bf16 / fp16 need precision of the same dtype); LoRA factors, optimizer
+    #: state and what travels stay float32
+    base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     workers: int | Literal["auto"] = "auto"
     devices: list[str] = Field(default_factory=list)
     batch_clients: bool = False
+
+    @model_validator(mode="after")
+    def _base_dtype_is_autocast(self) -> ComputeConfig:
+        if self.base_dtype != "fp32" and self.precision != self.base_dtype:
+            raise ValueError(
+                f"base_dtype {self.base_dtype} runs under autocast in that dtype: set precision: {self.base_dtype}"
+            )
+        return self
 
     @field_validator("workers")
     @classmethod
