@@ -1,0 +1,168 @@
+"""Question: how close does a local training step of the default experiment come to what this machine's
+matrix units can do, in fp32, under bf16 autocast, and with the frozen base kept in bf16
+(``compute.base_dtype: bf16``)?
+
+1. The machine's GEMM rate (``F.linear``, what ``nn.Linear`` runs) at the model's own shapes (SmolLM2-135M, batch 4 x 128 tokens = 512 rows: the
+   q/o projections 576 x 576, k/v 576 x 192, the MLP 576 x 1536 and 1536 x 576, the output layer
+   576 x 49152), fp32 and bf16, with every core; the peak is the FLOP-weighted rate over one step's GEMMs.
+2. One client's local step (forward, backward to the activations and the LoRA factors, AdamW) on the real
+   model, per way: ``fp32``; ``autocast-bf16`` (``compute.precision: bf16``: the frozen weights cast at every
+   forward); ``base-bf16`` (``compute.base_dtype: bf16``: cast once at load). Its FLOPs are counted, not
+   measured: 2 x (multiply-adds of every linear layer) x tokens forward, the same again backward for the
+   activation gradients (the frozen weights get none), attention's two matmuls, LoRA's small ones ignored.
+   Achieved FLOP/s / the GEMM peak of its dtype is the fraction of the roofline.
+
+    python benchmarks/roofline.py [--steps 6] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+ROWS = 4 * 128
+
+
+def gemm_shapes(config) -> list[tuple[str, int, int, int]]:  # noqa: ANN001
+    """(name, k, n, count per step) of the linear layers of one forward pass (rows = ROWS)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    return [
+        ("q/o", h, h, 2 * layers),
+        ("k/v", h, kv, 2 * layers),
+        ("gate/up", h, i, 2 * layers),
+        ("down", i, h, layers),
+        ("lm_head", h, config.vocab_size, 1),
+    ]
+
+
+def gemm_rate(k: int, n: int, dtype: torch.dtype, seconds: float = 0.6) -> float:
+    """FLOP/s of ``F.linear`` of (ROWS x k) by an (n x k) weight in ``dtype`` (the kernel nn.Linear runs),
+    the best of repeated timings."""
+    x, w = torch.randn(ROWS, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    best, started = float("inf"), time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return 2 * ROWS * k * n / best
+
+
+def step_flops(config, tokens: int) -> float:  # noqa: ANN001
+    """Forward + activation-gradient backward FLOPs of one step (see the module docstring)."""
+    linear = sum(k * n * count for _, k, n, count in gemm_shapes(config))
+    attention = 2 * 2 * config.num_hidden_layers * tokens * 128 * config.hidden_size  # QK^T and AV, T=128
+    return 2 * (2 * linear * tokens + attention)
+
+
+def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.config.schema import AdapterConfig, ComputeConfig, ModelConfig
+    from fedlora.models.loading import load_base_model
+
+    precision = "fp32" if way == "fp32" else "bf16"
+    compute = ComputeConfig(precision=precision, base_dtype="bf16" if way == "base-bf16" else "fp32")
+    bundle = load_base_model(ModelConfig(name="smollm2-135m-instruct"), compute=compute)
+    adapters = LoraAdapters(bundle.model, AdapterConfig(rank=8, alpha=16, dropout=0.0), "causal-lm")
+    adapters.initial_state()
+    model = adapters.model
+    model.train()
+    params = [p for _, p in adapters.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(
+        0, bundle.model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0)
+    )
+    times, losses = [], []
+    for _ in range(steps + int(warmup)):  # the first one warms the kernels up
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+        losses.append(float(loss))
+    seconds = sum(times[int(warmup) :]) / steps
+    flops = step_flops(bundle.model.config, ids.numel())
+    return {
+        "way": way,
+        "s_per_step": seconds,
+        "timed_steps": steps,
+        "gflops": flops / seconds / 1e9,
+        "first_loss": losses[0],
+        "config": bundle.model.config,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=CORES)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoConfig
+
+    from fedlora.models.registry import fetch_builtin
+
+    config = AutoConfig.from_pretrained(fetch_builtin("smollm2-135m-instruct"))
+    shapes = gemm_shapes(config)
+    weight = [k * n * count for _, k, n, count in shapes]
+    print(f"GEMM rates at the model's shapes ({ROWS} rows), {args.threads} threads, GFLOP/s")
+    print(f"{'shape':10} {'k x n':>12} {'fp32':>8} {'bf16':>8}")
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for name, k, n, _ in shapes:
+        for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rates[key].append(gemm_rate(k, n, dtype))
+        print(f"{name:10} {f'{k} x {n}':>12} {rates['fp32'][-1] / 1e9:8.1f} {rates['bf16'][-1] / 1e9:8.1f}")
+    peaks = {  # the step's GEMM time at these rates, as one rate
+        key: sum(weight) / sum(w / r for w, r in zip(weight, values, strict=True))
+        for key, values in rates.items()
+    }
+    print(f"{'step peak':10} {'':>12} {peaks['fp32'] / 1e9:8.1f} {peaks['bf16'] / 1e9:8.1f}\n")
+    # without bf16 matrix units (no AVX-512-BF16 / AMX) a bf16 step takes minutes: time one, no warm-up
+    slow_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
+    rows = [time_steps("fp32", args.steps)]
+    for way in ("autocast-bf16", "base-bf16"):
+        rows.append(time_steps(way, 1 if slow_bf16 else args.steps, warmup=not slow_bf16))
+    for row in rows:
+        row.pop("config")
+    anchor = rows[0]["s_per_step"]
+    print(f"one local step (4 x 128 tokens, LoRA r=8), {args.threads} threads")
+    print(f"{'way':14} {'s/step':>7} {'speed-up':>9} {'GFLOP/s':>8} {'of peak':>8} {'step-1 loss':>12}")
+    for row in rows:
+        peak = peaks["fp32" if row["way"] == "fp32" else "bf16"]
+        row["speedup"] = anchor / row["s_per_step"]
+        row["fraction_of_peak"] = row["gflops"] * 1e9 / peak
+        print(
+            f"{row['way']:14} {row['s_per_step']:7.3f} {row['speedup']:8.2f}x {row['gflops']:8.1f} "
+            f"{row['fraction_of_peak']:7.0%} {row['first_loss']:12.4f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "roofline",
+                "threads": args.threads,
+                "cpu_bf16_units": not slow_bf16,
+                "gemm_gflops": {k: [r / 1e9 for r in v] for k, v in rates.items()},
+                "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+                "rows": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
