@@ -10,7 +10,8 @@ the LoRA factors, LoRA dropout 0 (so that the ways can agree), and the held-out 
 adapter measured by one evaluation for all. The peers' way, as in OpenFedLLM's ``main_sft.py`` and FlowerTune's
 ``client_app.py``: one ``get_peft_model`` model; each round, for each sampled client,
 ``set_peft_model_state_dict`` with the global adapter, a new trainer (``SFTConfig`` / ``TrainingArguments``:
-``max_steps``, ``per_device_train_batch_size``, constant lr, ``adamw_torch``, ``max_grad_norm``), ``train()``,
+``max_steps``, ``per_device_train_batch_size``, constant lr, ``adamw_torch``, ``max_grad_norm``, fp32: TRL's
+default bf16 is turned off, as every way computes in fp32), ``train()``,
 ``get_peft_model_state_dict``; then the server average. Each way runs in its own process with every core.
 
 Seconds per round: each round's wall time, training and aggregation (fedlora's engine ``seconds``; the
@@ -143,6 +144,8 @@ def run_peer(way: str, rounds: int, folder: Path) -> dict:
                 use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0,
                 disable_tqdm=True,
+                bf16=False,  # TRL's SFTConfig turns bf16 on by default; the same fp32 round for every way
+                fp16=False,
             )
             if way == "sft-trainer":
                 args |= {"max_length": cfg.data.max_seq_len, "completion_only_loss": True}
