@@ -1,7 +1,7 @@
 """Splitting pooled examples into clients (through flwr-datasets' partitioners) and each client into
 train / eval / test.
 
-- ``iid``: a seeded shuffle, then flwr-datasets' ``IidPartitioner`` (equal contiguous shards);
+- ``iid``: a seeded shuffle, then flwr-datasets' ``IidPartitioner`` rule (equal contiguous shards);
 - ``dirichlet``: ``DirichletPartitioner`` over the label or category column: client j's share of class c is
   drawn from Dir(alpha) (alpha -> 0: one class per client; alpha -> inf: IID), at least
   ``min_partition_size`` examples per client;
@@ -22,7 +22,7 @@ from typing import Any
 
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
 from flwr_datasets.partitioner import natural_id_partitioner as _natural_id
 
 from fedlora.data.examples import ClientData, Example
@@ -132,11 +132,19 @@ def _shards(examples: list[Example], table: Dataset, partitioner: Any, count: in
 def iid_partition(
     examples: list[Example], num_clients: int | None, seed: int, **_: object
 ) -> list[list[Example]]:
-    """A seeded shuffle cut into ``num_clients`` equal shards (flwr-datasets' IidPartitioner)."""
+    """A seeded shuffle cut into ``num_clients`` contiguous shards of equal size (the first n mod N one
+    larger): flwr-datasets' ``IidPartitioner`` rule (``Dataset.shard(contiguous=True)``), computed directly
+    (its one ``load_partition`` per client took 143 s for 100,000 clients; a test keeps the two equal)."""
     count = _client_count(examples, num_clients, "iid")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    return _shards(examples, Dataset.from_dict({"idx": order}), IidPartitioner(num_partitions=count), count)
+    size, extra = divmod(len(order), count)
+    shards, start = [], 0
+    for j in range(count):
+        end = start + size + (1 if j < extra else 0)
+        shards.append([examples[i] for i in order[start:end]])
+        start = end
+    return shards
 
 
 @register_partitioner("dirichlet")

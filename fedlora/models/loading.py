@@ -137,12 +137,13 @@ HEAD_NAMES = ("score", "classifier")
 
 def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Keep every frozen linear weight of ``model`` in ``dtype`` (``compute.base_dtype``), once, so that an
-    autocast forward in ``dtype`` does not cast it again at every step. The input embedding stays float32:
-    an output layer tied to it gets its own ``dtype`` copy. Returns the number of weights cast."""
-    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    autocast forward in ``dtype`` does not cast it again at every step. The output layer (the LM head, often
+    tied to the input embedding) stays float32: fedlora computes the logits outside autocast, at full
+    precision (:mod:`fedlora.client.loss`). Returns the number of weights cast."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        if not isinstance(module, torch.nn.Linear) or module is output or name.rsplit(".", 1)[-1] in HEAD_NAMES:
             continue
         weight = module.weight
         if weight.requires_grad or weight.dtype == dtype:
@@ -151,8 +152,6 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
         if module.bias is not None:
             module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         count += 1
-    if embedding is not None and embedding.dtype != dtype:
-        assert model.get_input_embeddings().weight is embedding  # untied from the output layer, not cast
     return count
 
 

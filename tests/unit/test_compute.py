@@ -131,15 +131,16 @@ def test_mixed_precision_trains_float32_factors_close_to_fp32(tmp_path, precisio
 
 
 def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
-    """compute.base_dtype bf16: the frozen linear weights are bf16 once (the embedding, a tied output layer's
-    own copy aside, stays float32; LoRA factors float32), and training follows bf16 autocast closely."""
+    """compute.base_dtype bf16: the frozen linear weights are bf16 once (the embeddings and the output layer
+    stay float32; LoRA factors float32), and training follows bf16 autocast closely."""
     from fedlora.models.loading import load_base_model
 
     cfg = config_from_dict(tiny(tmp_path, compute={"precision": "bf16", "base_dtype": "bf16"}))
     model = load_base_model(cfg.model, compute=cfg.compute).model
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
-    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == head.weight.dtype == torch.float32  # full-precision logits
     autocast = run_cfg(tmp_path, "autocast", tiny(tmp_path, compute={"precision": "bf16"}))
     copied = run_cfg(tmp_path, "copy", cfg.model_dump(mode="json"))
     assert all(v.dtype == torch.float32 for v in copied.final_state.values())

@@ -66,3 +66,24 @@ def test_split_client_fractions() -> None:
     client = split_client(3, "c", labelled(50), eval_fraction=0.1, test_fraction=0.2, seed=0)
     assert (len(client.train), len(client.eval), len(client.test)) == (35, 5, 10)
     assert split_client(3, "c", labelled(50), 0.1, 0.2, 0).eval == client.eval
+
+
+@pytest.mark.parametrize(("n", "clients"), [(103, 10), (1000, 7), (20, 20), (5, 1)])
+def test_iid_shards_are_flwr_datasets_iid_partitioner_s(n: int, clients: int) -> None:
+    """fedlora computes the IID shards directly (one pass, for 100,000 clients); they are exactly what
+    flwr-datasets' IidPartitioner gives for the same seeded shuffle."""
+    import random
+
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedlora.data.examples import Example
+    from fedlora.data.partition import iid_partition
+
+    examples = [Example(instruction=f"q{i}", output=str(i)) for i in range(n)]
+    order = list(range(n))
+    random.Random(3).shuffle(order)
+    partitioner = IidPartitioner(num_partitions=clients)
+    partitioner.dataset = Dataset.from_dict({"idx": order})
+    expected = [[examples[i] for i in partitioner.load_partition(j)["idx"]] for j in range(clients)]
+    assert iid_partition(examples, clients, 3) == expected
