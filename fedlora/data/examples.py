@@ -29,7 +29,7 @@ class Example:
     messages: Conversation | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientData:
     """One client's private data, already split into train / eval / test."""
 

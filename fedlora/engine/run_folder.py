@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,17 @@ def sha256_bytes(data: bytes) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` or its previous content, whatever happens (temporary file, fsync, rename)."""
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """:func:`atomic_write_bytes` of the concatenated ``chunks``, written as they come (a record too large
+    to hold twice in memory, such as 100,000 clients' entries, is never built whole)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

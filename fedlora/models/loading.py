@@ -143,7 +143,11 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is output or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or module is output
+            or name.rsplit(".", 1)[-1] in HEAD_NAMES
+        ):
             continue
         weight = module.weight
         if weight.requires_grad or weight.dtype == dtype:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedlora.compute import describe_machine, model_device
-from fedlora.engine.run_folder import (
-    atomic_write_text,
-    read_run_info,
-    sha256_bytes,
-)
+from fedlora.engine.run_folder import atomic_write_chunks, atomic_write_text, read_run_info, sha256_bytes
 from fedlora.engine.transport import Simulation
 from fedlora.models.loading import ModelBundle
 from fedlora.version import __version__
@@ -43,32 +40,36 @@ def write_run_info(
     """``clients.json`` (each client's name and split sizes) and ``run.json`` (what export needs, the
     config's checksum, and the changes each resume made, with the checksum of ``effective_config``, the
     config text a resume with changes writes to ``config.yaml``), both written atomically."""
-    clients = [
-        {
-            "client": c.client_id,
-            "name": c.name,
-            "train": c.size("train"),
-            "eval": c.size("eval"),
-            "test": c.size("test"),
-            "rank": sim.strategy.client_profiles[c.client_id].name,
-            **(
-                {"model": sim.client_models.labels[sim.client_models.variant_of[c.client_id]]}
-                if sim.client_models is not None
-                else {}
-            ),
-        }
-        for c in sim.federation.clients
-    ] + [
-        {
-            "client": c.client_id,
-            "name": c.name,
-            "test": c.size("test"),
-            "eval": c.size("eval"),
-            "held_out": True,
-        }
-        for c in sim.federation.held_out
-    ]
-    atomic_write_text(run_dir / "clients.json", json.dumps(clients, indent=0))
+
+    def entries() -> Iterator[dict[str, Any]]:
+        for c in sim.federation.clients:
+            entry = {
+                "client": c.client_id,
+                "name": c.name,
+                "train": c.size("train"),
+                "eval": c.size("eval"),
+                "test": c.size("test"),
+                "rank": sim.strategy.client_profiles[c.client_id].name,
+            }
+            if sim.client_models is not None:
+                entry["model"] = sim.client_models.labels[sim.client_models.variant_of[c.client_id]]
+            yield entry
+        for c in sim.federation.held_out:
+            yield {
+                "client": c.client_id,
+                "name": c.name,
+                "test": c.size("test"),
+                "eval": c.size("eval"),
+                "held_out": True,
+            }
+
+    def chunks() -> Iterator[bytes]:  # a JSON list, one client a line, streamed
+        yield b"["
+        for number, entry in enumerate(entries()):
+            yield (",\n" if number else "\n").encode() + json.dumps(entry).encode()
+        yield b"\n]"
+
+    atomic_write_chunks(run_dir / "clients.json", chunks())
     info = {
         "fedlora_version": __version__,
         "base_model": str(bundle.folder.resolve()),
