@@ -48,10 +48,15 @@ class ClientData:
         return len(self.split(split))
 
     def with_id(self, client_id: int) -> ClientData:
-        return replace(self, client_id=client_id)
+        return self if client_id == self.client_id else replace(self, client_id=client_id)
 
     def capped(self, max_train: int | None, max_eval: int | None) -> ClientData:
-        """At most ``max_train`` training and ``max_eval`` eval/test examples (None = no cap)."""
+        """At most ``max_train`` training and ``max_eval`` eval/test examples (None = no cap; this client
+        itself when nothing is cut, so that 100,000 clients are not copied for nothing)."""
+        if (not max_train or len(self.train) <= max_train) and (
+            not max_eval or max(len(self.eval), len(self.test)) <= max_eval
+        ):
+            return self
         return replace(
             self,
             train=self.train[:max_train] if max_train else self.train,

@@ -196,17 +196,14 @@ def federate(
             part.by,
             part.min_partition_size,
         )
-        clients = [
-            split_client(
-                i,
-                _client_name(i, shard, part.method),
-                shard,
-                data.eval_fraction,
-                data.test_fraction,
-                data.seed,
-            )
-            for i, shard in enumerate(shards)
-        ]
+        clients = []
+        for i in range(len(shards)):
+            shard, shards[i] = (
+                shards[i],
+                [],
+            )  # each shard freed once split: one copy of 100,000 clients at a time
+            name = _client_name(i, shard, part.method)
+            clients.append(split_client(i, name, shard, data.eval_fraction, data.test_fraction, data.seed))
         description += f", {part.method} partition"
     clients = [
         c.capped(data.max_train_examples_per_client, data.max_eval_examples_per_client) for c in clients

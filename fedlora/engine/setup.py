@@ -63,7 +63,8 @@ def load_client_side(cfg: NodeSpec, federation: Federation) -> ClientSide:
     profiles = client_profiles(cfg.resources, cfg.adapter.rank, len(federation.clients), cfg.federation.seed)
     for profile in sorted(set(profiles)):
         adapters.activate(profile)  # refuses ranks above a module's min(d, k) before any work
-    profiles = [adapters.canonical(p) for p in profiles]
+    canonical = {p: adapters.canonical(p) for p in set(profiles)}  # one object per rank type, not per client
+    profiles = [canonical[p] for p in profiles]
     encoder = (
         client_models.encoders[0]
         if client_models is not None
