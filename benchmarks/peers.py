@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import report, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -180,17 +181,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             runner = run_fedlora if args.one.startswith("fedlora") else run_peer
             figures = runner(args.one, args.rounds, Path(tmp) / "run")
-        print("RESULT " + json.dumps(figures))
+        report(figures)
         return
     rows = []
     for way in args.ways.split(","):
         command = [sys.executable, __file__, "--one", way, "--rounds", str(args.rounds)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{way}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+        row = run_child(command, way)
+        if row is None:
             continue
-        row = json.loads(lines[-1].removeprefix("RESULT "))
         row["s_per_round"] = sum(row["seconds"]) / len(row["seconds"])
         later = row["seconds"][1:] or row["seconds"]
         row["s_per_later_round"] = sum(later) / len(later)

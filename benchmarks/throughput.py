@@ -20,11 +20,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import report, run_child
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,7 +94,7 @@ def main() -> None:
             figures = run_one(
                 args.one, args.rounds, args.clients, args.device, args.override, Path(tmp) / "run"
             )
-        print("RESULT " + json.dumps(figures))
+        report(figures)
         return
     rows = []
     for variant in args.variants.split(","):
@@ -101,12 +102,10 @@ def main() -> None:
         command += ["--clients", str(args.clients), "--device", args.device]
         for item in args.override:
             command += ["-o", item]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{variant}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+        figures = run_child(command, variant)
+        if figures is None:
             continue
-        rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        rows.append(figures)
         print(f"  {variant}: {rows[-1]['s_per_round']:.2f} s/round", file=sys.stderr, flush=True)
     anchor = next((r for r in rows if r["variant"] == "per-client"), rows[0] if rows else None)
     print(
