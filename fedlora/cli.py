@@ -155,25 +155,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def registered_names() -> str:
-    """The strategies, data sources, partitioners and metrics registered now (built-ins and plugins), for
-    ``--help``."""
-    from fedlora.data.federation import DATA_SOURCES
-    from fedlora.data.partition import PARTITIONERS
-    from fedlora.eval.registry import METRICS
-    from fedlora.preflight import load_builtins
-    from fedlora.strategies.registry import STRATEGIES
-
-    load_builtins()
-    rows = [
-        ("strategy.name", STRATEGIES),
-        ("data.source", DATA_SOURCES),
-        ("partition.method", PARTITIONERS),
-        ("eval.metrics", METRICS),
-    ]
-    return "\n".join(f"  {field}: {', '.join(sorted(registry.names()))}" for field, registry in rows)
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedlora.models.registry import fetch_builtin
 
@@ -186,6 +167,8 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     """The CLI; ``with_names``: the help lists the registered strategies, data sources... (imports them)."""
     epilog = EPILOG
     if with_names:
+        from fedlora.preflight import registered_names
+
         epilog = f"{EPILOG}\n\nregistered names:\n{registered_names()}\n\nevery key: fedlora config"
     parser = argparse.ArgumentParser(
         prog="fedlora",

@@ -125,3 +125,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
     """A config from command-line overrides alone (the schema's defaults), preflighted."""
     return check_experiment(loader.config_from_overrides(overrides))
+
+
+def registered_names() -> str:
+    """The strategies, data sources, partitioners and metrics registered now (built-ins and plugins), for
+    ``--help``."""
+    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.registry import METRICS
+    from fedlora.strategies.registry import STRATEGIES
+
+    load_builtins()
+    rows = [
+        ("strategy.name", STRATEGIES),
+        ("data.source", DATA_SOURCES),
+        ("partition.method", PARTITIONERS),
+        ("eval.metrics", METRICS),
+    ]
+    return "\n".join(f"  {field}: {', '.join(sorted(registry.names()))}" for field, registry in rows)

@@ -140,7 +140,9 @@ def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
     head = model.get_output_embeddings()
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
-    assert model.get_input_embeddings().weight.dtype == head.weight.dtype == torch.float32  # full-precision logits
+    assert (
+        model.get_input_embeddings().weight.dtype == head.weight.dtype == torch.float32
+    )  # full-precision logits
     autocast = run_cfg(tmp_path, "autocast", tiny(tmp_path, compute={"precision": "bf16"}))
     copied = run_cfg(tmp_path, "copy", cfg.model_dump(mode="json"))
     assert all(v.dtype == torch.float32 for v in copied.final_state.values())

@@ -184,6 +184,10 @@ def test_help_lists_the_registered_names(capsys) -> None:
 
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines() if ": " in line}
-    assert {"fedit", "flexlora", "hetlora", "fed-sb"} <= set(lines["strategy.name"].split(": ")[1].split(", "))
+    lines = {
+        line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines() if ": " in line
+    }
+    assert {"fedit", "flexlora", "hetlora", "fed-sb"} <= set(
+        lines["strategy.name"].split(": ")[1].split(", ")
+    )
     assert {"json", "hf", "natural-instructions"} <= set(lines["data.source"].split(": ")[1].split(", "))
