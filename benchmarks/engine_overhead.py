@@ -28,9 +28,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
-from fedlora import load_config  # noqa: E402
+from fedlora import load_config
 from fedlora.client import loss as loss_module
 from fedlora.client.steps import round_seed  # noqa: E402
+from fedlora.config.loader import builtin_config_path  # noqa: E402  (the demo experiment is the base)
 from fedlora.data.encoding import batches_for_steps, collate  # noqa: E402
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients  # noqa: E402
 from fedlora.models.registry import cache_root  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> int:
         "eval.metrics=[]",
         "output.plot=false",
     ]
-    cfg = load_config(None, overrides)
+    cfg = load_config(builtin_config_path(), overrides)
     sim, _ = build_simulation(cfg)
     bare = BarePeftLoop(
         cfg, sim.federation, sim.encoder, sim.adapters.model, sim.encoder.tokenizer.pad_token_id

@@ -69,6 +69,7 @@ def main() -> None:
     work = (args.local_steps, args.batch_size, args.max_seq_len)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fedlora import load_config
+    from fedlora.config.loader import builtin_config_path  # the demo experiment is the base
     from fedlora.engine.flower.deploy import LoopbackDeployment, free_port, write_app
     from fedlora.runner import run_experiment
 
@@ -76,7 +77,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for engine in ("embedded", "flower-sim"):
-            cfg = load_config(None, [*overrides(root, args.rounds, args.model, *work), f"engine={engine}"])
+            cfg = load_config(
+                builtin_config_path(), [*overrides(root, args.rounds, args.model, *work), f"engine={engine}"]
+            )
             started = time.perf_counter()
             run_experiment(cfg, root / engine, show_progress=False)
             rows.append(
@@ -89,7 +92,7 @@ def main() -> None:
             )
         if args.no_deployment:
             return report(rows, args)
-        cfg = load_config(None, overrides(root, args.rounds, args.model, *work))
+        cfg = load_config(builtin_config_path(), overrides(root, args.rounds, args.model, *work))
         port = free_port()
         app = write_app(root / "app", cfg, root / "deployment", address=f"127.0.0.1:{port}")
         nodes = ["partition-id=0 num-partitions=2", "partition-id=1 num-partitions=2"]

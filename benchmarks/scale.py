@@ -51,9 +51,10 @@ def run_one(num_clients: int, rounds: int, queue: mp.Queue) -> None:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
     from fedlora import load_config
+    from fedlora.config.loader import builtin_config_path  # the demo experiment is the base
     from fedlora.runner import run_experiment
 
-    cfg = load_config(None, overrides(num_clients, rounds))
+    cfg = load_config(builtin_config_path(), overrides(num_clients, rounds))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = run_experiment(cfg, Path(tmp) / "run", show_progress=False)

@@ -49,6 +49,7 @@ def run_one(variant: str, rounds: int, clients: int, device: str, extra: list[st
     import torch
 
     from fedlora import load_config
+    from fedlora.config.loader import builtin_config_path  # the demo experiment is the base
     from fedlora.runner import run
 
     overrides = [
@@ -60,7 +61,7 @@ def run_one(variant: str, rounds: int, clients: int, device: str, extra: list[st
         *VARIANTS[variant],
         *extra,
     ]
-    cfg = load_config(None, overrides)
+    cfg = load_config(builtin_config_path(), overrides)
     started = time.perf_counter()
     result = run(cfg, folder, show_progress=False)
     wall = time.perf_counter() - started
