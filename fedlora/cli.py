@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        if not received:  # not a signal: a real crash, shown as one
+    except BaseException:
+        # not a signal: a real crash, shown as one. A signal while a library imports can surface as another
+        # error (transformers turns the interrupt of a lazy import into ModuleNotFoundError): still a stop
+        if not received:
             raise
         print(
             f"fedlora: stopped by signal {received[0]} outside the rounds (checkpoints stand)",
