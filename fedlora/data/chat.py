@@ -97,11 +97,7 @@ def as_messages(turns: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> str:
     """The text before the final answer: every turn before it, then the template's generation prompt."""
-    return str(
-        tokenizer.apply_chat_template(
-            as_messages(conversation[:-1]), tokenize=False, add_generation_prompt=True
-        )
-    )
+    return _render(tokenizer, conversation[:-1], True)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, turns: Conversation, generation_prompt: bool) -> str:

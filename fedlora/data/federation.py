@@ -102,10 +102,7 @@ def json_source(request: SourceRequest) -> SourceData:
             f"data.path {data.path!r} is not a JSON/JSONL file: read it with data.source: hf (datasets folders "
             "made by save_to_disk, parquet, CSV and Arrow files)"
         )
-    records = list(iter_json_records(data.path))
-    source = records_source(request, records, data.path)
-    source.description = f"{data.path} ({len(source.examples or [])} examples)"
-    return source
+    return records_source(request, list(iter_json_records(data.path)), data.path, data.path)
 
 
 @register_data_source("hf")
@@ -121,25 +118,27 @@ def hf_source(request: SourceRequest) -> SourceData:
             "hub dataset id in the local Hugging Face cache"
         )
     rows, description = load_rows(data.path, data.hf_split)
-    source = records_source(request, list(enumerate(rows, start=1)), f"{data.path} row")
-    source.description = f"{description} ({len(source.examples or [])} rows)"
-    return source
+    return records_source(request, list(enumerate(rows, start=1)), f"{data.path} row", description, "rows")
 
 
 def rows_source(request: SourceRequest, rows: Iterable[dict[str, Any]]) -> SourceData:
     """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
     the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
-    source = records_source(request, list(enumerate(rows, start=1)), "dataset row")
-    source.description = f"a dataset given in Python ({len(source.examples or [])} rows)"
-    return source
+    rows = list(enumerate(rows, start=1))
+    return records_source(request, rows, "dataset row", "a dataset given in Python", "rows")
 
 
 def records_source(
-    request: SourceRequest, records: list[tuple[int, dict[str, Any]]], where: str
+    request: SourceRequest,
+    records: list[tuple[int, dict[str, Any]]],
+    where: str,
+    label: str,
+    unit: str = "examples",
 ) -> SourceData:
     """Numbered records (a file's lines, a dataset's rows; ``where`` names them in errors) read with the
     config's field names: instruction / input / output, or the chat column ``data.messages_field``
-    (found when it is named ``messages`` or ``conversations``); labels for classification."""
+    (found when it is named ``messages`` or ``conversations``); labels for classification. Described as
+    ``label (N unit)``."""
     data = request.data
     label_names = None
     if request.task == "classification":
@@ -148,7 +147,7 @@ def records_source(
     examples = instruction_examples(
         records, where, *fields, label_names=label_names, messages_field=data.messages_field
     )
-    return SourceData(f"{where} ({len(examples)} records)", examples, None, label_names)
+    return SourceData(f"{label} ({len(examples)} {unit})", examples, None, label_names)
 
 
 def build_federation(cfg: ExperimentConfig, source: SourceData | None = None) -> Federation:
