@@ -126,7 +126,8 @@ def _run(
             raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
         from fedlora.engine.flower import run_flower_simulation
 
-        run_flower_simulation(cfg, target, flower_server_app(cfg, target, resume), flower_client_app(cfg))
+        server = flower_server_app(cfg, target, resume, routing="assigned")  # simulation nodes are slots
+        run_flower_simulation(cfg, target, server, flower_client_app(cfg))
         records = MetricsLog(target / "metrics.jsonl").read()
         adapter = target / "global" / "adapter_model.safetensors"
         state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
@@ -279,15 +280,19 @@ def stop_on_signals(stop: StopFlag, console: Console) -> Iterator[None]:
 
 
 def flower_server_app(
-    config: ExperimentConfig | None = None, run_dir: Path | None = None, resume: bool = False
+    config: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    routing: str = "query",
 ):
-    """A Flower ServerApp running fedlora's rounds (config given, or from the Flower run config)."""
+    """A Flower ServerApp running fedlora's rounds (config given, or from the Flower run config); ``routing``:
+    how it finds each client's node (:data:`fedlora.engine.flower.transport.ROUTINGS`)."""
     from fedlora.engine.flower import server_app
 
     def start(cfg: ExperimentConfig, folder: Path, resume: bool, factory: TransportFactory) -> None:
         run_experiment(cfg, folder, resume=resume, show_progress=False, transport_factory=factory)
 
-    return server_app(start, config, run_dir, resume)
+    return server_app(start, config, run_dir, resume, routing)
 
 
 def flower_client_app(config: ExperimentConfig | None = None):

@@ -13,7 +13,13 @@ import torch
 from fedlora.client.node import ClientNode
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower.environment import quiet_flower
-from fedlora.engine.flower.transport import FlowerTransport, from_arrays, metrics_record, to_arrays
+from fedlora.engine.flower.transport import (
+    ASSIGNED_KEY,
+    FlowerTransport,
+    from_arrays,
+    metrics_record,
+    to_arrays,
+)
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
@@ -61,6 +67,26 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
 _NODES: dict[str, ClientNode] = {}
 
 
+def process_node(spec: NodeSpec, build_node: Callable[[NodeSpec], ClientNode]) -> ClientNode:
+    """This process's node for ``spec``, built the first time the spec is seen here.
+
+    A module-level function on purpose: Flower's Ray backend sends the ClientApp to its actors with
+    cloudpickle for every message, which copies the globals of the app's nested functions by value; the
+    cache must be looked up here, in this module's own globals, or every message would build a new node
+    (data and model)."""
+    key = spec.model_dump_json()
+    if key not in _NODES:
+        prepare_node(spec.plugins)  # this process's entry (a Flower node): plugins and methods
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
+        torch.set_num_threads(spec.client.num_threads)
+        node = build_node(spec)
+        node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
+        _NODES[key] = node
+    return _NODES[key]
+
+
 def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentConfig | None = None) -> Any:
     """A Flower ClientApp running fedlora clients (config given, or from the run config's
     ``fedlora-config``); ``build_node`` makes the node from the config's :class:`NodeSpec` the first time
@@ -72,18 +98,7 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
     app = ClientApp()
 
     def node_for(context: Any) -> ClientNode:
-        spec = NodeSpec.of(config or config_from_run_config(context.run_config))
-        key = spec.model_dump_json()
-        if key not in _NODES:
-            prepare_node(spec.plugins)  # this process's entry (a Flower node): plugins and methods
-            import warnings
-
-            warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
-            torch.set_num_threads(spec.client.num_threads)
-            node = build_node(spec)
-            node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
-            _NODES[key] = node
-        return _NODES[key]
+        return process_node(NodeSpec.of(config or config_from_run_config(context.run_config)), build_node)
 
     def partition(context: Any) -> int:
         return int(context.node_config["partition-id"])
@@ -103,8 +118,16 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
     @app.train()
     def train(msg: Any, context: Any) -> Any:
         node = node_for(context)
-        client = partition(context)
-        server_round, _, instruction = read_request(msg.content["meta"], from_arrays(msg.content["payload"]))
+        meta = msg.content["meta"]
+        server_round, named, instruction = read_request(meta, from_arrays(msg.content["payload"]))
+        if meta.get(ASSIGNED_KEY, False):  # a simulation slot: every client's data is in this process
+            client = named
+        else:
+            client = partition(context)
+            if named != client:
+                raise ConfigError(
+                    f"flower: a message for client {named} reached the node holding partition {client}"
+                )
         reply = node.train(server_round, client, instruction)
         content = RecordDict(
             {
@@ -129,8 +152,10 @@ def server_app(
     config: ExperimentConfig | None = None,
     run_dir: Path | None = None,
     resume: bool = False,
+    routing: str = "query",
 ) -> Any:
-    """A Flower ServerApp that runs ``run`` (fedlora's rounds) with the clients behind the Grid."""
+    """A Flower ServerApp that runs ``run`` (fedlora's rounds) with the clients behind the Grid, found by
+    ``routing`` (:data:`~fedlora.engine.flower.transport.ROUTINGS`)."""
     quiet_flower()
     from flwr.serverapp import ServerApp
 
@@ -140,6 +165,6 @@ def server_app(
     def main(grid: Any, context: Any) -> None:
         cfg = config or config_from_run_config(context.run_config)
         folder = run_dir or Path(str(context.run_config["run-dir"]))
-        run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status))
+        run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status, routing=routing))
 
     return app

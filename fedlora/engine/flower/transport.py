@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from fedlora.adapters.ranks import RankProfile
+from fedlora.config.schema import FederationConfig
+from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
 from fedlora.protocol import (
@@ -41,8 +43,30 @@ def from_arrays(record: Any) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+#: how the server finds the node of a client: ``query`` asks every node once which partition it holds (and its
+#: rank budget) before round 1 (deployment: a node holds its own data, one node per client); ``assigned``: the
+#: nodes are slots holding the same federation (Flower's simulation: every ClientApp builds it from the same
+#: config), as many as a round samples; the round's k-th client goes to the k-th node id in sorted order and
+#: its message names the client, so no node is asked anything before a round
+ROUTINGS = ("query", "assigned")
+
+#: the request key saying that the node trains the client the message names (``assigned`` routing)
+ASSIGNED_KEY = "assigned-client"
+
+
+def simulation_nodes(fed: FederationConfig, num_clients: int) -> int:
+    """The SuperNodes a simulation with ``assigned`` routing runs: one per client a round samples."""
+    return clients_per_round(fed, num_clients)
+
+
 class FlowerTransport:
-    """Reaches the sampled clients through a Flower ``Grid``: one message per client and round."""
+    """Reaches the sampled clients through a Flower ``Grid``: one message per client and round.
+
+    ``routing`` (:data:`ROUTINGS`): ``query`` needs one node per client and costs one message per node before
+    round 1; Flower's simulation dispatches messages in O(nodes x messages) (every 0.1 s its in-memory state
+    is asked for each node's messages, and each ask scans every stored message), so asking 10,000 virtual
+    nodes does not finish, and even a round's 8 messages cost ~1 s per 100 nodes. ``assigned`` runs
+    :func:`simulation_nodes` slots and sends a round's messages only: its cost does not grow with the clients."""
 
     def __init__(
         self,
@@ -50,7 +74,10 @@ class FlowerTransport:
         grid: Any,
         status: Callable[[str], None] | None = None,
         wait_for_nodes_s: float = 120.0,
+        routing: str = "query",
     ) -> None:
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r}: one of {', '.join(ROUTINGS)}")
         if sim.client_models is not None:
             raise ConfigError(
                 "engine flower: model-heterogeneous clients (model.variants) run on the embedded engine only"
@@ -60,20 +87,43 @@ class FlowerTransport:
         if isinstance(getattr(grid, "pull_interval", None), float):  # the simulation's in-memory grid polls
             grid.pull_interval = min(grid.pull_interval, 0.01)  # for replies every 0.1 s by default
         self.status = status or (lambda text: None)
-        self.node_of = self.discover_clients(wait_for_nodes_s)
+        self.routing = routing
+        num_clients = len(sim.federation.clients)
+        if routing == "assigned":
+            self.slots = sorted(
+                self.wait_for_nodes(simulation_nodes(sim.cfg.federation, num_clients), wait_for_nodes_s)
+            )
+            self.node_of: dict[int, int] = {}
+        else:
+            self.slots = []
+            self.node_of = self.discover_clients(self.wait_for_nodes(num_clients, wait_for_nodes_s))
 
-    def discover_clients(self, timeout_s: float) -> dict[int, int]:
-        """QUERY every node: which partition (client id) it holds and, if given, its rank budget."""
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        expected = len(self.sim.federation.clients)
+    def wait_for_nodes(self, expected: int, timeout_s: float) -> list[int]:
+        """The node ids once there are ``expected`` of them (or an error at ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < expected and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         if len(nodes) < expected:
-            raise ConfigError(f"flower: {len(nodes)} nodes connected, the federation has {expected} clients")
+            raise ConfigError(f"flower: {len(nodes)} nodes connected, the federation needs {expected}")
+        return nodes
+
+    def node_for(self, position: int, client_id: int) -> int:
+        """The node of a round's ``position``-th client."""
+        if not self.slots:
+            return self.node_of[client_id]
+        if position >= len(self.slots):
+            raise RuntimeError(
+                f"flower: more clients in a round than the simulation's {len(self.slots)} nodes"
+            )
+        return self.slots[position]
+
+    def discover_clients(self, nodes: list[int]) -> dict[int, int]:
+        """QUERY every node: which partition (client id) it holds and, if given, its rank budget."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        expected = len(self.sim.federation.clients)
         messages = [
             Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query")
             for n in nodes
@@ -126,15 +176,13 @@ class FlowerTransport:
         self.status(f"round {server_round}: {len(instructions)} clients training on their nodes")
         sent: dict[int, int] = {}  # node -> client
         messages = []
-        for client_id, instruction in instructions.items():
-            node = self.node_of[client_id]
+        for position, (client_id, instruction) in enumerate(instructions.items()):
+            node = self.node_for(position, client_id)
             sent[node] = client_id
-            content = RecordDict(
-                {
-                    "payload": to_arrays(instruction.payload),
-                    "meta": ConfigRecord(request_header(server_round, client_id, instruction)),
-                }
-            )
+            header = request_header(server_round, client_id, instruction)
+            if self.routing == "assigned":
+                header[ASSIGNED_KEY] = True
+            content = RecordDict({"payload": to_arrays(instruction.payload), "meta": ConfigRecord(header)})
             messages.append(
                 Message(content=content, dst_node_id=node, message_type="train", group_id=str(server_round))
             )
