@@ -121,13 +121,20 @@ def _run(
             raise ConfigError("give federation or dataset, not both")
         federation = build_federation(cfg, rows_source(SourceRequest.of(cfg), dataset))
     if cfg.engine == "flower-sim" and transport_factory is None:
+        if federation is not None:
+            raise ConfigError(
+                "engine flower-sim: each Flower client process builds the data from the config's data section, "
+                "so a dataset or federation given in Python cannot reach it; save the rows to a file "
+                "(data.source=json or hf) or use engine=embedded"
+            )
         target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
         if not resume and (target / "metrics.jsonl").exists():
             raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
         from fedlora.engine.flower import run_flower_simulation
 
-        server = flower_server_app(cfg, target, resume, routing="assigned")  # simulation nodes are slots
-        run_flower_simulation(cfg, target, server, flower_client_app(cfg))
+        federation = build_federation(cfg)  # the server's, built once (each client process builds its own)
+        server = flower_server_app(cfg, target, resume, routing="assigned", federation=federation)
+        run_flower_simulation(cfg, target, len(federation.clients), server, flower_client_app(cfg))
         records = MetricsLog(target / "metrics.jsonl").read()
         adapter = target / "global" / "adapter_model.safetensors"
         state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
@@ -284,13 +291,17 @@ def flower_server_app(
     run_dir: Path | None = None,
     resume: bool = False,
     routing: str = "query",
+    federation: Federation | None = None,
 ):
     """A Flower ServerApp running fedlora's rounds (config given, or from the Flower run config); ``routing``:
-    how it finds each client's node (:data:`fedlora.engine.flower.transport.ROUTINGS`)."""
+    how it finds each client's node (:data:`fedlora.engine.flower.transport.ROUTINGS`); ``federation``: the
+    config's clients when already built."""
     from fedlora.engine.flower import server_app
 
     def start(cfg: ExperimentConfig, folder: Path, resume: bool, factory: TransportFactory) -> None:
-        run_experiment(cfg, folder, resume=resume, show_progress=False, transport_factory=factory)
+        run_experiment(
+            cfg, folder, resume=resume, show_progress=False, transport_factory=factory, federation=federation
+        )
 
     return server_app(start, config, run_dir, resume, routing)
 

@@ -134,3 +134,18 @@ def test_a_node_is_built_once_per_process_though_the_app_travels_by_value(
             Message(content, dst_node_id=5, message_type="train"), context
         )
     assert builds.read_text().splitlines() == ["built"]
+
+
+def test_flower_sim_refuses_rows_given_in_python(tmp_path: Path) -> None:
+    """Flower's client processes build the data from the config: rows handed to ``fedlora.run`` would be
+    silently replaced by the config's data source there (they were)."""
+    import fedlora
+    from conftest import tiny_overrides
+
+    cfg = fedlora.load_config(None, tiny_overrides(tmp_path, engine="flower-sim"))
+    rows = [
+        {"instruction": f"add {i} and 1", "output": str(i + 1), "category": f"t{i % 2}"} for i in range(8)
+    ]
+    with pytest.raises(ConfigError, match="engine flower-sim: each Flower client process builds the data"):
+        fedlora.run(cfg, tmp_path / "run", dataset=rows, show_progress=False)
+    assert not (tmp_path / "run").exists()

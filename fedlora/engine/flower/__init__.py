@@ -5,12 +5,14 @@ round's instructions become one Flower ``Message`` per client (its own payload a
 plan, i.e. generic settings and the method's hook objects, as JSON in a ``ConfigRecord``), sent through the
 ``Grid``; the replies come back the same way (adapter as an
 ``ArrayRecord``, metrics as a ``MetricRecord``). Nothing is pickled: ArrayRecords carry raw tensor bytes.
-Before round 1 the server sends a ``query`` message to every node and learns which data partition it holds
-and, in deployment, its rank budget (``flower-supernode --node-config "partition-id=3 rank-budget=8"``).
+In a deployment, before round 1 the server sends a ``query`` message to every node and learns which data
+partition it holds and its rank budget (``flower-supernode --node-config "partition-id=3 rank-budget=8"``);
+in Flower's simulation the nodes are slots, one per client a round samples, and each message names its client
+(``assigned`` routing: nothing is asked, so 100,000 clients cost a round what 100 do).
 
 Client side (:func:`client_app`): a Flower ``ClientApp`` holding a :class:`~fedlora.client.node.ClientNode`
-(data, model, adapters: built once per process and config, kept across messages; no server part) that
-answers ``query`` and ``train``. The strategies know nothing of Flower; Flower knows nothing of the
+(data, model, adapters: built once per process and config and kept across messages by
+:func:`~fedlora.engine.flower.apps.process_node`; no server part) that answers ``query`` and ``train``. The strategies know nothing of Flower; Flower knows nothing of the
 strategies; this module knows nothing of the runner (the runner passes in what to run).
 """
 

@@ -33,7 +33,9 @@ def check_ray_disk(folder: str | None = None) -> None:
         )
 
 
-def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, client: Any) -> Path:
+def run_flower_simulation(
+    cfg: ExperimentConfig, run_dir: Path, num_clients: int, server: Any, client: Any
+) -> Path:
     """``engine: flower-sim``: the given apps on Flower's simulation runtime, one SuperNode per client a round
     samples (:func:`~fedlora.engine.flower.transport.simulation_nodes`; the server's ``assigned`` routing)."""
     quiet_flower()
@@ -41,10 +43,9 @@ def run_flower_simulation(cfg: ExperimentConfig, run_dir: Path, server: Any, cli
     from flwr.simulation import run_simulation
 
     from fedlora.compute import resolve_device
-    from fedlora.data.federation import build_federation
     from fedlora.engine.flower.transport import simulation_nodes
 
-    num_nodes = simulation_nodes(cfg.federation, len(build_federation(cfg).clients))
+    num_nodes = simulation_nodes(cfg.federation, num_clients)
     # on a GPU the round's clients share it: each ClientApp asks for 1 / (clients per round) of it
     gpu = resolve_device(cfg.compute.device).type == "cuda"
     share = 1.0 / num_nodes if gpu else 0.0
