@@ -52,16 +52,28 @@ def overrides(num_clients: int, rounds: int, engine: str, per_task: int) -> list
     ]
 
 
-def run_one(
-    num_clients: int, rounds: int, engine: str, per_task: int, node_per_client: bool, queue: mp.Queue
-) -> None:
+#: flower-sim's SuperNodes: one per sampled client (fedlora's), one per client (Flower's examples' way), or one
+#: per client found by asking every node for its partition before round 1 (fedlora's deployment routing)
+NODES = ("per-sampled-client", "per-client", "per-client-query")
+
+
+def use_nodes(nodes: str) -> None:
+    """Make this process's flower-sim runs use ``nodes`` (:data:`NODES`): the anchors of the measurement."""
+    import fedlora.engine.flower.transport as flower_transport
+    import fedlora.session.lifecycle as lifecycle
+
+    if nodes != "per-sampled-client":
+        flower_transport.simulation_nodes = lambda fed, n: n
+    if nodes == "per-client-query":
+        server_app = lifecycle.flower_server_app
+        lifecycle.flower_server_app = lambda *args, **kw: server_app(*args, **{**kw, "routing": "query"})
+
+
+def run_one(num_clients: int, rounds: int, engine: str, per_task: int, nodes: str, queue: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    if node_per_client:  # the anchor on flower-sim: a SuperNode for every client, not one per sampled client
-        import fedlora.engine.flower.transport as flower_transport
-
-        flower_transport.simulation_nodes = lambda fed, n: n
+    use_nodes(nodes)
     from fedlora import load_config
     from fedlora.runner import run
 
@@ -78,7 +90,7 @@ def run_one(
         {
             "clients": clients,
             "engine": engine,
-            "nodes": "per client" if node_per_client else "per sampled client",
+            "nodes": nodes,
             "startup_s": wall - sum(seconds),
             "seconds": seconds,
             "seconds_per_round": sum(seconds) / len(seconds),
@@ -96,18 +108,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine", default="embedded", choices=["embedded", "flower-sim"])
     parser.add_argument("--per-task", type=int, default=50_000, help="problems per reasoning-gym task")
-    parser.add_argument(
-        "--node-per-client",
-        action="store_true",
-        help="flower-sim: one SuperNode per client (Flower's examples' way) instead of one per sampled client",
-    )
+    parser.add_argument("--nodes", default=NODES[0], choices=NODES, help="flower-sim's SuperNodes (NODES)")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         queue = ctx.Queue()
         proc = ctx.Process(
-            target=run_one, args=(n, args.rounds, args.engine, args.per_task, args.node_per_client, queue)
+            target=run_one, args=(n, args.rounds, args.engine, args.per_task, args.nodes, queue)
         )
         proc.start()
         rows.append(queue.get())
@@ -117,7 +125,7 @@ def main() -> None:
     print(
         f"{4 * args.per_task} examples split IID, FlexLoRA over 4 rank types, 8 clients/round, "
         f"{args.rounds} rounds, engine {args.engine}"
-        + (f" ({rows[0]['nodes']} SuperNode)" if args.engine == "flower-sim" else "")
+        + (f" (SuperNodes {args.nodes})" if args.engine == "flower-sim" else "")
         + ", tiny-llama, 1 thread"
     )
     print(
@@ -136,7 +144,7 @@ def main() -> None:
             {
                 "benchmark": "cross_device",
                 "engine": args.engine,
-                "nodes": rows[0]["nodes"],
+                "nodes": args.nodes,
                 "rounds": args.rounds,
                 "rows": rows,
             }
