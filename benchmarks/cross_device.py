@@ -7,10 +7,11 @@ uniform`` over the FlexLoRA paper's rank types scaled to tiny-llama, ``rank_scal
 10) aggregated by FlexLoRA, 8 clients a round, 2 local steps of batch 2, the held-out loss on a fixed sample
 of 8 clients. Each N runs in a fresh process (``engine: embedded`` by default, or ``--engine flower-sim``).
 Reported: start-up (config to the first round: data, partition, the client registry and rank profiles),
-seconds per round (the engine's own, every round), the process's peak resident set (VmHWM), and the ratios
-to the first N. The data generation is the same for every N and is part of start-up.
+seconds per round (the engine's own, every round), the process's peak resident set (VmHWM; on flower-sim the
+server's: the ClientApps run in Ray's actor processes), and the ratios to the first N. The data generation is the same for every N and is part of start-up.
 
     python benchmarks/cross_device.py [--sizes 1000,10000,100000] [--rounds 3] [--engine embedded]
+        [--engine flower-sim --nodes per-sampled-client|per-client|per-client-query]
 """
 
 from __future__ import annotations
