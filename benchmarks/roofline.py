@@ -7,12 +7,14 @@ matrix units can do, in fp32, under bf16 autocast, and with the frozen base kept
    576 x 49152), fp32 and bf16, with every core; the peak is the FLOP-weighted rate over one step's GEMMs.
 2. One client's local step (forward, backward to the activations and the LoRA factors, AdamW) on the real
    model, per way: ``fp32``; ``autocast-bf16`` (``compute.precision: bf16``: the frozen weights cast at every
-   forward); ``base-bf16`` (``compute.base_dtype: bf16``: cast once at load). Its FLOPs are counted, not
+   forward); ``base-bf16`` (``compute.base_dtype: bf16``: cast once at load); with ``--compile`` also
+   ``fp32-compiled`` (the PEFT model under ``torch.compile``, inductor; its two compiling steps reported as
+   warm-up, not timed). Its FLOPs are counted, not
    measured: 2 x (multiply-adds of every linear layer) x tokens forward, the same again backward for the
    activation gradients (the frozen weights get none), attention's two matmuls, LoRA's small ones ignored.
    Achieved FLOP/s / the GEMM peak of its dtype is the fraction of the roofline.
 
-    python benchmarks/roofline.py [--steps 6] [--threads N]
+    python benchmarks/roofline.py [--steps 6] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
     from fedlora.config.schema import AdapterConfig, ComputeConfig, ModelConfig
     from fedlora.models.loading import load_base_model
 
-    precision = "fp32" if way == "fp32" else "bf16"
+    precision = "fp32" if way.startswith("fp32") else "bf16"
     compute = ComputeConfig(precision=precision, base_dtype="bf16" if way == "base-bf16" else "fp32")
     bundle = load_base_model(ModelConfig(name="smollm2-135m-instruct"), compute=compute)
     adapters = LoraAdapters(bundle.model, AdapterConfig(rank=8, alpha=16, dropout=0.0), "causal-lm")
@@ -85,17 +87,20 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
     ids = torch.randint(
         0, bundle.model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0)
     )
+    # torch.compile (inductor): the first steps compile the forward and backward graphs
+    forward = torch.compile(model) if way == "fp32-compiled" else model
+    warmups = (2 if way == "fp32-compiled" else 1) if warmup else 0
     times, losses = [], []
-    for _ in range(steps + int(warmup)):  # the first one warms the kernels up
+    for _ in range(steps + warmups):  # the first one(s) warm the kernels up
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - started)
         losses.append(float(loss))
-    seconds = sum(times[int(warmup) :]) / steps
+    seconds = sum(times[warmups:]) / steps
     flops = step_flops(bundle.model.config, ids.numel())
     return {
         "way": way,
@@ -103,6 +108,7 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
         "timed_steps": steps,
         "gflops": flops / seconds / 1e9,
         "first_loss": losses[0],
+        "warmup_s": sum(times[:warmups]),
         "config": bundle.model.config,
     }
 
@@ -111,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=CORES)
+    parser.add_argument("--compile", action="store_true", help="also an fp32 step under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoConfig
@@ -135,6 +142,8 @@ def main() -> None:
     # without bf16 matrix units (no AVX-512-BF16 / AMX) a bf16 step takes minutes: time one, no warm-up
     slow_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
     rows = [time_steps("fp32", args.steps)]
+    if args.compile:
+        rows.append(time_steps("fp32-compiled", args.steps))
     for way in ("autocast-bf16", "base-bf16"):
         rows.append(time_steps(way, 1 if slow_bf16 else args.steps, warmup=not slow_bf16))
     for row in rows:
@@ -143,7 +152,7 @@ def main() -> None:
     print(f"one local step (4 x 128 tokens, LoRA r=8), {args.threads} threads")
     print(f"{'way':14} {'s/step':>7} {'speed-up':>9} {'GFLOP/s':>8} {'of peak':>8} {'step-1 loss':>12}")
     for row in rows:
-        peak = peaks["fp32" if row["way"] == "fp32" else "bf16"]
+        peak = peaks["fp32" if row["way"].startswith("fp32") else "bf16"]
         row["speedup"] = anchor / row["s_per_step"]
         row["fraction_of_peak"] = row["gflops"] * 1e9 / peak
         print(
