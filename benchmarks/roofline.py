@@ -13,6 +13,11 @@ matrix units can do, in fp32, under bf16 autocast, and with the frozen base kept
    measured: 2 x (multiply-adds of every linear layer) x tokens forward, the same again backward for the
    activation gradients (the frozen weights get none), attention's two matmuls, LoRA's small ones ignored.
    Achieved FLOP/s / the GEMM peak of its dtype is the fraction of the roofline.
+3. What autocast's casts cost: under ``torch.autocast`` a frozen weight (``requires_grad=False``, so outside
+   autocast's weight cache) is cast to bf16 at every forward that uses it, so one step casts every linear
+   weight of the base once (backward reuses the forward's copies). Timed directly: every frozen ``nn.Linear``
+   weight of the fp32 model through ``.to(torch.bfloat16)``, best of 5 passes, as seconds per step and as
+   a share of each way's step. ``compute.base_dtype: bf16`` pays this once, at load.
 
     python benchmarks/roofline.py [--steps 6] [--threads N] [--compile]
 """
@@ -70,6 +75,21 @@ def step_flops(config, tokens: int) -> float:  # noqa: ANN001
     return 2 * (2 * linear * tokens + attention)
 
 
+def weight_cast_seconds(model: torch.nn.Module, repeats: int = 5) -> tuple[float, int]:
+    """Seconds to cast every frozen ``nn.Linear`` weight of ``model`` to bf16 once (what autocast does per forward
+    for frozen weights), the best of ``repeats`` passes, and the number of weights cast."""
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    ]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for weight in weights:
+            weight.to(torch.bfloat16)
+        best = min(best, time.perf_counter() - started)
+    return best, sum(w.numel() for w in weights)
+
+
 def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.config.schema import AdapterConfig, ComputeConfig, ModelConfig
@@ -99,9 +119,10 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - started)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     seconds = sum(times[warmups:]) / steps
     flops = step_flops(bundle.model.config, ids.numel())
+    cast_s, cast_numel = weight_cast_seconds(model) if way == "fp32" else (0.0, 0)
     return {
         "way": way,
         "s_per_step": seconds,
@@ -109,6 +130,8 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
         "gflops": flops / seconds / 1e9,
         "first_loss": losses[0],
         "warmup_s": sum(times[:warmups]),
+        "weight_cast_s": cast_s,
+        "weights_cast": cast_numel,
         "config": bundle.model.config,
     }
 
@@ -159,6 +182,15 @@ def main() -> None:
             f"{row['way']:14} {row['s_per_step']:7.3f} {row['speedup']:8.2f}x {row['gflops']:8.1f} "
             f"{row['fraction_of_peak']:7.0%} {row['first_loss']:12.4f}"
         )
+    cast_s, cast_numel = rows[0]["weight_cast_s"], rows[0]["weights_cast"]
+    for row in rows:
+        del row["weight_cast_s"], row["weights_cast"]
+    cast_share = {row["way"]: cast_s / row["s_per_step"] for row in rows}
+    print(
+        f"\nautocast's per-step weight casts: {cast_numel / 1e6:.1f}M frozen linear weights fp32 -> bf16 in "
+        f"{cast_s * 1e3:.1f} ms; "
+        + ", ".join(f"{share:.1%} of the {way} step" for way, share in cast_share.items())
+    )
     print(
         json.dumps(
             {
@@ -168,6 +200,9 @@ def main() -> None:
                 "gemm_gflops": {k: [r / 1e9 for r in v] for k, v in rates.items()},
                 "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
                 "rows": rows,
+                "weight_cast_s": cast_s,
+                "weights_cast": cast_numel,
+                "weight_cast_share": cast_share,
             }
         )
     )
