@@ -19,7 +19,10 @@ matrix units can do, in fp32, under bf16 autocast, and with the frozen base kept
    weight of the fp32 model through ``.to(torch.bfloat16)``, best of 5 passes, as seconds per step and as
    a share of each way's step. ``compute.base_dtype: bf16`` pays this once, at load.
 
-    python benchmarks/roofline.py [--steps 6] [--threads N] [--compile]
+On a GPU (``--device auto`` picks cuda:0 when there is one) the same measurements run there, each timing
+between ``torch.cuda.synchronize()`` calls.
+
+    python benchmarks/roofline.py [--steps 6] [--threads N] [--device auto|cpu|cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -54,17 +57,28 @@ def gemm_shapes(config) -> list[tuple[str, int, int, int]]:  # noqa: ANN001
     ]
 
 
-def gemm_rate(k: int, n: int, dtype: torch.dtype, seconds: float = 0.6) -> float:
-    """FLOP/s of ``F.linear`` of (ROWS x k) by an (n x k) weight in ``dtype`` (the kernel nn.Linear runs),
-    the best of repeated timings."""
-    x, w = torch.randn(ROWS, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a wall-clock timing covers them (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(k: int, n: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.6) -> float:
+    """FLOP/s of ``F.linear`` of (ROWS x k) by an (n x k) weight in ``dtype`` on ``device`` (the kernel
+    nn.Linear runs), the best of repeated timings (of 10 calls each on a GPU, whose launches are queued)."""
+    x = torch.randn(ROWS, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    calls = 10 if device.type == "cuda" else 1
     for _ in range(3):
         torch.nn.functional.linear(x, w)
+    synchronize(device)
     best, started = float("inf"), time.perf_counter()
     while time.perf_counter() - started < seconds:
         t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(calls):
+            torch.nn.functional.linear(x, w)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - t) / calls)
     return 2 * ROWS * k * n / best
 
 
@@ -81,22 +95,27 @@ def weight_cast_seconds(model: torch.nn.Module, repeats: int = 5) -> tuple[float
     weights = [
         m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
     ]
+    device = weights[0].device
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         for weight in weights:
             weight.to(torch.bfloat16)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return best, sum(w.numel() for w in weights)
 
 
-def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
+def time_steps(way: str, steps: int, device: torch.device, warmup: bool = True) -> dict:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.config.schema import AdapterConfig, ComputeConfig, ModelConfig
     from fedlora.models.loading import load_base_model
 
     precision = "fp32" if way.startswith("fp32") else "bf16"
-    compute = ComputeConfig(precision=precision, base_dtype="bf16" if way == "base-bf16" else "fp32")
+    compute = ComputeConfig(
+        device=str(device), precision=precision, base_dtype="bf16" if way == "base-bf16" else "fp32"
+    )
     bundle = load_base_model(ModelConfig(name="smollm2-135m-instruct"), compute=compute)
     adapters = LoraAdapters(bundle.model, AdapterConfig(rank=8, alpha=16, dropout=0.0), "causal-lm")
     adapters.initial_state()
@@ -106,18 +125,20 @@ def time_steps(way: str, steps: int, warmup: bool = True) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(
         0, bundle.model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0)
-    )
+    ).to(device)
     # torch.compile (inductor): the first steps compile the forward and backward graphs
     forward = torch.compile(model) if way == "fp32-compiled" else model
     warmups = (2 if way == "fp32-compiled" else 1) if warmup else 0
     times, losses = [], []
     for _ in range(steps + warmups):  # the first one(s) warm the kernels up
+        synchronize(device)
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        synchronize(device)
         times.append(time.perf_counter() - started)
         losses.append(float(loss.detach()))
     seconds = sum(times[warmups:]) / steps
@@ -140,9 +161,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=CORES)
+    parser.add_argument("--device", default="auto", help="auto (cuda:0 when there is one), cpu, cuda[:N]")
     parser.add_argument("--compile", action="store_true", help="also an fp32 step under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from fedlora.compute import describe_machine, resolve_device
+
+    device = resolve_device(args.device)
+    machine = describe_machine(device)
     from transformers import AutoConfig
 
     from fedlora.models.registry import fetch_builtin
@@ -150,12 +176,13 @@ def main() -> None:
     config = AutoConfig.from_pretrained(fetch_builtin("smollm2-135m-instruct"))
     shapes = gemm_shapes(config)
     weight = [k * n * count for _, k, n, count in shapes]
-    print(f"GEMM rates at the model's shapes ({ROWS} rows), {args.threads} threads, GFLOP/s")
+    print(f"{machine['device']} ({machine['cpu']}, {args.threads} threads)")
+    print(f"GEMM rates at the model's shapes ({ROWS} rows), GFLOP/s")
     print(f"{'shape':10} {'k x n':>12} {'fp32':>8} {'bf16':>8}")
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for name, k, n, _ in shapes:
         for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            rates[key].append(gemm_rate(k, n, dtype))
+            rates[key].append(gemm_rate(k, n, dtype, device))
         print(f"{name:10} {f'{k} x {n}':>12} {rates['fp32'][-1] / 1e9:8.1f} {rates['bf16'][-1] / 1e9:8.1f}")
     peaks = {  # the step's GEMM time at these rates, as one rate
         key: sum(weight) / sum(w / r for w, r in zip(weight, values, strict=True))
@@ -164,11 +191,11 @@ def main() -> None:
     print(f"{'step peak':10} {'':>12} {peaks['fp32'] / 1e9:8.1f} {peaks['bf16'] / 1e9:8.1f}\n")
     # without bf16 matrix units (no AVX-512-BF16 / AMX) a bf16 step takes minutes: time one, no warm-up
     slow_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
-    rows = [time_steps("fp32", args.steps)]
+    rows = [time_steps("fp32", args.steps, device)]
     if args.compile:
-        rows.append(time_steps("fp32-compiled", args.steps))
+        rows.append(time_steps("fp32-compiled", args.steps, device))
     for way in ("autocast-bf16", "base-bf16"):
-        rows.append(time_steps(way, 1 if slow_bf16 else args.steps, warmup=not slow_bf16))
+        rows.append(time_steps(way, 1 if slow_bf16 else args.steps, device, warmup=not slow_bf16))
     for row in rows:
         row.pop("config")
     anchor = rows[0]["s_per_step"]
@@ -195,6 +222,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "roofline",
+                "machine": machine,
                 "threads": args.threads,
                 "cpu_bf16_units": not slow_bf16,
                 "gemm_gflops": {k: [r / 1e9 for r in v] for k, v in rates.items()},
