@@ -22,7 +22,7 @@ matrix units can do, in fp32, under bf16 autocast, and with the frozen base kept
 On a GPU (``--device auto`` picks cuda:0 when there is one) the same measurements run there, each timing
 between ``torch.cuda.synchronize()`` calls.
 
-    python benchmarks/roofline.py [--steps 6] [--threads N] [--device auto|cpu|cuda] [--compile]
+    python benchmarks/roofline.py [--steps 6] [--threads N] [--device auto|cpu|cuda] [--model NAME|DIR] [--compile]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def weight_cast_seconds(model: torch.nn.Module, repeats: int = 5) -> tuple[float
     return best, sum(w.numel() for w in weights)
 
 
-def time_steps(way: str, steps: int, device: torch.device, warmup: bool = True) -> dict:
+def time_steps(way: str, steps: int, device: torch.device, model_name: str, warmup: bool = True) -> dict:
     from fedlora.adapters.lora import LoraAdapters
     from fedlora.config.schema import AdapterConfig, ComputeConfig, ModelConfig
     from fedlora.models.loading import load_base_model
@@ -116,7 +116,7 @@ def time_steps(way: str, steps: int, device: torch.device, warmup: bool = True) 
     compute = ComputeConfig(
         device=str(device), precision=precision, base_dtype="bf16" if way == "base-bf16" else "fp32"
     )
-    bundle = load_base_model(ModelConfig(name="smollm2-135m-instruct"), compute=compute)
+    bundle = load_base_model(ModelConfig(name=model_name), compute=compute)
     adapters = LoraAdapters(bundle.model, AdapterConfig(rank=8, alpha=16, dropout=0.0), "causal-lm")
     adapters.initial_state()
     model = adapters.model
@@ -162,6 +162,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=CORES)
     parser.add_argument("--device", default="auto", help="auto (cuda:0 when there is one), cpu, cuda[:N]")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="model.name: a built-in or a folder (a GPU machine gets the architecture with random weights)",
+    )
     parser.add_argument("--compile", action="store_true", help="also an fp32 step under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -171,9 +176,10 @@ def main() -> None:
     machine = describe_machine(device)
     from transformers import AutoConfig
 
-    from fedlora.models.registry import fetch_builtin
+    from fedlora.config.schema import ModelConfig
+    from fedlora.models.loading import resolve_model_folder
 
-    config = AutoConfig.from_pretrained(fetch_builtin("smollm2-135m-instruct"))
+    config = AutoConfig.from_pretrained(resolve_model_folder(ModelConfig(name=args.model)))
     shapes = gemm_shapes(config)
     weight = [k * n * count for _, k, n, count in shapes]
     print(f"{machine['device']} ({machine['cpu']}, {args.threads} threads)")
@@ -191,11 +197,11 @@ def main() -> None:
     print(f"{'step peak':10} {'':>12} {peaks['fp32'] / 1e9:8.1f} {peaks['bf16'] / 1e9:8.1f}\n")
     # without bf16 matrix units (no AVX-512-BF16 / AMX) a bf16 step takes minutes: time one, no warm-up
     slow_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
-    rows = [time_steps("fp32", args.steps, device)]
+    rows = [time_steps("fp32", args.steps, device, args.model)]
     if args.compile:
-        rows.append(time_steps("fp32-compiled", args.steps, device))
+        rows.append(time_steps("fp32-compiled", args.steps, device, args.model))
     for way in ("autocast-bf16", "base-bf16"):
-        rows.append(time_steps(way, 1 if slow_bf16 else args.steps, device, warmup=not slow_bf16))
+        rows.append(time_steps(way, 1 if slow_bf16 else args.steps, device, args.model, warmup=not slow_bf16))
     for row in rows:
         row.pop("config")
     anchor = rows[0]["s_per_step"]
