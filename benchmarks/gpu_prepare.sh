@@ -7,7 +7,7 @@ PY=.venv/bin/python
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 datasets==4.8.5 \
-  dill==0.4.1 multiprocess==0.70.19 flwr-datasets==0.6.1 peft==0.21.2 opacus==1.6.0
+  dill==0.4.1 multiprocess==0.70.19 flwr-datasets==0.6.1 peft==0.21.2 opacus==1.6.0 trl==1.16.0 accelerate==1.16.0
 mkdir -p .gpu/smollm2-arch
 cp ~/.cache/fedlora/models/smollm2-135m-instruct/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2-arch/
 HF_HUB_OFFLINE=1 $PY - <<'PY'
@@ -28,4 +28,4 @@ export(load_config(None, []), ".gpu/default-data.jsonl")
 tasks = {"tasks": ["gcd", "lcm", "chain_sum", "basic_arithmetic"], "examples_per_task": 16}
 export(config_from_dict({"data": tasks}), ".gpu/test-data.jsonl")
 PY
-echo "now: device run with carry [.whl, .gpu]: bash benchmarks/gpu_run.sh tests; bash benchmarks/gpu_run.sh bench"
+echo "now: device run with carry [.whl, .gpu]: bash benchmarks/gpu_run.sh tests | bench | peers | roofline"

@@ -17,7 +17,10 @@ default bf16 is turned off, as every way computes in fp32), ``train()``,
 Seconds per round: each round's wall time, training and aggregation (fedlora's engine ``seconds``; the
 peers' loop timed the same way), mean over the rounds; the first round separately (start-up and warm caches).
 
-    python benchmarks/peers.py [--rounds 3] [--ways fedlora,fedlora-1-worker,sft-trainer,hf-trainer]
+    python benchmarks/peers.py [--rounds 3] [--ways fedlora,fedlora-1-worker,sft-trainer,hf-trainer] [-o KEY=VALUE ...]
+
+``-o`` overrides go to every way's experiment (another model or data, e.g. on a GPU machine; ``compute.device:
+auto`` puts fedlora on the GPU, and the peers' trainers go there by themselves).
 """
 
 from __future__ import annotations
@@ -54,15 +57,15 @@ def experiment(rounds: int, extra: list[str]):  # noqa: ANN201 (fedlora imported
     return load_config(path, [f"federation.rounds={rounds}", f"eval.every={rounds}", *COMMON, *extra])
 
 
-def run_fedlora(way: str, rounds: int, folder: Path) -> dict:
+def run_fedlora(way: str, rounds: int, folder: Path, overrides: list[str]) -> dict:
     from fedlora.runner import run
 
-    result = run(experiment(rounds, WAYS[way]), folder, show_progress=False)
+    result = run(experiment(rounds, [*overrides, *WAYS[way]]), folder, show_progress=False)
     seconds = [r["seconds"] for r in result.records]
     return {"way": way, "seconds": seconds, "eval_loss": result.records[-1]["eval_loss"]}
 
 
-def run_peer(way: str, rounds: int, folder: Path) -> dict:
+def run_peer(way: str, rounds: int, folder: Path, overrides: list[str]) -> dict:
     """The peers' loop: a trainer per client per round around one PEFT model (module docstring)."""
     import datasets
     import torch
@@ -77,7 +80,7 @@ def run_peer(way: str, rounds: int, folder: Path) -> dict:
     from fedlora.runner import build_simulation
 
     torch.set_num_threads(CORES)
-    cfg = experiment(rounds, [])
+    cfg = experiment(rounds, overrides)
     sim, bundle = build_simulation(cfg)  # fedlora's data, batches, initial adapter and evaluation only
     clients = sim.federation.clients
     per_round = clients_per_round(cfg.federation, len(clients))
@@ -175,17 +178,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("-o", "--override", action="append", default=[], help="config override, every way")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
             runner = run_fedlora if args.one.startswith("fedlora") else run_peer
-            figures = runner(args.one, args.rounds, Path(tmp) / "run")
+            figures = runner(args.one, args.rounds, Path(tmp) / "run", args.override)
         report(figures)
         return
     rows = []
     for way in args.ways.split(","):
         command = [sys.executable, __file__, "--one", way, "--rounds", str(args.rounds)]
+        for item in args.override:
+            command += ["-o", item]
         row = run_child(command, way)
         if row is None:
             continue
