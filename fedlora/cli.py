@@ -128,17 +128,19 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.runner import export_merged
+    from fedlora.session.export import global_export
 
     run_dir = Path(args.run_dir)
-    if (run_dir / "global" / "model.safetensors").exists():  # merging or full-parameter methods
+    folder, kind = global_export(run_dir)
+    if kind == "model":  # merging or full-parameter methods
         print(
-            f"whole model: {run_dir / 'global'}  (AutoModelForCausalLM.from_pretrained(that folder)); it is "
+            f"whole model: {folder}  (AutoModelForCausalLM.from_pretrained(that folder)); it is "
             "already merged, so --merged has nothing to do"
         )
         return 0
-    print(f"PEFT adapter: {run_dir / 'global'}  (peft.PeftModel.from_pretrained(base_model, that folder))")
+    print(f"PEFT adapter: {folder}  (peft.PeftModel.from_pretrained(base_model, that folder))")
     if args.merged:
-        out = export_merged(run_dir, Path(args.merged))
+        out = export_merged(run_dir, Path(args.merged), args.dtype)
         print(f"merged full weights: {out}")
     return 0
 
@@ -263,6 +265,11 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
     ex.add_argument("run_dir")
     ex.add_argument("--merged", metavar="OUT", help="write base + adapter merged (merge_and_unload) to OUT")
+    ex.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the merged weights' dtype (default: the run's model.dtype; a 4/8-bit base is dequantised first)",
+    )
     ex.set_defaults(func=cmd_export)
 
     cf = sub.add_parser(

@@ -82,9 +82,11 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     from fedlora.strategies.registry import strategy_class, validate_strategy_options
 
     options = validate_strategy_options(cfg.strategy)
-    reason = strategy_class(cfg.strategy.name).refusal(experiment_facts(cfg), options)
+    cls = strategy_class(cfg.strategy.name)
+    reason = cls.refusal(experiment_facts(cfg), options)
     if reason is not None:
         raise ConfigError(reason)
+    resolve_strategy_defaults(cfg, cls(options))
     for registry, value in ((DATA_SOURCES, cfg.data.source), (PARTITIONERS, cfg.partition.method)):
         if value not in registry:
             raise ConfigError(
@@ -108,6 +110,15 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
             f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"
         )
     _CHECKED.add(content)
+    return cfg
+
+
+def resolve_strategy_defaults(cfg: ExperimentConfig, strategy: Any) -> ExperimentConfig:
+    """Write into ``cfg`` the settings the strategy resolves when the config leaves them unset, so that
+    ``config.yaml`` and ``compare`` show what ran (fedit trains with AdamW, fedavg/fedprox with SGD: a
+    ``client.optimizer: null`` in the record would hide that two methods compared different optimizers)."""
+    if cfg.client.optimizer is None:
+        cfg.client.optimizer = strategy.default_optimizer
     return cfg
 
 

@@ -30,15 +30,20 @@ def builtin_config_path(name: str = "default") -> Path:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"adapter.rank=4"`` -> (["adapter", "rank"], 4). The value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+        raise ConfigError(f"override {shown(text)} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {shown(text)} has an empty key")
     try:
+        if "\0" in raw:
+            raise ConfigError(f"override {'.'.join(parts)!r}: a NUL byte in the value; remove it")
+        _check_shape(raw, f"override {'.'.join(parts)!r}")
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+        raise ConfigError(
+            f"override {'.'.join(parts)!r}: value is not valid YAML ({shown_error(err)})"
+        ) from None
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as text; users mean a number
         with contextlib.suppress(ValueError):
             value = float(value) if any(c.isdigit() for c in value) and value.strip() == value else value
@@ -108,7 +113,7 @@ def format_validation_error(err: ValidationError) -> str:
         msg = problem["msg"]
         if problem["type"] == "extra_forbidden":
             msg = "unknown key"
-        detail = f"got {given!r}" if loc and problem["type"] != "model_type" else ""
+        detail = f"got {shown(given)}" if loc and problem["type"] != "model_type" else ""
         allowed = _allowed(ExperimentConfig, tuple(str(p) for p in loc if not isinstance(p, int)))
         extra = "; ".join(x for x in (detail, allowed) if x)
         lines.append(f"config field '{dotted}': {msg}" + (f" ({extra})" if extra else ""))
@@ -141,25 +146,100 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: a config file larger than this is refused unread (configs are a few KB)
+MAX_CONFIG_BYTES = 1 << 20
+#: deepest nesting of sections and lists a config may have (the schema needs 4)
+MAX_CONFIG_DEPTH = 64
+#: the most values a config may hold once its YAML aliases are expanded (an alias "bomb" expands to billions)
+MAX_CONFIG_VALUES = 100_000
+#: the most characters of a value an error message repeats
+SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to :data:`SHOWN_CHARS` characters (an error never echoes a 5 MB value)."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+def _check_shape(text: str, name: str) -> None:
+    """Refuse, before any YAML object is built, what would exhaust the machine: nesting deeper than
+    :data:`MAX_CONFIG_DEPTH` (PyYAML's composer recurses) and aliases that expand past
+    :data:`MAX_CONFIG_VALUES` values. Reads the event stream (no recursion), counting each anchored value's
+    expanded size once."""
+    depth = 0
+    stack: list[list[Any]] = [[None, 0]]  # [anchor, values] per open collection
+    sizes: dict[str, int] = {}
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(
+                    f"{name}:{event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} levels deep; "
+                    "a config is a few sections of settings"
+                )
+            stack.append([event.anchor, 0])
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+            anchor, size = stack.pop()
+            size += 1
+            if anchor is not None:
+                sizes[anchor] = size
+        elif isinstance(event, yaml.AliasEvent):
+            size = sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        else:
+            continue
+        stack[-1][1] += size
+        if stack[-1][1] > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{name}:{event.start_mark.line + 1}: its YAML aliases expand to more than {MAX_CONFIG_VALUES:,} "
+                "values; write the settings out instead of nesting aliases"
+            )
+
+
 def read_yaml(path: Path) -> Any:
-    """A YAML file's content, with readable errors (not a file, not UTF-8, bad YAML, duplicate keys)."""
+    """A YAML file's content, with readable errors (not a file, too large, not UTF-8, a NUL byte, bad YAML,
+    too deep or alias-expanding, duplicate keys)."""
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a config file")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,} bytes")
+    data = path.read_bytes()
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: a NUL byte; a config is text (remove it)")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text") from None
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:
+        _check_shape(text, str(path))
         return loader.get_single_data()
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {shown_error(err)}") from None
     finally:
         loader.dispose()
+
+
+def shown_error(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: its problem and where (PyYAML quotes the offending lines, at any length)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        where = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""
+        return f"{err.problem or err.context}{where}"
+    return str(err)[:SHOWN_CHARS]
 
 
 #: (section, key) of the fields that name files or folders

@@ -6,11 +6,11 @@ the value given and what is allowed (see :func:`fedlora.config.loader.format_val
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from fedlora.config.sections.base import Section
+from fedlora.config.sections.base import MODULE_NAME, Section
 from fedlora.config.sections.data import DataConfig, PartitionConfig
 from fedlora.config.sections.model import (
     AdapterConfig,
@@ -38,8 +38,9 @@ class ExperimentConfig(Section):
     #: embedded (in this process, or worker processes) or flower-sim (Flower simulation)
     engine: Literal["embedded", "flower-sim"] = "embedded"
     #: importable modules with user strategies, data sources, metrics...; imported by every process that
-    #: reads this config (run, --resume, eval, Flower nodes) before any name is looked up
-    plugins: list[str] = Field(default_factory=list)
+    #: reads this config (run, --resume, eval, Flower nodes) before any name is looked up. Plugins are trusted
+    #: code: each process that reads the config runs them (list only modules you would import yourself)
+    plugins: list[Annotated[str, Field(pattern=MODULE_NAME)]] = Field(default_factory=list)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)

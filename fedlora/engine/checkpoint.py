@@ -1,10 +1,13 @@
 """Round checkpoints: ``run_dir/checkpoints/round_<N>/`` with the server state (safetensors) and
 ``state.json`` (round, SHA-256 of the tensors file). Written into a temporary folder, fsynced, then renamed,
 so a checkpoint folder either is complete or does not exist; a damaged one fails its checksum and the
-previous one is used."""
+previous one is used. ``state.json`` carries the SHA-256 of its own content (``meta_sha256``): a checkpoint
+without it, or whose round disagrees with its folder, is refused. A full disk while writing leaves no partial
+folder and stops with one line (:class:`DiskFull`) naming the file and the space it needed."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -15,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from fedlora.errors import RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,36 @@ META = "state.json"
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that fails its checksum."""
+
+
+class DiskFull(RunFailed):
+    """The disk (or the quota) ran out while writing a record; nothing partial was left behind."""
+
+
+#: errnos that mean "no room for this file": a full disk, a quota, a file-size limit
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Whether ``err`` (an OSError, or safetensors' SafetensorError that carries the OS error only in its
+    text, ``... Os { code: 28, ... }``) means the file did not fit."""
+    if isinstance(err, OSError):
+        return err.errno in NO_SPACE
+    text = str(err)
+    return any(f"code: {code}," in text or f"os error {code})" in text for code in NO_SPACE)
+
+
+def disk_full(path: Path, needed: int, then: str = "resume") -> DiskFull:
+    """The one-line error for a record of ``needed`` bytes that did not fit at ``path``."""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+        room = f", {free / 1e6:.1f} MB free"
+    except OSError:
+        room = ""
+    return DiskFull(
+        f"no space left on the device writing {path} (it needs about {needed / 1e6:.1f} MB{room}): free some "
+        f"space, then {then}"
+    )
 
 
 @dataclass
@@ -66,13 +102,22 @@ def save_checkpoint(
     final = root / f"round_{server_round}"
     tmp = root / f".round_{server_round}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-    record = {**meta, "round": server_round, "sha256": sha256_file(tmp / TENSORS)}
-    record["meta_sha256"] = _meta_digest(record)
-    (tmp / META).write_text(json.dumps(record, indent=1))
-    for name in (TENSORS, META):
-        fsync_path(tmp / name)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        tmp.mkdir()
+        save_file(cpu, str(tmp / TENSORS))
+        record = {**meta, "round": server_round, "sha256": sha256_file(tmp / TENSORS)}
+        record["meta_sha256"] = _meta_digest(record)
+        (tmp / META).write_text(json.dumps(record, indent=1))
+        for name in (TENSORS, META):
+            fsync_path(tmp / name)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(err):
+            needed = sum(v.numel() * v.element_size() for v in cpu.values())
+            then = f"`fedlora run --resume {root.parent}` (the rounds before stand)"
+            raise disk_full(final / TENSORS, needed, then) from None
+        raise
     if final.exists():  # a damaged checkpoint of this round from an earlier attempt: move it aside atomically
         _discard(root, final)
     os.replace(tmp, final)
@@ -109,8 +154,8 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         meta = json.loads((folder / META).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{folder}: unreadable {META} ({err})") from None
-    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
-        raise CheckpointError(f"{folder}: {META} fails its SHA-256 check (edited or damaged)")
+    if not isinstance(meta, dict) or meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"{folder}: {META} fails its SHA-256 check or has none (edited or damaged)")
     if folder.name != f"round_{meta.get('round')}":
         raise CheckpointError(f"{folder}: {META} says round {meta.get('round')}, the folder another")
     tensors_path = folder / TENSORS

@@ -16,6 +16,7 @@ from fedlora.engine.run_folder import (
     replace_folder,
 )
 from fedlora.engine.transport import Simulation
+from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.session.resume import load_run_config
 from fedlora.tracking.report import plot_curves, summary_table
@@ -58,10 +59,33 @@ def finalize(
     return final_state
 
 
-def export_merged(run_dir: Path, out: Path) -> Path:
-    """Load the base model with plain PEFT, merge the global adapter into it, save full weights to ``out``."""
+def global_export(run_dir: Path) -> tuple[Path, str]:
+    """The run's exported global model: (``RUN/global``, ``"adapter"`` for a PEFT adapter folder or
+    ``"model"`` for a whole model folder); ConfigError when ``run_dir`` is no finished run."""
+    folder = run_dir / "global"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if (folder / "model.safetensors").exists():
+        return folder, "model"
+    if (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists():
+        return folder, "adapter"
+    what = "a run that has not finished" if (run_dir / "config.yaml").exists() else "not a run directory"
+    raise ConfigError(
+        f"{run_dir}: no exported global adapter in {folder} ({what}); finish it with `fedlora run --resume "
+        f"{run_dir}`, or name a run folder that holds global/"
+    )
+
+
+def export_merged(run_dir: Path, out: Path, dtype: str | None = None) -> Path:
+    """Load the base model, merge the global adapter into it with plain PEFT (``merge_and_unload``), save
+    full weights and the tokenizer to ``out`` in ``dtype`` (default: the run's ``model.dtype``).
+
+    A 4-bit or 8-bit base (QLoRA) is dequantised first (``PreTrainedModel.dequantize``): the adapter was
+    trained against the dequantised NF4 / int8 weights, and merging into the quantised layers would quantise
+    the merged update again and lose most of it. The merged model holds W_deq + s B A in full precision."""
     from peft import PeftModel
 
+    global_export(run_dir)
     cfg = load_run_config(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     bundle = load_base_model(
@@ -69,7 +93,11 @@ def export_merged(run_dir: Path, out: Path) -> Path:
         num_labels=len(info["label_names"]) if info["label_names"] else None,
         head_seed=cfg.adapter.init_seed,
     )
-    merged = PeftModel.from_pretrained(bundle.model, str(run_dir / "global")).merge_and_unload()
+    model = bundle.model
+    if cfg.model.quantization is not None:
+        model = model.dequantize()
+    model = model.to(getattr(torch, dtype or cfg.model.dtype))
+    merged = PeftModel.from_pretrained(model, str(run_dir / "global")).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     bundle.tokenizer.save_pretrained(str(out))

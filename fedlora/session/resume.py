@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-from fedlora.config import loader
 from fedlora.config.loader import apply_overrides
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
@@ -28,21 +27,42 @@ def resume_point(
 ) -> tuple[Checkpoint | None, dict[str, Any]]:
     """Where a resume starts and the (safe) config changes it makes; ConfigError for anything that would
     not resume exactly: a damaged or edited config, damaged checkpoints, a change to what is trained."""
-    stored = loader.config_from_dict(yaml.safe_load(verified_config_text(run_dir)))
+    # a run recorded before the strategy's defaults were written into its config compares as it ran
+    stored = config_from_dict(yaml.safe_load(verified_config_text(run_dir)))
     try:
         checkpoint = latest_checkpoint(run_dir / "checkpoints", must_exist=True)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
-    if checkpoint is None and metrics.read():
-        raise ConfigError(
-            f"{run_dir} has logged rounds but no checkpoint: the run cannot resume exactly; start a new run"
-        )
+    check_metrics_agree(run_dir, checkpoint.round if checkpoint else 0, metrics)
     if checkpoint is not None:
         recorded = checkpoint.meta.get("config_sha256")
         if recorded is not None and recorded not in known_config_sha256(read_run_info(run_dir)):
             raise ConfigError(f"{run_dir}/config.yaml is not the config its checkpoints were made with")
     changes = check_resume(stored, cfg, checkpoint.round if checkpoint else 0)
     return checkpoint, changes
+
+
+def check_metrics_agree(run_dir: Path, done: int, metrics: MetricsLog) -> None:
+    """The rounds ``metrics.jsonl`` logged must agree with the checkpoint a resume starts after (round
+    ``done``, 0 for none): every round 1..done logged once, and at most one more (the round that was being
+    checkpointed when the process stopped; the resume does it again). Anything else (a gap, a round logged
+    with no checkpoint behind it and no checkpoint before it) would resume into a mislabelled record."""
+    logged = sorted(r.get("round", 0) for r in metrics.read())
+    expected = list(range(1, done + 1))
+    kept = [n for n in logged if n <= done]
+    if kept != expected:
+        missing = sorted(set(expected) - set(kept))
+        what = f"rounds {missing[:5]} missing" if missing else "rounds logged twice"
+        raise ConfigError(
+            f"{run_dir}/metrics.jsonl does not agree with the checkpoint after round {done} ({what}): the run "
+            "cannot resume exactly; start a new run"
+        )
+    beyond = [n for n in logged if n > done + 1]
+    if beyond:
+        raise ConfigError(
+            f"{run_dir} logged rounds up to {beyond[-1]} but its newest usable checkpoint is after round {done}: "
+            "the checkpoints in between are missing or damaged; the run cannot resume exactly; start a new run"
+        )
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -21,6 +21,7 @@ that single combined reply.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from fedlora.config.schema import FederationConfig
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
+
+log = logging.getLogger(__name__)
 
 
 def same_shapes(sent: AdapterState, got: AdapterState) -> bool:
@@ -140,17 +143,25 @@ def coordinate_median(tensors: list[torch.Tensor]) -> torch.Tensor:
     return values[(n - 1) // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
+def trimmed_count(fraction: float, n: int) -> int:
+    """How many of ``n`` values the trimmed mean drops at each end: floor(fraction n), at least one when
+    ``fraction`` > 0 and n >= 3 (with fewer than 1/fraction replies floor would drop none, silently a mean)."""
+    cut = int(fraction * n)
+    return max(cut, 1) if fraction > 0 and n >= 3 else cut
+
+
 def trimmed_mean(tensors: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    """The element-wise mean after dropping floor(fraction n) values at each end, in float64."""
+    """The element-wise mean after dropping :func:`trimmed_count` values at each end, in float64:
+    mean(sorted(x)[c : n - c]) with c = max(1, floor(fraction n)) for n >= 3."""
     values = torch.stack([t.double() for t in tensors]).sort(dim=0).values
-    cut = int(fraction * values.shape[0])
+    cut = trimmed_count(fraction, values.shape[0])
     return values[cut : values.shape[0] - cut].mean(dim=0)
 
 
 class RobustAggregation(StrategyWrapper):
     """Combines the round's payloads robustly, then lets a linear method aggregate the one combined reply."""
 
-    _own = frozenset({"inner", "rule", "fraction"})
+    _own = frozenset({"inner", "rule", "fraction", "trimmed"})
 
     def __init__(self, inner: Strategy, rule: str, fraction: float = 0.1) -> None:
         if not getattr(inner, "linear_aggregate", False):
@@ -161,8 +172,17 @@ class RobustAggregation(StrategyWrapper):
         super().__init__(inner)
         self.rule = rule
         self.fraction = fraction
+        self.trimmed: int | None = None  # values dropped at each end in the last aggregation (trimmed-mean)
 
     def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+        if self.rule == "trimmed-mean":
+            self.trimmed = trimmed_count(self.fraction, len(replies))
+            if self.trimmed == 0:
+                log.warning(
+                    "round %d: trimmed-mean of %d replies drops none (it is their mean)",
+                    server_round,
+                    len(replies),
+                )
         first = replies[0].payload
         combined: AdapterState = {}
         for key, tensor in first.items():
@@ -173,3 +193,8 @@ class RobustAggregation(StrategyWrapper):
             combined[key] = value.to(tensor.dtype)
         total = sum(r.num_examples for r in replies)
         return self.inner.aggregate(server_round, [ClientReply(replies[0].client_id, combined, total)])
+
+    def round_metrics(self) -> dict[str, Any]:
+        """The inner method's figures, and with trimmed-mean how many values each end dropped."""
+        extra = {"trimmed_per_side": self.trimmed} if self.trimmed is not None else {}
+        return {**self.inner.round_metrics(), **extra}

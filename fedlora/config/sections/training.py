@@ -3,6 +3,7 @@ the strategy."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -53,8 +54,9 @@ class FederationConfig(Section):
     #: end the run with an error after this many skipped rounds in a row (None: never)
     max_skipped_rounds: int | None = Field(3, ge=1)
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
-    #: aggregation trimmed-mean: the share of values dropped at each end of every coordinate
-    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    #: aggregation trimmed-mean: the share of the round's replies dropped at each end of every coordinate
+    #: (floor(trim_fraction x replies), at least one per side with 3 or more replies)
+    trim_fraction: float = Field(0.1, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
@@ -68,6 +70,21 @@ class FederationConfig(Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) is above num_clients ({self.num_clients})"
             )
+        sampled = self.clients_per_round or (
+            math.ceil(self.fraction * self.num_clients) if self.fraction and self.num_clients else None
+        )
+        if self.aggregation == "trimmed-mean" and sampled is not None:
+            if sampled < 3:
+                raise ValueError(
+                    f"aggregation trimmed-mean of {sampled} replies per round cannot drop a value at each end "
+                    "and keep one; sample 3 or more clients, or use aggregation: median"
+                )
+            if int(self.trim_fraction * sampled) < 1:
+                raise ValueError(
+                    f"trim_fraction {self.trim_fraction} of {sampled} replies per round trims nothing (it would "
+                    f"be the plain mean); trim_fraction {math.ceil(1e6 / sampled) / 1e6:g} or more drops one at "
+                    "each end"
+                )
         return self
 
 
