@@ -349,6 +349,13 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"fedlora: error: {err}\n(set FEDLORA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except Exception as err:  # safetensors' writer reports a full disk as SafetensorError, not OSError
+        from fedlora.engine.checkpoint import is_no_space
+
+        if not is_no_space(err):
+            raise
+        print(f"fedlora: error: no space left on the device ({str(err)[:200]}); free some space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

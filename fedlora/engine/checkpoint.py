@@ -7,6 +7,7 @@ folder and stops with one line (:class:`DiskFull`) naming the file and the space
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -50,15 +51,21 @@ def is_no_space(err: BaseException) -> bool:
     return any(f"code: {code}," in text or f"os error {code})" in text for code in NO_SPACE)
 
 
-def disk_full(path: Path, needed: int, then: str = "resume") -> DiskFull:
+def human_bytes(count: float) -> str:
+    """``count`` bytes as KB / MB / GB (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e3:.1f} KB"
+
+
+def disk_full(path: Path, needed: int, then: str = "try again") -> DiskFull:
     """The one-line error for a record of ``needed`` bytes that did not fit at ``path``."""
-    try:
-        free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
-        room = f", {free / 1e6:.1f} MB free"
-    except OSError:
-        room = ""
+    room = ""
+    with contextlib.suppress(OSError):
+        room = f", {human_bytes(shutil.disk_usage(next(p for p in path.parents if p.exists())).free)} free"
     return DiskFull(
-        f"no space left on the device writing {path} (it needs about {needed / 1e6:.1f} MB{room}): free some "
+        f"no space left on the device writing {path} (it needs about {human_bytes(needed)}{room}): free some "
         f"space, then {then}"
     )
 

@@ -28,8 +28,8 @@ SCENARIOS = {
         ("fedlora.engine.checkpoint:save_file", 1, "after"),
         ("fedlora.tracking.metrics:MetricsLog.append", 2, "after"),
     ],
-    "mid-training, after a checkpoint, then inside the final export": [
-        ("fedlora.client.trainer:optimizer_step", 7, "before"),
+    "mid-round (replies in, not aggregated), after a checkpoint, then inside the final export": [
+        ("fedlora.engine.embedded:EmbeddedEngine.train_clients", 2, "after"),
         ("fedlora.engine.embedded:save_checkpoint", 1, "after"),
         ("fedlora.session.export:replace_folder", 1, "before"),
     ],
