@@ -354,7 +354,10 @@ def _main(argv: list[str] | None) -> int:
 
         if not is_no_space(err):
             raise
-        print(f"fedlora: error: no space left on the device ({str(err)[:200]}); free some space", file=sys.stderr)
+        print(
+            f"fedlora: error: no space left on the device ({str(err)[:200]}); free some space",
+            file=sys.stderr,
+        )
         return 2
 
 

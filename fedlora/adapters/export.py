@@ -18,9 +18,15 @@ from fedlora.compute import to_cpu
 
 
 def export_peft_adapter(
-    adapters: LoraAdapters, state: AdapterState, folder: Path, base_model_path: str
+    adapters: LoraAdapters,
+    state: AdapterState,
+    folder: Path,
+    base_model_path: str,
+    base_model_id: str | None = None,
 ) -> Path:
-    """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
+    """Write ``state`` as a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads; its config
+    names ``base_model_id`` (the hub id the base came from) as ``base_model_name_or_path``, else the local
+    ``base_model_path``.
 
     The adapter config is the slot's own PEFT config (so task heads PEFT saves, e.g. ``score``, match).
     A state with a merged base offset (:mod:`fedlora.adapters.merged`) is written as a whole merged model
@@ -32,7 +38,7 @@ def export_peft_adapter(
     adapters.load(state)  # activates the state's rank slot
     assert adapters.model is not None
     config = copy.deepcopy(adapters.model.peft_config[adapters.active_slot_name])
-    config.base_model_name_or_path = base_model_path
+    config.base_model_name_or_path = base_model_id or base_model_path
     config.inference_mode = True
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedlora.errors import RunFailed
+from fedlora.tracking.report import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ def is_no_space(err: BaseException) -> bool:
         return err.errno in NO_SPACE
     text = str(err)
     return any(f"code: {code}," in text or f"os error {code})" in text for code in NO_SPACE)
-
-
-def human_bytes(count: float) -> str:
-    """``count`` bytes as KB / MB / GB (decimal units)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count / 1e3:.1f} KB"
 
 
 def disk_full(path: Path, needed: int, then: str = "try again") -> DiskFull:

@@ -71,10 +71,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def default_file_mode() -> int:
+    """The mode a new file gets here (0o666 less the process's umask: 0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Put the complete folder ``tmp`` at ``final`` (an older ``final`` is moved aside first, then deleted)."""
+    """Put the complete folder ``tmp`` at ``final`` (an older ``final`` is moved aside first, then deleted).
+    Its files get the normal mode (writers that go through a private temporary file leave 0600)."""
+    mode = default_file_mode()
     for child in tmp.iterdir():
         if child.is_file():
+            os.chmod(child, mode)
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
     fsync_path(tmp)

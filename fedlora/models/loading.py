@@ -21,7 +21,7 @@ from fedlora.config.loader import HUB_ID
 from fedlora.config.schema import ComputeConfig, ModelConfig
 from fedlora.errors import ConfigError
 from fedlora.models.convert import convert_gguf_to_folder
-from fedlora.models.registry import BUILTIN_NAMES, cache_root, fetch_builtin
+from fedlora.models.registry import BUILTIN_HUB_IDS, BUILTIN_NAMES, cache_root, fetch_builtin
 from fedlora.models.tiny import tiny_llama_folder
 from fedlora.registry import Registry
 
@@ -37,6 +37,13 @@ class ModelBundle:
     task: str
     folder: Path
     num_labels: int | None = None
+    #: where the weights came from, as a PEFT adapter names its base: a hub id (a built-in's source, or
+    #: model.name given as one), else the local folder
+    source: str = ""
+
+    @property
+    def base_model_id(self) -> str:
+        return self.source or str(self.folder.resolve())
 
 
 ModelSource = Callable[[ModelConfig], Path]
@@ -198,4 +205,18 @@ def load_base_model(
         if compute.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
-    return ModelBundle(model=model, tokenizer=tokenizer, task=cfg.task, folder=folder, num_labels=num_labels)
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        task=cfg.task,
+        folder=folder,
+        num_labels=num_labels,
+        source=model_source_id(cfg.name),
+    )
+
+
+def model_source_id(name: str) -> str:
+    """The hub id ``model.name`` stands for (``""`` when it is a local folder, a GGUF file or a model built here)."""
+    if name in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[name]
+    return name if HUB_ID.fullmatch(name) and not Path(name).expanduser().exists() else ""

