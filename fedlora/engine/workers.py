@@ -15,7 +15,10 @@ threads like the in-process path, and replies are collected by client id, not by
 lives in files under the run folder (:class:`~fedlora.client.store.PersonalStore`), which every worker reads
 and writes. A worker that dies (killed, out of memory, a crash in native code) costs its current client
 that round: the client is reported as having no reply (the engine logs it as dropped) and a fresh worker
-takes the dead one's place. A stop (SIGINT / SIGTERM, often sent to the whole process group) is the
+takes the dead one's place. So does a worker that has not replied by the round's client deadline
+(:class:`~fedlora.engine.deadline.ClientDeadline`: stopped, hung, swapping): it is killed, its client is left
+out with reason ``timeout``, and a fresh worker serves the rest of the run. Requests are written by a short
+thread, so a worker that stops reading cannot block the parent either. A stop (SIGINT / SIGTERM, often sent to the whole process group) is the
 parent's to act on: workers ignore both signals, and the parent abandons the round (the last checkpoint
 stands), so that a stop never writes a round short of a client.
 """
@@ -29,6 +32,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -39,6 +44,7 @@ from fedlora.adapters.state import from_bytes, to_bytes
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder, steps_for
 from fedlora.data.examples import Federation
+from fedlora.engine.deadline import ClientDeadline
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import RunInterrupted, StopFlag
 from fedlora.protocol import (
@@ -134,6 +140,20 @@ class _Worker:
         self.inbox = Connection(from_child_r, writable=False)
         _send(self.outbox, {"node": node_json, "device": device, "store": str(store_folder)})
         self.busy: int | None = None  # the client in progress
+        self.started = 0.0  # when it was handed out (time.monotonic)
+        self.sender: threading.Thread | None = None
+
+    def hand_out(self, client_id: int, header: dict[str, Any], payload: bytes) -> None:
+        """Send one client's request from a short thread (a worker that has stopped reading cannot block the
+        parent: the deadline kills it, which ends the write with a broken pipe)."""
+        self.busy, self.started = client_id, time.monotonic()
+
+        def write() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                _send(self.outbox, header, payload)
+
+        self.sender = threading.Thread(target=write, name=f"fedlora-send-{client_id}", daemon=True)
+        self.sender.start()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -170,6 +190,7 @@ class WorkerPoolTransport:
         self.store_folder = store_folder
         self.status = status or (lambda text: None)
         self.stop = stop if stop is not None else StopFlag()
+        self.deadline = ClientDeadline.of(cfg.federation)
         self.workers: list[_Worker] = []
 
     def start(self) -> None:
@@ -210,23 +231,34 @@ class WorkerPoolTransport:
             if self.stop:
                 self.close()
                 raise RunInterrupted(self.stop.signum or 0, server_round - 1)
-            for worker in self.workers:
+            for index, worker in enumerate(self.workers):
                 if worker.busy is None and pending:
+                    if worker.process.poll() is not None:  # died between rounds: a fresh one takes the client
+                        self._replace(worker)
+                        worker = self.workers[index]
                     client_id, instruction = pending.pop(0)
                     header = request_header(server_round, client_id, instruction)
                     payload = instruction.payload
                     if id(payload) not in wire:
                         wire[id(payload)] = to_bytes(payload)
-                    try:
-                        _send(worker.outbox, header, wire[id(payload)])
-                        worker.busy = client_id
-                    except (OSError, ValueError):  # died between rounds: replace it, retry the client
-                        pending.insert(0, (client_id, instruction))
-                        self._replace(worker)
+                    worker.hand_out(client_id, header, wire[id(payload)])
             busy = [w for w in self.workers if w.busy is not None]
-            ready = wait([w.inbox for w in busy], timeout=1.0)  # a reply, or EOF when a worker died
+            limit = self.deadline.seconds()
+            ready = wait([w.inbox for w in busy], timeout=min(1.0, limit))  # a reply, or EOF: a worker died
             for worker in busy:
                 if worker.inbox not in ready:
+                    if time.monotonic() - worker.started > limit:
+                        client_id = worker.busy
+                        assert client_id is not None
+                        replies[client_id] = self.deadline.reason(limit)
+                        log.warning(
+                            "round %d: client %d: %s; its worker (pid %d) is replaced",
+                            server_round,
+                            client_id,
+                            replies[client_id],
+                            worker.process.pid,
+                        )
+                        self._replace(worker)
                     continue
                 client_id = worker.busy
                 assert client_id is not None
@@ -245,6 +277,7 @@ class WorkerPoolTransport:
                     self._replace(worker)
                     continue
                 worker.busy = None
+                self.deadline.record(time.monotonic() - worker.started)
                 if "error" in header:
                     replies[client_id] = str(header["error"])
                 else:
@@ -256,10 +289,14 @@ class WorkerPoolTransport:
 
     def _replace(self, worker: _Worker) -> None:
         index = self.workers.index(worker)
-        worker.close_pipes()
         if worker.process.poll() is None:
-            worker.process.kill()
+            worker.process.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
         worker.process.wait()
+        if (
+            worker.sender is not None
+        ):  # a write in progress ends with a broken pipe now that the reader is gone
+            worker.sender.join(timeout=10)
+        worker.close_pipes()
         fresh = self._spawn(worker.device)
         self._await_ready(fresh)
         self.workers[index] = fresh

@@ -271,6 +271,67 @@ def test_a_worker_crash_is_a_dropped_client_not_a_dead_run(tmp_path, monkeypatch
     assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
 
 
+HANG_PLUGIN = """
+import os
+import signal
+from fedlora import ClientHooks, register_client_hooks, register_strategy
+from fedlora.strategies.fedavg import FedIT
+
+
+@register_client_hooks
+class StopInWorker(ClientHooks):
+    kind = "stop-in-worker"
+    client: int
+    main_pid: int
+
+    def before_training(self, ctx):
+        if ctx.client_id == self.client and ctx.server_round == 1 and os.getpid() != self.main_pid:
+            os.kill(os.getpid(), signal.SIGSTOP)  # stopped mid-round: alive, silent, forever
+        return {}
+
+
+@register_strategy
+class FedITWithAStoppedWorker(FedIT):
+    name = "fedit-stopped-worker"
+
+    def client_hooks(self):
+        return [StopInWorker(client=2, main_pid=os.getpid())]
+"""
+
+
+def test_a_stopped_worker_is_a_timed_out_client_not_a_hung_run(tmp_path, monkeypatch):
+    """SIGSTOP one of two workers mid-round: past federation.client_timeout its client is left out with reason
+    timeout, the stopped process is killed and replaced, and the run finishes (it used to wait forever)."""
+    (tmp_path / "hang_plugin.py").write_text(textwrap.dedent(HANG_PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = tiny(tmp_path, "fedit-stopped-worker", compute={"workers": 2}, federation={"client_timeout": 4.0})
+    cfg["plugins"] = ["hang_plugin"]
+    result = run_cfg(tmp_path, "r", cfg)
+    first, second = result.records
+    assert [r["client"] for r in first["rejected"]] == [2]
+    assert first["rejected"][0]["reason"].startswith("timeout: no reply within 4 s")
+    assert first["status"] == "aggregated" and first["num_clients"] == 3
+    assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
+
+
+def test_the_client_deadline_rule():
+    from fedlora.config.schema import FederationConfig
+    from fedlora.engine.deadline import ClientDeadline
+
+    auto = ClientDeadline.of(FederationConfig(client_timeout_floor=30.0))
+    assert auto.seconds() == 30.0  # no client time yet: the floor
+    for seconds in (1.0, 2.0, 9.0):
+        auto.record(seconds)
+    assert auto.seconds() == 30.0  # 10 x median 2 s is below the floor
+    for _ in range(5):
+        auto.record(6.0)
+    assert auto.seconds() == 60.0  # 10 x the median (6 s)
+    assert ClientDeadline.of(FederationConfig(client_timeout=7.5)).seconds() == 7.5
+    with pytest.raises(ValueError, match="client_timeout"):
+        FederationConfig(client_timeout=0.0)
+
+
 STOP_PLUGIN = """
 import os
 import signal

@@ -53,6 +53,12 @@ class FederationConfig(Section):
     clip_update_norm: float | None = Field(None, gt=0.0)
     #: end the run with an error after this many skipped rounds in a row (None: never)
     max_skipped_rounds: int | None = Field(3, ge=1)
+    #: seconds a client may take in a round before the round goes on without it (reason "timeout" in
+    #: metrics.jsonl; a worker process is replaced); auto: 10 x the median client time so far, never below
+    #: client_timeout_floor (which is the limit until a first client has finished)
+    client_timeout: float | Literal["auto"] = "auto"
+    #: the shortest auto client_timeout, in seconds
+    client_timeout_floor: float = Field(600.0, gt=0.0)
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     #: aggregation trimmed-mean: the share of the round's replies dropped at each end of every coordinate
     #: (floor(trim_fraction x replies), at least one per side with 3 or more replies)
@@ -60,6 +66,8 @@ class FederationConfig(Section):
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
+        if isinstance(self.client_timeout, float) and self.client_timeout <= 0:
+            raise ValueError(f"client_timeout {self.client_timeout:g} must be above 0 seconds (or auto)")
         if self.clients_per_round is not None and self.fraction is not None:
             raise ValueError("give clients_per_round or fraction, not both")
         if (
