@@ -117,12 +117,41 @@ def cmd_flower(args: argparse.Namespace) -> int:
         hosts = tuple(args.host or ["127.0.0.1", "localhost"])
         credentials = make_credentials(Path(args.tls), clients, hosts)
     root = credentials.ca_cert if credentials else None
-    write_app(app_dir, cfg, Path(args.run_dir), address=f"127.0.0.1:{args.port}", root_certificates=root)
+    from fedlora.engine.flower.tls import bound_keys
+
+    keys = bound_keys(credentials) if credentials else None
+    write_app(
+        app_dir,
+        cfg,
+        Path(args.run_dir),
+        address=f"127.0.0.1:{args.port}",
+        root_certificates=root,
+        node_keys=keys,
+    )
     where = f"TLS and SuperNode authentication, credentials in {args.tls}" if args.tls else "on loopback"
     print(f"wrote the Flower app {app_dir} ({clients} clients); {where}:\n")
     print("\n".join(commands(app_dir, clients, args.port, credentials)))
     if not args.tls:
         print("\n(across machines: fedlora flower ... --tls DIR for TLS and SuperNode authentication)")
+    return 0
+
+
+def cmd_flower_run(args: argparse.Namespace) -> int:
+    from fedlora.engine.flower.deploy import flwr_run
+
+    app_dir = Path(args.app_dir).resolve()
+    env = {
+        "FLWR_HOME": str(app_dir / "flwr-home"),
+        **os.environ,
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    result = flwr_run(app_dir, env, Path.cwd(), echo=True)
+    ended = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no run"
+    if result.returncode:
+        print(f"fedlora: error: {ended}", file=sys.stderr)
+        return 1
+    print(ended)
     return 0
 
 
@@ -261,6 +290,13 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     )
     fl.add_argument("--host", action="append", help="the SuperLink's host name or address (TLS; repeatable)")
     fl.set_defaults(func=cmd_flower)
+
+    fr = sub.add_parser(
+        "flower-run",
+        help="run a Flower app written by `fedlora flower` (flwr run + its log); exit 1 unless it completed",
+    )
+    fr.add_argument("app_dir")
+    fr.set_defaults(func=cmd_flower_run)
 
     ex = sub.add_parser("export", help="show the PEFT adapter and optionally write merged full weights")
     ex.add_argument("run_dir")

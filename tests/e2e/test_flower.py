@@ -55,17 +55,27 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(tmp_path: Path) -> 
     app = write_app(tmp_path / "app", cfg, run_dir, address=f"127.0.0.1:{link}")
     deployment = LoopbackDeployment(
         app,
-        # each node's own rank budget, reported through the QUERY message
-        ["partition-id=0 num-partitions=2 rank-budget=4", "partition-id=1 num-partitions=2 rank-budget=2"],
+        # each node's own rank budget, reported through the QUERY message; then three bad nodes (a partition
+        # that does not exist, none at all, one already held): refused and logged, the run goes on
+        [
+            "partition-id=0 num-partitions=2 rank-budget=4",
+            "partition-id=1 num-partitions=2 rank-budget=2",
+            "partition-id=7 num-partitions=2",
+            "num-partitions=2",
+            "partition-id=1 num-partitions=2",
+        ],
         link,
         tmp_path,
     )
     try:
         deployment.start()
         result = deployment.run(timeout_s=600)
+        assert result.returncode == 0 and "finished:completed" in result.stderr, result.stderr[-3000:]
         assert (run_dir / "global" / "adapter_model.safetensors").exists(), (
             result.stdout[-3000:] + result.stderr[-3000:]
         )
+        refusals = result.stdout
+        assert refusals.count("refused") >= 2, refusals[-3000:]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2] and all(r["num_clients"] == 2 for r in records)
         ranks = {c["client"]: c["rank"] for c in records[0]["clients"]}
@@ -95,24 +105,37 @@ def test_tls_deployment_with_supernode_authentication(tmp_path: Path) -> None:
         **{"federation.num_clients": 2, "data.tasks": "[gcd, lcm]", "federation.clients_per_round": 2},
     )
     cfg = load_config(None, overrides)
-    credentials = make_credentials(tmp_path / "tls", nodes=3)
+    credentials = make_credentials(tmp_path / "tls", nodes=4)
     run_dir = tmp_path / "run"
     link = free_port()
+    keys = {i: credentials.node_public_key(i).read_text().strip() for i in (0, 1)}  # partition i <- key i
     app = write_app(
-        tmp_path / "app", cfg, run_dir, address=f"127.0.0.1:{link}", root_certificates=credentials.ca_cert
+        tmp_path / "app",
+        cfg,
+        run_dir,
+        address=f"127.0.0.1:{link}",
+        root_certificates=credentials.ca_cert,
+        node_keys=keys,
     )
     nodes = [
         "partition-id=0 num-partitions=2",
         "partition-id=1 num-partitions=2",
         "partition-id=0 num-partitions=2",
+        "partition-id=1 num-partitions=2",  # a registered key (3), but not the one bound to partition 1
     ]
-    deployment = LoopbackDeployment(app, nodes, link, tmp_path, credentials=credentials, registered=[0, 1])
+    deployment = LoopbackDeployment(app, nodes, link, tmp_path, credentials=credentials, registered=[0, 1, 3])
     try:
         deployment.start()
         result = deployment.run(timeout_s=600)
+        assert result.returncode == 0, result.stderr[-3000:]
         assert (run_dir / "global" / "adapter_model.safetensors").exists(), (
             result.stdout[-3000:] + result.stderr[-3000:] + (tmp_path / "superlink.log").read_text()[-3000:]
         )
+        # node 3 was refused, whichever of the two claims of partition 1 came first
+        assert "refused" in result.stdout, result.stdout[-3000:]
+        # the same app again: its run folder already holds a run, so the ServerApp fails, and that is an exit 1
+        again = deployment.run(timeout_s=600)
+        assert again.returncode == 1 and "finished:failed" in again.stderr, again.stderr[-2000:]
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2] and all(r["num_clients"] == 2 for r in records)
         intruder = (tmp_path / "supernode2.log").read_text()

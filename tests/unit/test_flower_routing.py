@@ -22,8 +22,11 @@ class RecordingGrid:
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
-    def send_and_receive(self, messages: list[dict]) -> list:
-        self.sent.append(messages)
+    def push_messages(self, messages: list[dict]) -> list[str]:
+        self.sent.append(list(messages))
+        return [f"m{i}" for i in range(len(self.sent[-1]))]
+
+    def pull_messages(self, ids: set[str]) -> list:
         return []
 
 
@@ -34,7 +37,7 @@ def test_assigned_routing_asks_no_node_and_names_the_client(
     from fedlora.engine.flower.transport import ASSIGNED_KEY
 
     monkeypatch.setattr("flwr.app.Message", lambda **fields: fields)  # outside a Flower run: a plain record
-    engine = tiny_engine(tmp_path)  # 4 clients
+    engine = tiny_engine(tmp_path, **{"federation.client_timeout": 0.05})  # 4 clients; no node ever replies
     grid = RecordingGrid([907, 12, 5550, 31])
     transport = FlowerTransport(engine.sim, grid, wait_for_nodes_s=0, routing="assigned")
     assert grid.sent == []  # nothing before a round samples clients
@@ -54,7 +57,7 @@ def test_assigned_routing_asks_no_node_and_names_the_client(
         FlowerTransport(engine.sim, RecordingGrid([5]), wait_for_nodes_s=0, routing="assigned")
 
     query = RecordingGrid([907, 12, 5550, 31])
-    with pytest.raises(ConfigError, match=r"no node holds partition\(s\) \[0, 1, 2, 3\]"):
+    with pytest.raises(ConfigError, match="none of the 4 nodes holds a usable partition"):
         FlowerTransport(engine.sim, query, wait_for_nodes_s=0)  # the query: one message per node
     assert [m["dst_node_id"] for m in query.sent[0]] == [907, 12, 5550, 31]
     with pytest.raises(ValueError, match="routing 'nearest'"):
@@ -149,3 +152,16 @@ def test_flower_sim_refuses_rows_given_in_python(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="engine flower-sim: each Flower client process builds the data"):
         fedlora.run(cfg, tmp_path / "run", dataset=rows, show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_partition_claim_is_proven_only_by_the_key_bound_to_it(tmp_path) -> None:
+    from fedlora.engine.flower.tls import make_credentials, sign_claim, verify_claim
+
+    creds = make_credentials(tmp_path, nodes=2)
+    key0, key1 = (creds.node_public_key(i).read_text() for i in (0, 1))
+    signature = sign_claim(creds.node_key(0), "nonce-1", 0)
+    assert verify_claim(key0, "nonce-1", 0, signature)
+    assert not verify_claim(key1, "nonce-1", 0, signature)  # another node's key
+    assert not verify_claim(key0, "nonce-1", 1, signature)  # another partition
+    assert not verify_claim(key0, "nonce-2", 0, signature)  # a replayed answer to an earlier query
+    assert not verify_claim(key0, "nonce-1", 0, "zz")

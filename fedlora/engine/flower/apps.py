@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,10 @@ from fedlora.errors import ConfigError
 from fedlora.preflight import check_experiment, prepare_node
 from fedlora.protocol import read_request, reply_header
 
+#: run-config key of the partition -> SuperNode public key binding (JSON; written with --tls)
+NODE_KEYS = "fedlora-node-keys"
 #: run-config keys of a fedlora Flower app that are not config fields
-APP_KEYS = ("fedlora-config", "run-dir")
+APP_KEYS = ("fedlora-config", "run-dir", NODE_KEYS)
 
 
 def scalar_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -101,13 +104,29 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
         return process_node(NodeSpec.of(config or config_from_run_config(context.run_config)), build_node)
 
     def partition(context: Any) -> int:
-        return int(context.node_config["partition-id"])
+        value = context.node_config.get("partition-id")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(
+                f"flower: this SuperNode's --node-config gives partition-id {value!r}; give an integer "
+                '(--node-config "partition-id=0 num-partitions=N")'
+            )
+        return value
 
     @app.query()
     def query(msg: Any, context: Any) -> Any:
         node = node_for(context)
         client = partition(context)
+        if not 0 <= client < len(node.clients):
+            raise ConfigError(
+                f"flower: partition-id {client} does not exist: the federation has {len(node.clients)} clients "
+                f"(0..{len(node.clients) - 1})"
+            )
         info: dict[str, Any] = {"partition-id": client}
+        key = context.node_config.get("auth-key")  # the node's SuperNode key: proves the partition is its own
+        if key is not None:
+            from fedlora.engine.flower.tls import sign_claim
+
+            info["signature"] = sign_claim(Path(str(key)), str(msg.content["config"]["nonce"]), client)
         budget = context.node_config.get("rank-budget")
         if budget is not None:
             info["rank-attention"] = int(budget)
@@ -165,6 +184,12 @@ def server_app(
     def main(grid: Any, context: Any) -> None:
         cfg = config or config_from_run_config(context.run_config)
         folder = run_dir or Path(str(context.run_config["run-dir"]))
-        run(cfg, folder, resume, lambda sim, status: FlowerTransport(sim, grid, status, routing=routing))
+        keys = {int(k): v for k, v in json.loads(str(context.run_config.get(NODE_KEYS, "{}"))).items()}
+
+        def transport(sim: Simulation, status: Callable[[str], None]) -> FlowerTransport:
+            made = FlowerTransport(sim, grid, status, routing=routing, node_keys=keys)
+            return made
+
+        run(cfg, folder, resume, transport)
 
     return app

@@ -18,12 +18,15 @@ registered with ``flwr supernode register``; ``--auth-supernode-private-key`` on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 from pathlib import Path
 
 from fedlora.config.loader import dump_config
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower import scalar_fields
+from fedlora.engine.flower.apps import NODE_KEYS
 from fedlora.engine.flower.tls import Credentials
 
 APP_MODULE = "fedlora_flower_app"
@@ -67,11 +70,14 @@ def write_app(
     run_dir: Path,
     address: str = "127.0.0.1:9093",
     root_certificates: Path | None = None,
+    node_keys: dict[int, str] | None = None,
 ) -> Path:
     """Write the Flower app folder for ``cfg`` (see the module docstring); returns ``app_dir``.
 
     ``root_certificates``: the CA certificate ``flwr`` verifies the SuperLink with (TLS); None: insecure
-    (loopback only)."""
+    (loopback only). ``node_keys``: partition -> the SuperNode public key bound to it
+    (:func:`~fedlora.engine.flower.tls.bound_keys`); each node then proves its partition by signing the
+    server's query with its key (``auth-key`` in its ``--node-config``)."""
     app_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, app_dir / "fedlora.yaml")
     config_text = (app_dir / "fedlora.yaml").read_text()
@@ -103,6 +109,7 @@ def write_app(
                 "[tool.flwr.app.config]",
                 f"fedlora-config = {toml_string(config_text)}",
                 f"run-dir = {toml_string(str(run_dir.resolve()))}",
+                f"{toml_string(NODE_KEYS)} = {toml_string(json.dumps({str(k): v for k, v in (node_keys or {}).items()}))}",
                 "# every scalar field of the config, overridable one by one: flwr run . --run-config 'federation.rounds=3'",
                 *(
                     f"{toml_string(key)} = {toml_value(value)}"
@@ -156,10 +163,59 @@ def commands(
     for client in range(num_clients):
         lines.append(
             f"{env} flower-supernode {node_security(client)} --superlink 127.0.0.1:{superlink_port} "
-            f'--port {superlink_port + 10 + client} --node-config "partition-id={client} num-partitions={num_clients}" &'
+            f'--port {superlink_port + 10 + client} --node-config "{node_config(client, num_clients, credentials)}" &'
         )
-    lines.append(f"{home} {env} flwr run {app_dir.resolve()} fedlora --stream")
+    lines.append(f"{home} {env} fedlora flower-run {app_dir.resolve()}  # flwr run + its log + how it ended")
     return lines
+
+
+def flwr_run(
+    app_dir: Path, env: dict[str, str], cwd: Path, timeout_s: float | None = None, echo: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Submit the app (``flwr run APP fedlora``), follow its log (``flwr log RUN --stream``) and read how it
+    ended (``flwr ls --run-id RUN``). ``flwr run --stream`` exits 0 even when the ServerApp fails; here the
+    return code is 0 only for ``finished:completed``, and the last stderr line says how the run ended.
+    ``echo``: the log goes to this process's stdout as it comes (the ``fedlora flower-run`` command)."""
+    import time
+
+    def flwr(
+        *args: str, stream: bool = False, timeout: float | None = 120
+    ) -> subprocess.CompletedProcess[str]:
+        if stream and echo:
+            proc = subprocess.run(["flwr", *args], env=env, cwd=cwd, text=True, timeout=timeout)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, "", "")
+        return subprocess.run(
+            ["flwr", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
+
+    started = flwr("run", str(app_dir), "fedlora", "--format", "json")
+    try:
+        run_id = str(json.loads(started.stdout)["run-id"])
+    except (ValueError, KeyError, TypeError):
+        message = f"flwr run did not start a run: {(started.stdout + started.stderr).strip()[-1000:]}"
+        return subprocess.CompletedProcess(started.args, started.returncode or 1, started.stdout, message)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    log = flwr("log", run_id, "fedlora", "--stream", stream=True, timeout=timeout_s)
+    status, details = "unknown", ""
+    while True:  # the log ends when the run does; its final status may take a moment to be recorded
+        listed = flwr("ls", "--run-id", run_id, "--format", "json")
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            row = json.loads(listed.stdout)["runs"][0]
+            status, details = str(row["status"]), str(row.get("status-details") or "")
+        if status.startswith("finished") or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(1.0)
+    code = 0 if status == "finished:completed" else 1
+    ended = f"flower run {run_id}: {status}" + (f" ({details})" if details else "")
+    return subprocess.CompletedProcess(log.args, code, log.stdout, (log.stderr + "\n" + ended).strip())
+
+
+def node_config(partition: int, num_partitions: int, credentials: Credentials | None = None) -> str:
+    """A SuperNode's ``--node-config``: its partition, and with credentials the key that proves it is its own."""
+    text = f"partition-id={partition} num-partitions={num_partitions}"
+    if credentials is not None:
+        text += f" auth-key='{credentials.node_key(partition).resolve()}'"
+    return text
 
 
 def free_port() -> int:
@@ -256,17 +312,14 @@ class LoopbackDeployment:
                     "--auth-supernode-private-key",
                     str(c.node_key(i)),
                 ]
+                node_config += f" auth-key='{c.node_key(i).resolve()}'"  # proves its partition to fedlora
             self._start(
                 [*node, "--port", str(free_port()), "--node-config", node_config], f"supernode{i}.log"
             )
 
-    def run(self, timeout_s: float = 900) -> object:
-        import subprocess
-
-        cmd = ["flwr", "run", str(self.app_dir), "fedlora", "--stream"]
-        return subprocess.run(
-            cmd, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout_s
-        )
+    def run(self, timeout_s: float = 900) -> subprocess.CompletedProcess[str]:
+        """``flwr run`` of the app, its log, and a non-zero return code unless the run completed."""
+        return flwr_run(self.app_dir, self.env, self.workdir, timeout_s)
 
     def stop(self) -> None:
         import contextlib

@@ -133,3 +133,34 @@ def make_credentials(
     for i in range(nodes):
         node_key_pair(creds.node_key(i), creds.node_public_key(i))
     return creds
+
+
+def _claim(nonce: str, partition: int) -> bytes:
+    return f"fedlora-partition-claim:{nonce}:{partition}".encode()
+
+
+def sign_claim(private_key_path: Path, nonce: str, partition: int) -> str:
+    """A node's proof that it holds partition ``partition``: the server's query nonce and the partition,
+    signed (ECDSA, SHA-384) with the node's SuperNode key (the one bound to that partition), hex."""
+    key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey), f"{private_key_path}: not an EC key"
+    return key.sign(_claim(nonce, partition), ec.ECDSA(hashes.SHA384())).hex()
+
+
+def verify_claim(public_key: str, nonce: str, partition: int, signature: str) -> bool:
+    """Whether ``signature`` is :func:`sign_claim` of (nonce, partition) by the holder of ``public_key``
+    (OpenSSH text)."""
+    from cryptography.exceptions import InvalidSignature
+
+    key = serialization.load_ssh_public_key(public_key.strip().encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    try:
+        key.verify(bytes.fromhex(signature), _claim(nonce, partition), ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def bound_keys(credentials: Credentials) -> dict[int, str]:
+    """Partition i -> the public key of ``supernode-<i>`` (what the server checks each node's claim against)."""
+    return {i: credentials.node_public_key(i).read_text().strip() for i in range(credentials.nodes)}

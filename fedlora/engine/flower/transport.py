@@ -4,6 +4,7 @@ the replies back (tensors as ``ArrayRecord``, the plan and counts as ``ConfigRec
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from fedlora.adapters.ranks import RankProfile
 from fedlora.config.schema import FederationConfig
+from fedlora.engine.deadline import ClientDeadline
 from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
@@ -75,7 +77,10 @@ class FlowerTransport:
         status: Callable[[str], None] | None = None,
         wait_for_nodes_s: float = 120.0,
         routing: str = "query",
+        node_keys: dict[int, str] | None = None,
     ) -> None:
+        """``node_keys``: partition -> the public key of the SuperNode that may hold it (a deployment written
+        with ``--tls``): a node must sign the query's nonce with it, or its claim is refused."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing {routing!r}: one of {', '.join(ROUTINGS)}")
         if sim.client_models is not None:
@@ -88,6 +93,10 @@ class FlowerTransport:
             grid.pull_interval = min(grid.pull_interval, 0.01)  # for replies every 0.1 s by default
         self.status = status or (lambda text: None)
         self.routing = routing
+        self.deadline = ClientDeadline.of(sim.cfg.federation)
+        self.last_limit = self.deadline.seconds()
+        #: partition -> its node's public key (OpenSSH text): a node must prove it holds that key
+        self.node_keys = dict(node_keys or {})
         num_clients = len(sim.federation.clients)
         if routing == "assigned":
             self.slots = sorted(
@@ -96,17 +105,27 @@ class FlowerTransport:
             self.node_of: dict[int, int] = {}
         else:
             self.slots = []
-            self.node_of = self.discover_clients(self.wait_for_nodes(num_clients, wait_for_nodes_s))
+            self.node_of = self.discover_clients(
+                self.wait_for_nodes(num_clients, wait_for_nodes_s, at_least=1)
+            )
 
-    def wait_for_nodes(self, expected: int, timeout_s: float) -> list[int]:
-        """The node ids once there are ``expected`` of them (or an error at ``timeout_s``)."""
+    def wait_for_nodes(self, expected: int, timeout_s: float, at_least: int | None = None) -> list[int]:
+        """The node ids once there are ``expected`` of them; at ``timeout_s`` those there are if they are
+        ``at_least`` (default: all expected), else an error."""
         deadline = time.monotonic() + timeout_s
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < expected and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
-        if len(nodes) < expected:
+        if len(nodes) < (expected if at_least is None else at_least):
             raise ConfigError(f"flower: {len(nodes)} nodes connected, the federation needs {expected}")
+        if len(nodes) < expected:
+            log.warning(
+                "flower: %d of the %d nodes connected in %.0f s; going on with them",
+                len(nodes),
+                expected,
+                timeout_s,
+            )
         return nodes
 
     def node_for(self, position: int, client_id: int) -> int:
@@ -119,50 +138,107 @@ class FlowerTransport:
             )
         return self.slots[position]
 
+    def exchange(self, messages: list[Any]) -> list[tuple[Any, float]]:
+        """Push ``messages`` and pull their replies until all are in or the client deadline passes (a stopped
+        or unreachable node never hangs the round); each reply with its seconds since the push."""
+        limit = self.last_limit = self.deadline.seconds()
+        waiting = set(self.grid.push_messages(messages))
+        interval = min(float(getattr(self.grid, "pull_interval", 0.5) or 0.5), 0.5)
+        started = time.monotonic()
+        replies: list[tuple[Any, float]] = []
+        while waiting:
+            for reply in self.grid.pull_messages(waiting):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                replies.append((reply, time.monotonic() - started))
+            if not waiting or time.monotonic() - started > limit:
+                break
+            time.sleep(interval)
+        return replies
+
     def discover_clients(self, nodes: list[int]) -> dict[int, int]:
-        """QUERY every node: which partition (client id) it holds and, if given, its rank budget."""
+        """QUERY every node: which partition (client id) it holds and, if given, its rank budget. A node that
+        fails the query, claims a partition that does not exist or is taken, or cannot prove it holds the
+        key bound to its partition is refused and logged; the run goes on with the others."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         expected = len(self.sim.federation.clients)
+        nonce = secrets.token_hex(16)
         messages = [
-            Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query")
+            Message(
+                content=RecordDict({"config": ConfigRecord({"nonce": nonce})}),
+                dst_node_id=n,
+                message_type="query",
+            )
             for n in nodes
         ]
         node_of: dict[int, int] = {}
         largest = self._largest_profile()
-        for reply in self.grid.send_and_receive(messages):
+        for reply, _ in self.exchange(messages):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                raise RuntimeError(f"flower: a node failed the query: {reply.error}")
+                log.warning("flower: node %s refused: it failed the query (%s)", node, reply.error.reason)
+                continue
             info = reply.content["profile"]
             client = int(info["partition-id"])
-            node = reply.metadata.src_node_id
             if not 0 <= client < expected:
-                log.warning("flower: node %s claims unknown partition %d; ignored", node, client)
+                log.warning("flower: node %s refused: it claims partition %d of %d", node, client, expected)
                 continue
             if client in node_of:
                 log.warning(
-                    "flower: node %s claims partition %d, already held by node %s; ignored",
+                    "flower: node %s refused: partition %d is already held by node %s",
                     node,
                     client,
                     node_of[client],
                 )
                 continue
-            node_of[client] = node
+            problem = self.key_problem(client, nonce, info)
+            if problem is not None:
+                log.warning("flower: node %s refused: %s", node, problem)
+                continue
             size = int(info["num-examples"]) if "num-examples" in info else None
             profile = None
             if "rank-attention" in info:  # the node's own rank budget (deployment --node-config)
                 profile = RankProfile(int(info["rank-attention"]), int(info["rank-mlp"]))
                 if profile.attention > largest.attention or profile.mlp > largest.mlp:
-                    raise ConfigError(
-                        f"flower: client {client} reports rank {profile.name}, above the largest rank the "
-                        f"server was configured for ({largest.name}); raise resources.rank_types"
+                    log.warning(
+                        "flower: node %s refused: client %d reports rank %s, above the largest rank the server "
+                        "was configured for (%s); raise resources.rank_types",
+                        node,
+                        client,
+                        profile.name,
+                        largest.name,
                     )
+                    continue
+            node_of[client] = node
             # fixed at registration: later replies cannot claim more examples
             self.sim.strategy.register_client(client, size, profile)
+        if not node_of:
+            raise ConfigError(
+                f"flower: none of the {len(nodes)} nodes holds a usable partition (see the log)"
+            )
         missing = sorted(set(range(expected)) - set(node_of))
         if missing:
-            raise ConfigError(f"flower: no node holds partition(s) {missing[:5]}")
+            log.warning(
+                "flower: no node holds partition(s) %s; those clients get no reply when sampled", missing[:10]
+            )
         return node_of
+
+    def key_problem(self, client: int, nonce: str, info: dict[str, Any]) -> str | None:
+        """Why a node's claim of partition ``client`` is not proven (None: proven, or no keys are bound): it
+        must sign this query's nonce with the private key whose public half is bound to that partition."""
+        if not self.node_keys:
+            return None
+        from fedlora.engine.flower.tls import verify_claim
+
+        public = self.node_keys.get(client)
+        if public is None:
+            return f"no key is bound to partition {client}"
+        signature = str(info.get("signature", ""))
+        if not verify_claim(public, nonce, client, signature):
+            return (
+                f"it claims partition {client} without that partition's key (the signature does not verify)"
+            )
+        return None
 
     def _largest_profile(self) -> RankProfile:
         profiles = list(self.sim.strategy.client_profiles.values())
@@ -176,7 +252,11 @@ class FlowerTransport:
         self.status(f"round {server_round}: {len(instructions)} clients training on their nodes")
         sent: dict[int, int] = {}  # node -> client
         messages = []
+        unreachable: dict[int, str] = {}
         for position, (client_id, instruction) in enumerate(instructions.items()):
+            if not self.slots and client_id not in self.node_of:
+                unreachable[client_id] = "no node holds this client's partition: no reply"
+                continue
             node = self.node_for(position, client_id)
             sent[node] = client_id
             header = request_header(server_round, client_id, instruction)
@@ -186,11 +266,12 @@ class FlowerTransport:
             messages.append(
                 Message(content=content, dst_node_id=node, message_type="train", group_id=str(server_round))
             )
-        replies: dict[int, ClientReply | str] = {}
-        for reply in self.grid.send_and_receive(messages):
+        replies: dict[int, ClientReply | str] = dict(unreachable)
+        for reply, seconds in self.exchange(messages):
             client_id = sent.get(reply.metadata.src_node_id)
             if client_id is None:
                 continue
+            self.deadline.record(seconds)
             if reply.has_error():
                 replies[client_id] = f"client error: {reply.error.reason}"
                 continue
@@ -198,4 +279,7 @@ class FlowerTransport:
             replies[client_id] = read_reply(
                 client_id, content["meta"], from_arrays(content["payload"]), content["metrics"]
             )
+        for client_id in sent.values():
+            if client_id not in replies:
+                replies[client_id] = self.deadline.reason(self.last_limit)
         return replies
