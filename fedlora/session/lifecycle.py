@@ -4,6 +4,7 @@ that run the same rounds behind Flower messages."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -39,7 +40,7 @@ from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle
 from fedlora.preflight import check_experiment
 from fedlora.session.export import export_adapter, finalize
-from fedlora.session.resume import resume_point
+from fedlora.session.resume import load_run_config, resume_point
 from fedlora.session.run_info import rank_summary, scaling_summary, write_run_info
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress
@@ -130,15 +131,22 @@ def _run(
         target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
         if not resume and (target / "metrics.jsonl").exists():
             raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
-        from fedlora.engine.flower import run_flower_simulation
+        from fedlora.engine.flower import isolation, run_flower_simulation
+
+        if cfg.compute.flower_network == "private" and not isolation.inside_private_network():
+            if isolation.private_network_available():  # Ray's ports unreachable from outside (isolation.py)
+                stored = load_run_config(target) if resume else None
+                isolation.run_simulation_privately(cfg, target, resume, show_progress, stored)
+                return flower_result(target)
+            logging.getLogger(__name__).warning(
+                "engine flower-sim: this machine allows no private network namespace, so Ray's ports listen on "
+                "every interface; run it where they are firewalled (compute.flower_network: host hides this)"
+            )
 
         federation = build_federation(cfg)  # the server's, built once (each client process builds its own)
         server = flower_server_app(cfg, target, resume, routing="assigned", federation=federation)
         run_flower_simulation(cfg, target, len(federation.clients), server, flower_client_app(cfg))
-        records = MetricsLog(target / "metrics.jsonl").read()
-        adapter = target / "global" / "adapter_model.safetensors"
-        state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
-        return RunResult(target, records, state)
+        return flower_result(target)
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
@@ -237,6 +245,14 @@ def _run(
         for tracker in trackers:
             tracker.finish(records, files)
     return RunResult(run_dir, records, final_state)
+
+
+def flower_result(target: Path) -> RunResult:
+    """A finished flower-sim run's result, read from its folder."""
+    records = MetricsLog(target / "metrics.jsonl").read()
+    adapter = target / "global" / "adapter_model.safetensors"
+    state = load_file(str(adapter if adapter.exists() else target / "global" / "model.safetensors"))
+    return RunResult(target, records, state)
 
 
 def local_transport(

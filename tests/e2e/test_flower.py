@@ -214,3 +214,92 @@ def test_flower_sim_refuses_a_disk_too_full_for_ray(tmp_path: Path, monkeypatch)
     monkeypatch.delenv("RAY_local_fs_capacity_threshold")
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(100 * 2**30, 90 * 2**30, 10 * 2**30))
     check_ray_disk(str(tmp_path))
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def listening(pid: int) -> list[str]:
+    """The listening TCP sockets (hex address:port) in ``pid``'s network namespace."""
+    rows = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                rows.append(fields[1])
+    return rows
+
+
+def test_a_flower_simulation_opens_no_port_to_the_network(tmp_path: Path) -> None:
+    """Ray's GCS, raylet and workers bind every interface; the simulation runs them in a network namespace of
+    their own whose only interface is loopback, so none of their ports exists on this machine's network."""
+    import subprocess
+    import sys
+    import time
+
+    from fedlora.engine.flower.isolation import private_network_available
+
+    if not private_network_available():
+        pytest.skip("this kernel allows no private network namespace (no root, user namespaces off)")
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 2, "data.tasks": "[gcd, lcm]"})
+    command = [
+        sys.executable,
+        "-m",
+        "fedlora",
+        "run",
+        *overrides,
+        "engine=flower-sim",
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    own = os.readlink("/proc/self/ns/net")
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline and not seen:
+            for pid in descendants(proc.pid):
+                try:
+                    if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        time.sleep(2.0)  # the raylet and workers start next
+                        seen = {p: os.readlink(f"/proc/{p}/ns/net") for p in descendants(proc.pid)}
+                        seen = {
+                            p: ns
+                            for p, ns in seen.items()
+                            if b"ray" in Path(f"/proc/{p}/cmdline").read_bytes()
+                        }
+                        break
+                except OSError:
+                    continue
+            time.sleep(0.2)
+        assert seen, "no Ray process was seen"
+        assert own not in set(seen.values())  # not one of them shares this machine's network
+        pid = next(iter(seen))
+        interfaces = [
+            line.split(":")[0].strip() for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+        ]
+        assert interfaces == ["lo"]
+        assert listening(pid)  # Ray does listen, inside its namespace
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [
+        json.loads(line)["round"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2]

@@ -203,6 +203,11 @@ class ComputeConfig(Section):
     workers: int | Literal["auto"] = "auto"
     devices: list[str] = Field(default_factory=list)
     batch_clients: bool = False
+    #: engine flower-sim: Ray's servers (GCS, raylet, workers) listen on every interface; ``private`` runs the
+    #: simulation in a network namespace of its own (loopback only: nothing is reachable from outside, and
+    #: nothing outside is reachable from it, so online trackers need ``host``); where the kernel allows no
+    #: namespace it says so and runs on the host network. ``host``: Ray as it comes
+    flower_network: Literal["private", "host"] = "private"
 
     @model_validator(mode="after")
     def _base_dtype_is_autocast(self) -> ComputeConfig:
