@@ -84,3 +84,8 @@ def import_plugins(modules: list[str]) -> None:
             raise UnknownName(
                 f"config field 'plugins': cannot import {module!r} ({err}); put it on PYTHONPATH or install it"
             ) from None
+        except Exception as err:  # the plugin's own code failed while it was imported
+            raise UnknownName(
+                f"config field 'plugins': importing {module!r} failed ({type(err).__name__}: {str(err)[:200]}); "
+                "fix the module or remove it from plugins"
+            ) from None

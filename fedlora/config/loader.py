@@ -113,6 +113,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = problem["msg"]
         if problem["type"] == "extra_forbidden":
             msg = "unknown key"
+        if problem["type"] == "string_pattern_mismatch" and loc and loc[0] == "plugins":
+            msg = "not an importable module name (letters, digits, _ and dots: my_package.my_methods)"
         detail = f"got {shown(given)}" if loc and problem["type"] != "model_type" else ""
         allowed = _allowed(ExperimentConfig, tuple(str(p) for p in loc if not isinstance(p, int)))
         extra = "; ".join(x for x in (detail, allowed) if x)

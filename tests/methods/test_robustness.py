@@ -18,7 +18,13 @@ from fedlora.protocol import ClientInstruction, ClientReply
 from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.fedavg import FedIT
 from fedlora.strategies.flexlora import FlexLoRA
-from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen, coordinate_median, trimmed_mean
+from fedlora.strategies.robustness import (
+    RobustAggregation,
+    UpdateNormScreen,
+    coordinate_median,
+    trimmed_count,
+    trimmed_mean,
+)
 
 
 def screened(history: list[float] | None = None) -> UpdateNormScreen:
@@ -88,7 +94,7 @@ def test_robust_rules_against_a_dense_computation(n: int) -> None:
     import numpy as np
 
     assert_rel_close(coordinate_median(tensors), np.median(stacked, axis=0), 1e-12)
-    cut = int(0.2 * n)
+    cut = max(1, int(0.2 * n))  # at least one value dropped per side
     ordered = np.sort(stacked, axis=0)
     assert_rel_close(trimmed_mean(tensors, 0.2), ordered[cut : n - cut].mean(axis=0), 1e-12)
     # through the wrapper: a linear method aggregates the one combined reply, whatever the example counts
@@ -142,29 +148,110 @@ def test_a_run_that_cannot_progress_fails(tmp_path: Path, capsys: pytest.Capture
     assert not (run_dir / "global").exists()
 
 
-def test_flower_partition_claims_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class ClaimsGrid:
+    """A Grid whose nodes answer the query with the given replies (in that order)."""
+
+    def __init__(self, replies: list[SimpleNamespace]) -> None:
+        self.replies = replies
+        self.nonce = ""
+
+    def get_node_ids(self) -> list[int]:
+        return [r.metadata.src_node_id for r in self.replies]
+
+    def push_messages(self, messages: list[dict]) -> list[str]:
+        self.nonce = messages[0]["content"]["config"]["nonce"]
+        for i, reply in enumerate(self.replies):
+            reply.metadata.reply_to_message_id = f"m{i}"
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+        return [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+
+
+def claim(node: int, partition: int, sign=None) -> SimpleNamespace:
+    profile = {"partition-id": partition, "num-examples": 3}
+    reply = SimpleNamespace(
+        has_error=lambda: False, metadata=SimpleNamespace(src_node_id=node), profile=profile
+    )
+    reply.content = {"profile": profile}
+    reply.sign = sign
+    return reply
+
+
+def failed(node: int) -> SimpleNamespace:
+    error = SimpleNamespace(reason="<class 'KeyError'>:<'partition-id'>")
+    return SimpleNamespace(has_error=lambda: True, error=error, metadata=SimpleNamespace(src_node_id=node))
+
+
+def test_flower_partition_claims_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A node claiming a taken or unknown partition, or failing the query, is refused and logged; the run goes
+    on with the others (a bad node used to stop the deployment)."""
     from fedlora.engine.flower import FlowerTransport
 
     monkeypatch.setattr("flwr.app.Message", lambda **fields: fields)  # outside a Flower run: a plain record
-
-    engine = tiny_engine(tmp_path)  # 4 clients
-
-    def reply(node: int, partition: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            has_error=lambda: False,
-            content={"profile": {"partition-id": partition, "num-examples": 3}},
-            metadata=SimpleNamespace(src_node_id=node),
-        )
-
-    claims = [reply(10, 0), reply(11, 1), reply(12, 2), reply(13, 3), reply(14, 0), reply(15, 9)]
-    grid = SimpleNamespace(
-        get_node_ids=lambda: [10, 11, 12, 13, 14, 15], send_and_receive=lambda messages: claims
+    engine = tiny_engine(tmp_path, **{"federation.client_timeout": 5.0})  # 4 clients
+    grid = ClaimsGrid(
+        [claim(10, 0), claim(11, 1), claim(12, 2), failed(16), claim(13, 3), claim(14, 0), claim(15, 9)]
     )
     transport = FlowerTransport(engine.sim, grid, wait_for_nodes_s=0)
-    assert transport.node_of == {
-        0: 10,
-        1: 11,
-        2: 12,
-        3: 13,
-    }  # the second claim on 0 and the unknown 9 ignored
+    assert transport.node_of == {0: 10, 1: 11, 2: 12, 3: 13}
     assert engine.sim.strategy.client_sizes[0] == 3
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3 and "failed the query" in refused[0] and "already held by node 10" in refused[1]
+
+
+def test_a_node_must_prove_its_partition_with_the_key_bound_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    from fedlora.engine.flower import FlowerTransport
+    from fedlora.engine.flower.tls import make_credentials, sign_claim
+
+    monkeypatch.setattr("flwr.app.Message", lambda **fields: fields)
+    creds = make_credentials(tmp_path / "tls", nodes=5)
+    keys = {i: creds.node_public_key(i).read_text() for i in range(4)}
+    engine = tiny_engine(tmp_path, **{"federation.client_timeout": 5.0})
+    # node 20 holds key 4 (registered with the SuperLink, say) and claims partition 1 first; node 21 is key 1's
+    replies = [claim(20, 1, 4), claim(21, 1, 1), claim(22, 0, 0), claim(23, 2, 2), claim(24, 3)]
+    grid = ClaimsGrid(replies)
+    original_push = grid.push_messages
+
+    def push(messages: list[dict]) -> list[str]:
+        ids = original_push(messages)
+        for reply in replies:  # each node signs the nonce of this query with its own key
+            if reply.sign is not None:
+                reply.profile["signature"] = sign_claim(
+                    creds.node_key(reply.sign), grid.nonce, reply.profile["partition-id"]
+                )
+        return ids
+
+    grid.push_messages = push
+    transport = FlowerTransport(engine.sim, grid, wait_for_nodes_s=0, node_keys=keys)
+    assert transport.node_of == {1: 21, 0: 22, 2: 23}  # partition 3's node signed nothing
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("node 20 refused: it claims partition 1 without that partition's key" in m for m in refused)
+    assert any("node 24 refused" in m for m in refused)
+
+
+@pytest.mark.parametrize("n", [3, 4, 8, 9])
+def test_the_trimmed_mean_drops_at_least_one_value_per_side(n: int) -> None:
+    """trim_fraction 0.1 of fewer than 10 replies used to drop none (the plain mean, silently): at least one
+    per side now, checked against a direct sort of the values."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(100 + n)
+    tensors = [torch.randn(4, 3, generator=gen) for _ in range(n)]
+    ordered = np.sort(torch.stack([t.double() for t in tensors]).numpy(), axis=0)
+    assert trimmed_count(0.1, n) == 1
+    assert_rel_close(trimmed_mean(tensors, 0.1), ordered[1 : n - 1].mean(axis=0), 1e-12)
+    assert trimmed_count(0.1, 2) == 0  # two values: nothing can be dropped at both ends
+
+
+def test_a_trim_fraction_that_trims_none_of_a_rounds_replies_is_refused() -> None:
+    from fedlora.config.schema import FederationConfig
+
+    with pytest.raises(ValueError, match=r"trim_fraction 0.1 of 8 replies per round trims nothing.*0.125"):
+        FederationConfig(aggregation="trimmed-mean", clients_per_round=8)
+    with pytest.raises(ValueError, match="cannot drop a value at each end"):
+        FederationConfig(aggregation="trimmed-mean", clients_per_round=2)
+    assert FederationConfig(aggregation="trimmed-mean", clients_per_round=8, trim_fraction=0.125)
+    assert FederationConfig(aggregation="trimmed-mean", num_clients=40, fraction=0.25)  # 10 a round: trims 1

@@ -83,3 +83,56 @@ def test_eval_on_a_damaged_adapter(tmp_path: Path, capsys: pytest.CaptureFixture
     adapter = run_dir / "global" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
     assert "is damaged" in error_of(capsys, ["eval", str(run_dir)])
+
+
+def alias_bomb(levels: int, width: int) -> str:
+    lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (alias_bomb(9, 9), "aliases expand to more than 100,000 values"),
+        ("name: " + "[" * 20_000 + "\n", ":1: nested more than 64 levels deep"),
+        ("name: a\x00b\n", ":1: a NUL byte"),
+        ("name: " + "x" * 2_000_000 + "\n", "a config file is at most 1,048,576 bytes"),
+        ("federation:\n  rounds: true\n", "config field 'federation.rounds': Value error, true/false given"),
+        ("plugins: ['../../etc/passwd']\n", "config field 'plugins.0'"),
+        ("plugins: ['']\n", "config field 'plugins.0'"),
+    ],
+)
+def test_hostile_config_files_are_one_bounded_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    err = error_of(capsys, ["config", str(path)])
+    assert expected in err, err[:500]
+    assert len(err) < 2_000  # no value is echoed whole
+
+
+def test_a_small_alias_tree_still_reads(tmp_path: Path) -> None:
+    from fedlora.config.loader import read_yaml
+
+    path = tmp_path / "ok.yaml"
+    path.write_text(alias_bomb(3, 9))  # 9^3 = 729 values: real configs use a few anchors, this still reads
+    assert len(read_yaml(path)["a2"]) == 9
+
+
+def test_a_long_value_is_echoed_at_most_200_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    err = error_of(capsys, ["config", "name=" + "x" * 5_000_000])
+    assert "... (5,000,002 characters)" in err and len(err) < 1_000
+
+
+def test_a_plugin_that_cannot_be_imported_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    err = error_of(capsys, ["run", "plugins=[no_such_module_xyz]", "--output", str(tmp_path / "a")])
+    assert "config field 'plugins': cannot import 'no_such_module_xyz'" in err
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('half-written plugin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = error_of(capsys, ["run", "plugins=[broken_plugin]", "--output", str(tmp_path / "b")])
+    assert "importing 'broken_plugin' failed (RuntimeError: half-written plugin)" in err

@@ -162,3 +162,21 @@ def test_median_curve_follows_the_middle_seed_not_a_diverged_one() -> None:
     assert median_curve([steady, diverged, other]) == [(1.0, 3.0), (2.0, 2.6), (3.0, 2.2)]
     # a run that stopped early: only the points that every run reached
     assert median_curve([steady, other[:2], []]) == [(1.0, pytest.approx(2.95)), (2.0, pytest.approx(2.55))]
+
+
+def test_compare_labels_show_the_optimizer_each_method_trained_with(tmp_path: Path) -> None:
+    """fedit trains with AdamW, fedprox with SGD: the records hold the effective optimizer (written by the
+    preflight), so a comparison of the two says it compares optimizers too."""
+    from fedlora.config.loader import config_text
+    from fedlora.preflight import config_from_dict
+    from fedlora.tracking.compare import RunSummary, differing_keys, label
+
+    runs = []
+    for method in ("fedit", "fedprox"):
+        run = fake_run(tmp_path, method, method, 0, [3.0, 2.0], 0.3)
+        cfg = config_from_dict({"name": method, "strategy": {"name": method}, "output": {"dir": str(run)}})
+        (run / "config.yaml").write_text(config_text(cfg))
+        runs.append(RunSummary.load(run))
+    keys = differing_keys(runs)
+    assert "client.optimizer" in keys
+    assert [label(r, keys) for r in runs] == ["fedit client.optimizer=adamw", "fedprox client.optimizer=sgd"]
