@@ -168,13 +168,12 @@ def test_the_app_exposes_each_config_field_as_a_run_config_key(tmp_path: Path) -
         config_from_run_config({**keys, "federation.roundz": 3})
 
 
-def test_a_flower_simulation_keeps_the_console_quiet(tmp_path: Path) -> None:
-    """Flower's INFO/DEBUG lines and the clients' library warnings stay out of the console by default."""
-    import subprocess
+def flower_sim_command(tmp_path: Path, rounds: int) -> list[str]:
+    """``fedlora run`` of a tiny two-client experiment on flower-sim into ``tmp_path/r``."""
     import sys
 
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 1, "data.tasks": "[gcd, lcm]"})
-    command = [
+    overrides = tiny_overrides(tmp_path, **{"federation.rounds": rounds, "data.tasks": "[gcd, lcm]"})
+    return [
         sys.executable,
         "-m",
         "fedlora",
@@ -183,8 +182,14 @@ def test_a_flower_simulation_keeps_the_console_quiet(tmp_path: Path) -> None:
         "engine=flower-sim",
         "--output",
         str(tmp_path / "r"),
-        "--no-progress",
     ]
+
+
+def test_a_flower_simulation_keeps_the_console_quiet(tmp_path: Path) -> None:
+    """Flower's INFO/DEBUG lines and the clients' library warnings stay out of the console by default."""
+    import subprocess
+
+    command = flower_sim_command(tmp_path, rounds=1) + ["--no-progress"]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
@@ -250,24 +255,13 @@ def test_a_flower_simulation_opens_no_port_to_the_network(tmp_path: Path) -> Non
     """Ray's GCS, raylet and workers bind every interface; the simulation runs them in a network namespace of
     their own whose only interface is loopback, so none of their ports exists on this machine's network."""
     import subprocess
-    import sys
     import time
 
     from fedlora.engine.flower.isolation import private_network_available
 
     if not private_network_available():
         pytest.skip("this kernel allows no private network namespace (no root, user namespaces off)")
-    overrides = tiny_overrides(tmp_path, **{"federation.rounds": 2, "data.tasks": "[gcd, lcm]"})
-    command = [
-        sys.executable,
-        "-m",
-        "fedlora",
-        "run",
-        *overrides,
-        "engine=flower-sim",
-        "--output",
-        str(tmp_path / "r"),
-    ]
+    command = flower_sim_command(tmp_path, rounds=2)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     own = os.readlink("/proc/self/ns/net")
     seen: dict[int, str] = {}

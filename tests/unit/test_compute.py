@@ -230,48 +230,7 @@ def test_personal_state_and_resume_with_workers(tmp_path):
     assert resumed.records[-1]["eval_loss"] == whole.records[-1]["eval_loss"]
 
 
-CRASH_PLUGIN = """
-import os
-from fedlora import ClientHooks, register_client_hooks, register_strategy
-from fedlora.strategies.fedavg import FedIT
-
-
-@register_client_hooks
-class DieInWorker(ClientHooks):
-    kind = "die-in-worker"
-    client: int
-    main_pid: int
-
-    def before_training(self, ctx):
-        if ctx.client_id == self.client and ctx.server_round == 1 and os.getpid() != self.main_pid:
-            os._exit(9)  # a hard crash: no exception, no reply
-        return {}
-
-
-@register_strategy
-class FedITWithACrash(FedIT):
-    name = "fedit-crash"
-
-    def client_hooks(self):
-        return [DieInWorker(client=2, main_pid=os.getpid())]
-"""
-
-
-def test_a_worker_crash_is_a_dropped_client_not_a_dead_run(tmp_path, monkeypatch):
-    (tmp_path / "crash_plugin.py").write_text(textwrap.dedent(CRASH_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cfg = tiny(tmp_path, "fedit-crash", compute={"workers": 2})
-    cfg["plugins"] = ["crash_plugin"]
-    result = run_cfg(tmp_path, "r", cfg)
-    first, second = result.records
-    assert [r["client"] for r in first["rejected"]] == [2]
-    assert "worker crashed" in first["rejected"][0]["reason"]
-    assert first["status"] == "aggregated" and first["num_clients"] == 3
-    assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
-
-
-HANG_PLUGIN = """
+WORKER_FAULT_PLUGIN = """
 import os
 import signal
 from fedlora import ClientHooks, register_client_hooks, register_strategy
@@ -279,40 +238,53 @@ from fedlora.strategies.fedavg import FedIT
 
 
 @register_client_hooks
-class StopInWorker(ClientHooks):
-    kind = "stop-in-worker"
+class FaultInWorker(ClientHooks):
+    kind = "fault-in-worker"
     client: int
     main_pid: int
 
     def before_training(self, ctx):
         if ctx.client_id == self.client and ctx.server_round == 1 and os.getpid() != self.main_pid:
-            os.kill(os.getpid(), signal.SIGSTOP)  # stopped mid-round: alive, silent, forever
+            FAULT
         return {}
 
 
 @register_strategy
-class FedITWithAStoppedWorker(FedIT):
-    name = "fedit-stopped-worker"
+class FedITWithAFault(FedIT):
+    name = "fedit-worker-fault"
 
     def client_hooks(self):
-        return [StopInWorker(client=2, main_pid=os.getpid())]
+        return [FaultInWorker(client=2, main_pid=os.getpid())]
 """
+
+
+def first_round_without_client_2(tmp_path, monkeypatch, fault: str, **sections) -> dict:
+    """A 2-round run on two workers whose client 2 meets ``fault`` (a Python statement) in its round-1 worker:
+    round 1 goes on without it, round 2 has all four clients (a fresh worker took the faulty one's place).
+    Returns round 1's rejection of client 2."""
+    (tmp_path / "fault_plugin.py").write_text(textwrap.dedent(WORKER_FAULT_PLUGIN).replace("FAULT", fault))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = tiny(tmp_path, "fedit-worker-fault", compute={"workers": 2}, **sections)
+    cfg["plugins"] = ["fault_plugin"]
+    first, second = run_cfg(tmp_path, "r", cfg).records
+    assert [r["client"] for r in first["rejected"]] == [2]
+    assert first["status"] == "aggregated" and first["num_clients"] == 3
+    assert second["num_clients"] == 4 and not second["rejected"]
+    return first["rejected"][0]
+
+
+def test_a_worker_crash_is_a_dropped_client_not_a_dead_run(tmp_path, monkeypatch):
+    rejection = first_round_without_client_2(tmp_path, monkeypatch, "os._exit(9)")  # no exception, no reply
+    assert "worker crashed" in rejection["reason"]
 
 
 def test_a_stopped_worker_is_a_timed_out_client_not_a_hung_run(tmp_path, monkeypatch):
     """SIGSTOP one of two workers mid-round: past federation.client_timeout its client is left out with reason
     timeout, the stopped process is killed and replaced, and the run finishes (it used to wait forever)."""
-    (tmp_path / "hang_plugin.py").write_text(textwrap.dedent(HANG_PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cfg = tiny(tmp_path, "fedit-stopped-worker", compute={"workers": 2}, federation={"client_timeout": 4.0})
-    cfg["plugins"] = ["hang_plugin"]
-    result = run_cfg(tmp_path, "r", cfg)
-    first, second = result.records
-    assert [r["client"] for r in first["rejected"]] == [2]
-    assert first["rejected"][0]["reason"].startswith("timeout: no reply within 4 s")
-    assert first["status"] == "aggregated" and first["num_clients"] == 3
-    assert second["num_clients"] == 4 and not second["rejected"]  # a fresh worker took its place
+    stop = "os.kill(os.getpid(), signal.SIGSTOP)"  # stopped mid-round: alive, silent, forever
+    rejection = first_round_without_client_2(tmp_path, monkeypatch, stop, federation={"client_timeout": 4.0})
+    assert rejection["reason"].startswith("timeout: no reply within 4 s")
 
 
 def test_the_client_deadline_rule():
