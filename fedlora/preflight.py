@@ -23,8 +23,8 @@ from fedlora.registry import UnknownName, import_plugins
 if TYPE_CHECKING:
     from fedlora.strategies.base import ExperimentFacts
 
-#: the content (JSON) of every config this process has checked
-_CHECKED: set[str] = set()
+#: configs checked in this process (their content) -> the optimizer their strategy resolved
+_CHECKED: dict[str, str | None] = {}
 
 
 def load_builtins() -> None:
@@ -69,6 +69,8 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     strategy can run it; returns ``cfg``. Plugins are imported first, so their names count."""
     content = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     if content in _CHECKED:
+        if cfg.client.optimizer is None:
+            cfg.client.optimizer = _CHECKED[content]
         return cfg
     try:
         import_plugins(cfg.plugins)
@@ -109,7 +111,8 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(
             f"config field 'eval.metrics': {generation} need generations; model.task is {cfg.model.task!r} (use loss)"
         )
-    _CHECKED.add(content)
+    _CHECKED[content] = cfg.client.optimizer  # as given (before the defaults were written in)...
+    _CHECKED[json.dumps(cfg.model_dump(mode="json"), sort_keys=True)] = cfg.client.optimizer  # ...and after
     return cfg
 
 
