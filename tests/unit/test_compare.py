@@ -114,7 +114,11 @@ def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:
     args = ["sweep", *overrides, "--seeds", "1,2", "--set", "strategy.name=fedit,fedavg"]
     assert main([*args, "--output", str(tmp_path / "sweep"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| fedit | 2 (1,2) |" in out and "| fedavg | 2 (1,2) |" in out
+    # the records hold each method's optimizer (fedit: AdamW, fedavg: SGD), so the labels say they differ
+    assert (
+        "| fedit client.optimizer=adamw | 2 (1,2) |" in out
+        and "| fedavg client.optimizer=sgd | 2 (1,2) |" in out
+    )
     assert len(list((tmp_path / "sweep").glob("*/global/adapter_model.safetensors"))) == 4
     assert (tmp_path / "sweep" / "compare.png").exists()
 

@@ -124,7 +124,10 @@ def test_one_override_rule_for_run_sweep_flower_and_the_api() -> None:
     from fedlora.sweep import sweep_configs
 
     overrides = ["strategy.name=fedprox", "federation.rounds=2"]
-    reference = loader.config_from_overrides(overrides)
+    from fedlora.preflight import check_experiment
+
+    reference = check_experiment(loader.config_from_overrides(overrides))
+    assert reference.client.optimizer == "sgd"  # fedprox's own, written in by the preflight
     assert load_config(None, overrides) == reference
     assert load_config(None, overrides).federation.clients_per_round is None  # not the demo's 4
     assert load_config().name == "default-fedit-reasoning-gym"

@@ -127,7 +127,9 @@ def test_a_failed_export_leaves_the_previous_global_adapter(tmp_path: Path, monk
     before = adapter.read_bytes()
     from fedlora.session import export
 
-    def half_export(adapters, state, folder, base):  # writes part of the folder, then the disk fills up
+    def half_export(
+        adapters, state, folder, base, *named
+    ):  # writes part of the folder, then the disk fills up
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "adapter_model.safetensors").write_bytes(b"\0" * 10)
         raise OSError(28, "No space left on device", str(folder))
