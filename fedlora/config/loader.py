@@ -171,13 +171,11 @@ def _check_shape(text: str, name: str) -> None:
     :data:`MAX_CONFIG_DEPTH` (PyYAML's composer recurses) and aliases that expand past
     :data:`MAX_CONFIG_VALUES` values. Reads the event stream (no recursion), counting each anchored value's
     expanded size once."""
-    depth = 0
-    stack: list[list[Any]] = [[None, 0]]  # [anchor, values] per open collection
+    stack: list[list[Any]] = [[None, 0]]  # [anchor, values] per open collection, the document first
     sizes: dict[str, int] = {}
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_CONFIG_DEPTH:
+            if len(stack) > MAX_CONFIG_DEPTH:
                 raise ConfigError(
                     f"{name}:{event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} levels deep; "
                     "a config is a few sections of settings"
@@ -185,7 +183,6 @@ def _check_shape(text: str, name: str) -> None:
             stack.append([event.anchor, 0])
             continue
         if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
             anchor, size = stack.pop()
             size += 1
             if anchor is not None:

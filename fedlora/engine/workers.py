@@ -18,8 +18,8 @@ that round: the client is reported as having no reply (the engine logs it as dro
 takes the dead one's place. So does a worker that has not replied by the round's client deadline
 (:class:`~fedlora.engine.deadline.ClientDeadline`: stopped, hung, swapping): it is killed, its client is left
 out with reason ``timeout``, and a fresh worker serves the rest of the run. Requests are written by a short
-thread, so a worker that stops reading cannot block the parent either. A stop (SIGINT / SIGTERM, often sent to the whole process group) is the
-parent's to act on: workers ignore both signals, and the parent abandons the round (the last checkpoint
+thread, so a worker that stops reading cannot block the parent either. A stop (SIGINT / SIGTERM, often
+sent to the whole process group) is the parent's to act on: workers ignore both signals, and the parent abandons the round (the last checkpoint
 stands), so that a stop never writes a round short of a client.
 """
 
@@ -292,9 +292,7 @@ class WorkerPoolTransport:
         if worker.process.poll() is None:
             worker.process.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
         worker.process.wait()
-        if (
-            worker.sender is not None
-        ):  # a write in progress ends with a broken pipe now that the reader is gone
+        if worker.sender is not None:  # a write in progress ends in a broken pipe now the reader is gone
             worker.sender.join(timeout=10)
         worker.close_pipes()
         fresh = self._spawn(worker.device)

@@ -46,6 +46,8 @@ from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress
 from fedlora.tracking.trackers import open_trackers
 
+log = logging.getLogger(__name__)
+
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -138,7 +140,7 @@ def _run(
                 stored = load_run_config(target) if resume else None
                 isolation.run_simulation_privately(cfg, target, resume, show_progress, stored)
                 return flower_result(target)
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "engine flower-sim: this machine allows no private network namespace, so Ray's ports listen on "
                 "every interface; run it where they are firewalled (compute.flower_network: host hides this)"
             )

@@ -186,10 +186,11 @@ def server_app(
         folder = run_dir or Path(str(context.run_config["run-dir"]))
         keys = {int(k): v for k, v in json.loads(str(context.run_config.get(NODE_KEYS, "{}"))).items()}
 
-        def transport(sim: Simulation, status: Callable[[str], None]) -> FlowerTransport:
-            made = FlowerTransport(sim, grid, status, routing=routing, node_keys=keys)
-            return made
-
-        run(cfg, folder, resume, transport)
+        run(
+            cfg,
+            folder,
+            resume,
+            lambda sim, status: FlowerTransport(sim, grid, status, routing=routing, node_keys=keys),
+        )
 
     return app

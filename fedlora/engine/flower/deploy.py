@@ -213,9 +213,12 @@ def flwr_run(
 def node_config(partition: int, num_partitions: int, credentials: Credentials | None = None) -> str:
     """A SuperNode's ``--node-config``: its partition, and with credentials the key that proves it is its own."""
     text = f"partition-id={partition} num-partitions={num_partitions}"
-    if credentials is not None:
-        text += f" auth-key='{credentials.node_key(partition).resolve()}'"
-    return text
+    return with_auth_key(text, credentials.node_key(partition)) if credentials is not None else text
+
+
+def with_auth_key(node_config: str, key: Path) -> str:
+    """``node_config`` naming the SuperNode key the node signs fedlora's partition query with."""
+    return f"{node_config} auth-key='{key.resolve()}'"
 
 
 def free_port() -> int:
@@ -312,7 +315,7 @@ class LoopbackDeployment:
                     "--auth-supernode-private-key",
                     str(c.node_key(i)),
                 ]
-                node_config += f" auth-key='{c.node_key(i).resolve()}'"  # proves its partition to fedlora
+                node_config = with_auth_key(node_config, c.node_key(i))  # proves its partition to fedlora
             self._start(
                 [*node, "--port", str(free_port()), "--node-config", node_config], f"supernode{i}.log"
             )

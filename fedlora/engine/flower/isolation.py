@@ -38,7 +38,7 @@ flags = 0x40000000 if os.geteuid() == 0 else 0x40000000 | 0x10000000
 if libc.unshare(flags) != 0:
     print("fedlora: no private network namespace: unshare: " + os.strerror(ctypes.get_errno()), file=sys.stderr)
     sys.exit(97)
-if os.geteuid() != 0 and flags & 0x10000000:
+if os.geteuid() != 0:
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as handle:
             handle.write(text)
@@ -48,7 +48,6 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", up))
 if sys.argv[1:] == ["--probe"]:
     sys.exit(0)
-os.environ["FEDLORA_FLOWER_PRIVATE_NETWORK"] = "1"
 sys.argv = ["fedlora", *sys.argv[1:]]
 from fedlora.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -68,8 +67,11 @@ def private_network_available() -> bool:
 
 
 def run_in_private_network(cli_args: list[str]) -> int:
-    """``fedlora <cli_args>`` in a child inside a private network namespace; its exit code."""
-    return subprocess.run([sys.executable, "-c", BOOTSTRAP, *cli_args]).returncode
+    """``fedlora <cli_args>`` in a child inside a private network namespace (marked :data:`INSIDE`, so it runs
+    the simulation itself); its exit code."""
+    return subprocess.run(
+        [sys.executable, "-c", BOOTSTRAP, *cli_args], env={**os.environ, INSIDE: "1"}
+    ).returncode
 
 
 def run_simulation_privately(

@@ -94,7 +94,6 @@ class FlowerTransport:
         self.status = status or (lambda text: None)
         self.routing = routing
         self.deadline = ClientDeadline.of(sim.cfg.federation)
-        self.last_limit = self.deadline.seconds()
         #: partition -> its node's public key (OpenSSH text): a node must prove it holds that key
         self.node_keys = dict(node_keys or {})
         num_clients = len(sim.federation.clients)
@@ -138,10 +137,11 @@ class FlowerTransport:
             )
         return self.slots[position]
 
-    def exchange(self, messages: list[Any]) -> list[tuple[Any, float]]:
+    def exchange(self, messages: list[Any]) -> tuple[list[tuple[Any, float]], float]:
         """Push ``messages`` and pull their replies until all are in or the client deadline passes (a stopped
-        or unreachable node never hangs the round); each reply with its seconds since the push."""
-        limit = self.last_limit = self.deadline.seconds()
+        or unreachable node never hangs the round): each reply with its seconds since the push, and the
+        deadline that applied."""
+        limit = self.deadline.seconds()
         waiting = set(self.grid.push_messages(messages))
         interval = min(float(getattr(self.grid, "pull_interval", 0.5) or 0.5), 0.5)
         started = time.monotonic()
@@ -153,7 +153,7 @@ class FlowerTransport:
             if not waiting or time.monotonic() - started > limit:
                 break
             time.sleep(interval)
-        return replies
+        return replies, limit
 
     def discover_clients(self, nodes: list[int]) -> dict[int, int]:
         """QUERY every node: which partition (client id) it holds and, if given, its rank budget. A node that
@@ -173,7 +173,7 @@ class FlowerTransport:
         ]
         node_of: dict[int, int] = {}
         largest = self._largest_profile()
-        for reply, _ in self.exchange(messages):
+        for reply, _ in self.exchange(messages)[0]:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("flower: node %s refused: it failed the query (%s)", node, reply.error.reason)
@@ -267,7 +267,8 @@ class FlowerTransport:
                 Message(content=content, dst_node_id=node, message_type="train", group_id=str(server_round))
             )
         replies: dict[int, ClientReply | str] = dict(unreachable)
-        for reply, seconds in self.exchange(messages):
+        answered, limit = self.exchange(messages)
+        for reply, seconds in answered:
             client_id = sent.get(reply.metadata.src_node_id)
             if client_id is None:
                 continue
@@ -281,5 +282,5 @@ class FlowerTransport:
             )
         for client_id in sent.values():
             if client_id not in replies:
-                replies[client_id] = self.deadline.reason(self.last_limit)
+                replies[client_id] = self.deadline.reason(limit)
         return replies
