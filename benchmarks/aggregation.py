@@ -94,6 +94,7 @@ def in_child(path: str, d: int, k: int, repeats: int) -> dict:
 def whole_model_7b() -> float:
     """Seconds for FlexLoRA.aggregate over a LLaMA-7B-shaped adapter (224 modules), 10 heterogeneous clients."""
     from fedlora.adapters.ranks import RankProfile
+    from fedlora.engine.server import Server
     from fedlora.strategies.base import ClientReply, ServerSetup
     from fedlora.strategies.flexlora import FlexLoRA
 
@@ -114,11 +115,10 @@ def whole_model_7b() -> float:
         return out
 
     profiles = {i: RankProfile.uniform(r) for i, r in enumerate(RANKS)}
-    strategy = FlexLoRA()
-    strategy.initialize(ServerSetup(state(max(RANKS), zero=True), profiles, lora_alpha=16.0))
+    server = Server(FlexLoRA(), ServerSetup(state(max(RANKS), zero=True), profiles, lora_alpha=16.0))
     replies = [ClientReply(i, state(r), 10 + i) for i, r in enumerate(RANKS)]
     start = time.perf_counter()
-    strategy.aggregate(1, replies)
+    server.aggregate(1, replies)
     return time.perf_counter() - start
 
 

@@ -46,6 +46,7 @@ def initial_state(rank: int, layers: int, gen: torch.Generator) -> dict[str, tor
 
 def build(name: str, rank: int, layers: int, clients: int):
     from fedlora.adapters.ranks import RankProfile, module_factors
+    from fedlora.engine.server import Server
     from fedlora.strategies import STRATEGIES
     from fedlora.strategies.base import ServerSetup
 
@@ -57,16 +58,15 @@ def build(name: str, rank: int, layers: int, clients: int):
             init[b_key] = torch.linalg.qr(torch.randn(init[b_key].shape, generator=gen))[0]
             init[f"{module}.lora_R.weight"] = torch.zeros(rank, rank)
     profiles = {i: RankProfile.uniform(rank) for i in range(clients)}
-    strategy.initialize(ServerSetup(init, profiles, lora_alpha=2.0 * rank))
-    return strategy, gen
+    return Server(strategy, ServerSetup(init, profiles, lora_alpha=2.0 * rank)), gen
 
 
-def replies_for(strategy, gen: torch.Generator, clients: int):
+def replies_for(server, gen: torch.Generator, clients: int):
     from fedlora.adapters.merged import split_merged
     from fedlora.adapters.state import wire_size
     from fedlora.strategies.base import ClientReply
 
-    instructions = strategy.configure(1, list(range(clients)))
+    instructions = server.configure(1, list(range(clients)))
     replies = []
     for cid, instruction in instructions.items():
         adapter, _ = split_merged(instruction.payload)
@@ -76,9 +76,9 @@ def replies_for(strategy, gen: torch.Generator, clients: int):
             if not any(h.frozen(k) for h in instruction.hooks)
         }
         reply = ClientReply(cid, sent, 10 + cid)
-        problem = strategy.validate_reply(instruction, reply)
+        problem = server.validate_reply(instruction, reply)
         if problem:
-            raise RuntimeError(f"{strategy.name}: {problem}")
+            raise RuntimeError(f"{server.strategy.name}: {problem}")
         replies.append(reply)
     return replies, wire_size(replies[0].payload), wire_size(instructions[0].payload)
 
@@ -95,10 +95,10 @@ def main() -> None:
     for name in METHODS:
         times = []
         for _ in range(args.repeats):
-            strategy, gen = build(name, args.rank, args.layers, args.clients)
-            replies, up, down = replies_for(strategy, gen, args.clients)
+            server, gen = build(name, args.rank, args.layers, args.clients)
+            replies, up, down = replies_for(server, gen, args.clients)
             started = time.perf_counter()
-            strategy.aggregate(1, replies)
+            server.aggregate(1, replies)
             times.append(time.perf_counter() - started)
         rows.append(
             {

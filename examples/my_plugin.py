@@ -24,31 +24,24 @@ class FedAvgMOptions(fedlora.StrategyOptions):
 
 @fedlora.register_strategy
 class FedAvgM(fedlora.Strategy):
-    """v <- beta v + (mean_i p_i theta_i - theta);  theta <- theta + eta v  (per tensor; v kept for resume)."""
+    """v <- beta v + (mean_i p_i theta_i - theta);  theta <- theta + eta v  (per tensor).
+
+    The velocity is a group of the server state (``velocity``): the engine checkpoints it with the adapter
+    and a resume continues it exactly; the method writes no persistence code."""
 
     name = "fedavgm"
     Options: ClassVar[type[fedlora.StrategyOptions]] = FedAvgMOptions
 
     def initialize(self, setup):
-        super().initialize(setup)
-        self.velocity = {k: torch.zeros_like(v) for k, v in self.global_state.items()}
+        state = super().initialize(setup)
+        return state.evolve({"velocity": {k: torch.zeros_like(v) for k, v in state.adapter.items()}})
 
-    def aggregate(self, server_round, replies):
+    def aggregate(self, state, server_round, replies):
         mean = fedlora.weighted_average([r.payload for r in replies], fedlora.example_weights(replies))
         beta, eta = self.options.momentum, self.options.server_lr
-        for key, theta in self.global_state.items():
-            self.velocity[key] = beta * self.velocity[key] + (mean[key] - theta)
-        self.global_state = {k: theta + eta * self.velocity[k] for k, theta in self.global_state.items()}
-        return self.global_state
-
-    def server_state(self):  # the velocity is server state too: a resume continues it exactly
-        return {**super().server_state(), **{f"velocity.{k}": v.clone() for k, v in self.velocity.items()}}
-
-    def load_server_state(self, tensors):
-        self.velocity = {
-            k.removeprefix("velocity."): v.clone() for k, v in tensors.items() if k.startswith("velocity.")
-        }
-        super().load_server_state({k: v for k, v in tensors.items() if not k.startswith("velocity.")})
+        theta, velocity = state.adapter, state.group("velocity")
+        velocity = {k: beta * velocity[k] + (mean[k] - theta[k]) for k in theta}
+        return state.evolve({"global": {k: theta[k] + eta * velocity[k] for k in theta}, "velocity": velocity})
 
 
 # --- a data source: a CSV file with instruction, output and (optional) category columns ------------------

@@ -39,6 +39,9 @@ _EXPORTS = {
     "Strategy": "fedlora.strategies.base",
     "StrategyOptions": "fedlora.strategies.base",
     "ServerSetup": "fedlora.strategies.base",
+    "ServerState": "fedlora.strategies.base",
+    "Review": "fedlora.strategies.base",
+    "Server": "fedlora.engine.server",
     "example_weights": "fedlora.strategies.base",
     "weighted_average": "fedlora.strategies.base",
     "ClientInstruction": "fedlora.protocol",
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fedlora.data.examples import ClientData, Example, Federation  # noqa: F401
     from fedlora.data.federation import SourceData, SourceRequest, register_data_source  # noqa: F401
     from fedlora.data.partition import register_partitioner  # noqa: F401
+    from fedlora.engine.server import Server  # noqa: F401
     from fedlora.errors import ConfigError  # noqa: F401
     from fedlora.eval.registry import register_metric  # noqa: F401
     from fedlora.models.loading import register_model  # noqa: F401
@@ -95,7 +99,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fedlora.protocol import ClientInstruction, ClientReply  # noqa: F401
     from fedlora.runner import RunResult, run  # noqa: F401
     from fedlora.strategies.base import (  # noqa: F401
+        Review,
         ServerSetup,
+        ServerState,
         Strategy,
         StrategyOptions,
         example_weights,

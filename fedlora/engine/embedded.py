@@ -1,10 +1,11 @@
 """The embedded simulation engine: all clients in this process, one after another, on ONE shared base model.
 
-Each round: sample clients (seeded by run seed and round) -> ``strategy.configure`` -> for each client load
-its payload into the shared model, train locally, read its adapter back -> ``strategy.validate_reply``
-(rejected replies are logged and left out; the round goes on) -> ``strategy.aggregate`` -> evaluate the
-global adapter -> log metrics -> checkpoint. Every payload is counted in bytes as its safetensors
-serialisation, down and up. The engine knows no method by name: only the strategy hooks.
+Each round: sample clients (seeded by run seed and round) -> ``configure_round`` -> the transport trains
+them (in process: load the payload into the shared model, train locally, read the adapter back) -> ``review``
+(rejected replies are logged and left out; the round goes on) -> ``aggregate`` -> evaluate the global adapter
+-> log metrics -> checkpoint the whole server state. The state is the engine's (:class:`~fedlora.engine.server.Server`):
+each hook gets it and returns the next. Every payload is counted in bytes as its safetensors serialisation,
+down and up. The engine knows no method by name: only the strategy hooks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from fedlora.engine.transport import (
     Transport,
 )
 from fedlora.protocol import ClientInstruction, ClientReply
+from fedlora.strategies.base import RoundResults
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +157,22 @@ class EmbeddedEngine:
             after = (server_round or self.plan.federation.rounds) + 1
             return evaluate_personal(self.sim, clients, names, after)
         predictions: list[dict[str, Any]] = []
-        figures = evaluate_state(self.sim, self.sim.strategy.evaluation_state(), clients, names, predictions)
+        figures = evaluate_state(self.sim, self.sim.server.evaluation_state(), clients, names, predictions)
         if final and predictions:  # what the final model said, kept for reading
             write_predictions(self.run_dir / "eval" / "final.predictions.jsonl", predictions)
-        extras = self.sim.strategy.extra_evaluation_states() if final else {}
+        extras = self.sim.server.extra_evaluation_states() if final else {}
         for label, state in extras.items():  # other global models the method defines (FlexLoRA's full Delta)
             extra = evaluate_state(self.sim, state, clients, names)
             counts = ("eval_examples", "eval_clients", "eval_generated")
             figures.update({f"{k}_{label}": v for k, v in extra.items() if k not in counts})
         if extras:  # the shared model back as the global model (base weights pristine)
-            evaluate_state_load(self.sim, self.sim.strategy.evaluation_state())
+            evaluate_state_load(self.sim, self.sim.server.evaluation_state())
         return figures
 
     def collect_replies(self, server_round: int, attempt: int, sampled: list[int]) -> RoundOutcome:
         """Configure, run and validate the sampled clients of one attempt at a round."""
         sim, plan = self.sim, self.plan
-        instructions = sim.strategy.configure(server_round, sampled)
+        instructions = sim.server.configure(server_round, sampled)
         for instruction in instructions.values():
             self.complete(instruction)
         faults = plan_faults(plan.faults, plan.federation.seed, server_round, attempt, sampled)
@@ -194,6 +196,7 @@ class EmbeddedEngine:
                 continue
             to_run[client_id] = instruction
         results = self.train_clients(server_round, to_run)
+        arrived: RoundResults = []
         for client_id, instruction in to_run.items():
             reply = results.get(client_id, "no reply")
             if isinstance(reply, str):
@@ -205,23 +208,21 @@ class EmbeddedEngine:
                 out.corrupted.append({"client": client_id, "kind": fault.corruption})
             size_up = wire_size(reply.payload) if counts else 0
             out.bytes_up += size_up
-            reason = sim.strategy.validate_reply(instruction, reply)  # wrappers add to the metrics here
             out.clients.append(
                 {
                     "client": client_id,
                     "num_examples": reply.num_examples,
                     "bytes_up": size_up,
                     "rank": payload_rank(reply.payload),
-                    **reply.metrics,
                 }
             )
-            if reason is not None:
-                out.reject(client_id, reason, f"rejected the reply of client {client_id}: {reason}")
-                continue
-            out.replies.append(reply)
-        out.replies, screened = sim.strategy.screen(out.replies)
-        for client_id, reason in screened:
+            arrived.append((instruction, reply))
+        review = sim.server.review(server_round, arrived)
+        for line, (_, reply) in zip(out.clients, arrived, strict=True):
+            line.update(reply.metrics)  # with what the review added (a DP wrapper's epsilon)
+        for client_id, reason in review.rejected:
             out.reject(client_id, reason, f"rejected the reply of client {client_id}: {reason}")
+        out.replies = review.accepted
         return out
 
     def run_round(self, server_round: int) -> dict[str, Any]:
@@ -252,7 +253,7 @@ class EmbeddedEngine:
         aggregate_seconds = 0.0
         if status == "aggregated":
             aggregating = time.perf_counter()
-            sim.strategy.aggregate(server_round, replies)
+            sim.server.aggregate(server_round, replies)
             aggregate_seconds = time.perf_counter() - aggregating
         else:
             log.warning("round %d skipped: the global adapter is unchanged", server_round)
@@ -276,7 +277,7 @@ class EmbeddedEngine:
         faults = totals.faults()
         if any(faults.values()):
             record["faults"] = faults
-        record.update(sim.strategy.round_metrics())
+        record.update(sim.server.round_metrics())
         final = server_round == fed.rounds
         if server_round % plan.eval.every == 0 or final:
             count = len(self.final_eval_clients if final else self.eval_clients)
@@ -292,9 +293,6 @@ class EmbeddedEngine:
         record["rejected"] = totals.rejected
         return record
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {"strategy": self.sim.strategy.name, **self.meta_extra, **self.sim.strategy.server_meta()}
-
     def run(self, start_round: int, on_round: Callable[[dict[str, Any]], bool | None]) -> None:
         """Rounds ``start_round..rounds``: each is logged through ``on_round`` and then checkpointed; when
         ``on_round`` returns False (early stopping) that round is the last."""
@@ -306,13 +304,9 @@ class EmbeddedEngine:
             record = self.run_round(server_round)
             keep_going = on_round(record)
             skipped = [*skipped, record] if record["status"] == "skipped" else []
-            save_checkpoint(
-                self.run_dir / "checkpoints",
-                server_round,
-                self.sim.strategy.server_state(),
-                self.checkpoint_meta(),
-                keep=plan.keep_checkpoints,
-            )
+            tensors, state_meta = self.sim.server.checkpoint()
+            meta = {"strategy": self.sim.strategy.name, **self.meta_extra, **state_meta}
+            save_checkpoint(self.run_dir / "checkpoints", server_round, tensors, meta, plan.keep_checkpoints)
             limit = plan.federation.max_skipped_rounds
             if limit is not None and len(skipped) >= limit:
                 reasons = Counter(r["reason"].split(" (")[0] for rec in skipped for r in rec["rejected"])

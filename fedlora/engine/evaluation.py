@@ -72,7 +72,7 @@ def evaluate_personal(
     without: list[dict[str, float]] = []
     for client in clients:
         adapters, state = sim.client_models.install(
-            client.client_id, before_round, sim.strategy.personal_state(client.client_id)
+            client.client_id, before_round, sim.server.personal_state(client.client_id)
         )
         assert adapters.model is not None
         for adapter_state, bucket in ((state, per_client), (zero_adapter(state), without)):

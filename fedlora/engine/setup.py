@@ -21,6 +21,7 @@ from fedlora.data.examples import Federation
 from fedlora.data.federation import build_federation, federate
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.sampling import clients_per_round
+from fedlora.engine.server import Server
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
@@ -129,17 +130,15 @@ def build_simulation(
         initial = to_cpu(dict(adapters.base_parameters()))
     if client_models is not None:
         initial = strategy.initial_personal_state(client_models)
-    strategy.initialize(
-        ServerSetup(
-            initial_state=initial,
-            client_profiles=dict(enumerate(side.profiles)),
-            lora_alpha=adapters.cfg.alpha,
-            rank_stabilized=adapters.cfg.use_rslora,
-            lora_scale=adapters.cfg.scale,
-            seed=cfg.federation.seed,
-            client_sizes={c.client_id: c.size("train") for c in federation.clients},
-            device=str(server_device(cfg)),
-        )
+    setup = ServerSetup(
+        initial_state=initial,
+        client_profiles=dict(enumerate(side.profiles)),
+        lora_alpha=adapters.cfg.alpha,
+        rank_stabilized=adapters.cfg.use_rslora,
+        lora_scale=adapters.cfg.scale,
+        seed=cfg.federation.seed,
+        client_sizes={c.client_id: c.size("train") for c in federation.clients},
+        device=str(server_device(cfg)),
     )
     if for_training:
         strategy = wrap_strategy(strategy, cfg, federation)  # refuses DP budgets it cannot meet
@@ -157,5 +156,6 @@ def build_simulation(
         cfg.compute.precision,
         cfg.federation.rounds,
     )
-    sim = Simulation(cfg, federation, adapters, side.encoder, strategy, client_models, node)
+    server = Server(strategy, setup)
+    sim = Simulation(cfg, federation, adapters, side.encoder, server, client_models, node)
     return sim, side.bundle

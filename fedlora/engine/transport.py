@@ -13,6 +13,7 @@ from fedlora.client.steps import reporting_steps
 from fedlora.config.schema import EvalConfig, ExperimentConfig, FaultsConfig, FederationConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
+from fedlora.engine.server import Server
 from fedlora.errors import RunFailed, RunInterrupted
 from fedlora.models.personal import ClientModels
 from fedlora.protocol import ClientInstruction, ClientReply
@@ -56,9 +57,14 @@ class Simulation:
     federation: Federation
     adapters: LoraAdapters
     encoder: Encoder
-    strategy: Strategy  # the method, inside its wrappers (privacy, update-norm screening)
+    server: Server  # the method inside its wrappers (privacy, update-norm screening), and its state
     client_models: ClientModels | None = None  # model-heterogeneous clients (each with its own weights)
     node: ClientNode | None = None  # the clients, in this process (None: they live elsewhere)
+
+    @property
+    def strategy(self) -> Strategy:
+        """The method's rules (inside its wrappers); its state is :attr:`server`'s."""
+        return self.server.strategy
 
     @property
     def plan(self) -> RoundPlan:

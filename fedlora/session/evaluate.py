@@ -96,10 +96,9 @@ def evaluate_run(
         sim.client_models.folder = run_dir / "personal"
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is not None:  # the whole server state: a head, prototypes, each client's own adapter...
-            sim.strategy.load_server_state(checkpoint.tensors)
-            sim.strategy.load_server_meta(checkpoint.meta)
+            sim.server.restore(checkpoint.tensors, checkpoint.meta)
             return evaluate_personal(sim, clients, names, before_round=checkpoint.round + 1)
-        sim.strategy.load_server_state(sim.client_models.to_shared(load_file(str(adapter_file))))
+        sim.server.load_global_adapter(sim.client_models.to_shared(load_file(str(adapter_file))))
         return evaluate_personal(sim, clients, names, before_round=cfg.federation.rounds + 1)
     if not adapter_file.exists():
         tuned = load_file(str(model_file))  # saved with plain names; the live model's carry ".base_layer"

@@ -29,7 +29,7 @@ def export_adapter(
     """The strategy's current evaluation adapter as a plain PEFT folder (full-parameter runs: a whole model
     folder) at ``folder``, with the tokenizer and a model card (``records``: the rounds so far), built aside
     and then renamed (never half written); returns what was exported."""
-    state = sim.strategy.evaluation_state()
+    state = sim.server.evaluation_state()
     if sim.client_models is not None:  # exported for the first architecture (each client's model: personal/)
         state = sim.client_models.to_variant(state, 0)
         state = {k: v for k, v in state.items() if ".lora_" in k}  # the adapter, not local weights
@@ -66,7 +66,7 @@ def finalize(
     if sim.cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
     console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
-    for line in sim.strategy.report():
+    for line in sim.server.report():
         console.print(line)
     up = sum(r.get("bytes_up", 0) for r in records)
     down = sum(r.get("bytes_down", 0) for r in records)

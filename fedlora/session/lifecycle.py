@@ -176,8 +176,7 @@ def _run(
         start_round = checkpoint.round + 1 if checkpoint else 1
         records = metrics.truncate_after(start_round - 1) if resume else []
         if checkpoint:
-            sim.strategy.load_server_state(checkpoint.tensors)
-            sim.strategy.load_server_meta(checkpoint.meta)
+            sim.server.restore(checkpoint.tensors, checkpoint.meta)
             console.print(f"resuming {run_dir} after round {checkpoint.round}")
         effective = config_text(cfg) if changes else None
         write_run_info(run_dir, sim, bundle, changes, start_round, effective)

@@ -17,6 +17,7 @@ from fedlora.engine.run_folder import (
     read_run_info,
     verified_config_text,
 )
+from fedlora.engine.server import state_from_checkpoint
 from fedlora.errors import ConfigError
 from fedlora.preflight import config_from_dict
 from fedlora.tracking.metrics import MetricsLog
@@ -35,6 +36,10 @@ def resume_point(
         raise ConfigError(str(err)) from None
     check_metrics_agree(run_dir, checkpoint.round if checkpoint else 0, metrics)
     if checkpoint is not None:
+        try:  # the server state in this version's format, before any model loads
+            state_from_checkpoint(checkpoint.tensors, checkpoint.meta)
+        except CheckpointError as err:
+            raise ConfigError(f"{run_dir}: {err}") from None
         recorded = checkpoint.meta.get("config_sha256")
         if recorded is not None and recorded not in known_config_sha256(read_run_info(run_dir)):
             raise ConfigError(f"{run_dir}/config.yaml is not the config its checkpoints were made with")

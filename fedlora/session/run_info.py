@@ -17,7 +17,7 @@ from fedlora.version import __version__
 
 def rank_summary(sim: Simulation) -> str:
     """``r8`` (one profile) or ``ranks a30-m200 x3, r8 x12`` (clients per rank profile)."""
-    counts = Counter(p.name for p in sim.strategy.client_profiles.values())
+    counts = Counter(p.name for p in sim.server.client_profiles.values())
     if len(counts) == 1:
         return next(iter(counts))
     return "ranks " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
@@ -49,7 +49,7 @@ def write_run_info(
                 "train": c.size("train"),
                 "eval": c.size("eval"),
                 "test": c.size("test"),
-                "rank": sim.strategy.client_profiles[c.client_id].name,
+                "rank": sim.server.client_profiles[c.client_id].name,
             }
             if sim.client_models is not None:
                 entry["model"] = sim.client_models.labels[sim.client_models.variant_of[c.client_id]]

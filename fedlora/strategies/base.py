@@ -1,26 +1,33 @@
-"""The strategy interface: what a federated method decides, and nothing about how clients are run.
+"""The strategy interface: a federated method is rules over a server state that the engine owns.
 
-Like Flower's Strategy, a strategy has explicit hooks, called by any engine in this order each round:
+As in Flower's strategies, the method does not hold the global arrays: :meth:`Strategy.initialize` returns the
+first :class:`ServerState` (named groups of tensors plus JSON-able facts and each client's rank profile), the
+engine keeps it, checkpoints it whole (safetensors + JSON) and passes it into every hook, and a hook that
+changes it returns a new one. Each round an engine calls:
 
-1. ``configure(round, client_ids)`` -> one :class:`ClientInstruction` per sampled client (its own payload,
-   e.g. its own rank, and local-training overrides such as the optimizer or the FedProx mu);
-2. ``validate_reply(instruction, reply)`` -> None, or why the reply is rejected (it is left out and logged);
-3. ``aggregate(round, replies)`` -> the new global adapter state.
+1. ``configure_round(state, round, client_ids)`` -> one :class:`ClientInstruction` per sampled client (its
+   payload, local-training overrides such as the optimizer, and the method's client hooks);
+2. ``review(state, round, results)`` -> :class:`Review`: the new state (a ledger, a history), the replies
+   kept and those left out with why (default: :func:`check_reply` on each);
+3. ``aggregate(state, round, replies)`` -> the new state;
+4. ``round_metrics(state)`` -> figures for the round's record.
 
-Between validation and aggregation ``screen(replies)`` may still set replies aside (robustness wrappers);
-``round_metrics()`` adds figures to the round's record and ``report()`` lines to the final summary.
-``server_state()`` / ``load_server_state()`` hold the tensors the server needs to resume (safetensors on disk)
-and ``server_meta()`` / ``load_server_meta()`` its JSON side (e.g. the privacy ledger).
+and at the end ``evaluation_state(state)`` / ``extra_evaluation_states(state)`` (the global model(s)),
+``personal_state(state, client)`` and ``report(state)``. Before the first round ``initial_adapter`` (or
+``initial_personal_state``) makes the start, and the class-level ``refusal`` / ``adapter_config`` are read by
+the preflight. No method writes persistence code: what is in the state is saved and restored, bit for bit.
 
 What a method does on the clients is a list of :class:`~fedlora.client.hooks.ClientHooks` objects in each
-instruction (``client_hooks()``); cross-cutting features (DP-SGD, update-norm screening) wrap any strategy
-(:mod:`fedlora.strategies.wrappers`). Engines never know a method by name: they only call these hooks.
+instruction (``client_hooks(state)``); cross-cutting features (DP-SGD, update-norm screening, robust rules)
+wrap any strategy by explicit delegation (:mod:`fedlora.strategies.wrappers`). Engines never know a method by
+name: they only call these hooks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
@@ -57,6 +64,78 @@ class ServerSetup:
     rank_stabilized: bool = False
     #: one constant s at every rank (``adapter.scale``) instead of either rule
     lora_scale: float | None = None
+
+    def register_client(
+        self, client_id: int, num_examples: int | None = None, profile: RankProfile | None = None
+    ) -> None:
+        """Learn a client after the start (a Flower node's registration): its number of training examples
+        (fixed from then on: later replies cannot claim more) and its own rank profile."""
+        if num_examples is not None:
+            self.client_sizes = {**(self.client_sizes or {}), client_id: num_examples}
+        if profile is not None:
+            self.client_profiles[client_id] = profile
+
+    @property
+    def scaling(self) -> LoraScaling:
+        """s_r of every rank under this federation's rule."""
+        return LoraScaling(self.lora_alpha, self.rank_stabilized, self.lora_scale)
+
+
+#: the group of :attr:`ServerState.arrays` that holds the global adapter (what clients are sent by default)
+GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server knows between rounds, owned by the engine (Flower's ArrayRecord + ConfigRecord).
+
+    ``arrays``: named groups of tensors (``"global"``: the adapter clients start from; a method adds its own,
+    e.g. FFA-LoRA's frozen A, FlexLoRA's untruncated factors, pFedLoRA's per-client adapters); ``facts``:
+    JSON values (a privacy ledger, a loss history); ``profiles``: each client's current rank profile (HetLoRA's
+    pruning lowers them). A hook never changes a state in place (tensors included): it returns a new one, so
+    a failed or retried round leaves the previous state intact and a checkpoint is exactly what was used.
+    Group names hold no ``/`` (the checkpoint's key is ``<group>/<tensor name>``)."""
+
+    arrays: Mapping[str, AdapterState] = field(default_factory=dict)
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    profiles: Mapping[int, RankProfile] = field(default_factory=dict)
+
+    @property
+    def adapter(self) -> AdapterState:
+        """The ``global`` group: the adapter clients start from."""
+        return dict(self.arrays.get(GLOBAL, {}))
+
+    def group(self, name: str) -> AdapterState:
+        """One group of tensors (empty if the state has none of that name)."""
+        return dict(self.arrays.get(name, {}))
+
+    def evolve(
+        self,
+        arrays: Mapping[str, AdapterState] | None = None,
+        facts: Mapping[str, Any] | None = None,
+        profiles: Mapping[int, RankProfile] | None = None,
+    ) -> ServerState:
+        """A new state with these groups, facts and profiles replaced (the rest shared)."""
+        return replace(
+            self,
+            arrays={**self.arrays, **(arrays or {})},
+            facts={**self.facts, **(facts or {})},
+            profiles={**self.profiles, **(profiles or {})},
+        )
+
+    def without(self, *groups: str) -> ServerState:
+        """A new state without these groups of tensors."""
+        return replace(self, arrays={k: v for k, v in self.arrays.items() if k not in groups})
+
+
+@dataclass(frozen=True)
+class Review:
+    """What :meth:`Strategy.review` decided about a round's replies: the state after it (a ledger that counted
+    them), the replies to aggregate, and ``(client, why)`` for each left out."""
+
+    state: ServerState
+    accepted: list[ClientReply]
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 class StrategyOptions(BaseModel):
@@ -115,11 +194,11 @@ def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
     return None
 
 
-def check_example_count(strategy: Strategy, reply: ClientReply) -> str | None:
+def check_example_count(setup: ServerSetup, reply: ClientReply) -> str | None:
     """None if ``reply.num_examples`` is in 1..the client's registered size (when the server knows it)."""
     if reply.num_examples <= 0:
         return f"num_examples is {reply.num_examples}"
-    size = strategy.client_sizes.get(reply.client_id)
+    size = (setup.client_sizes or {}).get(reply.client_id)
     if size is not None and reply.num_examples > size:
         return f"claims {reply.num_examples} examples; client {reply.client_id} holds {size}"
     return None
@@ -155,11 +234,30 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
     return out
 
 
+def expected_reply(instruction: ClientInstruction) -> AdapterState:
+    """What a client sends back for ``instruction`` (the trainer's own rule): the payload's tensors minus a
+    merged base offset (``merged.*``) and minus those the instruction's hooks freeze."""
+    adapter, _ = split_merged(instruction.payload)
+    return {k: v for k, v in adapter.items() if not any(h.frozen(k) for h in instruction.hooks)}
+
+
+def check_reply(setup: ServerSetup, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+    """The default validation: a number of examples above 0 and at most what the client holds, and the
+    tensor names and shapes of :func:`expected_reply` with finite values. None, or why the reply is refused."""
+    return check_example_count(setup, reply) or check_same_layout(expected_reply(instruction), reply.payload)
+
+
+#: one round's results as :meth:`Strategy.review` sees them: (what the client was sent, what it replied)
+RoundResults = list[tuple[ClientInstruction, ClientReply]]
+
+
 class Strategy(ABC, Generic[OptionsT]):
-    """Base class: holds the global adapter state and default hooks; a method overrides what differs.
+    """Base class: the default rules; a method overrides what differs. It holds its options and the run's
+    :class:`ServerSetup` (configuration, set by :meth:`initialize`), never the state between rounds.
 
     ``Strategy[MyOptions]`` types ``self.options`` as ``MyOptions``; ``Options = MyOptions`` is what the config's
-    ``strategy.options`` are validated against."""
+    ``strategy.options`` are validated against. The class facts below are what engines read of a method
+    (a wrapper reports its inner method's: :data:`STRATEGY_FACTS`)."""
 
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
@@ -179,6 +277,12 @@ class Strategy(ABC, Generic[OptionsT]):
     #: (``adapter.use_dora``) are aggregated as A and B are; methods that read A/B pairs leave it False
     supports_dora: ClassVar[bool] = False
 
+    def __init__(self, options: OptionsT | None = None) -> None:
+        self.options: OptionsT = options if options is not None else cast(OptionsT, self.Options())
+        self.setup = ServerSetup({}, {}, 1.0)
+
+    # --- class-level: read by the preflight before anything loads ------------------------------------------
+
     @classmethod
     def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
         """Why this method cannot honour the experiment as configured (None: it can).
@@ -192,26 +296,28 @@ class Strategy(ABC, Generic[OptionsT]):
                 f"config field 'adapter.use_dora': strategy {cls.name} aggregates LoRA's A/B pairs and has no "
                 "rule for DoRA's magnitude vectors; use fedit, fedavg or fedprox, or set adapter.use_dora: false"
             )
-        if facts.base_dtype != "fp32" and cls(options).trains_full_model:
+        method = cls(options)
+        if facts.base_dtype != "fp32" and method.trains_full_model:
             return (
                 f"config field 'compute.base_dtype': strategy {cls.name} trains the base model's own weights, "
                 f"which stay float32; set compute.base_dtype: fp32"
             )
+        hooks = method.client_hooks(ServerState())
         if facts.gradient_accumulation_steps > 1 or facts.lr_scheduler != "constant":
-            for hook in cls(options).client_hooks():
+            for hook in hooks:
                 if hook.replaces_optimizer:
-                    field = (
+                    field_name = (
                         "gradient_accumulation_steps"
                         if facts.gradient_accumulation_steps > 1
                         else "lr_scheduler"
                     )
                     return (
-                        f"config field 'client.{field}': strategy {cls.name} takes its own kind of steps "
+                        f"config field 'client.{field_name}': strategy {cls.name} takes its own kind of steps "
                         f"({hook.kind}), not optimizer steps; set client.gradient_accumulation_steps: 1 and "
                         "client.lr_scheduler: constant"
                     )
         if facts.privacy:
-            for hook in cls(options).client_hooks():
+            for hook in hooks:
                 reason = hook.dp_refusal()
                 if reason is not None:
                     return (
@@ -228,32 +334,7 @@ class Strategy(ABC, Generic[OptionsT]):
         the config sets one; every node and the server use the result (:class:`~fedlora.engine.node_spec.NodeSpec`)."""
         return adapter
 
-    def __init__(self, options: OptionsT | None = None) -> None:
-        self.options: OptionsT = options if options is not None else cast(OptionsT, self.Options())
-        self.global_state: AdapterState = {}
-        self.client_profiles: dict[int, RankProfile] = {}
-        self.lora_scaling = LoraScaling(1.0)
-        self.seed = 0
-        self.client_sizes: dict[int, int] = {}
-
-    def initialize(self, setup: ServerSetup) -> None:
-        """Start from the seeded initial adapter (round 1's payload) and learn each client's rank profile."""
-        self.global_state = clone_state(setup.initial_state)
-        self.client_profiles = dict(setup.client_profiles)
-        self.lora_scaling = LoraScaling(setup.lora_alpha, setup.rank_stabilized, setup.lora_scale)
-        self.seed = setup.seed
-        self.client_sizes = dict(setup.client_sizes or {})
-        self.server_device = torch.device(setup.device)
-
-    def register_client(
-        self, client_id: int, num_examples: int | None = None, profile: RankProfile | None = None
-    ) -> None:
-        """Learn a client after :meth:`initialize` (a Flower node's registration): its number of training
-        examples (fixed from then on: later replies cannot claim more) and its own rank profile."""
-        if num_examples is not None:
-            self.client_sizes[client_id] = num_examples
-        if profile is not None:
-            self.client_profiles[client_id] = profile
+    # --- the start -------------------------------------------------------------------------------------------
 
     def initial_adapter(self, adapters: LoraAdapters, profile: RankProfile) -> AdapterState:
         """The adapter the run starts from, at the federation's largest rank ``profile`` (default: PEFT's seeded
@@ -267,68 +348,69 @@ class Strategy(ABC, Generic[OptionsT]):
         whole model) overrides it. Called by the engine before :meth:`initialize`."""
         return client_models.initial_shared_state()
 
-    def client_hooks(self) -> list[ClientHooks]:
-        """The method's client-side behaviour (default: none, plain local training)."""
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        """Keep the run's configuration and return the first state: the seeded initial adapter as the ``global``
+        group (round 1's payload) and each client's rank profile."""
+        self.setup = setup
+        return ServerState({GLOBAL: clone_state(setup.initial_state)}, {}, dict(setup.client_profiles))
+
+    # --- each round ------------------------------------------------------------------------------------------
+
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
+        """The method's client-side behaviour (default: none, plain local training). Also asked with an empty
+        state by :meth:`refusal` (what the hooks can and cannot run under)."""
         return []
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        """Default: every sampled client gets the current global adapter and the method's client hooks."""
-        hooks = self.client_hooks()
-        return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        """Default: every sampled client gets the global adapter and the method's client hooks."""
+        payload, hooks = state.adapter, self.client_hooks(state)
+        return {cid: ClientInstruction(payload, hooks=hooks) for cid in client_ids}
 
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        """Default: the reply must have the tensor names and shapes of :meth:`expected_reply`, finite values,
-        and a number of examples above 0 and at most what the client holds."""
-        return check_example_count(self, reply) or check_same_layout(
-            self.expected_reply(instruction), reply.payload
-        )
+    def review(self, state: ServerState, server_round: int, results: RoundResults) -> Review:
+        """Decide which replies of the round to aggregate, seeing all of them (default: :func:`check_reply` on
+        each, the state unchanged). A method that checks replies its own way overrides :meth:`check`."""
+        accepted, rejected = [], []
+        for instruction, reply in results:
+            reason = self.check(state, instruction, reply)
+            if reason is None:
+                accepted.append(reply)
+            else:
+                rejected.append((reply.client_id, reason))
+        return Review(state, accepted, rejected)
 
-    def expected_reply(self, instruction: ClientInstruction) -> AdapterState:
-        """What a client sends back for ``instruction`` (the trainer's own rule): the payload's tensors minus
-        a merged base offset (``merged.*``) and minus those the instruction's hooks freeze."""
-        adapter, _ = split_merged(instruction.payload)
-        return {k: v for k, v in adapter.items() if not any(h.frozen(k) for h in instruction.hooks)}
+    def check(self, state: ServerState, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        """One reply's validity: None, or why it is refused (default: :func:`check_reply`)."""
+        return check_reply(self.setup, instruction, reply)
 
     @abstractmethod
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        """Turn this round's valid replies into the new global state (and store it)."""
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        """Turn this round's accepted replies into the next state."""
 
-    def screen(self, replies: list[ClientReply]) -> tuple[list[ClientReply], list[tuple[int, str]]]:
-        """Set replies aside after validation, seeing the whole round (default: keep all)."""
-        return replies, []
-
-    def round_metrics(self) -> dict[str, float]:
+    def round_metrics(self, state: ServerState) -> dict[str, float]:
         """Figures for the round's record (default: none)."""
         return {}
 
-    def report(self) -> list[str]:
-        """Lines for the run's final summary (default: none)."""
-        return []
+    # --- the result ------------------------------------------------------------------------------------------
 
-    def evaluation_state(self) -> AdapterState:
-        """The adapter used to evaluate and export the global model."""
-        return self.global_state
+    def evaluation_state(self, state: ServerState) -> AdapterState:
+        """The adapter used to evaluate and export the global model (default: the ``global`` group)."""
+        return state.adapter
 
-    def extra_evaluation_states(self) -> dict[str, AdapterState]:
+    def extra_evaluation_states(self, state: ServerState) -> dict[str, AdapterState]:
         """Other global models the final evaluation also measures, by name (default: none); their figures
         are recorded as ``eval_<metric>_<name>`` next to those of :meth:`evaluation_state`."""
         return {}
 
-    def personal_state(self, client_id: int) -> AdapterState:
+    def personal_state(self, state: ServerState, client_id: int) -> AdapterState:
         """The adapter a client is evaluated with under the personalised protocol (default: the global one)."""
-        return self.evaluation_state()
+        return self.evaluation_state(state)
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume the server side (default: the global adapter)."""
-        return clone_state(self.global_state)
+    def report(self, state: ServerState) -> list[str]:
+        """Lines for the run's final summary (default: none)."""
+        return []
 
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.global_state = clone_state(tensors)
 
-    def server_meta(self) -> dict[str, Any]:
-        """The JSON side of the server state, kept in each checkpoint's metadata (default: none)."""
-        return {}
-
-    def load_server_meta(self, meta: dict[str, Any]) -> None:
-        """Restore what :meth:`server_meta` wrote (the whole checkpoint metadata is passed; default: nothing)."""
-        return None
+#: the class facts a wrapper reports from the method it wraps (every fact annotated on :class:`Strategy`)
+STRATEGY_FACTS: tuple[str, ...] = tuple(Strategy.__annotations__)

@@ -39,9 +39,11 @@ from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.config.schema import AdapterConfig
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientReply,
     ReplyWeighting,
     ServerSetup,
+    ServerState,
     Strategy,
     StrategyOptions,
     reply_weights,
@@ -161,19 +163,18 @@ class FedSB(Strategy[FedSBOptions]):
             return adapter.model_copy(update={"scale": 1.0})
         return adapter
 
-    def initialize(self, setup: ServerSetup) -> None:
+    def initialize(self, setup: ServerSetup) -> ServerState:
         require_one_rank(self.name, setup)
-        super().initialize(setup)
+        return super().initialize(setup)
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         return [TrainLatent()]
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         averaged = weighted_average(
             [r.payload for r in replies], reply_weights(replies, self.options.weighting)
         )
-        self.global_state = {**self.global_state, **averaged}
-        return self.global_state
+        return state.evolve({GLOBAL: {**state.adapter, **averaged}})
 
-    def evaluation_state(self) -> AdapterState:
-        return merged_adapter(self.global_state)
+    def evaluation_state(self, state: ServerState) -> AdapterState:
+        return merged_adapter(state.adapter)

@@ -14,15 +14,16 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from fedlora.adapters.state import AdapterState
 from fedlora.client.frozen import FreezeFactor
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ClientReply,
     OptionsT,
     ServerSetup,
+    ServerState,
     Strategy,
     StrategyOptions,
     example_weights,
@@ -76,13 +77,13 @@ class FactorAverage(Strategy[OptionsT]):
 
     linear_aggregate = True
 
-    def initialize(self, setup: ServerSetup) -> None:
+    def initialize(self, setup: ServerSetup) -> ServerState:
         require_one_rank(self.name, setup)
-        super().initialize(setup)
+        return super().initialize(setup)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        self.global_state = weighted_average([r.payload for r in replies], example_weights(replies))
-        return self.global_state
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        averaged = weighted_average([r.payload for r in replies], example_weights(replies))
+        return state.evolve({GLOBAL: averaged})
 
 
 @register_strategy
@@ -116,7 +117,7 @@ class FedProx(FactorAverage[FedProxOptions]):
     default_optimizer = "sgd"
     Options: ClassVar[type[StrategyOptions]] = FedProxOptions
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         return [ProximalTerm(mu=self.options.mu)]
 
 
@@ -135,12 +136,14 @@ class OneFactorAverage(FactorAverage[OptionsT]):
         """Whether a task head is frozen (neither trained nor sent) too (default: it trains)."""
         return False
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
         frozen = "A" if self.trained_factor(server_round) == "B" else "B"
         hooks: list[ClientHooks] = [FreezeFactor(factor=frozen, freeze_heads=self.frozen_heads())]
-        return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
+        payload = state.adapter
+        return {cid: ClientInstruction(payload, hooks=hooks) for cid in client_ids}
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         trained = weighted_average([r.payload for r in replies], example_weights(replies))
-        self.global_state = {k: trained.get(k, v) for k, v in self.global_state.items()}
-        return self.global_state
+        return state.evolve({GLOBAL: {k: trained.get(k, v) for k, v in state.adapter.items()}})

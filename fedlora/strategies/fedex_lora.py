@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapters.ranks import module_factors
-from fedlora.adapters.state import AdapterState
 from fedlora.strategies.base import (
     ClientReply,
     ServerSetup,
+    ServerState,
     StrategyOptions,
     example_weights,
     weighted_average,
@@ -54,19 +54,17 @@ class FedExLoRA(MergingStrategy[StrategyOptions]):
     name = "fedex-lora"
     default_optimizer = "adamw"
 
-    def initialize(self, setup: ServerSetup) -> None:
+    def initialize(self, setup: ServerSetup) -> ServerState:
         require_one_rank(self.name, setup)
-        super().initialize(setup)
+        return super().initialize(setup)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         p = example_weights(replies)
         averaged = weighted_average([r.payload for r in replies], p)
-        device = self.server_device
+        device = torch.device(self.setup.device)
         increment = {}
         for module, (a_key, b_key) in module_factors(averaged).items():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            increment[module] = exact_residual(Bs, As, p, self.lora_scaling(As[0].shape[0]))
-        self.history.add(server_round, increment)
-        self.global_state = averaged
-        return averaged
+            increment[module] = exact_residual(Bs, As, p, self.setup.scaling(As[0].shape[0]))
+        return self.merge(state, server_round, increment, averaged)

@@ -31,8 +31,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from fedlora.adapters.state import AdapterState, clone_state, state_digest
-from fedlora.client.hooks import ClientContext, register_client_hooks
+from fedlora.adapters.state import AdapterState, state_digest
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.client.zeroth_order import (
     GRADS_KEY,
     LRS_KEY,
@@ -44,10 +44,12 @@ from fedlora.client.zeroth_order import (
 )
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ClientReply,
     ExperimentFacts,
     ServerSetup,
+    ServerState,
     Strategy,
     StrategyOptions,
     check_example_count,
@@ -56,6 +58,8 @@ from fedlora.strategies.base import (
 from fedlora.strategies.registry import register_strategy
 
 COEFFICIENTS_KEY = "fedkseed.coefficients"
+#: the state's group of theta_0, the seeded initial adapter every step record is replayed from
+START = "start"
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,77 +138,71 @@ class FedKSeed(Strategy[FedKSeedOptions]):
             )
         return super().refusal(facts, options)
 
-    def initialize(self, setup: ServerSetup) -> None:
+    def __init__(self, options: FedKSeedOptions | None = None) -> None:
+        super().__init__(options)
+        self._materialised: tuple[torch.Tensor, AdapterState] | None = None  # (coefficients, model): a cache
+
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        """The state: K coefficients (``global``, what travels) and theta_0 (group ``start``)."""
         profiles = sorted({p.name for p in setup.client_profiles.values()})
         if len(profiles) > 1:
             raise ConfigError(
                 f"strategy fedkseed needs one rank for every client, resources give {', '.join(profiles)}"
             )
-        super().initialize(setup)
-        self.start = clone_state(setup.initial_state)
-        self.pool = seed_pool(self.seed, self.options.pool_size)
-        self.index = {s: k for k, s in enumerate(self.pool)}
-        self.coefficients = torch.zeros(len(self.pool), dtype=torch.float64)
-        self.global_state = {COEFFICIENTS_KEY: self.coefficients.clone()}
-        self._materialised: AdapterState | None = None
+        state = super().initialize(setup)
+        coefficients = torch.zeros(self.options.pool_size, dtype=torch.float64)
+        return state.evolve({GLOBAL: {COEFFICIENTS_KEY: coefficients}, START: state.adapter})
 
-    def client_hooks(self) -> list[SeedPoolSteps]:
+    def pool(self) -> tuple[int, ...]:
+        return seed_pool(self.setup.seed, self.options.pool_size)
+
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         o = self.options
         return [
             SeedPoolSteps(
                 eps=o.eps,
                 perturbations=o.perturbations,
                 skip_nonfinite=o.skip_nan_steps,
-                pool_seed=self.seed,
+                pool_seed=self.setup.seed,
                 pool_size=o.pool_size,
-                init_digest=state_digest(self.start),
+                init_digest=state_digest(state.group(START)),
             )
         ]
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        payload = {COEFFICIENTS_KEY: self.coefficients.clone()}
-        hooks = self.client_hooks()
-        return {cid: ClientInstruction(payload, hooks=list(hooks)) for cid in client_ids}
-
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+    def check(self, state: ServerState, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         record = reply.payload
         n = self.options.perturbations
-        reason = check_example_count(self, reply) or check_steps_record(record, n)
+        reason = check_example_count(self.setup, reply) or check_steps_record(record, n)
         if reason is not None:
             return reason
         seeds = record[SEEDS_KEY]
         if float(record[WEIGHT_DECAY_KEY]) != 0.0:
             return "weight decay in the steps record (fedkseed needs none)"
-        if any(int(s) not in self.index for s in seeds.flatten().tolist()):
+        pool = set(self.pool())
+        if any(int(s) not in pool for s in seeds.flatten().tolist()):
             return "a seed outside the run's pool"
         return None
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         """c_k += sum_i p_i sum_{steps with seed s_k} lr g / n (module docstring)."""
+        index = {s: k for k, s in enumerate(self.pool())}
+        coefficients = state.adapter[COEFFICIENTS_KEY].clone()
         for p_i, reply in zip(example_weights(replies), replies, strict=True):
             seeds, grads, lrs = reply.payload[SEEDS_KEY], reply.payload[GRADS_KEY], reply.payload[LRS_KEY]
             n = seeds.shape[1]
             for step_seeds, step_grads, lr in zip(seeds.tolist(), grads.tolist(), lrs.tolist(), strict=True):
                 for seed, g in zip(step_seeds, step_grads, strict=True):
-                    self.coefficients[self.index[seed]] += p_i * lr * g / n
-        self._materialised = None
-        self.global_state = {COEFFICIENTS_KEY: self.coefficients.clone()}
-        return self.global_state
+                    coefficients[index[seed]] += p_i * lr * g / n
+        return state.evolve({GLOBAL: {COEFFICIENTS_KEY: coefficients}})
 
-    def evaluation_state(self) -> AdapterState:
-        """theta_0 - sum_k c_k z(s_k), materialised once per round."""
-        if self._materialised is None:
-            self._materialised = materialise(self.start, self.pool, self.coefficients)
-        return self._materialised
+    def evaluation_state(self, state: ServerState) -> AdapterState:
+        """theta_0 - sum_k c_k z(s_k) (materialised once for each set of coefficients)."""
+        coefficients = state.adapter[COEFFICIENTS_KEY]
+        cached = self._materialised
+        if cached is None or not torch.equal(cached[0], coefficients):
+            cached = (coefficients.clone(), materialise(state.group(START), self.pool(), coefficients))
+            self._materialised = cached
+        return cached[1]
 
-    def round_metrics(self) -> dict[str, float]:
-        return {"fedkseed_seeds_used": float(torch.count_nonzero(self.coefficients))}
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {COEFFICIENTS_KEY: self.coefficients.clone(), **clone_state(self.start)}
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.coefficients = tensors[COEFFICIENTS_KEY].clone().to(torch.float64)
-        self.start = {k: v.clone() for k, v in tensors.items() if k != COEFFICIENTS_KEY}
-        self.global_state = {COEFFICIENTS_KEY: self.coefficients.clone()}
-        self._materialised = None
+    def round_metrics(self, state: ServerState) -> dict[str, float]:
+        return {"fedkseed_seeds_used": float(torch.count_nonzero(state.adapter[COEFFICIENTS_KEY]))}

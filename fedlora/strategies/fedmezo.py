@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
@@ -43,8 +44,13 @@ from fedlora.client.zeroth_order import (
     replay,
 )
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ClientReply,
+    Review,
+    RoundResults,
+    ServerSetup,
+    ServerState,
     Strategy,
     StrategyOptions,
     check_example_count,
@@ -54,7 +60,8 @@ from fedlora.strategies.base import (
 )
 from fedlora.strategies.registry import register_strategy
 
-HISTORY_KEY = "__fedmezo_history__"
+#: the state's fact: {client: [[round, train loss, drift or nan], ...]}
+HISTORY = "history"
 
 
 class FedMeZOOptions(StrategyOptions):
@@ -94,14 +101,18 @@ class FedMeZO(Strategy[FedMeZOOptions]):
     def __init__(self, options: FedMeZOOptions | None = None) -> None:
         super().__init__(options)
         self.trains_full_model = self.options.full_parameters
-        # client -> [(round, train loss, drift or nan)]
-        self.history: dict[int, list[tuple[int, float, float]]] = {}
-        self._replayed: dict[int, AdapterState] = {}
+
+    @staticmethod
+    def history(state: ServerState, client_id: int) -> list[tuple[int, float, float]]:
+        """The client's [(round, train loss, drift or nan)] so far (the state's ``history`` fact)."""
+        return [
+            (int(r), float(loss), float(d)) for r, loss, d in state.facts[HISTORY].get(str(client_id), [])
+        ]
 
     # --- learning rates -------------------------------------------------------------------------------
-    def signal(self, client_id: int, server_round: int) -> float | None:
+    def signal(self, state: ServerState, client_id: int, server_round: int) -> float | None:
         """The client's d-signal input for the configured strategy (None = no history)."""
-        entries = self.history.get(client_id, [])
+        entries = self.history(state, client_id)
         kind = self.options.lr_strategy
         if not entries:
             return None
@@ -118,14 +129,17 @@ class FedMeZO(Strategy[FedMeZOOptions]):
             return None if math.isnan(drift) else drift
         return None
 
-    def lr_directions(self, server_round: int, client_ids: list[int]) -> dict[int, float]:
+    def lr_directions(self, state: ServerState, server_round: int, client_ids: list[int]) -> dict[int, float]:
         """u_i in [-1, 1] for each sampled client (see the module docstring); 0 = the base rate."""
         kind = self.options.lr_strategy
         if kind == "frozen":
             return dict.fromkeys(client_ids, 0.0)
         if kind == "random":
-            return {c: random.Random(f"{self.seed}/lr/{server_round}/{c}").uniform(-1, 1) for c in client_ids}
-        signals = {c: self.signal(c, server_round) for c in client_ids}
+            return {
+                c: random.Random(f"{self.setup.seed}/lr/{server_round}/{c}").uniform(-1, 1)
+                for c in client_ids
+            }
+        signals = {c: self.signal(state, c, server_round) for c in client_ids}
         known = {c: v for c, v in signals.items() if v is not None}
         directions = dict.fromkeys(client_ids, 0.0)
         if not known:
@@ -137,16 +151,21 @@ class FedMeZO(Strategy[FedMeZOOptions]):
             directions.update({c: x / top for c, x in d.items()})
         return directions
 
-    def lr_settings(self, server_round: int, client_ids: list[int]) -> dict[int, dict[str, float]]:
+    def lr_settings(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, dict[str, float]]:
         """Each client's rate as a setting: ``lr_offset`` = Delta u_i (absolute ``lr_delta``) or
         ``lr_scale`` = 1 + spread u_i (relative); empty for a client at the base rate."""
         opts = self.options
-        directions = self.lr_directions(server_round, client_ids)
+        directions = self.lr_directions(state, server_round, client_ids)
         if opts.lr_delta is not None:
             return {c: {"lr_offset": opts.lr_delta * u} if u else {} for c, u in directions.items()}
         return {c: {"lr_scale": 1.0 + opts.lr_spread * u} if u else {} for c, u in directions.items()}
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        return super().initialize(setup).evolve(facts={HISTORY: {}})
+
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         opts = self.options
         return [
             ZerothOrder(
@@ -158,44 +177,46 @@ class FedMeZO(Strategy[FedMeZOOptions]):
             )
         ]
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
         """Zeroth-order steps at each client's personalised rate eta + Delta u_i."""
-        settings = self.lr_settings(server_round, client_ids)
-        hooks = self.client_hooks()
-        return {c: ClientInstruction(self.global_state, settings[c], hooks) for c in client_ids}
+        settings = self.lr_settings(state, server_round, client_ids)
+        hooks = self.client_hooks(state)
+        payload = state.adapter
+        return {c: ClientInstruction(payload, settings[c], hooks) for c in client_ids}
 
     # --- replies --------------------------------------------------------------------------------------
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+    def review(self, state: ServerState, server_round: int, results: RoundResults) -> Review:
+        """With ``upload: seeds`` a reply is a steps record: it is replayed from what the client was sent,
+        and the accepted reply carries the replayed weights (what :meth:`aggregate` averages)."""
         if self.options.upload == "weights":
-            return super().validate_reply(instruction, reply)
-        record = reply.payload
-        n = self.options.perturbations
-        reason = check_example_count(self, reply) or check_steps_record(record, n)
-        if reason is not None:
-            return reason
-        state = replay(
-            instruction.payload,
-            record,
-            self.options.eps,
-            float(record[WEIGHT_DECAY_KEY]),
-        )
-        reason = check_same_layout(instruction.payload, state)
-        if reason is None:
-            self._replayed[reply.client_id] = state
-        return reason
+            return super().review(state, server_round, results)
+        accepted, rejected = [], []
+        for instruction, reply in results:
+            record = reply.payload
+            reason = check_example_count(self.setup, reply) or check_steps_record(
+                record, self.options.perturbations
+            )
+            if reason is None:
+                weight_decay = float(record[WEIGHT_DECAY_KEY])
+                replayed = replay(instruction.payload, record, self.options.eps, weight_decay)
+                reason = check_same_layout(instruction.payload, replayed)
+            if reason is None:
+                accepted.append(replace(reply, payload=replayed))
+            else:
+                rejected.append((reply.client_id, reason))
+        return Review(state, accepted, rejected)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        start = self.global_state
-        states = [
-            self._replayed.pop(r.client_id) if self.options.upload == "seeds" else r.payload for r in replies
-        ]
-        self._replayed.clear()
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        start = state.adapter
+        states = [r.payload for r in replies]
         weights = example_weights(replies)
-        self.global_state = weighted_average(states, weights)
+        history = {c: list(entries) for c, entries in state.facts[HISTORY].items()}
         for reply, drift in zip(replies, self.drifts(start, states, weights), strict=True):
             loss = float(reply.metrics.get("train_loss", float("nan")))
-            self.history.setdefault(reply.client_id, []).append((server_round, loss, drift))
-        return self.global_state
+            history.setdefault(str(reply.client_id), []).append([server_round, loss, drift])
+        return state.evolve({GLOBAL: weighted_average(states, weights)}, {HISTORY: history})
 
     def drifts(self, start: AdapterState, states: list[AdapterState], weights: list[float]) -> list[float]:
         """Each client's D_i for ``model-diff`` (module docstring), from the updates u_i = state_i - start."""
@@ -206,20 +227,3 @@ class FedMeZO(Strategy[FedMeZOOptions]):
         flat = [torch.cat([u[k].flatten() for k in start]) for u in updates]
         weighted_mean = sum(w * f for w, f in zip(weights, flat, strict=True))
         return [float((f - weighted_mean).norm()) for f in flat]
-
-    # --- resume ---------------------------------------------------------------------------------------
-    def server_state(self) -> dict[str, torch.Tensor]:
-        rows = [
-            [c, r, loss, drift] for c, entries in sorted(self.history.items()) for r, loss, drift in entries
-        ]
-        table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
-        return {**super().server_state(), HISTORY_KEY: table}
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
-        table = tensors.pop(HISTORY_KEY, None)
-        super().load_server_state(tensors)
-        self.history = {}
-        if table is not None:
-            for c, r, loss, drift in table.tolist():
-                self.history.setdefault(int(c), []).append((int(r), loss, drift))

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import model_device
 from fedlora.models.personal import HEAD_NAMES, RepresentationHead
-from fedlora.strategies.base import ClientReply, StrategyOptions
+from fedlora.strategies.base import GLOBAL, ClientReply, ServerState, StrategyOptions
 from fedlora.strategies.lg_fedavg import OwnModelBaseline, TrainOwnModel
 from fedlora.strategies.registry import register_strategy
 
@@ -172,18 +172,18 @@ class FedProto(OwnModelBaseline[FedProtoOptions]):
             COUNTS: torch.zeros(labels, dtype=torch.float64),
         }
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         return [PrototypeRegularised(weight=self.options.weight, distance=self.options.distance)]
 
-    def shared_part(self) -> AdapterState:
+    def shared_part(self, state: ServerState) -> AdapterState:
         """The global prototypes and their counts."""
-        return {k: self.global_state[k] for k in (PROTOTYPES, COUNTS)}
+        return {k: state.adapter[k] for k in (PROTOTYPES, COUNTS)}
 
-    def personal_state(self, client_id: int) -> AdapterState:
+    def personal_state(self, state: ServerState, client_id: int) -> AdapterState:
         """For evaluation: the client's own model with the unused adapter (the prototypes are not weights)."""
-        return {k: v for k, v in self.global_state.items() if k not in (PROTOTYPES, COUNTS)}
+        return {k: v for k, v in state.adapter.items() if k not in (PROTOTYPES, COUNTS)}
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         """Per class, over the clients that hold it: the mean of their prototypes (``uniform``) or the
         example-weighted mean (``examples``); a class none of this round's clients holds keeps its prototype
         (and count, the examples behind it)."""
@@ -194,12 +194,9 @@ class FedProto(OwnModelBaseline[FedProtoOptions]):
         )
         mass = sum(weights)
         counts = sum(r.payload[COUNTS] for r in replies)
-        old, old_counts = self.global_state[PROTOTYPES], self.global_state[COUNTS]
+        current = state.adapter
+        old, old_counts = current[PROTOTYPES], current[COUNTS]
         present = counts > 0
         new = torch.where(present.unsqueeze(1), sums / mass.clamp(min=1e-300).unsqueeze(1), old.double())
-        self.global_state = {
-            **clone_state(self.global_state),
-            PROTOTYPES: new.to(old.dtype),
-            COUNTS: torch.where(present, counts, old_counts),
-        }
-        return self.global_state
+        updated = {PROTOTYPES: new.to(old.dtype), COUNTS: torch.where(present, counts, old_counts)}
+        return state.evolve({GLOBAL: {**current, **updated}})

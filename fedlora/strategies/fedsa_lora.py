@@ -24,17 +24,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.eval.loss import evaluate_loss
-from fedlora.strategies.base import ClientInstruction, ServerSetup, StrategyOptions
+from fedlora.strategies.base import GLOBAL, ServerSetup, ServerState, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
 STORE_NAME = "fedsa-private"
+#: the state's group of what stays on the clients, at its initial value (B = 0, the seeded head)
+HELD = "held"
 
 
 def is_lora_b(key: str) -> bool:
@@ -101,32 +102,24 @@ class FedSALoRA(FactorAverage[FedSALoRAOptions]):
     def local_head(self) -> bool:
         return self.options.head == "local"
 
-    def initialize(self, setup: ServerSetup) -> None:
-        super().initialize(setup)  # refuses heterogeneous ranks
-        self._split(self.global_state)
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        """What travels is the ``global`` group; what stays on the clients is kept only as its initial value
+        (B = 0, the seeded head), group ``held``, for the evaluated and exported adapter."""
+        state = super().initialize(setup)  # refuses heterogeneous ranks
+        full = state.adapter
+        private = {k for k in full if is_private(k, self.local_head)}
+        return state.evolve(
+            {
+                GLOBAL: {k: v for k, v in full.items() if k not in private},
+                HELD: {k: v for k, v in full.items() if k in private},
+            },
+            {"key_order": list(full)},
+        )
 
-    def _split(self, state: AdapterState) -> None:
-        """Keep what travels as the global state; what stays on the clients only as its initial value (B = 0,
-        the seeded head), for the evaluated and exported adapter, in PEFT's key order."""
-        self.order = list(state)
-        private = {k for k in state if is_private(k, self.local_head)}
-        self._held = {k: v.clone() for k, v in state.items() if k in private}
-        self.global_state = {k: v.clone() for k, v in state.items() if k not in private}
-
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         return [PrivateB(local_head=self.local_head)]
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        hooks = self.client_hooks()
-        return {cid: ClientInstruction(self.global_state, hooks=hooks) for cid in client_ids}
-
-    def evaluation_state(self) -> AdapterState:
+    def evaluation_state(self, state: ServerState) -> AdapterState:
         """The server holds no B (nor a local head): the shared A with B = 0 (and the initial head)."""
-        full = {**self._held, **self.global_state}
-        return {k: full[k] for k in self.order}
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.evaluation_state().items()}
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._split(tensors)
+        full = {**state.group(HELD), **state.adapter}
+        return {k: full[k] for k in state.facts["key_order"]}

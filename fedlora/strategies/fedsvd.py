@@ -35,9 +35,8 @@ import torch
 from pydantic import Field
 
 from fedlora.adapters.ranks import module_factors
-from fedlora.adapters.state import AdapterState
 from fedlora.linalg import lowrank_svd, orthonormal_completion
-from fedlora.strategies.base import ClientReply, StrategyOptions
+from fedlora.strategies.base import GLOBAL, ClientReply, ServerState, StrategyOptions
 from fedlora.strategies.fedavg import OneFactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -60,10 +59,10 @@ class FedSVD(OneFactorAverage[FedSVDOptions]):
     def frozen_heads(self) -> bool:
         return self.options.head == "frozen"
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        averaged = super().aggregate(server_round, replies)  # B_bar (and heads), A as sent
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        averaged = super().aggregate(state, server_round, replies).adapter  # B_bar (and heads), A as sent
         out = dict(averaged)
-        device = self.server_device
+        device = torch.device(self.setup.device)
         for module, (a_key, b_key) in module_factors(averaged).items():
             A, B_bar = averaged[a_key], averaged[b_key]
             r, dtype = A.shape[0], A.dtype
@@ -75,8 +74,7 @@ class FedSVD(OneFactorAverage[FedSVDOptions]):
             A_new[:keep] = Vh[:keep].cpu()
             B_new[:, :keep] = (U[:, :keep] * S[:keep]).cpu()
             if keep < r:  # rank-deficient: complete A's rows to an orthonormal basis (B is zero there)
-                seed = zlib.crc32(f"{self.seed}/{server_round}/{module}".encode())
+                seed = zlib.crc32(f"{self.setup.seed}/{server_round}/{module}".encode())
                 A_new[keep:] = orthonormal_completion(A_new[:keep], r - keep, seed)
             out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
-        self.global_state = out
-        return out
+        return state.evolve({GLOBAL: out})

@@ -13,12 +13,10 @@ The evaluated and exported adapter is the frozen A with the global B. Needs one 
 
 from __future__ import annotations
 
-import torch
-
 from fedlora.adapters.ranks import lora_key_parts
-from fedlora.adapters.state import AdapterState, clone_state, state_digest
+from fedlora.adapters.state import AdapterState, state_digest
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
-from fedlora.strategies.base import ServerSetup, StrategyOptions
+from fedlora.strategies.base import GLOBAL, ServerSetup, ServerState, StrategyOptions
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -51,6 +49,10 @@ class FrozenA(ClientHooks):
         return {}
 
 
+#: the state's group of the frozen A factors (never sent; the evaluated adapter's A)
+FROZEN_A = "frozen_a"
+
+
 @register_strategy
 class FFALoRA(FactorAverage[StrategyOptions]):
     """FFA-LoRA: B-only payloads, exact averaging, A frozen at its seeded initialisation."""
@@ -58,27 +60,23 @@ class FFALoRA(FactorAverage[StrategyOptions]):
     name = "ffa-lora"
     default_optimizer = "adamw"
 
-    def initialize(self, setup: ServerSetup) -> None:
-        super().initialize(setup)  # refuses heterogeneous ranks
-        self.frozen_a: AdapterState = {k: v for k, v in self.global_state.items() if is_lora_a(k)}
-        self._order = list(self.global_state)
-        self.global_state = {k: v for k, v in self.global_state.items() if not is_lora_a(k)}
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        state = super().initialize(setup)  # refuses heterogeneous ranks
+        full = state.adapter
+        return state.evolve(
+            {
+                GLOBAL: {k: v for k, v in full.items() if not is_lora_a(k)},
+                FROZEN_A: {k: v for k, v in full.items() if is_lora_a(k)},
+            },
+            {"key_order": list(full)},
+        )
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         """B for every client, with the digest of the frozen A: a client whose own seeded A differs (another
         init seed, PEFT version or model) refuses to train instead of silently breaking exactness."""
-        digest = state_digest(self.frozen_a) if hasattr(self, "frozen_a") else ""
-        return [FrozenA(a_digest=digest)]
+        return [FrozenA(a_digest=state_digest(state.group(FROZEN_A)))]
 
-    def evaluation_state(self) -> AdapterState:
+    def evaluation_state(self, state: ServerState) -> AdapterState:
         """The full adapter: frozen A and global B, in PEFT's key order."""
-        merged = {**self.frozen_a, **self.global_state}
-        return {k: merged[k] for k in self._order}
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return clone_state(self.evaluation_state())
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.frozen_a = {k: v.clone() for k, v in tensors.items() if is_lora_a(k)}
-        self._order = list(tensors)
-        self.global_state = {k: v.clone() for k, v in tensors.items() if not is_lora_a(k)}
+        merged = {**state.group(FROZEN_A), **state.adapter}
+        return {k: merged[k] for k in state.facts["key_order"]}

@@ -26,7 +26,7 @@ The SVD runs on ``compute.server_device`` (float64 there; what travels is CPU fl
 from __future__ import annotations
 
 import zlib
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -35,9 +35,12 @@ from fedlora.adapters.merged import MergeHistory
 from fedlora.adapters.ranks import module_factors
 from fedlora.adapters.state import AdapterState
 from fedlora.linalg import lowrank_svd, orthonormal_completion
-from fedlora.strategies.base import ClientReply, StrategyOptions, example_weights
+from fedlora.strategies.base import GLOBAL, ClientReply, ServerState, StrategyOptions, example_weights
 from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
 from fedlora.strategies.registry import register_strategy
+
+#: the state's groups of the last round's untruncated Delta = (U S) Vh, by module (``evaluate_full_delta``)
+FULL_DELTA_US, FULL_DELTA_VH = "full_delta_us", "full_delta_vh"
 
 
 class FlexLoRAOptions(HeterogeneousRankOptions):
@@ -58,25 +61,23 @@ class FlexLoRA(HeterogeneousRankStrategy[FlexLoRAOptions]):
     name = "flexlora"
     Options: ClassVar[type[StrategyOptions]] = FlexLoRAOptions
 
-    def __init__(self, options: FlexLoRAOptions | None = None) -> None:
-        super().__init__(options)
-        self.full_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (U S, V^T), last round
-        self.full_delta_round = 0
-
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         p = example_weights(replies)
-        scaling = self.lora_scaling
+        scaling = self.setup.scaling
+        current = state.adapter
         out: AdapterState = {}
-        for module, (a_key, b_key) in module_factors(self.global_state).items():
-            A_old, B_old = self.global_state[a_key], self.global_state[b_key]
+        full_us: AdapterState = {}
+        full_vh: AdapterState = {}
+        for module, (a_key, b_key) in module_factors(current).items():
+            A_old, B_old = current[a_key], current[b_key]
             r_out, dtype = A_old.shape[0], A_old.dtype
-            device = self.server_device
+            device = torch.device(self.setup.device)
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
             weights = [p_i * scaling(A.shape[0]) for p_i, A in zip(p, As, strict=True)]
             U, S, Vh = lowrank_svd(Bs, As, weights)
             if self.options.evaluate_full_delta:
-                self.full_delta[module] = (U * S, Vh)
+                full_us[module], full_vh[module] = (U * S).cpu(), Vh.cpu()
             r = min(r_out, S.shape[0])
             s_out = scaling(r_out)
             A_new = torch.zeros(A_old.shape, dtype=torch.float64, device=device)
@@ -89,42 +90,24 @@ class FlexLoRA(HeterogeneousRankStrategy[FlexLoRAOptions]):
                 B_new[:, :r] = U[:, :r] * root
                 A_new[:r] = root[:, None] * Vh[:r]
             if r < r_out:
-                seed = zlib.crc32(f"{self.seed}/{server_round}/{module}".encode())
+                seed = zlib.crc32(f"{self.setup.seed}/{server_round}/{module}".encode())
                 A_new[r:] = orthonormal_completion(Vh[:r].cpu(), r_out - r, seed).to(device)
             out[a_key], out[b_key] = A_new.to("cpu", dtype), B_new.to("cpu", dtype)
-        self.average_extra_tensors(replies, out)
-        self.global_state = {k: out[k] for k in self.global_state}
-        self.full_delta_round = server_round
-        return self.global_state
+        self.average_extra_tensors(state, replies, out)
+        new = state.evolve({GLOBAL: {k: out[k] for k in current}})
+        if self.options.evaluate_full_delta:  # the last round's untruncated factors (float64)
+            new = new.evolve(
+                {FULL_DELTA_US: full_us, FULL_DELTA_VH: full_vh}, {"full_delta_round": server_round}
+            )
+        return new
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """The global adapter and, with ``evaluate_full_delta``, the last round's untruncated factors
-        (``full_delta/<module>/US`` and ``.../Vh``, float64), so that a run resumed after its last round
-        still evaluates W0 + Delta."""
-        state = super().server_state()
-        for module, (us, vh) in self.full_delta.items():
-            state[f"full_delta/{module}/US"], state[f"full_delta/{module}/Vh"] = us.cpu(), vh.cpu()
-        return state
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        full = {k: v for k, v in tensors.items() if k.startswith("full_delta/")}
-        super().load_server_state({k: v for k, v in tensors.items() if k not in full})
-        modules = {k.split("/")[1] for k in full}
-        self.full_delta = {m: (full[f"full_delta/{m}/US"], full[f"full_delta/{m}/Vh"]) for m in modules}
-
-    def server_meta(self) -> dict[str, Any]:
-        return {**super().server_meta(), "full_delta_round": self.full_delta_round}
-
-    def load_server_meta(self, meta: dict[str, Any]) -> None:
-        super().load_server_meta(meta)
-        self.full_delta_round = int(meta.get("full_delta_round", 0))
-
-    def extra_evaluation_states(self) -> dict[str, AdapterState]:
+    def extra_evaluation_states(self, state: ServerState) -> dict[str, AdapterState]:
         """``full_delta``: W0 + Delta of the last round untruncated (the adapter at B = 0, Delta merged into the
-        base weights in factored form); none before a round of this process has aggregated."""
-        if not self.full_delta:
+        base weights in factored form); none before a round has aggregated."""
+        us, vh = state.group(FULL_DELTA_US), state.group(FULL_DELTA_VH)
+        if not us:
             return {}
         history = MergeHistory()
-        history.add(self.full_delta_round, self.full_delta)
-        zero_b = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in self.global_state.items()}
+        history.add(int(state.facts["full_delta_round"]), {m: (us[m], vh[m]) for m in us})
+        zero_b = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in state.adapter.items()}
         return {"full_delta": {**zero_b, **history.payload()}}

@@ -36,7 +36,7 @@ from pydantic import Field
 from fedlora.adapters.ranks import module_factors, truncate_state
 from fedlora.adapters.state import AdapterState
 from fedlora.config.schema import AdapterConfig
-from fedlora.strategies.base import ClientReply, StrategyOptions, example_weights
+from fedlora.strategies.base import ClientReply, ServerState, StrategyOptions, example_weights
 from fedlora.strategies.merging import MergingStrategy
 from fedlora.strategies.registry import register_strategy
 
@@ -81,12 +81,12 @@ class FLoRA(MergingStrategy[FLoRAOptions]):
             tuple[int, int], AdapterState
         ] = {}  # (round, draw) -> fresh adapter, largest profile
 
-    def fresh_adapter(self, server_round: int, draw: int = -1) -> AdapterState:
+    def fresh_adapter(self, shape_of: AdapterState, server_round: int, draw: int = -1) -> AdapterState:
         """B = 0 and A ~ U(-1/sqrt(k), 1/sqrt(k)) (PEFT's kaiming-uniform default), at the largest profile,
         seeded by (run seed, round, module) and, for a client's own draw, its id ``draw`` (-1: shared)."""
         out = {}
-        tag = f"{self.seed}/{server_round}" + (f"/client{draw}" if draw >= 0 else "")
-        for key, tensor in self.global_state.items():
+        tag = f"{self.setup.seed}/{server_round}" + (f"/client{draw}" if draw >= 0 else "")
+        for key, tensor in shape_of.items():
             if ".lora_A." in key:
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{tag}/{key}".encode()))
                 bound = 1.0 / math.sqrt(tensor.shape[1])
@@ -96,32 +96,30 @@ class FLoRA(MergingStrategy[FLoRAOptions]):
                 out[key] = torch.zeros_like(tensor)
         return out
 
-    def client_payload(self, server_round: int, client_id: int) -> AdapterState:
+    def client_payload(self, state: ServerState, server_round: int, client_id: int) -> AdapterState:
         """Round 1: the seeded initial adapter (as every method); later rounds: a fresh one, the client's own
         (``fresh_a: per-client``) or the round's (``shared``)."""
         draw = client_id if self.options.fresh_a == "per-client" else -1
         if server_round == 1:
-            fresh = self.global_state
+            fresh = state.adapter
         else:
             if not any(r == server_round for r, _ in self._fresh):
-                self._fresh = {}  # a new round: the previous round's draws are done with
+                self._fresh = {}  # a new round: the previous round's draws are done with (a cache)
             if (server_round, draw) not in self._fresh:
-                self._fresh[(server_round, draw)] = self.fresh_adapter(server_round, draw)
+                self._fresh[(server_round, draw)] = self.fresh_adapter(state.adapter, server_round, draw)
             fresh = self._fresh[(server_round, draw)]
-        return truncate_state(fresh, self.client_profiles[client_id], self.lora_scaling)
+        return truncate_state(fresh, state.profiles[client_id], self.setup.scaling)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         p = example_weights(replies)
-        device = self.server_device
+        device = torch.device(self.setup.device)
+        current = state.adapter
         increment = {}
-        for module, (a_key, b_key) in module_factors(self.global_state).items():
+        for module, (a_key, b_key) in module_factors(current).items():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
             As = [r.payload[a_key].to(device, torch.float64) for r in replies]
-            scales = [self.lora_scaling(A.shape[0]) for A in As]
+            scales = [self.setup.scaling(A.shape[0]) for A in As]
             increment[module] = stacked_factors(Bs, As, p, scales)
-        self.history.add(server_round, increment)
         # the global adapter stays a zero update (B = 0): the model is the merged base alone
-        self.global_state = {
-            k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in self.global_state.items()
-        }
-        return self.global_state
+        zero_b = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in current.items()}
+        return self.merge(state, server_round, increment, zero_b)

@@ -18,6 +18,7 @@ from fedlora.client.hooks import ClientHooks
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
+    ServerState,
     Strategy,
     StrategyOptions,
     example_weights,
@@ -45,28 +46,32 @@ class HeterogeneousRankStrategy(Strategy[HetOptionsT]):
 
     def __init__(self, options: HetOptionsT | None = None) -> None:
         super().__init__(options)
-        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[misc]
+        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[misc]  # a fact set by the options
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         """FedProx's term with ``local: fedprox``; nothing else (subclasses add theirs)."""
         opts = self.options
         return [ProximalTerm(mu=opts.mu)] if opts.local == "fedprox" else []
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
         """Each client: the global adapter truncated to its own profile (one payload per distinct profile)."""
         payloads: dict[RankProfile, AdapterState] = {}
         out = {}
-        hooks = self.client_hooks()
+        hooks = self.client_hooks(state)
         for cid in client_ids:
-            profile = self.client_profiles[cid]
+            profile = state.profiles[cid]
             if profile not in payloads:
-                payloads[profile] = truncate_state(self.global_state, profile, self.lora_scaling)
+                payloads[profile] = truncate_state(state.adapter, profile, self.setup.scaling)
             out[cid] = ClientInstruction(payloads[profile], hooks=hooks)
         return out
 
-    def average_extra_tensors(self, replies: list[ClientReply], out: AdapterState) -> None:
+    def average_extra_tensors(
+        self, state: ServerState, replies: list[ClientReply], out: AdapterState
+    ) -> None:
         """Tensors that are not LoRA factors (task heads) are averaged with p_i."""
-        extra = [k for k in self.global_state if lora_key_parts(k) is None]
+        extra = [k for k in state.adapter if lora_key_parts(k) is None]
         if extra:
             states = [{k: r.payload[k] for k in extra} for r in replies]
             out.update(weighted_average(states, example_weights(replies)))

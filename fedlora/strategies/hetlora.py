@@ -35,7 +35,6 @@ import torch
 from pydantic import Field, model_validator
 
 from fedlora.adapters.ranks import (
-    RankProfile,
     module_factors,
     profile_of_state,
     rescale_b,
@@ -46,17 +45,18 @@ from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.linalg import product_frobenius_norm
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ClientReply,
+    ServerState,
     StrategyOptions,
     check_example_count,
+    check_reply,
     check_same_layout,
     example_weights,
 )
 from fedlora.strategies.heterogeneous import HeterogeneousRankOptions, HeterogeneousRankStrategy
 from fedlora.strategies.registry import register_strategy
-
-PROFILES_KEY = "__client_profiles__"
 
 
 class HetLoRAOptions(HeterogeneousRankOptions):
@@ -133,9 +133,9 @@ class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
     name = "hetlora"
     Options: ClassVar[type[StrategyOptions]] = HetLoRAOptions
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         opts = self.options
-        hooks = super().client_hooks()
+        hooks = super().client_hooks(state)
         if opts.prune_penalty > 0:
             hooks.append(TrailingRankPenalty(penalty=opts.prune_penalty, gamma=opts.prune_gamma))
         if opts.prune_rule != "off":
@@ -144,29 +144,26 @@ class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
             )
         return hooks
 
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+    def check(self, state: ServerState, instruction: ClientInstruction, reply: ClientReply) -> str | None:
         """As the default, but with pruning on a reply may also come at the pruned profile floor(gamma r)."""
-        reason = check_example_count(self, reply)
-        if reason is not None:
+        reason = check_reply(self.setup, instruction, reply)
+        if reason is None or self.options.prune_rule == "off" or check_example_count(self.setup, reply):
             return reason
-        reason = super().validate_reply(instruction, reply)
-        if reason is None or self.options.prune_rule == "off":
-            return reason
-        given = self.client_profiles[reply.client_id]
-        pruned = given.pruned(self.options.prune_gamma)
+        pruned = state.profiles[reply.client_id].pruned(self.options.prune_gamma)
         try:
             if profile_of_state(reply.payload) != pruned:
                 return reason
         except ValueError:
             return reason
-        expected = truncate_state(instruction.payload, pruned, self.lora_scaling)
+        expected = truncate_state(instruction.payload, pruned, self.setup.scaling)
         return check_same_layout(expected, reply.payload)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        scaling = self.lora_scaling
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        scaling = self.setup.scaling
+        current = state.adapter
         out: AdapterState = {}
-        for a_key, b_key in module_factors(self.global_state).values():
-            A_old, B_old = self.global_state[a_key], self.global_state[b_key]
+        for a_key, b_key in module_factors(current).values():
+            A_old, B_old = current[a_key], current[b_key]
             r_out, dtype = A_old.shape[0], A_old.dtype
             padded_A, padded_B, norms = [], [], []
             covered = 0
@@ -190,24 +187,7 @@ class HetLoRA(HeterogeneousRankStrategy[HetLoRAOptions]):
             A_new[covered:] = A_old[covered:].to(torch.float64)
             B_new[:, covered:] = B_old[:, covered:].to(torch.float64)
             out[a_key], out[b_key] = A_new.to(dtype), B_new.to(dtype)
-        self.average_extra_tensors(replies, out)
-        self.global_state = {k: out[k] for k in self.global_state}
-        for reply in replies:  # self-pruned clients keep their smaller rank
-            self.client_profiles[reply.client_id] = profile_of_state(reply.payload)
-        return self.global_state
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """The global adapter plus every client's current profile (pruning changes them)."""
-        ids = sorted(self.client_profiles)
-        table = torch.tensor(
-            [[cid, self.client_profiles[cid].attention, self.client_profiles[cid].mlp] for cid in ids],
-            dtype=torch.int64,
-        ).reshape(-1, 3)
-        return {**super().server_state(), PROFILES_KEY: table}
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
-        table = tensors.pop(PROFILES_KEY, None)
-        super().load_server_state(tensors)
-        if table is not None:
-            self.client_profiles = {int(c): RankProfile(int(a), int(m)) for c, a, m in table.tolist()}
+        self.average_extra_tensors(state, replies, out)
+        # self-pruned clients keep their smaller rank
+        pruned = {reply.client_id: profile_of_state(reply.payload) for reply in replies}
+        return state.evolve({GLOBAL: {k: out[k] for k in current}}, profiles=pruned)

@@ -20,16 +20,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import to_cpu
 from fedlora.models.personal import head_part
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ClientReply,
     ExperimentFacts,
     OptionsT,
     ReplyWeighting,
+    ServerState,
     Strategy,
     StrategyOptions,
     reply_weights,
@@ -100,13 +102,16 @@ class OwnModelBaseline(Strategy[OptionsT]):
     def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
         return representation_refusal(facts, cls.name) or super().refusal(facts, options)
 
-    def shared_part(self) -> AdapterState:
-        """What travels to the clients (default: the whole global state)."""
-        return self.global_state
+    def shared_part(self, state: ServerState) -> AdapterState:
+        """What travels to the clients (default: the whole global adapter)."""
+        return state.adapter
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        hooks = self.client_hooks()
-        return {c: ClientInstruction(self.shared_part(), hooks=hooks) for c in client_ids}
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks(state)
+        payload = self.shared_part(state)
+        return {c: ClientInstruction(payload, hooks=hooks) for c in client_ids}
 
 
 class LGFedAvgOptions(StrategyOptions):
@@ -130,14 +135,13 @@ class LGFedAvg(OwnModelBaseline[LGFedAvgOptions]):
             **{k: v for k, v in head.items() if k.startswith(HEAD_PREFIX)},
         }
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         return [TrainOwnModel(send=("classifier.",))]
 
-    def shared_part(self) -> AdapterState:
+    def shared_part(self, state: ServerState) -> AdapterState:
         """The global head only (each client loads it over its own)."""
-        return {k: v for k, v in self.global_state.items() if k.startswith(HEAD_PREFIX)}
+        return {k: v for k, v in state.adapter.items() if k.startswith(HEAD_PREFIX)}
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         head = weighted_average([r.payload for r in replies], reply_weights(replies, self.options.weighting))
-        self.global_state = {**clone_state(self.global_state), **head}
-        return self.global_state
+        return state.evolve({GLOBAL: {**state.adapter, **head}})

@@ -33,8 +33,14 @@ import torch
 from pydantic import Field
 
 from fedlora.adapters.ranks import module_factors
-from fedlora.adapters.state import AdapterState
-from fedlora.strategies.base import ClientReply, StrategyOptions, example_weights, weighted_average
+from fedlora.strategies.base import (
+    GLOBAL,
+    ClientReply,
+    ServerState,
+    StrategyOptions,
+    example_weights,
+    weighted_average,
+)
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
@@ -114,10 +120,10 @@ class LoRAFAIR(FactorAverage[LoRAFAIROptions]):
     linear_aggregate = False
     Options: ClassVar[type[StrategyOptions]] = LoRAFAIROptions
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         p = example_weights(replies)
         out = weighted_average([r.payload for r in replies], p)  # heads, and the plain averages
-        device = self.server_device
+        device = torch.device(self.setup.device)
         opts = self.options
         for a_key, b_key in module_factors(out).values():
             Bs = [r.payload[b_key].to(device, torch.float64) for r in replies]
@@ -130,5 +136,4 @@ class LoRAFAIR(FactorAverage[LoRAFAIROptions]):
                 B_new, A_bar = corrected_b(Bs, As, p, reg)
             out[b_key] = B_new.to("cpu", out[b_key].dtype)
             out[a_key] = A_bar.to("cpu", out[a_key].dtype)
-        self.global_state = out
-        return out
+        return state.evolve({GLOBAL: out})

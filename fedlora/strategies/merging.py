@@ -10,25 +10,29 @@ only (a quantized weight cannot take an exact offset).
 
 from __future__ import annotations
 
-import torch
-
-from fedlora.adapters.merged import MergeHistory, split_merged
-from fedlora.adapters.state import AdapterState, clone_state
+from fedlora.adapters.merged import Factors, MergeHistory
+from fedlora.adapters.state import AdapterState
 from fedlora.strategies.base import (
+    GLOBAL,
     ClientInstruction,
     ExperimentFacts,
     OptionsT,
+    ServerState,
     Strategy,
 )
 
+#: the state's group of the merged offset (:meth:`MergeHistory.tensors`: the snapshot in float64, increments)
+MERGED = "merged"
+
+
+def merge_history(state: ServerState) -> MergeHistory:
+    """The merged offset the state holds."""
+    return MergeHistory.from_tensors(state.group(MERGED))
+
 
 class MergingStrategy(Strategy[OptionsT]):
-    """Base of methods that merge into the base weights: the offset travels and is checkpointed with the
-    adapter; replies are checked against the adapter part of the payload."""
-
-    def __init__(self, options: OptionsT | None = None) -> None:
-        super().__init__(options)
-        self.history = MergeHistory()
+    """Base of methods that merge into the base weights: the offset (group ``merged``) travels with every
+    payload and is checkpointed with the adapter; replies are checked against the adapter part of the payload."""
 
     @classmethod
     def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:
@@ -49,37 +53,41 @@ class MergingStrategy(Strategy[OptionsT]):
             )
         return super().refusal(facts, options)
 
-    def client_payload(self, server_round: int, client_id: int) -> AdapterState:
+    def client_payload(self, state: ServerState, server_round: int, client_id: int) -> AdapterState:
         """The adapter client ``client_id`` starts from (default: the global adapter)."""
-        return self.global_state
+        return state.adapter
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        hooks = self.client_hooks()
-        merged = self.history.payload()
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks(state)
+        merged = merge_history(state).payload()
         return {
-            cid: ClientInstruction({**self.client_payload(server_round, cid), **merged}, hooks=hooks)
+            cid: ClientInstruction({**self.client_payload(state, server_round, cid), **merged}, hooks=hooks)
             for cid in client_ids
         }
 
-    def evaluation_state(self) -> AdapterState:
-        return {**self.global_state, **self.history.payload()}
+    def merge(
+        self, state: ServerState, server_round: int, increment: Factors, adapter: AdapterState
+    ) -> ServerState:
+        """The next state: round ``server_round``'s increment {module: (P, Q)} added to the merged offset, and
+        ``adapter`` as the global adapter."""
+        history = merge_history(state)
+        history.add(server_round, increment)
+        return state.evolve({GLOBAL: adapter, MERGED: history.tensors()})
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return {**clone_state(self.global_state), **self.history.tensors()}
+    def evaluation_state(self, state: ServerState) -> AdapterState:
+        return {**state.adapter, **merge_history(state).payload()}
 
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        adapter, _ = split_merged(tensors)
-        self.global_state = clone_state(adapter)
-        self.history = MergeHistory.from_tensors(tensors)
-
-    def round_metrics(self) -> dict[str, float]:
+    def round_metrics(self, state: ServerState) -> dict[str, float]:
         """The merged offset's size: increments kept in factored form and the round of the last fold."""
+        history = merge_history(state)
         return {
-            "merged_increments": float(len(self.history.increments)),
-            "merged_snapshot_round": float(self.history.snapshot_round),
+            "merged_increments": float(len(history.increments)),
+            "merged_snapshot_round": float(history.snapshot_round),
         }
 
-    def report(self) -> list[str]:
+    def report(self, state: ServerState) -> list[str]:
         return [
             f"{self.name}: global/ is a merged model folder (base weights + merged updates + the adapter); "
             "load it with AutoModelForCausalLM.from_pretrained, not as a PEFT adapter"

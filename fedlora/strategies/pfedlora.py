@@ -30,14 +30,23 @@ from fedlora.client.loss import batch_loss
 from fedlora.client.steps import run_steps, training
 from fedlora.compute import to_cpu
 from fedlora.data.encoding import batches_for_steps
-from fedlora.strategies.base import ClientInstruction, ClientReply, ExperimentFacts, StrategyOptions
+from fedlora.strategies.base import (
+    ClientInstruction,
+    ClientReply,
+    ExperimentFacts,
+    ServerState,
+    StrategyOptions,
+)
 
 if TYPE_CHECKING:
     from fedlora.models.personal import ClientModels
 from fedlora.strategies.fedavg import FactorAverage
 from fedlora.strategies.registry import register_strategy
 
-OWN_PREFIX = "own."
+
+def own_group(client_id: int) -> str:
+    """The state's group of a standalone client's own adapter."""
+    return f"own-{client_id}"
 
 
 class PFedLoRAOptions(StrategyOptions):
@@ -116,7 +125,6 @@ class PFedLoRA(FactorAverage[PFedLoRAOptions]):
         super().__init__(options)
         self.communicates = self.options.federate
         self.shares_local_model = self.options.share == "model"
-        self.own: dict[int, AdapterState] = {}
 
     @classmethod
     def refusal(cls, facts: ExperimentFacts, options: PFedLoRAOptions) -> str | None:
@@ -131,7 +139,7 @@ class PFedLoRA(FactorAverage[PFedLoRAOptions]):
             state.update(client_models.to_shared(to_cpu(dict(client_models.adapters[0].base_parameters()))))
         return state
 
-    def client_hooks(self) -> list[ClientHooks]:
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         opts = self.options
         return [
             LocalModelPhase(
@@ -141,31 +149,20 @@ class PFedLoRA(FactorAverage[PFedLoRAOptions]):
             )
         ]
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        hooks = self.client_hooks()
-        return {c: ClientInstruction(self.personal_state(c), hooks=hooks) for c in client_ids}
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        hooks = self.client_hooks(state)
+        return {c: ClientInstruction(self.personal_state(state, c), hooks=hooks) for c in client_ids}
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         if self.options.federate:
-            return super().aggregate(server_round, replies)
-        for reply in replies:
-            self.own[reply.client_id] = clone_state(reply.payload)
-        return self.global_state
+            return super().aggregate(state, server_round, replies)
+        return state.evolve({own_group(r.client_id): clone_state(r.payload) for r in replies})
 
-    def personal_state(self, client_id: int) -> AdapterState:
+    def personal_state(self, state: ServerState, client_id: int) -> AdapterState:
+        """Federated: the global adapter; standalone: the client's own adapter (the global one before it has
+        trained)."""
         if self.options.federate:
-            return self.global_state
-        return self.own.get(client_id, self.global_state)
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        own = {f"{OWN_PREFIX}{c}.{k}": v for c, state in self.own.items() for k, v in state.items()}
-        return {**super().server_state(), **own}
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        shared = {k: v for k, v in tensors.items() if not k.startswith(OWN_PREFIX)}
-        super().load_server_state(shared)
-        self.own = {}
-        for key, value in tensors.items():
-            if key.startswith(OWN_PREFIX):
-                client, name = key[len(OWN_PREFIX) :].split(".", 1)
-                self.own.setdefault(int(client), {})[name] = value.clone()
+            return state.adapter
+        return state.group(own_group(client_id)) or state.adapter

@@ -10,8 +10,8 @@ steps at most. With ``privacy.target_epsilon`` its noise multiplier is the small
 accountant (Opacus' RDP or PRV) gives epsilon <= target at delta after T_i steps at rate q_i, so the budget
 holds whichever rounds it ends up sampled in. A plan needing sigma above ``privacy.max_noise_multiplier`` is
 refused before any work. Spent: after each round a client took part in, its history gains (sigma_i, q_i,
-steps taken) and its epsilon is the accountant's figure for that history. The ledger is saved in every
-checkpoint (JSON) so a resumed run goes on counting.
+steps taken) and its epsilon is the accountant's figure for that history. The history is the server state's
+``privacy`` fact, checkpointed with it, so a resumed run goes on counting.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fedlora.config.schema import ClientConfig, PrivacyConfig
 from fedlora.data.encoding import steps_for
 from fedlora.data.examples import ClientData
 from fedlora.errors import ConfigError
-from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
+from fedlora.strategies.base import ClientInstruction, Review, RoundResults, ServerState, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
 
 
@@ -137,17 +137,20 @@ class PrivacyLedger:
 
 def privacy_refusal(strategy: Strategy) -> str | None:
     """Why ``strategy`` cannot run under DP-SGD (one of its client hooks trains outside it), or None."""
-    for hook in strategy.client_hooks():
+    for hook in strategy.client_hooks(ServerState()):
         reason = hook.dp_refusal()
         if reason is not None:
             return reason
     return None
 
 
-class DifferentialPrivacy(StrategyWrapper):
-    """DP-SGD on every client of any first-order strategy, with a per-client accountant."""
+#: the state's fact that holds the ledger's history: {client: [[sigma, q, steps], ...]}
+LEDGER_FACT = "privacy"
 
-    _own = frozenset({"inner", "ledger"})
+
+class DifferentialPrivacy(StrategyWrapper):
+    """DP-SGD on every client of any first-order strategy, with a per-client accountant (the plan is
+    configuration; what was spent is the state's ``privacy`` fact)."""
 
     def __init__(self, inner: Strategy, ledger: PrivacyLedger) -> None:
         reason = privacy_refusal(inner)
@@ -158,36 +161,40 @@ class DifferentialPrivacy(StrategyWrapper):
         super().__init__(inner)
         self.ledger = ledger
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
+    def spent(self, state: ServerState) -> PrivacyLedger:
+        """The ledger with the history recorded in ``state``."""
+        ledger = PrivacyLedger(self.ledger.cfg, self.ledger.plan)
+        ledger.load_json(state.facts.get(LEDGER_FACT, {}))
+        return ledger
+
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
         out = {}
-        for cid, instruction in self.inner.configure(server_round, client_ids).items():
+        for cid, instruction in self.inner.configure_round(state, server_round, client_ids).items():
             settings = {**instruction.settings, "privacy": self.ledger.settings_for(cid)}
             out[cid] = ClientInstruction(instruction.payload, settings, instruction.hooks)
         return out
 
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+    def review(self, state: ServerState, server_round: int, results: RoundResults) -> Review:
         """Every reply that came back spent budget (accepted or not): record its steps first."""
-        reply.metrics["epsilon"] = self.ledger.record(reply.client_id, int(reply.metrics.get("steps", 0)))
-        return self.inner.validate_reply(instruction, reply)
+        ledger = self.spent(state)
+        for _, reply in results:
+            reply.metrics["epsilon"] = ledger.record(reply.client_id, int(reply.metrics.get("steps", 0)))
+        return self.inner.review(state.evolve(facts={LEDGER_FACT: ledger.to_json()}), server_round, results)
 
-    def round_metrics(self) -> dict[str, float]:
-        return {**self.inner.round_metrics(), "epsilon_max": self.ledger.max_epsilon()}
+    def round_metrics(self, state: ServerState) -> dict[str, float]:
+        return {**self.inner.round_metrics(state), "epsilon_max": self.spent(state).max_epsilon()}
 
-    def report(self) -> list[str]:
-        spent = {c: self.ledger.epsilon(c) for c in self.ledger.history}
+    def report(self, state: ServerState) -> list[str]:
+        ledger = self.spent(state)
+        spent = {c: ledger.epsilon(c) for c in ledger.history}
         if not spent:
-            return self.inner.report()
+            return self.inner.report(state)
         worst = max(spent, key=spent.__getitem__)
         line = (
             f"privacy: DP-SGD, delta={self.ledger.cfg.delta}; epsilon spent by the {len(spent)} clients that "
             f"trained: max {spent[worst]:.3f} (client {worst}), mean {sum(spent.values()) / len(spent):.3f} "
             f"(per client and round in metrics.jsonl)"
         )
-        return [*self.inner.report(), line]
-
-    def server_meta(self) -> dict[str, Any]:
-        return {**self.inner.server_meta(), "privacy": self.ledger.to_json()}
-
-    def load_server_meta(self, meta: dict[str, Any]) -> None:
-        self.inner.load_server_meta(meta)
-        self.ledger.load_json(meta.get("privacy", {}))
+        return [*self.inner.report(state), line]

@@ -5,8 +5,8 @@ Screening. For a reply that is an update of what the client was sent (same tenso
 norm is u = ||reply - sent|| over all tensors as one vector. It is rejected when u > ``max_update_norm``, or
 when u > ``max_update_norm_ratio`` x r for any reference r available:
 
-- the median of the last ``update_norm_history`` accepted update norms (3 or more; kept across rounds and
-  in the checkpoints), so one round of mostly corrupted replies cannot move the bar;
+- the median of the last ``update_norm_history`` accepted update norms (3 or more; the state's
+  ``update_norms`` fact, kept across rounds and in the checkpoints), so one round of mostly corrupted replies cannot move the bar;
 - ||sent||, the norm of what the client started from (a x1e6 update is caught in round 1);
 - the round's median when it has 3 or more such replies, or its lower median when there is no other
   reference (2 replies: the smaller one).
@@ -29,7 +29,7 @@ import torch
 from fedlora.adapters.state import AdapterState
 from fedlora.config.schema import FederationConfig
 from fedlora.errors import ConfigError
-from fedlora.strategies.base import ClientInstruction, ClientReply, Strategy
+from fedlora.strategies.base import ClientReply, Review, RoundResults, ServerState, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
 
 log = logging.getLogger(__name__)
@@ -53,46 +53,27 @@ def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> Adapter
     }
 
 
+#: the state's fact that holds the accepted update norms, newest last
+NORMS_FACT = "update_norms"
+
+
 class UpdateNormScreen(StrategyWrapper):
     """Rejects updates by absolute norm and by ratio to the history, the start point and the round;
     clips the accepted ones."""
 
-    _own = frozenset({"inner", "limits", "_sent", "_start_norms", "history"})
-
     def __init__(self, inner: Strategy, limits: FederationConfig) -> None:
         super().__init__(inner)
         self.limits = limits
-        # client -> (what it was sent, ||sent||, update norm)
-        self._sent: dict[int, tuple[AdapterState, float, float]] = {}
-        self._start_norms: dict[int, float] = {}  # id(payload) -> its norm (clients often share one)
-        self.history: list[float] = []  # accepted update norms, newest last
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        self._sent, self._start_norms = {}, {}
-        return self.inner.configure(server_round, client_ids)
-
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        reason = self.inner.validate_reply(instruction, reply)
-        if reason is None and same_shapes(instruction.payload, reply.payload):
-            norm = update_norm(instruction.payload, reply.payload)
-            limit = self.limits.max_update_norm
-            if limit is not None and norm > limit:
-                return f"update norm {norm:.3g} above federation.max_update_norm ({limit})"
-            key = id(instruction.payload)
-            if key not in self._start_norms:
-                squares = sum(float(v.double().pow(2).sum()) for v in instruction.payload.values())
-                self._start_norms[key] = squares**0.5
-            start = self._start_norms[key]
-            self._sent[reply.client_id] = (instruction.payload, start, norm)
-        return reason
-
-    def references(self, round_norms: list[float], start: float) -> list[tuple[float, str]]:
+    def references(
+        self, history: list[float], round_norms: list[float], start: float
+    ) -> list[tuple[float, str]]:
         """The (value, name) references an update norm is compared with (see the module docstring)."""
         refs = []
         if len(round_norms) >= 3:
             refs.append((round_norms[len(round_norms) // 2], "the round's median"))
-        if len(self.history) >= 3:
-            median = sorted(self.history)[len(self.history) // 2]
+        if len(history) >= 3:
+            median = sorted(history)[len(history) // 2]
             refs.append((median, "the median of recent accepted updates"))
         if start > 0:
             refs.append((start, "the norm of what the client was sent"))
@@ -100,17 +81,48 @@ class UpdateNormScreen(StrategyWrapper):
             refs.append((round_norms[0], "the round's smaller update"))
         return [(value, name) for value, name in refs if value > 0]
 
-    def screen(self, replies: list[ClientReply]) -> tuple[list[ClientReply], list[tuple[int, str]]]:
-        replies, rejected = self.inner.screen(replies)
-        ratio, clip = self.limits.max_update_norm_ratio, self.limits.clip_update_norm
-        norms = sorted(self._sent[r.client_id][2] for r in replies if r.client_id in self._sent)
-        kept, accepted = [], []
-        for reply in replies:
-            if reply.client_id not in self._sent:
+    def update_norms(
+        self, results: RoundResults, accepted: list[ClientReply], rejected: list[tuple[int, str]]
+    ) -> tuple[list[ClientReply], dict[int, tuple[AdapterState, float, float]]]:
+        """The accepted replies within ``federation.max_update_norm`` (the others join ``rejected``), and for
+        each reply that is an update of what it was sent: (sent, ||sent||, ||update||)."""
+        sent = {reply.client_id: (instruction.payload, reply.payload) for instruction, reply in results}
+        start_norms: dict[int, float] = {}  # id(payload) -> its norm (clients often share one)
+        kept, norms = [], {}
+        for reply in accepted:
+            payload, as_received = sent[reply.client_id]
+            if not same_shapes(payload, as_received):  # a seeds record, a pruned reply: not an update
                 kept.append(reply)
                 continue
-            sent, start, norm = self._sent[reply.client_id]
-            bound = [(v, name) for v, name in self.references(norms, start) if ratio and norm > ratio * v]
+            norm = update_norm(payload, reply.payload)
+            limit = self.limits.max_update_norm
+            if limit is not None and norm > limit:
+                rejected.append(
+                    (reply.client_id, f"update norm {norm:.3g} above federation.max_update_norm ({limit})")
+                )
+                continue
+            key = id(payload)
+            if key not in start_norms:
+                start_norms[key] = sum(float(v.double().pow(2).sum()) for v in payload.values()) ** 0.5
+            norms[reply.client_id] = (payload, start_norms[key], norm)
+            kept.append(reply)
+        return kept, norms
+
+    def review(self, state: ServerState, server_round: int, results: RoundResults) -> Review:
+        inner = self.inner.review(state, server_round, results)
+        rejected = list(inner.rejected)
+        replies, updates = self.update_norms(results, inner.accepted, rejected)
+        history = [float(x) for x in inner.state.facts.get(NORMS_FACT, [])]
+        ratio, clip = self.limits.max_update_norm_ratio, self.limits.clip_update_norm
+        norms = sorted(norm for _, _, norm in updates.values())
+        kept, accepted = [], []
+        for reply in replies:
+            if reply.client_id not in updates:
+                kept.append(reply)
+                continue
+            sent, start, norm = updates[reply.client_id]
+            refs = self.references(history, norms, start)
+            bound = [(v, name) for v, name in refs if ratio and norm > ratio * v]
             if bound:
                 value, name = bound[0]
                 rejected.append(
@@ -125,15 +137,8 @@ class UpdateNormScreen(StrategyWrapper):
                 reply.payload = clip_update(sent, reply.payload, clip / norm)
             kept.append(reply)
             accepted.append(min(norm, clip) if clip is not None else norm)
-        self.history = (self.history + accepted)[-self.limits.update_norm_history :]
-        return kept, rejected
-
-    def server_meta(self) -> dict[str, Any]:
-        return {**self.inner.server_meta(), "update_norms": list(self.history)}
-
-    def load_server_meta(self, meta: dict[str, Any]) -> None:
-        self.inner.load_server_meta(meta)
-        self.history = [float(x) for x in meta.get("update_norms", [])]
+        history = (history + accepted)[-self.limits.update_norm_history :]
+        return Review(inner.state.evolve(facts={NORMS_FACT: history}), kept, rejected)
 
 
 def coordinate_median(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -158,13 +163,15 @@ def trimmed_mean(tensors: list[torch.Tensor], fraction: float) -> torch.Tensor:
     return values[cut : values.shape[0] - cut].mean(dim=0)
 
 
+#: the state's fact: values dropped at each end by the last trimmed-mean aggregation
+TRIMMED_FACT = "trimmed_per_side"
+
+
 class RobustAggregation(StrategyWrapper):
     """Combines the round's payloads robustly, then lets a linear method aggregate the one combined reply."""
 
-    _own = frozenset({"inner", "rule", "fraction", "trimmed"})
-
     def __init__(self, inner: Strategy, rule: str, fraction: float = 0.1) -> None:
-        if not getattr(inner, "linear_aggregate", False):
+        if not inner.linear_aggregate:
             raise ConfigError(
                 f"config field 'federation.aggregation': {rule} replaces an average of the payloads, and "
                 f"strategy {inner.name} does not aggregate by averaging them; use aggregation: mean"
@@ -172,12 +179,12 @@ class RobustAggregation(StrategyWrapper):
         super().__init__(inner)
         self.rule = rule
         self.fraction = fraction
-        self.trimmed: int | None = None  # values dropped at each end in the last aggregation (trimmed-mean)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        facts = {}
         if self.rule == "trimmed-mean":
-            self.trimmed = trimmed_count(self.fraction, len(replies))
-            if self.trimmed == 0:
+            facts[TRIMMED_FACT] = trimmed_count(self.fraction, len(replies))
+            if facts[TRIMMED_FACT] == 0:
                 log.warning(
                     "round %d: trimmed-mean of %d replies drops none (it is their mean)",
                     server_round,
@@ -192,9 +199,10 @@ class RobustAggregation(StrategyWrapper):
             )
             combined[key] = value.to(tensor.dtype)
         total = sum(r.num_examples for r in replies)
-        return self.inner.aggregate(server_round, [ClientReply(replies[0].client_id, combined, total)])
+        combined_reply = ClientReply(replies[0].client_id, combined, total)
+        return self.inner.aggregate(state, server_round, [combined_reply]).evolve(facts=facts)
 
-    def round_metrics(self) -> dict[str, Any]:
+    def round_metrics(self, state: ServerState) -> dict[str, Any]:
         """The inner method's figures, and with trimmed-mean how many values each end dropped."""
-        extra = {"trimmed_per_side": self.trimmed} if self.trimmed is not None else {}
-        return {**self.inner.round_metrics(), **extra}
+        extra = {TRIMMED_FACT: state.facts[TRIMMED_FACT]} if TRIMMED_FACT in state.facts else {}
+        return {**self.inner.round_metrics(state), **extra}

@@ -1,99 +1,91 @@
 """Strategy wrappers: cross-cutting features that wrap ANY strategy, like Flower's
 ``DifferentialPrivacyClientSideFixedClipping(strategy)``.
 
-A wrapper is a :class:`Strategy` that holds another and forwards every hook to it, changing only what its
-feature needs: :class:`~fedlora.strategies.privacy.DifferentialPrivacy` adds each client's DP-SGD plan to its
-instruction and keeps the privacy ledger; :class:`~fedlora.strategies.robustness.UpdateNormScreen` rejects or
-clips updates by norm. Attribute reads and writes that the wrapper does not own reach the wrapped strategy,
-so engines and tests see one strategy whatever is wrapped around it.
+A wrapper is a :class:`Strategy` that holds another and delegates every hook to it explicitly, changing only
+what its feature needs: :class:`~fedlora.strategies.privacy.DifferentialPrivacy` adds each client's DP-SGD plan
+to its instruction and keeps the privacy ledger in the state's facts; :class:`~fedlora.strategies.robustness.UpdateNormScreen`
+rejects or clips updates by norm. The wrapper and the method share one :class:`ServerState`; a wrapper keeps
+its own entries under facts of its own names. The class facts engines read (:data:`STRATEGY_FACTS`) are the
+wrapped method's, copied at construction, so a new fact needs no edit here.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedlora.adapters.ranks import RankProfile
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientHooks
-from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup, Strategy, StrategyOptions
+from fedlora.strategies.base import (
+    STRATEGY_FACTS,
+    ClientInstruction,
+    ClientReply,
+    Review,
+    RoundResults,
+    ServerSetup,
+    ServerState,
+    Strategy,
+    StrategyOptions,
+)
+
+if TYPE_CHECKING:
+    from fedlora.adapters.lora import LoraAdapters
+    from fedlora.models.personal import ClientModels
 
 
 class StrategyWrapper(Strategy[StrategyOptions]):
-    """Forwards every hook to ``inner``; subclasses override what their feature changes."""
+    """Delegates every hook to ``inner``; subclasses override what their feature changes."""
 
-    _own: ClassVar[frozenset[str]] = frozenset({"inner"})
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        for fact in STRATEGY_FACTS:  # what engines read of the method is the wrapped method's
+            setattr(self, fact, getattr(inner, fact))
 
-    def __init__(self, inner: Strategy) -> None:  # no super().__init__: the state is the inner strategy's
-        object.__setattr__(self, "inner", inner)
+    @property  # type: ignore[override]  # the options of the wrapped method
+    def options(self) -> StrategyOptions:
+        return self.inner.options
 
-    # attributes: everything not owned by the wrapper is the inner strategy's
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
+    @property  # type: ignore[override]  # the configuration the wrapped method was initialised with
+    def setup(self) -> ServerSetup:
+        return self.inner.setup
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._own or any(name in cls.__dict__ for cls in type(self).__mro__[:-2]):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
+    def initial_adapter(self, adapters: LoraAdapters, profile: RankProfile) -> AdapterState:
+        return self.inner.initial_adapter(adapters, profile)
 
-    # class-level facts of the wrapped method (found on Strategy otherwise, before __getattr__ is asked)
-    name = property(lambda self: self.inner.name)  # type: ignore[assignment]
-    Options = property(lambda self: self.inner.Options)  # type: ignore[assignment]
-    default_optimizer = property(lambda self: self.inner.default_optimizer)  # type: ignore[assignment]
-    trains_full_model = property(lambda self: self.inner.trains_full_model)  # type: ignore[assignment]
-    communicates = property(lambda self: self.inner.communicates)  # type: ignore[assignment]
-    shares_local_model = property(lambda self: self.inner.shares_local_model)  # type: ignore[assignment]
-    personal_models = property(lambda self: self.inner.personal_models)  # type: ignore[assignment]
-    linear_aggregate = property(lambda self: self.inner.linear_aggregate)  # type: ignore[assignment]
+    def initial_personal_state(self, client_models: ClientModels) -> AdapterState:
+        return self.inner.initial_personal_state(client_models)
 
-    def initialize(self, setup: ServerSetup) -> None:
-        self.inner.initialize(setup)
+    def initialize(self, setup: ServerSetup) -> ServerState:
+        return self.inner.initialize(setup)
 
-    def register_client(
-        self, client_id: int, num_examples: int | None = None, profile: RankProfile | None = None
-    ) -> None:
-        self.inner.register_client(client_id, num_examples, profile)
+    def client_hooks(self, state: ServerState) -> list[ClientHooks]:
+        return self.inner.client_hooks(state)
 
-    def client_hooks(self) -> list[ClientHooks]:
-        return self.inner.client_hooks()
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        return self.inner.configure_round(state, server_round, client_ids)
 
-    def configure(self, server_round: int, client_ids: list[int]) -> dict[int, ClientInstruction]:
-        return self.inner.configure(server_round, client_ids)
+    def review(self, state: ServerState, server_round: int, results: RoundResults) -> Review:
+        return self.inner.review(state, server_round, results)
 
-    def validate_reply(self, instruction: ClientInstruction, reply: ClientReply) -> str | None:
-        return self.inner.validate_reply(instruction, reply)
+    def check(self, state: ServerState, instruction: ClientInstruction, reply: ClientReply) -> str | None:
+        return self.inner.check(state, instruction, reply)
 
-    def screen(self, replies: list[ClientReply]) -> tuple[list[ClientReply], list[tuple[int, str]]]:
-        return self.inner.screen(replies)
+    def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
+        return self.inner.aggregate(state, server_round, replies)
 
-    def aggregate(self, server_round: int, replies: list[ClientReply]) -> AdapterState:
-        return self.inner.aggregate(server_round, replies)
+    def round_metrics(self, state: ServerState) -> dict[str, float]:
+        return self.inner.round_metrics(state)
 
-    def round_metrics(self) -> dict[str, float]:
-        return self.inner.round_metrics()
+    def evaluation_state(self, state: ServerState) -> AdapterState:
+        return self.inner.evaluation_state(state)
 
-    def report(self) -> list[str]:
-        return self.inner.report()
+    def extra_evaluation_states(self, state: ServerState) -> dict[str, AdapterState]:
+        return self.inner.extra_evaluation_states(state)
 
-    def evaluation_state(self) -> AdapterState:
-        return self.inner.evaluation_state()
+    def personal_state(self, state: ServerState, client_id: int) -> AdapterState:
+        return self.inner.personal_state(state, client_id)
 
-    def extra_evaluation_states(self) -> dict[str, AdapterState]:
-        return self.inner.extra_evaluation_states()
-
-    def personal_state(self, client_id: int) -> AdapterState:
-        return self.inner.personal_state(client_id)
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return self.inner.server_state()
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.inner.load_server_state(tensors)
-
-    def server_meta(self) -> dict[str, Any]:
-        return self.inner.server_meta()
-
-    def load_server_meta(self, meta: dict[str, Any]) -> None:
-        self.inner.load_server_meta(meta)
+    def report(self, state: ServerState) -> list[str]:
+        return self.inner.report(state)

@@ -13,6 +13,7 @@ import torch
 import fedlora
 from conftest import REPO, assert_rel_close
 from fedlora.data.sources import reasoning_gym_examples
+from fedlora.engine.server import Server
 
 EXAMPLES = REPO / "examples"
 PLUGIN = EXAMPLES / "my_plugin.py"
@@ -94,14 +95,14 @@ def test_fedavgm_rule_against_a_direct_computation() -> None:
     gen = torch.Generator().manual_seed(0)
     start = {"m.lora_A.weight": torch.randn(2, 5, generator=gen, dtype=torch.float64)}
     strategy = my_plugin.FedAvgM(my_plugin.FedAvgMOptions(momentum=0.5, server_lr=0.8))
-    strategy.initialize(fedlora.ServerSetup(start, {0: None, 1: None}, 8.0))
+    server = Server(strategy, fedlora.ServerSetup(start, {0: None, 1: None}, 8.0))
     theta, v = start["m.lora_A.weight"].clone(), torch.zeros(2, 5, dtype=torch.float64)
     for server_round in (1, 2):
         states = [
             {"m.lora_A.weight": torch.randn(2, 5, generator=gen, dtype=torch.float64)} for _ in range(2)
         ]
         replies = [fedlora.ClientReply(i, s, n) for i, (s, n) in enumerate(zip(states, [1, 3]))]
-        out = strategy.aggregate(server_round, replies)
+        out = server.aggregate(server_round, replies)
         mean = 0.25 * states[0]["m.lora_A.weight"] + 0.75 * states[1]["m.lora_A.weight"]
         v = 0.5 * v + (mean - theta)
         theta = theta + 0.8 * v

@@ -27,7 +27,7 @@ def test_round_uses_one_shared_model_and_counts_bytes(tmp_path: Path) -> None:
     record = engine.run_round(1)
     assert {id(p) for p in bundle.model.parameters()} == params_before  # no model copy per client
     assert record["num_clients"] == 2 and record["rejected"] == []
-    per_payload = wire_size(sim.strategy.global_state)
+    per_payload = wire_size(sim.server.global_state)
     assert record["bytes_down"] == 2 * per_payload and record["bytes_up"] == 2 * per_payload
     assert torch.get_num_threads() == 1
 
@@ -56,7 +56,7 @@ def test_corrupted_reply_is_rejected_and_round_goes_on(
     assert record["num_clients"] == 1 and record["num_sampled"] == 3
     reasons = {r["client"]: r["reason"] for r in record["rejected"]}
     assert "non-finite" in reasons[sampled[0]] and "given rank 4" in reasons[sampled[1]]
-    assert all(torch.isfinite(v).all() for v in sim.strategy.global_state.values())
+    assert all(torch.isfinite(v).all() for v in sim.server.global_state.values())
     assert record["eval_loss"] is not None
 
 

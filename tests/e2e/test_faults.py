@@ -33,12 +33,12 @@ def test_each_corruption_is_rejected_and_the_round_goes_on(
     engine = engine_with(tmp_path)
     victim = sample_clients(4, 4, 0, 1)[1]
     monkeypatch.setattr(embedded, "plan_faults", lambda *a: {victim: Fault("corrupt", kind)})
-    before = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
+    before = {k: v.clone() for k, v in engine.sim.server.global_state.items()}
     record = engine.run_round(1)
     assert record["status"] == "aggregated" and record["num_clients"] == 3
     assert [r["client"] for r in record["rejected"]] == [victim] and reason in record["rejected"][0]["reason"]
     assert record["faults"]["corrupted"] == [{"client": victim, "kind": kind}]
-    state = engine.sim.strategy.global_state
+    state = engine.sim.server.global_state
     assert all(torch.isfinite(v).all() for v in state.values())
     assert any(not torch.equal(state[k], before[k]) for k in state)
 
@@ -62,10 +62,10 @@ def test_too_few_replies_skip_or_retry(tmp_path: Path, monkeypatch: pytest.Monke
     everyone_drops = lambda cfg, seed, rnd, attempt, clients: {c: Fault("dropout") for c in clients}  # noqa: E731
     engine = engine_with(tmp_path, **{"federation.min_replies": 2})
     monkeypatch.setattr(embedded, "plan_faults", everyone_drops)
-    before = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
+    before = {k: v.clone() for k, v in engine.sim.server.global_state.items()}
     record = engine.run_round(1)
     assert record["status"] == "skipped" and record["attempts"] == 1 and record["num_clients"] == 0
-    assert all(torch.equal(v, before[k]) for k, v in engine.sim.strategy.global_state.items())
+    assert all(torch.equal(v, before[k]) for k, v in engine.sim.server.global_state.items())
 
     first_attempt_fails = lambda cfg, seed, rnd, attempt, clients: (  # noqa: E731
         {c: Fault("dropout") for c in clients} if attempt == 0 else {}
@@ -83,14 +83,14 @@ def test_update_norm_limit_and_clipping(tmp_path: Path, monkeypatch: pytest.Monk
 
     engine = engine_with(tmp_path, **{"federation.clip_update_norm": 1e-3})
     seen = []
-    original = engine.sim.strategy.aggregate
-    sent = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
+    original = engine.sim.server.aggregate
+    sent = {k: v.clone() for k, v in engine.sim.server.global_state.items()}
 
     def spy(server_round, replies):
         seen.extend(update_norm(sent, r.payload) for r in replies)
         return original(server_round, replies)
 
-    monkeypatch.setattr(engine.sim.strategy, "aggregate", spy)
+    monkeypatch.setattr(engine.sim.server, "aggregate", spy)
     engine.run_round(1)
     assert len(seen) == 4 and all(n == pytest.approx(1e-3, rel=1e-4) for n in seen)
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
+from fedlora.engine.server import Server
 from fedlora.runner import run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup
 
@@ -20,10 +21,13 @@ A_KEY, B_KEY = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 D, K, R = 10, 12, 4
 
 
-def setup_strategy(strategy, gen: torch.Generator):
+def setup_strategy(strategy, gen: torch.Generator) -> tuple[Server, dict[str, torch.Tensor]]:
+    """The strategy started on a random A and B = 0 for 3 clients of rank R: (its server, the initial adapter)."""
     init = {A_KEY: torch.randn(R, K, generator=gen), B_KEY: torch.zeros(D, R)}
-    strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0))
-    return init
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0)
+    )
+    return server, init
 
 
 def replies_for(keys: list[str], gen: torch.Generator, sizes=(2, 5, 9)) -> list[ClientReply]:
@@ -89,7 +93,7 @@ def dp_replies(tmp_path: Path, extra: dict) -> tuple[dict, dict, dict, dict]:
 
     sim, _ = build_simulation(load_config(None, tiny_overrides(tmp_path, **extra)))
     engine = EmbeddedEngine(sim, tmp_path / "dp-run")
-    instruction = sim.strategy.configure(1, [0])[0]
+    instruction = sim.server.configure(1, [0])[0]
     engine.complete(instruction)
     assert instruction.settings["privacy"]["noise_multiplier"] > 0
     quiet = copy.deepcopy(instruction)

@@ -23,6 +23,7 @@ from peft import PeftModel
 from conftest import assert_rel_close, relative_error, tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
+from fedlora.engine.server import Server
 from fedlora.models.loading import load_base_model
 from fedlora.runner import run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup
@@ -39,20 +40,22 @@ def test_fed_sb_averages_the_cores_exactly_and_exports_b_times_r() -> None:
         B_KEY: torch.linalg.qr(torch.randn(D, R, generator=gen))[0],
         latent_key("m.q_proj"): torch.zeros(R, R),
     }
-    strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0))
-    instruction = strategy.configure(1, [0])[0]
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0)
+    )
+    instruction = server.configure(1, [0])[0]
     replies = [
         ClientReply(i, {latent_key("m.q_proj"): torch.randn(R, R, generator=gen)}, n)
         for i, n in enumerate((2, 5, 9))
     ]
-    assert all(strategy.validate_reply(instruction, r) is None for r in replies)
+    assert all(server.validate_reply(instruction, r) is None for r in replies)
     with_factors = ClientReply(0, {**replies[0].payload, B_KEY: init[B_KEY]}, 2)
-    assert "unexpected" in (strategy.validate_reply(instruction, with_factors) or "")  # B is frozen, unsent
-    strategy.aggregate(1, replies)
+    assert "unexpected" in (server.validate_reply(instruction, with_factors) or "")  # B is frozen, unsent
+    server.aggregate(1, replies)
     B, A = init[B_KEY].double(), init[A_KEY].double()
     # the reference's rule (aggregate_models_fed_sb: torch.stack(...).mean(0)): R = (1/K) sum R_i
     dense = sum(B @ r.payload[latent_key("m.q_proj")].double() @ A for r in replies) / len(replies)
-    exported = strategy.evaluation_state()
+    exported = server.evaluation_state()
     assert set(exported) == {A_KEY, B_KEY}  # a plain LoRA state: (A, B R)
     assert_rel_close(exported[B_KEY].double() @ exported[A_KEY].double(), dense, 1e-6)
     # weighting: examples, p_i = n_i / sum n_j
@@ -65,8 +68,8 @@ def test_fed_sb_averages_the_cores_exactly_and_exports_b_times_r() -> None:
     got = weighted.evaluation_state()
     assert_rel_close(got[B_KEY].double() @ got[A_KEY].double(), by_examples, 1e-6)
     assert relative_error(by_examples, dense) > 1e-2  # the two rules are told apart
-    assert torch.equal(strategy.global_state[B_KEY], init[B_KEY]) and torch.equal(
-        strategy.global_state[A_KEY], init[A_KEY]
+    assert torch.equal(server.global_state[B_KEY], init[B_KEY]) and torch.equal(
+        server.global_state[A_KEY], init[A_KEY]
     )
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from conftest import assert_rel_close, tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
+from fedlora.engine.server import Server
 from fedlora.runner import run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup
 
@@ -36,10 +37,10 @@ def test_fedkseed_coefficients_equal_the_weighted_average_of_replayed_updates() 
         A_KEY: torch.randn(R, K, generator=gen, dtype=torch.float64),
         B_KEY: torch.zeros(D, R, dtype=torch.float64),
     }
-    strategy.initialize(
-        ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0, seed=3)
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0, seed=3)
     )
-    instruction = strategy.configure(1, [0])[0]
+    instruction = server.configure(1, [0])[0]
     assert list(instruction.payload) == [COEFFICIENTS_KEY] and instruction.payload[
         COEFFICIENTS_KEY
     ].shape == (16,)
@@ -49,16 +50,16 @@ def test_fedkseed_coefficients_equal_the_weighted_average_of_replayed_updates() 
         seeds = [[pool[int(torch.randint(16, (1,), generator=gen))] for _ in range(2)] for _ in range(3)]
         grads = torch.randn(3, 2, generator=gen, dtype=torch.float64).tolist()
         replies.append(ClientReply(i, steps_record(seeds, grads, [0.01, 0.02, 0.03], 0.0), n))
-    assert all(strategy.validate_reply(instruction, r) is None for r in replies)
-    strategy.aggregate(1, replies)
-    got = strategy.evaluation_state()
+    assert all(server.validate_reply(instruction, r) is None for r in replies)
+    server.aggregate(1, replies)
+    got = server.evaluation_state()
     # the dense reference: each client's adapter replayed from theta_0, averaged with example weights
     ends = [replay(init, r.payload, eps=1e-3, weight_decay=0.0) for r in replies]
     for key in init:
         dense = sum(p * (end[key] - init[key]) for p, end in zip(weights(replies), ends)) + init[key]
         assert_rel_close(got[key], dense, 1e-9)
     outside = steps_record([[123, 456]], [[0.1, 0.2]], [0.01], 0.0)
-    assert "outside the run's pool" in strategy.validate_reply(instruction, ClientReply(0, outside, 2))
+    assert "outside the run's pool" in server.validate_reply(instruction, ClientReply(0, outside, 2))
 
 
 def test_fedkseed_runs_downloads_bytes_not_megabytes_and_resumes_exactly(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from fedlora.client.settings import LocalTrainingSettings, round_settings
 from fedlora.client.trainer import train_locally
 from fedlora.client.zeroth_order import GRADS_KEY, ZerothOrder, perturb, replay, zo_step
 from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.engine.server import Server
 from fedlora.runner import build_simulation
 from fedlora.strategies.base import ClientInstruction, ClientReply, ServerSetup
 from fedlora.strategies.fedmezo import FedMeZO, FedMeZOOptions
@@ -64,7 +65,7 @@ def test_seed_upload_replays_to_the_same_adapter_bit_for_bit(tmp_path: Path, per
     cfg = load_config(None, tiny_overrides(tmp_path, **{"adapter.dropout": 0.1}))
     sim, _ = build_simulation(cfg)
     client = sim.federation.clients[1]
-    start = {k: v + 0.01 for k, v in sim.strategy.global_state.items()}
+    start = {k: v + 0.01 for k, v in sim.server.global_state.items()}
     common = dict(
         optimizer="sgd",
         lr=5e-3,
@@ -86,67 +87,86 @@ def test_seed_upload_replays_to_the_same_adapter_bit_for_bit(tmp_path: Path, per
     assert all(p.grad is None for p in sim.adapters.model.parameters())  # no autograd, no optimizer state
 
 
-def strategy_with(kind: str, clients: int = 6) -> FedMeZO:
-    s = FedMeZO(FedMeZOOptions(lr_strategy=kind, lr_spread=0.5))
-    s.initialize(
+def strategy_with(kind: str, clients: int = 6) -> Server:
+    return Server(
+        FedMeZO(FedMeZOOptions(lr_strategy=kind, lr_spread=0.5)),
         ServerSetup(
             {"m.lora_A.weight": torch.zeros(2, 3)},
             {i: RankProfile.uniform(2) for i in range(clients)},
             16.0,
             seed=1,
-        )
+        ),
     )
-    return s
 
 
-def scales(s: FedMeZO, server_round: int, clients: list[int]) -> dict[int, float]:
+def with_history(s: Server, history: dict[int, list[tuple[int, float, float]]]) -> None:
+    """Give the server the (round, loss, drift) history of each client, as rounds would have left it."""
+    s.state = s.state.evolve(facts={"history": {str(c): [list(e) for e in h] for c, h in history.items()}})
+
+
+def scales(s: Server, server_round: int, clients: list[int]) -> dict[int, float]:
     """eta_i / eta under the relative spread."""
-    return {c: 1.0 + s.options.lr_spread * u for c, u in s.lr_directions(server_round, clients).items()}
+    directions = s.strategy.lr_directions(s.state, server_round, clients)
+    return {c: 1.0 + s.strategy.options.lr_spread * u for c, u in directions.items()}
 
 
 def test_personalised_learning_rates_any_number_of_clients_and_partial_participation() -> None:
     s = strategy_with("round-wise")
     assert scales(s, 1, [0, 1, 2]) == {0: 1.0, 1: 1.0, 2: 1.0}  # no history yet
-    s.history = {
-        0: [(1, 2.0, 0.1)],
-        1: [(1, 4.0, 0.3)],
-        2: [(2, 3.0, 0.9)],
-        3: [(1, 9.0, 0.2), (2, 1.0, 0.5)],
-    }
+    with_history(
+        s,
+        {
+            0: [(1, 2.0, 0.1)],
+            1: [(1, 4.0, 0.3)],
+            2: [(2, 3.0, 0.9)],
+            3: [(1, 9.0, 0.2), (2, 1.0, 0.5)],
+        },
+    )
     # sampled 0, 1, 3, 5: losses 2, 4, 1 (client 3's last), none for 5 -> mean 7/3; d = -1/3, 5/3, -4/3
     round_wise = scales(s, 3, [0, 1, 3, 5])
     assert round_wise[1] == pytest.approx(1.5) and round_wise[3] == pytest.approx(1 - 0.5 * 4 / 5)
     assert round_wise[0] == pytest.approx(1 - 0.5 * 1 / 5) and round_wise[5] == 1.0
-    s.options = FedMeZOOptions(lr_strategy="five-round", lr_spread=0.5, lr_rules="fedlora")
+    s.strategy.options = FedMeZOOptions(lr_strategy="five-round", lr_spread=0.5, lr_rules="fedlora")
     # client 3 over the last five rounds: mean(9, 1) = 5; client 0: 2 -> d = -1.5, +1.5
     five = scales(s, 3, [0, 3])
     assert five == {0: pytest.approx(0.5), 3: pytest.approx(1.5)}
-    s.options = FedMeZOOptions(
+    s.strategy.options = FedMeZOOptions(
         lr_strategy="five-round", lr_spread=0.5
     )  # reference: 5 rounds of history first
     assert scales(s, 3, [0, 3]) == {0: 1.0, 3: 1.0}
-    s.options = FedMeZOOptions(lr_strategy="model-diff", lr_spread=0.5)
+    s.strategy.options = FedMeZOOptions(lr_strategy="model-diff", lr_spread=0.5)
     drift = scales(s, 3, [0, 1, 2])  # drifts 0.1, 0.3, 0.9 -> d = -0.333, -0.133, 0.467
     assert drift[2] == pytest.approx(1.5) and drift[0] < drift[1] < 1.0
-    s.options = FedMeZOOptions(lr_strategy="random", lr_spread=0.5)
+    s.strategy.options = FedMeZOOptions(lr_strategy="random", lr_spread=0.5)
     r = scales(s, 4, list(range(6)))
     assert r == scales(s, 4, list(range(6))) and all(0.5 <= v <= 1.5 for v in r.values())
     assert len(set(r.values())) == 6
-    s.options = FedMeZOOptions(lr_strategy="frozen", lr_spread=0.5)
+    s.strategy.options = FedMeZOOptions(lr_strategy="frozen", lr_spread=0.5)
     assert set(scales(s, 4, [0, 1]).values()) == {1.0}
 
 
 def test_reference_five_round_rule_waits_for_five_rounds_then_averages_the_last_five() -> None:
     s = strategy_with("five-round")
-    assert s.options.lr_rules == "reference"  # the reference code's rules are the default
-    s.history = {
-        0: [(r, 1.0 + r, 0.0) for r in range(1, 5)],  # 4 rounds: no signal yet
-        1: [(r, 10.0 * r, 0.0) for r in range(1, 7)],  # 6 rounds: mean of rounds 2..6 = 40
-        2: [(r, 2.0, 0.0) for r in range(1, 6)],  # 5 rounds: mean 2
-    }
-    assert s.signal(0, 7) is None and s.signal(1, 7) == pytest.approx(40.0) and s.signal(2, 7) == 2.0
+    assert s.strategy.options.lr_rules == "reference"  # the reference code's rules are the default
+    with_history(
+        s,
+        {
+            0: [(r, 1.0 + r, 0.0) for r in range(1, 5)],  # 4 rounds: no signal yet
+            1: [(r, 10.0 * r, 0.0) for r in range(1, 7)],  # 6 rounds: mean of rounds 2..6 = 40
+            2: [(r, 2.0, 0.0) for r in range(1, 6)],  # 5 rounds: mean 2
+        },
+    )
+    assert (
+        s.strategy.signal(s.state, 0, 7) is None
+        and s.strategy.signal(s.state, 1, 7) == pytest.approx(40.0)
+        and s.strategy.signal(s.state, 2, 7) == 2.0
+    )
     # signals 40 and 2 -> d = +19, -19; client 0 keeps the base rate
-    assert s.lr_directions(7, [0, 1, 2]) == {0: 0.0, 1: pytest.approx(1.0), 2: pytest.approx(-1.0)}
+    assert s.strategy.lr_directions(s.state, 7, [0, 1, 2]) == {
+        0: 0.0,
+        1: pytest.approx(1.0),
+        2: pytest.approx(-1.0),
+    }
 
 
 def test_model_diff_drifts_against_a_direct_computation() -> None:
@@ -158,12 +178,12 @@ def test_model_diff_drifts_against_a_direct_computation() -> None:
     weights = [0.5, 0.3, 0.2]
     u = [{k: (st[k] - start[k]).double() for k in start} for st in states]
     s = strategy_with("model-diff")
-    reference = s.drifts(start, states, weights)  # per tensor, against the unweighted mean, summed
+    reference = s.strategy.drifts(start, states, weights)  # per tensor, against the unweighted mean, summed
     for i in range(3):
         direct = sum(float(torch.linalg.norm(u[i][k] - (u[0][k] + u[1][k] + u[2][k]) / 3)) for k in start)
         assert reference[i] == pytest.approx(direct, rel=1e-9)
-    s.options = FedMeZOOptions(lr_strategy="model-diff", lr_rules="fedlora")
-    whole = s.drifts(start, states, weights)  # one vector, against the example-weighted mean
+    s.strategy.options = FedMeZOOptions(lr_strategy="model-diff", lr_rules="fedlora")
+    whole = s.strategy.drifts(start, states, weights)  # one vector, against the example-weighted mean
     flat = [torch.cat([x[k].flatten() for k in start]) for x in u]
     mean = sum(w * f for w, f in zip(weights, flat, strict=True))
     assert whole == pytest.approx([float(torch.linalg.norm(f - mean)) for f in flat], rel=1e-9)
@@ -172,9 +192,9 @@ def test_model_diff_drifts_against_a_direct_computation() -> None:
 
 def test_absolute_spread_travels_as_an_offset_and_a_negative_rate_is_refused() -> None:
     s = strategy_with("round-wise")
-    s.options = FedMeZOOptions(lr_strategy="round-wise", lr_delta=2e-4)
-    s.history = {0: [(1, 1.0, 0.0)], 1: [(1, 3.0, 0.0)]}
-    settings = s.lr_settings(2, [0, 1, 2])
+    s.strategy.options = FedMeZOOptions(lr_strategy="round-wise", lr_delta=2e-4)
+    with_history(s, {0: [(1, 1.0, 0.0)], 1: [(1, 3.0, 0.0)]})
+    settings = s.strategy.lr_settings(s.state, 2, [0, 1, 2])
     assert settings == {0: {"lr_offset": pytest.approx(-2e-4)}, 1: {"lr_offset": pytest.approx(2e-4)}, 2: {}}
     base = LocalTrainingSettings(optimizer="sgd", lr=5e-4, lr_decay=0.5)
     # eta decays, Delta stays absolute: round 2 -> 5e-4 * 0.5 + 2e-4
@@ -212,7 +232,7 @@ def test_seed_uploads_are_tiny_and_a_bad_record_is_rejected(tmp_path: Path) -> N
     ]
     assert record["bytes_up"] < record["bytes_down"] / 10  # seeds and scalars instead of the adapter
     reply = ClientReply(0, {"zo.seeds": torch.zeros(2, 2, dtype=torch.int64)}, 3)
-    assert "needs" in sim.strategy.validate_reply(ClientInstruction(sim.strategy.global_state), reply)
+    assert "needs" in sim.server.validate_reply(ClientInstruction(sim.server.global_state), reply)
 
 
 @pytest.mark.parametrize("upload", ["weights", "seeds"])
@@ -273,10 +293,10 @@ def test_zeroth_order_classification_with_a_trained_head(tmp_path: Path) -> None
             "client.lr": 1e-3,
         },
     )
-    start = {k: v.clone() for k, v in engine.sim.strategy.global_state.items()}
+    start = {k: v.clone() for k, v in engine.sim.server.global_state.items()}
     record = engine.run_round(1)
     assert record["rejected"] == [] and record["eval_accuracy"] is not None
-    state = engine.sim.strategy.global_state
+    state = engine.sim.server.global_state
     head = [k for k in state if "score" in k]
     assert head and any(not torch.equal(state[k], start[k]) for k in head)
 

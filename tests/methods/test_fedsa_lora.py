@@ -9,6 +9,7 @@ from conftest import assert_rel_close, labelled_rows, record_replies, tiny_overr
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
 from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.engine.server import Server
 from fedlora.runner import build_simulation, run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup
 from fedlora.strategies.fedsa_lora import STORE_NAME, FedSALoRA, PrivateB
@@ -23,19 +24,21 @@ def test_a_is_averaged_with_example_weights_and_b_never_travels() -> None:
         "m.q_proj.lora_B.weight": torch.zeros(10, 4),
     }
     strategy = FedSALoRA()
-    strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0))
-    instruction = strategy.configure(1, [0])[0]
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0)
+    )
+    instruction = server.configure(1, [0])[0]
     assert list(instruction.payload) == ["m.q_proj.lora_A.weight"] and instruction.hooks == [
         PrivateB(local_head=True)
     ]
     As = [torch.randn(4, 12, generator=gen) for _ in range(3)]
     sizes = [2, 5, 9]
     replies = [ClientReply(i, {"m.q_proj.lora_A.weight": A}, n) for i, (A, n) in enumerate(zip(As, sizes))]
-    assert all(strategy.validate_reply(instruction, r) is None for r in replies)
-    strategy.aggregate(1, replies)
+    assert all(server.validate_reply(instruction, r) is None for r in replies)
+    server.aggregate(1, replies)
     dense = sum(n / 16 * A.double() for A, n in zip(As, sizes))
-    assert_rel_close(strategy.global_state["m.q_proj.lora_A.weight"], dense, 1e-6)
-    full = strategy.evaluation_state()  # the server holds no B
+    assert_rel_close(server.global_state["m.q_proj.lora_A.weight"], dense, 1e-6)
+    full = server.evaluation_state()  # the server holds no B
     assert list(full) == list(init) and torch.count_nonzero(full["m.q_proj.lora_B.weight"]) == 0
 
 
@@ -125,12 +128,12 @@ def test_a_task_head_stays_on_its_client_as_the_reference_does(tmp_path: Path) -
         )
         sim, _ = build_simulation(cfg)
         engine = EmbeddedEngine(sim, tmp_path / head)
-        initial = {k: v.clone() for k, v in sim.strategy.evaluation_state().items() if ".lora_" not in k}
+        initial = {k: v.clone() for k, v in sim.server.evaluation_state().items() if ".lora_" not in k}
         assert initial  # the classifier (PEFT's modules_to_save)
         sent = record_replies(engine)
         engine.run_round(1)
         head_keys = set(initial)
-        exported = sim.strategy.evaluation_state()
+        exported = sim.server.evaluation_state()
         if head == "local":
             assert all(not (head_keys & set(r.payload)) for r in sent)  # the head never left a client
             assert all(torch.equal(exported[k], initial[k]) for k in head_keys)

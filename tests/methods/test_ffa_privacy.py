@@ -13,6 +13,7 @@ from fedlora.client.settings import DPSettings, LocalTrainingSettings
 from fedlora.client.trainer import train_locally
 from fedlora.config.loader import ConfigError
 from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.engine.server import Server
 from fedlora.runner import build_simulation
 from fedlora.strategies.base import ClientReply, ServerSetup
 from fedlora.strategies.ffa_lora import FFALoRA, FrozenA
@@ -25,16 +26,18 @@ def test_ffa_aggregation_is_exact_for_the_product() -> None:
     A = torch.randn(4, 12, generator=gen)
     init = {"m.q_proj.lora_A.weight": A, "m.q_proj.lora_B.weight": torch.zeros(10, 4)}
     strategy = FFALoRA()
-    strategy.initialize(ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0))
-    payload = strategy.configure(1, [0])[0]
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(4) for i in range(3)}, lora_alpha=8.0)
+    )
+    payload = server.configure(1, [0])[0]
     assert list(payload.payload) == ["m.q_proj.lora_B.weight"]
     assert payload.hooks == [FrozenA(a_digest=state_digest({"m.q_proj.lora_A.weight": A}))]
     Bs = [torch.randn(10, 4, generator=gen, dtype=torch.float32) for _ in range(3)]
     sizes = [2, 5, 9]
-    strategy.aggregate(
+    server.aggregate(
         1, [ClientReply(i, {"m.q_proj.lora_B.weight": B}, n) for i, (B, n) in enumerate(zip(Bs, sizes))]
     )
-    full = strategy.evaluation_state()
+    full = server.evaluation_state()
     assert torch.equal(full["m.q_proj.lora_A.weight"], A)
     mean_of_products = sum(n / 16 * (B.double() @ A.double()) for B, n in zip(Bs, sizes))
     product_of_means = full["m.q_proj.lora_B.weight"].double() @ A.double()
@@ -64,14 +67,14 @@ def test_a_stays_bit_identical_and_only_b_travels(tmp_path: Path) -> None:
     assert len(seen_a) == 6
     for a in seen_a:  # every client, every round: the seeded A, bit for bit
         assert all(torch.equal(a[k], initial_a[k]) for k in initial_a)
-    assert not all(torch.count_nonzero(v) == 0 for k, v in sim.strategy.global_state.items())  # B trained
+    assert not all(torch.count_nonzero(v) == 0 for k, v in sim.server.global_state.items())  # B trained
     # bytes: half of FedIT's at the same rank on square modules
     # Under Flower each client builds its own model: two independently built clients hold the same A, bit
     # for bit, and the digest the server sends matches what each computes from its own A.
     other, _ = build_simulation(cfg)
     other_a = {k: v for k, v in other.adapters.initial_state().items() if ".lora_A." in k}
     assert all(torch.equal(other_a[k], initial_a[k]) for k in initial_a)
-    digest = engine.sim.strategy.configure(4, [0])[0].hooks[0].a_digest
+    digest = engine.sim.server.configure(4, [0])[0].hooks[0].a_digest
     assert state_digest(other_a) == digest == state_digest(initial_a)
     cfg_fedit = load_config(None, tiny_overrides(tmp_path, **SQUARE, **{"federation.rounds": 1}))
     sim_fedit, _ = build_simulation(cfg_fedit)
@@ -88,7 +91,7 @@ def test_dp_sgd_step_matches_per_example_clipping_by_hand(tmp_path: Path) -> Non
     n = len(client.train)
     start = {
         k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) * 0.1
-        for k, v in sim.strategy.global_state.items()
+        for k, v in sim.server.global_state.items()
     }
     C, lr = 0.05, 0.1
     settings = LocalTrainingSettings(
@@ -187,7 +190,7 @@ def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
     from opacus.accountants import RDPAccountant
 
     cfg = engine.sim.cfg
-    ledger = engine.sim.strategy.ledger
+    ledger = engine.sim.strategy.spent(engine.sim.server.state)  # the plan, and the history the state holds
     for client in record["clients"]:
         noise = ledger.plan[client["client"]]
         total = noise.steps_per_round * cfg.federation.rounds
@@ -208,8 +211,8 @@ def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
 def test_a_client_with_another_frozen_a_refuses_to_train(tmp_path: Path) -> None:
     """A client built with another init seed (so another A) would break FFA-LoRA's exact average silently."""
     cfg = load_config(None, tiny_overrides(tmp_path, **SQUARE, **{"strategy.name": "ffa-lora"}))
-    server, _ = build_simulation(cfg)
-    instruction = server.strategy.configure(1, [0])[0]
+    sim, _ = build_simulation(cfg)
+    instruction = sim.server.configure(1, [0])[0]
     other_seed = load_config(
         None, tiny_overrides(tmp_path, **SQUARE, **{"strategy.name": "ffa-lora", "adapter.init_seed": 5})
     )

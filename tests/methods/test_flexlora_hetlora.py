@@ -20,6 +20,7 @@ from fedlora.adapters.ranks import (
     truncate_state,
 )
 from fedlora.config.schema import ResourcesConfig
+from fedlora.engine.server import Server
 from fedlora.strategies.base import ClientReply, ServerSetup
 from fedlora.strategies.flexlora import FlexLoRA, FlexLoRAOptions
 from fedlora.strategies.hetlora import HetLoRA, HetLoRAOptions
@@ -60,7 +61,8 @@ PROFILES = [RankProfile(2, 2), RankProfile(4, 4), RankProfile(4, 12), RankProfil
 
 def started(strategy, profiles: list[RankProfile], gen: torch.Generator, scaling: LoraScaling = LORA):
     rmax = RankProfile(max(p.attention for p in profiles), max(p.mlp for p in profiles))
-    strategy.initialize(
+    server = Server(
+        strategy,
         ServerSetup(
             state_at(rmax, gen, zero_b=True),
             dict(enumerate(profiles)),
@@ -68,9 +70,9 @@ def started(strategy, profiles: list[RankProfile], gen: torch.Generator, scaling
             seed=3,
             rank_stabilized=scaling.rank_stabilized,
             lora_scale=scaling.constant,
-        )
+        ),
     )
-    return strategy
+    return server
 
 
 @pytest.mark.parametrize("scaling", [LORA, RSLORA], ids=["lora", "rslora"])
@@ -79,11 +81,11 @@ def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighte
     split: str, scaling: LoraScaling
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    strategy = started(FlexLoRA(FlexLoRAOptions(factor_split=split)), PROFILES, gen, scaling)
+    server = started(FlexLoRA(FlexLoRAOptions(factor_split=split)), PROFILES, gen, scaling)
     sizes = [5, 1, 3, 7]
     replies = [ClientReply(i, state_at(p, gen), n) for i, (p, n) in enumerate(zip(PROFILES, sizes))]
-    strategy.aggregate(1, replies)
-    payloads = strategy.configure(2, [0, 1, 2, 3])
+    server.aggregate(1, replies)
+    payloads = server.configure(2, [0, 1, 2, 3])
     for path in MODULES:
         dense = sum(n / sum(sizes) * delta(r.payload, path, scaling) for r, n in zip(replies, sizes))
         for cid, profile in enumerate(PROFILES):
@@ -91,7 +93,7 @@ def test_flexlora_gives_each_client_the_best_rank_r_approximation_of_the_weighte
             assert_rel_close(got, best_rank(dense, profile.rank_for(path)), 1e-5)
         # the global (evaluation/export) adapter is the rank-r_max truncation
         r_max = max(p.rank_for(path) for p in PROFILES)
-        assert_rel_close(delta(strategy.global_state, path, scaling), best_rank(dense, r_max), 1e-5)
+        assert_rel_close(delta(server.global_state, path, scaling), best_rank(dense, r_max), 1e-5)
     assert {profile_of_state(payloads[c].payload) for c in range(4)} == set(PROFILES)
 
 
@@ -99,8 +101,8 @@ def test_clients_of_one_profile_share_one_payload_object() -> None:
     """Serialised once for the byte counts: clients 2 and 4 have one profile, client 3 another."""
     gen = torch.Generator().manual_seed(9)
     profiles = [*PROFILES, PROFILES[2]]
-    strategy = started(FlexLoRA(), profiles, gen)
-    payloads = strategy.configure(1, [0, 1, 2, 3, 4])
+    server = started(FlexLoRA(), profiles, gen)
+    payloads = server.configure(1, [0, 1, 2, 3, 4])
     assert payloads[2].payload is payloads[4].payload
     assert payloads[2].payload is not payloads[3].payload
     assert len({id(i.payload) for i in payloads.values()}) == len(set(profiles))
@@ -108,19 +110,19 @@ def test_clients_of_one_profile_share_one_payload_object() -> None:
 
 def test_flexlora_round_1_is_the_initial_adapter_truncated() -> None:
     gen = torch.Generator().manual_seed(1)
-    strategy = started(FlexLoRA(), PROFILES, gen)
-    payload = strategy.configure(1, [0])[0].payload
+    server = started(FlexLoRA(), PROFILES, gen)
+    payload = server.configure(1, [0])[0].payload
     key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
-    assert torch.equal(payload[key], strategy.global_state[key][:2])
+    assert torch.equal(payload[key], server.global_state[key][:2])
 
 
 def test_flexlora_completes_a_at_large_ranks_when_the_round_was_small() -> None:
     """Only rank-2 clients replied: Delta has rank <= 4 but a rank-12 client must still get 12 usable rows."""
     gen = torch.Generator().manual_seed(2)
-    strategy = started(FlexLoRA(), PROFILES, gen)
+    server = started(FlexLoRA(), PROFILES, gen)
     replies = [ClientReply(i, state_at(PROFILES[0], gen), 4) for i in (0, 1)]
-    strategy.aggregate(1, replies)
-    big = strategy.configure(2, [3])[3].payload
+    server.aggregate(1, replies)
+    big = server.configure(2, [3])[3].payload
     path = "base_model.model.model.layers.0.mlp.up_proj"
     A = big[f"{path}.lora_A.weight"].double()
     torch.testing.assert_close(A @ A.T, torch.eye(12, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -131,11 +133,11 @@ def test_flexlora_completes_a_at_large_ranks_when_the_round_was_small() -> None:
 @pytest.mark.parametrize("scaling", [LORA, RSLORA], ids=["lora", "rslora"])
 def test_hetlora_matches_zero_padding_rule_by_hand(scaling: LoraScaling) -> None:
     gen = torch.Generator().manual_seed(4)
-    strategy = started(HetLoRA(), PROFILES, gen, scaling)
-    old = {k: v.clone() for k, v in strategy.global_state.items()}
+    server = started(HetLoRA(), PROFILES, gen, scaling)
+    old = {k: v.clone() for k, v in server.global_state.items()}
     chosen = [0, 2]  # ranks (2,2) and (4,12); the rank-8 attention positions 4..7 stay as they were
     replies = [ClientReply(i, state_at(PROFILES[i], gen), 3) for i in chosen]
-    out = strategy.aggregate(1, replies)
+    out = server.aggregate(1, replies)
     for path, (d, k) in MODULES.items():
         r_max = max(p.rank_for(path) for p in PROFILES)
         norms = [np.linalg.norm(delta(r.payload, path, scaling)) for r in replies]
@@ -159,10 +161,10 @@ def test_hetlora_matches_zero_padding_rule_by_hand(scaling: LoraScaling) -> None
 def test_padding_then_truncation_keeps_a_lone_clients_update() -> None:
     """One client at rank 4 in a federation with r_max 8: its update comes back unchanged at rank 4."""
     gen = torch.Generator().manual_seed(5)
-    strategy = started(HetLoRA(), PROFILES, gen)
+    server = started(HetLoRA(), PROFILES, gen)
     reply = ClientReply(1, state_at(PROFILES[1], gen), 3)
-    strategy.aggregate(1, [reply])
-    back = strategy.configure(2, [1])[1].payload
+    server.aggregate(1, [reply])
+    back = server.configure(2, [1])[1].payload
     for path in MODULES:
         assert_rel_close(delta(back, path), delta(reply.payload, path), 1e-6)
 
@@ -182,19 +184,19 @@ def test_truncation_rescales_b_so_the_update_is_the_leading_part(scaling: LoraSc
 
 def test_wrong_rank_reply_is_rejected_and_hetlora_accepts_only_the_pruned_rank() -> None:
     gen = torch.Generator().manual_seed(7)
-    strategy = started(
+    server = started(
         HetLoRA(HetLoRAOptions(prune_rule="threshold", prune_threshold=1.0, prune_gamma=0.5)), PROFILES, gen
     )
-    instruction = strategy.configure(1, [3])[3]
+    instruction = server.configure(1, [3])[3]
     wrong = ClientReply(3, state_at(RankProfile(8, 8), gen), 4)
-    assert "rank 8, but the client was given rank 12" in strategy.validate_reply(instruction, wrong)
+    assert "rank 8, but the client was given rank 12" in server.validate_reply(instruction, wrong)
     pruned = ClientReply(3, state_at(RankProfile(4, 6), gen), 4)
-    assert strategy.validate_reply(instruction, pruned) is None
-    strategy.aggregate(1, [pruned])
-    assert strategy.client_profiles[3] == RankProfile(4, 6)
-    resumed = HetLoRA()
-    resumed.load_server_state(strategy.server_state())
-    assert resumed.client_profiles == strategy.client_profiles
+    assert server.validate_reply(instruction, pruned) is None
+    server.aggregate(1, [pruned])
+    assert server.client_profiles[3] == RankProfile(4, 6)
+    resumed = started(HetLoRA(), PROFILES, gen)
+    resumed.restore(*server.checkpoint())  # the pruned profiles are state: a resume keeps them
+    assert resumed.client_profiles == server.client_profiles != dict(enumerate(PROFILES))
     flex = started(FlexLoRA(), PROFILES, gen)
     assert "given rank" in flex.validate_reply(flex.configure(1, [3])[3], pruned)
 
@@ -312,10 +314,10 @@ def test_hetlora_is_the_papers_zero_padding_rule_when_the_scale_is_one_number() 
     rescaling of B is needed); computed here from the paper's formula, not from fedlora's code."""
     gen = torch.Generator().manual_seed(14)
     constant = LoraScaling(ALPHA, constant=2.0)
-    strategy = started(HetLoRA(), PROFILES, gen, constant)
-    old = {k: v.clone() for k, v in strategy.global_state.items()}
+    server = started(HetLoRA(), PROFILES, gen, constant)
+    old = {k: v.clone() for k, v in server.global_state.items()}
     replies = [ClientReply(i, state_at(PROFILES[i], gen), 3 + i) for i in range(4)]
-    out = strategy.aggregate(1, replies)
+    out = server.aggregate(1, replies)
     for path, (d, k) in MODULES.items():
         r_max = max(p.rank_for(path) for p in PROFILES)
         factors = [

@@ -106,7 +106,7 @@ def test_reply_at_the_wrong_rank_is_rejected_and_the_round_goes_on(tmp_path: Pat
     def wrong_rank(server_round, client_id, instruction):
         reply = original(server_round, client_id, instruction)
         if client_id == victim:
-            rank = sim.strategy.client_profiles[client_id].attention
+            rank = sim.server.client_profiles[client_id].attention
             reply.payload = {
                 k: torch.cat([v, v[:1]]) if ".lora_A." in k else torch.cat([v, v[:, :1]], dim=1)
                 for k, v in reply.payload.items()
@@ -118,7 +118,7 @@ def test_reply_at_the_wrong_rank_is_rejected_and_the_round_goes_on(tmp_path: Pat
     record = engine.run_round(1)
     assert record["num_clients"] == 3 and [r["client"] for r in record["rejected"]] == [victim]
     assert "but the client was given rank" in record["rejected"][0]["reason"]
-    assert all(torch.isfinite(v).all() for v in sim.strategy.global_state.values())
+    assert all(torch.isfinite(v).all() for v in sim.server.global_state.values())
 
 
 def test_rank_above_module_size_is_refused_before_training(tmp_path: Path) -> None:
@@ -139,11 +139,11 @@ def test_hetlora_self_pruning_lowers_a_clients_rank(tmp_path: Path) -> None:
     )
     cfg = load_config(None, overrides)
     sim, _ = build_simulation(cfg)
-    before = dict(sim.strategy.client_profiles)
+    before = dict(sim.server.client_profiles)
     record = EmbeddedEngine(sim, tmp_path).run_round(1)
     assert record["rejected"] == [] and record["num_clients"] == 4
     for cid, profile in before.items():
-        assert sim.strategy.client_profiles[cid] == profile.pruned(0.5)
+        assert sim.server.client_profiles[cid] == profile.pruned(0.5)
 
 
 def test_flexlora_final_evaluation_also_measures_the_untruncated_delta(tmp_path: Path) -> None:
@@ -194,13 +194,13 @@ def test_flexlora_untruncated_delta_survives_a_checkpoint(tmp_path: Path) -> Non
     first = tiny_engine(tmp_path / "a", **HETERO, **options)
     first.run_round(1)
     figures = first.evaluate(final=True)
-    tensors, meta = first.sim.strategy.server_state(), first.sim.strategy.server_meta()
-    assert any(k.startswith("full_delta/") for k in tensors) and meta["full_delta_round"] == 1
+    tensors, meta = first.sim.server.checkpoint()
+    assert any(k.startswith("full_delta_us/") for k in tensors)
+    assert meta["server_state"]["facts"]["full_delta_round"] == 1
 
     resumed = tiny_engine(tmp_path / "b", **HETERO, **options)
-    assert resumed.sim.strategy.extra_evaluation_states() == {}  # nothing aggregated in this process
-    resumed.sim.strategy.load_server_state(tensors)
-    resumed.sim.strategy.load_server_meta(meta)
+    assert resumed.sim.server.extra_evaluation_states() == {}  # nothing aggregated in this process
+    resumed.sim.server.restore(tensors, meta)
     again = resumed.evaluate(final=True)
     assert again["eval_loss_full_delta"] == figures["eval_loss_full_delta"]
     assert again["eval_loss"] == figures["eval_loss"]

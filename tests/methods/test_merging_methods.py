@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 from conftest import assert_rel_close, relative_error, tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.ranks import RankProfile
+from fedlora.engine.server import Server
 from fedlora.models.loading import load_base_model
 from fedlora.runner import run_experiment
 from fedlora.strategies.base import ClientReply, ServerSetup
+from fedlora.strategies.merging import merge_history
 
 
 def test_fedex_lora_model_is_exactly_the_weighted_average_of_the_client_models() -> None:
@@ -35,24 +37,25 @@ def test_fedex_lora_model_is_exactly_the_weighted_average_of_the_client_models()
 
     gen = torch.Generator().manual_seed(6)
     strategy = FedExLoRA()
-    setup_strategy(strategy, gen)
+    server, _ = setup_strategy(strategy, gen)
     s = 8.0 / R
     for server_round in (1, 2, 3):
-        before = merged_offset(strategy.evaluation_state())
-        instruction = strategy.configure(server_round, [0])[0]
+        before = merged_offset(server.evaluation_state())
+        instruction = server.configure(server_round, [0])[0]
         replies = replies_for([A_KEY, B_KEY], gen)
-        assert all(strategy.validate_reply(instruction, r) is None for r in replies)
-        strategy.aggregate(server_round, replies)
+        assert all(server.validate_reply(instruction, r) is None for r in replies)
+        server.aggregate(server_round, replies)
         # client i's model: W0 + D + s B_i A_i; the new global model must be their p-weighted average
         ideal = before + sum(
             p * s * r.payload[B_KEY].double() @ r.payload[A_KEY].double()
             for p, r in zip(weights(replies), replies)
         )
-        state = strategy.evaluation_state()
+        state = server.evaluation_state()
         B, A = state[B_KEY].double(), state[A_KEY].double()
         assert_rel_close(merged_offset(state) + s * B @ A, ideal, 1e-6)
         assert relative_error(before + s * B @ A, ideal) > 1e-2  # averaging the factors alone is not exact
-        P, Q = strategy.history.increments[-1][1]["m.q_proj"] if strategy.history.increments else (None, None)
+        increments = merge_history(server.state).increments
+        P, Q = increments[-1][1]["m.q_proj"] if increments else (None, None)
         if P is not None:
             assert P.shape == (D, 4 * R) and Q.shape == (4 * R, K)  # factored: rank (K + 1) r, not d x k
 
@@ -64,12 +67,12 @@ def test_flora_stack_is_the_exact_sum_with_heterogeneous_ranks_and_fresh_adapter
     ranks = {0: 2, 1: 4, 2: 3}
     strategy = FLoRA()
     init = {A_KEY: torch.randn(4, K, generator=gen), B_KEY: torch.zeros(D, 4)}
-    strategy.initialize(
-        ServerSetup(init, {i: RankProfile.uniform(r) for i, r in ranks.items()}, lora_alpha=8.0)
+    server = Server(
+        strategy, ServerSetup(init, {i: RankProfile.uniform(r) for i, r in ranks.items()}, lora_alpha=8.0)
     )
     for server_round in (1, 2):
-        before = merged_offset(strategy.evaluation_state())
-        instructions = strategy.configure(server_round, [0, 1, 2])
+        before = merged_offset(server.evaluation_state())
+        instructions = server.configure(server_round, [0, 1, 2])
         for cid, instruction in instructions.items():
             assert instruction.payload[A_KEY].shape == (ranks[cid], K)
             assert torch.count_nonzero(instruction.payload[B_KEY]) == 0  # a fresh LoRA: B = 0
@@ -84,17 +87,17 @@ def test_flora_stack_is_the_exact_sum_with_heterogeneous_ranks_and_fresh_adapter
             )
             for (cid, r), n in zip(ranks.items(), (2, 5, 9))
         ]
-        assert all(strategy.validate_reply(instructions[r.client_id], r) is None for r in replies)
-        strategy.aggregate(server_round, replies)
+        assert all(server.validate_reply(instructions[r.client_id], r) is None for r in replies)
+        server.aggregate(server_round, replies)
         ideal = before + sum(
             p * (8.0 / ranks[r.client_id]) * r.payload[B_KEY].double() @ r.payload[A_KEY].double()
             for p, r in zip(weights(replies), replies)
         )
-        state = strategy.evaluation_state()
+        state = server.evaluation_state()
         assert torch.count_nonzero(state[B_KEY]) == 0
         assert_rel_close(merged_offset(state), ideal, 1e-6)
-    fresh = strategy.configure(3, [1])[1].payload[A_KEY]
-    assert not torch.equal(fresh, strategy.configure(2, [1])[1].payload[A_KEY])  # redrawn each round
+    fresh = server.configure(3, [1])[1].payload[A_KEY]
+    assert not torch.equal(fresh, server.configure(2, [1])[1].payload[A_KEY])  # redrawn each round
     assert float(fresh.abs().max()) <= 1 / K**0.5  # PEFT's kaiming-uniform bound 1/sqrt(k)
 
 

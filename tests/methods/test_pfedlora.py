@@ -11,6 +11,8 @@ from conftest import tiny_engine
 from fedlora.client.settings import LocalTrainingSettings
 from fedlora.client.trainer import train_locally
 from fedlora.config.loader import ConfigError
+from fedlora.engine.server import Server
+from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.pfedlora import LocalModelPhase
 
 VARIANTS = {
@@ -42,7 +44,7 @@ def test_three_architectures_share_one_adapter_tensor_set(tmp_path: Path) -> Non
     assert record["num_clients"] == 4 and record["rejected"] == []
     assert all(s == shapes[0] for s in shapes) and all(".layers.last." in k for k in shapes[0])
     # each architecture maps the shared keys to its own last layer
-    local = {v: models.to_variant(engine.sim.strategy.global_state, v) for v in range(3)}
+    local = {v: models.to_variant(engine.sim.server.global_state, v) for v in range(3)}
     assert all(f".layers.{models.last_layer[v]}." in next(iter(local[v])) for v in range(3))
     for v, adapters in enumerate(models.adapters):
         adapters.load(local[v])  # loads into that architecture's slot without error
@@ -53,7 +55,7 @@ def test_phase_one_trains_the_local_model_and_phase_two_the_adapter(tmp_path: Pa
     models = engine.sim.client_models
     client = engine.sim.federation.clients[0]
     adapters = models.prepare(0, 1)
-    start = models.to_local(engine.sim.strategy.global_state, 0)
+    start = models.to_local(engine.sim.server.global_state, 0)
     before_local = {k: p.detach().clone() for k, p in adapters.base_parameters()}
     only_local = LocalTrainingSettings(optimizer="adamw", lr=1e-2, local_steps=1, batch_size=2)
     phase = [LocalModelPhase(steps=2)]
@@ -99,12 +101,12 @@ def test_standalone_baseline_sends_nothing_and_keeps_own_adapters(tmp_path: Path
     )
     record = engine.run_round(1)
     assert record["bytes_up"] == 0 and record["bytes_down"] == 0
-    strategy = engine.sim.strategy
+    server = engine.sim.server
     own = [c["client"] for c in record["clients"]]
-    assert set(strategy.own) == set(own)
-    a, b = strategy.personal_state(own[0]), strategy.personal_state(own[1])
+    assert {g for g in server.state.arrays if g.startswith("own-")} == {f"own-{c}" for c in own}
+    a, b = server.personal_state(own[0]), server.personal_state(own[1])
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.count_nonzero(v) == 0 for k, v in strategy.global_state.items() if ".lora_B." in k)
+    assert all(torch.count_nonzero(v) == 0 for k, v in server.global_state.items() if ".lora_B." in k)
 
 
 def test_whole_model_fedavg_baseline_sends_the_local_weights(tmp_path: Path) -> None:
@@ -118,7 +120,7 @@ def test_whole_model_fedavg_baseline_sends_the_local_weights(tmp_path: Path) -> 
     whole = engine.run_round(1)
     small = adapter_only.run_round(1)
     assert whole["rejected"] == [] and whole["bytes_up"] > 20 * small["bytes_up"]
-    state = engine.sim.strategy.global_state
+    state = engine.sim.server.global_state
     assert any(".lora_" not in k for k in state) and any(".lora_" in k for k in state)
     # every client now starts from the averaged local weights
     weights = {k: v for k, v in state.items() if ".lora_" not in k}
@@ -194,17 +196,17 @@ def test_clients_of_different_widths_share_a_representation_adapter(tmp_path: Pa
     for key in shapes:
         dense = sum(p[key].double() * n / total for p, n in replies)
         assert torch.linalg.norm(
-            engine.sim.strategy.global_state[key].double() - dense
+            engine.sim.server.global_state[key].double() - dense
         ) <= 1e-6 * torch.linalg.norm(dense)
     # on each architecture the shared adapter is a residual low-rank map of the common space: with the
     # bridge at the identity, head(h) = C(gelu(P h) + s B A gelu(P h))
     for variant, adapters in enumerate(models.adapters):
-        adapters.load(models.to_variant(engine.sim.strategy.global_state, variant))
+        adapters.load(models.to_variant(engine.sim.server.global_state, variant))
         model = adapters.model.get_base_model()
         head = getattr(model, models.head_name[variant])
         h = torch.randn(3, widths[variant])
         u = torch.nn.functional.gelu(head.project(h))
-        a, b = (engine.sim.strategy.global_state[f"{wire}.lora_{f}.weight"] for f in "AB")
+        a, b = (engine.sim.server.global_state[f"{wire}.lora_{f}.weight"] for f in "AB")
         scale = engine.sim.cfg.adapter.alpha / engine.sim.cfg.adapter.rank
         expected = head.classifier(u @ head.bridge.base_layer.weight.T + scale * u @ a.T @ b.T)
         assert torch.allclose(head(h), expected, atol=1e-5)
@@ -263,21 +265,22 @@ def test_lg_fedavg_trains_each_own_model_and_averages_the_head_on_the_common_spa
     # the reference's rule (main_lg.py): the unweighted mean over the round's clients
     for key in shapes:
         dense = sum(p[key].double() for _, p, _ in payloads) / len(payloads)
-        got = engine.sim.strategy.global_state[key].double()
+        got = engine.sim.server.global_state[key].double()
         assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
     # weighting: examples, p_i = n_i / sum n_j, on the same replies
     from fedlora.strategies.base import ClientReply
     from fedlora.strategies.lg_fedavg import LGFedAvg, LGFedAvgOptions
 
     sizes = [2 + 3 * i for i in range(len(payloads))]  # unequal counts, so that the two rules differ
-    weighted = LGFedAvg(LGFedAvgOptions(weighting="examples"))
-    weighted.global_state = dict(engine.sim.strategy.global_state)
+    weighted = Server(
+        LGFedAvg(LGFedAvgOptions(weighting="examples")), ServerSetup(engine.sim.server.global_state, {}, 1.0)
+    )
     weighted.aggregate(1, [ClientReply(c, p, n, {}) for (c, p, _), n in zip(payloads, sizes, strict=True)])
     for key in shapes:
         dense = sum(p[key].double() * n / sum(sizes) for (_, p, _), n in zip(payloads, sizes, strict=True))
         got = weighted.global_state[key].double()
         assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
-        uniform = engine.sim.strategy.global_state[key].double()
+        uniform = engine.sim.server.global_state[key].double()
         assert torch.linalg.norm(got - uniform) > 1e-3 * torch.linalg.norm(uniform)
     # every client trained its own model end to end (encoder included), and keeps it
     for client in range(6):
@@ -295,7 +298,7 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
     engine = tiny_engine(
         tmp_path, **{**WIDTHS, "strategy.name": "fedproto", "strategy.options": "{weight: 0.5}"}
     )
-    models, strategy = engine.sim.client_models, engine.sim.strategy
+    models, server = engine.sim.client_models, engine.sim.server
     payloads = spy_payloads(engine)
     record = engine.run_round(1)
     labels = engine.sim.federation.num_labels
@@ -327,15 +330,16 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
     from fedlora.strategies.fedproto import FedProto, FedProtoOptions
 
     counts = sum(p[COUNTS] for _, p, _ in payloads)
-    weighted = FedProto(FedProtoOptions(prototype_weighting="examples"))
-    weighted.global_state = {k: v.clone() for k, v in strategy.global_state.items()}
+    weighted = Server(
+        FedProto(FedProtoOptions(prototype_weighting="examples")), ServerSetup(server.global_state, {}, 1.0)
+    )
     weighted.aggregate(1, [ClientReply(c, p, n, {}) for c, p, n in payloads])
     differ = 0
     for k in range(labels):
         if counts[k] > 0:
             holders = [p for _, p, _ in payloads if p[COUNTS][k] > 0]
             dense = sum(p[PROTOTYPES][k].double() for p in holders) / len(holders)
-            got = strategy.global_state[PROTOTYPES][k].double()
+            got = server.global_state[PROTOTYPES][k].double()
             assert torch.linalg.norm(got - dense) <= 1e-6 * torch.linalg.norm(dense)
             by_count = sum(p[PROTOTYPES][k].double() * p[COUNTS][k] for _, p, _ in payloads) / counts[k]
             got = weighted.global_state[PROTOTYPES][k].double()
@@ -343,14 +347,14 @@ def test_fedproto_shares_class_prototypes_of_the_common_space(tmp_path: Path) ->
             differ += int(torch.linalg.norm(dense - by_count) > 1e-4 * torch.linalg.norm(dense))
     assert differ > 0  # the two rules are told apart on these clients
     # a class absent from a round keeps its prototype
-    before = strategy.global_state[PROTOTYPES].clone()
+    before = server.global_state[PROTOTYPES].clone()
     only_zero = {
         PROTOTYPES: torch.ones(labels, 16),
         COUNTS: torch.tensor([3.0] + [0.0] * (labels - 1), dtype=torch.float64),
     }
-    strategy.aggregate(2, [ClientReply(0, only_zero, 3, {})])
-    assert torch.equal(strategy.global_state[PROTOTYPES][1:], before[1:])
-    assert torch.equal(strategy.global_state[PROTOTYPES][0], torch.ones(16))
+    server.aggregate(2, [ClientReply(0, only_zero, 3, {})])
+    assert torch.equal(server.global_state[PROTOTYPES][1:], before[1:])
+    assert torch.equal(server.global_state[PROTOTYPES][0], torch.ones(16))
 
     # the client's loss term: lambda * mean (1/d) ||z - c_y||^2 over the examples whose class has a prototype
     class Ctx:

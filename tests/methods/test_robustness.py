@@ -14,11 +14,13 @@ from fedlora.adapters.ranks import RankProfile
 from fedlora.cli import main
 from fedlora.config.loader import ConfigError
 from fedlora.engine.faults import corrupt
+from fedlora.engine.server import Server
 from fedlora.protocol import ClientInstruction, ClientReply
 from fedlora.strategies.base import ServerSetup
 from fedlora.strategies.fedavg import FedIT
 from fedlora.strategies.flexlora import FlexLoRA
 from fedlora.strategies.robustness import (
+    NORMS_FACT,
     RobustAggregation,
     UpdateNormScreen,
     coordinate_median,
@@ -27,17 +29,16 @@ from fedlora.strategies.robustness import (
 )
 
 
-def screened(history: list[float] | None = None) -> UpdateNormScreen:
+def screened(history: list[float] | None = None) -> Server:
+    """FedIT inside the update-norm screen, started with ``history`` as the accepted update norms so far."""
     start = {"m.lora_A.weight": torch.zeros(3, 4), "m.lora_B.weight": torch.zeros(5, 3)}
-    inner = FedIT()
-    inner.initialize(
-        ServerSetup(
-            start, {i: RankProfile.uniform(3) for i in range(4)}, 8.0, client_sizes={i: 10 for i in range(4)}
-        )
+    screen = UpdateNormScreen(FedIT(), load_config(None, []).federation)
+    setup = ServerSetup(
+        start, {i: RankProfile.uniform(3) for i in range(4)}, 8.0, client_sizes={i: 10 for i in range(4)}
     )
-    screen = UpdateNormScreen(inner, load_config(None, []).federation)
-    screen.history = list(history or [])
-    return screen
+    server = Server(screen, setup)
+    server.state = server.state.evolve(facts={NORMS_FACT: list(history or [])})
+    return server
 
 
 def reply_at(client: int, scale: float, gen: torch.Generator) -> ClientReply:
@@ -51,12 +52,10 @@ def reply_at(client: int, scale: float, gen: torch.Generator) -> ClientReply:
     )
 
 
-def run_screen(screen: UpdateNormScreen, replies: list[ClientReply]) -> tuple[list[int], list[str]]:
-    instruction = ClientInstruction(screen.global_state)
-    screen.configure(1, [r.client_id for r in replies])
-    valid = [r for r in replies if screen.validate_reply(instruction, r) is None]
-    kept, rejected = screen.screen(valid)
-    return [r.client_id for r in kept], [reason for _, reason in rejected]
+def run_screen(screen: Server, replies: list[ClientReply]) -> tuple[list[int], list[str]]:
+    instructions = screen.configure(1, [r.client_id for r in replies])
+    review = screen.review(1, [(instructions[r.client_id], r) for r in replies])
+    return [r.client_id for r in review.accepted], [reason for _, reason in review.rejected]
 
 
 def test_one_corrupted_reply_of_two_is_rejected_even_without_history() -> None:
@@ -99,9 +98,10 @@ def test_robust_rules_against_a_dense_computation(n: int) -> None:
     assert_rel_close(trimmed_mean(tensors, 0.2), ordered[cut : n - cut].mean(axis=0), 1e-12)
     # through the wrapper: a linear method aggregates the one combined reply, whatever the example counts
     start = {"w": torch.zeros(6, 5, dtype=torch.float64)}
-    inner = FedIT()
-    inner.initialize(ServerSetup(start, {i: RankProfile.uniform(3) for i in range(n)}, 8.0))
-    wrapped = RobustAggregation(inner, "median")
+    wrapped = Server(
+        RobustAggregation(FedIT(), "median"),
+        ServerSetup(start, {i: RankProfile.uniform(3) for i in range(n)}, 8.0),
+    )
     replies = [ClientReply(i, {"w": t.double()}, 1 if i else 10**6) for i, t in enumerate(tensors)]
     assert_rel_close(wrapped.aggregate(1, replies)["w"], np.median(stacked, axis=0), 1e-12)
 

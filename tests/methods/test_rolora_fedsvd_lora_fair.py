@@ -40,42 +40,42 @@ from fedlora.strategies.rolora import RoLoRA
 def test_rolora_alternates_and_its_average_is_exact() -> None:
     gen = torch.Generator().manual_seed(0)
     strategy = RoLoRA()
-    init = setup_strategy(strategy, gen)
-    first = strategy.configure(1, [0])[0]
+    server, init = setup_strategy(strategy, gen)
+    first = server.configure(1, [0])[0]
     assert first.hooks == [FreezeFactor(factor="A")] and set(first.payload) == {A_KEY, B_KEY}
     both = ClientReply(0, {A_KEY: init[A_KEY], B_KEY: torch.ones(D, R)}, 2)
-    assert "unexpected" in (strategy.validate_reply(first, both) or "")  # A was frozen: it must not come back
+    assert "unexpected" in (server.validate_reply(first, both) or "")  # A was frozen: it must not come back
     replies = replies_for([B_KEY], gen)
-    assert all(strategy.validate_reply(first, r) is None for r in replies)
-    strategy.aggregate(1, replies)
+    assert all(server.validate_reply(first, r) is None for r in replies)
+    server.aggregate(1, replies)
     dense = sum(
         p * (r.payload[B_KEY].double() @ init[A_KEY].double()) for p, r in zip(weights(replies), replies)
     )
-    got = strategy.global_state[B_KEY].double() @ strategy.global_state[A_KEY].double()
+    got = server.global_state[B_KEY].double() @ server.global_state[A_KEY].double()
     assert_rel_close(got, dense, 1e-6)  # sum_i p_i B_i A == B_bar A
-    assert torch.equal(strategy.global_state[A_KEY], init[A_KEY])
-    second = strategy.configure(2, [0])[0]
+    assert torch.equal(server.global_state[A_KEY], init[A_KEY])
+    second = server.configure(2, [0])[0]
     assert second.hooks == [FreezeFactor(factor="B")]
-    B = strategy.global_state[B_KEY].clone()
+    B = server.global_state[B_KEY].clone()
     replies = replies_for([A_KEY], gen)
-    strategy.aggregate(2, replies)
+    server.aggregate(2, replies)
     dense = sum(p * (B.double() @ r.payload[A_KEY].double()) for p, r in zip(weights(replies), replies))
-    got = strategy.global_state[B_KEY].double() @ strategy.global_state[A_KEY].double()
+    got = server.global_state[B_KEY].double() @ server.global_state[A_KEY].double()
     assert_rel_close(got, dense, 1e-6)
 
 
 def test_fedsvd_rebases_exactly_with_orthonormal_a() -> None:
     gen = torch.Generator().manual_seed(1)
     strategy = FedSVD()
-    init = setup_strategy(strategy, gen)
-    instruction = strategy.configure(1, [0])[0]
+    server, init = setup_strategy(strategy, gen)
+    instruction = server.configure(1, [0])[0]
     assert instruction.hooks == [FreezeFactor(factor="A", freeze_heads=True)]
     replies = replies_for([B_KEY], gen)
-    strategy.aggregate(1, replies)
+    server.aggregate(1, replies)
     dense = sum(
         p * (r.payload[B_KEY].double() @ init[A_KEY].double()) for p, r in zip(weights(replies), replies)
     )
-    A, B = strategy.global_state[A_KEY].double(), strategy.global_state[B_KEY].double()
+    A, B = server.global_state[A_KEY].double(), server.global_state[B_KEY].double()
     assert_rel_close(B @ A, dense, 1e-5)  # the re-basing keeps the product
     assert_rel_close(A @ A.T, torch.eye(R, dtype=torch.float64), 1e-5)  # orthonormal rows
     norms = B.norm(dim=0)
@@ -85,10 +85,10 @@ def test_fedsvd_rebases_exactly_with_orthonormal_a() -> None:
 def test_fedsvd_completes_a_rank_deficient_round() -> None:
     gen = torch.Generator().manual_seed(2)
     strategy = FedSVD()
-    init = setup_strategy(strategy, gen)
+    server, init = setup_strategy(strategy, gen)
     low = torch.randn(D, 1, generator=gen) @ torch.randn(1, R, generator=gen)  # B_bar of rank 1
-    strategy.aggregate(1, [ClientReply(0, {B_KEY: low}, 3)])
-    A, B = strategy.global_state[A_KEY].double(), strategy.global_state[B_KEY].double()
+    server.aggregate(1, [ClientReply(0, {B_KEY: low}, 3)])
+    A, B = server.global_state[A_KEY].double(), server.global_state[B_KEY].double()
     assert_rel_close(B @ A, low.double() @ init[A_KEY].double(), 1e-5)
     assert_rel_close(A @ A.T, torch.eye(R, dtype=torch.float64), 1e-5)
     assert torch.count_nonzero(B[:, 1:].abs() > 1e-6) == 0
@@ -122,22 +122,22 @@ def test_lora_fair_strategy_applies_each_objective_per_module() -> None:
 
     gen = torch.Generator().manual_seed(4)
     strategy = LoRAFAIR()
-    setup_strategy(strategy, gen)
+    server, _ = setup_strategy(strategy, gen)
     replies = replies_for([A_KEY, B_KEY], gen)
-    strategy.aggregate(1, replies)
+    server.aggregate(1, replies)
     p = weights(replies)
     Bs = [r.payload[B_KEY].double() for r in replies]
     As = [r.payload[A_KEY].double() for r in replies]
     delta = sum(w * B @ A for w, B, A in zip(p, Bs, As))
     A_bar, B_bar = sum(w * A for w, A in zip(p, As)), sum(w * B for w, B in zip(p, Bs))
-    assert_rel_close(strategy.global_state[A_KEY], A_bar, 1e-6)
+    assert_rel_close(server.global_state[A_KEY], A_bar, 1e-6)
 
     def dense(B: torch.Tensor) -> torch.Tensor:
         pred = B @ A_bar
         cos = (delta * pred).sum() / (delta.norm() * pred.norm())
         return 1 - cos + 0.01 * (B - B_bar).norm()
 
-    found = strategy.global_state[B_KEY].double().clone().requires_grad_(True)
+    found = server.global_state[B_KEY].double().clone().requires_grad_(True)
     value = dense(found)
     (grad,) = torch.autograd.grad(value, found)
     assert float(grad.norm()) < 1e-4 and float(value) < float(dense(B_bar)) - 1e-3
@@ -219,11 +219,11 @@ def test_fedsvd_keeps_a_classification_head_frozen_as_the_reference_does(tmp_pat
     }
     for head in ("frozen", "trained"):
         engine = tiny_engine(tmp_path / head, **extra, **{"strategy.options": f"{{head: {head}}}"})
-        initial = {k: v.clone() for k, v in engine.sim.strategy.global_state.items() if ".lora_" not in k}
+        initial = {k: v.clone() for k, v in engine.sim.server.global_state.items() if ".lora_" not in k}
         assert initial
         sent = record_replies(engine)
         assert engine.run_round(1)["rejected"] == []
-        state = engine.sim.strategy.global_state
+        state = engine.sim.server.global_state
         travelled = any(set(initial) & set(r.payload) for r in sent)
         unchanged = all(torch.equal(state[k], initial[k]) for k in initial)
         assert (travelled, unchanged) == ((False, True) if head == "frozen" else (True, False))

@@ -2,6 +2,7 @@ import torch
 
 from conftest import assert_rel_close
 from fedlora.adapters.ranks import RankProfile
+from fedlora.engine.server import Server
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -28,9 +29,9 @@ def test_fedit_aggregate_matches_dense_weighted_mean() -> None:
     states = [random_state(gen) for _ in range(5)]
     sizes = [3, 10, 1, 7, 4]
     strategy = FedIT()
-    strategy.initialize(setup_for(states[0]))
+    server = Server(strategy, setup_for(states[0]))
     replies = [ClientReply(i, s, n) for i, (s, n) in enumerate(zip(states, sizes))]
-    out = strategy.aggregate(1, replies)
+    out = server.aggregate(1, replies)
     total = sum(sizes)
     for key in states[0]:
         dense = torch.stack([s[key].double() * n / total for s, n in zip(states, sizes)]).sum(0)
@@ -41,7 +42,8 @@ def test_fedit_aggregate_matches_dense_weighted_mean() -> None:
         n / total * s["m.lora_B.weight"] @ s["m.lora_A.weight"] for s, n in zip(states, sizes)
     )
     assert not torch.allclose(prod_of_means, mean_of_prods, atol=1e-3)
-    assert strategy.global_state is out
+    assert server.global_state.keys() == out.keys()
+    assert all(torch.equal(server.global_state[k], out[k]) for k in out)  # the engine keeps the new state
 
 
 def test_weighted_average_keeps_dtype() -> None:
@@ -55,24 +57,24 @@ def test_bad_replies_are_rejected_with_reason() -> None:
     gen = torch.Generator().manual_seed(1)
     good = random_state(gen)
     strategy = FedIT()
-    strategy.initialize(setup_for(good))
+    server = Server(strategy, setup_for(good))
     instruction = ClientInstruction(good)
-    assert strategy.validate_reply(instruction, ClientReply(0, random_state(gen), 5)) is None
+    assert server.validate_reply(instruction, ClientReply(0, random_state(gen), 5)) is None
     wrong_rank = random_state(gen, rank=8)
-    assert "rank 8, but the client was given rank 4" in strategy.validate_reply(
+    assert "rank 8, but the client was given rank 4" in server.validate_reply(
         instruction, ClientReply(0, wrong_rank, 5)
     )
     wrong_shape = {k: v[:, :-1] if "lora_A" in k else v for k, v in random_state(gen).items()}
-    assert "shape" in strategy.validate_reply(instruction, ClientReply(0, wrong_shape, 5))
+    assert "shape" in server.validate_reply(instruction, ClientReply(0, wrong_shape, 5))
     nan = random_state(gen)
     nan["m.lora_B.weight"][0, 0] = float("nan")
-    assert "non-finite" in strategy.validate_reply(instruction, ClientReply(0, nan, 5))
+    assert "non-finite" in server.validate_reply(instruction, ClientReply(0, nan, 5))
     inf = random_state(gen)
     inf["m.lora_A.weight"][1, 1] = float("inf")
     assert "non-finite" in check_same_layout(good, inf)
     missing = {"m.lora_A.weight": good["m.lora_A.weight"]}
-    assert "names differ" in strategy.validate_reply(instruction, ClientReply(0, missing, 5))
-    assert "num_examples" in strategy.validate_reply(instruction, ClientReply(0, good, 0))
+    assert "names differ" in server.validate_reply(instruction, ClientReply(0, missing, 5))
+    assert "num_examples" in server.validate_reply(instruction, ClientReply(0, good, 0))
 
 
 def test_proximal_term_is_one_vector_norm_by_hand() -> None:
@@ -114,8 +116,8 @@ def test_proximal_term_on_random_tensors_against_float64() -> None:
 
 def test_fedprox_sends_mu_to_every_client() -> None:
     strategy = FedProx(FedProxOptions(mu=0.3))
-    strategy.initialize(setup_for({"a": torch.zeros(2)}, clients=6))
-    instructions = strategy.configure(1, [2, 5])
+    server = Server(strategy, setup_for({"a": torch.zeros(2)}, clients=6))
+    instructions = server.configure(1, [2, 5])
     assert set(instructions) == {2, 5}
     assert all(i.hooks == [ProximalTerm(mu=0.3)] for i in instructions.values())
     assert FedProx.default_optimizer == "sgd" and FedIT.default_optimizer == "adamw"

@@ -34,7 +34,7 @@ def test_greedy_generation_is_deterministic_and_batch_independent(tmp_path: Path
     cfg = load_config(None, tiny_overrides(tmp_path))
     sim, _ = build_simulation(cfg)
     model = sim.adapters.model
-    sim.adapters.load(sim.strategy.global_state)
+    sim.adapters.load(sim.server.global_state)
     encoder = Encoder(sim.encoder.tokenizer, "causal-lm", 64, "alpaca")
     examples = [Example(instruction=f"Say {w}", output=w) for w in ("hi", "a longer instruction here", "x")]
     one_by_one = [generate(model, encoder, [e], 1, 6)[0] for e in examples]

@@ -211,7 +211,7 @@ class FlowerTransport:
                     continue
             node_of[client] = node
             # fixed at registration: later replies cannot claim more examples
-            self.sim.strategy.register_client(client, size, profile)
+            self.sim.server.register_client(client, size, profile)
         if not node_of:
             raise ConfigError(
                 f"flower: none of the {len(nodes)} nodes holds a usable partition (see the log)"
@@ -241,7 +241,7 @@ class FlowerTransport:
         return None
 
     def _largest_profile(self) -> RankProfile:
-        profiles = list(self.sim.strategy.client_profiles.values())
+        profiles = list(self.sim.server.client_profiles.values())
         return RankProfile(max(p.attention for p in profiles), max(p.mlp for p in profiles))
 
     def train_clients(
