@@ -276,6 +276,9 @@ class Strategy(ABC, Generic[OptionsT]):
     #: True when the method's rule treats every tensor of the payload alike, so DoRA's magnitude vectors
     #: (``adapter.use_dora``) are aggregated as A and B are; methods that read A/B pairs leave it False
     supports_dora: ClassVar[bool] = False
+    #: config overrides the method needs to run at all on the conformance suite's tiny experiment
+    #: (:mod:`fedlora.testing.conformance`), e.g. ``model.variants`` where each client trains its own model
+    conformance_overrides: ClassVar[dict[str, object]] = {}
 
     def __init__(self, options: OptionsT | None = None) -> None:
         self.options: OptionsT = options if options is not None else cast(OptionsT, self.Options())

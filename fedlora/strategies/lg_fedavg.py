@@ -97,6 +97,18 @@ class OwnModelBaseline(Strategy[OptionsT]):
 
     default_optimizer = "adamw"
     personal_models = True
+    conformance_overrides: ClassVar[dict[str, object]] = {  # two widths on the common representation space
+        "model.task": "classification",
+        "data.source": "bbc-news",
+        "data.max_seq_len": 32,
+        "partition.method": "iid",
+        "data.max_train_examples_per_client": 16,
+        "data.max_eval_examples_per_client": 8,
+        "federation.num_clients": 4,
+        "model.shared_adapter": "representation",
+        "model.shared_dim": 16,
+        "model.variants": "[{tiny_hidden_size: 64}, {tiny_hidden_size: 32}]",
+    }
 
     @classmethod
     def refusal(cls, facts: ExperimentFacts, options: OptionsT) -> str | None:

@@ -120,6 +120,12 @@ class PFedLoRA(FactorAverage[PFedLoRAOptions]):
     default_optimizer = "adamw"
     personal_models = True
     Options: ClassVar[type[StrategyOptions]] = PFedLoRAOptions
+    conformance_overrides: ClassVar[dict[str, object]] = {
+        "model.tiny_num_layers": 3,
+        "model.variants": "[{num_layers: 3}, {num_layers: 2}]",
+        "adapter.target_modules": "[q_proj, v_proj]",
+        "strategy.options": "{local_model_steps: 1}",
+    }
 
     def __init__(self, options: PFedLoRAOptions | None = None) -> None:
         super().__init__(options)

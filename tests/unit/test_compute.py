@@ -24,6 +24,7 @@ from fedlora.compute import auto_workers, resolve_device, to_cpu
 from fedlora.errors import ConfigError
 from fedlora.preflight import config_from_dict, load_config
 from fedlora.runner import run
+from fedlora.testing.conformance import relative_error
 
 CUDA = torch.cuda.is_available()
 
@@ -51,27 +52,6 @@ def tiny(tmp: Path, method: str = "fedit", **sections) -> dict:
 
 def run_cfg(tmp: Path, name: str, cfg: dict, **options):
     return run(config_from_dict(cfg), tmp / name, show_progress=False, **options)
-
-
-def effective(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each module's B A (what the adapter adds: invariant to an SVD's sign choices) and the other tensors."""
-    out = {}
-    for key, value in state.items():
-        if ".lora_A." in key:
-            out[key.replace(".lora_A.", ".BA.")] = (
-                state[key.replace(".lora_A.", ".lora_B.")].double() @ value.double()
-            )
-        elif ".lora_B." not in key:
-            out[key] = value.double()
-    return out
-
-
-def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Relative Frobenius distance of the adapters' effective weights (all modules as one vector)."""
-    a, b = effective(a), effective(b)
-    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a)
-    den = sum(float(b[k].norm() ** 2) for k in a)
-    return (num / den) ** 0.5
 
 
 # --- devices -------------------------------------------------------------------------------------------
@@ -127,7 +107,7 @@ def test_mixed_precision_trains_float32_factors_close_to_fp32(tmp_path, precisio
     for a, b in zip(mixed.records, base.records, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) / b["train_loss"] < 1e-2
         assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-2
-    assert rel(mixed.final_state, base.final_state) < 5e-2
+    assert relative_error(mixed.final_state, base.final_state) < 5e-2
 
 
 def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
@@ -148,7 +128,7 @@ def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
     assert all(v.dtype == torch.float32 for v in copied.final_state.values())
     for a, b in zip(copied.records, autocast.records, strict=True):
         assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-2
-    assert rel(copied.final_state, autocast.final_state) < 5e-2
+    assert relative_error(copied.final_state, autocast.final_state) < 5e-2
 
 
 def test_a_bf16_base_copy_is_refused_where_it_would_be_wrong(tmp_path):
@@ -166,7 +146,7 @@ def test_a_bf16_base_copy_is_refused_where_it_would_be_wrong(tmp_path):
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     base = run_cfg(tmp_path, "plain", tiny(tmp_path))
     ckpt = run_cfg(tmp_path, "ckpt", tiny(tmp_path, compute={"gradient_checkpointing": True}))
-    assert rel(ckpt.final_state, base.final_state) < 1e-5
+    assert relative_error(ckpt.final_state, base.final_state) < 1e-5
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -177,7 +157,7 @@ def test_cuda_run_agrees_with_cpu_run(tmp_path, strategy):
         tmp_path, "gpu", tiny(tmp_path, strategy, compute={"device": "cuda", "server_device": "auto"})
     )
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in gpu.final_state.values())
-    assert rel(gpu.final_state, cpu.final_state) < 1e-3
+    assert relative_error(gpu.final_state, cpu.final_state) < 1e-3
     for a, b in zip(gpu.records, cpu.records, strict=True):
         assert abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] < 1e-4
 
@@ -253,7 +233,7 @@ class FaultInWorker(ClientHooks):
 class FedITWithAFault(FedIT):
     name = "fedit-worker-fault"
 
-    def client_hooks(self):
+    def client_hooks(self, state):
         return [FaultInWorker(client=2, main_pid=os.getpid())]
 """
 
@@ -333,7 +313,7 @@ class StopTheGroupMidRound(ClientHooks):
 class FedITStoppedMidRound(FedIT):
     name = "fedit-stopped"
 
-    def client_hooks(self):
+    def client_hooks(self, state):
         return [StopTheGroupMidRound()]
 """
 
@@ -415,7 +395,7 @@ def test_batched_clients_equal_per_client_training(tmp_path, strategy, sections)
             assert_rel_close(losses_a, losses_b, 1e-5)
             assert a["bytes_up"] == b["bytes_up"]
             assert [c["rank"] for c in a["clients"]] == [c["rank"] for c in b["clients"]]
-        assert rel(batched.final_state, per.final_state) < 1e-4
+        assert relative_error(batched.final_state, per.final_state) < 1e-4
 
 
 def test_batched_clients_fall_back_with_a_note_where_they_cannot_serve(tmp_path, caplog):

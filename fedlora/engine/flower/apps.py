@@ -14,18 +14,11 @@ import torch
 from fedlora.client.node import ClientNode
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower.environment import quiet_flower
-from fedlora.engine.flower.transport import (
-    ASSIGNED_KEY,
-    FlowerTransport,
-    from_arrays,
-    metrics_record,
-    to_arrays,
-)
+from fedlora.engine.flower.transport import FlowerTransport, read_request_records, reply_records
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
 from fedlora.preflight import check_experiment, prepare_node
-from fedlora.protocol import read_request, reply_header
 
 #: run-config key of the partition -> SuperNode public key binding (JSON; written with --tls)
 NODE_KEYS = "fedlora-node-keys"
@@ -137,9 +130,8 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
     @app.train()
     def train(msg: Any, context: Any) -> Any:
         node = node_for(context)
-        meta = msg.content["meta"]
-        server_round, named, instruction = read_request(meta, from_arrays(msg.content["payload"]))
-        if meta.get(ASSIGNED_KEY, False):  # a simulation slot: every client's data is in this process
+        server_round, named, instruction, assigned = read_request_records(msg.content)
+        if assigned:  # a simulation slot: every client's data is in this process
             client = named
         else:
             client = partition(context)
@@ -148,14 +140,7 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
                     f"flower: a message for client {named} reached the node holding partition {client}"
                 )
         reply = node.train(server_round, client, instruction)
-        content = RecordDict(
-            {
-                "payload": to_arrays(reply.payload),
-                "metrics": metrics_record(reply.metrics),
-                "meta": ConfigRecord(reply_header(reply)),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return Message(content=reply_records(reply), reply_to=msg)
 
     return app
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters.ranks import RankProfile
+from fedlora.client.node import ClientNode
 from fedlora.config.schema import FederationConfig
 from fedlora.engine.deadline import ClientDeadline
 from fedlora.engine.sampling import clients_per_round
@@ -21,6 +22,8 @@ from fedlora.protocol import (
     ClientInstruction,
     ClientReply,
     read_reply,
+    read_request,
+    reply_header,
     request_header,
     wire_metrics,
 )
@@ -43,6 +46,62 @@ def to_arrays(state: dict[str, torch.Tensor]) -> Any:
 
 def from_arrays(record: Any) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
+
+
+def request_records(server_round: int, client_id: int, instruction: ClientInstruction, assigned: bool) -> Any:
+    """A train request as the ``RecordDict`` the server sends: tensors as ``payload`` (ArrayRecord), round,
+    client and plan as ``meta`` (ConfigRecord; ``assigned``: the node trains the client the message names)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    header = request_header(server_round, client_id, instruction)
+    if assigned:
+        header[ASSIGNED_KEY] = True
+    return RecordDict({"payload": to_arrays(instruction.payload), "meta": ConfigRecord(header)})
+
+
+def read_request_records(content: Any) -> tuple[int, int, ClientInstruction, bool]:
+    """(round, client, instruction, assigned) from :func:`request_records` (on the node)."""
+    meta = content["meta"]
+    server_round, client_id, instruction = read_request(meta, from_arrays(content["payload"]))
+    return server_round, client_id, instruction, bool(meta.get(ASSIGNED_KEY, False))
+
+
+def reply_records(reply: ClientReply) -> Any:
+    """A reply as the ``RecordDict`` the node returns: tensors, metrics (MetricRecord) and example count."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict(
+        {
+            "payload": to_arrays(reply.payload),
+            "metrics": metrics_record(reply.metrics),
+            "meta": ConfigRecord(reply_header(reply)),
+        }
+    )
+
+
+def read_reply_records(client_id: int, content: Any) -> ClientReply:
+    """The :class:`ClientReply` of client ``client_id`` from :func:`reply_records` (on the server)."""
+    return read_reply(client_id, content["meta"], from_arrays(content["payload"]), content["metrics"])
+
+
+class RecordsLoopback:
+    """A transport that trains the clients on an in-process node, each request and reply crossing as the
+    Flower ``RecordDict`` s above: Flower's encoding of every method's messages without its network (the
+    conformance suite's ``flower`` check)."""
+
+    def __init__(self, node: ClientNode) -> None:
+        self.node = node
+
+    def train_clients(
+        self, server_round: int, instructions: dict[int, ClientInstruction]
+    ) -> dict[int, ClientReply | str]:
+        replies: dict[int, ClientReply | str] = {}
+        for client_id, instruction in instructions.items():
+            sent = request_records(server_round, client_id, instruction, assigned=True)
+            round_seen, client_seen, received, _ = read_request_records(sent)
+            reply = self.node.train(round_seen, client_seen, received)
+            replies[client_id] = read_reply_records(client_id, reply_records(reply))
+        return replies
 
 
 #: how the server finds the node of a client: ``query`` asks every node once which partition it holds (and its
@@ -247,7 +306,7 @@ class FlowerTransport:
     def train_clients(
         self, server_round: int, instructions: dict[int, ClientInstruction]
     ) -> dict[int, ClientReply | str]:
-        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.app import Message
 
         self.status(f"round {server_round}: {len(instructions)} clients training on their nodes")
         sent: dict[int, int] = {}  # node -> client
@@ -259,10 +318,7 @@ class FlowerTransport:
                 continue
             node = self.node_for(position, client_id)
             sent[node] = client_id
-            header = request_header(server_round, client_id, instruction)
-            if self.routing == "assigned":
-                header[ASSIGNED_KEY] = True
-            content = RecordDict({"payload": to_arrays(instruction.payload), "meta": ConfigRecord(header)})
+            content = request_records(server_round, client_id, instruction, self.routing == "assigned")
             messages.append(
                 Message(content=content, dst_node_id=node, message_type="train", group_id=str(server_round))
             )
@@ -276,10 +332,7 @@ class FlowerTransport:
             if reply.has_error():
                 replies[client_id] = f"client error: {reply.error.reason}"
                 continue
-            content = reply.content
-            replies[client_id] = read_reply(
-                client_id, content["meta"], from_arrays(content["payload"]), content["metrics"]
-            )
+            replies[client_id] = read_reply_records(client_id, reply.content)
         for client_id in sent.values():
             if client_id not in replies:
                 replies[client_id] = self.deadline.reason(limit)
