@@ -41,7 +41,9 @@ class FedAvgM(fedlora.Strategy):
         beta, eta = self.options.momentum, self.options.server_lr
         theta, velocity = state.adapter, state.group("velocity")
         velocity = {k: beta * velocity[k] + (mean[k] - theta[k]) for k in theta}
-        return state.evolve({"global": {k: theta[k] + eta * velocity[k] for k in theta}, "velocity": velocity})
+        return state.evolve(
+            {"global": {k: theta[k] + eta * velocity[k] for k in theta}, "velocity": velocity}
+        )
 
 
 # --- a data source: a CSV file with instruction, output and (optional) category columns ------------------

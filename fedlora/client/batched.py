@@ -38,6 +38,7 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks
 from fedlora.client.loss import token_losses
+from fedlora.client.round import close_round, frozen_by, open_round
 from fedlora.client.settings import LocalTrainingSettings, round_settings
 from fedlora.client.steps import (
     EIGHT_BIT_OPTIMIZERS,
@@ -49,8 +50,10 @@ from fedlora.client.steps import (
     optimizer_step,
     seeded,
 )
+from fedlora.client.store import PersonalStore
+from fedlora.client.trainer import FirstOrderSteps
 from fedlora.compute import autocast, grad_scaler, model_device, to_device
-from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
+from fedlora.data.encoding import EncodedOnDemand, Encoder, collate, steps_for
 from fedlora.data.examples import ClientData
 
 
@@ -164,9 +167,14 @@ def _dummy_item(pad_token_id: int) -> dict[str, Any]:
 
 
 def train_clients_together(
-    adapters: LoraAdapters, encoder: Encoder, jobs: Sequence[BatchedJob], server_round: int
+    adapters: LoraAdapters,
+    encoder: Encoder,
+    jobs: Sequence[BatchedJob],
+    server_round: int,
+    store: PersonalStore | None = None,
 ) -> list[LocalResult]:
-    """The local rounds of ``jobs`` in one batched pass per step (see the module docstring)."""
+    """The local rounds of ``jobs`` in one batched pass per step (see the module docstring); each client's
+    hooks run in the one order of :mod:`fedlora.client.round` (``open_round`` ... ``close_round``)."""
     model = adapters.model
     assert model is not None
     device = model_device(model)
@@ -178,29 +186,25 @@ def train_clients_together(
     frozen_keys: set[str] = set()
     client_batches: list[list[list[dict[str, Any]]]] = []
     metrics: list[dict[str, Any]] = []
-    for job in jobs:  # each client's start state, batches and hooks, in the per-client path's order
-        encoded = EncodedOnDemand(encoder, job.client.train)
+    for job in jobs:  # each client's start state, batches and hooks: steps 1-4 of the one order
         ctx = ClientContext(
             adapters=adapters,
             encoder=encoder,
-            encoded=encoded,
+            encoded=EncodedOnDemand(encoder, job.client.train),
             settings=settings,
             seed=job.seed,
             client_id=job.client_id,
             server_round=server_round,
             generator=torch.Generator().manual_seed(job.seed),
+            store=store,
             data=job.client,
         )
-        adapters.load(job.start_state, partial=any(h.partial_payload for h in job.hooks))
-        ctx.trainable = adapters.trainable_parameters()
-        steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
-        client_batches.append(batches_for_steps(encoded, settings.batch_size, steps, ctx.generator))
-        found: dict[str, Any] = {}
-        for hook in job.hooks:
-            found.update(hook.before_training(ctx))
-        metrics.append(found)
+        steps = FirstOrderSteps()
+        metrics.append(open_round(ctx, job.start_state, job.hooks, steps))
+        client_batches.append(steps.batches)
         states.append(adapters.state())
-        frozen_keys |= {k for k in states[-1] if any(h.frozen(k) for h in job.hooks)}
+        frozen = frozen_by(job.hooks)
+        frozen_keys |= {k for k in states[-1] if frozen(k)}
         contexts.append(ctx)
     if any(set(s) != set(states[0]) for s in states) or any(".lora_" not in k for k in states[0]):
         raise ValueError("batched clients need LoRA-only states with the same target modules")
@@ -266,9 +270,7 @@ def train_clients_together(
                 **gradient_norm_metrics(client_norms[k]),
             }
         )
-        for hook in job.hooks:
-            state = hook.reply_state(ctx, state, found)
-        results.append(LocalResult(state=state, num_examples=len(ctx.encoded), metrics=found))
+        results.append(close_round(ctx, state, job.hooks, found))
     return results
 
 

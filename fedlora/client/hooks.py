@@ -6,13 +6,17 @@ strategy puts in each :class:`~fedlora.protocol.ClientInstruction`; each is a fr
 (its typed options) registered under a ``kind``, so the same objects cross the embedded engine, worker
 processes and Flower messages as JSON (``{"kind": "fedprox", "mu": 0.01}``), never pickle.
 
-The hooks a trainer calls, in this order, each with the round's :class:`ClientContext`:
+The hooks are called in one order, the same for every kind of local steps (first-order, DP-SGD,
+zeroth-order, batched), written once in :mod:`fedlora.client.round`:
 
-1. ``partial_payload`` / ``frozen(key)``: the payload may hold a subset of the adapter; frozen tensors are
+1. ``start_state(ctx, payload)``: the adapter to start from (FedKSeed rebuilds it from seed coefficients);
+2. ``partial_payload`` / ``frozen(key)``: the payload may hold a subset of the adapter; frozen tensors are
    neither trained nor sent back (FFA-LoRA's A);
-2. ``before_training(ctx)``: e.g. verify a digest, load personal state, a local-model phase (pFedLoRA);
-3. ``extra_loss(ctx)``: a term added to every step's loss (FedProx, HetLoRA's rank penalty);
-4. ``reply_state(ctx, state)``: what is sent back (HetLoRA's pruned rank; FedSA-LoRA keeps B at home).
+3. ``before_training(ctx)``: e.g. verify a digest, load personal state, a local-model phase (pFedLoRA);
+4. ``extra_loss(ctx)``: a term added to every step's loss (FedProx, HetLoRA's rank penalty);
+5. ``reply_state(ctx, state)``: what is sent back (HetLoRA's pruned rank; FedSA-LoRA keeps B at home).
+
+``local_steps()`` replaces the optimizer's steps with the method's own kind (zeroth-order).
 
 ``dp_refusal()`` says why a hook cannot run under DP-SGD (a loss term that is not per-example, training on
 private data outside DP-SGD); the privacy wrapper refuses such combinations before any work.
@@ -31,6 +35,7 @@ from fedlora.registry import Registry
 
 if TYPE_CHECKING:
     from fedlora.adapters.lora import LoraAdapters
+    from fedlora.client.round import LocalSteps
     from fedlora.client.settings import LocalTrainingSettings
     from fedlora.client.store import PersonalStore
     from fedlora.data.encoding import EncodedOnDemand, Encoder
@@ -99,6 +104,11 @@ class ClientHooks(BaseModel):
 
     def dp_refusal(self) -> str | None:
         """Why these hooks cannot run under DP-SGD (None: they can)."""
+        return None
+
+    def local_steps(self) -> LocalSteps | None:
+        """The kind of local steps this method's clients take instead of optimizer steps (zeroth-order:
+        :class:`~fedlora.client.zeroth_order.ZerothOrderSteps`; default None: the settings decide)."""
         return None
 
     def to_json(self) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class ClientNode:
                 self._batch_notes.add(refusal)
                 log.warning("compute.batch_clients: %s; training these clients one at a time", refusal)
             return {c: self.train(server_round, c, i) for c, i in instructions.items()}
-        results = train_clients_together(self.adapters, self.encoder, jobs, server_round)
+        results = train_clients_together(self.adapters, self.encoder, jobs, server_round, self.store)
         return {
             job.client_id: ClientReply(
                 job.client_id, result.state, result.num_examples, with_peak_memory(result.metrics)

@@ -1,4 +1,5 @@
-"""Local training of one client in one round: generic first-order, DP-SGD and zeroth-order steps.
+"""Local training of one client in one round: first-order and DP-SGD steps (zeroth-order ones are in
+:mod:`fedlora.client.zeroth_order`), run in the one hook order of :mod:`fedlora.client.round`.
 
 Given the payload from the server (the adapter to start from) the client minimises its task loss over
 ``steps`` mini-batches with AdamW or SGD (``settings.optimizer``), plus whatever its method's hooks add
@@ -33,6 +34,7 @@ from fedlora.client.privacy import (
     poisson_batches,
     zero_grad_samples,
 )
+from fedlora.client.round import LocalSteps, client_round
 from fedlora.client.settings import (
     DPSettings,
     LocalTrainingSettings,
@@ -48,8 +50,7 @@ from fedlora.client.steps import (
     seeded,
 )
 from fedlora.client.store import PersonalStore
-from fedlora.client.zeroth_order import ZerothOrder, train_zeroth_order
-from fedlora.compute import autocast, model_device, to_cpu, to_device
+from fedlora.compute import autocast, model_device
 from fedlora.data.encoding import EncodedOnDemand, Encoder, batches_for_steps, collate, steps_for
 from fedlora.data.examples import ClientData
 
@@ -67,13 +68,13 @@ def train_locally(
     server_round: int = 0,
     store: PersonalStore | None = None,
 ) -> LocalResult:
-    """Load ``start_state``, run the method's hooks around the local steps, return what is sent back."""
+    """One client's round from ``start_state`` (:func:`fedlora.client.round.client_round`): the method's hooks
+    in their order around the round's kind of steps (:func:`local_steps_for`); what is sent back."""
     settings = round_settings(settings, server_round)
-    encoded = EncodedOnDemand(encoder, client.train)
     ctx = ClientContext(
         adapters=adapters,
         encoder=encoder,
-        encoded=encoded,
+        encoded=EncodedOnDemand(encoder, client.train),
         settings=settings,
         seed=seed,
         client_id=client.client_id if client_id is None else client_id,
@@ -82,93 +83,144 @@ def train_locally(
         store=store,
         data=client,
     )
-    for hook in hooks:
-        start_state = hook.start_state(ctx, start_state)
-    zeroth = [h for h in hooks if isinstance(h, ZerothOrder)]
-    if zeroth:
-        return train_locally_zeroth_order(ctx, start_state, zeroth[0], hooks)
-    frozen = lambda key: any(h.frozen(key) for h in hooks)  # noqa: E731
-    adapters.load(start_state, partial=any(h.partial_payload for h in hooks))
-    model = adapters.model
-    assert model is not None
-    named = adapters.trainable_parameters()
-    for key, param in named:
-        param.requires_grad_(not frozen(key))
-    ctx.trainable = [(k, p) for k, p in named if not frozen(k)]
-    dp = settings.privacy
-    steps = steps_for(len(encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
-    if dp is not None and dp.sampling == "poisson":
-        rate = dp.sample_rate or min(1.0, settings.batch_size / len(encoded))
-        indices = poisson_batches(len(encoded), rate, steps, ctx.generator)
-        batches = [[encoded[i] for i in idx] for idx in indices]
-    else:  # `steps` optimizer steps of gradient_accumulation_steps micro-batches each
-        micro = steps * settings.gradient_accumulation_steps
-        batches = batches_for_steps(encoded, settings.batch_size, micro, ctx.generator)
-    metrics: dict[str, Any] = {}
-    for hook in hooks:
-        metrics.update(hook.before_training(ctx))
-    params = [p for _, p in ctx.trainable]  # after the hooks: one may train tensors of its own (Fed-SB's R)
-    optimizer = make_optimizer(params, settings)
-    started = time.perf_counter()
+    return client_round(ctx, start_state, hooks, local_steps_for(hooks, settings))
 
-    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if dp is not None:  # each example's own loss, so that each per-example gradient is that example's
-            loss = example_losses(model, batch, encoder.task)[0].mean()
-        else:
-            loss = batch_loss(model, batch, encoder.task)
-        for hook in hooks:
-            extra = hook.extra_loss(ctx)
-            if extra is not None:
-                loss = loss + extra
-        return loss
 
-    norms: list[float] = []
-    if dp is None:
+def local_steps_for(hooks: Sequence[ClientHooks], settings: LocalTrainingSettings) -> LocalSteps:
+    """The round's kind of steps: the one a hook asks for (zeroth-order), else DP-SGD with
+    ``settings.privacy``, else first-order optimizer steps."""
+    for hook in hooks:
+        steps = hook.local_steps()
+        if steps is not None:
+            return steps
+    return DPSGDSteps() if settings.privacy is not None else FirstOrderSteps()
+
+
+class FirstOrderSteps:
+    """``settings.local_steps`` optimizer steps (AdamW or SGD, a schedule, gradient accumulation) on the
+    adapter's trainable tensors, each step's loss the task loss plus the hooks' ``extra_loss``."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.steps = 0
+
+    def load(
+        self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Callable[[str], bool]
+    ) -> list[tuple[str, torch.nn.Parameter]]:
+        ctx.adapters.load(state, partial=partial)
+        named = ctx.adapters.trainable_parameters()
+        for key, param in named:
+            param.requires_grad_(not frozen(key))
+        return [(k, p) for k, p in named if not frozen(k)]
+
+    def plan(self, ctx: ClientContext) -> None:
+        settings = ctx.settings
+        self.steps = steps_for(
+            len(ctx.encoded), settings.batch_size, settings.local_steps, settings.local_epochs
+        )
+        micro = self.steps * settings.gradient_accumulation_steps  # optimizer steps of micro-batches
+        self.batches = batches_for_steps(ctx.encoded, settings.batch_size, micro, ctx.generator)
+
+    def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task loss of ``batch``."""
+        assert ctx.adapters.model is not None
+        return batch_loss(ctx.adapters.model, batch, ctx.encoder.task)
+
+    def loss_function(
+        self, ctx: ClientContext, hooks: Sequence[ClientHooks]
+    ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """A step's loss: :meth:`loss` plus every hook's ``extra_loss``."""
+
+        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            loss = self.loss(ctx, batch)
+            for hook in hooks:
+                extra = hook.extra_loss(ctx)
+                if extra is not None:
+                    loss = loss + extra
+            return loss
+
+        return loss_of
+
+    def run(self, ctx: ClientContext, hooks: Sequence[ClientHooks]) -> dict[str, Any]:
+        settings, model = ctx.settings, ctx.adapters.model
+        assert model is not None
+        params = [
+            p for _, p in ctx.trainable
+        ]  # after the hooks: one may train tensors of its own (Fed-SB's R)
+        optimizer = make_optimizer(params, settings)
+        started = time.perf_counter()
         losses, tokens, norms = run_steps(
             model,
             params,
-            batches,
+            self.batches,
             optimizer,
-            loss_of,
+            self.loss_function(ctx, hooks),
             settings.grad_clip,
-            seed,
-            encoder.training_batch,
+            ctx.seed,
+            ctx.encoder.training_batch,
             settings.precision,
             settings.gradient_accumulation_steps,
-            make_scheduler(optimizer, settings, steps),
+            make_scheduler(optimizer, settings, self.steps),
         )
-    else:
-        pad = encoder.tokenizer.pad_token_id
-        schedule = make_scheduler(optimizer, settings, steps)
-        run_dp_steps(
-            model,
-            params,
-            batches,
-            optimizer,
-            loss_of,
-            dp,
-            settings.batch_size,
-            seed,
-            pad,
-            settings.precision,
-            schedule,
-        )
-        losses, tokens = [], 0
-    metrics.update(
-        {
+        return {
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "steps": steps,
+            "steps": self.steps,
             "tokens": tokens,
             "train_seconds": time.perf_counter() - started,
             **gradient_norm_metrics(norms),
         }
-    )
-    if dp is not None:  # computed on raw private batches: not released (only the public step count leaves)
-        metrics = {"steps": steps}
-    state = {k: v for k, v in adapters.state().items() if not frozen(k)}
-    for hook in hooks:
-        state = hook.reply_state(ctx, state, metrics)
-    return LocalResult(state=state, num_examples=len(encoded), metrics=metrics)
+
+    def trained(self, ctx: ClientContext, frozen: Callable[[str], bool]) -> AdapterState:
+        return {k: v for k, v in ctx.adapters.state().items() if not frozen(k)}
+
+    def release(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return metrics
+
+
+class DPSGDSteps(FirstOrderSteps):
+    """DP-SGD steps (:mod:`fedlora.client.privacy`): Poisson-sampled batches (or fixed-size ones with
+    ``sampling: shuffle``), per-example losses, clipping and Gaussian noise; only the public step count leaves
+    the client (a loss or token count computed on raw private batches is not released)."""
+
+    def plan(self, ctx: ClientContext) -> None:
+        dp = ctx.settings.privacy
+        assert dp is not None
+        if dp.sampling != "poisson":
+            super().plan(ctx)
+            return
+        settings, n = ctx.settings, len(ctx.encoded)
+        self.steps = steps_for(n, settings.batch_size, settings.local_steps, settings.local_epochs)
+        rate = dp.sample_rate or min(1.0, settings.batch_size / n)
+        indices = poisson_batches(n, rate, self.steps, ctx.generator)
+        self.batches = [[ctx.encoded[i] for i in idx] for idx in indices]
+
+    def loss(self, ctx: ClientContext, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean of each example's own loss, so that each per-example gradient is that example's."""
+        assert ctx.adapters.model is not None
+        return example_losses(ctx.adapters.model, batch, ctx.encoder.task)[0].mean()
+
+    def run(self, ctx: ClientContext, hooks: Sequence[ClientHooks]) -> dict[str, Any]:
+        settings, model, dp = ctx.settings, ctx.adapters.model, ctx.settings.privacy
+        assert model is not None and dp is not None
+        params = [p for _, p in ctx.trainable]
+        optimizer = make_optimizer(params, settings)
+        run_dp_steps(
+            model,
+            params,
+            self.batches,
+            optimizer,
+            self.loss_function(ctx, hooks),
+            dp,
+            settings.batch_size,
+            ctx.seed,
+            ctx.encoder.tokenizer.pad_token_id,
+            settings.precision,
+            make_scheduler(optimizer, settings, self.steps),
+        )
+        return {"steps": self.steps}
+
+    def release(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"steps": self.steps}
 
 
 def run_dp_steps(
@@ -202,58 +254,3 @@ def run_dp_steps(
                 loss.backward()
             optimizer_step(optimizer, None, None, scheduler)  # Opacus clips per example inside its step
     model.eval()
-
-
-def train_locally_zeroth_order(
-    ctx: ClientContext, start_state: AdapterState, zo: ZerothOrder, hooks: Sequence[ClientHooks]
-) -> LocalResult:
-    """MeZO steps on the adapter (or every base weight) (:mod:`fedlora.client.zeroth_order`): forward passes
-    only, eval mode. Replies with the trained tensors (``upload: weights``) or with the steps record
-    (``upload: seeds``: seeds, projected gradients and learning rates) that the server replays."""
-    adapters, settings = ctx.adapters, ctx.settings
-    if zo.full_model:
-        adapters.load_base(start_state)
-        named = adapters.base_parameters()
-    else:
-        adapters.load(start_state)
-        named = adapters.trainable_parameters()
-    model = adapters.model
-    assert model is not None
-    model.eval()
-    steps = steps_for(len(ctx.encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
-    batches = batches_for_steps(ctx.encoded, settings.batch_size, steps, ctx.generator)
-    task = ctx.encoder.task
-
-    device, precision = model_device(model), settings.precision
-
-    def loss_of(items: list[dict[str, Any]]) -> Callable[[], float]:
-        batch = to_device(ctx.encoder.training_batch(items), device)
-
-        def loss() -> float:
-            with torch.no_grad(), autocast(precision, device):
-                return float(batch_loss(model, batch, task))
-
-        return loss
-
-    tokens = sum(len(item["input_ids"]) for items in batches for item in items)
-    record, metrics = train_zeroth_order(
-        named,
-        [loss_of(items) for items in batches],
-        ctx.seed,
-        zo.eps,
-        settings.lr,
-        settings.weight_decay,
-        zo.perturbations,
-        seeds_of=lambda step: zo.step_seeds(ctx.seed, step),
-        skip_nonfinite=zo.skip_nonfinite,
-    )
-    metrics["tokens"] = tokens
-    if zo.upload == "seeds":
-        state = record
-    elif zo.full_model:
-        state = to_cpu(dict(named))
-    else:
-        state = adapters.state()
-    for hook in hooks:
-        state = hook.reply_state(ctx, state, metrics)
-    return LocalResult(state=state, num_examples=len(ctx.encoded), metrics=metrics)

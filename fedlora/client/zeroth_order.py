@@ -20,14 +20,17 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from fedlora.adapters.state import AdapterState
-from fedlora.client.hooks import ClientHooks, register_client_hooks
+from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
+from fedlora.client.loss import batch_loss
+from fedlora.compute import autocast, model_device, to_cpu, to_device
+from fedlora.data.encoding import batches_for_steps, steps_for
 
 SEEDS_KEY, GRADS_KEY, LRS_KEY, WEIGHT_DECAY_KEY = (
     "zo.seeds",
@@ -60,6 +63,9 @@ class ZerothOrder(ClientHooks):
     def step_seeds(self, round_seed: int, step: int) -> list[int]:
         """The seeds of step ``step``'s perturbations (default: fresh ones from the client's round seed)."""
         return [step_seed(round_seed, step, j) for j in range(self.perturbations)]
+
+    def local_steps(self) -> ZerothOrderSteps:
+        return ZerothOrderSteps(self)
 
 
 def step_seed(round_seed: int, step: int, perturbation: int) -> int:
@@ -216,3 +222,72 @@ def train_zeroth_order(
         "lr": lr,
     }
     return steps_record(seeds, grads, lrs, weight_decay), metrics
+
+
+class ZerothOrderSteps:
+    """MeZO steps on the adapter (or, ``full_model``, every base weight): forward passes only, eval mode.
+    The reply is the trained tensors (``upload: weights``) or the steps record (``upload: seeds``: seeds,
+    projected gradients and learning rates) that the server replays."""
+
+    def __init__(self, zo: ZerothOrder) -> None:
+        self.zo = zo
+        self.named: list[tuple[str, torch.nn.Parameter]] = []
+        self.batches: list[list[dict[str, Any]]] = []
+        self.record: AdapterState = {}
+
+    def load(
+        self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Callable[[str], bool]
+    ) -> list[tuple[str, torch.nn.Parameter]]:
+        adapters = ctx.adapters
+        if self.zo.full_model:
+            adapters.load_base(state)
+            named = adapters.base_parameters()
+        else:
+            adapters.load(state, partial=partial)
+            named = adapters.trainable_parameters()
+        self.named = [(k, p) for k, p in named if not frozen(k)]
+        return self.named
+
+    def plan(self, ctx: ClientContext) -> None:
+        settings = ctx.settings
+        steps = steps_for(len(ctx.encoded), settings.batch_size, settings.local_steps, settings.local_epochs)
+        self.batches = batches_for_steps(ctx.encoded, settings.batch_size, steps, ctx.generator)
+
+    def run(self, ctx: ClientContext, hooks: Sequence[ClientHooks]) -> dict[str, Any]:
+        model, settings = ctx.adapters.model, ctx.settings
+        assert model is not None
+        model.eval()
+        device, precision, task = model_device(model), settings.precision, ctx.encoder.task
+
+        def loss_of(items: list[dict[str, Any]]) -> Callable[[], float]:
+            batch = to_device(ctx.encoder.training_batch(items), device)
+
+            def loss() -> float:
+                with torch.no_grad(), autocast(precision, device):
+                    return float(batch_loss(model, batch, task))
+
+            return loss
+
+        self.record, metrics = train_zeroth_order(
+            ctx.trainable,
+            [loss_of(items) for items in self.batches],
+            ctx.seed,
+            self.zo.eps,
+            settings.lr,
+            settings.weight_decay,
+            self.zo.perturbations,
+            seeds_of=lambda step: self.zo.step_seeds(ctx.seed, step),
+            skip_nonfinite=self.zo.skip_nonfinite,
+        )
+        metrics["tokens"] = sum(len(item["input_ids"]) for items in self.batches for item in items)
+        return metrics
+
+    def trained(self, ctx: ClientContext, frozen: Callable[[str], bool]) -> AdapterState:
+        if self.zo.upload == "seeds":
+            return self.record
+        if self.zo.full_model:
+            return to_cpu(dict(self.named))
+        return {k: v for k, v in ctx.adapters.state().items() if not frozen(k)}
+
+    def release(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return metrics
