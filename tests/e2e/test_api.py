@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fedlora
 from conftest import REPO, assert_rel_close
 from fedlora.data.sources import reasoning_gym_examples
 from fedlora.engine.server import Server
+from fedlora.testing import check_strategy
 
 EXAMPLES = REPO / "examples"
 PLUGIN = EXAMPLES / "my_plugin.py"
@@ -194,3 +196,13 @@ def test_the_library_api_is_quiet(tmp_path: Path) -> None:
         s for s in ("Loading weights", "Generating partition", "FutureWarning", "it/s]") if s in done.stderr
     ]
     assert noise == [], done.stderr[-2000:]
+
+
+def test_a_plugin_strategy_passes_the_conformance_suite_with_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a plugin author runs on their own method: every conformance check (fedlora.testing)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import my_plugin  # noqa: F401  (registers fedavgm)
+
+    check_strategy("fedavgm", tmp_path, extra={"plugins": "[my_plugin]"})
