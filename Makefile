@@ -33,6 +33,7 @@ test: dev
 lint: dev
 	$(VENV)/bin/ruff check fedlora tests benchmarks examples
 	$(VENV)/bin/ruff format --check fedlora tests benchmarks examples
+	$(VENV)/bin/mypy  # fedlora/ ([tool.mypy] in pyproject.toml)
 
 bench: install
 	$(PY) benchmarks/engine_overhead.py

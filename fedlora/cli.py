@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     config_path, overrides = _split_config_and_overrides(args.items)
     # the schema first (no torch, no registry: a typo is reported at once), then the registries' checks
-    cfg = check_experiment(loader.load_config(config_path, overrides))
+    cfg = check_experiment(loader.read_config(config_path, overrides))
     from fedlora.runner import run_experiment
 
     run_experiment(cfg, Path(args.output) if args.output else None, show_progress=not args.no_progress)
@@ -182,7 +182,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(markdown_reference(), end="")
         return 0
     config_path, overrides = _split_config_and_overrides(args.items)
-    print(commented_yaml(loader.load_config(config_path, overrides)), end="")
+    print(commented_yaml(loader.read_config(config_path, overrides)), end="")
     return 0
 
 

@@ -18,7 +18,7 @@ import contextlib
 import os
 import platform
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -87,7 +87,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def weight_of(module: torch.nn.Module) -> torch.Tensor:
+    """A layer's ``weight`` tensor (typed: ``nn.Module`` attributes read as tensor-or-module)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight
+
+
+def to_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU copies (what travels and what is written, whatever the compute device)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 

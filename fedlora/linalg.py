@@ -17,9 +17,18 @@ forming M and running a full SVD.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+
+
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The terms added left to right, as Python's ``sum`` does (typed: a tensor, never the int 0)."""
+    iterator = iter(terms)
+    total = next(iterator)
+    for term in iterator:
+        total = total + term
+    return total
 
 
 def lowrank_svd(

@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora.config import loader
 from fedlora.config.schema import ExperimentConfig
+from fedlora.config.sections.training import OptimizerName
 from fedlora.errors import ConfigError
-from fedlora.registry import UnknownName, import_plugins
+from fedlora.registry import Registry, UnknownName, import_plugins
 
 if TYPE_CHECKING:
     from fedlora.strategies.base import ExperimentFacts
 
 #: configs checked in this process (their content) -> the optimizer their strategy resolved
-_CHECKED: dict[str, str | None] = {}
+_CHECKED: dict[str, OptimizerName | None] = {}
 
 
 def load_builtins() -> None:
@@ -127,18 +128,18 @@ def resolve_strategy_defaults(cfg: ExperimentConfig, strategy: Any) -> Experimen
 
 def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (schema, then preflight), raising :class:`ConfigError`."""
-    return check_experiment(loader.config_from_dict(tree))
+    return check_experiment(loader.schema_config(tree))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read ``path`` with dotted overrides (no path: the schema's defaults; nothing at all: the built-in demo
-    experiment, :func:`fedlora.config.loader.load_config`), validate it and preflight it."""
-    return check_experiment(loader.load_config(path, overrides))
+    experiment, :func:`fedlora.config.loader.read_config`), validate it and preflight it."""
+    return check_experiment(loader.read_config(path, overrides))
 
 
 def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
     """A config from command-line overrides alone (the schema's defaults), preflighted."""
-    return check_experiment(loader.config_from_overrides(overrides))
+    return check_experiment(loader.schema_config_from_overrides(overrides))
 
 
 def registered_names() -> str:
@@ -150,7 +151,7 @@ def registered_names() -> str:
     from fedlora.strategies.registry import STRATEGIES
 
     load_builtins()
-    rows = [
+    rows: list[tuple[str, Registry[Any]]] = [
         ("strategy.name", STRATEGIES),
         ("data.source", DATA_SOURCES),
         ("partition.method", PARTITIONERS),

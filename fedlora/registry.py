@@ -5,8 +5,10 @@ Python entry point (group ``fedlora.<kind>``, e.g. ``fedlora.strategies``), or i
 ``plugins:`` list (importable modules), which every process that reads the config imports first: so
 ``--resume``, ``fedlora eval`` and Flower nodes see the same names as the run that wrote it.
 
-    @fedlora.register_strategy("my-method")
-    class MyMethod(fedlora.Strategy): ...
+    @fedlora.register_strategy
+    class MyMethod(fedlora.Strategy):
+        name = "my-method"
+        ...
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -34,6 +36,12 @@ class Registry(Generic[T]):
         self.entry_point_group = "fedlora." + {"strategy": "strategies"}.get(
             kind, kind.replace(" ", "_") + "s"
         )
+
+    @overload
+    def register(self, name: str, item: None = None, *, replace: bool = False) -> Callable[[T], T]: ...
+
+    @overload
+    def register(self, name: str, item: T, *, replace: bool = False) -> T: ...
 
     def register(self, name: str, item: T | None = None, *, replace: bool = False) -> Callable[[T], T] | T:
         """``registry.register("x", obj)``, or ``@registry.register("x")`` on a class or function."""

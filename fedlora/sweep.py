@@ -77,7 +77,7 @@ def cell_name(axes: list[tuple[str, str]], seed: int) -> str:
 def grid(
     axes: list[tuple[str, list[str]]], seeds: list[int], seed_keys: tuple[str, ...] = SEED_KEYS
 ) -> list[Cell]:
-    cells = []
+    cells: list[Cell] = []
     names: set[str] = set()
     for combo in itertools.product(*(values for _, values in axes)):
         for seed in seeds:
@@ -100,7 +100,7 @@ def sweep_configs(
     seed_keys: tuple[str, ...] = SEED_KEYS,
 ) -> list[tuple[Cell, ExperimentConfig]]:
     """Every cell with its validated config. The base is what ``fedlora run`` would run with the same
-    config file and overrides (:func:`fedlora.config.loader.load_config`); the cell's own settings apply
+    config file and overrides (:func:`fedlora.config.loader.read_config`); the cell's own settings apply
     on top of it."""
     base = config if config is not None or overrides else str(builtin_config_path())
     cells = grid(parse_axes(sets), seeds, seed_keys)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.merged import split_merged
 from fedlora.adapters.state import AdapterState
-from fedlora.compute import to_cpu
+from fedlora.compute import to_cpu, weight_of
 
 
 def export_peft_adapter(
@@ -54,11 +54,11 @@ def export_merged_model(
     the adapter of ``state`` merged in), every other weight the base model's."""
     adapters.load(state)
     prefix = "base_model.model."
-    weights = dict(adapters.base_parameters())
+    weights: dict[str, torch.Tensor] = dict(adapters.base_parameters())
     with torch.no_grad():
         slot = adapters.active_slot_name
         for path, (layer, _, _) in adapters.lora_modules().items():
-            A, B = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+            A, B = weight_of(layer.lora_A[slot]), weight_of(layer.lora_B[slot])
             rank = A.shape[0]
             key = path.removeprefix(prefix) + ".base_layer.weight"
             weights[key] = weights[key] + adapters.scaling(rank) * (B @ A)

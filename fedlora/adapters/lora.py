@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from fedlora.adapters.merged import MergedBase, split_merged
 from fedlora.adapters.ranks import LoraScaling, RankProfile, module_kind, profile_of_state
 from fedlora.adapters.state import AdapterState
-from fedlora.compute import to_cpu
+from fedlora.compute import to_cpu, weight_of
 from fedlora.config.schema import AdapterConfig
 
 # rank_pattern key (PEFT matches it as ``(.*\.)?(KEY)$`` on module names) for modules that are NOT
@@ -85,7 +85,7 @@ class LoraAdapters:
         return LoraConfig(
             r=profile.attention,
             rank_pattern={MLP_MODULES_PATTERN: profile.mlp} if mixed else {},
-            lora_alpha=scaling.alpha_at(profile.attention),
+            lora_alpha=scaling.alpha_at(profile.attention),  # type: ignore[arg-type]  # PEFT annotates int; it scales by any float
             alpha_pattern={MLP_MODULES_PATTERN: scaling.alpha_at(profile.mlp)}
             if mixed and scaling.constant is not None
             else {},
@@ -139,7 +139,7 @@ class LoraAdapters:
         self._kinds = {module_kind(path) for path in layers}
         for path, layer in layers.items():
             rank, wanted = layer.r[name], profile.rank_for(path)
-            d, k = layer.out_features, layer.in_features
+            d, k = int(layer.out_features or 0), int(layer.in_features or 0)  # PEFT: int | None before init
             problem = None
             if rank != wanted:
                 problem = f"PEFT gave module {path} rank {rank}, expected {wanted}"
@@ -292,7 +292,7 @@ class LoraAdapters:
         assert self.model is not None
         if not self._base_weights:
             self._base_weights = {
-                name: module.get_base_layer().weight
+                name: weight_of(module.get_base_layer())
                 for name, module in self.model.named_modules()
                 if isinstance(module, LoraLayer)
             }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -229,7 +230,7 @@ def largest_profile(profiles: list[RankProfile]) -> RankProfile:
     return RankProfile(max(p.attention for p in profiles), max(p.mlp for p in profiles))
 
 
-def trailing_rank_norms(named: list[tuple[str, torch.Tensor]], gamma: float) -> torch.Tensor:
+def trailing_rank_norms(named: Sequence[tuple[str, torch.Tensor]], gamma: float) -> torch.Tensor:
     """HetLoRA's self-pruning measure per module: ||B[:, g:]||_F * ||A[g:, :]||_F with g = floor(gamma r).
 
     ``named``: (PEFT key, tensor) pairs of the trainable adapter; differentiable (the penalty uses it).

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.state import AdapterState
@@ -102,7 +103,7 @@ def batch_refusal(encoder: Encoder, jobs: Sequence[BatchedJob]) -> str | None:
 class _StackedModule:
     """One target module's factors for all K clients: A (K x r x d_in), B (K x d_out x r), scales (K)."""
 
-    layer: torch.nn.Module
+    layer: LoraLayer
     a_key: str
     b_key: str
     A: torch.nn.Parameter
@@ -132,7 +133,7 @@ def _stacked_forward(adapters: LoraAdapters, modules: list[_StackedModule], drop
 
         return hook
 
-    handles = [m.layer.base_layer.register_forward_hook(hook_for(m)) for m in modules]
+    handles = [m.layer.get_base_layer().register_forward_hook(hook_for(m)) for m in modules]
     try:
         with model.disable_adapter():
             yield
@@ -274,7 +275,7 @@ def train_clients_together(
     return results
 
 
-def per_client_gradient_norms(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+def per_client_gradient_norms(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Each client's gradient norm ||g_k||_2 (its slice k of every stacked tensor, as one vector), shape (K,),
     measured before clipping; with ``max_norm``, each g_k is then clipped with torch's rule
     g_k *= min(1, max_norm / (||g_k|| + 1e-6)), as the per-client path clips its own gradient."""

@@ -61,8 +61,9 @@ class ClientContext:
     store: PersonalStore | None = None
     #: the client's data, every split (e.g. for a personalised evaluation on its own eval split)
     data: ClientData | None = None
-    #: the trainable (name, parameter) pairs, set by the trainer before ``before_training``
-    trainable: list[tuple[str, torch.nn.Parameter]] = field(default_factory=list)
+    #: the trainable (name, tensor) pairs, set by the trainer before ``before_training`` (a hook may train
+    #: tensors of its own: Fed-SB's cores)
+    trainable: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     #: per-round scratch space for hooks (e.g. FedProx's anchor)
     scratch: dict[str, Any] = field(default_factory=dict)
 

@@ -15,6 +15,7 @@ standard path from then on. Under bf16/fp16 autocast the head still runs at the 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 _FAST_PATH_AGREES: dict[type, bool] = {}
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def _causal_lm(model: torch.nn.Module) -> Any:  # a transformers *ForCausalLM: its methods are not Module's
     """The transformers ``*ForCausalLM`` under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_of = getattr(model, "get_base_model", None)  # PEFT's wrapper
+    return base_of() if base_of is not None else model
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -99,8 +99,8 @@ def poisson_batches(
     ]
 
 
-def zero_grad_samples(params: list[torch.nn.Parameter]) -> None:
+def zero_grad_samples(params: Sequence[torch.Tensor]) -> None:
     """An empty Poisson batch: every example contributes nothing; the step still adds the noise."""
     for p in params:
-        p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]  # Opacus' per-example gradient slot
         p.grad = torch.zeros_like(p)

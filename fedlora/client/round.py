@@ -43,7 +43,7 @@ class LocalSteps(Protocol):
 
     def load(
         self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Frozen
-    ) -> list[tuple[str, torch.nn.Parameter]]:
+    ) -> list[tuple[str, torch.Tensor]]:
         """Put ``state`` into the model; the (name, parameter) pairs the steps train (none that is frozen)."""
         ...
 

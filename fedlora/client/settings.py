@@ -50,8 +50,8 @@ class LocalTrainingSettings:
 
 
 #: the generic settings a strategy may override per client in ``ClientInstruction.settings``
-OVERRIDABLE = ("optimizer", "lr", "weight_decay", "momentum", "local_steps", "local_epochs", "batch_size")
-OVERRIDABLE += ("grad_clip", "lr_scale", "lr_offset")
+OVERRIDABLE: tuple[str, ...] = ("optimizer", "lr", "weight_decay", "momentum", "local_steps", "local_epochs")
+OVERRIDABLE += ("batch_size", "grad_clip", "lr_scale", "lr_offset")
 
 
 def round_lr(settings: LocalTrainingSettings, server_round: int) -> float:

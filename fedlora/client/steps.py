@@ -43,9 +43,7 @@ OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 
 
-def make_optimizer(
-    params: list[torch.nn.Parameter], settings: LocalTrainingSettings
-) -> torch.optim.Optimizer:
+def make_optimizer(params: Sequence[torch.Tensor], settings: LocalTrainingSettings) -> torch.optim.Optimizer:
     """The local optimizer: ``adamw`` / ``adamw_torch`` (torch's AdamW), ``adamw_torch_fused`` (its fused
     kernel, the same update), ``adamw_8bit`` / ``paged_adamw_8bit`` (bitsandbytes' AdamW with 8-bit
     block-wise state, paged on CUDA; tensors under 4,096 elements keep 32-bit state, bitsandbytes' rule),
@@ -99,7 +97,7 @@ def reporting_steps(listener: Callable[[int, int], None]) -> Iterator[None]:
 
 def run_steps(
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
+    params: Sequence[torch.Tensor],
     batches: list[list[dict[str, Any]]],
     optimizer: torch.optim.Optimizer,
     loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
@@ -146,7 +144,7 @@ def run_steps(
     return losses, tokens, torch.stack(norms).tolist() if norms else []  # one device sync, at the end
 
 
-def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+def gradient_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The step's global gradient norm ||g||_2 over ``params`` (all gradients as one vector), measured before
     clipping; with ``max_norm``, g is then clipped with torch's rule g *= min(1, max_norm / (||g|| + 1e-6))."""
     if max_norm is None:
@@ -200,7 +198,7 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training(params: list[torch.nn.Parameter], others: list[torch.nn.Parameter]):
+def training(params: Sequence[torch.Tensor], others: Sequence[torch.Tensor]):
     """Make ``params`` trainable and ``others`` frozen for the duration, then swap back."""
     for p in others:
         p.requires_grad_(False)

@@ -106,7 +106,7 @@ class FirstOrderSteps:
 
     def load(
         self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Callable[[str], bool]
-    ) -> list[tuple[str, torch.nn.Parameter]]:
+    ) -> list[tuple[str, torch.Tensor]]:
         ctx.adapters.load(state, partial=partial)
         named = ctx.adapters.trainable_parameters()
         for key, param in named:
@@ -225,7 +225,7 @@ class DPSGDSteps(FirstOrderSteps):
 
 def run_dp_steps(
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
+    params: Sequence[torch.Tensor],
     batches: list[list[dict[str, Any]]],
     optimizer: torch.optim.Optimizer,
     loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],

@@ -183,7 +183,7 @@ def check_steps_record(record: AdapterState, perturbations: int) -> str | None:
 
 
 def train_zeroth_order(
-    named: list[tuple[str, torch.Tensor]],
+    named: Sequence[tuple[str, torch.Tensor]],
     batch_losses: list[Callable[[], float]],
     round_seed: int,
     eps: float,
@@ -231,13 +231,13 @@ class ZerothOrderSteps:
 
     def __init__(self, zo: ZerothOrder) -> None:
         self.zo = zo
-        self.named: list[tuple[str, torch.nn.Parameter]] = []
+        self.named: list[tuple[str, torch.Tensor]] = []
         self.batches: list[list[dict[str, Any]]] = []
         self.record: AdapterState = {}
 
     def load(
         self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Callable[[str], bool]
-    ) -> list[tuple[str, torch.nn.Parameter]]:
+    ) -> list[tuple[str, torch.Tensor]]:
         adapters = ctx.adapters
         if self.zo.full_model:
             adapters.load_base(state)

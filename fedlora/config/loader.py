@@ -122,7 +122,7 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def config_from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+def schema_config(tree: dict[str, Any]) -> ExperimentConfig:
     """Validate a nested dict against the schema, raising ConfigError (registry names are checked by
     :func:`fedlora.preflight.check_experiment`)."""
     try:
@@ -138,7 +138,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(
                     f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} is given twice in one section "
@@ -272,15 +272,16 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read ``path``, apply dotted overrides, validate. The one rule of ``run``, ``sweep``, ``flower`` and
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path``, apply dotted overrides, validate against the schema (no registry checks: that is
+    :func:`fedlora.preflight.load_config`, which calls this). The one rule of ``run``, ``sweep``, ``flower`` and
     ``fedlora.load_config``: overrides apply to the file given; with no file, to the schema's defaults
-    (:func:`config_from_overrides`); with neither, the built-in demo experiment (``builtin/default.yaml``).
+    (:func:`schema_config_from_overrides`); with neither, the built-in demo experiment (``builtin/default.yaml``).
 
     Relative paths in the file are read against the file's folder, those in overrides against the current
     directory; both are stored absolute, so the run's ``config.yaml`` works from anywhere."""
     if path is None and overrides:
-        return config_from_overrides(overrides)
+        return schema_config_from_overrides(overrides)
     builtin = path is None
     path = Path(path) if path is not None else builtin_config_path("default")
     tree = read_yaml(path) or {}
@@ -288,16 +289,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     resolve_paths(tree, Path.cwd() if builtin else path.resolve().parent)
     apply_overrides(tree, overrides or [])
-    return config_from_dict(resolve_paths(tree, Path.cwd()))
+    return schema_config(resolve_paths(tree, Path.cwd()))
 
 
-def config_from_overrides(overrides: list[str]) -> ExperimentConfig:
+def schema_config_from_overrides(overrides: list[str]) -> ExperimentConfig:
     """A config from command-line overrides alone: the schema's defaults (not the built-in demo experiment,
     whose caps and data would silently apply), named ``<strategy>-<data source>`` unless ``name`` is given."""
     tree: dict[str, Any] = {}
     apply_overrides(tree, overrides)
     resolve_paths(tree, Path.cwd())
-    cfg = config_from_dict(tree)
+    cfg = schema_config(tree)
     if "name" not in tree:  # validated on assignment
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{cfg.strategy.name}-{cfg.data.source}").strip("-.")
         cfg.name = name or "experiment"

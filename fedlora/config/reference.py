@@ -88,7 +88,7 @@ def _yaml_value(value: Any) -> str:
 
 
 def _section_fields(cls: type[BaseModel]) -> list[tuple[str, type[BaseModel] | None]]:
-    fields = []
+    fields: list[tuple[str, type[BaseModel] | None]] = []
     for name, info in cls.model_fields.items():
         annotation = info.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
@@ -99,7 +99,7 @@ def _section_fields(cls: type[BaseModel]) -> list[tuple[str, type[BaseModel] | N
 def reference(cfg: ExperimentConfig | None = None) -> list[tuple[str, str, list[KeyHelp]]]:
     """(section, its help, its keys) in schema order; values from ``cfg`` (default: the schema's defaults).
     Top-level scalar keys (name, engine, plugins) come first, as section ``""``."""
-    cfg = cfg or ExperimentConfig()
+    cfg = cfg or ExperimentConfig.model_validate({})
     tree = cfg.model_dump(mode="json")
     top_help = field_comments(ExperimentConfig)
     sections: list[tuple[str, str, list[KeyHelp]]] = [("", section_help(ExperimentConfig), [])]

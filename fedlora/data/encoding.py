@@ -57,9 +57,11 @@ def render_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template
         if example.messages:
             return chat_prompt(tokenizer, example.messages)
         content = example.instruction + (f"\n\n{example.input}" if example.input else "")
-        return tokenizer.apply_chat_template(
+        prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
+        assert isinstance(prompt, str)  # tokenize=False: the rendered text
+        return prompt
     return ALPACA_PROMPT.format(
         with_input=", paired with an input that provides further context" if example.input else "",
         instruction=example.instruction,
@@ -129,6 +131,12 @@ class Encoder:
         labels = prompt_labels[cut:] + response_labels[:keep_response]
         return {"input_ids": ids, "labels": labels}
 
+    def token_count(self, example: Example) -> int:
+        """How many tokens ``example`` encodes to (its ``input_ids``)."""
+        ids = self.encode(example)["input_ids"]
+        assert isinstance(ids, list)
+        return len(ids)
+
     def encode_all(self, examples: list[Example]) -> list[dict[str, Any]]:
         return [self.encode(e) for e in examples]
 
@@ -154,7 +162,7 @@ class EncodedOnDemand(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]  # ints only, no slices
         if index not in self._done:
             self._done[index] = self.encoder.encode(self.examples[index])
         return self._done[index]
@@ -227,7 +235,7 @@ def pack(items: list[dict[str, Any]], pad_token_id: int, capacity: int) -> dict[
 
 
 def batches_for_steps(
-    encoded: list[dict[str, Any]], batch_size: int, steps: int, generator: torch.Generator
+    encoded: Sequence[dict[str, Any]], batch_size: int, steps: int, generator: torch.Generator
 ) -> list[list[dict[str, Any]]]:
     """``steps`` batches drawn epoch by epoch in a seeded random order (the last one of an epoch may be short)."""
     batches: list[list[dict[str, Any]]] = []

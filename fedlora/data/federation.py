@@ -62,7 +62,7 @@ DATA_SOURCES: Registry[DataSource] = Registry("data source", "data.source")
 def register_data_source(name: str) -> Callable[[DataSource], DataSource]:
     """Decorator: ``fn(request) -> SourceData``, ``request`` a :class:`SourceRequest` (``request.data``: the
     data section; a plugin source's own settings are ``request.data.options``)."""
-    return DATA_SOURCES.register(name)  # type: ignore[return-value]
+    return DATA_SOURCES.register(name)
 
 
 @register_data_source("natural-instructions")
@@ -74,7 +74,9 @@ def natural_instructions_source(request: SourceRequest) -> SourceData:
     path = find_natural_instructions(request.data.path, request.data.variant)
     limit = request.num_clients or request.data.max_clients
     clients = lazy_natural_instructions(path, max_clients=limit)  # examples stay on disk until used
-    return SourceData(f"Natural Instructions ({path.name}, {len(clients)} task clients)", clients=clients)
+    description = f"Natural Instructions ({path.name}, {len(clients)} task clients)"
+    # a LazyClientData is read as a ClientData (the same attributes; examples loaded when first used)
+    return SourceData(description, clients=clients)  # type: ignore[arg-type]
 
 
 @register_data_source("reasoning-gym")
@@ -124,8 +126,8 @@ def hf_source(request: SourceRequest) -> SourceData:
 def rows_source(request: SourceRequest, rows: Iterable[dict[str, Any]]) -> SourceData:
     """A dataset given in Python (a ``datasets.Dataset``, a list of dicts...) as a source: its rows read with
     the config's field names (``data.instruction_field`` ...), then partitioned as the config says."""
-    rows = list(enumerate(rows, start=1))
-    return records_source(request, rows, "dataset row", "a dataset given in Python", "rows")
+    numbered = list(enumerate(rows, start=1))
+    return records_source(request, numbered, "dataset row", "a dataset given in Python", "rows")
 
 
 def records_source(

@@ -52,7 +52,7 @@ PARTITIONERS: Registry[Partitioner] = Registry("partitioner", "partition.method"
 
 def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
     """Decorator: ``fn(examples, num_clients, seed, *, alpha, by, min_partition_size) -> list of shards``."""
-    return PARTITIONERS.register(name)  # type: ignore[return-value]
+    return PARTITIONERS.register(name)
 
 
 def partition_examples(

@@ -81,7 +81,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield index + 1, record
 
 
-def _text_field(path: Path, line: int, record: dict[str, Any], key: str, required: bool) -> str:
+def _text_field(path: Path | str, line: int, record: dict[str, Any], key: str, required: bool) -> str:
     value = record.get(key)
     if value is None:
         if required and key in record:
@@ -121,7 +121,7 @@ def instruction_examples(
     found in records without ``instruction_field``) becomes conversation examples
     (:func:`fedlora.data.chat.conversation_example`).
     """
-    examples = []
+    examples: list[Example] = []
     for line, record in records:
         category = _text_field(path, line, record, category_field, False) if category_field else ""
         if messages_field is None and label_names is None and not examples:
@@ -156,7 +156,7 @@ def instruction_examples(
     return examples
 
 
-def _parse_label(path: Path, line: int, value: str, label_names: list[str]) -> int:
+def _parse_label(path: Path | str, line: int, value: str, label_names: list[str]) -> int:
     if value in label_names:
         return label_names.index(value)
     if value.isdigit() and int(value) < len(label_names):

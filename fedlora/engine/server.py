@@ -38,10 +38,10 @@ def state_to_tensors(state: ServerState) -> dict[str, torch.Tensor]:
 
 
 def state_to_json(state: ServerState) -> dict[str, Any]:
-    """The JSON side of the state: facts, profiles ({client: [attention, mlp]} or null) and key orders."""
+    """The JSON side of the state: facts, profiles ({client: [attention, mlp]}) and each group's key order."""
     return {
         "facts": dict(state.facts),
-        "profiles": {str(c): None if p is None else [p.attention, p.mlp] for c, p in state.profiles.items()},
+        "profiles": {str(c): [p.attention, p.mlp] for c, p in state.profiles.items()},
         "groups": {group: list(tensors) for group, tensors in state.arrays.items()},
     }
 
@@ -60,10 +60,8 @@ def state_from_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
             arrays[group] = {name: tensors[f"{group}/{name}"] for name in names}
         except KeyError as err:
             raise StateFormatError(f"the checkpoint's server state lacks tensor {err.args[0]}") from None
-    profiles = {
-        int(c): None if p is None else RankProfile(int(p[0]), int(p[1])) for c, p in side["profiles"].items()
-    }
-    return ServerState(arrays, dict(side["facts"]), profiles)  # type: ignore[arg-type]  # None: unknown yet
+    profiles = {int(c): RankProfile(int(p[0]), int(p[1])) for c, p in side["profiles"].items()}
+    return ServerState(arrays, dict(side["facts"]), profiles)
 
 
 class Server:

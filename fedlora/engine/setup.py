@@ -22,7 +22,7 @@ from fedlora.data.federation import build_federation, federate
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.server import Server
-from fedlora.engine.transport import Simulation
+from fedlora.engine.transport import RoundPlan, Simulation
 from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.personal import ClientModels
@@ -107,7 +107,7 @@ def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federat
     return wrapped
 
 
-def build_simulation(
+def assemble_simulation(
     cfg: ExperimentConfig, for_training: bool = True, federation: Federation | None = None
 ) -> tuple[Simulation, ModelBundle]:
     """For a preflighted ``cfg`` (:func:`fedlora.preflight.check_experiment`): load data (cheap, fails fast on bad files; or use the given
@@ -145,6 +145,7 @@ def build_simulation(
         if cfg.privacy.enabled:
             for profile in sorted(set(side.profiles)):  # refuses layers Opacus cannot handle, naming them
                 adapters.activate(profile)
+                assert adapters.model is not None  # activating a profile builds the model
                 check_dp_support(adapters.model)
     node = ClientNode(
         cfg.client,
@@ -157,5 +158,5 @@ def build_simulation(
         cfg.federation.rounds,
     )
     server = Server(strategy, setup)
-    sim = Simulation(cfg, federation, adapters, side.encoder, server, client_models, node)
+    sim = Simulation(RoundPlan.of(cfg), federation, adapters, side.encoder, server, client_models, node)
     return sim, side.bundle

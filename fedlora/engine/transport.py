@@ -51,9 +51,10 @@ class RoundPlan:
 
 @dataclass
 class Simulation:
-    """Everything one experiment runs on (built once from the config)."""
+    """Everything one experiment runs on, built once from the config (which stays with the composition
+    layers: the engine reads the round plan, never the config)."""
 
-    cfg: ExperimentConfig
+    plan: RoundPlan
     federation: Federation
     adapters: LoraAdapters
     encoder: Encoder
@@ -65,11 +66,6 @@ class Simulation:
     def strategy(self) -> Strategy:
         """The method's rules (inside its wrappers); its state is :attr:`server`'s."""
         return self.server.strategy
-
-    @property
-    def plan(self) -> RoundPlan:
-        """The round loop's view of the config (the engine reads nothing else of it)."""
-        return RoundPlan.of(self.cfg)
 
 
 class StopFlag:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.adapters.state import from_bytes, to_bytes
-from fedlora.config.schema import ExperimentConfig
+from fedlora.config.schema import ClientConfig, ComputeConfig
 from fedlora.data.encoding import Encoder, steps_for
 from fedlora.data.examples import Federation
 from fedlora.engine.deadline import ClientDeadline
@@ -177,20 +177,21 @@ class WorkerPoolTransport:
 
     def __init__(
         self,
-        cfg: ExperimentConfig,
+        node: NodeSpec,
+        deadline: ClientDeadline,
         devices: list[str],
         store_folder: Path,
         status: Callable[[str], None] | None = None,
         stop: StopFlag | None = None,
         cost_of: Callable[[int], float] | None = None,
     ) -> None:
-        self.node_json = NodeSpec.of(cfg).model_dump_json()
+        self.node_json = node.model_dump_json()  # what a worker builds its clients from (never the config)
         self.cost_of = cost_of  # expected work of a client (longest first: less waiting at the round's end)
         self.devices = devices
         self.store_folder = store_folder
         self.status = status or (lambda text: None)
         self.stop = stop if stop is not None else StopFlag()
-        self.deadline = ClientDeadline.of(cfg.federation)
+        self.deadline = deadline
         self.workers: list[_Worker] = []
 
     def start(self) -> None:
@@ -223,8 +224,9 @@ class WorkerPoolTransport:
     ) -> dict[int, ClientReply | str]:
         self.start()
         pending = list(instructions.items())
-        if self.cost_of is not None:  # longest-processing-time first (the order does not change any reply)
-            pending.sort(key=lambda item: -self.cost_of(item[0]))
+        cost_of = self.cost_of
+        if cost_of is not None:  # longest-processing-time first (the order does not change any reply)
+            pending.sort(key=lambda item: -cost_of(item[0]))
         replies: dict[int, ClientReply | str] = {}
         wire: dict[int, bytes] = {}  # one serialisation per distinct payload (clients often share one)
         while pending or any(w.busy is not None for w in self.workers):
@@ -247,23 +249,22 @@ class WorkerPoolTransport:
             ready = wait([w.inbox for w in busy], timeout=min(1.0, limit))  # a reply, or EOF: a worker died
             for worker in busy:
                 if worker.inbox not in ready:
-                    if time.monotonic() - worker.started > limit:
-                        client_id = worker.busy
-                        assert client_id is not None
-                        replies[client_id] = self.deadline.reason(limit)
+                    late = worker.busy
+                    if late is not None and time.monotonic() - worker.started > limit:
+                        replies[late] = self.deadline.reason(limit)
                         log.warning(
                             "round %d: client %d: %s; its worker (pid %d) is replaced",
                             server_round,
-                            client_id,
-                            replies[client_id],
+                            late,
+                            replies[late],
                             worker.process.pid,
                         )
                         self._replace(worker)
                     continue
-                client_id = worker.busy
-                assert client_id is not None
+                answering = worker.busy
+                assert answering is not None
                 try:
-                    header, payload = _receive(worker.inbox)
+                    header, reply_bytes = _receive(worker.inbox)
                 except (EOFError, OSError):  # the process died with this client
                     if self.stop:  # died of the stop asked for (a signal to the whole group): not a crash
                         self.close()
@@ -271,17 +272,18 @@ class WorkerPoolTransport:
                     code = worker.process.wait()
                     reason = f"worker crashed (exit code {code}): no reply"
                     log.warning(
-                        "round %d: client %d: %s; starting a new worker", server_round, client_id, reason
+                        "round %d: client %d: %s; starting a new worker", server_round, answering, reason
                     )
-                    replies[client_id] = reason
+                    replies[answering] = reason
                     self._replace(worker)
                     continue
                 worker.busy = None
                 self.deadline.record(time.monotonic() - worker.started)
                 if "error" in header:
-                    replies[client_id] = str(header["error"])
+                    replies[answering] = str(header["error"])
                 else:
-                    replies[client_id] = read_reply(client_id, header, from_bytes(payload), header["metrics"])
+                    payload = from_bytes(reply_bytes)
+                    replies[answering] = read_reply(answering, header, payload, header["metrics"])
                 self.status(
                     f"round {server_round}: {len(replies)}/{len(instructions)} clients done ({len(self.workers)} workers)"
                 )
@@ -304,8 +306,8 @@ class PaddedTokenCost:
     """A client's expected local work in a round: steps x batch size x the 90th percentile of its training
     examples' token lengths (a batch costs its rows times its longest row). Encoded once per client."""
 
-    def __init__(self, cfg: ExperimentConfig, federation: Federation, encoder: Encoder) -> None:
-        self.client = cfg.client
+    def __init__(self, client: ClientConfig, federation: Federation, encoder: Encoder) -> None:
+        self.client = client
         self.clients = {c.client_id: c for c in federation.clients}
         self.encoder = encoder
         self.known: dict[int, float] = {}
@@ -313,7 +315,7 @@ class PaddedTokenCost:
     def __call__(self, client_id: int) -> float:
         if client_id not in self.known:
             examples = self.clients[client_id].train
-            lengths = sorted(len(self.encoder.encode(e)["input_ids"]) for e in examples) or [0]
+            lengths = sorted(self.encoder.token_count(e) for e in examples) or [0]
             c = self.client
             steps = steps_for(len(examples), c.batch_size, c.local_steps, c.local_epochs)
             self.known[client_id] = (
@@ -322,25 +324,25 @@ class PaddedTokenCost:
         return self.known[client_id]
 
 
-def worker_devices(cfg: ExperimentConfig, count: int) -> list[str]:
+def worker_devices(compute: ComputeConfig, count: int) -> list[str]:
     """The device of each worker: ``compute.devices`` (one worker each) or ``count`` workers on
     ``compute.device``."""
     from fedlora.compute import resolve_device
 
-    if cfg.compute.devices:
-        return [str(resolve_device(d)) for d in cfg.compute.devices]
-    return [str(resolve_device(cfg.compute.device))] * count
+    if compute.devices:
+        return [str(resolve_device(d)) for d in compute.devices]
+    return [str(resolve_device(compute.device))] * count
 
 
-def parallel_workers(cfg: ExperimentConfig, num_parameters: int, per_round: int) -> int:
+def parallel_workers(compute: ComputeConfig, num_parameters: int, per_round: int) -> int:
     """How many worker processes this run uses (1: the clients train in this process)."""
     from fedlora.compute import auto_workers, resolve_device
 
-    if cfg.compute.devices:
-        return len(cfg.compute.devices)
-    workers = cfg.compute.workers
+    if compute.devices:
+        return len(compute.devices)
+    workers = compute.workers
     if workers == "auto":
-        return auto_workers(num_parameters, per_round, resolve_device(cfg.compute.device))
+        return auto_workers(num_parameters, per_round, resolve_device(compute.device))
     return min(int(workers), per_round)
 
 

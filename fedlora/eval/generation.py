@@ -90,7 +90,8 @@ def generate(
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         device = model_device(model)
-        generated = model.generate(
+        causal_lm: Any = model  # a transformers model: generate() is GenerationMixin's, not Module's
+        generated = causal_lm.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             max_new_tokens=max_new_tokens,

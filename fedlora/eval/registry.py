@@ -26,7 +26,7 @@ METRICS: Registry[Metric] = Registry("metric", "eval.metrics")
 
 def register_metric(name: str) -> Callable[[Metric], Metric]:
     """Decorator: ``fn(model, encoder, clients, eval_cfg) -> dict of eval_* figures``."""
-    return METRICS.register(name)  # type: ignore[return-value]
+    return METRICS.register(name)
 
 
 @register_metric("loss")

@@ -21,7 +21,7 @@ def convert_gguf_to_folder(gguf_path: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The weights are de-quantised already; drop the GGUF quantiser marker so the model is serialisable.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers annotates the attribute without None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return save_model_folder(target, model, tokenizer)

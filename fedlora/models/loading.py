@@ -53,7 +53,7 @@ MODELS: Registry[ModelSource] = Registry("model", "model.name")
 
 def register_model(name: str) -> Callable[[ModelSource], ModelSource]:
     """Decorator: ``fn(model_cfg) -> Path`` of a local Hugging Face model folder (fetch or build it once)."""
-    return MODELS.register(name)  # type: ignore[return-value]
+    return MODELS.register(name)
 
 
 @register_model("tiny-llama")
@@ -61,9 +61,18 @@ def tiny_llama(cfg: ModelConfig) -> Path:
     return tiny_llama_folder(cache_root(cfg.cache_dir), cfg.tiny_hidden_size, cfg.tiny_num_layers)
 
 
+def builtin_source(name: str) -> ModelSource:
+    """The model source of a built-in name: fetched once into the cache (``fedlora fetch``)."""
+
+    def source(cfg: ModelConfig) -> Path:
+        return fetch_builtin(name, cfg.cache_dir)
+
+    return source
+
+
 for _name in BUILTIN_NAMES:
     if _name not in MODELS:
-        MODELS.register(_name, lambda cfg, name=_name: fetch_builtin(name, cfg.cache_dir))
+        MODELS.register(_name, builtin_source(_name))
 
 
 def hub_model_folder(repo_id: str) -> Path:
@@ -147,7 +156,8 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     autocast forward in ``dtype`` does not cast it again at every step. The output layer (the LM head, often
     tied to the input embedding) stays float32: fedlora computes the logits outside autocast, at full
     precision (:mod:`fedlora.client.loss`). Returns the number of weights cast."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_of = getattr(model, "get_output_embeddings", None)  # transformers' models have it
+    output = output_of() if output_of is not None else None
     count = 0
     for name, module in model.named_modules():
         if (

@@ -16,7 +16,7 @@ from fedlora.engine.checkpoint import latest_checkpoint
 from fedlora.engine.evaluation import evaluate_personal, evaluate_state, write_predictions
 from fedlora.engine.run_folder import atomic_write_text, config_changes
 from fedlora.engine.sampling import evaluation_clients
-from fedlora.engine.setup import build_simulation
+from fedlora.engine.setup import assemble_simulation
 from fedlora.errors import ConfigError
 from fedlora.preflight import config_from_dict
 from fedlora.session.resume import load_run_config
@@ -89,7 +89,7 @@ def evaluate_run(
         tree.update({k: v for k, v in other.items() if k in DATA_SECTIONS})
     apply_overrides(tree, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     cfg = config_from_dict(tree)
-    sim, _ = build_simulation(cfg, for_training=False)
+    sim, _ = assemble_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
     clients = evaluation_clients(cfg.eval, cfg.federation.seed, sim.federation, final=True)
     if sim.client_models is not None:  # personalised: each client's newest weights with what is shared

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from fedlora.adapters.export import export_full_model, export_peft_adapter
+from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.run_folder import (
     replace_folder,
 )
@@ -24,7 +25,11 @@ from fedlora.tracking.report import plot_curves, summary_table
 
 
 def export_adapter(
-    folder: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]] | None = None
+    folder: Path,
+    cfg: ExperimentConfig,
+    sim: Simulation,
+    bundle: ModelBundle,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The strategy's current evaluation adapter as a plain PEFT folder (full-parameter runs: a whole model
     folder) at ``folder``, with the tokenizer and a model card (``records``: the rounds so far), built aside
@@ -45,7 +50,7 @@ def export_adapter(
     if is_adapter:
         bundle.tokenizer.save_pretrained(str(building))
     card = model_card(
-        sim.cfg,
+        cfg,
         bundle.base_model_id,
         records or [],
         sim.federation.description,
@@ -58,14 +63,19 @@ def export_adapter(
 
 
 def finalize(
-    run_dir: Path, sim: Simulation, bundle: ModelBundle, records: list[dict[str, Any]], console: Console
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    sim: Simulation,
+    bundle: ModelBundle,
+    records: list[dict[str, Any]],
+    console: Console,
 ) -> dict[str, torch.Tensor]:
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
-    final_state = export_adapter(run_dir / "global", sim, bundle, records)
-    if sim.cfg.output.plot:
-        plot_curves(records, run_dir / "curves.png", f"{sim.cfg.name} ({sim.cfg.strategy.name})")
-    console.print(summary_table(records, f"{sim.cfg.name}: {sim.cfg.strategy.name}, {len(records)} rounds"))
+    final_state = export_adapter(run_dir / "global", cfg, sim, bundle, records)
+    if cfg.output.plot:
+        plot_curves(records, run_dir / "curves.png", f"{cfg.name} ({cfg.strategy.name})")
+    console.print(summary_table(records, f"{cfg.name}: {cfg.strategy.name}, {len(records)} rounds"))
     for line in sim.server.report():
         console.print(line)
     up = sum(r.get("bytes_up", 0) for r in records)

@@ -24,8 +24,9 @@ from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
 from fedlora.data.federation import SourceRequest, build_federation, rows_source
 from fedlora.engine import setup
-from fedlora.engine.early_stopping import EarlyStopping
+from fedlora.engine.deadline import ClientDeadline
 from fedlora.engine.embedded import EmbeddedEngine
+from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.run_folder import (
     atomic_write_text,
     run_lock,
@@ -39,9 +40,10 @@ from fedlora.engine.workers import PaddedTokenCost, WorkerPoolTransport, paralle
 from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle
 from fedlora.preflight import check_experiment
-from fedlora.session.export import export_adapter, finalize
+from fedlora.session.export import finalize
+from fedlora.session.recording import RoundRecorder, run_headline
 from fedlora.session.resume import load_run_config, resume_point
-from fedlora.session.run_info import rank_summary, scaling_summary, write_run_info
+from fedlora.session.run_info import write_run_info
 from fedlora.tracking.metrics import MetricsLog
 from fedlora.tracking.report import RoundProgress
 from fedlora.tracking.trackers import open_trackers
@@ -77,9 +79,9 @@ TransportFactory = Callable[[Simulation, Callable[[str], None]], Transport]
 def build_simulation(
     cfg: ExperimentConfig, for_training: bool = True, federation: Federation | None = None
 ) -> tuple[Simulation, ModelBundle]:
-    """Preflight ``cfg``, then build its simulation (:func:`fedlora.engine.setup.build_simulation`)."""
+    """Preflight ``cfg``, then build its simulation (:func:`fedlora.engine.setup.assemble_simulation`)."""
     check_experiment(cfg)
-    return setup.build_simulation(cfg, for_training, federation)
+    return setup.assemble_simulation(cfg, for_training, federation)
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path | None = None, **options: Any) -> Path:
@@ -104,73 +106,95 @@ def run(
     config's field names and partitioned by its ``partition`` section. ``engine: flower-sim`` hands the run to Flower's simulation runtime, whose
     ServerApp runs these same rounds with the clients behind Flower messages (``transport_factory``).
     """
+    request = RunRequest(run_dir, resume, console, show_progress, transport_factory)
     with quiet_libraries():
-        return _run(cfg, run_dir, resume, console, show_progress, transport_factory, federation, dataset)
+        check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
+        if dataset is not None:
+            if federation is not None:
+                raise ConfigError("give federation or dataset, not both")
+            federation = build_federation(cfg, rows_source(SourceRequest.of(cfg), dataset))
+        if cfg.engine == "flower-sim" and transport_factory is None:
+            return run_on_flower_simulation(cfg, request, federation)
+        return run_rounds(cfg, request, federation)
 
 
-def _run(
-    cfg: ExperimentConfig,
-    run_dir: Path | None,
-    resume: bool,
-    console: Console | None,
-    show_progress: bool,
-    transport_factory: TransportFactory | None,
-    federation: Federation | None,
-    dataset: Iterable[dict[str, Any]] | None,
-) -> RunResult:
-    check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
-    if dataset is not None:
-        if federation is not None:
-            raise ConfigError("give federation or dataset, not both")
-        federation = build_federation(cfg, rows_source(SourceRequest.of(cfg), dataset))
-    if cfg.engine == "flower-sim" and transport_factory is None:
-        if federation is not None:
-            raise ConfigError(
-                "engine flower-sim: each Flower client process builds the data from the config's data section, "
-                "so a dataset or federation given in Python cannot reach it; save the rows to a file "
-                "(data.source=json or hf) or use engine=embedded"
-            )
-        target = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
-        if not resume and (target / "metrics.jsonl").exists():
-            raise ConfigError(f"{target} already holds a run; use --resume {target} or another --output")
-        from fedlora.engine.flower import isolation, run_flower_simulation
+@dataclass
+class RunRequest:
+    """How :func:`run` was asked to run: into which folder, started or resumed, shown how, and how the
+    clients are reached (a transport factory: Flower's ServerApp gives one)."""
 
-        if cfg.compute.flower_network == "private" and not isolation.inside_private_network():
-            if isolation.private_network_available():  # Ray's ports unreachable from outside (isolation.py)
-                stored = load_run_config(target) if resume else None
-                isolation.run_simulation_privately(cfg, target, resume, show_progress, stored)
-                return flower_result(target)
-            log.warning(
-                "engine flower-sim: this machine allows no private network namespace, so Ray's ports listen on "
-                "every interface; run it where they are firewalled (compute.flower_network: host hides this)"
-            )
+    run_dir: Path | None = None
+    resume: bool = False
+    console: Console | None = None
+    show_progress: bool = True
+    transport_factory: TransportFactory | None = None
 
-        federation = build_federation(cfg)  # the server's, built once (each client process builds its own)
-        server = flower_server_app(cfg, target, resume, routing="assigned", federation=federation)
-        run_flower_simulation(cfg, target, len(federation.clients), server, flower_client_app(cfg))
-        return flower_result(target)
-    if console is None:
+    def folder(self, cfg: ExperimentConfig) -> Path:
+        """The run folder: the one asked for, else ``output.dir``, else a new timestamped one."""
+        return Path(self.run_dir or cfg.output.dir or default_run_dir(cfg))
+
+    def output(self) -> Console:
+        """The console the run prints to (stderr; 140 columns when it is not a terminal)."""
+        if self.console is not None:
+            return self.console
         console = Console(stderr=True)
-        if not console.is_terminal:
-            console = Console(stderr=True, width=140)
-    run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    if not resume and metrics.path.exists():
+        return console if console.is_terminal else Console(stderr=True, width=140)
+
+
+def refuse_existing_run(run_dir: Path, resume: bool) -> None:
+    """ConfigError when a new run would overwrite one (``metrics.jsonl`` exists), or a resume has no run."""
+    if not resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --output")
     if resume and not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): nothing to resume")
+
+
+def run_on_flower_simulation(
+    cfg: ExperimentConfig, request: RunRequest, federation: Federation | None
+) -> RunResult:
+    """``engine: flower-sim``: Flower's simulation runtime runs these same rounds, the clients behind Flower
+    messages (in a private network namespace where the machine allows one)."""
+    if federation is not None:
+        raise ConfigError(
+            "engine flower-sim: each Flower client process builds the data from the config's data section, "
+            "so a dataset or federation given in Python cannot reach it; save the rows to a file "
+            "(data.source=json or hf) or use engine=embedded"
+        )
+    target = request.folder(cfg)
+    if not request.resume:
+        refuse_existing_run(target, resume=False)
+    from fedlora.engine.flower import isolation, run_flower_simulation
+
+    if cfg.compute.flower_network == "private" and not isolation.inside_private_network():
+        if isolation.private_network_available():  # Ray's ports unreachable from outside (isolation.py)
+            stored = load_run_config(target) if request.resume else None
+            isolation.run_simulation_privately(cfg, target, request.resume, request.show_progress, stored)
+            return flower_result(target)
+        log.warning(
+            "engine flower-sim: this machine allows no private network namespace, so Ray's ports listen on "
+            "every interface; run it where they are firewalled (compute.flower_network: host hides this)"
+        )
+    federation = build_federation(cfg)  # the server's, built once (each client process builds its own)
+    server = flower_server_app(cfg, target, request.resume, routing="assigned", federation=federation)
+    run_flower_simulation(cfg, target, len(federation.clients), server, flower_client_app(cfg))
+    return flower_result(target)
+
+
+def run_rounds(cfg: ExperimentConfig, request: RunRequest, federation: Federation | None) -> RunResult:
+    """The rounds in this process (the clients in it, in worker processes, or behind the request's
+    transport), from the start or from the run folder's last checkpoint; then the export and the summary."""
+    console, run_dir, resume = request.output(), request.folder(cfg), request.resume
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    refuse_existing_run(run_dir, resume)
     with contextlib.ExitStack() as stack:
         if resume:  # check everything about the folder before loading any model
             stack.enter_context(run_lock(run_dir))
             checkpoint, changes = resume_point(run_dir, cfg, metrics)
         # data and model errors surface before the run directory is made
-        sim, bundle = setup.build_simulation(cfg, federation=federation)
+        sim, bundle = setup.assemble_simulation(cfg, federation=federation)
         if not resume:
             stack.enter_context(run_lock(run_dir))
-            if metrics.path.exists():
-                raise ConfigError(
-                    f"{run_dir} already holds a run; use --resume {run_dir} or another --output"
-                )
+            refuse_existing_run(run_dir, resume=False)  # again, holding the lock
             checkpoint, changes = None, {}
             atomic_write_text(run_dir / "config.yaml", config_text(cfg))
         start_round = checkpoint.round + 1 if checkpoint else 1
@@ -186,62 +210,35 @@ def _run(
         trackers = open_trackers(cfg, run_dir)
         for tracker in trackers:
             stack.callback(tracker.close)
-        progress = RoundProgress(cfg.federation.rounds, start_round - 1, console, enabled=show_progress)
+        progress = RoundProgress(
+            cfg.federation.rounds, start_round - 1, console, enabled=request.show_progress
+        )
         stop = StopFlag()
-        if transport_factory is not None:
-            transport = transport_factory(sim, progress.status)
+        transport: Transport | None
+        if request.transport_factory is not None:
+            transport = request.transport_factory(sim, progress.status)
         else:
-            transport = local_transport(sim, run_dir, progress.status, stop, console)
+            transport = local_transport(cfg, sim, run_dir, progress.status, stop, console)
             if isinstance(transport, WorkerPoolTransport):
                 stack.callback(transport.close)
                 transport.start()  # each worker loads its model now, not inside round 1's time
         engine = EmbeddedEngine(sim, run_dir, status=progress.status, transport=transport, stop=stop)
         engine.meta_extra["config_sha256"] = sha256_bytes((run_dir / "config.yaml").read_bytes())
-        models = (
-            f"models {' / '.join(sim.client_models.labels)}"
-            if sim.client_models
-            else f"model {cfg.model.name}"
-        )
-        console.print(
-            f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
-            f"{len(sim.federation.clients)} clients, {engine.per_round} per round, {cfg.federation.rounds} rounds; "
-            f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} {scaling_summary(sim)}"
-        )
-        ev = cfg.eval
-        early = (
-            EarlyStopping.from_records(ev.early_stopping_metric, ev.early_stopping_patience, records)
-            if ev.early_stopping_patience
-            else None
-        )
+        console.print(run_headline(cfg, sim, engine.per_round))
+        recorder = RoundRecorder(cfg, sim, bundle, run_dir, metrics, trackers, records, progress)
         with progress, stop_on_signals(stop, console):
-
-            def on_round(record: dict[str, Any]) -> bool:
-                metrics.append(record)
-                for tracker in trackers:
-                    tracker.log_round(record)
-                records.append(record)
-                progress.advance(record)
-                save_every = cfg.output.save_every
-                if save_every and record["round"] % save_every == 0:
-                    export_adapter(run_dir / "adapters" / f"round_{record['round']}", sim, bundle, records)
-                if early is None:
-                    return True
-                if early.update(record):  # the best round so far: its adapter is kept as best/
-                    export_adapter(run_dir / "best", sim, bundle, records)
-                return not early.should_stop
-
             try:
-                if early is not None and early.should_stop:  # a resumed run that had already stopped
-                    console.print(f"early stopping: no improvement since round {early.best_round}")
+                if recorder.early is not None and recorder.early.should_stop:  # resumed after it had stopped
+                    console.print(f"early stopping: no improvement since round {recorder.early.best_round}")
                 else:
-                    engine.run(start_round, on_round)
+                    engine.run(start_round, recorder.on_round)
             except RunInterrupted as stopped:
                 console.print(
                     f"stopped by signal {stopped.signum}: rounds 1..{stopped.last_round} are complete and "
                     f"checkpointed. Resume with: fedlora run --resume {run_dir}"
                 )
                 raise
-        final_state = finalize(run_dir, sim, bundle, records, console)
+        final_state = finalize(run_dir, cfg, sim, bundle, records, console)
         files = [p for p in (run_dir / "curves.png", metrics.path) if p.exists()]
         for tracker in trackers:
             tracker.finish(records, files)
@@ -257,14 +254,18 @@ def flower_result(target: Path) -> RunResult:
 
 
 def local_transport(
-    sim: Simulation, run_dir: Path, status: Callable[[str], None], stop: StopFlag, console: Console
+    cfg: ExperimentConfig,
+    sim: Simulation,
+    run_dir: Path,
+    status: Callable[[str], None],
+    stop: StopFlag,
+    console: Console,
 ) -> Transport | None:
     """How this process reaches its clients (``compute``): worker processes, or None (in this process)."""
-    cfg = sim.cfg
     assert sim.adapters.model is not None
     size = sum(p.numel() for p in sim.adapters.model.parameters())
     per_round = clients_per_round(cfg.federation, len(sim.federation.clients))
-    workers = parallel_workers(cfg, size, per_round)
+    workers = parallel_workers(cfg.compute, size, per_round)
     if cfg.compute.batch_clients and workers > 1:
         console.print(
             "compute.batch_clients: the round's clients train together in this process (no workers)"
@@ -272,12 +273,13 @@ def local_transport(
         return None
     if workers <= 1:
         return None
-    devices = worker_devices(cfg, workers)
+    devices = worker_devices(cfg.compute, workers)
     console.print(
         f"{len(devices)} worker processes ({', '.join(devices)}), {cfg.client.num_threads} thread(s) each"
     )
-    cost = PaddedTokenCost(cfg, sim.federation, sim.encoder)
-    return WorkerPoolTransport(cfg, devices, run_dir / "personal", status, stop, cost)
+    cost = PaddedTokenCost(cfg.client, sim.federation, sim.encoder)
+    deadline = ClientDeadline.of(cfg.federation)
+    return WorkerPoolTransport(NodeSpec.of(cfg), deadline, devices, run_dir / "personal", status, stop, cost)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def write_run_info(
         yield b"\n]"
 
     atomic_write_chunks(run_dir / "clients.json", chunks())
-    info = {
+    info: dict[str, Any] = {
         "fedlora_version": __version__,
         "base_model": str(bundle.folder.resolve()),  # the local copy the run trained on
         "base_model_id": bundle.base_model_id,  # what global/adapter_config.json names (a hub id where known)

@@ -38,6 +38,7 @@ from fedlora.adapters.ranks import LoraScaling, RankProfile, lora_key_parts
 from fedlora.adapters.state import AdapterState, clone_state
 from fedlora.client.hooks import ClientHooks
 from fedlora.config.schema import AdapterConfig
+from fedlora.config.sections.training import OptimizerName
 from fedlora.protocol import ClientInstruction, ClientReply
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ class Strategy(ABC, Generic[OptionsT]):
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: the local optimizer this method is defined with, unless the config's client.optimizer says otherwise
-    default_optimizer: ClassVar[str] = "adamw"
+    default_optimizer: ClassVar[OptimizerName] = "adamw"
     #: True when the method trains the base model's weights (no adapter): the state is the full model
     trains_full_model: bool = False
     #: False for a no-communication baseline (standalone local training): no bytes are counted

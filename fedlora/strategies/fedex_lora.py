@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapters.ranks import module_factors
+from fedlora.linalg import tensor_sum
 from fedlora.strategies.base import (
     ClientReply,
     ServerSetup,
@@ -40,8 +41,8 @@ def exact_residual(
     Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[float], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, Q)`` with P Q = sum_i w_i s B_i A_i - s B_bar A_bar (module docstring). B_i: d x r, A_i: r x k."""
-    B_bar = sum(w * B for w, B in zip(weights, Bs, strict=True))
-    A_bar = sum(w * A for w, A in zip(weights, As, strict=True))
+    B_bar = tensor_sum(w * B for w, B in zip(weights, Bs, strict=True))
+    A_bar = tensor_sum(w * A for w, A in zip(weights, As, strict=True))
     P = torch.cat([scale * w * B for w, B in zip(weights, Bs, strict=True)] + [-scale * B_bar], dim=1)
     Q = torch.cat([*As, A_bar], dim=0)
     return P, Q

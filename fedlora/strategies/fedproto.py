@@ -34,6 +34,7 @@ from pydantic import Field
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.compute import model_device
+from fedlora.linalg import tensor_sum
 from fedlora.models.personal import HEAD_NAMES, RepresentationHead
 from fedlora.strategies.base import GLOBAL, ClientReply, ServerState, StrategyOptions
 from fedlora.strategies.lg_fedavg import OwnModelBaseline, TrainOwnModel
@@ -60,7 +61,8 @@ class FedProtoOptions(StrategyOptions):
 
 def representation_head(model: torch.nn.Module) -> RepresentationHead:
     """The model's representation head (the base model under PEFT's wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_of = getattr(model, "get_base_model", None)  # PEFT's wrapper
+    base = base_of() if base_of is not None else model
     for name in HEAD_NAMES:
         head = getattr(base, name, None)
         if isinstance(head, RepresentationHead):
@@ -189,11 +191,11 @@ class FedProto(OwnModelBaseline[FedProtoOptions]):
         (and count, the examples behind it)."""
         uniform = self.options.prototype_weighting == "uniform"
         weights = [(r.payload[COUNTS] > 0).double() if uniform else r.payload[COUNTS] for r in replies]
-        sums = sum(
+        sums = tensor_sum(
             r.payload[PROTOTYPES].double() * w.unsqueeze(1) for r, w in zip(replies, weights, strict=True)
         )
-        mass = sum(weights)
-        counts = sum(r.payload[COUNTS] for r in replies)
+        mass = tensor_sum(weights)
+        counts = tensor_sum(r.payload[COUNTS] for r in replies)
         current = state.adapter
         old, old_counts = current[PROTOTYPES], current[COUNTS]
         present = counts > 0

@@ -75,10 +75,9 @@ class PrivateB(ClientHooks):
             own = {k: v.clone() for k, v in initial.items() if is_private(k, self.local_head)}
         ctx.adapters.load({**current, **own})
         metrics: dict[str, float] = {}
-        if ctx.data is not None and ctx.data.size("eval") > 0:
-            figures = evaluate_loss(
-                ctx.adapters.model, ctx.encoder, [ctx.data], "eval", ctx.settings.batch_size
-            )
+        model = ctx.adapters.model
+        if ctx.data is not None and ctx.data.size("eval") > 0 and model is not None:
+            figures = evaluate_loss(model, ctx.encoder, [ctx.data], "eval", ctx.settings.batch_size)
             metrics["personal_eval_loss"] = figures["eval_loss"]
         return metrics
 

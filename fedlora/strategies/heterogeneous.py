@@ -15,6 +15,7 @@ from pydantic import Field
 from fedlora.adapters.ranks import RankProfile, lora_key_parts, truncate_state
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientHooks
+from fedlora.config.sections.training import OptimizerName
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -26,7 +27,7 @@ from fedlora.strategies.base import (
 )
 from fedlora.strategies.fedavg import ProximalTerm
 
-LOCAL_OPTIMIZERS = {"fedit": "adamw", "fedavg": "sgd", "fedprox": "sgd"}
+LOCAL_OPTIMIZERS: dict[str, OptimizerName] = {"fedit": "adamw", "fedavg": "sgd", "fedprox": "sgd"}
 
 
 class HeterogeneousRankOptions(StrategyOptions):

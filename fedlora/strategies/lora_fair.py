@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 
 from fedlora.adapters.ranks import module_factors
+from fedlora.linalg import tensor_sum
 from fedlora.strategies.base import (
     GLOBAL,
     ClientReply,
@@ -63,10 +64,10 @@ def cosine_correction(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B_bar + dB, A_bar)`` minimising 1 - cos(Delta, (B_bar + dB) A_bar) + reg ||dB||_F (module docstring),
     in float64 from Gram matrices. Shapes: B_i d x r, A_i r x k. Returns B_bar itself when Delta = 0."""
-    A_bar = sum(w * A for w, A in zip(weights, As, strict=True))
-    B_bar = sum(w * B for w, B in zip(weights, Bs, strict=True))
+    A_bar = tensor_sum(w * A for w, A in zip(weights, As, strict=True))
+    B_bar = tensor_sum(w * B for w, B in zip(weights, Bs, strict=True))
     cross = [A_bar @ A.T for A in As]  # A_bar A_i^T, r x r
-    delta_sq = sum(
+    delta_sq = tensor_sum(
         wi * wj * torch.trace((Bi.T @ Bj) @ (Aj @ Ai.T))
         for wi, Bi, Ai in zip(weights, Bs, As, strict=True)
         for wj, Bj, Aj in zip(weights, Bs, As, strict=True)
@@ -77,7 +78,9 @@ def cosine_correction(
 
     def objective(dB: torch.Tensor) -> torch.Tensor:
         B = B_bar + dB
-        inner = sum(w * torch.trace((Bi.T @ B) @ c) for w, Bi, c in zip(weights, Bs, cross, strict=True))
+        inner = tensor_sum(
+            w * torch.trace((Bi.T @ B) @ c) for w, Bi, c in zip(weights, Bs, cross, strict=True)
+        )
         pred_sq = torch.trace((B.T @ B) @ gram)
         cosine = inner / torch.sqrt(delta_sq * pred_sq).clamp_min(1e-300)
         return 1.0 - cosine + reg * torch.sqrt((dB * dB).sum() + 1e-300)
@@ -100,10 +103,12 @@ def corrected_b(
     Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[float], reg: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B', A_bar)`` of the LoRA-FAIR rule (module docstring), in float64. Shapes: B_i d x r, A_i r x k."""
-    A_bar = sum(w * A for w, A in zip(weights, As, strict=True))
-    B_bar = sum(w * B for w, B in zip(weights, Bs, strict=True))
+    A_bar = tensor_sum(w * A for w, A in zip(weights, As, strict=True))
+    B_bar = tensor_sum(w * B for w, B in zip(weights, Bs, strict=True))
     gram = A_bar @ A_bar.T  # r x r
-    target = sum(w * (B @ (A @ A_bar.T)) for w, B, A in zip(weights, Bs, As, strict=True))  # Delta A_bar^T
+    target = tensor_sum(
+        w * (B @ (A @ A_bar.T)) for w, B, A in zip(weights, Bs, As, strict=True)
+    )  # Delta A_bar^T
     lam = reg * float(torch.trace(gram)) / gram.shape[0]
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     # B' (gram + lam I) = target + lam B_bar; gram + lam I is symmetric: solve from the right

@@ -41,12 +41,12 @@ class StrategyWrapper(Strategy[StrategyOptions]):
         for fact in STRATEGY_FACTS:  # what engines read of the method is the wrapped method's
             setattr(self, fact, getattr(inner, fact))
 
-    @property  # type: ignore[override]  # the options of the wrapped method
-    def options(self) -> StrategyOptions:
+    @property
+    def options(self) -> StrategyOptions:  # type: ignore[override]  # read-only: the wrapped method's
         return self.inner.options
 
-    @property  # type: ignore[override]  # the configuration the wrapped method was initialised with
-    def setup(self) -> ServerSetup:
+    @property
+    def setup(self) -> ServerSetup:  # type: ignore[override]  # read-only: the wrapped method's
         return self.inner.setup
 
     def initial_adapter(self, adapters: LoraAdapters, profile: RankProfile) -> AdapterState:

@@ -89,13 +89,15 @@ class Case:
 
     def engine(self, folder: str, **more: object) -> Any:
         """An embedded engine on a fresh simulation, its run folder ``workdir/folder``."""
+        return self.engine_and_model(folder, **more)[0]
+
+    def engine_and_model(self, folder: str, **more: object) -> tuple[Any, Any]:
+        """:meth:`engine` and the base model bundle it was built on (for the export)."""
         from fedlora.engine.embedded import EmbeddedEngine
         from fedlora.runner import build_simulation
 
         sim, bundle = build_simulation(self.config(**more))
-        engine = EmbeddedEngine(sim, self.workdir / folder)
-        engine.bundle = bundle  # type: ignore[attr-defined]  # kept for the export check
-        return engine
+        return EmbeddedEngine(sim, self.workdir / folder), bundle
 
 
 def method_figures(record: dict[str, Any]) -> dict[str, Any]:
@@ -251,20 +253,20 @@ def check_export(case: Case) -> None:
     from fedlora.engine.evaluation import evaluate_state_load
     from fedlora.session.export import export_adapter
 
-    engine = case.engine("export")
+    engine, bundle = case.engine_and_model("export")
     if engine.sim.client_models is not None:
         pytest.skip(f"{case.strategy}: each client has its own model (exported per architecture, personal/)")
     engine.run_round(1)
     sim = engine.sim
     folder = engine.run_dir / "global"
-    state = export_adapter(folder, sim, engine.bundle)
+    state = export_adapter(folder, case.config(), sim, bundle)
     evaluate_state_load(sim, state)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     model = sim.adapters.model
     model.eval()
     with torch.no_grad():
         ours = model(input_ids=ids).logits.double()
-        theirs = exported_logits(folder, engine.bundle.folder, ids)
+        theirs = exported_logits(folder, bundle.folder, ids)
     error = float((ours - theirs).norm() / ours.norm())
     assert error < 1e-5, f"the export's logits differ by {error:.2e} (relative)"
 

@@ -90,8 +90,8 @@ def differing_keys(runs: list[RunSummary]) -> list[str]:
 
     Only keys every run has count (runs made by older fedlora versions lack newer sections), and the
     method options any run has (another method has none of them)."""
-    keys = set.intersection(*(set(r.settings) for r in runs))
-    keys = sorted(keys | {k for r in runs for k in r.settings if k.startswith("strategy.options.")})
+    common = set.intersection(*(set(r.settings) for r in runs))
+    keys = sorted(common | {k for r in runs for k in r.settings if k.startswith("strategy.options.")})
 
     def shown(run: RunSummary, key: str) -> str:
         return json.dumps(run.settings.get(key), sort_keys=True, default=str)

@@ -13,6 +13,7 @@ import torch
 
 import fedlora
 from conftest import REPO, assert_rel_close
+from fedlora.adapters.ranks import RankProfile
 from fedlora.data.sources import reasoning_gym_examples
 from fedlora.engine.server import Server
 from fedlora.testing import check_strategy
@@ -97,7 +98,9 @@ def test_fedavgm_rule_against_a_direct_computation() -> None:
     gen = torch.Generator().manual_seed(0)
     start = {"m.lora_A.weight": torch.randn(2, 5, generator=gen, dtype=torch.float64)}
     strategy = my_plugin.FedAvgM(my_plugin.FedAvgMOptions(momentum=0.5, server_lr=0.8))
-    server = Server(strategy, fedlora.ServerSetup(start, {0: None, 1: None}, 8.0))
+    server = Server(
+        strategy, fedlora.ServerSetup(start, {0: RankProfile.uniform(2), 1: RankProfile.uniform(2)}, 8.0)
+    )
     theta, v = start["m.lora_A.weight"].clone(), torch.zeros(2, 5, dtype=torch.float64)
     for server_round in (1, 2):
         states = [

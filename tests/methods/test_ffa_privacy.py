@@ -189,17 +189,18 @@ def test_dp_works_with_flexlora_at_heterogeneous_ranks(tmp_path: Path) -> None:
     # the accountant's for the steps it took
     from opacus.accountants import RDPAccountant
 
-    cfg = engine.sim.cfg
+    rounds = engine.sim.plan.federation.rounds
     ledger = engine.sim.strategy.spent(engine.sim.server.state)  # the plan, and the history the state holds
+    delta = ledger.cfg.delta
     for client in record["clients"]:
         noise = ledger.plan[client["client"]]
-        total = noise.steps_per_round * cfg.federation.rounds
+        total = noise.steps_per_round * rounds
 
         def spent(sigma: float, steps: int, rate: float = noise.sample_rate) -> float:
             accountant = RDPAccountant()
             for _ in range(steps):
                 accountant.step(noise_multiplier=sigma, sample_rate=rate)
-            return accountant.get_epsilon(delta=cfg.privacy.delta)
+            return accountant.get_epsilon(delta=delta)
 
         assert noise.noise_multiplier > 0 and spent(noise.noise_multiplier, total) <= 5.0 + 1e-6
         assert spent(noise.noise_multiplier * 0.95, total) > 5.0  # 5% less noise would overspend

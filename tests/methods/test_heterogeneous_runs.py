@@ -168,7 +168,7 @@ def test_flexlora_final_evaluation_also_measures_the_untruncated_delta(tmp_path:
     base = AutoModelForCausalLM.from_pretrained(engine.sim.adapters.model.get_base_model().name_or_path)
     modules = dict(base.named_modules())
     total = sum(r.num_examples for r in replies)
-    alpha = engine.sim.cfg.adapter.alpha
+    alpha = engine.sim.adapters.cfg.alpha
     with torch.no_grad():
         for reply in replies:
             for key, A in reply.payload.items():

@@ -207,7 +207,7 @@ def test_clients_of_different_widths_share_a_representation_adapter(tmp_path: Pa
         h = torch.randn(3, widths[variant])
         u = torch.nn.functional.gelu(head.project(h))
         a, b = (engine.sim.server.global_state[f"{wire}.lora_{f}.weight"] for f in "AB")
-        scale = engine.sim.cfg.adapter.alpha / engine.sim.cfg.adapter.rank
+        scale = engine.sim.adapters.cfg.alpha / engine.sim.adapters.cfg.rank
         expected = head.classifier(u @ head.bridge.base_layer.weight.T + scale * u @ a.T @ b.T)
         assert torch.allclose(head(h), expected, atol=1e-5)
     assert "eval_accuracy" in record and "eval_accuracy_no_adapter" in record

@@ -126,7 +126,7 @@ def test_one_override_rule_for_run_sweep_flower_and_the_api() -> None:
     overrides = ["strategy.name=fedprox", "federation.rounds=2"]
     from fedlora.preflight import check_experiment
 
-    reference = check_experiment(loader.config_from_overrides(overrides))
+    reference = check_experiment(loader.schema_config_from_overrides(overrides))
     assert reference.client.optimizer == "sgd"  # fedprox's own, written in by the preflight
     assert load_config(None, overrides) == reference
     assert load_config(None, overrides).federation.clients_per_round is None  # not the demo's 4

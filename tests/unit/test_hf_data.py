@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from fedlora.config.loader import config_from_dict
+from fedlora.config.loader import schema_config
 from fedlora.data.federation import build_federation
 from fedlora.data.sources import reasoning_gym_examples
 
@@ -25,7 +25,7 @@ def rows() -> list[dict[str, str]]:
 
 
 def federation(path: Path | str, **data):
-    cfg = config_from_dict({"data": {"source": "hf", "path": str(path), **data}})
+    cfg = schema_config({"data": {"source": "hf", "path": str(path), **data}})
     return build_federation(cfg)
 
 
@@ -41,7 +41,7 @@ def test_every_datasets_format_gives_the_same_federation(tmp_path: Path, rows) -
     datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "dict"))
     table.save_to_disk(str(tmp_path / "single"))
     reference = summary(
-        build_federation(config_from_dict({"data": {"source": "json", "path": str(tmp_path / "rows.jsonl")}}))
+        build_federation(schema_config({"data": {"source": "json", "path": str(tmp_path / "rows.jsonl")}}))
     )
     assert len(reference) == 3 and sum(n for _, n, *_ in reference) > 0
     for path in ("rows.parquet", "rows.csv", "rows.jsonl", "dict", "single"):
@@ -71,7 +71,7 @@ def test_a_chat_column_becomes_instruction_input_output(tmp_path: Path, rows) ->
 
 def test_clear_errors(tmp_path: Path, rows) -> None:
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
-    cfg = config_from_dict({"data": {"source": "json", "path": str(tmp_path / "rows.parquet")}})
+    cfg = schema_config({"data": {"source": "json", "path": str(tmp_path / "rows.parquet")}})
     with pytest.raises(ValueError, match="not a JSON/JSONL file: read it with data.source: hf"):
         build_federation(cfg)
     with pytest.raises(ValueError, match="no split 'validation'"):

@@ -27,7 +27,7 @@ def test_the_config_layer_imports_no_registry_no_method_and_no_torch() -> None:
 
 
 def test_the_preflight_names_what_the_schema_cannot_know() -> None:
-    cfg = loader.load_config(None, ["strategy.name=no-such-method"])
+    cfg = loader.read_config(None, ["strategy.name=no-such-method"])
     with pytest.raises(ConfigError, match="strategy.name.*no-such-method"):
         check_experiment(cfg)
     with pytest.raises(ConfigError, match="eval.metrics.*no-such-metric"):

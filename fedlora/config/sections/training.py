@@ -96,6 +96,14 @@ class FederationConfig(Section):
         return self
 
 
+#: the local optimizers: adamw (= adamw_torch), adamw_torch_fused, adamw_8bit / paged_adamw_8bit, sgd
+OptimizerName = Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+
+#: the corruptions a fault plan draws from
+Corruption = Literal["nan", "inf", "shape", "rank", "norm"]
+CORRUPTIONS: tuple[Corruption, ...] = ("nan", "inf", "shape", "rank", "norm")
+
+
 class FaultsConfig(Section):
     """Failure injection (embedded engine): fractions of the sampled clients that drop out (no reply),
     straggle past the round deadline (reply discarded) or return a corrupted update of one of ``kinds``."""
@@ -107,9 +115,7 @@ class FaultsConfig(Section):
     #: share whose reply is corrupted (one of kinds)
     corrupt: float = Field(0.0, ge=0.0, le=1.0)
     #: corruptions to draw from: nan, inf, shape, rank, norm
-    kinds: list[Literal["nan", "inf", "shape", "rank", "norm"]] = Field(
-        default_factory=lambda: ["nan", "inf", "shape", "rank", "norm"], min_length=1
-    )
+    kinds: list[Corruption] = Field(default_factory=lambda: list(CORRUPTIONS), min_length=1)
     #: seeds which clients fail and how
     seed: int = 0
 
@@ -128,9 +134,7 @@ class ClientConfig(Section):
     """
 
     #: adamw (= adamw_torch), adamw_torch_fused, adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd
-    optimizer: (
-        Literal["adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] | None
-    ) = None
+    optimizer: OptimizerName | None = None
     #: the local learning rate (with lr_min: the maximum, FlowerTune's learning-rate-max)
     lr: float = Field(3e-4, gt=0.0)
     #: AdamW's decoupled weight decay, or SGD's L2 term

@@ -44,7 +44,7 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
     ``flwr run . --run-config "federation.rounds=3"`` changes that one field."""
     import yaml
 
-    from fedlora.config.loader import config_from_dict, set_path
+    from fedlora.config.loader import schema_config, set_path
 
     tree = yaml.safe_load(str(run_config["fedlora-config"]))
     known = scalar_fields(tree)
@@ -55,7 +55,7 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
             raise ConfigError(f"flower run-config: {key!r} is not a field of the fedlora config")
         if value != known[key]:
             set_path(tree, key.split("."), value)
-    return check_experiment(config_from_dict(tree))
+    return check_experiment(schema_config(tree))
 
 
 # One ClientNode per process and config, kept across messages and across ClientApp objects (the simulation

@@ -74,7 +74,7 @@ def reply_records(reply: ClientReply) -> Any:
         {
             "payload": to_arrays(reply.payload),
             "metrics": metrics_record(reply.metrics),
-            "meta": ConfigRecord(reply_header(reply)),
+            "meta": ConfigRecord(dict[str, Any](reply_header(reply))),
         }
     )
 
@@ -152,13 +152,13 @@ class FlowerTransport:
             grid.pull_interval = min(grid.pull_interval, 0.01)  # for replies every 0.1 s by default
         self.status = status or (lambda text: None)
         self.routing = routing
-        self.deadline = ClientDeadline.of(sim.cfg.federation)
+        self.deadline = ClientDeadline.of(sim.plan.federation)
         #: partition -> its node's public key (OpenSSH text): a node must prove it holds that key
         self.node_keys = dict(node_keys or {})
         num_clients = len(sim.federation.clients)
         if routing == "assigned":
             self.slots = sorted(
-                self.wait_for_nodes(simulation_nodes(sim.cfg.federation, num_clients), wait_for_nodes_s)
+                self.wait_for_nodes(simulation_nodes(sim.plan.federation, num_clients), wait_for_nodes_s)
             )
             self.node_of: dict[int, int] = {}
         else:
@@ -325,14 +325,14 @@ class FlowerTransport:
         replies: dict[int, ClientReply | str] = dict(unreachable)
         answered, limit = self.exchange(messages)
         for reply, seconds in answered:
-            client_id = sent.get(reply.metadata.src_node_id)
-            if client_id is None:
+            sender = sent.get(reply.metadata.src_node_id)
+            if sender is None:
                 continue
             self.deadline.record(seconds)
             if reply.has_error():
-                replies[client_id] = f"client error: {reply.error.reason}"
+                replies[sender] = f"client error: {reply.error.reason}"
                 continue
-            replies[client_id] = read_reply_records(client_id, reply.content)
+            replies[sender] = read_reply_records(sender, reply.content)
         for client_id in sent.values():
             if client_id not in replies:
                 replies[client_id] = self.deadline.reason(limit)
