@@ -43,6 +43,12 @@ def load(pattern_root: Path, pattern: str) -> list[RunSummary]:
     return [RunSummary.load(p) for p in sorted(pattern_root.glob(pattern)) if (p / "metrics.jsonl").exists()]
 
 
+def having(runs: list[RunSummary], key: str, value: object) -> list[RunSummary]:
+    """The runs whose config (``config.yaml``, dotted ``key``) holds ``value``: a sweep cell is found by what
+    it ran, not by its folder's name."""
+    return [r for r in runs if r.settings.get(key) == value]
+
+
 def series(run: RunSummary, key: str) -> list[float]:
     """The recorded values of ``key``, round by round (rounds without it left out)."""
     return [float(r[key]) for r in run.records if r.get(key) is not None]
@@ -351,9 +357,9 @@ def flat_from_line(groups: dict[str, list[RunSummary]], key: str = "eval_loss") 
 
 def fedmezo(root: Path) -> str:
     groups: dict[str, list[RunSummary]] = {}
+    sweep = load(root, "fedmezo/*seed-*")
     for rule in ("frozen", "random", "round-wise", "five-round", "model-diff"):
-        # the sweep's cell names: options--eps-1.0e-3-lr-strategy-<rule>-lr-rules-..._seed-<n>
-        groups[f"FedMeZO {rule}"] = load(root, f"fedmezo/*strategy-{rule}-*seed-*")
+        groups[f"FedMeZO {rule}"] = having(sweep, "strategy.options.lr_strategy", rule)
     groups["FedAvg SGD (matched)"] = load(root, "fedavg-sgd/*seed-*")  # no clipping, as the reference
     groups["FedAvg SGD, clipped at 1"] = load(root, "fedavg-sgd-clip1/*seed-*")  # fedlora's default grad_clip
     groups["FedAvg AdamW"] = load(root, "fedavg-adamw/*seed-*")

@@ -78,10 +78,10 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     except UnknownName as err:
         raise ConfigError(str(err)) from None
     load_builtins()
-    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.federation import DATA_SOURCES, source_tasks
     from fedlora.data.partition import PARTITIONERS
     from fedlora.eval.generation import SCORERS
-    from fedlora.eval.registry import METRICS
+    from fedlora.eval.registry import METRICS, metric_sources
     from fedlora.strategies.registry import strategy_class, validate_strategy_options
 
     options = validate_strategy_options(cfg.strategy)
@@ -96,6 +96,13 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
                 f"config field '{registry.field}': unknown {registry.kind} {value!r} "
                 f"(allowed: {', '.join(registry.names())})"
             )
+    tasks = source_tasks(DATA_SOURCES.get(cfg.data.source))
+    if cfg.model.task not in tasks:
+        kind = "labelled (classification)" if tasks == ("classification",) else "text (causal-lm)"
+        raise ConfigError(
+            f"config field 'model.task': data.source {cfg.data.source!r} supplies {kind} data, not "
+            f"{cfg.model.task}: set model.task to {tasks[0]!r} or use another data.source"
+        )
     for field in ("metrics", "final_metrics"):
         unknown = [m for m in getattr(cfg.eval, field) if m not in METRICS]
         if unknown:
@@ -103,10 +110,13 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
                 f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
             )
     wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
-    if "task-score" in wanted and cfg.data.source != "reasoning-gym":
-        raise ConfigError(
-            f"config field 'eval.metrics': task-score uses reasoning-gym's scorers; data.source is {cfg.data.source!r}"
-        )
+    for name in wanted:
+        sources = metric_sources(METRICS.get(name))
+        if sources is not None and cfg.data.source not in sources:
+            raise ConfigError(
+                f"config field 'eval.metrics': {name} uses {' or '.join(sources)}'s scorers; "
+                f"data.source is {cfg.data.source!r}"
+            )
     generation = [m for m in wanted if m in SCORERS]
     if generation and cfg.model.task != "causal-lm":
         raise ConfigError(

@@ -3,20 +3,24 @@
 The grid is the product of every ``--set key=v1,v2,...`` and the seeds. A seed sets every seed of the
 experiment (``SEED_KEYS``: the data split, the adapter's initialisation, client sampling, faults), so the
 spread over seeds includes partition and initialisation variance; ``--seed-keys`` narrows that. Each cell is
-a run directory named after its settings (``name-flexlora_rank-8_seed-1``); a finished cell is skipped and
+a run directory named after its settings (``name-flexlora_rank-8_seed-1``; a long value is cut and given its
+digest) and listed with its overrides in ``sweep.json``; a finished cell is skipped and
 an interrupted one resumed, so re-running the same command completes a sweep. At the end
 :func:`fedlora.tracking.compare.compare_runs` writes compare.md / compare.json / compare.png in the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config.loader import builtin_config_path
 from fedlora.config.schema import ExperimentConfig
+from fedlora.engine.run_folder import atomic_write_text
 from fedlora.errors import ConfigError
 from fedlora.preflight import load_config
 
@@ -62,16 +66,30 @@ class Cell:
 SEED_KEYS = ("federation.seed", "data.seed", "adapter.init_seed", "faults.seed")
 
 
+#: the longest a value may read in a folder name; a longer one (an options mapping) is cut and given its digest
+VALUE_CHARS = 24
+
+
+def readable_value(value: str) -> str:
+    """``value`` in a folder name: letters, digits, ``.``, ``+``, ``-`` only; past :data:`VALUE_CHARS`
+    characters, its first ones and 8 hex digits of its SHA-256 (two values never share a name)."""
+    cleaned = re.sub(r"[^A-Za-z0-9.+-]+", "-", value).strip("-")
+    if len(cleaned) <= VALUE_CHARS:
+        return cleaned
+    return f"{cleaned[:VALUE_CHARS].rstrip('-')}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
 def cell_name(axes: list[tuple[str, str]], seed: int) -> str:
-    """A readable folder name: ``<last key part>-<value>`` per axis and the seed, joined by ``_`` (the whole
-    dotted key, dots as ``-``, where two axes share a last part); only letters, digits, ``.``, ``+``, ``-``."""
+    """A short readable folder name: ``<last key part>-<value>`` per axis and the seed, joined by ``_`` (the
+    whole dotted key, dots as ``-``, where two axes share a last part; long values cut, :func:`readable_value`).
+    What a folder holds is its ``config.yaml`` and the sweep's ``sweep.json``, not its name."""
     short = [key.rsplit(".", 1)[-1] for key, _ in axes]
     parts = []
     for (key, value), name in zip(axes, short, strict=True):
         label = name if short.count(name) == 1 else key.replace(".", "-")
-        parts.append(f"{label}-{value}")
+        parts.append(f"{label}-{readable_value(value)}")
     parts.append(f"seed-{seed}")
-    return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", part) for part in parts)
+    return "_".join(parts)
 
 
 def grid(
@@ -120,8 +138,12 @@ def run_sweep(
     from fedlora.runner import run_experiment
     from fedlora.tracking.compare import compare_runs
 
+    cells = sweep_configs(config, sets, seeds, overrides, seed_keys)
+    output.mkdir(parents=True, exist_ok=True)
+    index = {"cells": [{"folder": cell.name, "overrides": list(cell.overrides)} for cell, _ in cells]}
+    atomic_write_text(output / "sweep.json", json.dumps(index, indent=1) + "\n")  # what each folder holds
     run_dirs = []
-    for cell, cfg in sweep_configs(config, sets, seeds, overrides, seed_keys):
+    for cell, cfg in cells:
         run_dir = output / cell.name
         run_dirs.append(run_dir)
         if (run_dir / "global").is_dir():  # written last, atomically: the run is finished

@@ -106,22 +106,6 @@ class ExperimentConfig(Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _task_matches_data(self) -> ExperimentConfig:
-        if self.data.source == "bbc-news" and self.model.task != "classification":
-            raise ValueError(
-                "data.source 'bbc-news' is a classification set: set model.task to 'classification'"
-            )
-        if self.model.task == "classification" and self.data.source in (
-            "reasoning-gym",
-            "natural-instructions",
-        ):
-            raise ValueError(
-                f"model.task 'classification' needs labelled data (bbc-news, json or a labelled source of your "
-                f"own), not {self.data.source!r}"
-            )
-        return self
-
 
 __all__ = [
     "AdapterConfig",

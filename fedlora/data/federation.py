@@ -59,13 +59,29 @@ DataSource = Callable[[SourceRequest], SourceData]
 DATA_SOURCES: Registry[DataSource] = Registry("data source", "data.source")
 
 
-def register_data_source(name: str) -> Callable[[DataSource], DataSource]:
+#: every ``model.task`` (what a source supplies unless it says otherwise)
+ALL_TASKS = ("causal-lm", "classification")
+
+
+def register_data_source(name: str, tasks: tuple[str, ...] = ALL_TASKS) -> Callable[[DataSource], DataSource]:
     """Decorator: ``fn(request) -> SourceData``, ``request`` a :class:`SourceRequest` (``request.data``: the
-    data section; a plugin source's own settings are ``request.data.options``)."""
-    return DATA_SOURCES.register(name)
+    data section; a plugin source's own settings are ``request.data.options``). ``tasks``: the ``model.task``
+    values it supplies data for (kept on the registered function; the preflight refuses the others)."""
+    register = DATA_SOURCES.register(name)
+
+    def add(fn: DataSource) -> DataSource:
+        fn.fedlora_tasks = tasks  # type: ignore[attr-defined]  # the fact lives on the registered entry
+        return register(fn)
+
+    return add
 
 
-@register_data_source("natural-instructions")
+def source_tasks(source: DataSource) -> tuple[str, ...]:
+    """The ``model.task`` values a registered data source supplies (all, unless it was registered with fewer)."""
+    return tuple(getattr(source, "fedlora_tasks", ALL_TASKS))
+
+
+@register_data_source("natural-instructions", tasks=("causal-lm",))
 def natural_instructions_source(request: SourceRequest) -> SourceData:
     if request.partition_method not in ("natural", "auto"):
         raise ValueError(
@@ -79,14 +95,14 @@ def natural_instructions_source(request: SourceRequest) -> SourceData:
     return SourceData(description, clients=clients)  # type: ignore[arg-type]
 
 
-@register_data_source("reasoning-gym")
+@register_data_source("reasoning-gym", tasks=("causal-lm",))
 def reasoning_gym_source(request: SourceRequest) -> SourceData:
     data = request.data
     examples = reasoning_gym_examples(data.tasks, data.examples_per_task, data.seed)
     return SourceData(f"reasoning-gym ({len(data.tasks)} tasks x {data.examples_per_task})", examples)
 
 
-@register_data_source("bbc-news")
+@register_data_source("bbc-news", tasks=("classification",))
 def bbc_news_source(request: SourceRequest) -> SourceData:
     examples, label_names = bbc_news_examples()
     return SourceData(

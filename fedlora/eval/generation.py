@@ -109,6 +109,8 @@ SCORERS = {
     "exact-match": ("eval_exact_match", lambda p, e: exact_match(p, e.output)),
     "task-score": ("eval_task_score", task_score),
 }
+#: the data sources a scorer can score (it uses the source's own scorer); the others score any source
+SCORER_SOURCES: dict[str, tuple[str, ...]] = {"task-score": ("reasoning-gym",)}
 
 
 def evaluate_generation(

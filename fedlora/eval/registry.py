@@ -16,7 +16,7 @@ import torch
 from fedlora.config.schema import EvalConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import ClientData
-from fedlora.eval.generation import SCORERS, evaluate_generation
+from fedlora.eval.generation import SCORER_SOURCES, SCORERS, evaluate_generation
 from fedlora.eval.loss import evaluate_loss
 from fedlora.registry import Registry
 
@@ -24,9 +24,21 @@ Metric = Callable[[torch.nn.Module, Encoder, list[ClientData], EvalConfig], dict
 METRICS: Registry[Metric] = Registry("metric", "eval.metrics")
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
-    """Decorator: ``fn(model, encoder, clients, eval_cfg) -> dict of eval_* figures``."""
-    return METRICS.register(name)
+def register_metric(name: str, sources: tuple[str, ...] | None = None) -> Callable[[Metric], Metric]:
+    """Decorator: ``fn(model, encoder, clients, eval_cfg) -> dict of eval_* figures``. ``sources``: the only
+    ``data.source`` values it can score (kept on the registered function; None: any)."""
+    register = METRICS.register(name)
+
+    def add(fn: Metric) -> Metric:
+        fn.fedlora_sources = sources  # type: ignore[attr-defined]  # the fact lives on the registered entry
+        return register(fn)
+
+    return add
+
+
+def metric_sources(metric: Metric) -> tuple[str, ...] | None:
+    """The data sources a registered metric can score (None: any)."""
+    return getattr(metric, "fedlora_sources", None)
 
 
 @register_metric("loss")
@@ -48,7 +60,7 @@ def _generation_metric(name: str) -> Metric:
 
 
 for _scorer in SCORERS:
-    METRICS.register(_scorer, _generation_metric(_scorer))
+    register_metric(_scorer, SCORER_SOURCES.get(_scorer))(_generation_metric(_scorer))
 
 
 def run_evaluators(

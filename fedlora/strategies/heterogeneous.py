@@ -15,7 +15,6 @@ from pydantic import Field
 from fedlora.adapters.ranks import RankProfile, lora_key_parts, truncate_state
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientHooks
-from fedlora.config.sections.training import OptimizerName
 from fedlora.strategies.base import (
     ClientInstruction,
     ClientReply,
@@ -26,8 +25,7 @@ from fedlora.strategies.base import (
     weighted_average,
 )
 from fedlora.strategies.fedavg import ProximalTerm
-
-LOCAL_OPTIMIZERS: dict[str, OptimizerName] = {"fedit": "adamw", "fedavg": "sgd", "fedprox": "sgd"}
+from fedlora.strategies.registry import strategy_class
 
 
 class HeterogeneousRankOptions(StrategyOptions):
@@ -47,7 +45,9 @@ class HeterogeneousRankStrategy(Strategy[HetOptionsT]):
 
     def __init__(self, options: HetOptionsT | None = None) -> None:
         super().__init__(options)
-        self.default_optimizer = LOCAL_OPTIMIZERS[self.options.local]  # type: ignore[misc]  # a fact set by the options
+        # local training is that of the named method (registered in fedavg.py): its optimizer too
+        local = strategy_class(self.options.local).default_optimizer
+        self.default_optimizer = local  # type: ignore[misc]  # a class fact, here set by the options
 
     def client_hooks(self, state: ServerState) -> list[ClientHooks]:
         """FedProx's term with ``local: fedprox``; nothing else (subclasses add theirs)."""

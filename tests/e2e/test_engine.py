@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_overrides
 from fedlora import load_config
 from fedlora.adapters.state import wire_size
+from fedlora.client import node as node_module
 from fedlora.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.runner import build_simulation
@@ -19,17 +20,35 @@ def test_sampling_is_seeded_per_round() -> None:
     assert a != sample_clients(100, 10, seed=1, server_round=4)
 
 
-def test_round_uses_one_shared_model_and_counts_bytes(tmp_path: Path) -> None:
-    cfg = load_config(None, tiny_overrides(tmp_path))
+def test_round_uses_one_shared_model_and_counts_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"client.num_threads": 2}))
     sim, bundle = build_simulation(cfg)
     engine = EmbeddedEngine(sim, tmp_path)
-    params_before = {id(p) for p in bundle.model.parameters()}
-    record = engine.run_round(1)
-    assert {id(p) for p in bundle.model.parameters()} == params_before  # no model copy per client
+    trained_on = []  # the model each client's local training ran on, and its base weights
+    original = node_module.train_locally
+
+    def spy(adapters, *args, **kwargs):
+        trained_on.append((adapters.model, {id(p) for _, p in adapters.base_parameters()}))
+        return original(adapters, *args, **kwargs)
+
+    monkeypatch.setattr(node_module, "train_locally", spy)
+    torch.set_num_threads(1)
+    try:
+        record = engine.run_round(1)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    base = {id(p) for p in bundle.model.parameters()}
+    assert (
+        len(trained_on) == 2 and trained_on[0][0] is trained_on[1][0]
+    )  # one shared model, no copy per client
+    assert all(weights <= base for _, weights in trained_on)  # its base weights are the loaded model's own
     assert record["num_clients"] == 2 and record["rejected"] == []
     per_payload = wire_size(sim.server.global_state)
     assert record["bytes_down"] == 2 * per_payload and record["bytes_up"] == 2 * per_payload
-    assert torch.get_num_threads() == 1
+    assert threads == 2  # client.num_threads, set by the round
 
 
 def test_corrupted_reply_is_rejected_and_round_goes_on(

@@ -152,12 +152,20 @@ def test_rounds_to_flatten(tables) -> None:  # type: ignore[no-untyped-def]
 
 
 def write_rounds(
-    path: Path, seed: int, losses: list[float], clients: list[dict], per_round: list[list[dict]] | None = None
+    path: Path,
+    seed: int,
+    losses: list[float],
+    clients: list[dict],
+    per_round: list[list[dict]] | None = None,
+    options: dict | None = None,
 ) -> None:
     """A finished run: one record per round with ``eval_loss`` and the same ``clients`` entries every round
-    (or round t's ``per_round[t - 1]``)."""
+    (or round t's ``per_round[t - 1]``); ``options``: its ``strategy.options``."""
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"federation": {"seed": seed, "rounds": len(losses)}}))
+    config = {"federation": {"seed": seed, "rounds": len(losses)}}
+    if options is not None:
+        config["strategy"] = {"name": "fedmezo", "options": options}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     records = [
         {"round": i + 1, "eval_loss": loss, "clients": per_round[i] if per_round else clients}
         for i, loss in enumerate(losses)
@@ -172,39 +180,28 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
     mezo = {s: [3.0, 2.5, 2.7 + s / 100, 2.4, 2.6] for s in range(3)}  # rises 0.2 + s/100 and 0.2
     sgd = {s: [3.0, 2.8, 2.6 - s / 100, 2.2, 2.0] for s in range(3)}
     for s in range(3):
-        write_rounds(
-            tmp_path
-            / "fedmezo"
-            / f"options--eps-1.0e-3-lr-strategy-frozen-lr-rules-reference-upload-seeds-_seed-{s}",
-            s,
-            mezo[s],
-            zeroth,
-        )
+        # the folders of a sweep of strategy.options; which rule a run used is read from its config
+        rule = {"eps": 1.0e-3, "lr_strategy": "frozen", "lr_rules": "reference", "upload": "seeds"}
+        write_rounds(tmp_path / "fedmezo" / f"options-a1_seed-{s}", s, mezo[s], zeroth, options=rule)
         write_rounds(tmp_path / "fedavg-sgd" / f"seed-{s}", s, sgd[s], first)
         (tmp_path / f"base-model_seed-{s}.json").write_text(json.dumps({"eval_loss": 3.5}))
     # another rule's run on seed 0, made on a machine twice as fast: the same forward passes in half the seconds
     faster = [{**c, "train_seconds": 1.0} for c in zeroth]
     five_round = [3.0, 2.45, 2.35, 2.3, 2.25]
-    write_rounds(
-        tmp_path
-        / "fedmezo"
-        / "options--eps-1.0e-3-lr-strategy-five-round-lr-rules-reference-upload-seeds-_seed-0",
-        0,
-        five_round,
-        faster,
-    )
+    five = {"lr_strategy": "five-round", "lr_rules": "reference", "upload": "seeds"}
+    write_rounds(tmp_path / "fedmezo" / "options-b2_seed-0", 0, five_round, faster, options=five)
     # a run on seed 1 that lost 3 of round 2's clients (a stop or a crash): 0.68e3 in all. It moves the shared
     # budget of the held-out loss column, not the other pairs' differences
     short = [[*zeroth] for _ in range(5)]
     short[1] = zeroth[:1]
+    random_rule = {"lr_strategy": "random", "lr_rules": "reference", "upload": "seeds"}
     write_rounds(
-        tmp_path
-        / "fedmezo"
-        / "options--eps-1.0e-3-lr-strategy-random-lr-rules-reference-upload-seeds-_seed-1",
+        tmp_path / "fedmezo" / "options-c3_seed-1",
         1,
         [3.0, 2.9, 2.8, 2.7, 2.6],
         zeroth,
         per_round=short,
+        options=random_rule,
     )
     text = tables.fedmezo(tmp_path)
     rows = {

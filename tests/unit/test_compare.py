@@ -105,6 +105,15 @@ def test_sweep_grid_splits_values_outside_brackets() -> None:
     only = grid(parse_axes(["data.seed=3", "federation.seed=4"]), [1], ("federation.seed",))
     assert only[0].name == "data-seed-3_federation-seed-4_seed-1"
     assert only[0].overrides == ("data.seed=3", "federation.seed=4")  # the grid's own seed values stand
+    # an options mapping reads as its first characters and a digest: short folder names, never shared
+    long = grid(
+        parse_axes(
+            ["strategy.options={eps: 1.0e-3, lr_strategy: five-round},{eps: 1.0e-3, lr_strategy: model-diff}"]
+        ),
+        [1],
+    )
+    assert [len(c.name) for c in long] == [51, 51] and long[0].name != long[1].name
+    assert long[0].name.startswith("options-eps-1.0e-3-lr-strategy") and long[0].name.endswith("_seed-1")
 
 
 def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:
@@ -120,6 +129,11 @@ def test_sweep_runs_the_grid_and_compares(tmp_path: Path, capsys) -> None:
         and "| fedavg client.optimizer=sgd | 2 (1,2) |" in out
     )
     assert len(list((tmp_path / "sweep").glob("*/global/adapter_model.safetensors"))) == 4
+    index = json.loads((tmp_path / "sweep" / "sweep.json").read_text())  # what each folder holds
+    assert {c["folder"] for c in index["cells"]} == {
+        p.parent.name for p in (tmp_path / "sweep").glob("*/config.yaml")
+    }
+    assert ["strategy.name=fedavg" in c["overrides"] for c in index["cells"]] == [False, False, True, True]
     assert (tmp_path / "sweep" / "compare.png").exists()
 
 
