@@ -24,8 +24,9 @@ private data outside DP-SGD); the privacy wrapper refuses such combinations befo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -35,7 +36,6 @@ from fedlora.registry import Registry
 
 if TYPE_CHECKING:
     from fedlora.adapters.lora import LoraAdapters
-    from fedlora.client.round import LocalSteps
     from fedlora.client.settings import LocalTrainingSettings
     from fedlora.client.store import PersonalStore
     from fedlora.data.encoding import EncodedOnDemand, Encoder
@@ -66,6 +66,36 @@ class ClientContext:
     trainable: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     #: per-round scratch space for hooks (e.g. FedProx's anchor)
     scratch: dict[str, Any] = field(default_factory=dict)
+
+
+Frozen = Callable[[str], bool]
+
+
+class LocalSteps(Protocol):
+    """How a round's local steps load, train and read back the client's tensors (the kinds of steps:
+    :mod:`fedlora.client.round`)."""
+
+    def load(
+        self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Frozen
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Put ``state`` into the model; the (name, parameter) pairs the steps train (none that is frozen)."""
+        ...
+
+    def plan(self, ctx: ClientContext) -> None:
+        """Draw the round's batches (from ``ctx.generator``, before the hooks' ``before_training``)."""
+        ...
+
+    def run(self, ctx: ClientContext, hooks: Sequence[ClientHooks]) -> dict[str, Any]:
+        """The steps over ``ctx.trainable``; the metrics they report."""
+        ...
+
+    def trained(self, ctx: ClientContext, frozen: Frozen) -> AdapterState:
+        """What the steps produced, minus the frozen tensors (before the hooks' ``reply_state``)."""
+        ...
+
+    def release(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The metrics that may leave the client."""
+        ...
 
 
 class ClientHooks(BaseModel):

@@ -24,44 +24,14 @@ A hook chooses its kind of steps with :meth:`ClientHooks.local_steps` (zeroth-or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
-
-import torch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from fedlora.adapters.state import AdapterState
-from fedlora.client.hooks import ClientContext, ClientHooks
+from fedlora.client.hooks import ClientContext, ClientHooks, Frozen, LocalSteps
 
 if TYPE_CHECKING:
     from fedlora.client.steps import LocalResult
-
-Frozen = Callable[[str], bool]
-
-
-class LocalSteps(Protocol):
-    """How a round's local steps load, train and read back the client's tensors."""
-
-    def load(
-        self, ctx: ClientContext, state: AdapterState, partial: bool, frozen: Frozen
-    ) -> list[tuple[str, torch.Tensor]]:
-        """Put ``state`` into the model; the (name, parameter) pairs the steps train (none that is frozen)."""
-        ...
-
-    def plan(self, ctx: ClientContext) -> None:
-        """Draw the round's batches (from ``ctx.generator``, before the hooks' ``before_training``)."""
-        ...
-
-    def run(self, ctx: ClientContext, hooks: Sequence[ClientHooks]) -> dict[str, Any]:
-        """The steps over ``ctx.trainable``; the metrics they report."""
-        ...
-
-    def trained(self, ctx: ClientContext, frozen: Frozen) -> AdapterState:
-        """What the steps produced, minus the frozen tensors (before the hooks' ``reply_state``)."""
-        ...
-
-    def release(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The metrics that may leave the client."""
-        ...
 
 
 def frozen_by(hooks: Sequence[ClientHooks]) -> Frozen:

@@ -59,8 +59,10 @@ def test_fed_sb_averages_the_cores_exactly_and_exports_b_times_r() -> None:
     assert set(exported) == {A_KEY, B_KEY}  # a plain LoRA state: (A, B R)
     assert_rel_close(exported[B_KEY].double() @ exported[A_KEY].double(), dense, 1e-6)
     # weighting: examples, p_i = n_i / sum n_j
-    weighted = FedSB(FedSBOptions(weighting="examples"))
-    weighted.initialize(ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0))
+    weighted = Server(
+        FedSB(FedSBOptions(weighting="examples")),
+        ServerSetup(init, {i: RankProfile.uniform(R) for i in range(3)}, lora_alpha=8.0),
+    )
     weighted.aggregate(1, replies)
     by_examples = sum(
         p * (B @ r.payload[latent_key("m.q_proj")].double() @ A) for p, r in zip(weights(replies), replies)
@@ -102,9 +104,12 @@ def test_fed_sb_runs_uploads_only_the_cores_resumes_exactly_and_exports_plain_pe
     assert per_client < 4 * 4 * 4 * 4 + 2048  # r^2 numbers per module, plus the safetensors header
     from fedlora.adapters import LoraAdapters
     from fedlora.engine.checkpoint import latest_checkpoint
+    from fedlora.engine.server import state_from_checkpoint
     from fedlora.strategies.fed_sb import latents, merged_adapter
 
-    server = latest_checkpoint(straight / "checkpoints").tensors
+    checkpoint = latest_checkpoint(straight / "checkpoints")
+    assert checkpoint is not None
+    server = state_from_checkpoint(checkpoint.tensors, checkpoint.meta).adapter
     assert all(float(R.abs().max()) > 1e-3 for R in latents(server).values())  # the cores left R_0 ~ 0
     from fedlora.engine.node_spec import effective_adapter
 
@@ -155,4 +160,4 @@ def test_fed_sb_and_flora_train_at_their_reference_lora_scale(tmp_path: Path) ->
     cfg = load_config(None, tiny_overrides(tmp_path, **{"strategy.name": "fed-sb", "adapter.alpha": 16}))
     assert NodeSpec.of(cfg).adapter.scale == 1.0
     sim, _ = build_simulation(cfg)
-    assert sim.adapters.scaling(4) == 1.0 and sim.strategy.lora_scaling(4) == 1.0  # not 16 / 4
+    assert sim.adapters.scaling(4) == 1.0 and sim.strategy.setup.scaling(4) == 1.0  # not 16 / 4

@@ -155,13 +155,14 @@ def test_merging_methods_run_resume_exactly_and_export_a_merged_model(tmp_path: 
     assert relative_error(theirs, untouched) > 1e-4  # training moved the merged model
     # our own model with the run's final server state (its last checkpoint) loaded gives the same logits
     from fedlora.adapters import LoraAdapters
-    from fedlora.adapters.merged import MergeHistory, split_merged
     from fedlora.engine.checkpoint import latest_checkpoint
+    from fedlora.engine.server import state_from_checkpoint
 
-    server = latest_checkpoint(straight / "checkpoints").tensors
+    checkpoint = latest_checkpoint(straight / "checkpoints")
+    assert checkpoint is not None
+    state = state_from_checkpoint(checkpoint.tensors, checkpoint.meta)
     adapters = LoraAdapters(bundle.model, cfg.adapter, "causal-lm")
-    adapter, _ = split_merged(server)
-    adapters.load({**adapter, **MergeHistory.from_tensors(server).payload()})
+    adapters.load({**state.adapter, **merge_history(state).payload()})
     with torch.no_grad():
         ours = adapters.model(input_ids=ids).logits
     assert_rel_close(ours, theirs, 1e-5)

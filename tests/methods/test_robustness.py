@@ -195,7 +195,7 @@ def test_flower_partition_claims_are_checked(tmp_path: Path, monkeypatch: pytest
     )
     transport = FlowerTransport(engine.sim, grid, wait_for_nodes_s=0)
     assert transport.node_of == {0: 10, 1: 11, 2: 12, 3: 13}
-    assert engine.sim.strategy.client_sizes[0] == 3
+    assert engine.sim.server.setup.client_sizes[0] == 3
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 3 and "failed the query" in refused[0] and "already held by node 10" in refused[1]
 

@@ -143,8 +143,9 @@ def test_lora_fair_strategy_applies_each_objective_per_module() -> None:
     assert float(grad.norm()) < 1e-4 and float(value) < float(dense(B_bar)) - 1e-3
     assert float((found.detach() - B_bar).norm()) > 1e-3  # it did correct B
 
-    squares = LoRAFAIR(LoRAFAIROptions(correction="least-squares"))
-    setup_strategy(squares, torch.Generator().manual_seed(4))
+    squares, _ = setup_strategy(
+        LoRAFAIR(LoRAFAIROptions(correction="least-squares")), torch.Generator().manual_seed(4)
+    )
     squares.aggregate(1, replies)
     lam = 1e-3 * float(torch.trace(A_bar @ A_bar.T)) / R
     stacked_a = torch.cat([A_bar, (lam**0.5) * torch.eye(R, dtype=torch.float64)], dim=1)
