@@ -112,7 +112,7 @@ def test_sweep_grid_splits_values_outside_brackets() -> None:
         ),
         [1],
     )
-    assert [len(c.name) for c in long] == [51, 51] and long[0].name != long[1].name
+    assert [len(c.name) for c in long] == [48, 48] and long[0].name != long[1].name
     assert long[0].name.startswith("options-eps-1.0e-3-lr-strategy") and long[0].name.endswith("_seed-1")
 
 

@@ -18,7 +18,7 @@ from fedlora.strategies.fedavg import FedIT
 
 def test_the_config_layer_imports_no_registry_no_method_and_no_torch() -> None:
     code = (
-        "import sys, fedlora.config.loader as l; l.load_config(None, ['strategy.name=no-such-method']); "
+        "import sys, fedlora.config.loader as l; l.read_config(None, ['strategy.name=no-such-method']); "
         "print(sorted(m for m in sys.modules if m.startswith(('fedlora.strategies', 'fedlora.data', "
         "'fedlora.eval', 'torch'))))"
     )
@@ -66,3 +66,15 @@ def test_a_bad_key_is_reported_before_torch_or_transformers_is_imported() -> Non
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "2 []"
     assert "config field 'badkey': unknown key" in done.stderr
+
+
+def test_a_data_source_says_which_tasks_it_supplies() -> None:
+    """The fact lives on the registered source (register_data_source(name, tasks=...)), checked by the
+    preflight: BBC News is labelled data, reasoning-gym text; a source registered without tasks takes both."""
+    with pytest.raises(ConfigError, match="model.task.*'bbc-news' supplies labelled"):
+        load_config(None, ["data.source=bbc-news"])
+    with pytest.raises(ConfigError, match="model.task.*'reasoning-gym' supplies text"):
+        load_config(None, ["model.task=classification"])
+    from fedlora.data.federation import DATA_SOURCES, source_tasks
+
+    assert source_tasks(DATA_SOURCES.get("json")) == ("causal-lm", "classification")
