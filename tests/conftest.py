@@ -35,22 +35,11 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
-    """Overrides for a fast tiny-llama run on reasoning-gym (4 tasks, 4 clients)."""
-    items = {
-        "model.name": "tiny-llama",
-        "data.source": "reasoning-gym",
-        "data.tasks": "[basic_arithmetic, chain_sum, gcd, lcm]",
-        "data.examples_per_task": 16,
-        "data.max_seq_len": 96,
-        "federation.clients_per_round": 2,
-        "federation.rounds": 2,
-        "client.local_steps": 2,
-        "client.batch_size": 2,
-        "client.lr": 1e-3,
-        "adapter.rank": 4,
-        "output.plot": "false",
-    }
-    items.update({k: v for k, v in extra.items()})
+    """Overrides for a fast tiny-llama run on reasoning-gym (4 tasks, 4 clients): the conformance suite's
+    tiny experiment (fedlora.testing.conformance.TINY_EXPERIMENT)."""
+    from fedlora.testing.conformance import TINY_EXPERIMENT
+
+    items = {**TINY_EXPERIMENT, **extra}
     return [f"{k}={v}" for k, v in items.items()]
 
 

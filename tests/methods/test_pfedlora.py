@@ -13,6 +13,7 @@ from fedlora.client.trainer import train_locally
 from fedlora.config.loader import ConfigError
 from fedlora.engine.server import Server
 from fedlora.strategies.base import ServerSetup
+from fedlora.strategies.lg_fedavg import LGFedAvg
 from fedlora.strategies.pfedlora import LocalModelPhase
 
 VARIANTS = {
@@ -157,17 +158,10 @@ def test_pfedlora_without_client_models_is_refused(tmp_path: Path) -> None:
 
 
 WIDTHS = {
+    **LGFedAvg.conformance_overrides,  # BBC News on the common representation space (shared_dim 16)
     "strategy.name": "pfedlora",
-    "model.task": "classification",
-    "data.source": "bbc-news",
-    "data.max_seq_len": 32,
-    "partition.method": "iid",
-    "data.max_train_examples_per_client": 16,
-    "data.max_eval_examples_per_client": 8,
     "federation.num_clients": 6,
     "federation.clients_per_round": 6,
-    "model.shared_adapter": "representation",
-    "model.shared_dim": 16,
     # three widths (64, 32 and MiniLM's 384), two architectures and two tokenizers
     "model.variants": "[{tiny_hidden_size: 64}, {tiny_hidden_size: 32}, {name: all-minilm-l6-v2, num_layers: 1}]",
     "adapter.dropout": 0.0,
