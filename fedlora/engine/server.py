@@ -17,7 +17,7 @@ from fedlora.adapters.ranks import RankProfile
 from fedlora.adapters.state import AdapterState
 from fedlora.engine.checkpoint import CheckpointError
 from fedlora.protocol import ClientInstruction, ClientReply
-from fedlora.strategies.base import Review, RoundResults, ServerSetup, ServerState, Strategy
+from fedlora.strategies.base import GLOBAL, Review, RoundResults, ServerSetup, ServerState, Strategy
 
 #: the checkpoint metadata's key for the JSON side of the state
 STATE_META = "server_state"
@@ -145,4 +145,4 @@ class Server:
 
     def load_global_adapter(self, adapter: AdapterState) -> None:
         """Replace the global adapter alone (evaluating an exported adapter without a checkpoint)."""
-        self.state = self.state.evolve({"global": dict(adapter)})
+        self.state = self.state.evolve({GLOBAL: dict(adapter)})

@@ -71,6 +71,12 @@ def seed_pool(pool_seed: int, size: int) -> tuple[int, ...]:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def seed_index(pool_seed: int, size: int) -> dict[int, int]:
+    """Each pool seed's position k in :func:`seed_pool` (built once per pool, not per reply or round)."""
+    return {s: k for k, s in enumerate(seed_pool(pool_seed, size))}
+
+
 def materialise(start: AdapterState, pool: tuple[int, ...], coefficients: torch.Tensor) -> AdapterState:
     """theta_0 - sum_k c_k z(s_k), z drawn exactly as the zeroth-order steps draw it (tensors by name)."""
     state = {k: v.clone() for k, v in start.items()}
@@ -178,14 +184,14 @@ class FedKSeed(Strategy[FedKSeedOptions]):
         seeds = record[SEEDS_KEY]
         if float(record[WEIGHT_DECAY_KEY]) != 0.0:
             return "weight decay in the steps record (fedkseed needs none)"
-        pool = set(self.pool())
+        pool = seed_index(self.setup.seed, self.options.pool_size)
         if any(int(s) not in pool for s in seeds.flatten().tolist()):
             return "a seed outside the run's pool"
         return None
 
     def aggregate(self, state: ServerState, server_round: int, replies: list[ClientReply]) -> ServerState:
         """c_k += sum_i p_i sum_{steps with seed s_k} lr g / n (module docstring)."""
-        index = {s: k for k, s in enumerate(self.pool())}
+        index = seed_index(self.setup.seed, self.options.pool_size)
         coefficients = state.adapter[COEFFICIENTS_KEY].clone()
         for p_i, reply in zip(example_weights(replies), replies, strict=True):
             seeds, grads, lrs = reply.payload[SEEDS_KEY], reply.payload[GRADS_KEY], reply.payload[LRS_KEY]
