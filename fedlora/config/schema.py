@@ -85,6 +85,15 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _benchmarks_need_a_language_model(self) -> ExperimentConfig:
+        if self.eval.tasks and self.model.task != "causal-lm":
+            raise ValueError(
+                "eval.tasks score a language model's choices (model.task causal-lm); a classifier has its own "
+                "accuracy in eval.metrics: loss. Remove eval.tasks"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _representation_adapter_fits(self) -> ExperimentConfig:
         if self.model.shared_adapter == "representation" and self.model.task != "classification":
             raise ValueError(

@@ -375,12 +375,18 @@ class ItemProgress:
         now = time.perf_counter()
         if done < total and now - self.shown < self.every:
             return
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        if done < total and not tty and now - self.shown < 10 * self.every:  # a log file: fewer lines
+            return
         self.shown = now
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
-        end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label}: {done}/{total} items, {rate:.1f} items/s, ETA {eta:.0f}s   {end}")
+        line = f"{self.label}: {done}/{total} items, {rate:.1f} items/s, ETA {eta:.0f}s"
+        if tty:
+            self.stream.write(f"\r{line}   " + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
 
 

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from safetensors.torch import load_file
 
+from fedlora.adapters.state import AdapterState
+from fedlora.compute import autocast, model_device
 from fedlora.config.loader import apply_overrides
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.checkpoint import latest_checkpoint
-from fedlora.engine.evaluation import evaluate_personal, evaluate_state, write_predictions
+from fedlora.engine.evaluation import (
+    evaluate_personal,
+    evaluate_state,
+    evaluate_state_load,
+    write_predictions,
+)
 from fedlora.engine.run_folder import atomic_write_text, config_changes
 from fedlora.engine.sampling import evaluation_clients
 from fedlora.engine.setup import assemble_simulation
+from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
 from fedlora.preflight import config_from_dict
 from fedlora.session.resume import load_run_config
@@ -57,21 +67,112 @@ def evaluation_name(
     return f"{split}@{re.sub(r'[^A-Za-z0-9._=-]+', '-', tag).strip('-')[:80]}"
 
 
+def benchmark_state(
+    run_dir: Path,
+    sim: Simulation,
+    state: AdapterState,
+    names: list[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    base: bool = False,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Score ``state`` (and, with ``base``, the untrained adapter) on the benchmarks ``names``
+    (:mod:`fedlora.eval.benchmarks`) into ``run_dir/eval/tasks.json`` (per task: its source file, split,
+    n, the adapter's and the base's acc / acc_norm with standard errors) and ``tasks.samples.jsonl`` (each
+    item's choice log-likelihoods), and print the table to ``stream``."""
+    from fedlora.eval.benchmarks import evaluate_benchmarks, task_source
+
+    if sim.encoder.task != "causal-lm":
+        raise ConfigError(
+            "benchmark tasks score a language model's choices; this run's model.task is a classifier"
+        )
+    assert sim.adapters.model is not None
+    batch = sim.plan.eval.batch_size
+    models = [("adapter", state), *([("base", sim.adapters.initial_state())] if base else [])]
+    scored: dict[str, dict[str, dict[str, Any]]] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for which, weights in models:
+        evaluate_state_load(sim, weights)
+        with autocast(sim.plan.precision, model_device(sim.adapters.model)):
+            scored[which], samples[which] = evaluate_benchmarks(
+                sim.adapters.model,
+                sim.encoder.tokenizer,
+                names,
+                limit,
+                num_fewshot,
+                batch,
+                f"{which} ",
+                stream,
+            )
+    tasks = {
+        name: {
+            **task_source(name),
+            "n": scored["adapter"][name]["n"],
+            "num_fewshot": num_fewshot,
+            **{which: {k: v for k, v in scored[which][name].items() if k != "n"} for which in scored},
+        }
+        for name in scored["adapter"]
+    }
+    folder = run_dir / "eval"
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / "tasks.json", json.dumps({"tasks": tasks}, indent=1) + "\n")
+    rows = []
+    for i, sample in enumerate(samples["adapter"]):
+        beside = samples["base"][i] if "base" in samples else {}
+        rows.append({**sample, **{f"base_{k}": beside[k] for k in ("lls", "acc", "acc_norm") if k in beside}})
+    write_predictions(folder / "tasks.samples.jsonl", rows)
+    if stream is not None:
+        stream.write(benchmark_table(tasks) + "\n")
+    return tasks
+
+
+def benchmark_table(tasks: dict[str, dict[str, Any]]) -> str:
+    """The benchmarks as a plain table: task, n, metric, adapter (+- stderr), base (+- stderr)."""
+    lines = [f"{'task':<16}{'n':>6}  {'metric':<9}{'adapter':>17}{'base':>17}"]
+    for name, task in tasks.items():
+        for metric in ("acc", "acc_norm"):
+            if metric not in task["adapter"]:
+                continue
+            cells = []
+            for which in ("adapter", "base"):
+                got = task.get(which)
+                cells.append(
+                    f"{got[metric]:.4f} +- {got[metric + '_stderr']:.4f}" if got is not None else "-"
+                )
+            lines.append(f"{name:<16}{task['n']:>6}  {metric:<9}{cells[0]:>17}{cells[1]:>17}")
+    return "\n".join(lines)
+
+
 def evaluate_run(
     run_dir: Path,
     overrides: list[str] | None = None,
     split: str | None = None,
     data_config: Path | None = None,
     base: bool = False,
-) -> dict[str, float]:
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    stream: TextIO | None = sys.stderr,
+) -> dict[str, Any]:
     """Evaluate ``run_dir/global`` on the run's data config, or on another one, into
     ``run_dir/eval/<name>.json`` (:func:`evaluation_name`).
 
     ``data_config``: a YAML file whose data/partition/federation/eval sections replace the run's (the model,
     adapter and strategy stay the run's); then ``overrides`` (evaluation settings only:
     :func:`check_eval_overrides`); then ``split``. ``base``: the same metrics of the untrained adapter (the
-    base model; with a classification head, its untrained head) too, as ``base_*`` keys.
+    base model; with a classification head, its untrained head) too, as ``base_*`` keys, and its
+    generations beside the adapter's in ``<name>.predictions.jsonl``. ``tasks``: score benchmarks instead
+    (:func:`benchmark_state`; ``limit`` items each, ``num_fewshot`` examples) into ``eval/tasks.json``.
+    Stages and progress go to ``stream``.
     """
+    started = time.perf_counter()
+
+    def stage(text: str) -> None:
+        if stream is not None:
+            stream.write(f"[{time.perf_counter() - started:6.1f}s] {text}\n")
+            stream.flush()
+
     check_eval_overrides(overrides or [])
     adapter_file = run_dir / "global" / "adapter_model.safetensors"
     model_file = run_dir / "global" / "model.safetensors"  # a full-parameter run's tuned model
@@ -89,9 +190,14 @@ def evaluate_run(
         tree.update({k: v for k, v in other.items() if k in DATA_SECTIONS})
     apply_overrides(tree, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     cfg = config_from_dict(tree)
+    stage(f"loading {run_cfg.model.name} and the data of {run_dir}")
     sim, _ = assemble_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
     clients = evaluation_clients(cfg.eval, cfg.federation.seed, sim.federation, final=True)
+    if sim.client_models is not None and tasks:
+        raise ConfigError(
+            f"{run_dir} is a personalised run (each client its own model): benchmark tasks score one global model"
+        )
     if sim.client_models is not None:  # personalised: each client's newest weights with what is shared
         sim.client_models.folder = run_dir / "personal"
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
@@ -110,15 +216,34 @@ def evaluate_run(
             raise ConfigError(
                 f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
             ) from None
+    if tasks:
+        stage(f"scoring {', '.join(tasks)}{' (adapter and base)' if base else ''}")
+        return benchmark_state(run_dir, sim, state, tasks, limit, num_fewshot, base, stream)
     predictions: list[dict[str, Any]] = []
-    metrics = evaluate_state(sim, state, clients, names, predictions)
+    count = sum(len(c.split(cfg.eval.split)) for c in clients)
+    stage(f"evaluating the adapter on {len(clients)} clients ({count} examples): {', '.join(names)}")
+    metrics: dict[str, Any] = evaluate_state(sim, state, clients, names, predictions)
     if base:
-        untrained = evaluate_state(sim, sim.adapters.initial_state(), clients, names)
+        stage("evaluating the base model (the untrained adapter) on the same examples")
+        base_predictions: list[dict[str, Any]] = []
+        untrained = evaluate_state(sim, sim.adapters.initial_state(), clients, names, base_predictions)
         metrics.update({f"base_{k}": v for k, v in untrained.items()})
+        predictions = [
+            {
+                **ours,
+                **{
+                    f"base_{k}": v
+                    for k, v in theirs.items()
+                    if k not in ("client", "instruction", "input", "reference")
+                },
+            }
+            for ours, theirs in zip(predictions, base_predictions, strict=True)
+        ]
     folder = run_dir / "eval"  # what was measured, and what the model said, kept in the run
     folder.mkdir(exist_ok=True)
     name = evaluation_name(cfg.eval.split, run_cfg, cfg, data_config)
     atomic_write_text(folder / f"{name}.json", json.dumps(metrics, indent=1) + "\n")
     if predictions:
         write_predictions(folder / f"{name}.predictions.jsonl", predictions)
+    stage(f"wrote {folder / (name + '.json')}")
     return metrics

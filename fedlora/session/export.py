@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,23 @@ def finalize(
     """Export the global adapter as a PEFT folder (full-parameter runs: a whole model folder), plot the
     curves, print the summary."""
     final_state = export_adapter(run_dir / "global", cfg, sim, bundle, records)
+    if cfg.eval.tasks:
+        from fedlora.session.evaluate import benchmark_state
+
+        if sim.client_models is not None:
+            console.print("eval.tasks: skipped, a personalised run has no one global model to score")
+        else:
+            console.print(f"scoring the benchmarks {', '.join(cfg.eval.tasks)} (eval/tasks.json)")
+            benchmark_state(
+                run_dir,
+                sim,
+                final_state,
+                cfg.eval.tasks,
+                cfg.eval.tasks_limit,
+                cfg.eval.tasks_fewshot,
+                cfg.eval.tasks_base,
+                sys.stderr,
+            )
     if cfg.output.plot:
         plot_curves(records, run_dir / "curves.png", f"{cfg.name} ({cfg.strategy.name})")
     console.print(summary_table(records, f"{cfg.name}: {cfg.strategy.name}, {len(records)} rounds"))

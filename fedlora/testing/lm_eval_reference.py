@@ -31,7 +31,15 @@ def lm_eval_config(name: str, data_file: Path) -> dict[str, Any]:
 
     path = Path(lm_eval.__file__).parent / "tasks" / CONFIGS[name]
     config = yaml.safe_load(path.read_text())
-    for key in ("include", "tag", "group", "training_split", "validation_split", "fewshot_split", "fewshot_config"):
+    for key in (
+        "include",
+        "tag",
+        "group",
+        "training_split",
+        "validation_split",
+        "fewshot_split",
+        "fewshot_config",
+    ):
         config.pop(key, None)
     config.update(
         task=f"fedlora_{name}",
@@ -57,7 +65,9 @@ def lm_eval_loglikelihoods(
         data.write_text("".join(json.dumps(item.doc) + "\n" for item in items))
         task = ConfigurableTask(config=lm_eval_config(name, data))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = evaluator.evaluate(lm=lm, task_dict={task.config.task: task}, log_samples=True, verbosity="ERROR")
+        out = evaluator.evaluate(
+            lm=lm, task_dict={task.config.task: task}, log_samples=True, verbosity="ERROR"
+        )
     assert out is not None
     samples = sorted(out["samples"][task.config.task], key=lambda s: s["doc_id"])
     lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]

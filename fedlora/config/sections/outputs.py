@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fedlora.config.sections.base import Section
 
@@ -38,12 +38,29 @@ class EvalConfig(Section):
     final_metrics: list[str] = Field(default_factory=list)
     #: the length limit of greedy generations (generation metrics)
     max_new_tokens: int = Field(64, ge=1)
+    #: benchmarks scored after the last round by multiple-choice log-likelihood, lm-evaluation-harness's
+    #: acc / acc_norm with standard errors (model.task causal-lm): mmlu, boolq, piqa, commonsense_qa,
+    #: openbookqa; written to RUN/eval/tasks.json (the same as ``fedlora eval RUN --tasks ...``)
+    tasks: list[str] = Field(default_factory=list)
+    #: the first N items of each benchmark (None: all of them)
+    tasks_limit: int | None = Field(None, ge=1)
+    #: solved examples before each benchmark question (few-shot; 0: zero-shot)
+    tasks_fewshot: int = Field(0, ge=0)
+    #: also score the base model (the untrained adapter) on the benchmarks, beside the adapter
+    tasks_base: bool = False
     #: stop when ``early_stopping_metric`` has not improved for this many evaluated rounds (None: never);
     #: the best round's adapter is kept in RUN/best/
     early_stopping_patience: int | None = Field(None, ge=1)
     #: a per-round figure (``eval_loss``, ``eval_accuracy``, ``eval_rouge_l``...): losses and perplexities are
     #: better lower, everything else higher
     early_stopping_metric: str = "eval_loss"
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from fedlora.eval.benchmarks import check_task_names
+
+        return check_task_names(tasks, "eval.tasks")
 
 
 class OutputConfig(Section):
