@@ -222,15 +222,18 @@ def build_parser(with_names: bool = False) -> argparse.ArgumentParser:
     """The CLI; ``with_names``: the help lists the registered strategies, data sources... (imports them)."""
     epilog = EPILOG
     if with_names:
-        from fedlora.preflight import registered_names
+        from fedlora.help_names import help_names
 
-        epilog = f"{EPILOG}\n\nregistered names:\n{registered_names()}\n\nevery key: fedlora config"
+        epilog = f"{EPILOG}\n\nregistered names:\n{help_names()}\n\nevery key: fedlora config"
     parser = argparse.ArgumentParser(
         prog="fedlora",
         description="Federated fine-tuning of language models with LoRA.",
         epilog=epilog if with_names else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from fedlora.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    # the help lists the registered names read from fedlora's source (fedlora.help_names): no torch
     parser = build_parser(with_names=wants_help)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`fedlora run a=1 --no-progress b=2`)

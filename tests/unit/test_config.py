@@ -194,3 +194,42 @@ def test_help_lists_the_registered_names(capsys) -> None:
         lines["strategy.name"].split(": ")[1].split(", ")
     )
     assert {"json", "hf", "natural-instructions"} <= set(lines["data.source"].split(": ")[1].split(", "))
+
+
+def test_help_names_read_from_source_are_the_live_registries() -> None:
+    """``fedlora --help`` reads the built-ins' names from the source (no torch): every name a fedlora module
+    registers is there, and nothing else."""
+    from fedlora.data.federation import DATA_SOURCES
+    from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.registry import METRICS
+    from fedlora.help_names import builtin_names
+    from fedlora.preflight import load_builtins
+    from fedlora.strategies.registry import STRATEGIES
+
+    load_builtins()
+    read = builtin_names()
+    for row, registry in (
+        ("strategy.name", STRATEGIES),
+        ("data.source", DATA_SOURCES),
+        ("partition.method", PARTITIONERS),
+        ("eval.metrics", METRICS),
+    ):
+        ours = sorted(n for n in registry.names() if registry.get(n).__module__.startswith("fedlora."))
+        assert read[row] == ours, row
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\nfrom fedlora.cli import main\n"
+        "for args in (['--help'], ['run', '--help'], ['--version']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "        main(args)\n"
+        "    assert out.getvalue(), args\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
