@@ -50,6 +50,7 @@ from fedlora.client.steps import (
     make_scheduler,
     optimizer_step,
     seeded,
+    step_loss_metrics,
 )
 from fedlora.client.store import PersonalStore
 from fedlora.client.trainer import FirstOrderSteps
@@ -267,6 +268,7 @@ def train_clients_together(
                 "steps": len(losses[k]),
                 "tokens": tokens[k],
                 "train_seconds": seconds,
+                **step_loss_metrics(losses[k], 1, settings.lr),
                 "batched_clients": K,
                 **gradient_norm_metrics(client_norms[k]),
             }

@@ -144,6 +144,14 @@ def run_steps(
     return losses, tokens, torch.stack(norms).tolist() if norms else []  # one device sync, at the end
 
 
+def step_loss_metrics(losses: Sequence[float], accumulation: int, lr: float) -> dict[str, Any]:
+    """What a client reports of its steps beside the mean loss: ``step_losses``, each optimizer step's loss
+    (the mean of its ``accumulation`` micro-batch losses), and ``learning_rate``, the round's rate ``lr``
+    (the schedule's peak in the round). The server windows ``step_losses`` by ``output.logging_steps``."""
+    steps = [losses[i : i + accumulation] for i in range(0, len(losses), accumulation)]
+    return {"step_losses": [sum(s) / len(s) for s in steps], "learning_rate": lr}
+
+
 def gradient_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """The step's global gradient norm ||g||_2 over ``params`` (all gradients as one vector), measured before
     clipping; with ``max_norm``, g is then clipped with torch's rule g *= min(1, max_norm / (||g|| + 1e-6))."""

@@ -48,6 +48,7 @@ from fedlora.client.steps import (
     optimizer_step,
     run_steps,
     seeded,
+    step_loss_metrics,
 )
 from fedlora.client.store import PersonalStore
 from fedlora.compute import autocast, model_device
@@ -167,6 +168,7 @@ class FirstOrderSteps:
             "steps": self.steps,
             "tokens": tokens,
             "train_seconds": time.perf_counter() - started,
+            **step_loss_metrics(losses, settings.gradient_accumulation_steps, settings.lr),
             **gradient_norm_metrics(norms),
         }
 

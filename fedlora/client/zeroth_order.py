@@ -29,6 +29,7 @@ from pydantic import Field
 from fedlora.adapters.state import AdapterState
 from fedlora.client.hooks import ClientContext, ClientHooks, register_client_hooks
 from fedlora.client.loss import batch_loss
+from fedlora.client.steps import step_loss_metrics
 from fedlora.compute import autocast, model_device, to_cpu, to_device
 from fedlora.data.encoding import batches_for_steps, steps_for
 
@@ -220,6 +221,7 @@ def train_zeroth_order(
         "forward_passes": 2 * perturbations * len(losses),
         "train_seconds": time.perf_counter() - started,
         "lr": lr,
+        **step_loss_metrics(kept, 1, lr),
     }
     return steps_record(seeds, grads, lrs, weight_decay), metrics
 

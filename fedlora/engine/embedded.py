@@ -94,6 +94,33 @@ class RoundOutcome:
         return {"dropped": self.dropped, "late": self.late, "corrupted": self.corrupted}
 
 
+def training_figures(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round's training as the clients reported it (what a client did not report is left out: under DP
+    only its step count leaves it).
+
+    ``learning_rate``: the mean of the clients' rates (equal unless a method spreads them);
+    ``train_tokens_per_second``: sum of tokens / sum of the clients' training seconds (one client's
+    throughput); ``step_losses``: ``l_s = mean over the clients with a step s of their step-s loss``, one per
+    local optimizer step (the run windows them by ``output.logging_steps`` into ``loss_steps``)."""
+    out: dict[str, Any] = {}
+    rates = [float(m["learning_rate"]) for m in metrics if "learning_rate" in m]
+    if rates:
+        out["learning_rate"] = sum(rates) / len(rates)
+    timed = [m for m in metrics if "tokens" in m and m.get("train_seconds")]
+    if timed:
+        out["train_tokens_per_second"] = sum(m["tokens"] for m in timed) / sum(
+            m["train_seconds"] for m in timed
+        )
+    curves = [m["step_losses"] for m in metrics if m.get("step_losses")]
+    if curves:
+        longest = max(len(c) for c in curves)
+        out["step_losses"] = [
+            sum(c[s] for c in curves if len(c) > s) / sum(1 for c in curves if len(c) > s)
+            for s in range(longest)
+        ]
+    return out
+
+
 class EmbeddedEngine:
     """Runs rounds ``start..cfg.federation.rounds`` of a :class:`Simulation`: the round logic, with the
     clients reached through a transport (default: in this process; Flower: :mod:`fedlora.engine.flower`)."""
@@ -266,6 +293,7 @@ class EmbeddedEngine:
         record: dict[str, Any] = {
             "round": server_round,
             "train_loss": train_loss,
+            **training_figures([r.metrics for r in replies]),
             "num_clients": len(replies),
             "num_sampled": len(sampled),
             "bytes_up": totals.bytes_up,

@@ -29,6 +29,23 @@ def run_headline(cfg: ExperimentConfig, sim: Simulation, per_round: int) -> str:
     )
 
 
+def logged_steps(record: dict[str, Any], before: list[dict[str, Any]], every: int) -> dict[str, Any]:
+    """``record`` with its ``step_losses`` (one per local optimizer step) as ``loss_steps``: ``[step, loss]``
+    every ``every`` steps, the mean of the window's losses, ``step`` counted over the whole run (the rounds
+    before add their ``optimizer_steps``), the HF Trainer's ``logging_steps`` on the federated axis."""
+    losses = record.get("step_losses")
+    if not losses:
+        return record
+    out = {k: v for k, v in record.items() if k != "step_losses"}
+    offset = sum(int(r.get("optimizer_steps", 0)) for r in before)
+    windows = [losses[i : i + every] for i in range(0, len(losses), every)]
+    out["optimizer_steps"] = len(losses)
+    out["loss_steps"] = [
+        [offset + min((i + 1) * every, len(losses)), sum(w) / len(w)] for i, w in enumerate(windows)
+    ]
+    return out
+
+
 class RoundRecorder:
     """What happens to each finished round's record: ``metrics.jsonl``, the trackers, the progress bar, the
     ``output.save_every`` adapters and, with early stopping, ``best/`` and whether to go on."""
@@ -58,6 +75,7 @@ class RoundRecorder:
 
     def on_round(self, record: dict[str, Any]) -> bool:
         """Record ``record``; False when early stopping ends the run after it."""
+        record = logged_steps(record, self.records, self.cfg.output.logging_steps)
         self.metrics.append(record)
         for tracker in self.trackers:
             tracker.log_round(record)

@@ -2,7 +2,9 @@
 an optional package, each one local unless the user points it elsewhere).
 
 What every tracker receives: the run's whole config (once, when the run is created), each round's record as
-it ends (every numeric field at step = round: ``train_loss``, ``eval_*``, ``bytes_up``, ...), and at the end
+it ends (every numeric field at step = round: ``train_loss``, ``learning_rate``, ``train_tokens_per_second``,
+``eval_*``, ``bytes_up``, ...; the training loss every ``output.logging_steps`` optimizer steps on its own
+axis: TensorBoard ``train/loss_step``, MLflow ``train_loss_step``, W&B a line chart at the end), and at the end
 the last record's numbers as the run's summary plus ``curves.png`` and ``metrics.jsonl`` where the tracker
 keeps files.
 
@@ -54,6 +56,12 @@ def numbers(record: dict[str, Any]) -> dict[str, float]:
         for key, value in record.items()
         if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)
     }
+
+
+def loss_steps(record: dict[str, Any]) -> list[tuple[int, float]]:
+    """A round's training loss every ``output.logging_steps`` optimizer steps: ``(step, loss)`` pairs, the
+    step counted over the run (:func:`fedlora.session.recording.logged_steps`)."""
+    return [(int(step), float(loss)) for step, loss in record.get("loss_steps") or []]
 
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, str]:
@@ -123,6 +131,8 @@ class TensorBoardTracker:
     def log_round(self, record: dict[str, Any]) -> None:
         for key, value in numbers(record).items():
             self.writer.add_scalar(key, value, int(record["round"]))
+        for step, loss in loss_steps(record):  # its own axis: optimizer steps
+            self.writer.add_scalar("train/loss_step", loss, step)
         self.writer.flush()
 
     def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
@@ -163,6 +173,10 @@ class WandbTracker:
     def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:
         if records:
             self.run.summary.update(numbers(records[-1]))
+        points = [list(point) for record in records for point in loss_steps(record)]
+        if points:  # W&B has one step axis (the round): the per-step loss as a line over optimizer steps
+            table = self.wandb.Table(data=points, columns=["optimizer_step", "train_loss"])
+            self.run.log({"train_loss_steps": self.wandb.plot.line(table, "optimizer_step", "train_loss")})
         for path in files:
             if path.suffix == ".png":
                 self.run.log({path.stem: self.wandb.Image(str(path))})
@@ -203,6 +217,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         step = int(record["round"])
         metrics = [Metric(k, v, now, step) for k, v in numbers(record).items()]
+        metrics += [Metric("train_loss_step", loss, now, s) for s, loss in loss_steps(record)]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, records: list[dict[str, Any]], files: list[Path]) -> None:

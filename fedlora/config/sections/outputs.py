@@ -81,5 +81,8 @@ class OutputConfig(Section):
     tracking_project: str = "fedlora"
     #: the same as listing tensorboard in trackers
     tensorboard: bool = False
+    #: the training loss in metrics.jsonl and the trackers every N local optimizer steps (the mean of the
+    #: clients' step losses over the window; ``loss_steps``), TRL's / the HF Trainer's logging_steps
+    logging_steps: int = Field(1, ge=1)
     #: also export the global adapter every N rounds, as RUN/adapters/round_N/ (plain PEFT folders)
     save_every: int | None = Field(None, ge=1)
