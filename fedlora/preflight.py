@@ -80,6 +80,7 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     load_builtins()
     from fedlora.data.federation import DATA_SOURCES, source_tasks
     from fedlora.data.partition import PARTITIONERS
+    from fedlora.eval.benchmarks import BENCHMARK_TASKS
     from fedlora.eval.generation import SCORERS
     from fedlora.eval.registry import METRICS, metric_sources
     from fedlora.strategies.registry import strategy_class, validate_strategy_options
@@ -109,6 +110,11 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(
                 f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
             )
+    unknown_tasks = [t for t in cfg.eval.tasks if t not in BENCHMARK_TASKS]
+    if unknown_tasks:
+        raise ConfigError(
+            f"config field 'eval.tasks': unknown benchmark(s) {unknown_tasks} (allowed: {', '.join(BENCHMARK_TASKS)})"
+        )
     wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
     for name in wanted:
         sources = metric_sources(METRICS.get(name))

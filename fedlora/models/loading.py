@@ -121,8 +121,9 @@ def resolve_model_folder(cfg: ModelConfig) -> Path:
 
 
 def quantization_settings(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, object]:
-    """``from_pretrained`` keyword arguments for ``model.quantization`` (empty without it): QLoRA's recipe for
-    4 bits (NF4 weights, double quantisation of the scales, matmuls at the model's ``dtype``) or LLM.int8()."""
+    """``from_pretrained`` keyword arguments for ``model.quantization`` (empty without it): 4 bits as
+    ``model.quant_type`` / ``double_quant`` / ``quant_compute_dtype`` say (default QLoRA's recipe: NF4 weights,
+    double quantisation of the scales, matmuls at the model's ``dtype``), or LLM.int8()."""
     if cfg.quantization is None:
         return {}
     try:
@@ -135,11 +136,12 @@ def quantization_settings(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, obj
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == 4:
+        compute = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute[cfg.quant_compute_dtype] if cfg.quant_compute_dtype else dtype,
         )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)

@@ -45,7 +45,7 @@ from fedlora.protocol import plan_from_json, plan_to_json
 
 def measures_the_machine(key: str) -> bool:
     """Whether a figure of a round record measures the machine (timings, memory peaks), not the method."""
-    return key == "seconds" or key.endswith("_seconds") or key.startswith("peak_")
+    return key == "seconds" or key.endswith(("_seconds", "_per_second")) or key.startswith("peak_")
 
 
 #: the tiny experiment every check runs (config overrides; the method's own needs are added)

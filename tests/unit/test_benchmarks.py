@@ -163,3 +163,11 @@ def test_fedlora_eval_tasks_writes_adapter_and_base(tmp_path: Path) -> None:
     assert len(samples) == 6 and all(len(s["lls"]) == len(s["base_lls"]) for s in samples)
     bad = subprocess.run([*cli, "--tasks", "piqa,hellaswag"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark 'hellaswag'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_an_unknown_benchmark_in_the_config_names_the_field() -> None:
+    from fedlora.errors import ConfigError
+    from fedlora.preflight import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"eval\.tasks.*'hellaswag'.*allowed: mmlu"):
+        config_from_dict({"eval": {"tasks": ["mmlu", "hellaswag"]}})

@@ -190,3 +190,17 @@ def one_token_tolerance() -> float:
     from bitsandbytes.functional import has_avx512bf16
 
     return 8 * 2.0**-8 if has_avx512bf16() else 1e-3
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
+def test_the_4bit_settings_reach_bitsandbytes(tmp_path: Path, quant_type: str, double_quant: bool) -> None:
+    """model.quant_type / double_quant are the BitsAndBytesConfig's (FlowerTune's recipe: fp4, single)."""
+    import bitsandbytes as bnb
+
+    extra = {"model.quantization": 4, "model.quant_type": quant_type, "model.double_quant": double_quant}
+    model = load_base_model(load_config(None, tiny_overrides(tmp_path, **extra)).model).model
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert states and all(s.quant_type == quant_type for s in states)
+    assert all(bool(s.nested) == double_quant for s in states)
+    with pytest.raises(Exception, match="model.quant_type sets up 4-bit weights"):
+        load_config(None, tiny_overrides(tmp_path, **{"model.quant_type": "fp4"}))

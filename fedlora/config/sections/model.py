@@ -54,9 +54,36 @@ class ModelConfig(Section):
     shared_adapter: Literal["last-layer", "representation"] = "last-layer"
     #: shared_adapter representation: the width of the shared space
     shared_dim: int = Field(64, ge=1)
-    #: QLoRA-style: load the frozen base model's linear layers in 4-bit NF4 (double-quantised) or 8-bit
+    #: QLoRA-style: load the frozen base model's linear layers in 4-bit (quant_type) or 8-bit
     #: (bitsandbytes, ``pip install 'fedlora[qlora]'``); LoRA factors and what travels stay float32
     quantization: Literal[4, 8] | None = None
+    #: quantization 4: the 4-bit data type, nf4 (QLoRA's NormalFloat) or fp4 (bitsandbytes' default, what
+    #: FlowerTune's ``BitsAndBytesConfig(load_in_4bit=True)`` gets); bnb_4bit_quant_type
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    #: quantization 4: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit per
+    #: weight less); bnb_4bit_use_double_quant
+    double_quant: bool = True
+    #: quantization 4: the dtype the dequantized matmuls run in (None: model.dtype); bnb_4bit_compute_dtype
+    quant_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    @model_validator(mode="after")
+    def _four_bit_settings_need_four_bits(self) -> ModelConfig:
+        # off their defaults (a saved config.yaml holds every field, so being set says nothing)
+        given = [
+            name
+            for name, default in (
+                ("quant_type", "nf4"),
+                ("double_quant", True),
+                ("quant_compute_dtype", None),
+            )
+            if getattr(self, name) != default
+        ]
+        if given and self.quantization != 4:
+            raise ValueError(
+                f"model.{sorted(given)[0]} sets up 4-bit weights; set model.quantization: 4 (it is "
+                f"{self.quantization}) or remove it"
+            )
+        return self
 
 
 class AdapterConfig(Section):

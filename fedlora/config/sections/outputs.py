@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from fedlora.config.sections.base import Section
 
@@ -54,13 +54,6 @@ class EvalConfig(Section):
     #: a per-round figure (``eval_loss``, ``eval_accuracy``, ``eval_rouge_l``...): losses and perplexities are
     #: better lower, everything else higher
     early_stopping_metric: str = "eval_loss"
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from fedlora.eval.benchmarks import check_task_names
-
-        return check_task_names(tasks, "eval.tasks")
 
 
 class OutputConfig(Section):

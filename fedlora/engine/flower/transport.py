@@ -35,7 +35,7 @@ def metrics_record(metrics: dict[str, Any]) -> Any:
     """A reply's :func:`~fedlora.protocol.wire_metrics` as a Flower ``MetricRecord``."""
     from flwr.app import MetricRecord
 
-    return MetricRecord({k: float(v) for k, v in wire_metrics(metrics).items()})
+    return MetricRecord({k: v if isinstance(v, list) else float(v) for k, v in wire_metrics(metrics).items()})
 
 
 def to_arrays(state: dict[str, torch.Tensor]) -> Any:
