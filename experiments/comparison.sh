@@ -12,6 +12,8 @@ SEEDS_HETERO=${SEEDS_HETERO:-0}
 FEDLORA=${FEDLORA:-.venv/bin/fedlora}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
+source experiments/common.sh
+restore_records  # the runs earlier machines kept in experiments/records/ are skipped
 for seed in ${SEEDS//,/ }; do  # seed by seed: every method gets its first seeds before any gets its last
   "$FEDLORA" sweep "$CONFIG" "$@" --set strategy.name=fedit,ffa-lora,flexlora,hetlora,rolora --seeds "$seed" \
     --output "$OUT/part1" --no-progress >> "$OUT/part1.log" 2>&1 &

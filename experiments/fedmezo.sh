@@ -32,11 +32,13 @@ job() {
   case $what in
     base) base_model "$seed" ;;
     sgd) sweep_into fedavg-sgd "$seed" $FIRST_ORDER $MATCHED_SGD ;;
+    # first-order SGD at its own rates (the matched run uses the zeroth-order 5e-4): the baseline at its best
+    sgd-rates) sweep_into fedavg-sgd-rates "$seed" $FIRST_ORDER $MATCHED_SGD --set client.lr=1.0e-3,2.0e-3,5.0e-3 ;;
     adamw) sweep_into fedavg-adamw "$seed" $FIRST_ORDER client.optimizer=adamw client.lr=3.0e-4 ;;
     frozen | random | round-wise | five-round | model-diff)
       sweep_into fedmezo "$seed" --set \
         "strategy.options={eps: 1.0e-3, lr_strategy: $what, lr_rules: reference, lr_spread: 0.5, upload: seeds}" ;;
-    *) echo "fedmezo.sh: unknown run '$what' in ORDER (base, sgd, adamw, frozen, random, round-wise, five-round, model-diff)" >&2
+    *) echo "fedmezo.sh: unknown run '$what' in ORDER (base, sgd, sgd-rates, adamw, frozen, random, round-wise, five-round, model-diff)" >&2
        return 1 ;;
   esac
 }

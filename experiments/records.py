@@ -5,7 +5,8 @@
     python experiments/records.py verify RUN [experiments/records]
 
 ``runs/`` is ignored by git and a fresh machine starts without it. ``save`` copies from every run folder under
-``runs/`` what the tables read: ``config.yaml``, ``clients.json``, ``run.json``, ``metrics.jsonl`` and the
+``runs/`` what the tables read: ``config.yaml``, ``clients.json``, ``run.json``, ``metrics.jsonl``, the
+benchmark accuracies ``eval/tasks.json`` (``fedlora eval --tasks``; a finished record gains it later) and the
 base-model evaluations (``base-model_seed-*.json``), and writes ``weights.json``: a manifest of the weights the
 run holds (the final adapter ``global/`` of a finished run, else its newest checkpoint), each file with its size
 and SHA-256, and the command that regenerates them. Adapters and checkpoints never enter git (``.gitignore``
@@ -28,7 +29,7 @@ from typing import Any
 
 from fedlora.engine.checkpoint import list_rounds, sha256_file
 
-RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl")
+RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl", "eval/tasks.json")
 MANIFEST = "weights.json"
 
 
@@ -94,6 +95,7 @@ def save_run(run: Path, record: Path, relative: Path) -> None:
     staged.mkdir(parents=True)
     for name in RECORD_FILES:
         if (run / name).exists():
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run / name, staged / name)
     write_json(staged / MANIFEST, weights_manifest(run, relative))
     shutil.rmtree(record, ignore_errors=True)
@@ -125,7 +127,8 @@ def save(runs: Path, records: Path) -> list[str]:
         relative = run.relative_to(runs)
         record = records / relative
         kept = recorded(record)
-        if kept.get("finished") or (
+        evaluated_since = any((run / n).exists() and not (record / n).exists() for n in RECORD_FILES)
+        if (kept.get("finished") and not evaluated_since) or (
             not is_finished(run) and kept and kept.get("rounds", 0) >= rounds_logged(run)
         ):
             continue
