@@ -80,7 +80,11 @@ def main(run: Path) -> None:
         f"(adapter {comm['adapter_mb']:.2f} MB, {comm['flowertune_mb_per_round']:.1f} MB a round; the template warns "
         f"above 500); the full {FLOWERTUNE_ROUNDS}-round recipe: {comm['full_recipe_gb']:.2f} GB"
     )
-    print(json.dumps({"experiment": "flowertune_general_nlp", "run": str(run), "communication": comm, "tasks": rows}))
+    print(
+        json.dumps(
+            {"experiment": "flowertune_general_nlp", "run": str(run), "communication": comm, "tasks": rows}
+        )
+    )
 
 
 if __name__ == "__main__":

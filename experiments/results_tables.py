@@ -23,7 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from fedlora.tracking.compare import RunSummary, format_interval, format_mean_std, plot_seed_curves
+from fedlora.tracking.compare import (
+    RunSummary,
+    format_interval,
+    format_mean_std,
+    group_styles,
+    plot_seed_curves,
+)
 
 Metric = Callable[[RunSummary], float | None]
 
@@ -245,7 +251,7 @@ def curves(
 
     if not any(groups.values()):
         return path
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = group_styles(len(groups), plt.rcParams["axes.prop_cycle"].by_key()["color"])
     figure, axes = plt.subplots(figsize=(7, 4.5))
     starts, lowest = [], []
     for index, (label, runs) in enumerate(groups.items()):
@@ -257,7 +263,7 @@ def curves(
             group_curves.append(curve)
             starts += curve[:1]
             lowest += [min(y for _, y in curve)] if curve else []
-        plot_seed_curves(axes, group_curves, label, colours[index % len(colours)])
+        plot_seed_curves(axes, group_curves, label, styles[index])
     if clip_at_start and starts:
         low, high = min(lowest), max(y for _, y in starts)
         axes.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))

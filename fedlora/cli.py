@@ -80,6 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks=tasks,
         limit=args.limit,
         num_fewshot=args.fewshot,
+        stream=sys.stderr,
     )
     if tasks is None:  # the benchmarks printed their table
         print(json.dumps(metrics, indent=1))
@@ -195,14 +196,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from fedlora.config import loader
     from fedlora.config.reference import commented_yaml, markdown_reference
 
     if args.markdown:
         print(markdown_reference(), end="")
         return 0
+    from fedlora.preflight import load_config
+
     config_path, overrides = _split_config_and_overrides(args.items)
-    print(commented_yaml(loader.read_config(config_path, overrides)), end="")
+    # checked as run checks it (registries, the strategy's refusals) and with its defaults written in
+    print(commented_yaml(load_config(config_path, overrides)), end="")
     return 0
 
 

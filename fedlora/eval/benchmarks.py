@@ -31,7 +31,7 @@ questions without their subject, so the subject line lm-eval prepends ("The foll
 questions (with answers) about {subject}.") is left out and the figure is the mean over those items (not
 lm-eval's per-subject average); its few-shot examples (``num_fewshot``) are the first items of the same file
 other than the one asked (lm-eval: MMLU's dev split, the others' train split, seeded random draws).
-``tests/test_benchmarks.py`` runs lm-eval itself on the same items and checks every log-likelihood.
+``tests/unit/test_benchmarks.py`` runs lm-eval itself on the same items and checks every log-likelihood.
 """
 
 from __future__ import annotations

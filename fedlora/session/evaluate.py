@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -153,7 +152,7 @@ def evaluate_run(
     tasks: list[str] | None = None,
     limit: int | None = None,
     num_fewshot: int = 0,
-    stream: TextIO | None = sys.stderr,
+    stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir/global`` on the run's data config, or on another one, into
     ``run_dir/eval/<name>.json`` (:func:`evaluation_name`).
@@ -164,7 +163,7 @@ def evaluate_run(
     base model; with a classification head, its untrained head) too, as ``base_*`` keys, and its
     generations beside the adapter's in ``<name>.predictions.jsonl``. ``tasks``: score benchmarks instead
     (:func:`benchmark_state`; ``limit`` items each, ``num_fewshot`` examples) into ``eval/tasks.json``.
-    Stages and progress go to ``stream``.
+    Stages and progress go to ``stream`` (None: nothing is printed; the CLI passes stderr).
     """
     started = time.perf_counter()
 
@@ -190,6 +189,14 @@ def evaluate_run(
         tree.update({k: v for k, v in other.items() if k in DATA_SECTIONS})
     apply_overrides(tree, [*(overrides or []), *([f"eval.split={split}"] if split else [])])
     cfg = config_from_dict(tree)
+    saved = None  # the global adapter, read before any work: a damaged file is one error line, not a late one
+    if adapter_file.exists():
+        try:
+            saved = load_file(str(adapter_file))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ConfigError(
+                f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
+            ) from None
     stage(f"loading {run_cfg.model.name} and the data of {run_dir}")
     sim, _ = assemble_simulation(cfg, for_training=False)
     names = list(dict.fromkeys([*cfg.eval.metrics, *cfg.eval.final_metrics]))
@@ -204,18 +211,13 @@ def evaluate_run(
         if checkpoint is not None:  # the whole server state: a head, prototypes, each client's own adapter...
             sim.server.restore(checkpoint.tensors, checkpoint.meta)
             return evaluate_personal(sim, clients, names, before_round=checkpoint.round + 1)
-        sim.server.load_global_adapter(sim.client_models.to_shared(load_file(str(adapter_file))))
+        sim.server.load_global_adapter(sim.client_models.to_shared(saved or load_file(str(adapter_file))))
         return evaluate_personal(sim, clients, names, before_round=cfg.federation.rounds + 1)
-    if not adapter_file.exists():
+    if saved is None:
         tuned = load_file(str(model_file))  # saved with plain names; the live model's carry ".base_layer"
         state = {n: tuned[n.replace(".base_layer", "")] for n, _ in sim.adapters.base_parameters()}
     else:
-        try:
-            state = load_file(str(adapter_file))
-        except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise ConfigError(
-                f"{adapter_file} is damaged ({err}); re-export it with fedlora run --resume"
-            ) from None
+        state = saved
     if tasks:
         stage(f"scoring {', '.join(tasks)}{' (adapter and base)' if base else ''}")
         return benchmark_state(run_dir, sim, state, tasks, limit, num_fewshot, base, stream)

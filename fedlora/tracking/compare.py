@@ -1,9 +1,15 @@
-"""Side-by-side comparison of finished runs: one markdown table and overlaid curves.
+"""Side-by-side comparison of finished runs: one markdown table and one figure.
 
 Each run directory contributes its config (what differs between the runs becomes its label), its
-metrics.jsonl (final evaluation, curves) and its bytes. Runs whose configs differ only in seeds
-(``federation.seed``, ``data.seed``, ``adapter.init_seed``, ``faults.seed``) form one group, reported as mean and standard
-deviation (sample std, n - 1) over the seeds, with the number of runs and the seeds behind it.
+metrics.jsonl (final evaluation, curves), its bytes and, when ``fedlora eval --tasks`` scored it, its benchmark
+accuracies (``eval/tasks.json``). Runs whose configs differ only in seeds (``federation.seed``, ``data.seed``,
+``adapter.init_seed``, ``faults.seed``) form one group, reported as mean and standard deviation (sample std,
+n - 1) over the seeds, with the number of runs and the seeds behind it.
+
+The figure (``compare.png``): every metric evaluated in several rounds as curves per round, the held-out loss
+against the megabytes sent (up + down, cumulative), and every metric evaluated once (after the last round:
+ROUGE-L, a benchmark's accuracy) as bars with their 95% interval. Each group keeps one colour, marker and line
+style across the panels, so runs that overlap stay visible.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -28,6 +34,10 @@ FINAL_METRICS = {
     "eval_exact_match": ("exact match", "eval_generated"),
     "eval_task_score": ("task score", "eval_generated"),
 }
+
+
+#: a benchmark accuracy in :attr:`RunSummary.final`: ``task_<name>_<metric>`` (with ``..._stderr``, ``task_<name>_n``)
+TASK_PREFIX = "task_"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,10 +88,49 @@ class RunSummary:
             seconds = [r[key] for r in records if r.get(key) is not None]
             if seconds:
                 summary.final[name] = sum(seconds) / len(seconds)
+        summary.final.update(task_figures(path))
         return summary
 
     def seed(self) -> str:
         return str(self.settings.get("federation.seed"))
+
+
+def task_figures(run: Path) -> dict[str, float]:
+    """The adapter's benchmark accuracies from ``run/eval/tasks.json`` (``fedlora eval --tasks``), as
+    ``task_<name>_<metric>`` with its ``_stderr`` and the task's ``task_<name>_n``; empty without the file."""
+    path = run / "eval" / "tasks.json"
+    if not path.exists():
+        return {}
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError):
+        raise ValueError(f"{path}: not a fedlora eval --tasks file (no 'tasks' mapping)") from None
+    out: dict[str, float] = {}
+    for name, task in tasks.items():
+        out[f"{TASK_PREFIX}{name}_n"] = float(task["n"])
+        for metric in ("acc", "acc_norm"):
+            if metric in task.get("adapter", {}):
+                out[f"{TASK_PREFIX}{name}_{metric}"] = float(task["adapter"][metric])
+                out[f"{TASK_PREFIX}{name}_{metric}_stderr"] = float(task["adapter"][f"{metric}_stderr"])
+    return out
+
+
+def task_keys(groups: list[Group]) -> list[str]:
+    """The benchmark accuracies any run has (``task_mmlu_acc``...), in the order first seen."""
+    keys: dict[str, None] = {}
+    for g in groups:
+        for run in g.runs:
+            for key in run.final:
+                if key.startswith(TASK_PREFIX) and not key.endswith(("_stderr", "_n")):
+                    keys[key] = None
+    return list(keys)
+
+
+def task_title(key: str) -> str:
+    """``task_commonsense_qa_acc_norm`` -> ``commonsense_qa acc_norm``."""
+    body = key[len(TASK_PREFIX) :]
+    metric = "acc_norm" if body.endswith("_acc_norm") else "acc"
+    return f"{body[: -len(metric) - 1]} {metric}"
 
 
 def differing_keys(runs: list[RunSummary]) -> list[str]:
@@ -193,12 +242,14 @@ def group_runs(runs: list[RunSummary]) -> list[Group]:
 
 def markdown_table(groups: list[Group]) -> str:
     metrics = [m for m in FINAL_METRICS if any(g.values(m) for g in groups)]
+    tasks = task_keys(groups)
     head = [
         "method",
         "runs (seeds)",
         *(FINAL_METRICS[m][0] for m in metrics),
         *([f"{FINAL_METRICS[metrics[0]][0]} 95% CI"] if metrics else []),
         "examples",
+        *(f"{task_title(k)} (items)" for k in tasks),
         "MB up",
         "MB down",
         "s / round",
@@ -223,6 +274,7 @@ def markdown_table(groups: list[Group]) -> str:
             *(g.cell(m) for m in metrics),
             *([g.interval(metrics[0])] if metrics else []),
             "/".join(examples) or "-",
+            *(f"{g.cell(k)} ({task_items(g, k)})" if g.values(k) else "-" for k in tasks),
             f"{statistics.fmean(mb):.1f}",
             f"{statistics.fmean(mb_down):.1f}",
             g.cell("seconds_per_round", 1),
@@ -230,6 +282,12 @@ def markdown_table(groups: list[Group]) -> str:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def task_items(group: Group, key: str) -> str:
+    """The item counts behind a benchmark column of ``group`` (``200``, or ``200/2850`` where runs differ)."""
+    counts = key[: -len("_acc_norm") if key.endswith("_acc_norm") else -len("_acc")] + "_n"
+    return "/".join(sorted({f"{int(r.final[counts])}" for r in group.runs if counts in r.final}))
 
 
 Curve = list[tuple[float, float]]  # one run's (x, value) points, x increasing (the round, or compute spent)
@@ -246,54 +304,190 @@ def median_curve(curves: list[Curve]) -> Curve:
     return [(curves[0][i][0], statistics.median(c[i][1] for c in curves)) for i in range(length)]
 
 
-def plot_seed_curves(ax: Any, curves: list[Curve], label: str, colour: str | None = None) -> None:
+#: markers and line styles, cycled with the colours so that groups whose curves overlap stay apart
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LineStyle = Literal["-", "--", "-.", ":"]
+LINE_STYLES: tuple[LineStyle, ...] = ("-", "--", "-.", ":")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one group is drawn in every panel."""
+
+    colour: str
+    marker: str
+    line_style: LineStyle
+
+
+def group_styles(count: int, colours: list[str]) -> list[Style]:
+    """``count`` styles: colour, marker and line style each cycling through its own list (lengths 10, 8, 4 give
+    40 distinct combinations), so two groups never share all three before the 41st."""
+    return [
+        Style(colours[i % len(colours)], MARKERS[i % len(MARKERS)], LINE_STYLES[i % len(LINE_STYLES)])
+        for i in range(count)
+    ]
+
+
+def plot_seed_curves(ax: Any, curves: list[Curve], label: str, style: Style) -> None:
     """One group on ``ax``: each run (seed) as a thin faint line and :func:`median_curve` as a thick line with
-    markers, labelled with the number of seeds behind it."""
+    the group's markers and line style, labelled with the number of seeds behind it."""
     curves = [c for c in curves if c]
     if not curves:
         return
     if len(curves) > 1:
         for curve in curves:
-            ax.plot(*zip(*curve, strict=True), color=colour, linewidth=0.7, alpha=0.35)
+            ax.plot(
+                *zip(*curve, strict=True),
+                color=style.colour,
+                linestyle=style.line_style,
+                linewidth=0.7,
+                alpha=0.35,
+            )
     median = median_curve(curves)
     seeds = f"median of {len(curves)} seeds" if len(curves) > 1 else "1 seed"
-    ax.plot(*zip(*median, strict=True), color=colour, marker="o", markersize=3, label=f"{label} ({seeds})")
+    ax.plot(
+        *zip(*median, strict=True),
+        color=style.colour,
+        marker=style.marker,
+        linestyle=style.line_style,
+        markersize=4,
+        markerfacecolor="none",
+        label=f"{label} ({seeds})",
+    )
+
+
+def evaluated_rounds(run: RunSummary, key: str) -> int:
+    return sum(1 for r in run.records if r.get(key) is not None)
+
+
+def curve_keys(groups: list[Group]) -> list[str]:
+    """The final metrics some run evaluated in two rounds or more: drawn as curves per round."""
+    runs = [run for g in groups for run in g.runs]
+    return [
+        k for k in FINAL_METRICS if k != "eval_perplexity" and any(evaluated_rounds(r, k) > 1 for r in runs)
+    ]
+
+
+def bar_keys(groups: list[Group]) -> list[str]:
+    """The final metrics no run evaluated in more than one round (ROUGE-L after the last round, a benchmark's
+    accuracy): drawn as bars, a one-point line says nothing."""
+    runs = [run for g in groups for run in g.runs]
+    once = [
+        k
+        for k in FINAL_METRICS
+        if k != "eval_perplexity"
+        and any(k in r.final for r in runs)
+        and all(evaluated_rounds(r, k) <= 1 for r in runs)
+    ]
+    return once + task_keys(groups)
+
+
+def bar_interval(group: Group, key: str) -> tuple[float, float] | None:
+    """The 95% interval of a bar: over the group's seeds (Student's t) with two runs or more; for one run
+    of a benchmark, its items' mean -+ 1.96 standard errors; else None."""
+    bounds = mean_interval(group.values(key))
+    if bounds is not None:
+        return bounds
+    stderr = [r.final[key + "_stderr"] for r in group.runs if key + "_stderr" in r.final]
+    if len(group.runs) == 1 and stderr:
+        mean = group.values(key)[0]
+        return mean - 1.96 * stderr[0], mean + 1.96 * stderr[0]
+    return None
+
+
+def plot_bars(ax: Any, groups: list[Group], key: str, styles: list[Style]) -> None:
+    """One bar per group at the mean over its seeds, the 95% interval (:func:`bar_interval`) as an error bar
+    and each seed's value as a dot."""
+    for index, (g, style) in enumerate(zip(groups, styles, strict=True)):
+        values = g.values(key)
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        ax.bar(index, mean, color=style.colour, alpha=0.55, edgecolor=style.colour, hatch=None)
+        bounds = bar_interval(g, key)
+        if bounds is not None:
+            ax.errorbar(index, mean, yerr=[[mean - bounds[0]], [bounds[1] - mean]], color="black", capsize=4)
+        ax.plot(
+            [index] * len(values), values, linestyle="none", marker=style.marker, color="black", markersize=4
+        )
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([str(i + 1) for i in range(len(groups))])
+    ax.set_xlabel("group (legend order)")
+
+
+def figure_panels(groups: list[Group]) -> list[tuple[str, str]]:
+    """The panels of the comparison figure, in order: ``("curve", metric)`` per metric evaluated in several
+    rounds, ``("loss_vs_mb", "eval_loss")`` when the held-out loss is one of them, ``("bars", metric)`` per metric
+    evaluated once (:func:`bar_keys`)."""
+    curves_of = curve_keys(groups)
+    panels = [("curve", k) for k in curves_of]
+    if "eval_loss" in curves_of:
+        panels.append(("loss_vs_mb", "eval_loss"))
+    panels += [("bars", k) for k in bar_keys(groups)]
+    return panels or [("loss_vs_mb", "eval_loss")]
 
 
 def plot_comparison(groups: list[Group], path: Path) -> Path:
-    """Held-out loss, the generation/accuracy metric and cumulative MB up per round: per group each seed's
-    run as a thin line and the median over its seeds as a thick one (:func:`plot_seed_curves`)."""
+    """The comparison figure: per-round curves of each metric evaluated in several rounds (each seed thin, the
+    median over seeds thick: :func:`plot_seed_curves`), the held-out loss against the cumulative megabytes sent
+    up and down, and bars with 95% intervals for each metric evaluated once (:func:`plot_bars`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = [("eval_loss", "held-out loss")]
-    for key in ("eval_rouge_l", "eval_accuracy", "eval_exact_match", "eval_task_score"):
-        if any(r.get(key) is not None for g in groups for run in g.runs for r in run.records):
-            panels.append((key, FINAL_METRICS[key][0]))
-    panels.append(("cumulative_mb_up", "cumulative MB up"))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=110)
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for index, g in enumerate(groups):
-            curves = []
-            for run in g.runs:
-                total, curve = 0.0, []
-                for r in run.records:
-                    total += r.get("bytes_up", 0) / 1e6
-                    value = total if key == "cumulative_mb_up" else r.get(key)
-                    if value is not None:
-                        curve.append((float(r["round"]), float(value)))
-                curves.append(curve)
-            plot_seed_curves(ax, curves, g.label, colours[index % len(colours)])
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    panels = figure_panels(groups)
+    titles = {
+        **{k: v[0] for k, v in FINAL_METRICS.items()},
+        **{k: task_title(k) for _, k in panels if k.startswith(TASK_PREFIX)},
+    }
+    styles = group_styles(len(groups), plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    columns = min(len(panels), 3)
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.8 * columns, 3.8 * rows + 0.35 * len(groups)), dpi=110, squeeze=False
+    )
+    for ax, (kind, key) in zip(axes.flat, panels, strict=False):
+        if kind == "bars":
+            plot_bars(ax, groups, key, styles)
+            ax.set_title(f"{titles[key]} (after the last round)")
+        else:
+            for g, style in zip(groups, styles, strict=True):
+                curves = []
+                for run in g.runs:
+                    sent, curve = 0.0, []
+                    for r in run.records:
+                        sent += (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
+                        if r.get(key) is not None:
+                            x = sent if kind == "loss_vs_mb" else float(r["round"])
+                            curve.append((x, float(r[key])))
+                    curves.append(curve)
+                plot_seed_curves(ax, curves, g.label, style)
+            if kind == "loss_vs_mb":
+                ax.set_title(f"{titles[key]} vs communication")
+                ax.set_xlabel("MB sent, up + down (cumulative)")
+            else:
+                ax.set_title(titles[key])
+                ax.set_xlabel("round")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles = [
+        plt.Line2D([], [], color=st.colour, marker=st.marker, linestyle=st.line_style, markerfacecolor="none")
+        for st in styles
+    ]
+    seeds = [f"{len(g.runs)} seed{'s' if len(g.runs) > 1 else ''}" for g in groups]
+    fig.legend(
+        handles,
+        [f"{i + 1}. {g.label} ({n})" for i, (g, n) in enumerate(zip(groups, seeds, strict=True))],
+        loc="lower center",
+        fontsize=7,
+        ncol=1 if len(groups) > 6 else 2,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * len(groups) / (1 if len(groups) > 6 else 2) / rows, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -219,6 +219,17 @@ def test_eval_keeps_its_figures_and_what_the_model_said(tmp_path: Path, capsys) 
     assert stored == printed and "eval_exact_match" in stored and "eval_loss" in stored
     lines = (run_dir / "eval" / "test.predictions.jsonl").read_text().splitlines()
     assert len(lines) == stored["eval_generated"] and "exact_match" in json.loads(lines[0])
+    # --base: the base model's figures and, beside each of the adapter's generations, the base model's
+    assert main(["eval", str(run_dir), "--split", "test", "--base", "eval.metrics=[loss, exact-match]"]) == 0
+    err = capsys.readouterr().err
+    assert "s] evaluating the base model (the untrained adapter) on the same examples" in err
+    stored = json.loads((run_dir / "eval" / "test.json").read_text())
+    assert "base_eval_exact_match" in stored and "base_eval_loss" in stored
+    rows = [
+        json.loads(line) for line in (run_dir / "eval" / "test.predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == stored["eval_generated"]
+    assert all({"generation", "base_generation", "exact_match", "base_exact_match"} <= set(r) for r in rows)
     with pytest.raises(SystemExit) as stopped:  # anything else after the options is still an error
         main(["eval", str(run_dir), "--split", "test", "--bogus"])
     assert stopped.value.code == 2

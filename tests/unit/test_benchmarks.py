@@ -151,6 +151,7 @@ def test_fedlora_eval_tasks_writes_adapter_and_base(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "piqa: 3/3 items" in done.stderr and "acc_norm" in done.stderr  # progress, then the table
+    assert "s] loading tiny-llama and the data of" in done.stderr  # each stage with its time
     tasks = json.loads((run_dir / "eval" / "tasks.json").read_text())["tasks"]
     assert set(tasks) == {"piqa", "mmlu"}
     assert tasks["piqa"]["n"] == 3 and "PIQA/validation.jsonl" in tasks["piqa"]["source"]

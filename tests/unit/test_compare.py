@@ -57,6 +57,56 @@ def test_compare_table_groups_seeds_and_labels_differences(tmp_path: Path) -> No
     assert [g["method"].split()[0] for g in saved] == ["flexlora", "fedit"]
 
 
+def test_final_only_metrics_are_bars_and_benchmarks_join_the_table(tmp_path: Path) -> None:
+    """ROUGE-L, evaluated after the last round only, is a bar panel (with its interval), not a one-point line;
+    the held-out loss per round is a curve and also a curve against the megabytes sent; a run's
+    eval/tasks.json adds its benchmark accuracies to the table and to the bars."""
+    from fedlora.tracking.compare import RunSummary, bar_interval, figure_panels, group_runs, group_styles
+
+    runs = [
+        fake_run(tmp_path, "a1", "flexlora", 1, [3.0, 2.0], 0.30),
+        fake_run(tmp_path, "a2", "flexlora", 2, [3.0, 2.4], 0.40),
+        fake_run(tmp_path, "b1", "fedit", 1, [3.0, 2.5], 0.20),
+    ]
+    for run, acc in zip(runs, (0.30, 0.40, 0.25), strict=True):
+        (run / "eval").mkdir()
+        task = {"source": "x", "split": "test", "n": 200, "num_fewshot": 0}
+        task["adapter"] = {"acc": acc, "acc_stderr": 0.03, "items_per_second": 2.0}
+        (run / "eval" / "tasks.json").write_text(json.dumps({"tasks": {"mmlu": task}}))
+    groups = group_runs([RunSummary.load(r) for r in runs])
+    assert figure_panels(groups) == [
+        ("curve", "eval_loss"),
+        ("loss_vs_mb", "eval_loss"),
+        ("bars", "eval_rouge_l"),
+        ("bars", "task_mmlu_acc"),
+    ]
+    # two seeds: the t interval of the mean, 0.35 -+ 12.706 x 0.0707 / sqrt(2); one run of a benchmark: its
+    # items' 0.25 -+ 1.96 x 0.03; one run's ROUGE-L: no interval
+    low, high = bar_interval(groups[0], "task_mmlu_acc")
+    assert (low, high) == (
+        pytest.approx(0.35 - 12.7062 * 0.05, abs=1e-3),
+        pytest.approx(0.35 + 12.7062 * 0.05, abs=1e-3),
+    )
+    assert bar_interval(groups[1], "task_mmlu_acc") == (
+        pytest.approx(0.25 - 0.0588),
+        pytest.approx(0.25 + 0.0588),
+    )
+    assert bar_interval(groups[1], "eval_rouge_l") is None
+    table = compare_runs(runs, tmp_path / "out")
+    assert "| mmlu acc (items) |" in table.splitlines()[0]
+    assert "| 0.3500 ± 0.0707 (200) |" in table and "| 0.2500 (200) |" in table
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
+    # one curve per round when a metric is evaluated in several rounds: ROUGE-L every round is a curve
+    every_round = fake_run(tmp_path / "more", "c1", "fedit", 1, [3.0, 2.5], 0.2)
+    lines = [json.loads(x) for x in (every_round / "metrics.jsonl").read_text().splitlines()]
+    lines[0] |= {"eval_rouge_l": 0.1, "eval_generated": 30}
+    (every_round / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert ("curve", "eval_rouge_l") in figure_panels(group_runs([RunSummary.load(every_round)]))
+    # 40 groups, no two drawn alike (colour, marker and line style together)
+    styles = group_styles(40, [f"C{i}" for i in range(10)])
+    assert len(set(styles)) == 40
+
+
 def test_compare_takes_a_sweep_folder_and_labels_by_what_differs(tmp_path: Path) -> None:
     """A folder of runs stands for its runs; a method's own options (one value per method) are not
     repeated in the labels, an option that differs within a method is."""

@@ -172,6 +172,9 @@ def test_fedlora_config_prints_every_key_with_its_help_and_the_reference_is_curr
         yaml.safe_load(text)
     )
     assert "# communication rounds" in text and "rounds: 7" in text
+    assert "optimizer: sgd" in text  # fedprox's default optimizer, written in as run writes it
+    assert main(["config", "strategy.name=nope"]) == 2  # what run refuses, config refuses
+    assert "config field 'strategy.name': unknown strategy 'nope'" in capsys.readouterr().err
     missing = [k.key for _, _, keys in reference() for k in keys if not k.help]
     assert missing == [], f"keys without help (add a #: comment above the field): {missing}"
     reference_file = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
