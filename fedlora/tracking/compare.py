@@ -352,8 +352,19 @@ def plot_seed_curves(ax: Any, curves: list[Curve], label: str, style: Style) -> 
         linestyle=style.line_style,
         markersize=4,
         markerfacecolor="none",
+        markevery=max(1, len(median) // 12),  # a dozen markers a line: enough to tell the lines apart
         label=f"{label} ({seeds})",
     )
+
+
+def clip_to_medians(ax: Any, medians: list[Curve]) -> None:
+    """The y range of the groups' median lines (5% margin): a diverged seed's thin line (a loss of 20 beside
+    2) leaves the panel instead of flattening every group's line against its floor."""
+    values = [y for curve in medians for _, y in curve]
+    if values:
+        low, high = min(values), max(values)
+        margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+        ax.set_ylim(low - margin, high + margin)
 
 
 def evaluated_rounds(run: RunSummary, key: str) -> int:
@@ -445,14 +456,16 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
     styles = group_styles(len(groups), plt.rcParams["axes.prop_cycle"].by_key()["color"])
     columns = min(len(panels), 3)
     rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(4.8 * columns, 3.8 * rows + 0.35 * len(groups)), dpi=110, squeeze=False
-    )
+    legend_columns = 1 if len(groups) > 6 else 2
+    legend_inches = 0.2 + 0.16 * -(-len(groups) // legend_columns)  # one 7-point line per row of the legend
+    height = 3.6 * rows + legend_inches
+    fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, height), dpi=110, squeeze=False)
     for ax, (kind, key) in zip(axes.flat, panels, strict=False):
         if kind == "bars":
             plot_bars(ax, groups, key, styles)
             ax.set_title(f"{titles[key]} (after the last round)")
         else:
+            medians: list[Curve] = []
             for g, style in zip(groups, styles, strict=True):
                 curves = []
                 for run in g.runs:
@@ -464,6 +477,8 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
                             curve.append((x, float(r[key])))
                     curves.append(curve)
                 plot_seed_curves(ax, curves, g.label, style)
+                medians.append(median_curve(curves))
+            clip_to_medians(ax, medians)
             if kind == "loss_vs_mb":
                 ax.set_title(f"{titles[key]} vs communication")
                 ax.set_xlabel("MB sent, up + down (cumulative)")
@@ -484,10 +499,10 @@ def plot_comparison(groups: list[Group], path: Path) -> Path:
         [f"{i + 1}. {g.label} ({n})" for i, (g, n) in enumerate(zip(groups, seeds, strict=True))],
         loc="lower center",
         fontsize=7,
-        ncol=1 if len(groups) > 6 else 2,
+        ncol=legend_columns,
         frameon=False,
     )
-    fig.tight_layout(rect=(0, 0.08 + 0.035 * len(groups) / (1 if len(groups) > 6 else 2) / rows, 1, 1))
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
