@@ -52,6 +52,12 @@ def test_records_keep_no_weights_and_their_checksums_name_the_regenerated_adapte
     kept = tmp_path / "repo" / "experiments" / "records"
     saved = records.save(runs, kept)
     assert len(saved) == 3 and records.save(runs, kept) == []  # a second save has nothing newer to copy
+    # a finished run scored on benchmarks later (fedlora eval --tasks): its record gains eval/tasks.json
+    (finished / "eval").mkdir(exist_ok=True)
+    (finished / "eval" / "tasks.json").write_text('{"tasks": {}}\n')
+    assert [line.split(":")[0] for line in records.save(runs, kept)] == [f"saved {finished}"]
+    assert (kept / "claim" / "finished_seed-0" / "eval" / "tasks.json").read_text() == '{"tasks": {}}\n'
+    assert records.save(runs, kept) == []
     assert (
         sorted(
             p.suffix for p in kept.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl", ".yaml")
