@@ -1,7 +1,7 @@
 """Question: how long does the command line take to answer when it has nothing heavy to do?
 
 ``fedlora --help``, ``fedlora run --help``, ``fedlora --version`` and a config error that needs the registries'
-names (``fedlora config strategy.name=nope``, exit 2) each run as a fresh process, ``--repeat`` times
+names (``fedlora run strategy.name=nope``, exit 2) each run as a fresh process, ``--repeat`` times
 (median). Anchors measured in the same run: ``python -c pass`` (the interpreter alone) and ``python -c "import
 torch, transformers"`` (what a command pays once it imports the training stack). ``--against DIR`` also times
 the same commands from another fedlora checkout (``PYTHONPATH=DIR``: an older commit's worktree), the before
@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from fedlora.compute import cpu_model_name
@@ -26,7 +27,7 @@ COMMANDS = {
     "fedlora --help": ["--help"],
     "fedlora run --help": ["run", "--help"],
     "fedlora --version": ["--version"],
-    "config error (registries)": ["config", "strategy.name=nope"],
+    "unknown strategy (exit 2)": ["run", "strategy.name=nope"],
 }
 ANCHORS = {
     "python -c pass": "pass",
@@ -40,10 +41,15 @@ def timed(code: str, repeat: int, pythonpath: str | None = None) -> float:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False)
-        times.append(time.perf_counter() - started)
+    with (
+        tempfile.TemporaryDirectory() as elsewhere
+    ):  # not the checkout: `python -c` puts its cwd first on the path
+        for _ in range(repeat):
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, cwd=elsewhere, capture_output=True, check=False
+            )
+            times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 

@@ -28,4 +28,7 @@ run general-nlp federation.rounds="$ROUNDS" data.max_seq_len=256 client.batch_si
 if [ ! -f "$OUT/general-nlp/eval/tasks.json" ]; then
   "$FEDLORA" eval "$OUT/general-nlp" --tasks "$TASKS" --limit "$LIMIT" --base >> "$OUT/general-nlp.log" 2>&1
 fi
+if [ ! -f "$OUT/general-nlp/eval/eval.json" ]; then  # the held-out loss, adapter and base, on the same examples
+  "$FEDLORA" eval "$OUT/general-nlp" --base >> "$OUT/general-nlp.log" 2>&1
+fi
 "${PY:-.venv/bin/python}" experiments/flowertune_summary.py "$OUT/general-nlp"

@@ -59,6 +59,10 @@ def benchmarks(run: Path) -> list[dict[str, Any]]:
             if metric in base:
                 row[f"base_{metric}"] = base[metric]
                 row[f"base_{metric}_stderr"] = base[f"{metric}_stderr"]
+            paired = task.get("adapter_minus_base", {})
+            if metric in paired:
+                row[f"difference_{metric}"] = paired[metric]
+                row[f"difference_{metric}_stderr"] = paired[f"{metric}_stderr"]
         rows.append(row)
     return rows
 
@@ -68,12 +72,21 @@ def main(run: Path) -> None:
     comm = communication(run)
     rows = benchmarks(run) if (run / "eval" / "tasks.json").exists() else []
     print(f"{run}: {cfg['model']['name']}, {comm['rounds']} rounds of {comm['clients_per_round']:g} clients")
-    print(f"{'task':<16}{'n':>5}  {'adapter acc':>16}  {'base acc':>16}  {'difference':>11}")
+    print(f"{'task':<16}{'n':>5}  {'adapter acc':>16}  {'base acc':>16}  {'adapter - base (paired)':>24}")
     for row in rows:
-        diff = row["adapter_acc"] - row.get("base_acc", math.nan)
         print(
             f"{row['task']:<16}{row['n']:>5}  {row['adapter_acc']:>9.4f} ± {row['adapter_acc_stderr']:.4f}"
-            f"  {row.get('base_acc', math.nan):>9.4f} ± {row.get('base_acc_stderr', math.nan):.4f}  {diff:>+11.4f}"
+            f"  {row.get('base_acc', math.nan):>9.4f} ± {row.get('base_acc_stderr', math.nan):.4f}"
+            f"  {row.get('difference_acc', math.nan):>+15.4f} ± {row.get('difference_acc_stderr', math.nan):.4f}"
+        )
+    losses = run / "eval" / "eval.json"
+    if losses.exists():
+        held_out = json.loads(losses.read_text())
+        comm["held_out_loss"] = held_out.get("eval_loss")
+        comm["base_held_out_loss"] = held_out.get("base_eval_loss")
+        print(
+            f"held-out loss ({held_out.get('eval_examples')} examples): adapter {comm['held_out_loss']:.4f}, "
+            f"base {comm['base_held_out_loss']:.4f}"
         )
     print(
         f"communication: fedlora {comm['fedlora_gb']:.3f} GB, FlowerTune's formula {comm['flowertune_formula_gb']:.3f} GB "

@@ -6,7 +6,8 @@
 
 ``runs/`` is ignored by git and a fresh machine starts without it. ``save`` copies from every run folder under
 ``runs/`` what the tables read: ``config.yaml``, ``clients.json``, ``run.json``, ``metrics.jsonl``, the
-benchmark accuracies ``eval/tasks.json`` (``fedlora eval --tasks``; a finished record gains it later) and the
+benchmark accuracies ``eval/tasks.json`` (``fedlora eval --tasks``) and ``eval/eval.json`` (``fedlora eval``; a
+finished record gains them later) and the
 base-model evaluations (``base-model_seed-*.json``), and writes ``weights.json``: a manifest of the weights the
 run holds (the final adapter ``global/`` of a finished run, else its newest checkpoint), each file with its size
 and SHA-256, and the command that regenerates them. Adapters and checkpoints never enter git (``.gitignore``
@@ -29,7 +30,14 @@ from typing import Any
 
 from fedlora.engine.checkpoint import list_rounds, sha256_file
 
-RECORD_FILES = ("config.yaml", "clients.json", "run.json", "metrics.jsonl", "eval/tasks.json")
+RECORD_FILES = (
+    "config.yaml",
+    "clients.json",
+    "run.json",
+    "metrics.jsonl",
+    "eval/tasks.json",
+    "eval/eval.json",
+)
 MANIFEST = "weights.json"
 
 

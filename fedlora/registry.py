@@ -25,6 +25,14 @@ class UnknownName(LookupError):
     """A name no registry entry (built-in, registered, entry point or plugin) answers to."""
 
 
+def unknown_name_message(field: str, kind: str, name: str, allowed: list[str]) -> str:
+    """The one line that refuses a name no registry entry answers to."""
+    return (
+        f"config field '{field}': unknown {kind} {name!r} (allowed: {', '.join(allowed)}; "
+        f"register your own with fedlora.register_* and list its module under plugins:)"
+    )
+
+
 class Registry(Generic[T]):
     """Name -> object, filled by ``register`` (a decorator) and, lazily, by entry points."""
 
@@ -65,10 +73,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self._load()
         if name not in self._items:
-            raise UnknownName(
-                f"config field '{self.field}': unknown {self.kind} {name!r} (allowed: {', '.join(self.names())}; "
-                f"register your own with fedlora.register_* and list its module under plugins:)"
-            )
+            raise UnknownName(unknown_name_message(self.field, self.kind, name, self.names()))
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:

@@ -363,6 +363,19 @@ def task_figures(
     return figures
 
 
+def paired_difference(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float]:
+    """The adapter minus the base model on the same items: ``d_j = a_j - b_j`` per item (``rows``: the
+    samples, each with ``metric`` and ``base_<metric>``), its mean and :func:`mean_and_stderr`'s standard
+    error of the ``d_j``. Paired, so what makes an item hard for both cancels: the error of a difference is
+    smaller than the two accuracies' errors combined whenever the two models agree on many items."""
+    out: dict[str, float] = {}
+    for metric in metrics:
+        differences = [float(r[metric]) - float(r[f"base_{metric}"]) for r in rows if f"base_{metric}" in r]
+        if differences:
+            out[metric], out[f"{metric}_stderr"] = mean_and_stderr(differences)
+    return out
+
+
 class ItemProgress:
     """``items done / total, items/s, ETA`` on one line of ``stream``, at most every ``every`` seconds."""
 

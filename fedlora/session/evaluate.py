@@ -80,7 +80,7 @@ def benchmark_state(
     (:mod:`fedlora.eval.benchmarks`) into ``run_dir/eval/tasks.json`` (per task: its source file, split,
     n, the adapter's and the base's acc / acc_norm with standard errors) and ``tasks.samples.jsonl`` (each
     item's choice log-likelihoods), and print the table to ``stream``."""
-    from fedlora.eval.benchmarks import evaluate_benchmarks, task_source
+    from fedlora.eval.benchmarks import evaluate_benchmarks, paired_difference, task_source
 
     if sim.encoder.task != "causal-lm":
         raise ConfigError(
@@ -113,13 +113,17 @@ def benchmark_state(
         }
         for name in scored["adapter"]
     }
-    folder = run_dir / "eval"
-    folder.mkdir(exist_ok=True)
-    atomic_write_text(folder / "tasks.json", json.dumps({"tasks": tasks}, indent=1) + "\n")
     rows = []
     for i, sample in enumerate(samples["adapter"]):
         beside = samples["base"][i] if "base" in samples else {}
         rows.append({**sample, **{f"base_{k}": beside[k] for k in ("lls", "acc", "acc_norm") if k in beside}})
+    if "base" in scored:  # the difference the adapter made, paired over the same items
+        for name, task in tasks.items():
+            metrics = [m for m in ("acc", "acc_norm") if m in task["adapter"]]
+            task["adapter_minus_base"] = paired_difference([r for r in rows if r["task"] == name], metrics)
+    folder = run_dir / "eval"
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / "tasks.json", json.dumps({"tasks": tasks}, indent=1) + "\n")
     write_predictions(folder / "tasks.samples.jsonl", rows)
     if stream is not None:
         stream.write(benchmark_table(tasks) + "\n")
@@ -127,19 +131,21 @@ def benchmark_state(
 
 
 def benchmark_table(tasks: dict[str, dict[str, Any]]) -> str:
-    """The benchmarks as a plain table: task, n, metric, adapter (+- stderr), base (+- stderr)."""
-    lines = [f"{'task':<16}{'n':>6}  {'metric':<9}{'adapter':>17}{'base':>17}"]
+    """The benchmarks as a plain table: task, n, metric, adapter, base and adapter minus base (paired over
+    the items), each +- its standard error."""
+    lines = [f"{'task':<16}{'n':>6}  {'metric':<9}{'adapter':>17}{'base':>17}{'adapter - base':>19}"]
     for name, task in tasks.items():
         for metric in ("acc", "acc_norm"):
             if metric not in task["adapter"]:
                 continue
             cells = []
-            for which in ("adapter", "base"):
+            for which in ("adapter", "base", "adapter_minus_base"):
                 got = task.get(which)
+                sign = "+" if which == "adapter_minus_base" else ""
                 cells.append(
-                    f"{got[metric]:.4f} +- {got[metric + '_stderr']:.4f}" if got is not None else "-"
+                    f"{got[metric]:{sign}.4f} +- {got[metric + '_stderr']:.4f}" if got is not None else "-"
                 )
-            lines.append(f"{name:<16}{task['n']:>6}  {metric:<9}{cells[0]:>17}{cells[1]:>17}")
+            lines.append(f"{name:<16}{task['n']:>6}  {metric:<9}{cells[0]:>17}{cells[1]:>17}{cells[2]:>19}")
     return "\n".join(lines)
 
 

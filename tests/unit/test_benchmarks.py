@@ -162,6 +162,18 @@ def test_fedlora_eval_tasks_writes_adapter_and_base(tmp_path: Path) -> None:
         json.loads(line) for line in (run_dir / "eval" / "tasks.samples.jsonl").read_text().splitlines()
     ]
     assert len(samples) == 6 and all(len(s["lls"]) == len(s["base_lls"]) for s in samples)
+    # adapter minus base, paired over the same items: the mean of the per-item differences and its error
+    piqa = [s for s in samples if s["task"] == "piqa"]
+    differences = [s["acc_norm"] - s["base_acc_norm"] for s in piqa]
+    mean = sum(differences) / 3
+    paired = tasks["piqa"]["adapter_minus_base"]
+    assert paired["acc_norm"] == pytest.approx(
+        tasks["piqa"]["adapter"]["acc_norm"] - tasks["piqa"]["base"]["acc_norm"]
+    )
+    assert paired["acc_norm_stderr"] == pytest.approx(
+        math.sqrt(sum((d - mean) ** 2 for d in differences) / 2 / 3)
+    )
+    assert "adapter - base" in done.stderr
     bad = subprocess.run([*cli, "--tasks", "piqa,hellaswag"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark 'hellaswag'" in bad.stderr.strip().splitlines()[-1]
 
@@ -172,3 +184,15 @@ def test_an_unknown_benchmark_in_the_config_names_the_field() -> None:
 
     with pytest.raises(ConfigError, match=r"eval\.tasks.*'hellaswag'.*allowed: mmlu"):
         config_from_dict({"eval": {"tasks": ["mmlu", "hellaswag"]}})
+
+
+def test_the_paired_difference_is_the_mean_and_error_of_per_item_differences() -> None:
+    from fedlora.eval.benchmarks import paired_difference
+
+    rng = random.Random(3)
+    rows = [{"acc": float(rng.random() < 0.6), "base_acc": float(rng.random() < 0.4)} for _ in range(50)]
+    d = [r["acc"] - r["base_acc"] for r in rows]
+    mean = sum(d) / len(d)
+    got = paired_difference(rows, ["acc", "acc_norm"])  # no acc_norm in the rows: left out
+    assert set(got) == {"acc", "acc_stderr"} and got["acc"] == pytest.approx(mean) and mean != 0
+    assert got["acc_stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 49 / 50))

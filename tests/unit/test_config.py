@@ -236,3 +236,13 @@ def test_help_and_version_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+    # a name no built-in registers is refused from the source's names, before the registries' imports; the
+    # same name registered by a plugin module passes (the registries decide once a plugin is imported)
+    refused = (
+        "import sys\nfrom fedlora.cli import main\n"
+        "code = main(['run', 'strategy.name=nope', 'data.source=reasoning-gym'])\n"
+        "print(code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", refused], capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "config field 'strategy.name': unknown strategy 'nope' (allowed: fed-sb, fedavg" in done.stderr
