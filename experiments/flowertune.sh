@@ -9,7 +9,8 @@
 #   (all 20 clients' held-out examples would take longer than the training);
 # - the benchmarks on the first $LIMIT items of each task (each accuracy with its standard error).
 # The 4-bit base (fp4, as FlowerTune's BitsAndBytesConfig gets it) and gradient checkpointing stay: on this CPU
-# they cost no throughput against float32 (71-83 against 60 tokens/s per client, AMD EPYC, AVX2).
+# they ran at about float32's throughput without checkpointing (51-83 tokens/s per client over 7 rounds, against
+# 60 in one float32 round; AMD EPYC, AVX2 only), so the recipe keeps them.
 # Finished steps are skipped: re-run until it completes. Records: python experiments/records.py save.
 set -euo pipefail
 cd "$(dirname "$0")/.."
