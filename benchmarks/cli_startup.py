@@ -41,9 +41,8 @@ def timed(code: str, repeat: int, pythonpath: str | None = None) -> float:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     times = []
-    with (
-        tempfile.TemporaryDirectory() as elsewhere
-    ):  # not the checkout: `python -c` puts its cwd first on the path
+    # run outside the checkout: `python -c` puts its working directory first on the path
+    with tempfile.TemporaryDirectory() as elsewhere:
         for _ in range(repeat):
             started = time.perf_counter()
             subprocess.run(

@@ -10,6 +10,7 @@ method registered another way fails that test rather than vanishing from the hel
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -72,8 +73,9 @@ def names_in_source(tree: ast.Module, decorator: str) -> list[str]:
     return found
 
 
+@functools.cache
 def builtin_names() -> dict[str, list[str]]:
-    """Each help row's built-in names, sorted."""
+    """Each help row's built-in names, sorted (the sources parsed once per process; read, never change)."""
     out: dict[str, list[str]] = {}
     for row, (patterns, decorator, _) in ROWS.items():
         names: set[str] = set()

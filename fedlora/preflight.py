@@ -108,7 +108,7 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     load_builtins()
     from fedlora.data.federation import DATA_SOURCES, source_tasks
     from fedlora.data.partition import PARTITIONERS
-    from fedlora.eval.benchmarks import BENCHMARK_TASKS
+    from fedlora.eval.benchmarks import check_task_names
     from fedlora.eval.generation import SCORERS
     from fedlora.eval.registry import METRICS, metric_sources
     from fedlora.strategies.registry import strategy_class, validate_strategy_options
@@ -135,11 +135,10 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(
                 f"config field 'eval.{field}': unknown evaluator(s) {unknown} (allowed: {', '.join(METRICS.names())})"
             )
-    unknown_tasks = [t for t in cfg.eval.tasks if t not in BENCHMARK_TASKS]
-    if unknown_tasks:
-        raise ConfigError(
-            f"config field 'eval.tasks': unknown benchmark(s) {unknown_tasks} (allowed: {', '.join(BENCHMARK_TASKS)})"
-        )
+    try:
+        check_task_names(cfg.eval.tasks, "config field 'eval.tasks'")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     wanted = [*cfg.eval.metrics, *cfg.eval.final_metrics]
     for name in wanted:
         sources = metric_sources(METRICS.get(name))

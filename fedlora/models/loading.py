@@ -136,12 +136,13 @@ def quantization_settings(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, obj
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == 4:
-        compute = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.quant_type,
             bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=compute[cfg.quant_compute_dtype] if cfg.quant_compute_dtype else dtype,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.quant_compute_dtype)
+            if cfg.quant_compute_dtype
+            else dtype,
         )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)

@@ -126,11 +126,16 @@ def task_keys(groups: list[Group]) -> list[str]:
     return list(keys)
 
 
-def task_title(key: str) -> str:
-    """``task_commonsense_qa_acc_norm`` -> ``commonsense_qa acc_norm``."""
+def split_task_key(key: str) -> tuple[str, str]:
+    """``task_commonsense_qa_acc_norm`` -> (``commonsense_qa``, ``acc_norm``)."""
     body = key[len(TASK_PREFIX) :]
     metric = "acc_norm" if body.endswith("_acc_norm") else "acc"
-    return f"{body[: -len(metric) - 1]} {metric}"
+    return body[: -len(metric) - 1], metric
+
+
+def task_title(key: str) -> str:
+    """``task_commonsense_qa_acc_norm`` -> ``commonsense_qa acc_norm``."""
+    return " ".join(split_task_key(key))
 
 
 def differing_keys(runs: list[RunSummary]) -> list[str]:
@@ -286,7 +291,7 @@ def markdown_table(groups: list[Group]) -> str:
 
 def task_items(group: Group, key: str) -> str:
     """The item counts behind a benchmark column of ``group`` (``200``, or ``200/2850`` where runs differ)."""
-    counts = key[: -len("_acc_norm") if key.endswith("_acc_norm") else -len("_acc")] + "_n"
+    counts = f"{TASK_PREFIX}{split_task_key(key)[0]}_n"
     return "/".join(sorted({f"{int(r.final[counts])}" for r in group.runs if counts in r.final}))
 
 
