@@ -10,7 +10,7 @@
 # - the benchmarks on the first $LIMIT items of each task (each accuracy with its standard error).
 # The 4-bit base (fp4, as FlowerTune's BitsAndBytesConfig gets it) and gradient checkpointing stay: on this CPU
 # they ran at about float32's throughput without checkpointing (51-83 tokens/s per client over 7 rounds, against
-# 60 in one float32 round; AMD EPYC, AVX2 only), so the recipe keeps them.
+# 60 in one float32 round; AMD EPYC, AVX2 only, no bf16 units), so the recipe keeps them.
 # Finished steps are skipped: re-run until it completes. Records: python experiments/records.py save.
 set -euo pipefail
 cd "$(dirname "$0")/.."
