@@ -33,10 +33,11 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 
 #: variant -> config overrides
 VARIANTS: dict[str, list[str]] = {
-    "per-client": ["compute.workers=1", "client.num_threads=1"],
-    "per-client-all-threads": ["compute.workers=1", f"client.num_threads={CORES}"],
-    "workers": [f"compute.workers={CORES}", "client.num_threads=1"],
-    "batched": ["compute.batch_clients=true", f"client.num_threads={CORES}"],
+    "per-client": ["compute.workers=1", "client.num_threads=1", "compute.precision=fp32"],
+    "per-client-all-threads": ["compute.workers=1", f"client.num_threads={CORES}", "compute.precision=fp32"],
+    "workers": [f"compute.workers={CORES}", "client.num_threads=1", "compute.precision=fp32"],
+    "batched": ["compute.batch_clients=true", f"client.num_threads={CORES}", "compute.precision=fp32"],
+    "default": [],  # the config's defaults: workers auto, precision auto (bf16 where the device has bf16 units)
     "per-client-bf16": ["compute.workers=1", "client.num_threads=1", "compute.precision=bf16"],
     "workers-bf16": [f"compute.workers={CORES}", "client.num_threads=1", "compute.precision=bf16"],
     "batched-bf16": ["compute.batch_clients=true", f"client.num_threads={CORES}", "compute.precision=bf16"],

@@ -8,6 +8,10 @@ Rules (docs/compute.md):
   whatever the device: :func:`to_cpu`.
 - ``precision`` is autocast of the forward pass (and so of its backward) in ``bf16``/``fp16``; parameters,
   gradients and optimizer state stay float32. ``fp16`` gets a gradient scaler (:func:`grad_scaler`).
+  ``precision: auto`` (the default) is ``bf16`` where the device has bf16 matrix units (a CPU with AMX-BF16 or
+  AVX512-BF16, a CUDA GPU with native bf16), else ``fp32``: a CPU without them runs bf16 products in software,
+  about 35x slower than fp32 (:func:`resolve_precision`). A run resolves it once, on the device it trains on,
+  and writes the value it chose into its ``config.yaml`` (a resume keeps it).
 - ``workers: auto`` = min(cores, memory / (4 x model bytes), sampled clients), and 1 below
   :data:`PARALLEL_MIN_PARAMETERS` parameters, where starting processes costs more than it saves.
 """
@@ -51,6 +55,14 @@ PARALLEL_MIN_PARAMETERS = 20_000_000
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: what ``precision: auto`` takes the hardware to have, where set: ``1`` bf16 matrix units, ``0`` none (the
+#: test suite sets 0 so that every CPU runs it alike, and fakes 1 to test the choice); unset: detected
+BF16_UNITS_ENV = "FEDLORA_BF16_UNITS"
+
+#: /proc/cpuinfo flags of a CPU whose bf16 matrix products run in hardware (Intel AMX tiles; AVX512-BF16 dot
+#: products on Intel Cooper Lake and later and AMD Zen 4 and later)
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda:0 or cpu; a named device is checked to exist (one clear line if it does not)."""
@@ -75,6 +87,44 @@ def resolve_device(name: str) -> torch.device:
             f"compute.device: {name!r} asked for, but MPS is not available here; use auto or cpu"
         )
     return device
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The first processor's ``flags`` in /proc/cpuinfo (``cpuinfo``: that file's text; none where there is
+    no such file, as on macOS or Windows)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_bf16_matrix_units(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with native bf16 (compute
+    capability 8.0 and later; not the emulation older cards allow), a CPU with a flag of
+    :data:`CPU_BF16_FLAGS`; MPS and others: no. :data:`BF16_UNITS_ENV` overrides the detection."""
+    override = os.environ.get(BF16_UNITS_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        return bool(cpu_flags() & CPU_BF16_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``precision`` as it runs on the device named ``device`` (``compute.device``): ``auto`` becomes ``bf16``
+    where :func:`has_bf16_matrix_units`, else ``fp32``; any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if has_bf16_matrix_units(resolve_device(device)) else "fp32"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -8,6 +8,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compute.precision: auto reads no bf16 units on any CPU the suite runs on (AVX2-only or AMX), so its results
+# do not depend on the machine; tests of the choice fake the units (fedlora.compute.BF16_UNITS_ENV)
+os.environ.setdefault("FEDLORA_BF16_UNITS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

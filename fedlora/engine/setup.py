@@ -14,7 +14,7 @@ from fedlora.adapters.lora import LoraAdapters
 from fedlora.adapters.ranks import RankProfile, client_profiles, largest_profile
 from fedlora.client.node import ClientNode
 from fedlora.client.privacy import check_dp_support
-from fedlora.compute import resolve_device, to_cpu
+from fedlora.compute import resolve_device, resolve_precision, to_cpu
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
@@ -86,7 +86,7 @@ def build_client_node(cfg: NodeSpec) -> ClientNode:
         side.adapters,
         side.encoder,
         side.client_models,
-        cfg.compute.precision,
+        resolve_precision(cfg.compute.precision, cfg.compute.device),
         cfg.federation.rounds,
     )
 
@@ -154,7 +154,7 @@ def assemble_simulation(
         adapters,
         side.encoder,
         client_models,
-        cfg.compute.precision,
+        resolve_precision(cfg.compute.precision, cfg.compute.device),
         cfg.federation.rounds,
     )
     server = Server(strategy, setup)

@@ -10,6 +10,7 @@ from typing import Protocol
 from fedlora.adapters.lora import LoraAdapters
 from fedlora.client.node import ClientNode
 from fedlora.client.steps import reporting_steps
+from fedlora.compute import resolve_precision
 from fedlora.config.schema import EvalConfig, ExperimentConfig, FaultsConfig, FederationConfig
 from fedlora.data.encoding import Encoder
 from fedlora.data.examples import Federation
@@ -45,7 +46,7 @@ class RoundPlan:
             cfg.client.num_threads,
             cfg.output.keep_checkpoints,
             cfg.compute.batch_clients,
-            cfg.compute.precision,
+            resolve_precision(cfg.compute.precision, cfg.compute.device),
         )
 
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from fedlora.compute import quiet_libraries
+from fedlora.compute import quiet_libraries, resolve_precision
 from fedlora.config.loader import config_text
 from fedlora.config.schema import ExperimentConfig
 from fedlora.data.examples import Federation
@@ -109,6 +109,7 @@ def run(
     request = RunRequest(run_dir, resume, console, show_progress, transport_factory)
     with quiet_libraries():
         check_experiment(cfg)  # a config built in Python gets the same refusals as one read from YAML
+        cfg = with_resolved_precision(cfg, request)
         if dataset is not None:
             if federation is not None:
                 raise ConfigError("give federation or dataset, not both")
@@ -116,6 +117,22 @@ def run(
         if cfg.engine == "flower-sim" and transport_factory is None:
             return run_on_flower_simulation(cfg, request, federation)
         return run_rounds(cfg, request, federation)
+
+
+def with_resolved_precision(cfg: ExperimentConfig, request: RunRequest) -> ExperimentConfig:
+    """``cfg`` with ``compute.precision: auto`` replaced by what it is on this run's device
+    (:func:`fedlora.compute.resolve_precision`), so that config.yaml records the precision the run trained
+    at; a resume takes the precision its run started with (on another machine too: the rounds go on as they
+    began). ``cfg`` itself is not changed."""
+    if cfg.compute.precision != "auto":
+        return cfg
+    folder = request.folder(cfg)
+    precision: str
+    if request.resume and (folder / "config.yaml").exists():
+        precision = load_run_config(folder).compute.precision
+    else:
+        precision = resolve_precision(cfg.compute.precision, cfg.compute.device)
+    return cfg.model_copy(update={"compute": cfg.compute.model_copy(update={"precision": precision})})
 
 
 @dataclass

@@ -18,14 +18,16 @@ from fedlora.tracking.trackers import Tracker
 
 
 def run_headline(cfg: ExperimentConfig, sim: Simulation, per_round: int) -> str:
-    """The one line a run starts with: method, data, clients, rounds, model(s), adapter ranks and scaling."""
+    """The one line a run starts with: method, data, clients, rounds, model(s), adapter ranks and scaling, the
+    precision it trains at."""
     models = (
         f"models {' / '.join(sim.client_models.labels)}" if sim.client_models else f"model {cfg.model.name}"
     )
     return (
         f"[bold]{cfg.name}[/]: {cfg.strategy.name} on {sim.federation.description}; "
         f"{len(sim.federation.clients)} clients, {per_round} per round, {cfg.federation.rounds} rounds; "
-        f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} {scaling_summary(sim)}"
+        f"{models}, {'rsLoRA' if cfg.adapter.use_rslora else 'LoRA'} {rank_summary(sim)} {scaling_summary(sim)}; "
+        f"precision {sim.plan.precision}"
     )
 
 

@@ -78,6 +78,7 @@ def write_run_info(
         "label_names": sim.federation.label_names,
         "data": sim.federation.description,
         "dropped_empty_clients": sim.federation.dropped_empty,
+        "precision": sim.plan.precision,  # compute.precision as it ran (auto resolved)
     }
     previous = read_run_info(run_dir)
     info["config_sha256"] = previous.get("config_sha256") or sha256_bytes(

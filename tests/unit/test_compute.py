@@ -20,7 +20,15 @@ import torch
 import yaml
 
 from conftest import assert_rel_close
-from fedlora.compute import auto_workers, resolve_device, to_cpu
+from fedlora.compute import (
+    BF16_UNITS_ENV,
+    auto_workers,
+    cpu_flags,
+    has_bf16_matrix_units,
+    resolve_device,
+    resolve_precision,
+    to_cpu,
+)
 from fedlora.errors import ConfigError
 from fedlora.preflight import config_from_dict, load_config
 from fedlora.runner import run
@@ -110,6 +118,58 @@ def test_mixed_precision_trains_float32_factors_close_to_fp32(tmp_path, precisio
     assert relative_error(mixed.final_state, base.final_state) < 5e-2
 
 
+AMX_CPUINFO = (
+    "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n"
+)
+AVX2_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n"
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):
+    """compute.precision: auto -> bf16 on a CPU with AMX-BF16 / AVX512-BF16 or a GPU with native bf16, fp32
+    elsewhere (bf16 in software is ~35x slower than fp32); explicit values pass through untouched."""
+    assert cpu_flags(AMX_CPUINFO) >= {"amx_bf16", "avx512_bf16"} and "amx_bf16" not in cpu_flags(AVX2_CPUINFO)
+    assert cpu_flags("no flags line") == frozenset()
+    monkeypatch.delenv(BF16_UNITS_ENV)  # the detection itself, on faked /proc/cpuinfo text
+    for text, expected in ((AMX_CPUINFO, "bf16"), (AVX2_CPUINFO, "fp32")):
+        monkeypatch.setattr("fedlora.compute.cpu_flags", lambda text=text: cpu_flags(text))
+        assert has_bf16_matrix_units(torch.device("cpu")) == (expected == "bf16")
+        assert resolve_precision("auto", "cpu") == expected
+        for explicit in ("fp32", "bf16", "fp16"):
+            assert resolve_precision(explicit, "cpu") == explicit
+    assert not has_bf16_matrix_units(torch.device("meta"))  # MPS and other devices: fp32
+    monkeypatch.setattr("fedlora.compute.cpu_flags", lambda: cpu_flags(AVX2_CPUINFO))
+    monkeypatch.setenv(BF16_UNITS_ENV, "1")  # the override wins over the detection
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv(BF16_UNITS_ENV, "0")
+    assert resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_auto_precision_is_resolved_into_the_run_and_kept_on_resume(tmp_path, monkeypatch):
+    """The value auto chose is in config.yaml, run.json and the run's first line; a resume on a machine that
+    would choose otherwise goes on at the run's own precision."""
+    from rich.console import Console
+
+    monkeypatch.setenv(BF16_UNITS_ENV, "1")
+    cfg = tiny(tmp_path, federation={"rounds": 2, "clients_per_round": 2}, client={"local_steps": 1})
+    assert config_from_dict(cfg).compute.precision == "auto"
+    console = Console(record=True, width=400)
+    first = run(
+        config_from_dict({**cfg, "federation": {"rounds": 1, "clients_per_round": 2}}),
+        tmp_path / "r",
+        show_progress=False,
+        console=console,
+    )
+    assert "precision bf16" in console.export_text()
+    assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["compute"]["precision"] == "bf16"
+    assert json.loads((first.run_dir / "run.json").read_text())["precision"] == "bf16"
+    monkeypatch.setenv(BF16_UNITS_ENV, "0")  # "another machine": auto would now give fp32
+    resumed = run(config_from_dict(cfg), tmp_path / "r", resume=True, show_progress=False)
+    assert [r["round"] for r in resumed.records] == [1, 2]
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["compute"]["precision"] == "bf16"
+    fresh = run(config_from_dict(cfg), tmp_path / "s", show_progress=False)
+    assert json.loads((fresh.run_dir / "run.json").read_text())["precision"] == "fp32"
+
+
 def test_a_bf16_base_copy_trains_like_bf16_autocast(tmp_path):
     """compute.base_dtype bf16: the frozen linear weights are bf16 once (the embeddings and the output layer
     stay float32; LoRA factors float32), and training follows bf16 autocast closely."""
@@ -135,7 +195,9 @@ def test_a_bf16_base_copy_is_refused_where_it_would_be_wrong(tmp_path):
     with pytest.raises(
         ConfigError, match="base_dtype bf16 runs under autocast in that dtype: set precision: bf16"
     ):
-        config_from_dict(tiny(tmp_path, compute={"base_dtype": "bf16"}))
+        config_from_dict(tiny(tmp_path, compute={"base_dtype": "bf16", "precision": "fp32"}))
+    # precision: auto follows the base's dtype
+    assert config_from_dict(tiny(tmp_path, compute={"base_dtype": "bf16"})).compute.precision == "bf16"
     bf16 = {"precision": "bf16", "base_dtype": "bf16"}
     with pytest.raises(ConfigError, match="compute.base_dtype.*flora.*would round"):
         load_config(None, ["strategy.name=flora", "compute.precision=bf16", "compute.base_dtype=bf16"])

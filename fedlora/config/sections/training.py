@@ -187,7 +187,9 @@ class ComputeConfig(Section):
     base model, batches, evaluation and generation live there. ``server_device``: where the server's
     aggregation arithmetic runs (FlexLoRA's SVD...; ``auto`` = ``device``). ``precision``: autocast of the
     base model's forward and backward (``bf16``/``fp16``; ``fp16`` with a gradient scaler); LoRA factors,
-    optimizer state, aggregation and everything that travels stay float32. ``gradient_checkpointing``:
+    optimizer state, aggregation and everything that travels stay float32; ``auto`` (the default): ``bf16``
+    where the device has bf16 matrix units (AMX-BF16 / AVX512-BF16 CPUs, CUDA GPUs with native bf16), else
+    ``fp32``, chosen when the run starts and written into its config.yaml (``fedlora.compute.resolve_precision``). ``gradient_checkpointing``:
     recompute activations in the backward pass (memory for time, for large models).
     ``workers``: clients of a round trained in parallel worker processes, each with its own model copy
     (``auto``: one per core the machine's memory allows when the model is large enough to pay for the
@@ -198,7 +200,7 @@ class ComputeConfig(Section):
 
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     server_device: str = Field("cpu", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: the frozen base model's linear weights kept in this dtype, cast once when the model loads instead of
     #: at every autocast forward (bf16 / fp16 need precision of the same dtype); LoRA factors, optimizer
     #: state and what travels stay float32
@@ -215,6 +217,10 @@ class ComputeConfig(Section):
 
     @model_validator(mode="after")
     def _base_dtype_is_autocast(self) -> ComputeConfig:
+        if self.base_dtype != "fp32" and self.precision == "auto":
+            # a base kept in bf16 / fp16 runs under that autocast (set in __dict__: an assignment would validate
+            # the section again, and so call this validator again)
+            self.__dict__["precision"] = self.base_dtype
         if self.base_dtype != "fp32" and self.precision != self.base_dtype:
             raise ValueError(
                 f"base_dtype {self.base_dtype} runs under autocast in that dtype: set precision: {self.base_dtype}"
