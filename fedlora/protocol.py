@@ -20,12 +20,14 @@ from fedlora.client.hooks import ClientHooks, hooks_from_json
 @dataclass
 class ClientInstruction:
     """What the server sends one client for one round: the tensors to start from, overrides of the generic
-    local-training settings (``optimizer``, ``lr_scale``, ``privacy``...: JSON values), and the method's client
-    hooks (typed, JSON on the wire)."""
+    local-training settings (``optimizer``, ``lr_scale``, ``privacy``...: JSON values), the method's client
+    hooks (typed, JSON on the wire), and the dtype the reply's tensors travel in (``federation.wire_dtype``:
+    :mod:`fedlora.adapters.wire`; the payload itself may arrive in its wire form)."""
 
     payload: AdapterState
     settings: dict[str, Any] = field(default_factory=dict)
     hooks: list[ClientHooks] = field(default_factory=list)
+    wire_dtype: str = "fp32"
 
 
 @dataclass
@@ -40,15 +42,17 @@ class ClientReply:
 
 def plan_to_json(instruction: ClientInstruction) -> str:
     """The instruction without its tensors, as JSON."""
-    return json.dumps(
-        {"settings": instruction.settings, "hooks": [h.to_json() for h in instruction.hooks]}, sort_keys=True
-    )
+    plan = {"settings": instruction.settings, "hooks": [h.to_json() for h in instruction.hooks]}
+    if instruction.wire_dtype != "fp32":
+        plan["wire"] = instruction.wire_dtype
+    return json.dumps(plan, sort_keys=True)
 
 
 def plan_from_json(text: str, payload: AdapterState) -> ClientInstruction:
     """Rebuild an instruction from :func:`plan_to_json` and its tensors (unknown hook kinds are errors)."""
     plan = json.loads(text)
-    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]))
+    wire = str(plan.get("wire", "fp32"))
+    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]), wire)
 
 
 # The wire codec every transport that crosses a process boundary uses (worker processes, Flower messages):

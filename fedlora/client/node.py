@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.adapters.lora import LoraAdapters
+from fedlora.adapters.wire import decode_state, encode_state
 from fedlora.client.batched import BatchedJob, batch_refusal, train_clients_together
 from fedlora.client.settings import OVERRIDABLE, DPSettings, LocalTrainingSettings
 from fedlora.client.steps import round_seed
@@ -99,7 +100,7 @@ class ClientNode:
         jobs = [
             BatchedJob(
                 self.clients[client_id],
-                instruction.payload,
+                decode_state(instruction.payload),
                 resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds),
                 round_seed(self.run_seed, server_round, client_id),
                 instruction.hooks,
@@ -120,15 +121,19 @@ class ClientNode:
         results = train_clients_together(self.adapters, self.encoder, jobs, server_round, self.store)
         return {
             job.client_id: ClientReply(
-                job.client_id, result.state, result.num_examples, with_peak_memory(result.metrics)
+                job.client_id,
+                encode_state(result.state, instructions[job.client_id].wire_dtype),
+                result.num_examples,
+                with_peak_memory(result.metrics),
             )
             for job, result in zip(jobs, results, strict=True)
         }
 
     def train(self, server_round: int, client_id: int, instruction: ClientInstruction) -> ClientReply:
-        """One client's local round from its instruction."""
+        """One client's local round from its instruction: the payload decoded from its wire form, the reply's
+        tensors encoded in the instruction's ``wire_dtype`` (:mod:`fedlora.adapters.wire`)."""
         settings = resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds)
-        adapters, payload, encoder = self.adapters, instruction.payload, self.encoder
+        adapters, payload, encoder = self.adapters, decode_state(instruction.payload), self.encoder
         if self.client_models is not None:  # its own architecture, with its own weights and tokenizer
             adapters, payload = self.client_models.install(client_id, server_round, payload)
             encoder = self.client_models.encoder_of(client_id)
@@ -147,4 +152,5 @@ class ClientNode:
         if self.client_models is not None:
             result.state = self.client_models.to_shared(result.state)
             self.client_models.save(client_id, server_round)
-        return ClientReply(client_id, result.state, result.num_examples, with_peak_memory(result.metrics))
+        state = encode_state(result.state, instruction.wire_dtype)
+        return ClientReply(client_id, state, result.num_examples, with_peak_memory(result.metrics))

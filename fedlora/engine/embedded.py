@@ -10,6 +10,7 @@ down and up. The engine knows no method by name: only the strategy hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ import torch
 
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
+from fedlora.adapters.wire import decode_state, encode_state
 from fedlora.compute import process_peak_memory
 from fedlora.engine.checkpoint import save_checkpoint
 from fedlora.engine.evaluation import (
@@ -204,16 +206,24 @@ class EmbeddedEngine:
             self.complete(instruction)
         faults = plan_faults(plan.faults, plan.federation.seed, server_round, attempt, sampled)
         out = RoundOutcome(server_round)
-        # one serialisation per distinct payload object (often all share one)
-        payload_sizes: dict[int, int] = {}
+        # one encoding and serialisation per distinct payload object (often all share one)
+        wire_dtype = plan.federation.wire_dtype
+        sent: dict[
+            int, tuple[AdapterState, AdapterState, int]
+        ] = {}  # id -> (wire form, as it arrives, bytes)
         counts = sim.strategy.communicates  # a standalone baseline sends nothing
         to_run: dict[int, ClientInstruction] = {}
         for client_id in sampled:
             instruction = instructions[client_id]
             payload_key = id(instruction.payload)
-            if payload_key not in payload_sizes:
-                payload_sizes[payload_key] = wire_size(instruction.payload)
-            out.bytes_down += payload_sizes[payload_key] if counts else 0
+            if payload_key not in sent:
+                wire = encode_state(instruction.payload, wire_dtype)
+                sent[payload_key] = (wire, decode_state(wire), wire_size(wire))
+            wire, arrives, size = sent[payload_key]
+            out.bytes_down += size if counts else 0
+            # the transport carries the wire form; the screens compare the reply with what the client got
+            request = dataclasses.replace(instruction, payload=wire, wire_dtype=wire_dtype)
+            instruction.payload = arrives
             fault = faults.get(client_id)
             if fault is not None and fault.kind in (DROPOUT, STRAGGLER):
                 dropped = fault.kind == DROPOUT
@@ -221,19 +231,21 @@ class EmbeddedEngine:
                 what = "dropped out: no reply" if dropped else "straggler: reply past the round deadline"
                 out.reject(client_id, what, f"client {client_id} {what}")
                 continue
-            to_run[client_id] = instruction
+            to_run[client_id] = request
         results = self.train_clients(server_round, to_run)
         arrived: RoundResults = []
-        for client_id, instruction in to_run.items():
+        for client_id in to_run:
+            instruction = instructions[client_id]
             reply = results.get(client_id, "no reply")
             if isinstance(reply, str):
                 out.reject(client_id, reply, f"client {client_id}: {reply}")
                 continue
+            size_up = wire_size(reply.payload) if counts else 0  # as it travelled
+            reply.payload = decode_state(reply.payload)
             fault = faults.get(client_id)
             if fault is not None:
                 reply.payload = corrupt(reply.payload, fault.corruption or "nan")
                 out.corrupted.append({"client": client_id, "kind": fault.corruption})
-            size_up = wire_size(reply.payload) if counts else 0
             out.bytes_up += size_up
             out.clients.append(
                 {

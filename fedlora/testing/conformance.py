@@ -215,6 +215,27 @@ def check_flower(case: Case) -> None:
     assert_same_bits(flower.sim.server.evaluation_state(), embedded.sim.server.evaluation_state(), "flower")
 
 
+def check_wire(case: Case) -> None:
+    """``federation.wire_dtype: int8``: the coded payloads cross Flower's records exactly as they cross in
+    process (the same bits, the same bytes), never more bytes than float32, and the rounds still aggregate."""
+    from fedlora.engine.flower.transport import RecordsLoopback
+
+    int8 = {"federation.wire_dtype": "int8"}
+    plain, coded, flower = case.engine("fp32"), case.engine("int8", **int8), case.engine("records", **int8)
+    assert flower.sim.node is not None
+    flower.transport = RecordsLoopback(flower.sim.node)
+    for server_round in (1, 2):
+        a, b, c = plain.run_round(server_round), coded.run_round(server_round), flower.run_round(server_round)
+        assert b["status"] == "aggregated" and b["rejected"] == [], (
+            f"int8 round {server_round}: {b['rejected']}"
+        )
+        assert (b["bytes_up"], b["bytes_down"]) == (c["bytes_up"], c["bytes_down"]), "bytes differ on Flower"
+        assert b["bytes_up"] <= a["bytes_up"] and b["bytes_down"] <= a["bytes_down"], "int8 sent more bytes"
+    assert_same_bits(
+        flower.sim.server.evaluation_state(), coded.sim.server.evaluation_state(), "int8 on Flower"
+    )
+
+
 def check_batched(case: Case) -> None:
     import pytest
 
@@ -290,6 +311,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
     "state": check_state,
     "resume": check_resume,
     "flower": check_flower,
+    "wire": check_wire,
     "batched": check_batched,
     "privacy": check_privacy,
     "export": check_export,

@@ -63,6 +63,10 @@ class FederationConfig(Section):
     #: aggregation trimmed-mean: the share of the round's replies dropped at each end of every coordinate
     #: (floor(trim_fraction x replies), at least one per side with 3 or more replies)
     trim_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    #: the dtype payloads travel in, both ways (fedlora.adapters.wire): fp32; bf16 / fp16 (half the bytes);
+    #: int8 with one float32 scale per row (a quarter); matrices only, vectors stay float32; bytes_up and
+    #: bytes_down count what is sent
+    wire_dtype: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
