@@ -21,13 +21,14 @@ from fedlora.client.hooks import ClientHooks, hooks_from_json
 class ClientInstruction:
     """What the server sends one client for one round: the tensors to start from, overrides of the generic
     local-training settings (``optimizer``, ``lr_scale``, ``privacy``...: JSON values), the method's client
-    hooks (typed, JSON on the wire), and the dtype the reply's tensors travel in (``federation.wire_dtype``:
-    :mod:`fedlora.adapters.wire`; the payload itself may arrive in its wire form)."""
+    hooks (typed, JSON on the wire), and how the reply's tensors travel (``federation.wire_dtype`` and
+    ``wire_error_feedback``: :mod:`fedlora.adapters.wire`; the payload itself may arrive in its wire form)."""
 
     payload: AdapterState
     settings: dict[str, Any] = field(default_factory=dict)
     hooks: list[ClientHooks] = field(default_factory=list)
     wire_dtype: str = "fp32"
+    wire_error_feedback: bool = False
 
 
 @dataclass
@@ -45,14 +46,15 @@ def plan_to_json(instruction: ClientInstruction) -> str:
     plan = {"settings": instruction.settings, "hooks": [h.to_json() for h in instruction.hooks]}
     if instruction.wire_dtype != "fp32":
         plan["wire"] = instruction.wire_dtype
+        plan["wire_error_feedback"] = instruction.wire_error_feedback
     return json.dumps(plan, sort_keys=True)
 
 
 def plan_from_json(text: str, payload: AdapterState) -> ClientInstruction:
     """Rebuild an instruction from :func:`plan_to_json` and its tensors (unknown hook kinds are errors)."""
     plan = json.loads(text)
-    wire = str(plan.get("wire", "fp32"))
-    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]), wire)
+    wire, feedback = str(plan.get("wire", "fp32")), bool(plan.get("wire_error_feedback", False))
+    return ClientInstruction(payload, dict(plan["settings"]), hooks_from_json(plan["hooks"]), wire, feedback)
 
 
 # The wire codec every transport that crosses a process boundary uses (worker processes, Flower messages):

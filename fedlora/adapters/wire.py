@@ -22,6 +22,18 @@ Rules, for a tensor ``x`` viewed as 2-D (its first dimension by the rest):
   ``q_ij = round(x_ij / s_i)`` in [-127, 127]; decoded ``x^_ij = s_i q_ij`` (an all-zero row has ``s_i = 0``).
   The error is at most ``s_i / 2`` per entry. Bytes: one per entry plus four per scale.
 
+Uploads carry the update, not the state: for each coded tensor the client was also sent (same key, same
+shape), the reply holds ``Delta = x_client - x_start`` coded (key ``<name>::delta``), where ``x_start`` is the
+payload as it arrived (decoded, so the server knows it exactly), and the server restores ``x_start + Delta^``
+(:func:`restore_updates`). An update is far smaller than the state it changes, so its int8 / bf16 rounding
+error is too. Tensors the client was not sent in that shape (a personal factor, FedProto's prototypes) travel
+as values.
+
+Error feedback (``federation.wire_error_feedback``, EF-SGD's rule, Karimireddy et al. 2019): the client keeps
+what rounding took from its last upload, ``e``, adds it to the next one, ``Delta' = Delta + e``, sends
+``C(Delta')`` and keeps ``e <- Delta' - C(Delta')``; the server's sum of updates then loses no mass over the
+rounds, only delays it. ``e`` lives in the client's personal store (never sent).
+
 Encoding is deterministic and done once per crossing (the engine encodes, the transport carries, the receiver
 decodes), so every transport gives the same values bit for bit.
 """
@@ -42,6 +54,7 @@ BF16_BITS = "::bf16"  # int16 tensor holding bf16 bit patterns (numpy has no bfl
 INT8_VALUES = "::int8"  # int8 values q
 INT8_SCALES = "::int8-scale"  # float32 scales s, one per row of the shorter side
 INT8_TRANSPOSED = "::int8-t"  # the same, for a tensor whose rows are its last dimension(s)
+UPDATE = "::delta"  # an upload's x_client - x_start (restore_updates adds x_start back)
 
 
 #: the fewest entries a matrix needs to travel coded (below, the header bytes of a coded entry outweigh it)
@@ -104,6 +117,48 @@ def decode_state(wire: AdapterState) -> AdapterState:
             out[name] = matrix.reshape(value.shape)
         elif value.dtype == torch.float16:
             out[key] = value.float()
+        else:
+            out[key] = value
+    return out
+
+
+def encode_reply(
+    state: AdapterState,
+    start: AdapterState,
+    dtype: str,
+    residual: AdapterState | None = None,
+) -> tuple[AdapterState, AdapterState]:
+    """A client's reply in its wire form and the error it leaves: each coded tensor that ``start`` (the payload
+    as it arrived) holds in the same shape travels as its update ``state - start`` (+ ``residual``, the last
+    upload's error, with error feedback) under ``<key>::delta``; the rest as :func:`encode_state` codes it.
+    Returns ``(wire, error)``: ``error`` is ``update - decoded update`` per such key (the next residual)."""
+    if dtype == "fp32":
+        return state, {}
+    values: AdapterState = {}
+    for key, value in state.items():
+        base = start.get(key)
+        if coded(value) and base is not None and base.shape == value.shape:
+            update = value - base
+            if residual is not None and key in residual:
+                update = update + residual[key]
+            values[key + UPDATE] = update
+        else:
+            values[key] = value
+    wire = encode_state(values, dtype)
+    sent = decode_state(wire)
+    error = {key.removesuffix(UPDATE): values[key] - sent[key] for key in values if key.endswith(UPDATE)}
+    return wire, error
+
+
+def restore_updates(decoded: AdapterState, start: AdapterState) -> AdapterState:
+    """A decoded reply with every ``<key>::delta`` turned back into the state ``start[key] + update``."""
+    if not any(key.endswith(UPDATE) for key in decoded):
+        return decoded
+    out: AdapterState = {}
+    for key, value in decoded.items():
+        if key.endswith(UPDATE):
+            name = key.removesuffix(UPDATE)
+            out[name] = start[name] + value
         else:
             out[key] = value
     return out

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.adapters.lora import LoraAdapters
-from fedlora.adapters.wire import decode_state, encode_state
+from fedlora.adapters.state import AdapterState
+from fedlora.adapters.wire import decode_state, encode_reply
 from fedlora.client.batched import BatchedJob, batch_refusal, train_clients_together
 from fedlora.client.settings import OVERRIDABLE, DPSettings, LocalTrainingSettings
 from fedlora.client.steps import round_seed
@@ -97,10 +98,11 @@ class ClientNode:
     ) -> dict[int, ClientReply]:
         """Several clients' local rounds in one batched pass (:mod:`fedlora.client.batched`) when they can
         share one; otherwise one after another (with a one-line note, once per reason)."""
+        starts = {client_id: decode_state(i.payload) for client_id, i in instructions.items()}
         jobs = [
             BatchedJob(
                 self.clients[client_id],
-                decode_state(instruction.payload),
+                starts[client_id],
                 resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds),
                 round_seed(self.run_seed, server_round, client_id),
                 instruction.hooks,
@@ -122,7 +124,13 @@ class ClientNode:
         return {
             job.client_id: ClientReply(
                 job.client_id,
-                encode_state(result.state, instructions[job.client_id].wire_dtype),
+                self.wire_reply(
+                    job.client_id,
+                    server_round,
+                    instructions[job.client_id],
+                    starts[job.client_id],
+                    result.state,
+                ),
                 result.num_examples,
                 with_peak_memory(result.metrics),
             )
@@ -133,7 +141,8 @@ class ClientNode:
         """One client's local round from its instruction: the payload decoded from its wire form, the reply's
         tensors encoded in the instruction's ``wire_dtype`` (:mod:`fedlora.adapters.wire`)."""
         settings = resolve_settings(self.client, instruction.settings, self.precision, self.total_rounds)
-        adapters, payload, encoder = self.adapters, decode_state(instruction.payload), self.encoder
+        start = decode_state(instruction.payload)
+        adapters, payload, encoder = self.adapters, start, self.encoder
         if self.client_models is not None:  # its own architecture, with its own weights and tokenizer
             adapters, payload = self.client_models.install(client_id, server_round, payload)
             encoder = self.client_models.encoder_of(client_id)
@@ -152,5 +161,29 @@ class ClientNode:
         if self.client_models is not None:
             result.state = self.client_models.to_shared(result.state)
             self.client_models.save(client_id, server_round)
-        state = encode_state(result.state, instruction.wire_dtype)
+        state = self.wire_reply(client_id, server_round, instruction, start, result.state)
         return ClientReply(client_id, state, result.num_examples, with_peak_memory(result.metrics))
+
+    def wire_reply(
+        self,
+        client_id: int,
+        server_round: int,
+        instruction: ClientInstruction,
+        start: AdapterState,
+        state: AdapterState,
+    ) -> AdapterState:
+        """The reply's tensors as they travel (:func:`fedlora.adapters.wire.encode_reply`: updates against
+        ``start``, the payload as it arrived), with error feedback the residual read from and written to
+        this client's personal store (versioned by round: a replayed round starts from the same residual)."""
+        feedback = instruction.wire_error_feedback and instruction.wire_dtype != "fp32"
+        if feedback and self.store is None:
+            raise ValueError(
+                "federation.wire_error_feedback keeps a residual per client: the node needs a store"
+            )
+        residual = (
+            self.store.load(client_id, "wire-residual", server_round) if feedback and self.store else None
+        )
+        wire, error = encode_reply(state, start, instruction.wire_dtype, residual)
+        if feedback and self.store is not None:
+            self.store.save(client_id, "wire-residual", server_round, error)
+        return wire

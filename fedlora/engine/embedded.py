@@ -23,7 +23,7 @@ import torch
 
 from fedlora.adapters.ranks import profile_of_state
 from fedlora.adapters.state import AdapterState, wire_size
-from fedlora.adapters.wire import decode_state, encode_state
+from fedlora.adapters.wire import decode_state, encode_state, restore_updates
 from fedlora.compute import process_peak_memory
 from fedlora.engine.checkpoint import save_checkpoint
 from fedlora.engine.evaluation import (
@@ -222,7 +222,12 @@ class EmbeddedEngine:
             wire, arrives, size = sent[payload_key]
             out.bytes_down += size if counts else 0
             # the transport carries the wire form; the screens compare the reply with what the client got
-            request = dataclasses.replace(instruction, payload=wire, wire_dtype=wire_dtype)
+            request = dataclasses.replace(
+                instruction,
+                payload=wire,
+                wire_dtype=wire_dtype,
+                wire_error_feedback=plan.federation.wire_error_feedback,
+            )
             instruction.payload = arrives
             fault = faults.get(client_id)
             if fault is not None and fault.kind in (DROPOUT, STRAGGLER):
@@ -241,7 +246,7 @@ class EmbeddedEngine:
                 out.reject(client_id, reply, f"client {client_id}: {reply}")
                 continue
             size_up = wire_size(reply.payload) if counts else 0  # as it travelled
-            reply.payload = decode_state(reply.payload)
+            reply.payload = restore_updates(decode_state(reply.payload), instruction.payload)
             fault = faults.get(client_id)
             if fault is not None:
                 reply.payload = corrupt(reply.payload, fault.corruption or "nan")

@@ -10,7 +10,13 @@ import torch
 
 from conftest import relative_error, tiny_overrides
 from fedlora.adapters.state import from_bytes, to_bytes, wire_size
-from fedlora.adapters.wire import MIN_CODED_ELEMENTS, decode_state, encode_state
+from fedlora.adapters.wire import (
+    MIN_CODED_ELEMENTS,
+    decode_state,
+    encode_reply,
+    encode_state,
+    restore_updates,
+)
 from fedlora.errors import ConfigError
 from fedlora.preflight import load_config
 from fedlora.runner import run
@@ -82,6 +88,39 @@ def test_zero_rows_and_non_finite_values():
     assert torch.isinf(decode_state(encode_state(big, "fp16"))["w"]).all()
 
 
+def test_uploads_carry_the_update_and_error_feedback_loses_no_mass():
+    """A reply travels as x - x_start (+ the residual): the server restores x_start + Delta^, whose error is
+    the update's rounding, not the state's; with error feedback the sum of what arrived over T rounds is the
+    sum of the true updates minus the last residual, exactly (float64 reference), so it does not drift."""
+    start = decode_state(encode_state(lora_state(0), "int8"))  # what the client got
+    step = {k: 1e-3 * v for k, v in lora_state(1).items() if v.is_floating_point()}
+    state = {k: start[k] + step[k] if k in step else start[k] for k in start}
+    wire, error = encode_reply(state, start, "int8")
+    assert any(k.endswith("::delta::int8") or k.endswith("::delta::int8-t") for k in wire)
+    back = restore_updates(decode_state(from_bytes(to_bytes(wire))), start)
+    assert set(back) == set(state)
+    as_state = decode_state(encode_state(state, "int8"))  # the state coded directly, for comparison
+    key = "m.q_proj.lora_A.weight"
+    update_error = relative_error(back[key] - start[key], state[key] - start[key])
+    state_error_ = relative_error(as_state[key] - start[key], state[key] - start[key])
+    assert update_error < 0.01 < state_error_
+    assert torch.equal(encode_reply(state, start, "fp32")[0]["seeds"], state["seeds"])
+    # error feedback over 20 rounds of the same true update
+    residual: dict[str, torch.Tensor] | None = None
+    arrived = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in error.items()}
+    for _ in range(20):
+        wire, residual_next = encode_reply(state, start, "int8", residual)
+        sent = decode_state(wire)  # the updates as they arrive
+        for k in arrived:
+            arrived[k] += sent[k + "::delta"].double()
+        residual = residual_next
+    assert residual is not None
+    for k in arrived:
+        true = 20 * (state[k] - start[k]).double()
+        assert relative_error(arrived[k], true - residual[k].double()) < 1e-5
+        assert residual[k].abs().max() <= (state[k] - start[k]).abs().max()  # bounded, not growing
+
+
 def test_a_run_sends_fewer_bytes_and_the_same_bits_through_worker_processes(tmp_path):
     """bytes_up / bytes_down count the coded payloads; worker processes (safetensors bytes between processes)
     end with the same adapter bit for bit as the clients in process; the held-out loss stays near fp32's."""
@@ -91,21 +130,28 @@ def test_a_run_sends_fewer_bytes_and_the_same_bits_through_worker_processes(tmp_
         "fp32": [],
         "int8": ["federation.wire_dtype=int8"],
         "int8-workers": ["federation.wire_dtype=int8", "compute.workers=2"],
+        "int8-feedback": ["federation.wire_dtype=int8", "federation.wire_error_feedback=true"],
         "bf16": ["federation.wire_dtype=bf16"],
     }.items():
         runs[name] = run(load_config(None, base + extra), tmp_path / name, show_progress=False)
     fp32 = runs["fp32"].records[-1]
     for name in ("fp32", "int8", "bf16"):  # FedIT: every payload, both ways, has the global adapter's shapes
-        record, dtype = runs[name].records[-1], name
-        one = wire_size(encode_state(runs[name].final_state, dtype))
-        assert record["bytes_up"] == record["bytes_down"] == one * record["num_clients"], name
+        record, state = runs[name].records[-1], runs[name].final_state
+        one = wire_size(encode_state(state, name))
+        assert record["bytes_down"] == one * record["num_clients"], name
         lines = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["clients"]
-        assert all(c["bytes_up"] == one for c in lines)
+        assert sum(c["bytes_up"] for c in lines) == record["bytes_up"]
+        # an upload is the same tensors, each key (and its scale's) 7 characters longer: "::delta"
+        assert all(one <= c["bytes_up"] <= one + 14 * len(state) + 8 for c in lines), name
     assert runs["int8"].records[-1]["bytes_up"] < 0.4 * fp32["bytes_up"]  # 1 byte an entry + scales + header
     assert runs["bf16"].records[-1]["bytes_up"] < 0.55 * fp32["bytes_up"]
     workers = runs["int8-workers"].final_state
     assert all(torch.equal(workers[k], runs["int8"].final_state[k]) for k in workers)
-    for name in ("int8", "bf16"):
+    assert list((tmp_path / "int8-feedback" / "personal").glob("client_*.wire-residual.r*.safetensors"))
+    assert not (tmp_path / "int8" / "personal").exists() or not list(
+        (tmp_path / "int8" / "personal").iterdir()
+    )
+    for name in ("int8", "bf16", "int8-feedback"):
         assert abs(runs[name].records[-1]["eval_loss"] - fp32["eval_loss"]) < 0.05 * fp32["eval_loss"]
     assert state_error(runs["int8"].final_state, runs["fp32"].final_state) < 0.05
 
@@ -114,3 +160,5 @@ def test_an_unknown_wire_dtype_is_one_line():
     with pytest.raises(ConfigError, match="federation.wire_dtype") as err:
         load_config(None, ["federation.wire_dtype=int4"])
     assert "\n" not in str(err.value).strip().split("invalid config:")[-1].strip()
+    with pytest.raises(ConfigError, match="wire_error_feedback corrects the rounding of a coded wire"):
+        load_config(None, ["federation.wire_error_feedback=true"])

@@ -64,12 +64,19 @@ class FederationConfig(Section):
     #: (floor(trim_fraction x replies), at least one per side with 3 or more replies)
     trim_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     #: the dtype payloads travel in, both ways (fedlora.adapters.wire): fp32; bf16 / fp16 (half the bytes);
-    #: int8 with one float32 scale per row (a quarter); matrices only, vectors stay float32; bytes_up and
-    #: bytes_down count what is sent
+    #: int8 with one float32 scale per row (a quarter); matrices only, vectors stay float32; uploads carry
+    #: the update against what the client was sent; bytes_up and bytes_down count what is sent
     wire_dtype: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    #: wire_dtype other than fp32: each client adds the rounding error of its last upload to the next one
+    #: (error feedback; the residual stays on the client)
+    wire_error_feedback: bool = False
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
+        if self.wire_error_feedback and self.wire_dtype == "fp32":
+            raise ValueError(
+                "wire_error_feedback corrects the rounding of a coded wire: set wire_dtype to bf16, fp16 or int8"
+            )
         if isinstance(self.client_timeout, float) and self.client_timeout <= 0:
             raise ValueError(f"client_timeout {self.client_timeout:g} must be above 0 seconds (or auto)")
         if self.clients_per_round is not None and self.fraction is not None:
