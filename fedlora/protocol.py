@@ -43,7 +43,10 @@ class ClientReply:
 
 def plan_to_json(instruction: ClientInstruction) -> str:
     """The instruction without its tensors, as JSON."""
-    plan = {"settings": instruction.settings, "hooks": [h.to_json() for h in instruction.hooks]}
+    plan: dict[str, Any] = {
+        "settings": instruction.settings,
+        "hooks": [h.to_json() for h in instruction.hooks],
+    }
     if instruction.wire_dtype != "fp32":
         plan["wire"] = instruction.wire_dtype
         plan["wire_error_feedback"] = instruction.wire_error_feedback
