@@ -297,3 +297,39 @@ def test_a_flower_simulation_opens_no_port_to_the_network(tmp_path: Path) -> Non
     assert [
         json.loads(line)["round"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     ] == [1, 2]
+
+
+def test_flower_sim_client_resources_from_the_config(tmp_path: Path, monkeypatch) -> None:
+    """compute.flower_client_cpus / flower_client_gpus reach Ray as Flower's client-resources (FlowerTune's
+    num-cpus / num-gpus); what the machine cannot give (Ray would wait forever) is refused before Ray starts."""
+    import flwr.simulation
+    import torch
+
+    from fedlora.engine.flower.simulation import client_resources, run_flower_simulation
+    from fedlora.errors import ConfigError
+
+    def cfg(**compute: object):
+        return load_config(
+            None, [*tiny_overrides(tmp_path), *(f"compute.{k}={v}" for k, v in compute.items())]
+        )
+
+    monkeypatch.setattr("fedlora.compute.usable_cores", lambda: 2)
+    assert client_resources(cfg(device="cpu"), 4) == {"num_cpus": 1, "num_gpus": 0.0}
+    assert client_resources(cfg(device="cpu", flower_client_cpus=2), 4) == {"num_cpus": 2, "num_gpus": 0.0}
+    with pytest.raises(ConfigError, match=r"flower_client_cpus: 6 CPUs per client.*use 2.*at most 2"):
+        client_resources(cfg(device="cpu", flower_client_cpus=6), 4)
+    with pytest.raises(
+        ConfigError, match=r"flower_client_gpus: 1 GPUs per client on a run whose device is cpu"
+    ):
+        client_resources(cfg(device="cpu", flower_client_gpus=1.0), 4)
+    with pytest.raises(ConfigError, match="flower_client_cpus must be 'auto' or at least 1"):
+        cfg(flower_client_cpus=0)
+    monkeypatch.setattr("fedlora.compute.resolve_device", lambda name: torch.device("cuda:0"))  # a GPU run
+    assert client_resources(cfg(), 4) == {"num_cpus": 1, "num_gpus": 0.25}  # the round's clients share it
+    assert client_resources(cfg(flower_client_gpus=1.0), 4)["num_gpus"] == 1.0
+    monkeypatch.undo()
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(kw))
+    with pytest.raises(RuntimeError, match="ended without finishing"):
+        run_flower_simulation(cfg(device="cpu", flower_client_cpus=2), tmp_path / "r", 4, None, None)
+    assert seen["backend_config"]["client_resources"] == {"num_cpus": 2, "num_gpus": 0.0}  # type: ignore[index]

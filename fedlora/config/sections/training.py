@@ -7,7 +7,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 
 from fedlora.config.sections.base import Section
 
@@ -225,6 +225,12 @@ class ComputeConfig(Section):
     #: nothing outside is reachable from it, so online trackers need ``host``); where the kernel allows no
     #: namespace it says so and runs on the host network. ``host``: Ray as it comes
     flower_network: Literal["private", "host"] = "private"
+    #: engine flower-sim: CPUs each virtual client asks Ray for (Flower's client-resources num-cpus; FlowerTune
+    #: sets 6): Ray runs as many clients at once as the cores allow; auto: 1
+    flower_client_cpus: int | Literal["auto"] = "auto"
+    #: engine flower-sim: GPUs (a share) each virtual client asks Ray for (num-gpus; FlowerTune sets 1.0);
+    #: auto: 1 / (clients per round) of the GPU on a CUDA device, 0 on the CPU
+    flower_client_gpus: float | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _base_dtype_is_autocast(self) -> ComputeConfig:
@@ -237,6 +243,14 @@ class ComputeConfig(Section):
                 f"base_dtype {self.base_dtype} runs under autocast in that dtype: set precision: {self.base_dtype}"
             )
         return self
+
+    @field_validator("flower_client_cpus", "flower_client_gpus")
+    @classmethod
+    def _client_resources(cls, value: float | str, info: ValidationInfo) -> float | str:
+        if not isinstance(value, str) and value < (1 if info.field_name == "flower_client_cpus" else 0):
+            least = "1" if info.field_name == "flower_client_cpus" else "0"
+            raise ValueError(f"{info.field_name} must be 'auto' or at least {least} (got {value})")
+        return value
 
     @field_validator("workers")
     @classmethod

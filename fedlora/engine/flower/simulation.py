@@ -33,6 +33,37 @@ def check_ray_disk(folder: str | None = None) -> None:
         )
 
 
+def client_resources(cfg: ExperimentConfig, num_nodes: int) -> dict[str, float]:
+    """What each virtual client (ClientApp) asks Ray for: Flower's ``client-resources`` (FlowerTune's
+    ``options.backend.client-resources.num-cpus`` / ``num-gpus``) from ``compute.flower_client_cpus`` /
+    ``flower_client_gpus``; ``auto``: one CPU, and on a GPU an equal share of it among the ``num_nodes``
+    clients of a round (0 on the CPU). Ray runs as many clients at once as the resources allow and waits
+    forever for what the machine does not have, so asking for more CPUs than this process may use, or for a
+    GPU on a run without one, is a ConfigError before Ray starts."""
+    from fedlora.compute import resolve_device, usable_cores
+    from fedlora.errors import ConfigError
+
+    compute = cfg.compute
+    gpu = resolve_device(compute.device).type == "cuda"
+    cpus = 1 if compute.flower_client_cpus == "auto" else compute.flower_client_cpus
+    gpus = (
+        (1.0 / num_nodes if gpu else 0.0)
+        if compute.flower_client_gpus == "auto"
+        else compute.flower_client_gpus
+    )
+    if cpus > usable_cores():
+        raise ConfigError(
+            f"compute.flower_client_cpus: {cpus} CPUs per client, but this machine lets the run use "
+            f"{usable_cores()}: Ray would never start a client; ask for at most {usable_cores()}"
+        )
+    if gpus > 0 and not gpu:
+        raise ConfigError(
+            f"compute.flower_client_gpus: {gpus:g} GPUs per client on a run whose device is "
+            f"{resolve_device(compute.device)}: Ray would wait for a GPU forever; set 0 (or auto), or a CUDA device"
+        )
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
 def run_flower_simulation(
     cfg: ExperimentConfig, run_dir: Path, num_clients: int, server: Any, client: Any
 ) -> Path:
@@ -42,19 +73,15 @@ def run_flower_simulation(
     check_ray_disk()
     from flwr.simulation import run_simulation
 
-    from fedlora.compute import resolve_device
     from fedlora.engine.flower.transport import simulation_nodes
 
     num_nodes = simulation_nodes(cfg.federation, num_clients)
-    # on a GPU the round's clients share it: each ClientApp asks for 1 / (clients per round) of it
-    gpu = resolve_device(cfg.compute.device).type == "cuda"
-    share = 1.0 / num_nodes if gpu else 0.0
     run_simulation(
         server_app=server,
         client_app=client,
         num_supernodes=num_nodes,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": share},
+            "client_resources": client_resources(cfg, num_nodes),
             "init_args": {"logging_level": flower_log_level()},
         },
     )
