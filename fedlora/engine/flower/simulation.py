@@ -33,7 +33,7 @@ def check_ray_disk(folder: str | None = None) -> None:
         )
 
 
-def client_resources(cfg: ExperimentConfig, num_nodes: int) -> dict[str, float]:
+def client_resources(cfg: ExperimentConfig, num_nodes: int) -> dict[str, int | float]:
     """What each virtual client (ClientApp) asks Ray for: Flower's ``client-resources`` (FlowerTune's
     ``options.backend.client-resources.num-cpus`` / ``num-gpus``) from ``compute.flower_client_cpus`` /
     ``flower_client_gpus``; ``auto``: one CPU, and on a GPU an equal share of it among the ``num_nodes``
@@ -76,15 +76,11 @@ def run_flower_simulation(
     from fedlora.engine.flower.transport import simulation_nodes
 
     num_nodes = simulation_nodes(cfg.federation, num_clients)
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=num_nodes,
-        backend_config={
-            "client_resources": client_resources(cfg, num_nodes),
-            "init_args": {"logging_level": flower_log_level()},
-        },
-    )
+    backend: dict[str, dict[str, Any]] = {
+        "client_resources": client_resources(cfg, num_nodes),
+        "init_args": {"logging_level": flower_log_level()},
+    }
+    run_simulation(server_app=server, client_app=client, num_supernodes=num_nodes, backend_config=backend)
     if not (run_dir / "global").exists():
         raise RuntimeError(f"the Flower simulation ended without finishing the run in {run_dir}")
     return run_dir
