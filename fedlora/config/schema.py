@@ -57,10 +57,20 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _dp_takes_whole_batches(self) -> ExperimentConfig:
-        if self.privacy.enabled and self.client.gradient_accumulation_steps > 1:
+        if self.privacy.dp_sgd and self.client.gradient_accumulation_steps > 1:
             raise ValueError(
                 "client.gradient_accumulation_steps must be 1 with privacy.enabled (a DP-SGD step takes one "
                 "sampled batch: raise client.batch_size instead)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _client_privacy_needs_an_average(self) -> ExperimentConfig:
+        if self.privacy.client_level and self.federation.aggregation != "mean":
+            raise ValueError(
+                f"privacy.unit client noises the average of the clipped updates; federation.aggregation "
+                f"{self.federation.aggregation} replaces that average (its sensitivity is not C / m): set "
+                "federation.aggregation: mean"
             )
         return self
 
@@ -77,7 +87,7 @@ class ExperimentConfig(Section):
     def _packing_fits(self) -> ExperimentConfig:
         if self.data.packing and self.model.task != "causal-lm":
             raise ValueError("data.packing is for model.task causal-lm (a classification row is one example)")
-        if self.data.packing and self.privacy.enabled:
+        if self.data.packing and self.privacy.dp_sgd:
             raise ValueError(
                 "data.packing cannot be used with privacy.enabled: DP-SGD clips per example, and a packed row "
                 "holds several examples; set data.packing: false"

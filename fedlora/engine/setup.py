@@ -27,6 +27,7 @@ from fedlora.errors import ConfigError
 from fedlora.models.loading import ModelBundle, load_base_model
 from fedlora.models.personal import ClientModels
 from fedlora.strategies.base import ServerSetup, Strategy
+from fedlora.strategies.client_privacy import ClientLevelPrivacy, ClientNoisePlan
 from fedlora.strategies.privacy import DifferentialPrivacy, PrivacyLedger
 from fedlora.strategies.registry import build_strategy
 from fedlora.strategies.robustness import RobustAggregation, UpdateNormScreen
@@ -94,16 +95,20 @@ def build_client_node(cfg: NodeSpec) -> ClientNode:
 def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federation) -> Strategy:
     """The cross-cutting features the config turns on, around the method: a robust aggregation rule
     (``federation.aggregation``), update-norm screening always (its limits are in ``federation``), DP-SGD
-    with ``privacy.enabled``."""
+    with ``privacy.enabled`` (``unit: example``) or DP-FedAvg (``unit: client``) outermost."""
     fed = cfg.federation
     wrapped: Strategy = strategy
     if fed.aggregation != "mean":
         wrapped = RobustAggregation(wrapped, fed.aggregation, fed.trim_fraction)
     wrapped = UpdateNormScreen(wrapped, fed)
-    if cfg.privacy.enabled:
+    if cfg.privacy.dp_sgd:
         wrapped = DifferentialPrivacy(
             wrapped, PrivacyLedger.plan_for(cfg.privacy, cfg.client, fed.rounds, federation.clients)
         )
+    if cfg.privacy.client_level:
+        clients = len(federation.clients)
+        plan = ClientNoisePlan.plan_for(cfg.privacy, clients_per_round(fed, clients), clients, fed.rounds)
+        wrapped = ClientLevelPrivacy(wrapped, cfg.privacy, plan)
     return wrapped
 
 
@@ -142,7 +147,7 @@ def assemble_simulation(
     )
     if for_training:
         strategy = wrap_strategy(strategy, cfg, federation)  # refuses DP budgets it cannot meet
-        if cfg.privacy.enabled:
+        if cfg.privacy.dp_sgd:
             for profile in sorted(set(side.profiles)):  # refuses layers Opacus cannot handle, naming them
                 adapters.activate(profile)
                 assert adapters.model is not None  # activating a profile builds the model

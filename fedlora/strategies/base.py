@@ -161,8 +161,10 @@ class ExperimentFacts:
     num_variants: int = 0
     #: ``model.shared_adapter``: what model-heterogeneous clients share
     shared_adapter: str = "adapter"
-    #: ``privacy.enabled``: the clients train with DP-SGD
+    #: ``privacy.enabled`` with ``unit: example``: the clients train with DP-SGD
     privacy: bool = False
+    #: ``privacy.enabled`` with ``unit: client``: the server clips and noises the updates (DP-FedAvg)
+    client_privacy: bool = False
     #: ``client.gradient_accumulation_steps``
     gradient_accumulation_steps: int = 1
     #: ``client.lr_scheduler``
@@ -320,6 +322,10 @@ class Strategy(ABC, Generic[OptionsT]):
                         f"({hook.kind}), not optimizer steps; set client.gradient_accumulation_steps: 1 and "
                         "client.lr_scheduler: constant"
                     )
+        if facts.client_privacy and not cls.linear_aggregate:
+            from fedlora.strategies.client_privacy import linear_refusal
+
+            return linear_refusal(method)
         if facts.privacy:
             for hook in hooks:
                 reason = hook.dp_refusal()

@@ -20,10 +20,12 @@ local steps), plus what the method itself needs to run at all (``Strategy.confor
 - ``flower``: the round through Flower's message records (:class:`~fedlora.engine.flower.transport.RecordsLoopback`:
   the ``RecordDict`` s that the Flower server and ClientApp exchange) gives the embedded engine's adapter
   bit for bit. (The full flower-sim run of every method is the ``slow`` test in tests/conformance.)
+- ``wire``: with ``federation.wire_dtype: int8`` and error feedback the rounds aggregate, the coded payloads
+  cross Flower's records bit for bit as they cross in process, and no more bytes travel than in float32.
 - ``batched``: where every client hook is batchable, ``compute.batch_clients`` gives the per-client adapter
   (relative error under 1e-4 against per-client training; float sums in another order).
-- ``privacy``: with ``privacy.enabled`` the method runs a round and reports an epsilon, or the preflight refuses
-  it in one line naming ``privacy.enabled``.
+- ``privacy``: with ``privacy.enabled``, of each unit (``example``: DP-SGD; ``client``: DP-FedAvg), the method
+  runs a round and reports an epsilon, or the preflight refuses it in one line naming the privacy field.
 - ``export``: the exported global model loads with plain PEFT (an adapter) or transformers (a merged or whole
   model) and gives the server's evaluation model's logits.
 """
@@ -261,15 +263,17 @@ def check_batched(case: Case) -> None:
 def check_privacy(case: Case) -> None:
     from fedlora.errors import ConfigError
 
-    dp = {"privacy.enabled": "true", "privacy.noise_multiplier": 1.0}
-    try:
-        engine = case.engine("privacy", **dp)
-    except ConfigError as err:
-        message = str(err)
-        assert "privacy" in message and "\n" not in message.strip(), f"refusal is not one line: {message}"
-        return
-    record = engine.run_round(1)
-    assert record["status"] == "aggregated" and record["epsilon_max"] > 0, "DP ran without spending epsilon"
+    for unit, figure in (("example", "epsilon_max"), ("client", "epsilon_client")):
+        dp = {"privacy.enabled": "true", "privacy.noise_multiplier": 1.0, "privacy.unit": unit}
+        try:
+            engine = case.engine(f"privacy-{unit}", **dp)
+        except ConfigError as err:
+            message = str(err)
+            assert "privacy" in message and "\n" not in message.strip(), f"refusal is not one line: {message}"
+            continue
+        record = engine.run_round(1)
+        assert record["status"] == "aggregated", f"unit {unit}: {record['status']} {record['rejected']}"
+        assert record[figure] > 0, f"DP of unit {unit} ran without spending epsilon"
 
 
 def check_export(case: Case) -> None:

@@ -23,6 +23,7 @@ CARD_FIGURES = (
     "eval_exact_match",
     "eval_task_score",
     "epsilon_max",
+    "epsilon_client",
 )
 
 
@@ -56,11 +57,12 @@ def model_card(
         if dp.target_epsilon
         else f"noise multiplier {dp.noise_multiplier}"
     )
-    privacy = (
-        f"DP-SGD per client ({noise}, delta {dp.delta:g}; epsilon_max per round below)"
-        if dp.enabled
-        else "off"
-    )
+    privacy = "off"
+    if dp.dp_sgd:
+        privacy = f"DP-SGD per client ({noise}, delta {dp.delta:g}; epsilon_max per round below)"
+    elif dp.client_level:
+        clipping = "adaptive clipping" if dp.adaptive_clipping else f"updates clipped to {dp.clipping_norm:g}"
+        privacy = f"client-level DP-FedAvg ({noise}, delta {dp.delta:g}, {clipping}; epsilon_client per round below)"
     adapter = cfg.adapter
     scale = f"scale {adapter.scale:g}" if adapter.scale is not None else f"alpha {adapter.alpha:g}"
     per_round = cfg.federation.clients_per_round or (

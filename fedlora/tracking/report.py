@@ -89,6 +89,7 @@ def summary_table(records: list[dict[str, Any]], title: str) -> Table:
         (key, name)
         for key, name in (
             ("epsilon_max", "ε max"),
+            ("epsilon_client", "ε client"),
             ("eval_macro_f1", "macro-F1"),
             ("eval_rouge_l", "ROUGE-L"),
             ("eval_exact_match", "exact match"),

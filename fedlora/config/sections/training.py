@@ -269,7 +269,16 @@ class ComputeConfig(Section):
 
 
 class PrivacyConfig(Section):
-    """Differential privacy on each client: DP-SGD through Opacus on the trainable adapter parameters.
+    """Differential privacy, of each example (``unit: example``, DP-SGD on every client) or of each client
+    (``unit: client``, DP-FedAvg at the server: :mod:`fedlora.strategies.client_privacy`).
+
+    ``unit: client``: every accepted update is clipped to ``clipping_norm`` (fixed, or moved each round
+    towards the ``target_clipped_quantile`` of the update norms with ``adaptive_clipping``), the updates are
+    averaged with equal weights and Gaussian noise of std ``noise_multiplier x C / m`` is added; ``target_epsilon``
+    / ``noise_multiplier`` / ``delta`` / ``accountant`` as below, with client sampling (clients per round /
+    clients) as the accountant's rate and one step per round.
+
+    ``unit: example``: DP-SGD through Opacus on the trainable adapter parameters.
 
     Each local step clips every example's gradient to ``max_grad_norm`` (C) and adds Gaussian noise of
     standard deviation ``noise_multiplier * C`` to their sum. Give the noise multiplier directly, or a
@@ -280,8 +289,11 @@ class PrivacyConfig(Section):
     approximation). The spent epsilon of each client is tracked by the accountant across rounds.
     """
 
-    #: DP-SGD (Opacus) on every client
+    #: differential privacy on (of the unit below)
     enabled: bool = False
+    #: whom the guarantee protects: example (DP-SGD through Opacus on every client) or client (DP-FedAvg:
+    #: each client's update clipped and the average noised at the server)
+    unit: Literal["example", "client"] = "example"
     #: the epsilon every client must stay within over all its possible steps; or noise_multiplier
     target_epsilon: float | None = Field(None, gt=0.0)
     #: the delta of (epsilon, delta)-DP
@@ -296,6 +308,27 @@ class PrivacyConfig(Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     #: the largest noise multiplier target_epsilon may ask for before it is refused
     max_noise_multiplier: float = Field(50.0, gt=0.0)
+    #: unit client: C, the norm every client's update (reply - what it was sent) is clipped to (the first
+    #: round's with adaptive_clipping)
+    clipping_norm: float = Field(1.0, gt=0.0)
+    #: unit client: move C each round towards the target quantile of the update norms (Andrew et al. 2021)
+    adaptive_clipping: bool = False
+    #: unit client, adaptive: the share of updates that should fall within C
+    target_clipped_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    #: unit client, adaptive: C <- C exp(-clip_norm_lr (clipped share - target))
+    clip_norm_lr: float = Field(0.2, gt=0.0)
+    #: unit client, adaptive: std of the noise on the count of unclipped updates (None: clients per round / 20)
+    clipped_count_stddev: float | None = Field(None, gt=0.0)
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Example-level DP: every client's steps are DP-SGD steps."""
+        return self.enabled and self.unit == "example"
+
+    @property
+    def client_level(self) -> bool:
+        """Client-level DP: the server clips and noises the clients' updates (DP-FedAvg)."""
+        return self.enabled and self.unit == "client"
 
     @model_validator(mode="after")
     def _one_noise_rule(self) -> PrivacyConfig:
