@@ -23,3 +23,12 @@ def run_child(command: list[str], label: str) -> dict | None:
         print(f"{label}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1].removeprefix(PREFIX))
+
+
+def run_self(script: str, label: str, rounds: int, overrides: list[str], *extra: str) -> dict | None:
+    """A benchmark's own ``--one LABEL`` in a child process (``script``: the benchmark's ``__file__``) with
+    ``--rounds``, the config overrides (``-o``) and ``extra`` arguments: its figures, or None."""
+    command = [sys.executable, script, "--one", label, "--rounds", str(rounds), *extra]
+    for item in overrides:
+        command += ["-o", item]
+    return run_child(command, label)

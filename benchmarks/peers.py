@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import report, run_child
+from children import report, run_self
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -189,10 +189,7 @@ def main() -> None:
         return
     rows = []
     for way in args.ways.split(","):
-        command = [sys.executable, __file__, "--one", way, "--rounds", str(args.rounds)]
-        for item in args.override:
-            command += ["-o", item]
-        row = run_child(command, way)
+        row = run_self(__file__, way, args.rounds, args.override)
         if row is None:
             continue
         row["s_per_round"] = sum(row["seconds"]) / len(row["seconds"])

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import report, run_child
+from children import report, run_self
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -100,11 +100,8 @@ def main() -> None:
         return
     rows = []
     for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--one", variant, "--rounds", str(args.rounds)]
-        command += ["--clients", str(args.clients), "--device", args.device]
-        for item in args.override:
-            command += ["-o", item]
-        figures = run_child(command, variant)
+        extra = ("--clients", str(args.clients), "--device", args.device)
+        figures = run_self(__file__, variant, args.rounds, args.override, *extra)
         if figures is None:
             continue
         rows.append(figures)

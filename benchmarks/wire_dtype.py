@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import report, run_child
+from children import report, run_self
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,10 +69,7 @@ def main() -> None:
         return
     rows = []
     for dtype in args.dtypes.split(","):
-        command = [sys.executable, __file__, "--one", dtype, "--rounds", str(args.rounds)]
-        for item in args.override:
-            command += ["-o", item]
-        figures = run_child(command, dtype)
+        figures = run_self(__file__, dtype, args.rounds, args.override)
         if figures is not None:
             rows.append(figures)
             print(f"  {dtype}: held-out loss {figures['eval_loss']:.4f}", file=sys.stderr, flush=True)

@@ -177,6 +177,19 @@ class ExperimentFacts:
     base_dtype: str = "fp32"
 
 
+def client_privacy_refusal(name: str, linear_aggregate: bool) -> str | None:
+    """Why strategy ``name`` cannot run under client-level DP (its aggregate has no sensitivity bound from
+    clipped payloads), or None (:mod:`fedlora.strategies.client_privacy`)."""
+    if linear_aggregate:
+        return None
+    return (
+        f"config field 'privacy.unit': client-level DP clips each client's update and noises their average, "
+        f"and strategy {name} does not aggregate by a weighted average of the payloads, so clipping "
+        "them bounds nothing; use privacy.unit: example (DP-SGD on each client), or fedit, fedavg, fedprox, "
+        "ffa-lora, fedsa-lora or pfedlora"
+    )
+
+
 def check_same_layout(expected: AdapterState, got: AdapterState) -> str | None:
     """None if ``got`` has exactly the keys and shapes of ``expected`` and only finite values, else why not."""
     if expected.keys() != got.keys():
@@ -323,9 +336,7 @@ class Strategy(ABC, Generic[OptionsT]):
                         "client.lr_scheduler: constant"
                     )
         if facts.client_privacy and not cls.linear_aggregate:
-            from fedlora.strategies.client_privacy import linear_refusal
-
-            return linear_refusal(method)
+            return client_privacy_refusal(cls.name, cls.linear_aggregate)
         if facts.privacy:
             for hook in hooks:
                 reason = hook.dp_refusal()

@@ -48,8 +48,16 @@ import torch
 from fedlora.adapters.state import AdapterState
 from fedlora.config.schema import PrivacyConfig
 from fedlora.errors import ConfigError
-from fedlora.strategies.base import GLOBAL, ClientReply, Review, RoundResults, ServerState, Strategy
-from fedlora.strategies.privacy import _epsilon, _noise_for
+from fedlora.strategies.base import (
+    GLOBAL,
+    ClientReply,
+    Review,
+    RoundResults,
+    ServerState,
+    Strategy,
+    client_privacy_refusal,
+)
+from fedlora.strategies.privacy import _epsilon, noise_for_target
 from fedlora.strategies.robustness import clip_update, same_shapes, update_norm
 from fedlora.strategies.wrappers import StrategyWrapper
 
@@ -73,11 +81,7 @@ class ClientNoisePlan:
         rate = min(1.0, per_round / num_clients)
         if priv.noise_multiplier is not None:
             return cls(priv.noise_multiplier, rate, rounds)
-        assert priv.target_epsilon is not None
-        try:
-            sigma = _noise_for(priv.target_epsilon, priv.delta, rate, rounds, priv.accountant)
-        except ValueError:
-            sigma = float("inf")
+        sigma = noise_for_target(priv, rate, rounds)
         if sigma > priv.max_noise_multiplier:
             raise ConfigError(
                 f"config field 'privacy.target_epsilon': client-level epsilon={priv.target_epsilon} at "
@@ -106,23 +110,11 @@ def update_noise_multiplier(sigma: float, count_stddev: float) -> float:
     return float((sigma**-2 - (2 * count_stddev) ** -2) ** -0.5)
 
 
-def linear_refusal(strategy: Strategy) -> str | None:
-    """Why ``strategy``'s aggregate has no client-level sensitivity bound from clipped payloads, or None."""
-    if strategy.linear_aggregate:
-        return None
-    return (
-        f"config field 'privacy.unit': client-level DP clips each client's update and noises their average, "
-        f"and strategy {strategy.name} does not aggregate by a weighted average of the payloads, so clipping "
-        "them bounds nothing; use privacy.unit: example (DP-SGD on each client), or fedit, fedavg, fedprox, "
-        "ffa-lora, fedsa-lora or pfedlora"
-    )
-
-
 class ClientLevelPrivacy(StrategyWrapper):
     """DP-FedAvg around a linear method: clip each update, average them uniformly, add Gaussian noise."""
 
     def __init__(self, inner: Strategy, cfg: PrivacyConfig, plan: ClientNoisePlan) -> None:
-        reason = linear_refusal(inner)
+        reason = client_privacy_refusal(inner.name, inner.linear_aggregate)
         if reason is not None:
             raise ConfigError(reason)
         super().__init__(inner)

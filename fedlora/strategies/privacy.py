@@ -47,6 +47,16 @@ def _noise_for(epsilon: float, delta: float, rate: float, steps: int, accountant
     )
 
 
+def noise_for_target(priv: PrivacyConfig, rate: float, steps: int) -> float:
+    """The smallest noise multiplier for which the accountant keeps ``privacy.target_epsilon`` at
+    ``privacy.delta`` after ``steps`` steps at sampling rate ``rate`` (inf where none does)."""
+    assert priv.target_epsilon is not None
+    try:
+        return _noise_for(priv.target_epsilon, priv.delta, rate, steps, priv.accountant)
+    except ValueError:
+        return float("inf")
+
+
 @lru_cache(maxsize=4096)
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant
@@ -81,12 +91,8 @@ class PrivacyLedger:
             if priv.noise_multiplier is not None:
                 sigma = priv.noise_multiplier
             else:
-                assert priv.target_epsilon is not None
                 total = per_round * rounds
-                try:
-                    sigma = _noise_for(priv.target_epsilon, priv.delta, rate, total, priv.accountant)
-                except ValueError:
-                    sigma = float("inf")
+                sigma = noise_for_target(priv, rate, total)
                 if sigma > priv.max_noise_multiplier:
                     raise ConfigError(
                         f"config field 'privacy.target_epsilon': epsilon={priv.target_epsilon} at delta={priv.delta} "
