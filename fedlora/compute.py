@@ -19,6 +19,7 @@ Rules (docs/compute.md):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import resource
@@ -89,20 +90,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once per process ("" where there is no such file, as on macOS or Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def first_processor(cpuinfo: str | None = None) -> dict[str, str]:
+    """The fields of the first processor's block of /proc/cpuinfo (``cpuinfo``: that file's text)."""
+    fields: dict[str, str] = {}
+    for line in (cpuinfo if cpuinfo is not None else _proc_cpuinfo()).splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The first processor's ``flags`` in /proc/cpuinfo (``cpuinfo``: that file's text; none where there is
-    no such file, as on macOS or Windows)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+    no such file)."""
+    return frozenset(first_processor(cpuinfo).get("flags", "").split())
 
 
 def has_bf16_matrix_units(device: torch.device) -> bool:
@@ -202,16 +214,7 @@ def cpu_model_name() -> str:
     """The CPU's model name with its family and model numbers, which tell apart the generations that a
     virtual machine's generic name hides: ``Intel(R) Xeon(R) Processor (family 6, model 207)`` from the first
     processor of /proc/cpuinfo; ``platform.processor()`` where there is none."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = first_processor()
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
     if "cpu family" in fields and "model" in fields:
         return f"{name} (family {fields['cpu family']}, model {fields['model']})"

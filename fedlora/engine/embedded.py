@@ -208,9 +208,8 @@ class EmbeddedEngine:
         out = RoundOutcome(server_round)
         # one encoding and serialisation per distinct payload object (often all share one)
         wire_dtype = plan.federation.wire_dtype
-        sent: dict[
-            int, tuple[AdapterState, AdapterState, int]
-        ] = {}  # id -> (wire form, as it arrives, bytes)
+        # id(payload) -> (its wire form, the payload as it arrives, its bytes)
+        sent: dict[int, tuple[AdapterState, AdapterState, int]] = {}
         counts = sim.strategy.communicates  # a standalone baseline sends nothing
         to_run: dict[int, ClientInstruction] = {}
         for client_id in sampled:

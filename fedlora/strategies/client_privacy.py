@@ -153,7 +153,6 @@ class ClientLevelPrivacy(StrategyWrapper):
             fraction = (within + stddev * float(noise)) / len(accepted)
             eta, gamma = self.cfg.clip_norm_lr, self.cfg.target_clipped_quantile
             ledger["next_clipping_norm"] = norm_c * math.exp(-eta * (fraction - gamma))
-        ledger["round_clipping_norm"] = norm_c
         return Review(inner.state.evolve(facts={CLIENT_LEDGER_FACT: ledger}), accepted, rejected)
 
     def count_stddev(self, replies: int) -> float:
@@ -170,7 +169,7 @@ class ClientLevelPrivacy(StrategyWrapper):
         """The inner method's (uniform) average of the clipped replies, plus N(0, (sigma C / m)^2) on every
         tensor the replies carry."""
         ledger = self.ledger(state)
-        norm_c = float(ledger.pop("round_clipping_norm", ledger["clipping_norm"]))
+        norm_c = float(ledger["clipping_norm"])  # C_t (the review clipped with it)
         sigma = self.plan.noise_multiplier
         if self.cfg.adaptive_clipping:
             sigma = update_noise_multiplier(sigma, self.count_stddev(len(replies)))

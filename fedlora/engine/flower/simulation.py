@@ -43,23 +43,21 @@ def client_resources(cfg: ExperimentConfig, num_nodes: int) -> dict[str, int | f
     from fedlora.compute import resolve_device, usable_cores
     from fedlora.errors import ConfigError
 
-    compute = cfg.compute
-    gpu = resolve_device(compute.device).type == "cuda"
+    compute, device, cores = cfg.compute, resolve_device(cfg.compute.device), usable_cores()
+    gpu = device.type == "cuda"
     cpus = 1 if compute.flower_client_cpus == "auto" else compute.flower_client_cpus
-    gpus = (
-        (1.0 / num_nodes if gpu else 0.0)
-        if compute.flower_client_gpus == "auto"
-        else compute.flower_client_gpus
-    )
-    if cpus > usable_cores():
+    gpus = compute.flower_client_gpus
+    if gpus == "auto":
+        gpus = 1.0 / num_nodes if gpu else 0.0
+    if cpus > cores:
         raise ConfigError(
             f"compute.flower_client_cpus: {cpus} CPUs per client, but this machine lets the run use "
-            f"{usable_cores()}: Ray would never start a client; ask for at most {usable_cores()}"
+            f"{cores}: Ray would never start a client; ask for at most {cores}"
         )
     if gpus > 0 and not gpu:
         raise ConfigError(
-            f"compute.flower_client_gpus: {gpus:g} GPUs per client on a run whose device is "
-            f"{resolve_device(compute.device)}: Ray would wait for a GPU forever; set 0 (or auto), or a CUDA device"
+            f"compute.flower_client_gpus: {gpus:g} GPUs per client on a run whose device is {device}: Ray "
+            "would wait for a GPU forever; set 0 (or auto), or a CUDA device"
         )
     return {"num_cpus": cpus, "num_gpus": gpus}
 
