@@ -59,6 +59,7 @@ def experiment_facts(cfg: ExperimentConfig) -> ExperimentFacts:
         shared_adapter=cfg.model.shared_adapter,
         privacy=cfg.privacy.dp_sgd,
         client_privacy=cfg.privacy.client_level,
+        secure_aggregation=cfg.federation.secure_aggregation,
         gradient_accumulation_steps=cfg.client.gradient_accumulation_steps,
         lr_scheduler=cfg.client.lr_scheduler,
         weight_decay=cfg.client.weight_decay,

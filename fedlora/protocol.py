@@ -39,6 +39,9 @@ class ClientReply:
     payload: AdapterState
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the bytes the client sent, when the transport counted them itself (secure aggregation's protocol
+    #: sends more than the payload); None: the engine counts the payload as it travelled
+    bytes_sent: int | None = None
 
 
 def plan_to_json(instruction: ClientInstruction) -> str:

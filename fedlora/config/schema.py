@@ -75,6 +75,26 @@ class ExperimentConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> ExperimentConfig:
+        if self.federation.secure_aggregation and self.privacy.client_level:
+            raise ValueError(
+                "privacy.unit client clips each client's update at the server, and federation.secure_aggregation "
+                "hides the updates from it (clipping on the clients is not built): use privacy.unit: example "
+                "(DP-SGD on each client) with secure aggregation, or turn secure_aggregation off"
+            )
+        if self.federation.secure_aggregation and self.model.variants:
+            raise ValueError(
+                "federation.secure_aggregation runs on Flower, and model-heterogeneous clients (model.variants) "
+                "run on the embedded engine only: remove model.variants or turn secure_aggregation off"
+            )
+        if self.federation.secure_aggregation and self.faults.corrupt > 0:
+            raise ValueError(
+                "faults.corrupt corrupts single replies at the server, which secure aggregation never holds: "
+                "set faults.corrupt: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _base_dtype_fits(self) -> ExperimentConfig:
         if self.compute.base_dtype != "fp32" and self.model.quantization is not None:
             raise ValueError(

@@ -244,7 +244,11 @@ class EmbeddedEngine:
             if isinstance(reply, str):
                 out.reject(client_id, reply, f"client {client_id}: {reply}")
                 continue
-            size_up = wire_size(reply.payload) if counts else 0  # as it travelled
+            size_up = (
+                (reply.bytes_sent if reply.bytes_sent is not None else wire_size(reply.payload))
+                if counts
+                else 0
+            )
             reply.payload = restore_updates(decode_state(reply.payload), instruction.payload)
             fault = faults.get(client_id)
             if fault is not None:

@@ -94,13 +94,14 @@ def build_client_node(cfg: NodeSpec) -> ClientNode:
 
 def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federation) -> Strategy:
     """The cross-cutting features the config turns on, around the method: a robust aggregation rule
-    (``federation.aggregation``), update-norm screening always (its limits are in ``federation``), DP-SGD
+    (``federation.aggregation``), update-norm screening (its limits are in ``federation``; not under secure aggregation, which hides the replies), DP-SGD
     with ``privacy.enabled`` (``unit: example``) or DP-FedAvg (``unit: client``) outermost."""
     fed = cfg.federation
     wrapped: Strategy = strategy
     if fed.aggregation != "mean":
         wrapped = RobustAggregation(wrapped, fed.aggregation, fed.trim_fraction)
-    wrapped = UpdateNormScreen(wrapped, fed)
+    if not fed.secure_aggregation:  # the screens need each reply; secure aggregation shows only the average
+        wrapped = UpdateNormScreen(wrapped, fed)
     if cfg.privacy.dp_sgd:
         wrapped = DifferentialPrivacy(
             wrapped, PrivacyLedger.plan_for(cfg.privacy, cfg.client, fed.rounds, federation.clients)

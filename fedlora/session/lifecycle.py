@@ -116,6 +116,12 @@ def run(
             federation = build_federation(cfg, rows_source(SourceRequest.of(cfg), dataset))
         if cfg.engine == "flower-sim" and transport_factory is None:
             return run_on_flower_simulation(cfg, request, federation)
+        if cfg.federation.secure_aggregation and transport_factory is None:
+            raise ConfigError(
+                "config field 'federation.secure_aggregation': SecAgg+ runs between Flower's server and its "
+                "client nodes (engine: flower-sim, or fedlora deploy); on the embedded engine every client's "
+                "update is in this one process: set engine: flower-sim"
+            )
         return run_rounds(cfg, request, federation)
 
 

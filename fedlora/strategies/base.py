@@ -165,6 +165,8 @@ class ExperimentFacts:
     privacy: bool = False
     #: ``privacy.enabled`` with ``unit: client``: the server clips and noises the updates (DP-FedAvg)
     client_privacy: bool = False
+    #: ``federation.secure_aggregation``: the server sees only the example-weighted average of the replies
+    secure_aggregation: bool = False
     #: ``client.gradient_accumulation_steps``
     gradient_accumulation_steps: int = 1
     #: ``client.lr_scheduler``
@@ -187,6 +189,16 @@ def client_privacy_refusal(name: str, linear_aggregate: bool) -> str | None:
         f"and strategy {name} does not aggregate by a weighted average of the payloads, so clipping "
         "them bounds nothing; use privacy.unit: example (DP-SGD on each client), or fedit, fedavg, fedprox, "
         "ffa-lora, fedsa-lora or pfedlora"
+    )
+
+
+def secure_aggregation_refusal(name: str) -> str:
+    """Why strategy ``name`` cannot run under secure aggregation (:mod:`fedlora.engine.flower.secure`)."""
+    return (
+        f"config field 'federation.secure_aggregation': SecAgg+ reveals only the example-weighted average of "
+        f"the replies, and strategy {name} aggregates otherwise (each reply on its own, or a nonlinear rule), so "
+        "it needs what the protocol hides; use fedit, fedavg, fedprox, ffa-lora or fedsa-lora, or turn "
+        "secure_aggregation off"
     )
 
 
@@ -337,6 +349,8 @@ class Strategy(ABC, Generic[OptionsT]):
                     )
         if facts.client_privacy and not cls.linear_aggregate:
             return client_privacy_refusal(cls.name, cls.linear_aggregate)
+        if facts.secure_aggregation and not cls.linear_aggregate:
+            return secure_aggregation_refusal(cls.name)
         if facts.privacy:
             for hook in hooks:
                 reason = hook.dp_refusal()

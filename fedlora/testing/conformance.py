@@ -26,6 +26,9 @@ local steps), plus what the method itself needs to run at all (``Strategy.confor
   (relative error under 1e-4 against per-client training; float sums in another order).
 - ``privacy``: with ``privacy.enabled``, of each unit (``example``: DP-SGD; ``client``: DP-FedAvg), the method
   runs a round and reports an epsilon, or the preflight refuses it in one line naming the privacy field.
+- ``secure``: with ``federation.secure_aggregation``, a round through SecAgg+ (fedlora's ClientApp with
+  Flower's client mod, behind an in-process grid) gives the plain round's adapter within SecAgg+'s quantisation
+  bound, or the preflight refuses the method in one line naming the field.
 - ``export``: the exported global model loads with plain PEFT (an adapter) or transformers (a merged or whole
   model) and gives the server's evaluation model's logits.
 """
@@ -242,6 +245,49 @@ def check_wire(case: Case) -> None:
     )
 
 
+def secure_engine(case: Case, folder: str, answers: dict[int, int] | None = None, **more: object) -> Any:
+    """An engine with ``federation.secure_aggregation`` whose clients are a real fedlora ClientApp (SecAgg+'s
+    client mod and all) behind an in-process Flower grid (:mod:`fedlora.testing.flower_grid`), reached by the
+    Flower transport; ``answers``: node -> train messages it answers before it stops."""
+    from fedlora.engine.flower.apps import client_app
+    from fedlora.engine.flower.transport import FlowerTransport, simulation_nodes
+    from fedlora.engine.setup import build_client_node
+    from fedlora.testing.flower_grid import in_process_grid
+
+    secure = {"federation.secure_aggregation": "true", **more}
+    engine = case.engine(folder, **secure)
+    nodes = simulation_nodes(engine.plan.federation, len(engine.sim.federation.clients))
+    app = client_app(build_client_node, case.config(**secure), case.workdir / folder / "nodes")
+    grid = in_process_grid(app, nodes, answers)
+    engine.transport = FlowerTransport(engine.sim, grid, routing="assigned")
+    return engine
+
+
+def check_secure(case: Case) -> None:
+    """``federation.secure_aggregation``: the method is refused in one line naming the field, or a round
+    through SecAgg+ (a real ClientApp with Flower's client mod, behind an in-process grid) aggregates to the
+    plain round's adapter within SecAgg+'s quantisation bound, every entry; the next round aggregates too."""
+    from fedlora.engine.flower.secure import quantisation_bound
+    from fedlora.errors import ConfigError
+
+    try:
+        secure = secure_engine(case, "secure")
+    except ConfigError as err:
+        reason = str(err).strip().splitlines()[-1]  # a schema refusal comes under "invalid config:"
+        assert "secure_aggregation" in reason, f"the refusal does not name the field: {err}"
+        return
+    plain = case.engine("plain")
+    a, b = plain.run_round(1), secure.run_round(1)
+    assert b["status"] == "aggregated" and b["rejected"] == [], f"secure round 1: {b['rejected']}"
+    sizes = plain.sim.server.setup.client_sizes or {}
+    weights = [c["num_examples"] for c in a["clients"]]
+    bound = quantisation_bound(secure.plan.federation, weights, max(sizes[c["client"]] for c in a["clients"]))
+    ours, exact = secure.sim.server.state.adapter, plain.sim.server.state.adapter
+    worst = max(float((ours[k].double() - exact[k].double()).abs().max()) for k in exact)
+    assert worst <= bound * (1 + 1e-6) + 1e-7, f"secure aggregate off by {worst:.3g}, bound {bound:.3g}"
+    assert secure.run_round(2)["status"] == "aggregated", "secure round 2 did not aggregate"
+
+
 def check_batched(case: Case) -> None:
     import pytest
 
@@ -322,6 +368,7 @@ CHECKS: dict[str, Callable[[Case], None]] = {
     "wire": check_wire,
     "batched": check_batched,
     "privacy": check_privacy,
+    "secure": check_secure,
     "export": check_export,
 }
 

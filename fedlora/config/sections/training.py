@@ -70,9 +70,25 @@ class FederationConfig(Section):
     #: wire_dtype other than fp32: each client adds the rounding error of its last upload to the next one
     #: (error feedback; the residual stays on the client)
     wire_error_feedback: bool = False
+    #: Flower engines only (flower-sim, fedlora deploy): Flower's SecAgg+ sums the clients' masked, quantised
+    #: replies, so the server never holds one client's update (fedlora.engine.flower.secure); for methods whose
+    #: aggregate is an example-weighted average, others are refused with the reason
+    secure_aggregation: bool = False
+    #: SecAgg+'s num_shares: how many clients each one's secrets are shared with (a fraction of the round's
+    #: clients, or a count above 2); more shares survive more dropouts and cost more
+    secagg_num_shares: float | int = Field(1.0, gt=0)
+    #: SecAgg+'s reconstruction_threshold: shares needed to rebuild a secret (a fraction of the shares, or a
+    #: count); a higher one takes more colluding clients to unmask one, and tolerates fewer dropouts
+    secagg_reconstruction_threshold: float | int = Field(0.5, gt=0)
+    #: SecAgg+'s clipping_range: each value sent is clipped to [-c, c] before it is quantised
+    secagg_clipping_range: float = Field(8.0, gt=0.0)
+    #: SecAgg+'s quantization_range: the levels over [-c, c] (step 2c / this); at most 2**32 / clients a round
+    secagg_quantization_range: int = Field(2**22, ge=2, lt=2**32)
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> FederationConfig:
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         if self.wire_error_feedback and self.wire_dtype == "fp32":
             raise ValueError(
                 "wire_error_feedback corrects the rounding of a coded wire: set wire_dtype to bf16, fp16 or int8"
@@ -105,6 +121,47 @@ class FederationConfig(Section):
                     "each end"
                 )
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """What SecAgg+ cannot run with, refused before any work."""
+        if self.wire_dtype != "fp32":
+            raise ValueError(
+                f"secure_aggregation quantises the replies itself (secagg_quantization_range levels over "
+                f"[-secagg_clipping_range, secagg_clipping_range]); wire_dtype {self.wire_dtype} would code them "
+                "twice: set wire_dtype: fp32"
+            )
+        if self.aggregation != "mean":
+            raise ValueError(
+                f"secure_aggregation reveals only the weighted average of the replies; aggregation "
+                f"{self.aggregation} needs each reply: set aggregation: mean"
+            )
+        screens = {
+            "max_update_norm": self.max_update_norm,
+            "clip_update_norm": self.clip_update_norm,
+        }
+        for name, value in screens.items():
+            if value is not None:
+                raise ValueError(
+                    f"secure_aggregation reveals only the weighted average of the replies, so {name} cannot "
+                    f"see one reply's update: remove {name}"
+                )
+        sampled = self.clients_per_round or (
+            math.ceil(self.fraction * self.num_clients) if self.fraction and self.num_clients else None
+        )
+        if sampled is not None and sampled < 2:
+            raise ValueError(
+                "secure_aggregation of one client's reply is that reply: sample 2 or more clients a round "
+                "(3 or more to survive a dropout)"
+            )
+        if isinstance(self.secagg_num_shares, float) and self.secagg_num_shares > 1:
+            raise ValueError("secagg_num_shares as a fraction is at most 1.0 (or give a count above 2)")
+        if isinstance(self.secagg_num_shares, int) and self.secagg_num_shares <= 2:
+            raise ValueError("secagg_num_shares as a count must be above 2 (or give a fraction such as 1.0)")
+        if (
+            isinstance(self.secagg_reconstruction_threshold, float)
+            and self.secagg_reconstruction_threshold > 1
+        ):
+            raise ValueError("secagg_reconstruction_threshold as a fraction is at most 1.0 (or give a count)")
 
 
 #: the local optimizers: adamw (= adamw_torch), adamw_torch_fused, adamw_8bit / paged_adamw_8bit, sgd

@@ -14,6 +14,12 @@ import torch
 from fedlora.client.node import ClientNode
 from fedlora.config.schema import ExperimentConfig
 from fedlora.engine.flower.environment import quiet_flower
+from fedlora.engine.flower.secure import (
+    fit_reply_records,
+    is_fit_request,
+    read_fit_request,
+    secure_aggregation_mod,
+)
 from fedlora.engine.flower.transport import FlowerTransport, read_request_records, reply_records
 from fedlora.engine.node_spec import NodeSpec
 from fedlora.engine.transport import Simulation
@@ -63,14 +69,18 @@ def config_from_run_config(run_config: Any) -> ExperimentConfig:
 _NODES: dict[str, ClientNode] = {}
 
 
-def process_node(spec: NodeSpec, build_node: Callable[[NodeSpec], ClientNode]) -> ClientNode:
-    """This process's node for ``spec``, built the first time the spec is seen here.
+def process_node(
+    spec: NodeSpec, build_node: Callable[[NodeSpec], ClientNode], client_dir: Path | None = None
+) -> ClientNode:
+    """This process's node for ``spec``, built the first time the spec is seen here (``client_dir``: where
+    it keeps its clients' personal state; default ``$FEDLORA_CLIENT_DIR`` or ``.fedlora-client``).
 
     A module-level function on purpose: Flower's Ray backend sends the ClientApp to its actors with
     cloudpickle for every message, which copies the globals of the app's nested functions by value; the
     cache must be looked up here, in this module's own globals, or every message would build a new node
     (data and model)."""
-    key = spec.model_dump_json()
+    folder = client_dir or Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client"))
+    key = f"{folder}|{spec.model_dump_json()}"
     if key not in _NODES:
         prepare_node(spec.plugins)  # this process's entry (a Flower node): plugins and methods
         import warnings
@@ -78,15 +88,19 @@ def process_node(spec: NodeSpec, build_node: Callable[[NodeSpec], ClientNode]) -
         warnings.filterwarnings("ignore", category=FutureWarning)  # the server showed them once
         torch.set_num_threads(spec.client.num_threads)
         node = build_node(spec)
-        node.use_store(Path(os.environ.get("FEDLORA_CLIENT_DIR", ".fedlora-client")) / "personal")
+        node.use_store(folder / "personal")
         _NODES[key] = node
     return _NODES[key]
 
 
-def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentConfig | None = None) -> Any:
+def client_app(
+    build_node: Callable[[NodeSpec], ClientNode],
+    config: ExperimentConfig | None = None,
+    client_dir: Path | None = None,
+) -> Any:
     """A Flower ClientApp running fedlora clients (config given, or from the run config's
     ``fedlora-config``); ``build_node`` makes the node from the config's :class:`NodeSpec` the first time
-    a spec is seen in this process."""
+    a spec is seen in this process (``client_dir``: :func:`process_node`)."""
     quiet_flower()
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
@@ -94,7 +108,8 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
     app = ClientApp()
 
     def node_for(context: Any) -> ClientNode:
-        return process_node(NodeSpec.of(config or config_from_run_config(context.run_config)), build_node)
+        spec = NodeSpec.of(config or config_from_run_config(context.run_config))
+        return process_node(spec, build_node, client_dir)
 
     def partition(context: Any) -> int:
         value = context.node_config.get("partition-id")
@@ -127,10 +142,12 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
         info["num-examples"] = node.clients[client].size("train")
         return Message(content=RecordDict({"profile": ConfigRecord(info)}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])
     def train(msg: Any, context: Any) -> Any:
         node = node_for(context)
-        server_round, named, instruction, assigned = read_request_records(msg.content)
+        secure = is_fit_request(msg.content)  # a secure round's request (SecAgg+ masks the reply)
+        read = read_fit_request if secure else read_request_records
+        server_round, named, instruction, assigned = read(msg.content)
         if assigned:  # a simulation slot: every client's data is in this process
             client = named
         else:
@@ -140,6 +157,8 @@ def client_app(build_node: Callable[[NodeSpec], ClientNode], config: ExperimentC
                     f"flower: a message for client {named} reached the node holding partition {client}"
                 )
         reply = node.train(server_round, client, instruction)
+        if secure:
+            return Message(content=fit_reply_records(server_round, reply, instruction), reply_to=msg)
         return Message(content=reply_records(reply), reply_to=msg)
 
     return app

@@ -15,6 +15,7 @@ from fedlora.adapters.ranks import RankProfile
 from fedlora.client.node import ClientNode
 from fedlora.config.schema import FederationConfig
 from fedlora.engine.deadline import ClientDeadline
+from fedlora.engine.flower.secure import SecureRound
 from fedlora.engine.sampling import clients_per_round
 from fedlora.engine.transport import Simulation
 from fedlora.errors import ConfigError
@@ -152,6 +153,8 @@ class FlowerTransport:
             grid.pull_interval = min(grid.pull_interval, 0.01)  # for replies every 0.1 s by default
         self.status = status or (lambda text: None)
         self.routing = routing
+        #: the last secure round's outcome (federation.secure_aggregation): what this process received
+        self.last_secure_round: SecureRound | None = None
         self.deadline = ClientDeadline.of(sim.plan.federation)
         #: partition -> its node's public key (OpenSSH text): a node must prove it holds that key
         self.node_keys = dict(node_keys or {})
@@ -310,19 +313,27 @@ class FlowerTransport:
 
         self.status(f"round {server_round}: {len(instructions)} clients training on their nodes")
         sent: dict[int, int] = {}  # node -> client
-        messages = []
         unreachable: dict[int, str] = {}
-        for position, (client_id, instruction) in enumerate(instructions.items()):
+        for position, client_id in enumerate(instructions):
             if not self.slots and client_id not in self.node_of:
                 unreachable[client_id] = "no node holds this client's partition: no reply"
                 continue
-            node = self.node_for(position, client_id)
-            sent[node] = client_id
-            content = request_records(server_round, client_id, instruction, self.routing == "assigned")
-            messages.append(
-                Message(content=content, dst_node_id=node, message_type="train", group_id=str(server_round))
-            )
+            sent[self.node_for(position, client_id)] = client_id
         replies: dict[int, ClientReply | str] = dict(unreachable)
+        if self.sim.plan.federation.secure_aggregation:
+            replies.update(self.train_securely(server_round, instructions, sent))
+            return replies
+        messages = [
+            Message(
+                content=request_records(
+                    server_round, client, instructions[client], self.routing == "assigned"
+                ),
+                dst_node_id=node,
+                message_type="train",
+                group_id=str(server_round),
+            )
+            for node, client in sent.items()
+        ]
         answered, limit = self.exchange(messages)
         for reply, seconds in answered:
             sender = sent.get(reply.metadata.src_node_id)
@@ -336,4 +347,40 @@ class FlowerTransport:
         for client_id in sent.values():
             if client_id not in replies:
                 replies[client_id] = self.deadline.reason(limit)
+        return replies
+
+    def train_securely(
+        self, server_round: int, instructions: dict[int, ClientInstruction], sent: dict[int, int]
+    ) -> dict[int, ClientReply | str]:
+        """The round through SecAgg+ (:mod:`fedlora.engine.flower.secure`): every replying client's reply
+        carries the example-weighted average of the round's replies as its payload; no client's own reaches
+        this process. Each of the protocol's four stages waits at most the client deadline."""
+        from fedlora.engine.flower.secure import fit_instruction, secure_average, secure_replies
+
+        assigned = self.routing == "assigned"
+        requests = {
+            node: fit_instruction(server_round, client, instructions[client], assigned)
+            for node, client in sent.items()
+        }
+        sizes = self.sim.server.setup.client_sizes or {}
+        weights = [sizes[c] for c in sent.values() if sizes.get(c)]
+        max_weight = float(max(weights)) if len(weights) == len(sent) else 1000.0  # Flower's default
+        limit = self.deadline.seconds()
+        started = time.monotonic()
+        outcome = secure_average(
+            self.grid, server_round, requests, self.sim.plan.federation, max_weight, limit
+        )
+        seconds = time.monotonic() - started
+        self.last_secure_round = outcome  # what the server received, for inspection
+        expected = {client: instructions[client].payload for client in sent.values()}
+        replies = secure_replies(outcome, sent, expected)
+        for node, client in sent.items():
+            if client in replies:
+                self.deadline.record(seconds)
+            elif node in outcome.counts.errors:
+                replies[client] = f"client error: {outcome.counts.errors[node]}"
+            elif outcome.average is None:
+                replies[client] = "secure aggregation halted: too few clients answered to unmask the sum"
+            else:
+                replies[client] = self.deadline.reason(limit)
         return replies
