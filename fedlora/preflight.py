@@ -32,6 +32,7 @@ _CHECKED: dict[str, OptimizerName | None] = {}
 def load_builtins() -> None:
     """Import every built-in method and generic client hook (each registers itself by name), so that hook
     objects arriving as JSON decode in any process."""
+    import fedlora.client.clipping  # noqa: F401
     import fedlora.client.frozen  # noqa: F401
     import fedlora.client.zeroth_order  # noqa: F401
     import fedlora.strategies  # noqa: F401

@@ -51,3 +51,21 @@ def state_digest(state: AdapterState) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def same_shapes(sent: AdapterState, got: AdapterState) -> bool:
+    """Whether ``got`` is an update of ``sent`` (same tensor names and shapes); seed records and pruned
+    replies are not."""
+    return sent.keys() == got.keys() and all(got[k].shape == v.shape for k, v in sent.items())
+
+
+def update_norm(sent: AdapterState, got: AdapterState) -> float:
+    """||got - sent|| over all tensors as one vector (float64)."""
+    return float(sum(float((got[k].double() - sent[k].double()).pow(2).sum()) for k in sent) ** 0.5)
+
+
+def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> AdapterState:
+    """sent + factor * (got - sent), tensor by tensor."""
+    return {
+        k: (sent[k].double() + factor * (got[k].double() - sent[k].double())).to(got[k].dtype) for k in got
+    }

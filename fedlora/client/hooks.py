@@ -111,6 +111,9 @@ class ClientHooks(BaseModel):
     batchable: ClassVar[bool] = False
     #: its steps are not optimizer steps (zeroth-order): schedules and gradient accumulation do not apply
     replaces_optimizer: ClassVar[bool] = False
+    #: the reply weighs as every other reply of the round (client-level DP's 1 / m), not by its examples:
+    #: secure aggregation sums it with weight 1
+    equal_weight: ClassVar[bool] = False
 
     def frozen(self, key: str) -> bool:
         """Tensors that are neither trained nor sent back."""

@@ -76,11 +76,15 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> ExperimentConfig:
-        if self.federation.secure_aggregation and self.privacy.client_level:
+        if (
+            self.federation.secure_aggregation
+            and self.privacy.client_level
+            and self.privacy.adaptive_clipping
+        ):
             raise ValueError(
-                "privacy.unit client clips each client's update at the server, and federation.secure_aggregation "
-                "hides the updates from it (clipping on the clients is not built): use privacy.unit: example "
-                "(DP-SGD on each client) with secure aggregation, or turn secure_aggregation off"
+                "privacy.adaptive_clipping moves C by the share of updates it clipped, which the server counts "
+                "from each update; with federation.secure_aggregation the clients clip with a fixed C: set "
+                "privacy.adaptive_clipping: false"
             )
         if self.federation.secure_aggregation and self.model.variants:
             raise ValueError(

@@ -109,7 +109,7 @@ def wrap_strategy(strategy: Strategy, cfg: ExperimentConfig, federation: Federat
     if cfg.privacy.client_level:
         clients = len(federation.clients)
         plan = ClientNoisePlan.plan_for(cfg.privacy, clients_per_round(fed, clients), clients, fed.rounds)
-        wrapped = ClientLevelPrivacy(wrapped, cfg.privacy, plan)
+        wrapped = ClientLevelPrivacy(wrapped, cfg.privacy, plan, clip_on_clients=fed.secure_aggregation)
     return wrapped
 
 

@@ -39,17 +39,20 @@ payloads alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, clip_update, same_shapes, update_norm
+from fedlora.client.clipping import ClipUpdate
 from fedlora.config.schema import PrivacyConfig
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import (
     GLOBAL,
+    ClientInstruction,
     ClientReply,
     Review,
     RoundResults,
@@ -58,7 +61,6 @@ from fedlora.strategies.base import (
     client_privacy_refusal,
 )
 from fedlora.strategies.privacy import _epsilon, noise_for_target
-from fedlora.strategies.robustness import clip_update, same_shapes, update_norm
 from fedlora.strategies.wrappers import StrategyWrapper
 
 #: the state's fact: {"rounds": rounds noised so far, "clipping_norm": C for the next round}
@@ -113,13 +115,29 @@ def update_noise_multiplier(sigma: float, count_stddev: float) -> float:
 class ClientLevelPrivacy(StrategyWrapper):
     """DP-FedAvg around a linear method: clip each update, average them uniformly, add Gaussian noise."""
 
-    def __init__(self, inner: Strategy, cfg: PrivacyConfig, plan: ClientNoisePlan) -> None:
+    def __init__(
+        self, inner: Strategy, cfg: PrivacyConfig, plan: ClientNoisePlan, clip_on_clients: bool = False
+    ) -> None:
+        """``clip_on_clients``: the clients clip their own updates (:class:`~fedlora.client.clipping.ClipUpdate`,
+        fixed C) and send them with equal weights, because secure aggregation hides each one from the server;
+        the server adds the noise to the average it is given."""
         reason = client_privacy_refusal(inner.name, inner.linear_aggregate)
         if reason is not None:
             raise ConfigError(reason)
         super().__init__(inner)
         self.cfg = cfg
         self.plan = plan
+        self.clip_on_clients = clip_on_clients
+
+    def configure_round(
+        self, state: ServerState, server_round: int, client_ids: list[int]
+    ) -> dict[int, ClientInstruction]:
+        """The inner instructions; with ``clip_on_clients`` each also clips its update to C_t on the client."""
+        instructions = self.inner.configure_round(state, server_round, client_ids)
+        if not self.clip_on_clients:
+            return instructions
+        clip = ClipUpdate(norm=float(self.ledger(state)["clipping_norm"]))
+        return {c: dataclasses.replace(i, hooks=[*i.hooks, clip]) for c, i in instructions.items()}
 
     def ledger(self, state: ServerState) -> dict[str, Any]:
         """Rounds noised so far and the clipping norm of the next round (from the state's facts)."""
@@ -131,6 +149,8 @@ class ClientLevelPrivacy(StrategyWrapper):
         """The inner review, then every accepted update clipped to C_t; with adaptive clipping, the noisy
         clipped fraction moves C for the next round."""
         inner = self.inner.review(state, server_round, results)
+        if self.clip_on_clients:  # the replies are the average of updates the clients clipped themselves
+            return inner
         ledger = self.ledger(inner.state)
         norm_c = float(ledger["clipping_norm"])
         sent = {reply.client_id: instruction.payload for instruction, reply in results}

@@ -26,31 +26,13 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, clip_update, same_shapes, update_norm
 from fedlora.config.schema import FederationConfig
 from fedlora.errors import ConfigError
 from fedlora.strategies.base import ClientReply, Review, RoundResults, ServerState, Strategy
 from fedlora.strategies.wrappers import StrategyWrapper
 
 log = logging.getLogger(__name__)
-
-
-def same_shapes(sent: AdapterState, got: AdapterState) -> bool:
-    """Whether ``got`` is an update of ``sent`` (same tensor names and shapes); seed records and pruned
-    replies are not."""
-    return sent.keys() == got.keys() and all(got[k].shape == v.shape for k, v in sent.items())
-
-
-def update_norm(sent: AdapterState, got: AdapterState) -> float:
-    """||got - sent|| over all tensors as one vector (float64)."""
-    return float(sum(float((got[k].double() - sent[k].double()).pow(2).sum()) for k in sent) ** 0.5)
-
-
-def clip_update(sent: AdapterState, got: AdapterState, factor: float) -> AdapterState:
-    """sent + factor * (got - sent), tensor by tensor."""
-    return {
-        k: (sent[k].double() + factor * (got[k].double() - sent[k].double())).to(got[k].dtype) for k in got
-    }
 
 
 #: the state's fact that holds the accepted update norms, newest last

@@ -7,10 +7,10 @@ import torch
 
 from conftest import tiny_engine
 from fedlora import load_config
+from fedlora.adapters.state import update_norm
 from fedlora.engine import embedded
 from fedlora.engine.embedded import EmbeddedEngine, sample_clients
 from fedlora.engine.faults import Fault, plan_faults
-from fedlora.strategies.robustness import update_norm
 
 
 def engine_with(tmp_path: Path, **extra: object) -> EmbeddedEngine:

@@ -98,6 +98,31 @@ def test_a_client_that_stops_after_sharing_its_keys_is_unmasked_without_it(tmp_p
     assert error <= bound, f"error {error:.3g}, bound {bound:.3g}"
 
 
+def test_client_level_dp_under_secure_aggregation_clips_on_the_clients(tmp_path: Path) -> None:
+    """DP-FedAvg with secure aggregation: each client clips its own update to C and weighs 1, the server noises
+    the average it is given. The same noise (seeded by run and round) on the same clipped average as the
+    server-side wrapper's, so the two adapters agree within the quantisation bound (weights 1: m steps over m)."""
+    dp = {
+        **THREE,
+        "privacy.enabled": "true",
+        "privacy.unit": "client",
+        "privacy.noise_multiplier": 0.5,
+        "privacy.clipping_norm": 0.01,  # below the updates' norms: every client clips
+    }
+    case = Case("fedit", tmp_path, dp)
+    server_side, secure = case.engine("server-side"), secure_engine(case, "secure")
+    a, b = server_side.run_round(1), secure.run_round(1)
+    assert b["status"] == "aggregated" and b["epsilon_client"] == a["epsilon_client"] > 0
+    assert all(line["clipped"] == 1.0 for line in b["clients"])
+    assert all(line["clipped"] == 1.0 for line in a["clients"])
+    bound = quantisation_bound(secure.plan.federation, [1, 1, 1], 1.0)
+    error = largest_error(
+        secure.sim.server.state.adapter,
+        {k: v.double() for k, v in server_side.sim.server.state.adapter.items()},
+    )
+    assert error <= bound * (1 + 1e-6) + 1e-7, f"error {error:.3g}, bound {bound:.3g}"
+
+
 def test_secure_rounds_repeat_bit_for_bit(tmp_path: Path) -> None:
     """The masks are random but cancel exactly; the stochastic rounding is seeded by (round, client, plan)."""
     case = Case("ffa-lora", tmp_path, THREE)
@@ -129,7 +154,12 @@ def test_fit_records_carry_the_request_exactly(tmp_path: Path) -> None:
         {"federation.aggregation": "median", "federation.clients_per_round": 3},
         {"federation.clip_update_norm": 1.0},
         {"federation.clients_per_round": 1},
-        {"privacy.enabled": "true", "privacy.unit": "client", "privacy.noise_multiplier": 1.0},
+        {
+            "privacy.enabled": "true",
+            "privacy.unit": "client",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.adaptive_clipping": "true",
+        },
         {"strategy.name": "flexlora"},
     ],
 )

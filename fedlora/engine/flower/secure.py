@@ -13,7 +13,8 @@ round's clients), r_i is a private mask and s_ij = -s_ji pairwise masks from Dif
 of r_i and of the key of s_ij go to ``secagg_num_shares`` neighbours, ``secagg_reconstruction_threshold`` of
 which rebuild them: the masks of the clients that replied (r_i) and those of the clients that dropped out after
 sharing (their s_ij) are removed, and the server learns sum_i y_i = sum_i Q(x_i q_i / T) alone. Dequantised,
-with the weight q_i carried as one more quantised entry, that is
+with the weight q_i carried as one more quantised entry (n_i is the example count, or 1 for every client
+under client-level DP, whose clients clip their own updates: :mod:`fedlora.client.clipping`), that is
 
     x_avg = sum_i q_i x_i / sum_i q_i
 
@@ -57,6 +58,8 @@ from fedlora.protocol import (
 #: FitRes metrics: the reply's tensor names in the order of its arrays, and its metrics (JSON text)
 KEYS_METRIC = "fedlora-keys"
 METRICS_METRIC = "fedlora-metrics"
+#: FitRes metrics: the reply's example count (its FitRes.num_examples is its weight in SecAgg+'s sum)
+EXAMPLES_METRIC = "fedlora-examples"
 #: FitIns config: the tensor names of the request's arrays (JSON), and whether the node trains the named client
 REQUEST_KEYS = "fedlora-keys"
 ASSIGNED = "fedlora-assigned"
@@ -77,12 +80,16 @@ def to_ndarrays(state: AdapterState) -> tuple[list[str], list[np.ndarray]]:
 def from_ndarrays(
     keys: list[str], arrays: list[np.ndarray], like: AdapterState | None = None
 ) -> AdapterState:
-    """``{key: tensor}``, each in the dtype of ``like[key]`` when given."""
+    """``{key: tensor}``; with ``like``, each in the dtype of ``like[key]`` and in ``like``'s key order (what
+    a reply that did not travel sorted would be: a rule that walks the tensors in order, such as client-level
+    DP's noise, sees them as it would in process)."""
     out: AdapterState = {}
     for key, array in zip(keys, arrays, strict=True):
         tensor = torch.from_numpy(np.array(array))
         out[key] = tensor.to(like[key].dtype) if like is not None and key in like else tensor
-    return out
+    if like is None:
+        return out
+    return {**{k: out[k] for k in like if k in out}, **{k: v for k, v in out.items() if k not in like}}
 
 
 def fit_instruction(server_round: int, client_id: int, instruction: ClientInstruction, assigned: bool) -> Any:
@@ -123,9 +130,15 @@ def fit_reply_records(server_round: int, reply: ClientReply, instruction: Client
     from flwr.compat.common import recorddict_compat as compat
 
     keys, arrays = to_ndarrays(reply.payload)
-    metrics = {KEYS_METRIC: json.dumps(keys), METRICS_METRIC: json.dumps(wire_metrics(reply.metrics))}
+    metrics = {
+        KEYS_METRIC: json.dumps(keys),
+        METRICS_METRIC: json.dumps(wire_metrics(reply.metrics)),
+        EXAMPLES_METRIC: reply.num_examples,
+    }
+    # the weight SecAgg+ multiplies by: the example count, or 1 when every reply weighs the same (client DP)
+    weight = 1 if any(hook.equal_weight for hook in instruction.hooks) else reply.num_examples
     np.random.seed(zlib.crc32(f"{server_round}:{reply.client_id}:{plan_to_json(instruction)}".encode()))
-    result = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), reply.num_examples, metrics)  # type: ignore[arg-type]
+    result = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), weight, metrics)  # type: ignore[arg-type]
     return compat.fitres_to_recorddict(result, keep_input=True)
 
 
@@ -140,10 +153,11 @@ def secure_aggregation_mod(msg: Any, context: Any, call_next: Any) -> Any:
     return call_next(msg, context)
 
 
-def content_bytes(content: Any) -> int:
-    """The bytes a message's records carry: array data, and bytes / text / numbers in its config records."""
+def content_bytes(content: Any, arrays: bool = True) -> int:
+    """The bytes a message's records carry: array data (unless ``arrays`` is False), and bytes / text /
+    numbers in its config records."""
     total = 0
-    for record in content.array_records.values():
+    for record in content.array_records.values() if arrays else ():
         total += sum(len(array.data) for array in record.values())
     for record in content.config_records.values():
         for value in record.values():
@@ -180,7 +194,8 @@ def counting_grid(grid: Any, counts: ProtocolBytes) -> Any:
         def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
             messages = list(messages)
             for message in messages:
-                counts.add_down(message.metadata.dst_node_id, content_bytes(message.content))
+                # the payload (a FitIns' arrays) is the engine's bytes_down; the protocol's own records here
+                counts.add_down(message.metadata.dst_node_id, content_bytes(message.content, arrays=False))
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             for reply in replies:
                 if reply.has_error():
@@ -195,7 +210,8 @@ def counting_grid(grid: Any, counts: ProtocolBytes) -> Any:
 
 @dataclass
 class ProtocolBytes:
-    """What each node sent (up) and was sent (down) over a secure round, every reply's content as the server
+    """What each node sent (up) and was sent by the protocol (down: keys, shares, the plan; not the payload)
+    over a secure round, every reply's content as the server
     received it (what the tests inspect: no reply holds a tensor), and the nodes' errors."""
 
     up: dict[int, int] = field(default_factory=dict)
@@ -323,5 +339,6 @@ def secure_replies(
         metrics = dict(json.loads(str(result.metrics[METRICS_METRIC])))
         metrics["secagg_bytes_down"] = outcome.counts.down.get(node, 0)
         sent = outcome.counts.up.get(node, 0)
-        replies[client] = ClientReply(client, average, int(result.num_examples), metrics, bytes_sent=sent)
+        examples = int(result.metrics[EXAMPLES_METRIC])
+        replies[client] = ClientReply(client, average, examples, metrics, bytes_sent=sent)
     return replies

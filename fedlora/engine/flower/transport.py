@@ -356,6 +356,7 @@ class FlowerTransport:
         carries the example-weighted average of the round's replies as its payload; no client's own reaches
         this process. Each of the protocol's four stages waits at most the client deadline."""
         from fedlora.engine.flower.secure import fit_instruction, secure_average, secure_replies
+        from fedlora.strategies.base import expected_reply
 
         assigned = self.routing == "assigned"
         requests = {
@@ -365,6 +366,8 @@ class FlowerTransport:
         sizes = self.sim.server.setup.client_sizes or {}
         weights = [sizes[c] for c in sent.values() if sizes.get(c)]
         max_weight = float(max(weights)) if len(weights) == len(sent) else 1000.0  # Flower's default
+        if all(any(h.equal_weight for h in instructions[c].hooks) for c in sent.values()):
+            max_weight = 1.0  # every reply weighs 1 (client-level DP)
         limit = self.deadline.seconds()
         started = time.monotonic()
         outcome = secure_average(
@@ -372,7 +375,7 @@ class FlowerTransport:
         )
         seconds = time.monotonic() - started
         self.last_secure_round = outcome  # what the server received, for inspection
-        expected = {client: instructions[client].payload for client in sent.values()}
+        expected = {client: expected_reply(instructions[client]) for client in sent.values()}
         replies = secure_replies(outcome, sent, expected)
         for node, client in sent.items():
             if client in replies:
