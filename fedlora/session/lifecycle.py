@@ -199,7 +199,9 @@ def run_on_flower_simulation(
         )
     federation = build_federation(cfg)  # the server's, built once (each client process builds its own)
     server = flower_server_app(cfg, target, request.resume, routing="assigned", federation=federation)
-    run_flower_simulation(cfg, target, len(federation.clients), server, flower_client_app(cfg))
+    # the clients' personal state in the run folder (as the embedded engine's), not shared between runs
+    client = flower_client_app(cfg, target.resolve() / "nodes")
+    run_flower_simulation(cfg, target, len(federation.clients), server, client)
     return flower_result(target)
 
 
@@ -348,8 +350,9 @@ def flower_server_app(
     return server_app(start, config, run_dir, resume, routing)
 
 
-def flower_client_app(config: ExperimentConfig | None = None):
-    """A Flower ClientApp whose nodes keep their model and data across messages."""
+def flower_client_app(config: ExperimentConfig | None = None, client_dir: Path | None = None):
+    """A Flower ClientApp whose nodes keep their model and data across messages (``client_dir``: where they
+    keep their clients' personal state; default ``$FEDLORA_CLIENT_DIR`` or ``.fedlora-client``)."""
     from fedlora.engine.flower import client_app
 
-    return client_app(build_client_node, config)
+    return client_app(build_client_node, config, client_dir)

@@ -333,3 +333,39 @@ def test_flower_sim_client_resources_from_the_config(tmp_path: Path, monkeypatch
     with pytest.raises(RuntimeError, match="ended without finishing"):
         run_flower_simulation(cfg(device="cpu", flower_client_cpus=2), tmp_path / "r", 4, None, None)
     assert seen["backend_config"]["client_resources"] == {"num_cpus": 2, "num_gpus": 0.0}  # type: ignore[index]
+
+
+def test_secure_aggregation_on_a_deployment(tmp_path: Path) -> None:
+    """SecAgg+ between a SuperLink's ServerApp and three SuperNodes (query routing: each node holds its own
+    partition): the round aggregates every client, and the adapter is the embedded engine's within SecAgg+'s
+    quantisation (relative error of the effective weights)."""
+    from fedlora.testing.conformance import relative_error
+
+    extra = {
+        "federation.num_clients": 3,
+        "data.tasks": "[gcd, lcm, chain_sum]",
+        "federation.clients_per_round": 3,
+        "federation.rounds": 1,  # each SecAgg+ stage starts a ClientApp process on each node: ~2 min a round
+    }
+    run_experiment(
+        load_config(None, tiny_overrides(tmp_path, **extra)), tmp_path / "embedded", show_progress=False
+    )
+    cfg = load_config(None, tiny_overrides(tmp_path, **extra, **{"federation.secure_aggregation": "true"}))
+    run_dir = tmp_path / "run"
+    link = free_port()
+    app = write_app(tmp_path / "app", cfg, run_dir, address=f"127.0.0.1:{link}")
+    nodes = [f"partition-id={i} num-partitions=3" for i in range(3)]
+    deployment = LoopbackDeployment(app, nodes, link, tmp_path)
+    try:
+        deployment.start()
+        result = deployment.run(timeout_s=600)
+        assert result.returncode == 0 and "finished:completed" in result.stderr, result.stderr[-3000:]
+    finally:
+        deployment.stop()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1]
+    assert all(r["status"] == "aggregated" and r["num_clients"] == 3 for r in records)
+    assert all(c["secagg_bytes_down"] > 0 for r in records for c in r["clients"])
+    files = [tmp_path / d / "adapter_model.safetensors" for d in ("embedded/global", "run/global")]
+    embedded, secure = (load_file(str(f)) for f in files)
+    assert relative_error(secure, embedded) < 1e-3

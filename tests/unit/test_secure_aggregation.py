@@ -182,7 +182,7 @@ def test_secure_aggregation_is_refused_on_the_embedded_engine(tmp_path: Path) ->
 
 def test_secure_aggregation_on_flower_simulation(tmp_path: Path) -> None:
     """The whole path on Flower's simulation runtime (Ray actors with fedlora's ClientApp, the ServerApp with
-    SecAgg+'s workflow): the run ends with the plain run's adapter within the quantisation (a relative
+    SecAgg+'s workflow): the run ends with the plain (embedded) run's adapter within the quantisation (a relative
     error of the effective weights; two rounds, so training moves it a little further than one entry's bound)."""
     from safetensors.torch import load_file
 
@@ -190,7 +190,7 @@ def test_secure_aggregation_on_flower_simulation(tmp_path: Path) -> None:
     from fedlora.testing.conformance import relative_error
 
     case = Case("fedit", tmp_path, THREE)
-    run_experiment(case.config(engine="flower-sim"), tmp_path / "plain", show_progress=False)
+    run_experiment(case.config(), tmp_path / "plain", show_progress=False)  # = flower-sim's (test_flower_sim)
     secure = case.config(engine="flower-sim", **{"federation.secure_aggregation": "true"})
     run_experiment(secure, tmp_path / "secure", show_progress=False)
     files = [tmp_path / d / "global" / "adapter_model.safetensors" for d in ("plain", "secure")]
