@@ -12,15 +12,11 @@ actor); bytes are the engine's ``bytes_up`` (the payloads, or SecAgg+'s four sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from children import report, run_self
+from children import default_experiment, variant_arguments, variant_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,58 +25,34 @@ VARIANTS = {"plain": [], "secagg+": ["federation.secure_aggregation=true"]}
 
 def run_one(variant: str, rounds: int, extra: list[str], folder: Path) -> dict:
     """One variant in this process; returns its figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fedlora import load_config
-    from fedlora.compute import cpu_model_name
-    from fedlora.config.loader import builtin_config_path
-    from fedlora.runner import run
-
-    overrides = [
-        "engine=flower-sim",
-        f"federation.rounds={rounds}",
-        f"eval.every={rounds}",
-        "compute.precision=fp32",
-        "output.plot=false",
-        *VARIANTS[variant],
-        *extra,
-    ]
-    started = time.perf_counter()
-    result = run(load_config(builtin_config_path(), overrides), folder, show_progress=False)
-    records = result.records
+    records, wall, cpu = default_experiment(rounds, ["engine=flower-sim", *VARIANTS[variant], *extra], folder)
     later = records[1:] or records
     return {
         "variant": variant,
         "bytes_up": sum(r["bytes_up"] for r in records),
         "bytes_down": sum(r["bytes_down"] for r in records),
-        "secagg_bytes_down": sum(c.get("secagg_bytes_down", 0) for r in records for c in r.get("clients", [])),
+        "secagg_bytes_down": sum(
+            c.get("secagg_bytes_down", 0) for r in records for c in r.get("clients", [])
+        ),
         "eval_loss": records[-1].get("eval_loss"),
         "s_per_round": sum(r["seconds"] for r in later) / len(later),
         "round_seconds": [r["seconds"] for r in records],
-        "wall_s": time.perf_counter() - started,
-        "cpu": cpu_model_name(),
+        "wall_s": wall,
+        "cpu": cpu,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("-o", "--override", action="append", default=[], help="extra config override")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
-    args = parser.parse_args()
-    if args.one:
-        with tempfile.TemporaryDirectory() as tmp:
-            report(run_one(args.one, args.rounds, args.override, Path(tmp) / "run"))
+    args = variant_arguments(__doc__.splitlines()[0]).parse_args()
+    rows = variant_rows(__file__, args, list(VARIANTS), run_one, lambda f: f"{f['s_per_round']:.2f} s/round")
+    if rows is None:
         return
-    rows = []
-    for variant in VARIANTS:
-        figures = run_self(__file__, variant, args.rounds, args.override)
-        if figures is not None:
-            rows.append(figures)
-            print(f"  {variant}: {figures['s_per_round']:.2f} s/round", file=sys.stderr, flush=True)
     anchor = next((r for r in rows if r["variant"] == "plain"), None)
     cpu = rows[0]["cpu"] if rows else "?"
     print(f"default experiment on flower-sim, {args.rounds} rounds ({cpu})")
-    print(f"{'variant':8} {'s/round':>8} {'vs plain':>9} {'MB up':>8} {'vs plain':>9} {'MB down':>8} {'held-out loss':>14}")
+    print(
+        f"{'variant':8} {'s/round':>8} {'vs plain':>9} {'MB up':>8} {'vs plain':>9} {'MB down':>8} {'held-out loss':>14}"
+    )
     for r in rows:
         r["time_ratio"] = r["s_per_round"] / anchor["s_per_round"] if anchor else None
         r["up_ratio"] = r["bytes_up"] / anchor["bytes_up"] if anchor else None

@@ -12,38 +12,18 @@ examples for every dtype; ``precision: fp32`` so that the wire is the only diffe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from children import report, run_self
+from children import default_experiment, variant_arguments, variant_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_one(dtype: str, rounds: int, extra: list[str], folder: Path) -> dict:
     """One dtype in this process; returns its figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fedlora import load_config
-    from fedlora.compute import cpu_model_name
-    from fedlora.config.loader import builtin_config_path
-    from fedlora.runner import run
-
-    overrides = [
-        f"federation.rounds={rounds}",
-        f"eval.every={rounds}",
-        f"federation.wire_dtype={dtype}",
-        "compute.precision=fp32",
-        "output.plot=false",
-        *extra,
-    ]
-    started = time.perf_counter()
-    result = run(load_config(builtin_config_path(), overrides), folder, show_progress=False)
-    records = result.records
+    records, wall, cpu = default_experiment(rounds, [f"federation.wire_dtype={dtype}", *extra], folder)
     return {
         "dtype": dtype,
         "bytes_up": sum(r["bytes_up"] for r in records),
@@ -51,28 +31,19 @@ def run_one(dtype: str, rounds: int, extra: list[str], folder: Path) -> dict:
         "eval_loss": records[-1].get("eval_loss"),
         "train_loss": [r["train_loss"] for r in records],
         "s_per_round": sum(r["seconds"] for r in records[:-1] or records) / len(records[:-1] or records),
-        "wall_s": time.perf_counter() - started,
-        "cpu": cpu_model_name(),
+        "wall_s": wall,
+        "cpu": cpu,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = variant_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="fp32,bf16,fp16,int8")
-    parser.add_argument("-o", "--override", action="append", default=[], help="extra config override")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one dtype, print its JSON
     args = parser.parse_args()
-    if args.one:
-        with tempfile.TemporaryDirectory() as tmp:
-            report(run_one(args.one, args.rounds, args.override, Path(tmp) / "run"))
+    progress = lambda f: f"held-out loss {f['eval_loss']:.4f}"  # noqa: E731
+    rows = variant_rows(__file__, args, args.dtypes.split(","), run_one, progress)
+    if rows is None:
         return
-    rows = []
-    for dtype in args.dtypes.split(","):
-        figures = run_self(__file__, dtype, args.rounds, args.override)
-        if figures is not None:
-            rows.append(figures)
-            print(f"  {dtype}: held-out loss {figures['eval_loss']:.4f}", file=sys.stderr, flush=True)
     anchor = next((r for r in rows if r["dtype"] == "fp32"), None)
     cpu = rows[0]["cpu"] if rows else "?"
     print(f"default experiment, {args.rounds} rounds, payloads both ways per wire dtype ({cpu})")
