@@ -68,9 +68,24 @@ def plan_from_json(text: str, payload: AdapterState) -> ClientInstruction:
 # as these flat JSON-able headers.
 
 
-def request_header(server_round: int, client_id: int, instruction: ClientInstruction) -> dict[str, Any]:
-    """The scalar side of a train request: round, client and the plan (:func:`plan_to_json`)."""
-    return {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+#: the request key saying that the node trains the client the message names (Flower's ``assigned`` routing)
+ASSIGNED_KEY = "assigned-client"
+
+
+def request_header(
+    server_round: int, client_id: int, instruction: ClientInstruction, assigned: bool = False
+) -> dict[str, Any]:
+    """The scalar side of a train request: round, client and the plan (:func:`plan_to_json`); ``assigned``:
+    the node trains the client the message names (:data:`ASSIGNED_KEY`)."""
+    header: dict[str, Any] = {"round": server_round, "client": client_id, "plan": plan_to_json(instruction)}
+    if assigned:
+        header[ASSIGNED_KEY] = True
+    return header
+
+
+def is_assigned(header: Mapping[str, Any]) -> bool:
+    """Whether a :func:`request_header` says the node trains the client it names."""
+    return bool(header.get(ASSIGNED_KEY, False))
 
 
 def read_request(header: Mapping[str, Any], payload: AdapterState) -> tuple[int, int, ClientInstruction]:

@@ -34,7 +34,7 @@ def test_assigned_routing_asks_no_node_and_names_the_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedlora.engine.flower import FlowerTransport
-    from fedlora.engine.flower.transport import ASSIGNED_KEY
+    from fedlora.protocol import ASSIGNED_KEY
 
     monkeypatch.setattr("flwr.app.Message", lambda **fields: fields)  # outside a Flower run: a plain record
     engine = tiny_engine(tmp_path, **{"federation.client_timeout": 0.05})  # 4 clients; no node ever replies
@@ -72,7 +72,8 @@ def test_a_node_trains_the_named_client_only_when_it_is_a_slot(
 
     from fedlora import load_config
     from fedlora.engine.flower import client_app
-    from fedlora.engine.flower.transport import ASSIGNED_KEY, to_arrays
+    from fedlora.engine.flower.transport import to_arrays
+    from fedlora.protocol import ASSIGNED_KEY
 
     for field in ("_task_id", "_run_id", "_node_id"):  # what a Flower runtime sets in its process
         monkeypatch.setattr(TaskIdentity, field, 1)
@@ -114,7 +115,8 @@ def test_a_node_is_built_once_per_process_though_the_app_travels_by_value(
 
     from fedlora import load_config
     from fedlora.engine.flower import client_app
-    from fedlora.engine.flower.transport import ASSIGNED_KEY, to_arrays
+    from fedlora.engine.flower.transport import to_arrays
+    from fedlora.protocol import ASSIGNED_KEY
 
     for field in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, field, 1)

@@ -105,9 +105,7 @@ class FederationConfig(Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) is above num_clients ({self.num_clients})"
             )
-        sampled = self.clients_per_round or (
-            math.ceil(self.fraction * self.num_clients) if self.fraction and self.num_clients else None
-        )
+        sampled = self.sampled_per_round()
         if self.aggregation == "trimmed-mean" and sampled is not None:
             if sampled < 3:
                 raise ValueError(
@@ -121,6 +119,13 @@ class FederationConfig(Section):
                     "each end"
                 )
         return self
+
+    def sampled_per_round(self) -> int | None:
+        """Clients a round samples, when the section alone tells (clients_per_round, or fraction of a given
+        num_clients), else None (it depends on the data)."""
+        return self.clients_per_round or (
+            math.ceil(self.fraction * self.num_clients) if self.fraction and self.num_clients else None
+        )
 
     def _check_secure_aggregation(self) -> None:
         """What SecAgg+ cannot run with, refused before any work."""
@@ -145,9 +150,7 @@ class FederationConfig(Section):
                     f"secure_aggregation reveals only the weighted average of the replies, so {name} cannot "
                     f"see one reply's update: remove {name}"
                 )
-        sampled = self.clients_per_round or (
-            math.ceil(self.fraction * self.num_clients) if self.fraction and self.num_clients else None
-        )
+        sampled = self.sampled_per_round()
         if sampled is not None and sampled < 2:
             raise ValueError(
                 "secure_aggregation of one client's reply is that reply: sample 2 or more clients a round "

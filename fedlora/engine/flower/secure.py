@@ -49,6 +49,7 @@ from fedlora.config.schema import FederationConfig
 from fedlora.protocol import (
     ClientInstruction,
     ClientReply,
+    is_assigned,
     plan_to_json,
     read_request,
     request_header,
@@ -60,9 +61,8 @@ KEYS_METRIC = "fedlora-keys"
 METRICS_METRIC = "fedlora-metrics"
 #: FitRes metrics: the reply's example count (its FitRes.num_examples is its weight in SecAgg+'s sum)
 EXAMPLES_METRIC = "fedlora-examples"
-#: FitIns config: the tensor names of the request's arrays (JSON), and whether the node trains the named client
+#: FitIns config: the tensor names of the request's arrays (JSON)
 REQUEST_KEYS = "fedlora-keys"
-ASSIGNED = "fedlora-assigned"
 #: the record names Flower's compat layer gives a FitIns / FitRes
 FITINS_PARAMETERS = "fitins.parameters"
 
@@ -97,11 +97,10 @@ def fit_instruction(server_round: int, client_id: int, instruction: ClientInstru
     from flwr.common import FitIns, ndarrays_to_parameters
 
     keys, arrays = to_ndarrays(instruction.payload)
-    config: dict[str, Any] = {
-        **request_header(server_round, client_id, instruction),
+    config = {
+        **request_header(server_round, client_id, instruction, assigned),
         REQUEST_KEYS: json.dumps(keys),
     }
-    config[ASSIGNED] = assigned
     return FitIns(ndarrays_to_parameters(arrays), config)
 
 
@@ -119,7 +118,7 @@ def read_fit_request(content: Any) -> tuple[int, int, ClientInstruction, bool]:
     config = content.config_records["fitins.config"]
     payload = from_ndarrays(json.loads(str(config[REQUEST_KEYS])), parameters_to_ndarrays(parameters))
     server_round, client_id, instruction = read_request(config, payload)
-    return server_round, client_id, instruction, bool(config.get(ASSIGNED, False))
+    return server_round, client_id, instruction, is_assigned(config)
 
 
 def fit_reply_records(server_round: int, reply: ClientReply, instruction: ClientInstruction) -> Any:

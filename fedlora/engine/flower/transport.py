@@ -22,6 +22,7 @@ from fedlora.errors import ConfigError
 from fedlora.protocol import (
     ClientInstruction,
     ClientReply,
+    is_assigned,
     read_reply,
     read_request,
     reply_header,
@@ -54,9 +55,7 @@ def request_records(server_round: int, client_id: int, instruction: ClientInstru
     client and plan as ``meta`` (ConfigRecord; ``assigned``: the node trains the client the message names)."""
     from flwr.app import ConfigRecord, RecordDict
 
-    header = request_header(server_round, client_id, instruction)
-    if assigned:
-        header[ASSIGNED_KEY] = True
+    header = request_header(server_round, client_id, instruction, assigned)
     return RecordDict({"payload": to_arrays(instruction.payload), "meta": ConfigRecord(header)})
 
 
@@ -64,7 +63,7 @@ def read_request_records(content: Any) -> tuple[int, int, ClientInstruction, boo
     """(round, client, instruction, assigned) from :func:`request_records` (on the node)."""
     meta = content["meta"]
     server_round, client_id, instruction = read_request(meta, from_arrays(content["payload"]))
-    return server_round, client_id, instruction, bool(meta.get(ASSIGNED_KEY, False))
+    return server_round, client_id, instruction, is_assigned(meta)
 
 
 def reply_records(reply: ClientReply) -> Any:
@@ -111,9 +110,6 @@ class RecordsLoopback:
 #: config), as many as a round samples; the round's k-th client goes to the k-th node id in sorted order and
 #: its message names the client, so no node is asked anything before a round
 ROUTINGS = ("query", "assigned")
-
-#: the request key saying that the node trains the client the message names (``assigned`` routing)
-ASSIGNED_KEY = "assigned-client"
 
 
 def simulation_nodes(fed: FederationConfig, num_clients: int) -> int:
