@@ -34,3 +34,24 @@ base_model() {
 restore_records() {
   "${PY:-.venv/bin/python}" experiments/records.py restore experiments/records runs
 }
+
+# best_rate SWEEP_DIR [METRIC]: the client.lr of the sweep's run with the highest final METRIC (eval_accuracy):
+# a one-seed rate sweep's choice, printed for the next stage of a script.
+best_rate() {
+  "${PY:-.venv/bin/python}" - "$1" "${2:-eval_accuracy}" <<'PY'
+import json, sys
+from pathlib import Path
+
+import yaml
+
+best = None
+for metrics in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    lr = float(yaml.safe_load((metrics.parent / "config.yaml").read_text())["client"]["lr"])
+    if best is None or last[sys.argv[2]] > best[0]:
+        best = (last[sys.argv[2]], lr)
+if best is None:
+    raise SystemExit(f"no finished rate sweep in {sys.argv[1]}")
+print(best[1])
+PY
+}

@@ -23,21 +23,7 @@ COMMON=(privacy.enabled=true client.optimizer=sgd federation.rounds=20 client.lo
 mkdir -p "$OUT"
 restore_records
 sweep_into ffa-tune 1 strategy.name=ffa-lora privacy.target_epsilon=6 "${COMMON[@]}" --set "client.lr=$FFA_RATES"
-FFA_LR=$("$PY" - "$OUT/ffa-tune" <<'PY'
-import json, sys
-from pathlib import Path
-
-import yaml
-
-best = None
-for metrics in sorted(Path(sys.argv[1]).glob("*/metrics.jsonl")):
-    last = json.loads(metrics.read_text().splitlines()[-1])
-    lr = float(yaml.safe_load((metrics.parent / "config.yaml").read_text())["client"]["lr"])
-    if best is None or last["eval_accuracy"] > best[0]:
-        best = (last["eval_accuracy"], lr)
-print(best[1])
-PY
-)
+FFA_LR=$(best_rate "$OUT/ffa-tune")
 echo "FFA-LoRA's tuned rate: $FFA_LR (LoRA's: $LORA_LR)" | tee "$OUT/rates.txt"
 for eps in $EPSILONS; do
   sweep_into "lora-eps$eps" "$SEEDS" strategy.name=fedit privacy.target_epsilon="$eps" client.lr="$LORA_LR" "${COMMON[@]}"

@@ -3,6 +3,7 @@
     python experiments/results_tables.py pfedlora [runs/pfedlora-widths]
     python experiments/results_tables.py fedmezo [runs/fedmezo]
     python experiments/results_tables.py flexlora [runs/flexlora-distributions]
+    python experiments/results_tables.py ffa [runs/ffa-dp-grid]
 
 Every row is a group of runs that differ only in their seed: the final figure's mean ± sample std and its 95%
 Student-t interval over the seeds, and the difference from the claim's method on the same seed (the same split,
@@ -605,11 +606,70 @@ def flexlora(root: Path) -> str:
     )
 
 
+def rate_line(runs: list[RunSummary], label: str) -> str:
+    """``label``: final held-out accuracy at each learning rate of a one-seed rate sweep, lowest rate first."""
+    by_rate = sorted((float(r.settings["client.lr"]), last("eval_accuracy")(r)) for r in runs)
+    return f"{label}: " + ", ".join(
+        f"lr {lr:g} {'-' if acc is None else f'{acc:.1%}'}" for lr, acc in by_rate
+    )
+
+
+def ffa(root: Path) -> str:
+    """Claim 3 under DP: LoRA (FedIT) and FFA-LoRA at each epsilon over the seeds, FFA minus LoRA on the same
+    seed (same split, initialisation, sampling and noise seed), and the rate sweeps each method's rate came from
+    (LoRA's in ``runs/ffa-dp-gate``, FFA-LoRA's in ``ROOT/ffa-tune``); then both without DP, each at its own
+    rate (``runs/ffa-nodp``, experiments/ffa_nodp.sh)."""
+    accuracy = last("eval_accuracy")
+    columns = [
+        ("held-out accuracy", accuracy, 3),
+        ("macro-F1", last("eval_macro_f1"), 3),
+        ("epsilon spent (largest client)", last("epsilon_max"), 2),
+    ]
+    paired_columns = [("accuracy", accuracy, 3), ("macro-F1", last("eval_macro_f1"), 3)]
+    epsilons = sorted(
+        {int(p.name.removeprefix("lora-eps")) for p in root.glob("lora-eps*") if p.is_dir()}
+        | {int(p.name.removeprefix("ffa-eps")) for p in root.glob("ffa-eps*") if p.is_dir()},
+        reverse=True,
+    )
+    sections = []
+    for epsilon in epsilons:
+        groups = {
+            "LoRA (FedIT)": load(root, f"lora-eps{epsilon}/seed-*"),
+            "FFA-LoRA": load(root, f"ffa-eps{epsilon}/seed-*"),
+        }
+        sections += [f"epsilon {epsilon}:", "", table(groups, "LoRA (FedIT)", columns, paired_columns), ""]
+    gate = load(root.parent / "ffa-dp-gate", "lora-eps6/*_seed-*")
+    tuned = load(root, "ffa-tune/*_seed-*")
+    rates = [rate_line(runs, label) for runs, label in ((gate, "LoRA"), (tuned, "FFA-LoRA")) if runs]
+    no_dp = root.parent / "ffa-nodp"
+    no_dp_groups = {"LoRA (FedIT)": load(no_dp, "lora/seed-*"), "FFA-LoRA": load(no_dp, "ffa/seed-*")}
+    no_dp_rates = [
+        rate_line(load(no_dp, f"tune-{method}/*_seed-*"), label)
+        for method, label in (("fedit", "LoRA"), ("ffa-lora", "FFA-LoRA"))
+    ]
+    without = [
+        "Without DP (AdamW, 6 rounds x 5 steps), each method's rate tuned on seed 1: "
+        + "; ".join(no_dp_rates),
+        "",
+        table(no_dp_groups, "LoRA (FedIT)", columns[:2], paired_columns),
+    ]
+    return "\n".join(
+        [
+            "Each method's rate, tuned at epsilon 6 on seed 1 (20 rounds x 10 SGD steps): "
+            + "; ".join(rates),
+            "",
+            *sections,
+            *(without if any(no_dp_groups.values()) else []),
+        ]
+    )
+
+
 if __name__ == "__main__":
     claims = {
         "pfedlora": (pfedlora, "runs/pfedlora-widths"),
         "fedmezo": (fedmezo, "runs/fedmezo"),
         "flexlora": (flexlora, "runs/flexlora-distributions"),
+        "ffa": (ffa, "runs/ffa-dp-grid"),
     }
     if len(sys.argv) < 2 or sys.argv[1] not in claims:
         raise SystemExit(f"usage: python experiments/results_tables.py {{{'|'.join(claims)}}} [RUNS]")
