@@ -643,10 +643,11 @@ def ffa(root: Path) -> str:
     rates = [rate_line(runs, label) for runs, label in ((gate, "LoRA"), (tuned, "FFA-LoRA")) if runs]
     no_dp = root.parent / "ffa-nodp"
     no_dp_groups = {"LoRA (FedIT)": load(no_dp, "lora/seed-*"), "FFA-LoRA": load(no_dp, "ffa/seed-*")}
-    no_dp_rates = [
-        rate_line(load(no_dp, f"tune-{method}/*_seed-*"), label)
-        for method, label in (("fedit", "LoRA"), ("ffa-lora", "FFA-LoRA"))
-    ]
+    no_dp_sweeps = (
+        (load(no_dp, f"tune-{m}/*_seed-*"), label)
+        for m, label in (("fedit", "LoRA"), ("ffa-lora", "FFA-LoRA"))
+    )
+    no_dp_rates = [rate_line(runs, label) for runs, label in no_dp_sweeps if runs] or ["-"]
     without = [
         "Without DP (AdamW, 6 rounds x 5 steps), each method's rate tuned on seed 1: "
         + "; ".join(no_dp_rates),

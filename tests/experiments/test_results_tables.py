@@ -233,3 +233,69 @@ def test_fedmezo_compares_methods_at_equal_client_compute(tables, tmp_path: Path
     assert f"FedMeZO frozen minus base model, same seed: {2.6 - 3.5:+.3f}" in text
     assert "FedAvg SGD (matched) not flat, not flat, not flat" in text
     assert (tmp_path / "results-fedmezo-compute.png").stat().st_size > 0
+
+
+def write_accuracy_run(
+    path: Path, seed: int, lr: float, accuracy: float, epsilon: float | None = None
+) -> None:
+    """A finished classification run of 2 rounds ending at ``accuracy`` (macro-F1 10 points lower)."""
+    path.mkdir(parents=True)
+    config = {"federation": {"seed": seed, "rounds": 2}, "client": {"lr": lr}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [
+        {"round": r, "eval_accuracy": a, "eval_macro_f1": a - 0.1, "epsilon_max": epsilon}
+        for r, a in ((1, 0.3), (2, accuracy))
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "global").mkdir()
+
+
+def test_ffa_table_pairs_ffa_with_lora_per_epsilon_and_reports_the_rate_sweeps(
+    tables, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    grid, gate, no_dp = tmp_path / "ffa-dp-grid", tmp_path / "ffa-dp-gate", tmp_path / "ffa-nodp"
+    lora = {1: 0.90, 2: 0.86, 3: 0.80}
+    ffa = {1: 0.92, 2: 0.91, 3: 0.90}
+    for seed in lora:
+        write_accuracy_run(grid / "lora-eps6" / f"seed-{seed}", seed, 0.2, lora[seed], epsilon=5.9)
+        write_accuracy_run(grid / "ffa-eps6" / f"seed-{seed}", seed, 0.5, ffa[seed], epsilon=5.9)
+    write_accuracy_run(grid / "ffa-eps3" / "seed-1", 1, 0.5, 0.7, epsilon=2.9)  # LoRA's epsilon 3 not run yet
+    for lr, accuracy in ((0.05, 0.43), (0.2, 0.907), (0.5, 0.263)):
+        write_accuracy_run(gate / "lora-eps6" / f"lr-{lr}_seed-1", 1, lr, accuracy, epsilon=5.9)
+    for lr, accuracy in ((0.2, 0.893), (0.5, 0.917)):
+        write_accuracy_run(grid / "ffa-tune" / f"lr-{lr}_seed-1", 1, lr, accuracy, epsilon=5.9)
+    for seed in (1, 2):
+        write_accuracy_run(no_dp / "lora" / f"seed-{seed}", seed, 5e-3, 0.92)
+        write_accuracy_run(no_dp / "ffa" / f"seed-{seed}", seed, 1e-2, 0.91 + 0.01 * seed)
+
+    text = tables.ffa(grid)
+    assert "LoRA: lr 0.05 43.0%, lr 0.2 90.7%, lr 0.5 26.3%; FFA-LoRA: lr 0.2 89.3%, lr 0.5 91.7%" in text
+    blocks: dict[str, list[list[str]]] = {}
+    heading = None
+    for line in text.splitlines():
+        if line.startswith(("epsilon", "Without DP")):
+            heading = line.rstrip(":") if line.startswith("epsilon") else None
+            blocks.update({heading: []} if heading else {})
+        elif line.startswith("| ") and heading:
+            blocks[heading].append(line.split(" | "))
+    assert list(blocks) == ["epsilon 6", "epsilon 3"]  # the largest epsilon first
+    epsilon_6 = {row[0].strip("| "): row for row in blocks["epsilon 6"]}
+    diffs = [ffa[s] - lora[s] for s in lora]
+    half = t.ppf(0.975, 2) * statistics.stdev(diffs) / 3**0.5
+    mean = statistics.fmean(diffs)
+    assert epsilon_6["FFA-LoRA"][8] == f"{mean:+.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    assert (
+        epsilon_6["LoRA (FedIT)"][2]
+        == f"{statistics.fmean(lora.values()):.3f} ± {statistics.stdev(lora.values()):.3f}"
+    )
+    assert epsilon_6["LoRA (FedIT)"][6] == "5.90 ± 0.00"
+    # epsilon 3: FFA-LoRA alone, nothing to pair it with
+    epsilon_3 = {row[0].strip("| "): row for row in blocks["epsilon 3"]}
+    assert list(epsilon_3)[1:] == ["FFA-LoRA"] and epsilon_3["FFA-LoRA"][8] == "-"
+    # without DP: each method at its own rate, paired on the same seed (FFA minus LoRA: +0.00, +0.01 over 2
+    # seeds, t with 1 degree of freedom); no rate sweep recorded, so no rates are named
+    without = text.split("Without DP", 1)[1]
+    assert "tuned on seed 1: -" in without
+    row = next(line for line in without.splitlines() if line.startswith("| FFA-LoRA"))
+    half = t.ppf(0.975, 1) * statistics.stdev([0.0, 0.01]) / 2**0.5
+    assert row.split(" | ")[6] == f"+0.005 [{0.005 - half:.3f}, {0.005 + half:.3f}]"
