@@ -623,9 +623,14 @@ def ffa(root: Path) -> str:
     columns = [
         ("held-out accuracy", accuracy, 3),
         ("macro-F1", last("eval_macro_f1"), 3),
+        ("held-out loss", last("eval_loss"), 3),
         ("epsilon spent (largest client)", last("epsilon_max"), 2),
     ]
-    paired_columns = [("accuracy", accuracy, 3), ("macro-F1", last("eval_macro_f1"), 3)]
+    paired_columns = [
+        ("accuracy", accuracy, 3),
+        ("macro-F1", last("eval_macro_f1"), 3),
+        ("loss", last("eval_loss"), 3),
+    ]
     epsilons = sorted(
         {int(p.name.removeprefix("lora-eps")) for p in root.glob("lora-eps*") if p.is_dir()}
         | {int(p.name.removeprefix("ffa-eps")) for p in root.glob("ffa-eps*") if p.is_dir()},
@@ -652,7 +657,7 @@ def ffa(root: Path) -> str:
         "Without DP (AdamW, 6 rounds x 5 steps), each method's rate tuned on seed 1: "
         + "; ".join(no_dp_rates),
         "",
-        table(no_dp_groups, "LoRA (FedIT)", columns[:2], paired_columns),
+        table(no_dp_groups, "LoRA (FedIT)", columns[:3], paired_columns),
     ]
     return "\n".join(
         [

@@ -243,7 +243,7 @@ def write_accuracy_run(
     config = {"federation": {"seed": seed, "rounds": 2}, "client": {"lr": lr}}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     records = [
-        {"round": r, "eval_accuracy": a, "eval_macro_f1": a - 0.1, "epsilon_max": epsilon}
+        {"round": r, "eval_accuracy": a, "eval_macro_f1": a - 0.1, "eval_loss": 1 - a, "epsilon_max": epsilon}
         for r, a in ((1, 0.3), (2, accuracy))
     ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -283,19 +283,20 @@ def test_ffa_table_pairs_ffa_with_lora_per_epsilon_and_reports_the_rate_sweeps(
     diffs = [ffa[s] - lora[s] for s in lora]
     half = t.ppf(0.975, 2) * statistics.stdev(diffs) / 3**0.5
     mean = statistics.fmean(diffs)
-    assert epsilon_6["FFA-LoRA"][8] == f"{mean:+.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    assert epsilon_6["FFA-LoRA"][10] == f"{mean:+.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    assert epsilon_6["FFA-LoRA"][12].startswith(f"{-mean:+.3f} [")  # loss = 1 - accuracy here
     assert (
         epsilon_6["LoRA (FedIT)"][2]
         == f"{statistics.fmean(lora.values()):.3f} ± {statistics.stdev(lora.values()):.3f}"
     )
-    assert epsilon_6["LoRA (FedIT)"][6] == "5.90 ± 0.00"
+    assert epsilon_6["LoRA (FedIT)"][8] == "5.90 ± 0.00"
     # epsilon 3: FFA-LoRA alone, nothing to pair it with
     epsilon_3 = {row[0].strip("| "): row for row in blocks["epsilon 3"]}
-    assert list(epsilon_3)[1:] == ["FFA-LoRA"] and epsilon_3["FFA-LoRA"][8] == "-"
+    assert list(epsilon_3)[1:] == ["FFA-LoRA"] and epsilon_3["FFA-LoRA"][10] == "-"
     # without DP: each method at its own rate, paired on the same seed (FFA minus LoRA: +0.00, +0.01 over 2
     # seeds, t with 1 degree of freedom); no rate sweep recorded, so no rates are named
     without = text.split("Without DP", 1)[1]
     assert "tuned on seed 1: -" in without
     row = next(line for line in without.splitlines() if line.startswith("| FFA-LoRA"))
     half = t.ppf(0.975, 1) * statistics.stdev([0.0, 0.01]) / 2**0.5
-    assert row.split(" | ")[6] == f"+0.005 [{0.005 - half:.3f}, {0.005 + half:.3f}]"
+    assert row.split(" | ")[8] == f"+0.005 [{0.005 - half:.3f}, {0.005 + half:.3f}]"
