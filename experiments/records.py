@@ -8,7 +8,8 @@
 ``runs/`` what the tables read: ``config.yaml``, ``clients.json``, ``run.json``, ``metrics.jsonl``, the
 benchmark accuracies ``eval/tasks.json`` (``fedlora eval --tasks``) and ``eval/eval.json`` (``fedlora eval``; a
 finished record gains them later) and the
-base-model evaluations (``base-model_seed-*.json``), and writes ``weights.json``: a manifest of the weights the
+base-model evaluations (``base-model_seed-*.json``) and the scripts' notes beside the runs (``*.txt``: a tuned
+rate, a gate's lines), and writes ``weights.json``: a manifest of the weights the
 run holds (the final adapter ``global/`` of a finished run, else its newest checkpoint), each file with its size
 and SHA-256, and the command that regenerates them. Adapters and checkpoints never enter git (``.gitignore``
 refuses ``*.safetensors`` under ``experiments/records/``).
@@ -116,14 +117,19 @@ def recorded(record: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def copy_base_models(source: Path, destination: Path) -> list[Path]:
-    """Copy the base-model evaluations (``base-model_seed-*.json``, written once) that ``destination`` lacks."""
+def copy_notes(source: Path, destination: Path) -> list[Path]:
+    """Copy the experiment's own small files outside the run folders that ``destination`` lacks or holds
+    otherwise: the base-model evaluations (``base-model_seed-*.json``) and the scripts' notes (``*.txt``: a
+    tuned rate, a gate's verdict, where a cell came from)."""
+    inside_runs = set(run_folders(source))
     copied = []
-    for base in source.rglob("base-model_seed-*.json"):
-        target = destination / base.relative_to(source)
-        if not target.exists():
+    for note in sorted([*source.rglob("base-model_seed-*.json"), *source.rglob("*.txt")]):
+        if any(parent in inside_runs for parent in note.parents):
+            continue
+        target = destination / note.relative_to(source)
+        if not target.exists() or target.read_bytes() != note.read_bytes():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(base, target)
+            shutil.copy2(note, target)
             copied.append(target)
     return copied
 
@@ -142,7 +148,7 @@ def save(runs: Path, records: Path) -> list[str]:
             continue
         save_run(run, record, relative)
         done.append(f"saved {run}: {rounds_logged(run)} rounds{', finished' if is_finished(run) else ''}")
-    return done + [f"saved {target}" for target in copy_base_models(runs, records)]
+    return done + [f"saved {target}" for target in copy_notes(runs, records)]
 
 
 def restore(records: Path, runs: Path) -> list[str]:
@@ -167,7 +173,7 @@ def restore(records: Path, runs: Path) -> list[str]:
         done.append(
             f"restored {run}: {rounds_logged(record)} rounds (weights not kept: {manifest['regenerate']})"
         )
-    return done + [f"restored {target}" for target in copy_base_models(records, runs)]
+    return done + [f"restored {target}" for target in copy_notes(records, runs)]
 
 
 def verify(run: Path, record: Path) -> list[str]:

@@ -48,10 +48,14 @@ def test_records_keep_no_weights_and_their_checksums_name_the_regenerated_adapte
     metrics = unfinished / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[: ROUNDS - 1]))
     (runs / "claim" / "base-model_seed-0.json").write_text('{"eval_loss": 3.0}\n')
+    (runs / "claim" / "rates.txt").write_text("tuned rate: 0.5\n")  # a script's note beside its runs
 
     kept = tmp_path / "repo" / "experiments" / "records"
     saved = records.save(runs, kept)
-    assert len(saved) == 3 and records.save(runs, kept) == []  # a second save has nothing newer to copy
+    assert len(saved) == 4 and records.save(runs, kept) == []  # a second save has nothing newer to copy
+    assert (kept / "claim" / "rates.txt").read_text() == "tuned rate: 0.5\n"
+    (runs / "claim" / "rates.txt").write_text("tuned rate: 1.0\n")  # a note rewritten: saved again
+    assert records.save(runs, kept) == [f"saved {kept / 'claim' / 'rates.txt'}"]
     # a finished run scored on benchmarks later (fedlora eval --tasks): its record gains eval/tasks.json
     (finished / "eval").mkdir(exist_ok=True)
     (finished / "eval" / "tasks.json").write_text('{"tasks": {}}\n')
@@ -60,7 +64,9 @@ def test_records_keep_no_weights_and_their_checksums_name_the_regenerated_adapte
     assert records.save(runs, kept) == []
     assert (
         sorted(
-            p.suffix for p in kept.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl", ".yaml")
+            p.suffix
+            for p in kept.rglob("*")
+            if p.is_file() and p.suffix not in (".json", ".jsonl", ".yaml", ".txt")
         )
         == []
     )
@@ -78,11 +84,12 @@ def test_records_keep_no_weights_and_their_checksums_name_the_regenerated_adapte
     elsewhere = tmp_path / "new-machine" / "runs"
     restored = records.restore(kept, elsewhere)
     assert (
-        len(restored) == 3
+        len(restored) == 4
         and "not restored" in restored[1]
         and records.restore(kept, elsewhere)[:1] == restored[1:2]
     )
     assert (elsewhere / "claim" / "base-model_seed-0.json").read_text() == '{"eval_loss": 3.0}\n'
+    assert (elsewhere / "claim" / "rates.txt").read_text() == "tuned rate: 1.0\n"
     back = elsewhere / "claim" / "finished_seed-0"
     assert records.rounds_logged(back) == ROUNDS and (back / "global" / "weights.json").exists()
     assert not (elsewhere / "claim" / "unfinished_seed-0").exists()
