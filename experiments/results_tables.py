@@ -606,12 +606,18 @@ def flexlora(root: Path) -> str:
     )
 
 
-def rate_line(runs: list[RunSummary], label: str) -> str:
-    """``label``: final held-out accuracy at each learning rate of a one-seed rate sweep, lowest rate first."""
-    by_rate = sorted((float(r.settings["client.lr"]), last("eval_accuracy")(r)) for r in runs)
-    return f"{label}: " + ", ".join(
-        f"lr {lr:g} {'-' if acc is None else f'{acc:.1%}'}" for lr, acc in by_rate
-    )
+def rate_lines(sweeps: list[tuple[list[RunSummary], str]]) -> str:
+    """Per one-seed rate sweep (its runs, its label): final held-out accuracy at each learning rate, lowest
+    first; ``-`` when no sweep is recorded."""
+    lines = []
+    for runs, label in sweeps:
+        by_rate = sorted((float(r.settings["client.lr"]), last("eval_accuracy")(r)) for r in runs)
+        if by_rate:
+            lines.append(
+                f"{label}: "
+                + ", ".join(f"lr {lr:g} {'-' if acc is None else f'{acc:.1%}'}" for lr, acc in by_rate)
+            )
+    return "; ".join(lines) or "-"
 
 
 def ffa(root: Path) -> str:
@@ -631,11 +637,8 @@ def ffa(root: Path) -> str:
         ("macro-F1", last("eval_macro_f1"), 3),
         ("loss", last("eval_loss"), 3),
     ]
-    epsilons = sorted(
-        {int(p.name.removeprefix("lora-eps")) for p in root.glob("lora-eps*") if p.is_dir()}
-        | {int(p.name.removeprefix("ffa-eps")) for p in root.glob("ffa-eps*") if p.is_dir()},
-        reverse=True,
-    )
+    named = (re.fullmatch(r"(?:lora|ffa)-eps(\d+)", p.name) for p in root.iterdir() if p.is_dir())
+    epsilons = sorted({int(m.group(1)) for m in named if m}, reverse=True)
     sections = []
     for epsilon in epsilons:
         groups = {
@@ -644,25 +647,20 @@ def ffa(root: Path) -> str:
         }
         sections += [f"epsilon {epsilon}:", "", table(groups, "LoRA (FedIT)", columns, paired_columns), ""]
     gate = load(root.parent / "ffa-dp-gate", "lora-eps6/*_seed-*")
-    tuned = load(root, "ffa-tune/*_seed-*")
-    rates = [rate_line(runs, label) for runs, label in ((gate, "LoRA"), (tuned, "FFA-LoRA")) if runs]
+    rates = rate_lines([(gate, "LoRA"), (load(root, "ffa-tune/*_seed-*"), "FFA-LoRA")])
     no_dp = root.parent / "ffa-nodp"
     no_dp_groups = {"LoRA (FedIT)": load(no_dp, "lora/seed-*"), "FFA-LoRA": load(no_dp, "ffa/seed-*")}
-    no_dp_sweeps = (
-        (load(no_dp, f"tune-{m}/*_seed-*"), label)
-        for m, label in (("fedit", "LoRA"), ("ffa-lora", "FFA-LoRA"))
+    no_dp_rates = rate_lines(
+        [(load(no_dp, "tune-fedit/*_seed-*"), "LoRA"), (load(no_dp, "tune-ffa-lora/*_seed-*"), "FFA-LoRA")]
     )
-    no_dp_rates = [rate_line(runs, label) for runs, label in no_dp_sweeps if runs] or ["-"]
     without = [
-        "Without DP (AdamW, 6 rounds x 5 steps), each method's rate tuned on seed 1: "
-        + "; ".join(no_dp_rates),
+        f"Without DP (AdamW, 6 rounds x 5 steps), each method's rate tuned on seed 1: {no_dp_rates}",
         "",
         table(no_dp_groups, "LoRA (FedIT)", columns[:3], paired_columns),
     ]
     return "\n".join(
         [
-            "Each method's rate, tuned at epsilon 6 on seed 1 (20 rounds x 10 SGD steps): "
-            + "; ".join(rates),
+            f"Each method's rate, tuned at epsilon 6 on seed 1 (20 rounds x 10 SGD steps): {rates}",
             "",
             *sections,
             *(without if any(no_dp_groups.values()) else []),
